@@ -1,0 +1,164 @@
+"""The embedded default dataset: small, realistic, synthetic, deterministic.
+
+``generate_demo_dataset(out)`` writes an MSD-layout dataset of 3-D MR-like volumes in a few
+seconds. Each case is drawn in physical space (mm), so structures keep their size while the
+voxel grid changes: the in-plane and slice spacing vary between cases (anisotropic), as do the
+origin and the axis directions. Three labelled structures of different sizes:
+
+1. ``organ`` — a large ellipsoid, smoothly deformed by a random low-frequency displacement;
+2. ``vessel`` — a tube of 2.5–3.5 mm radius along a smooth random curve;
+3. ``lesion`` — a small sphere-like blob (4–6 mm radius) inside the organ.
+
+Intensities: a body ellipse of soft tissue in air (zero), per-structure means, a smooth
+multiplicative bias field (intensity inhomogeneity) and Gaussian noise. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+from .geometry import Geometry
+from .io.image import write_image
+
+LABELS = {0: "background", 1: "organ", 2: "vessel", 3: "lesion"}
+DIRECTIONS = (
+    (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+    (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),
+)
+
+
+def _smooth_field(rng: np.random.Generator, pts: tuple[np.ndarray, ...], scale_mm: float, n_waves: int = 4) -> np.ndarray:
+    """A smooth random scalar field (sum of low-frequency cosines) in [-1, 1]-ish."""
+    out = np.zeros(np.broadcast_shapes(*(p.shape for p in pts)), dtype=np.float32)
+    for _ in range(n_waves):
+        k = rng.normal(size=3)
+        k *= 2 * np.pi / (scale_mm * np.linalg.norm(k))
+        phase = rng.uniform(0, 2 * np.pi)
+        out += np.cos(k[0] * pts[0] + k[1] * pts[1] + k[2] * pts[2] + phase).astype(np.float32)
+    return out / np.sqrt(n_waves / 2)
+
+
+def make_case(seed: int, *, inplane_spacing: tuple[float, float] = (0.8, 1.2),
+              slice_spacing: tuple[float, float] = (2.0, 3.0), fov_mm: tuple[float, float, float] = (64.0, 80.0, 80.0),
+              ) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """One synthetic case: image float32 [Z, Y, X], label uint8 [Z, Y, X], geometry."""
+    rng = np.random.default_rng(seed)
+    sxy = float(rng.uniform(*inplane_spacing))
+    sz = float(rng.uniform(*slice_spacing))
+    fov = np.asarray(fov_mm) * rng.uniform(0.9, 1.1, size=3)
+    shape = tuple(int(round(f / s)) for f, s in zip(fov, (sz, sxy, sxy)))
+    direction = DIRECTIONS[seed % len(DIRECTIONS)]
+    origin = tuple(float(v) for v in rng.uniform(-20, 20, size=3))
+    geo = Geometry(shape=shape, spacing=(sz, sxy, sxy), origin=origin, direction=direction)
+
+    # World coordinates (x, y, z) of every voxel, relative to the volume centre, as broadcastable grids.
+    zi, yi, xi = (np.arange(n, dtype=np.float32) for n in shape)
+    m = geo.index_to_world_matrix.astype(np.float32)
+    centre = geo.index_to_world(np.asarray(shape, dtype=float)[None] / 2 - 0.5)[0].astype(np.float32)
+    pts = tuple(
+        m[a, 0] * zi[:, None, None] + m[a, 1] * yi[None, :, None] + m[a, 2] * xi[None, None, :] + m[a, 3] - centre[a]
+        for a in range(3)
+    )
+    full = np.broadcast_shapes(*(p.shape for p in pts))
+    x, y, z = (np.broadcast_to(p, full) for p in pts)
+    half = np.asarray([fov[2], fov[1], fov[0]]) / 2  # x, y, z half extents
+
+    # Smooth displacement shared by the structures (organ deformation, breathing-like).
+    disp = [_smooth_field(rng, (x, y, z), 60.0) * 3.0 for _ in range(3)]
+    xd, yd, zd = x + disp[0], y + disp[1], z + disp[2]
+
+    body = (x / (0.95 * half[0])) ** 2 + (y / (0.85 * half[1])) ** 2 < 1.0
+    axes = rng.uniform([14, 11, 9], [20, 16, 13])
+    c_org = rng.uniform(-4, 4, size=3)
+    organ = ((xd - c_org[0]) / axes[0]) ** 2 + ((yd - c_org[1]) / axes[1]) ** 2 + ((zd - c_org[2]) / axes[2]) ** 2 < 1.0
+
+    # Vessel: a tube around a smooth curve running mostly along z.
+    a1, a2, f1, f2 = rng.uniform(3, 8), rng.uniform(3, 8), rng.uniform(0.02, 0.05), rng.uniform(0.02, 0.05)
+    cx0, cy0 = c_org[0] + rng.choice([-1, 1]) * (axes[0] + 4), c_org[1] + rng.uniform(-5, 5)
+    cx = cx0 + a1 * np.sin(f1 * z + rng.uniform(0, 6))
+    cy = cy0 + a2 * np.cos(f2 * z + rng.uniform(0, 6))
+    radius = rng.uniform(2.5, 3.5)
+    vessel = ((x - cx) ** 2 + (y - cy) ** 2 < radius**2) & body
+
+    # Lesion: a small deformed sphere inside the organ.
+    r_les = rng.uniform(4, 6)
+    c_les = c_org + rng.uniform(-0.4, 0.4, size=3) * axes
+    bump = 1 + 0.15 * _smooth_field(rng, (x, y, z), 15.0)
+    lesion = ((xd - c_les[0]) ** 2 + (yd - c_les[1]) ** 2 + (zd - c_les[2]) ** 2) < (r_les * bump) ** 2
+    lesion &= organ
+
+    label = np.zeros(full, dtype=np.uint8)
+    label[organ & body] = 1
+    label[vessel] = 2
+    label[lesion] = 3
+
+    means = np.asarray([0.0, 110.0, 170.0, 250.0, 70.0], dtype=np.float32)  # air, tissue, organ, vessel, lesion
+    cls = np.where(body, label.astype(np.int64) + 1, 0)
+    image = means[cls]
+    texture = 8.0 * _smooth_field(rng, (x, y, z), 8.0, n_waves=8)
+    bias = 1.0 + 0.25 * _smooth_field(rng, (x, y, z), 120.0)
+    noise = rng.normal(0.0, 12.0, size=full).astype(np.float32)
+    image = np.where(body, (image + texture) * bias + noise, 0.0).astype(np.float32)
+    image = np.clip(image, 0, None)
+    return image, label, geo
+
+
+def generate_demo_dataset(out: str | os.PathLike[str], *, num_cases: int = 12, num_test: int = 2, seed: int = 0,
+                          inplane_spacing: tuple[float, float] = (0.8, 1.2),
+                          slice_spacing: tuple[float, float] = (2.0, 3.0),
+                          fov_mm: tuple[float, float, float] = (64.0, 80.0, 80.0),
+                          name: str = "SegpipeDemo", overwrite: bool = False) -> Path:
+    """Write the demo dataset (MSD layout) to ``out`` and return its path.
+
+    The folder is built beside ``out`` and renamed into place, so an interrupted run leaves
+    nothing half-written. An existing non-empty ``out`` is refused unless ``overwrite``.
+    """
+    target = Path(out).expanduser().resolve()
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise UsageError(f"{target}: folder exists and is not empty", hint="choose a new folder or pass --force")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        (tmp / "imagesTr").mkdir(parents=True)
+        (tmp / "labelsTr").mkdir()
+        (tmp / "imagesTs").mkdir()
+        training, test = [], []
+        for i in range(num_cases + num_test):
+            image, label, geo = make_case(seed * 1000 + i, inplane_spacing=inplane_spacing,
+                                          slice_spacing=slice_spacing, fov_mm=fov_mm)
+            cid = f"demo_{i:03d}"
+            if i < num_cases:
+                write_image(tmp / "imagesTr" / f"{cid}.nii.gz", image, geo)
+                write_image(tmp / "labelsTr" / f"{cid}.nii.gz", label, geo)
+                training.append({"image": f"./imagesTr/{cid}.nii.gz", "label": f"./labelsTr/{cid}.nii.gz"})
+            else:
+                write_image(tmp / "imagesTs" / f"{cid}.nii.gz", image, geo)
+                test.append(f"./imagesTs/{cid}.nii.gz")
+        desc = {
+            "name": name,
+            "description": "Synthetic MR-like volumes generated by segpipe (deterministic, seeded)",
+            "licence": "CC0",
+            "tensorImageSize": "3D",
+            "modality": {"0": "MRI"},
+            "labels": {str(k): v for k, v in LABELS.items()},
+            "numTraining": num_cases,
+            "numTest": num_test,
+            "training": training,
+            "test": test,
+            "segpipe_seed": seed,
+        }
+        (tmp / "dataset.json").write_text(json.dumps(desc, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,501 @@
+"""Dataset discovery: MSD, nnU-Net v2 raw and case-folder layouts.
+
+:func:`load_dataset` recognises the layout from ``dataset.json``, validates the description
+(types, duplicate case ids, missing files, paths escaping the dataset folder) and returns a
+:class:`Dataset` of :class:`Case` records. :func:`inspect_case` reads one case and lists every
+problem found in it; :func:`read_case` does the same but raises on the first error — the
+stages after ``check`` use it, so bad data never reaches anything expensive.
+
+Layouts
+-------
+* **MSD** (Medical Segmentation Decathlon): ``dataset.json`` with ``modality``, ``labels``
+  (``"0": "background"``), ``training`` (``[{"image": ..., "label": ...}]``) and ``test``.
+  Several modalities live in one 4-D file.
+* **nnU-Net v2 raw**: ``dataset.json`` with ``channel_names``, ``labels`` (name → value),
+  ``file_ending``, ``numTraining``; ``imagesTr/CASE_0000.ext`` (one file per channel),
+  ``labelsTr/CASE.ext``, optional ``imagesTs/``. Region labels (``regions_class_order``)
+  and an ``ignore`` label are refused with a clear message (not supported yet).
+* **case-folder**: ``dataset.json`` with ``"layout": "case-folder"``, ``channel_names``,
+  ``labels``, ``image`` (a file name, a list of names — one per channel — or a DICOM series
+  folder name) and optionally ``label`` (a NIfTI/NRRD/MHA file or a DICOM-SEG ``.dcm``),
+  ``cases`` (default: every sub-folder), ``dicom`` (series selector and read options, see
+  :mod:`segpipe.io.dicom`), ``seg_mapping``/``seg_priority`` for DICOM-SEG labels. Each
+  case is ``DATASET/<case>/`` holding those files; a case folder without the label file is
+  an unlabelled (test) case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError, DatasetError, SegpipeError
+from ..geometry import Geometry
+from .image import IMAGE_EXTENSIONS, image_extension, is_dicom_source, read_image
+
+LAYOUTS = ("msd", "nnunet", "case-folder")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: an id, its channel sources, an optional label source."""
+
+    id: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+
+    def files(self) -> list[Path]:
+        return [*self.images, *([self.label] if self.label is not None else [])]
+
+
+@dataclass
+class Dataset:
+    """A discovered dataset: description plus labelled (``cases``) and unlabelled cases."""
+
+    name: str
+    root: Path
+    layout: str
+    channel_names: dict[int, str]
+    labels: dict[int, str]
+    cases: list[Case]
+    test_cases: list[Case] = field(default_factory=list)
+    dimension: int = 3
+    channels_in_one_file: bool = False  # MSD: all modalities in one 4-D file
+    dicom_options: dict[str, Any] = field(default_factory=dict)
+    seg_mapping: dict[str, int] | None = None
+    seg_priority: list[Any] | None = None
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background."""
+        return max(self.labels) + 1
+
+    def all_cases(self) -> list[Case]:
+        return [*self.cases, *self.test_cases]
+
+    def case(self, case_id: str) -> Case:
+        for c in self.all_cases():
+            if c.id == case_id:
+                return c
+        raise DatasetError(f"{self.root}: no case {case_id!r}", hint="run `segpipe check` to list the cases")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "root": str(self.root),
+            "layout": self.layout,
+            "channels": {str(k): v for k, v in self.channel_names.items()},
+            "labels": {str(k): v for k, v in self.labels.items()},
+            "num_training": len(self.cases),
+            "num_test": len(self.test_cases),
+        }
+
+
+@dataclass
+class CaseData:
+    """The voxels of one case: image [C, Z, Y, X] float32, label [Z, Y, X] integer or None."""
+
+    case: Case
+    image: np.ndarray
+    label: np.ndarray | None
+    geometry: Geometry
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found in a case (``severity`` is ``"error"`` or ``"warning"``)."""
+
+    case: str
+    file: str
+    problem: str
+    message: str
+    fix: str
+    severity: str = "error"
+
+    def to_dict(self) -> dict[str, str]:
+        return dict(self.__dict__)
+
+    def line(self) -> str:
+        return f"{self.case}: {self.file}: {self.message} (fix: {self.fix})"
+
+
+# ---------------------------------------------------------------------------- loading
+def load_dataset(path: str | os.PathLike[str]) -> Dataset:
+    """Discover the dataset in folder ``path`` and validate its description."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DatasetError(f"{root}: dataset folder not found", hint="check the path")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder", hint="give the dataset folder (the one holding dataset.json)")
+    root = root.resolve()
+    desc_path = root / "dataset.json"
+    if not desc_path.is_file():
+        raise DatasetError(
+            f"{root}: no dataset.json",
+            hint="segpipe reads MSD, nnU-Net v2 raw and case-folder datasets, each described by a dataset.json (see README)",
+        )
+    try:
+        desc = json.loads(desc_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{desc_path}: invalid JSON ({exc})", hint="fix the JSON syntax") from None
+    if not isinstance(desc, dict):
+        raise DatasetError(f"{desc_path}: expected a JSON object at the top level")
+    layout = desc.get("layout")
+    if layout is not None and layout not in LAYOUTS:
+        raise DatasetError(f"{desc_path}: unknown layout {layout!r}", hint=f"use one of {', '.join(LAYOUTS)}")
+    if layout is None:
+        if "training" in desc and "modality" in desc:
+            layout = "msd"
+        elif "channel_names" in desc and "file_ending" in desc:
+            layout = "nnunet"
+        else:
+            raise DatasetError(
+                f"{desc_path}: cannot tell the layout",
+                hint='MSD needs "modality" and "training"; nnU-Net v2 needs "channel_names" and "file_ending"; '
+                'a case-folder dataset needs "layout": "case-folder"',
+            )
+    loader = {"msd": _load_msd, "nnunet": _load_nnunet, "case-folder": _load_case_folder}[layout]
+    ds = loader(root, desc, desc_path)
+    _check_unique(ds, desc_path)
+    return ds
+
+
+def _channels(desc: dict[str, Any], key: str, where: Path) -> dict[int, str]:
+    raw = desc.get(key)
+    if not isinstance(raw, dict) or not raw:
+        raise DatasetError(f'{where}: "{key}" must be a non-empty object like {{"0": "CT"}}')
+    out: dict[int, str] = {}
+    for k, v in raw.items():
+        try:
+            idx = int(k)
+        except (TypeError, ValueError):
+            raise DatasetError(f'{where}: "{key}" key {k!r} is not a channel number') from None
+        if not isinstance(v, str):
+            raise DatasetError(f'{where}: "{key}"[{k!r}] must be a string (the channel name), got {v!r}')
+        out[idx] = v
+    if sorted(out) != list(range(len(out))):
+        raise DatasetError(f'{where}: "{key}" channels must be numbered 0..{len(out) - 1}, got {sorted(out)}')
+    return dict(sorted(out.items()))
+
+
+def _labels(desc: dict[str, Any], where: Path) -> dict[int, str]:
+    raw = desc.get("labels")
+    if not isinstance(raw, dict) or not raw:
+        raise DatasetError(f'{where}: "labels" must be a non-empty object', hint='e.g. {"background": 0, "tumour": 1}')
+    out: dict[int, str] = {}
+    for k, v in raw.items():
+        if isinstance(v, list) or "regions_class_order" in desc:
+            raise DatasetError(
+                f'{where}: region labels ("{k}": {v}) are not supported',
+                hint="give each class its own label value (plain name → integer labels)",
+            )
+        if isinstance(v, bool):
+            raise DatasetError(f'{where}: "labels"[{k!r}] must be an integer or a name, got {v!r}')
+        if isinstance(v, int):  # nnU-Net style: name -> value
+            name, value = str(k), v
+        elif isinstance(v, str):  # MSD style: "value" -> name
+            try:
+                value = int(k)
+            except ValueError:
+                raise DatasetError(f'{where}: "labels" entry {k!r}: {v!r} is neither name→int nor "int"→name') from None
+            name = v
+        else:
+            raise DatasetError(f'{where}: "labels"[{k!r}] must be an integer or a name, got {v!r}')
+        if name.lower() == "ignore":
+            raise DatasetError(
+                f'{where}: an "ignore" label is not supported yet',
+                hint="relabel ignored voxels as background or drop the cases",
+            )
+        if value < 0 or value in out:
+            raise DatasetError(f'{where}: label value {value} ("{name}") is negative or used twice')
+        out[value] = name
+    if sorted(out) != list(range(len(out))):
+        raise DatasetError(
+            f'{where}: label values must be 0 (background), 1, 2, … without gaps, got {sorted(out)}',
+            hint="renumber the labels consecutively",
+        )
+    return dict(sorted(out.items()))
+
+
+def _inside(root: Path, rel: Any, entry: str, where: Path) -> Path:
+    """Resolve a description path, refusing wrong types and paths outside the dataset folder."""
+    if not isinstance(rel, str) or not rel:
+        raise DatasetError(f"{where}: {entry} must be a path string, got {rel!r}")
+    if os.path.isabs(rel) or rel.startswith("~"):
+        raise DatasetError(f"{where}: {entry} {rel!r} is an absolute path", hint="use a path relative to the dataset folder")
+    full = os.path.normpath(os.path.join(root, rel))
+    if os.path.commonpath([full, str(root)]) != str(root):
+        raise DatasetError(f"{where}: {entry} {rel!r} escapes the dataset folder", hint="keep every file inside the dataset folder")
+    return Path(full)
+
+
+def _exists(path: Path, entry: str, where: Path) -> Path:
+    if not path.exists():
+        raise DatasetError(f"{where}: {entry} {path} does not exist", hint="fix the entry or restore the file")
+    return path
+
+
+def _case_id_from_file(path: Path) -> str:
+    ext = image_extension(path)
+    return path.name[: -len(ext)] if ext else path.stem
+
+
+def _load_msd(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
+    channels = _channels(desc, "modality", where)
+    labels = _labels(desc, where)
+    training = desc.get("training")
+    if not isinstance(training, list):
+        raise DatasetError(f'{where}: "training" must be a list of {{"image", "label"}} objects')
+    cases = []
+    for i, entry in enumerate(training):
+        if not isinstance(entry, dict) or not {"image", "label"} <= entry.keys():
+            raise DatasetError(f'{where}: training[{i}] must be an object with "image" and "label", got {entry!r}')
+        img = _exists(_inside(root, entry["image"], f"training[{i}].image", where), f"training[{i}].image", where)
+        lab = _exists(_inside(root, entry["label"], f"training[{i}].label", where), f"training[{i}].label", where)
+        cases.append(Case(_case_id_from_file(img), (img,), lab))
+    test = desc.get("test", [])
+    if not isinstance(test, list):
+        raise DatasetError(f'{where}: "test" must be a list of image paths')
+    tests = []
+    for i, rel in enumerate(test):
+        if isinstance(rel, dict) and "image" in rel:
+            rel = rel["image"]
+        img = _exists(_inside(root, rel, f"test[{i}]", where), f"test[{i}]", where)
+        tests.append(Case(_case_id_from_file(img), (img,), None))
+    dim = 2 if str(desc.get("tensorImageSize", "3D")).upper() == "2D" else 3
+    return Dataset(root.name, root, "msd", channels, labels, sorted(cases, key=lambda c: c.id),
+                   sorted(tests, key=lambda c: c.id), dimension=dim, channels_in_one_file=True)
+
+
+def _load_nnunet(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
+    channels = _channels(desc, "channel_names", where)
+    labels = _labels(desc, where)
+    ending = desc.get("file_ending")
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise DatasetError(f'{where}: "file_ending" must be a string like ".nii.gz", got {ending!r}')
+    if ending.lower() not in IMAGE_EXTENSIONS:
+        raise DatasetError(f'{where}: file_ending {ending!r} is not supported', hint=f"use one of {', '.join(IMAGE_EXTENSIONS)}")
+
+    def scan(folder: Path, need_label: bool) -> list[Case]:
+        if not folder.is_dir():
+            return []
+        groups: dict[str, dict[int, Path]] = {}
+        for f in sorted(folder.iterdir()):
+            if f.name.startswith(".") or not f.name.endswith(ending):
+                continue
+            stem = f.name[: -len(ending)]
+            cid, sep, ch = stem.rpartition("_")
+            if not sep or len(ch) != 4 or not ch.isdigit():
+                raise DatasetError(
+                    f"{f}: image file name does not end in _XXXX{ending}",
+                    hint=f"name channel files CASE_0000{ending}, CASE_0001{ending}, …",
+                )
+            groups.setdefault(cid, {})[int(ch)] = f
+        out = []
+        for cid, files in sorted(groups.items()):
+            missing = [c for c in channels if c not in files]
+            extra = [c for c in files if c not in channels]
+            if missing or extra:
+                names = [f"{cid}_{c:04d}{ending}" for c in (missing or extra)]
+                raise DatasetError(
+                    f"{folder}: case {cid} {'lacks' if missing else 'has undeclared'} channel file(s) {', '.join(names)}",
+                    hint=f"each case needs exactly the channels of channel_names ({len(channels)})",
+                )
+            label = None
+            if need_label:
+                label = root / "labelsTr" / f"{cid}{ending}"
+                if not label.is_file():
+                    raise DatasetError(f"{label}: label of case {cid} not found", hint="add the label or remove the case's images")
+            out.append(Case(cid, tuple(files[c] for c in sorted(files)), label))
+        return out
+
+    cases = scan(root / "imagesTr", True)
+    if (root / "labelsTr").is_dir():
+        ids = {c.id for c in cases}
+        for f in sorted((root / "labelsTr").iterdir()):
+            if f.name.endswith(ending) and f.name[: -len(ending)] not in ids:
+                raise DatasetError(f"{f}: label without images in imagesTr", hint="add the case's images or remove the label")
+    n = desc.get("numTraining")
+    if n is not None and (not isinstance(n, int) or n != len(cases)):
+        raise DatasetError(
+            f'{where}: "numTraining" is {n!r} but imagesTr holds {len(cases)} cases',
+            hint="update numTraining or restore the missing cases",
+        )
+    tests = scan(root / "imagesTs", False)
+    return Dataset(root.name, root, "nnunet", channels, labels, cases, tests)
+
+
+def _load_case_folder(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
+    channels = _channels(desc, "channel_names", where)
+    labels = _labels(desc, where)
+    image = desc.get("image")
+    image_names = image if isinstance(image, list) else [image]
+    if not image_names or not all(isinstance(n, str) and n for n in image_names):
+        raise DatasetError(f'{where}: "image" must be a file/folder name or a list of names (one per channel), got {image!r}')
+    label_name = desc.get("label")
+    if label_name is not None and not isinstance(label_name, str):
+        raise DatasetError(f'{where}: "label" must be a file name, got {label_name!r}')
+    if len(image_names) != len(channels) and not (len(image_names) == 1 and len(channels) > 1):
+        raise DatasetError(f'{where}: "image" names {len(image_names)} files but channel_names declares {len(channels)} channels')
+    listed = desc.get("cases")
+    if listed is None:
+        case_ids = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    elif isinstance(listed, list) and all(isinstance(c, str) for c in listed):
+        case_ids = list(listed)
+    else:
+        raise DatasetError(f'{where}: "cases" must be a list of case folder names')
+    cases, tests = [], []
+    for i, cid in enumerate(case_ids):
+        folder = _inside(root, cid, f"cases[{i}]", where)
+        if not folder.is_dir():
+            raise DatasetError(f"{where}: case folder {folder} does not exist", hint="fix the cases list or add the folder")
+        imgs = tuple(_exists(_inside(folder, n, f"case {cid} image", where), f"case {cid} image", where) for n in image_names)
+        lab = _inside(folder, label_name, f"case {cid} label", where) if label_name else None
+        if lab is not None and lab.exists():
+            cases.append(Case(cid, imgs, lab))
+        else:
+            tests.append(Case(cid, imgs, None))
+    dicom = desc.get("dicom", {})
+    if not isinstance(dicom, dict):
+        raise DatasetError(f'{where}: "dicom" must be an object of DICOM read options')
+    mapping = desc.get("seg_mapping")
+    if mapping is not None and not isinstance(mapping, dict):
+        raise DatasetError(f'{where}: "seg_mapping" must map segment labels/numbers to label values')
+    priority = desc.get("seg_priority")
+    if priority is not None and not isinstance(priority, list):
+        raise DatasetError(f'{where}: "seg_priority" must be a list (highest priority first)')
+    return Dataset(root.name, root, "case-folder", channels, labels, cases, tests,
+                   channels_in_one_file=len(image_names) == 1 and len(channels) > 1,
+                   dicom_options=dict(dicom), seg_mapping=mapping, seg_priority=priority)
+
+
+def _check_unique(ds: Dataset, where: Path) -> None:
+    seen: dict[str, Case] = {}
+    for c in ds.all_cases():
+        if c.id in seen:
+            raise DatasetError(
+                f"{where}: duplicate case id {c.id!r} ({seen[c.id].images[0].name} and {c.images[0].name})",
+                hint="give every case a unique file name",
+            )
+        seen[c.id] = c
+
+
+# ---------------------------------------------------------------------------- reading
+def _read_source(path: Path, ds: Dataset, reference: Geometry | None = None, *, is_label: bool = False) -> tuple[np.ndarray, Geometry]:
+    if is_label and path.suffix.lower() == ".dcm" and reference is not None:
+        from .dicom_seg import read_dicom_seg
+
+        return read_dicom_seg(path, reference, mapping=ds.seg_mapping, priority=ds.seg_priority)
+    if is_dicom_source(path):
+        return read_image(path, **ds.dicom_options)
+    return read_image(path)
+
+
+def _rel(path: Path, ds: Dataset) -> str:
+    try:
+        return str(path.relative_to(ds.root))
+    except ValueError:
+        return str(path)
+
+
+def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding]]:
+    """Read one case and list every problem in it; the data is None when an error was found."""
+    findings: list[Finding] = []
+
+    def add(path: Path, problem: str, message: str, fix: str, severity: str = "error") -> None:
+        findings.append(Finding(case.id, _rel(path, ds), problem, message, fix, severity))
+
+    arrays: list[np.ndarray] = []
+    geometry: Geometry | None = None
+    for path in case.images:
+        try:
+            arr, geo = _read_source(path, ds)
+        except SegpipeError as exc:
+            add(path, "unreadable", exc.message, exc.hint or "re-export or replace the file")
+            continue
+        if geo.shape[0] == 1 and ds.dimension == 3:
+            add(path, "wrong_dimension", f"2-D image (shape {geo.shape[1:]}) in a 3-D dataset", "provide the 3-D volume")
+        if geometry is None:
+            geometry = geo
+        else:
+            diff = geometry.differences(geo)
+            if diff:
+                add(path, "geometry_mismatch", f"channel grid differs from {case.images[0].name}: {'; '.join(diff)}",
+                    "resample all channels onto one grid")
+        arrays.append(arr)
+    if len(arrays) == len(case.images) and arrays:
+        n = sum(a.shape[0] for a in arrays)
+        if n != ds.num_channels:
+            add(case.images[0], "missing_channels", f"{n} channel(s) found, dataset declares {ds.num_channels}",
+                "provide every channel of channel_names/modality (or fix the declaration)")
+    image = None
+    if arrays and not findings:
+        image = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
+        finite = np.isfinite(image)
+        if not finite.all():
+            bad = int(image.size - np.count_nonzero(finite))
+            add(case.images[0], "nan_inf", f"{bad} NaN/inf voxel(s)", "repair the image (e.g. replace NaN by the background value)")
+        else:
+            for c in range(image.shape[0]):
+                lo, hi = float(image[c].min()), float(image[c].max())
+                if lo == hi:
+                    what = "empty (all zero)" if lo == 0 else f"constant ({lo:g})"
+                    add(case.images[min(c, len(case.images) - 1)], "empty_image" if lo == 0 else "constant_image",
+                        f"channel {c} is {what}", "check the export; remove the case if the image is blank")
+    label = None
+    if case.label is not None:
+        try:
+            lab, lgeo = _read_source(case.label, ds, geometry, is_label=True)
+        except SegpipeError as exc:
+            add(case.label, "unreadable", exc.message, exc.hint or "re-export or replace the label")
+        else:
+            if lab.shape[0] != 1:
+                add(case.label, "wrong_dimension", f"label has {lab.shape[0]} channels/volumes", "store the label as one 3-D map")
+            elif geometry is not None:
+                diff = geometry.differences(lgeo)
+                if diff:
+                    add(case.label, "geometry_mismatch", f"label grid differs from image: {'; '.join(diff)}",
+                        "resample the label onto the image grid (nearest neighbour) or fix its header")
+            lab = lab[0]
+            if not np.issubdtype(lab.dtype, np.integer):
+                finite = np.isfinite(lab)
+                if not finite.all() or not np.array_equal(lab[finite], np.round(lab[finite])):
+                    add(case.label, "label_values", "label has non-integer or NaN values", "store the label as integers")
+                    lab = None
+                else:
+                    lab = lab.astype(np.int64)
+            if lab is not None:
+                values = np.unique(lab)
+                bad = [int(v) for v in values if int(v) not in ds.labels]
+                if bad:
+                    add(case.label, "label_values", f"label values {bad} are not declared (declared {sorted(ds.labels)})",
+                        "fix the label map or declare the values in dataset.json")
+                elif values.size == 1 and int(values[0]) == 0:
+                    add(case.label, "empty_label", "label has no foreground", "fine for negative cases; check otherwise",
+                        severity="warning")
+                dtype = np.uint8 if ds.num_classes <= 256 else np.int32
+                label = lab.astype(dtype, copy=False)
+    if any(f.severity == "error" for f in findings) or image is None or geometry is None:
+        return None, findings
+    return CaseData(case, image.astype(np.float32, copy=False), label, geometry), findings
+
+
+def read_case(case: Case, ds: Dataset) -> CaseData:
+    """Read a case, raising :class:`DataError` naming the case, file and fix on the first problem."""
+    data, findings = inspect_case(case, ds)
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        f = errors[0]
+        more = f" (+{len(errors) - 1} more; run `segpipe check`)" if len(errors) > 1 else ""
+        raise DataError(f"case {f.case}: {f.file}: {f.message}{more}", hint=f.fix)
+    assert data is not None
+    return data

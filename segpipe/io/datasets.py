@@ -233,7 +233,7 @@ def _inside(root: Path, rel: Any, entry: str, where: Path) -> Path:
     if os.path.isabs(rel) or rel.startswith("~"):
         raise DatasetError(f"{where}: {entry} {rel!r} is an absolute path", hint="use a path relative to the dataset folder")
     full = os.path.normpath(os.path.join(root, rel))
-    if os.path.commonpath([full, str(root)]) != str(root):
+    if full == str(root) or os.path.commonpath([full, str(root)]) != str(root):
         raise DatasetError(f"{where}: {entry} {rel!r} escapes the dataset folder", hint="keep every file inside the dataset folder")
     return Path(full)
 

@@ -139,6 +139,8 @@ def read_image(path: str | os.PathLike[str], **dicom_options: Any) -> tuple[np.n
             f"{p}: unsupported file type",
             hint=f"use one of {', '.join(IMAGE_EXTENSIONS)} or a DICOM series folder",
         )
+    if ext in (".nii", ".nii.gz"):
+        return _read_nifti(p)
     sitk = _sitk()
     try:
         image = sitk.ReadImage(str(p))
@@ -148,10 +150,7 @@ def read_image(path: str | os.PathLike[str], **dicom_options: Any) -> tuple[np.n
             hint="the file is truncated or not a valid image; re-export or replace it",
         ) from None
     geometry = Geometry.from_sitk(image)
-    try:
-        array = sitk.GetArrayFromImage(image)
-    except RuntimeError as exc:  # pragma: no cover - SimpleITK decodes lazily for some formats
-        raise ReadError(f"{p}: cannot decode voxels ({_short(exc)})", hint="re-export the file") from None
+    array = sitk.GetArrayFromImage(image)
     dim = image.GetDimension()
     ncomp = image.GetNumberOfComponentsPerPixel()
     if dim == 2:
@@ -165,6 +164,37 @@ def read_image(path: str | os.PathLike[str], **dicom_options: Any) -> tuple[np.n
     else:
         raise ReadError(f"{p}: {dim}-D images are not supported", hint="segpipe reads 2-D, 3-D and 4-D images")
     return np.ascontiguousarray(array), geometry
+
+
+def _read_nifti(p: Path) -> tuple[np.ndarray, Geometry]:
+    """NIfTI through nibabel.
+
+    nibabel, not SimpleITK, because ITK's NIfTI reader silently replaces NaN voxels by 0 and
+    zero-fills truncated .nii.gz files — both faults `segpipe check` must see. The affine is
+    nibabel's choice (sform when set, else qform), converted from RAS to LPS.
+    """
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
+        raise ReadError(
+            f"{p}: cannot read ({type(exc).__name__}: {str(exc)[:160] or 'truncated data'})",
+            hint="the file is truncated or not a valid NIfTI image; re-export or replace it",
+        ) from None
+    shape = data.shape
+    if data.ndim == 5 and shape[3] == 1:  # NIfTI vector images: (x, y, z, 1, c)
+        data = data[:, :, :, 0, :]
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim == 3:
+        data = data[..., None]
+    if data.ndim != 4:
+        raise ReadError(f"{p}: {len(shape)}-D images are not supported", hint="segpipe reads 2-D, 3-D and 4-D images")
+    geometry = Geometry.from_nifti_affine(img.affine, data.shape[:3])
+    # (x, y, z, c) -> (c, z, y, x)
+    return np.ascontiguousarray(data.transpose(3, 2, 1, 0)), geometry
 
 
 @contextmanager

@@ -1,0 +1,202 @@
+"""DICOM-SEG (binary, fractional and label-map SEG) as a label source.
+
+:func:`read_dicom_seg` turns the segments of a SEG object into one label map on the grid of
+the image it belongs to:
+
+* Parsing and decoding use highdicom (``segread``/``get_volume``); the SEG's own voxel grid
+  (from its functional groups, sparse or not) is resampled onto the reference image grid with
+  nearest-neighbour sampling. Fractional segments are thresholded at 0.5.
+* ``reference`` is the image's :class:`~segpipe.geometry.Geometry` (spatial check only) or a
+  DICOM path (folder or file). With a path, the series the SEG references
+  (ReferencedSeriesSequence) is chosen from it; a series the SEG does not reference, or a
+  different FrameOfReferenceUID, is an error.
+* Labelled SEG voxels falling outside the reference grid are an error (wrong image), so is a
+  SEG without any labelled voxel inside it.
+* ``mapping`` maps segments to label values: keys are segment numbers (int or digit strings)
+  or SegmentLabels (case-insensitive), values are labels 0..255 (0 drops a segment). Default:
+  segment number -> the same value. With a mapping every segment must be mapped, and every key
+  must name a segment (typos are errors, not silently empty labels).
+* Voxels claimed by segments mapped to different labels are an error unless ``priority`` orders
+  them: a list of label values or segment labels, highest priority first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import DicomError, UsageError
+from ..geometry import Geometry
+
+
+def _load(seg_path: Path) -> Any:
+    import highdicom as hd
+    import pydicom
+
+    if not seg_path.is_file():
+        raise DicomError(f"{seg_path}: no such file", hint="check the path of the DICOM-SEG file")
+    try:
+        ds = pydicom.dcmread(str(seg_path))
+    except Exception as exc:  # noqa: BLE001 - anything pydicom raises
+        raise DicomError(f"{seg_path}: not a readable DICOM file ({type(exc).__name__})",
+                         hint="check the file (it may be truncated or not DICOM)") from None
+    if str(ds.get("Modality", "")) != "SEG":
+        raise DicomError(f"{seg_path}: not a DICOM-SEG object (modality {ds.get('Modality', 'missing')!r})",
+                         hint="pass a Segmentation Storage file")
+    try:
+        return hd.seg.Segmentation.from_dataset(ds, copy=False), ds
+    except Exception as exc:  # noqa: BLE001 - highdicom validation errors
+        raise DicomError(f"{seg_path}: invalid DICOM-SEG ({str(exc).splitlines()[0][:160]})",
+                         hint="re-export the segmentation") from None
+
+
+def _segments(seg: Any) -> dict[int, str]:
+    out = {}
+    for n in seg.segment_numbers:
+        label = str(seg.get_segment_description(n).segment_label or "")
+        out[int(n)] = label
+    return out
+
+
+def _resolve_mapping(seg_path: Path, segments: dict[int, str], labelmap: bool,
+                     mapping: dict[Any, int] | None) -> dict[int, int]:
+    listing = ", ".join(f"{n}: {lab!r}" for n, lab in segments.items())
+    if mapping is None:
+        values = {n: n for n in segments}
+    else:
+        values = {}
+        for key, value in mapping.items():
+            matches = _find_segments(key, segments)
+            if not matches:
+                raise DicomError(f"{seg_path}: mapping key {key!r} names no segment (segments: {listing})",
+                                 hint="use a segment number or SegmentLabel from the list")
+            for n in matches:
+                values[n] = value
+        missing = [n for n in segments if n not in values and not (labelmap and n == 0)]
+        if missing:
+            raise DicomError(f"{seg_path}: segments {missing} are not in the mapping (segments: {listing})",
+                             hint="map every segment (to 0 to drop it)")
+    for n, v in values.items():
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 0 <= int(v) <= 255:
+            raise UsageError(f"{seg_path}: label value {v!r} for segment {n} is not an integer 0..255")
+    return {n: int(v) for n, v in values.items()}
+
+
+def _find_segments(key: Any, segments: dict[int, str]) -> list[int]:
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return [int(key)] if int(key) in segments else []
+    text = str(key)
+    exact = [n for n, lab in segments.items() if lab == text]
+    if exact:
+        return exact
+    folded = [n for n, lab in segments.items() if lab.lower() == text.lower()]
+    if folded:
+        return folded
+    return [int(text)] if text.isdigit() and int(text) in segments else []
+
+
+def _reference_geometry(seg_path: Path, ds: Any, reference: Any) -> Geometry:
+    if isinstance(reference, Geometry):
+        return reference
+    from .dicom import DicomError as _E  # noqa: F401 - same class, keeps the import local
+    from .dicom import dicom_geometry, list_series
+
+    ref_path = Path(reference)
+    referenced = [str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", [])]
+    found, _ = list_series(ref_path)
+    images = [s for s in found if s.kind == "image"]
+    candidates = [s for s in images if s.uid in referenced]
+    if not candidates:
+        have = "; ".join(s.label() for s in images) or "no image series"
+        raise DicomError(f"{seg_path}: references series {', '.join(referenced) or '(none)'} which is not in "
+                         f"{ref_path} (found: {have})",
+                         hint="pass the folder of the referenced series (or its Geometry to skip the UID check)")
+    geometry, chosen = dicom_geometry(ref_path, series=candidates[0].uid, allow_few_slices=True)
+    seg_for = str(ds.get("FrameOfReferenceUID") or "")
+    if seg_for and chosen.frame_of_reference and seg_for != chosen.frame_of_reference:
+        raise DicomError(f"{seg_path}: FrameOfReferenceUID {seg_for} differs from the image's "
+                         f"{chosen.frame_of_reference} ({ref_path})", hint="pass the image series the SEG was made on")
+    return geometry
+
+
+def read_dicom_seg(seg_path: str | os.PathLike[str], reference: Geometry | str | os.PathLike[str], *,
+                   mapping: dict[Any, int] | None = None,
+                   priority: Sequence[int | str] | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read a DICOM-SEG as ``(array[1, Z, Y, X] uint8, Geometry)`` on the reference image grid."""
+    seg_path = Path(seg_path)
+    seg, ds = _load(seg_path)
+    geometry = _reference_geometry(seg_path, ds, reference)
+    segments = _segments(seg)
+    labelmap = str(ds.get("SegmentationType", "")) == "LABELMAP"
+    values = _resolve_mapping(seg_path, segments, labelmap, mapping)
+    try:
+        volume = seg.get_volume(combine_segments=False, segment_numbers=list(segments))
+    except Exception as exc:  # noqa: BLE001 - highdicom raises ValueError/RuntimeError for odd geometry
+        raise DicomError(f"{seg_path}: the SEG frames do not form a regular volume ({str(exc).splitlines()[0][:160]})",
+                         hint="re-export the SEG with frames on a regular grid") from None
+    arr = np.asarray(volume.array)
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    fractional = str(ds.get("SegmentationType", "")) == "FRACTIONAL"
+    masks = arr > (0.5 if fractional else 0)
+    # seg index (s, r, c) -> world; reference index (z, y, x) -> world.
+    seg_affine = np.asarray(volume.affine, dtype=float)
+    to_seg = np.linalg.inv(seg_affine) @ geometry.index_to_world_matrix
+    to_ref = np.linalg.inv(to_seg)
+    from scipy import ndimage
+
+    planes: dict[int, np.ndarray] = {}
+    for ch, n in enumerate(segments):
+        value = values.get(n, 0)
+        if value == 0:
+            continue
+        mask = masks[..., ch]
+        idx = np.argwhere(mask)
+        if len(idx):
+            ref_idx = idx @ to_ref[:3, :3].T + to_ref[:3, 3]
+            outside = np.any((ref_idx < -0.5) | (ref_idx > np.asarray(geometry.shape) - 0.5), axis=1)
+            if outside.any():
+                raise DicomError(f"{seg_path}: {int(outside.sum())} voxels of segment {n} ({segments[n]!r}) lie outside "
+                                 f"the reference image grid {geometry.shape}",
+                                 hint="the SEG belongs to another image or frame of reference; pass the right series")
+        res = ndimage.affine_transform(mask.astype(np.uint8), to_seg[:3, :3], offset=to_seg[:3, 3],
+                                       output_shape=geometry.shape, order=0, cval=0, mode="constant")
+        planes[value] = planes[value] | (res > 0) if value in planes else res > 0
+    if not planes or not any(p.any() for p in planes.values()):
+        raise DicomError(f"{seg_path}: no labelled voxel of the SEG falls on the reference image grid",
+                         hint="the SEG belongs to another image or is empty")
+    order = _priority_order(seg_path, planes, segments, values, priority)
+    out = np.zeros(geometry.shape, dtype=np.uint8)
+    for value in reversed(order):
+        out[planes[value]] = value
+    return out[None], geometry
+
+
+def _priority_order(seg_path: Path, planes: dict[int, np.ndarray], segments: dict[int, str],
+                    values: dict[int, int], priority: Sequence[int | str] | None) -> list[int]:
+    """Label values, highest priority first; overlapping labels not ordered by ``priority`` are an error."""
+    ranked: list[int] = []
+    for item in priority or ():
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            ranked_values = [int(item)]
+        else:
+            ranked_values = [values[n] for n in _find_segments(item, segments) if values.get(n)]
+            if not ranked_values:
+                raise UsageError(f"{seg_path}: priority entry {item!r} names no segment",
+                                 hint=f"use label values or segment labels: {sorted(set(values.values()))}")
+        ranked.extend(v for v in ranked_values if v not in ranked)
+    labels = sorted(planes)
+    overlaps = []
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            count = int(np.count_nonzero(planes[a] & planes[b]))
+            if count and not (a in ranked and b in ranked):
+                overlaps.append(f"labels {a} and {b} ({count} voxels)")
+    if overlaps:
+        names = ", ".join(f"{v}={'/'.join(segments[n] for n, val in values.items() if val == v)}" for v in labels)
+        raise DicomError(f"{seg_path}: overlapping segments: {'; '.join(overlaps)} [{names}]",
+                         hint="declare a priority order (label values or segment labels, highest first)")
+    return [v for v in ranked if v in planes] + [v for v in labels if v not in ranked]

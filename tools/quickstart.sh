@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One command to set up segpipe from a fresh clone and run something:
+#   bash tools/quickstart.sh demo   # venv + install, then plan → … on the embedded dataset
+#   bash tools/quickstart.sh test   # venv + install, then ruff and the test suite
+# Extra arguments go to `segpipe demo` or pytest. Needs only python3 (>= 3.10) with venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-}"
+shift || true
+case "$mode" in demo|test) ;; *) echo "usage: bash tools/quickstart.sh demo|test [args...]" >&2; exit 2;; esac
+
+VENV="${SEGPIPE_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[quickstart] creating virtual environment $VENV" >&2
+  "$PY" -m venv "$VENV"
+fi
+pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
+# A bare `torch` requirement would pull a multi-GB CUDA build: pin the local CPU build first
+# when no torch is present (an existing torch in range is kept).
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  echo "[quickstart] installing torch==2.13.0" >&2
+  pip_install "torch==2.13.0"
+fi
+echo "[quickstart] installing segpipe and its dependencies" >&2
+pip_install -e ".[dev]"
+
+if [ "$mode" = demo ]; then
+  exec "$VENV/bin/segpipe" demo "$@"
+fi
+echo "[quickstart] ruff check" >&2
+"$VENV/bin/ruff" check .
+echo "[quickstart] pytest" >&2
+exec "$VENV/bin/python" -m pytest "$@"

@@ -28,9 +28,9 @@ never from optional tags alone. Slices are sorted by their position along the sl
    is not needed). Refused unless ``allow_gantry_tilt=True``, which resamples (linearly) onto a
    regular grid aligned with the slices, widened in-plane to cover every slice;
 5. the steps between slices along ``n`` are uniform: every slice lies within
-   ``spacing_tolerance`` (relative, default 0.02 = 2 % of the mean step; DICOM positions carry
-   rounding of ~1e-4 mm and some scanners jitter by ~0.1 %, while a missing slice is >= 100 %)
-   of a regular grid. A missing slice is reported with the gap; ``allow_uneven_spacing=True``
+   ``spacing_tolerance`` (relative, default 0.02 = 2 % of the mean step) of a regular grid. The
+   reference series in the test data deviate by at most 2e-4 (rounding of DS positions), a
+   missing slice by 100 %: 2 % leaves room for scanner jitter and still catches every gap. A missing slice is reported with the gap; ``allow_uneven_spacing=True``
    resamples linearly onto a regular grid with the median step, spanning first to last slice.
    Voxels a resampling cannot fill get the series minimum.
 
@@ -39,11 +39,12 @@ lossless, JPEG-LS, JPEG 2000, RLE). Rescale slope/intercept (per file or per fra
 float32 output when any slope/intercept is not integral, else an integer dtype wide enough
 (the stored dtype, int16, int32 or int64, the first that holds the data). RGB data give three
 channels. Errors are :class:`~segpipe.errors.DicomError` with one line naming the path and the
-problem, and a ``fix:`` hint.
+problem, and a ``fix:`` hint. MONOCHROME1 data are returned as stored (not inverted), as ITK does.
 """
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import os
 import re
@@ -217,7 +218,8 @@ def list_series(path: str | os.PathLike[str]) -> tuple[list[DicomSeries], Counte
     root = Path(path)
     if not root.exists():
         raise DicomError(f"{root}: no such file or folder", hint="check the path")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     skipped: Counter[str] = Counter()
     groups: dict[str, DicomSeries] = {}
     for f in files:
@@ -225,12 +227,13 @@ def list_series(path: str | os.PathLike[str]) -> tuple[list[DicomSeries], Counte
         if name.startswith("dicomdir"):
             skipped["DICOMDIR"] += 1
             continue
-        if f != root and (name.endswith(SKIP_SUFFIXES) or name.startswith(("license", "readme", "."))):
+        if f != root and (name.endswith(SKIP_SUFFIXES) or name.startswith(("license", "readme"))):
             skipped["not DICOM"] += 1
             continue
         try:
             ds = _dcmread(f, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001 - anything pydicom raises means "not a readable DICOM file"
+            frames, no_geometry = _frames_of(ds, f)
+        except Exception:  # anything pydicom raises means "not a readable DICOM file"
             skipped["not DICOM or unreadable"] += 1
             continue
         meta = getattr(ds, "file_meta", None)
@@ -242,7 +245,6 @@ def list_series(path: str | os.PathLike[str]) -> tuple[list[DicomSeries], Counte
         if not uid:
             skipped["no SeriesInstanceUID"] += 1
             continue
-        frames, no_geometry = _frames_of(ds, f)
         series = groups.get(uid)
         if series is None:
             sop_name = getattr(ds.get("SOPClassUID"), "name", sop) if ds.get("SOPClassUID") else sop
@@ -290,8 +292,15 @@ def _problem(series: DicomSeries) -> str | None:
     return None
 
 
-def describe_dicom(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """JSON-serialisable summary of every series under ``path`` (headers only), for ``segpipe info``."""
+def describe_dicom(path: str | os.PathLike[str], *, series: str | None = None,
+                   modality: str | None = None) -> dict[str, Any]:
+    """JSON-serialisable summary of every series under ``path`` (headers only), for ``segpipe info``.
+
+    Keys: ``series`` (one dict per series: uid, modality, description, kind, folder, files, frames,
+    sizes, readable, problem), ``skipped`` (file counts by reason), ``chosen`` (the UID that
+    :func:`read_dicom` would read with this ``series``/``modality`` selection, or None) and
+    ``choice_problem`` (why none can be chosen).
+    """
     found, skipped = list_series(path)
     items = []
     for s in found:
@@ -305,7 +314,7 @@ def describe_dicom(path: str | os.PathLike[str]) -> dict[str, Any]:
         })
     chosen, reason = None, None
     try:
-        chosen = choose_series(found, Path(path)).uid
+        chosen = choose_series(found, Path(path), series=series, modality=modality).uid
     except DicomError as exc:
         reason = exc.message.split(": ", 1)[-1]
     return {"path": str(path), "series": items, "skipped": dict(skipped), "chosen": chosen, "choice_problem": reason}
@@ -327,8 +336,11 @@ def choose_series(found: list[DicomSeries], where: Path, *, series: str | None =
     listing = "; ".join(s.label() for s in found) or "none"
     if series is not None:
         exact = [s for s in found if s.uid == series]
-        if len(exact) == 1:
+        if len(exact) == 1 and exact[0].kind in ("image", "secondary-capture"):
             return exact[0]
+        if exact and all(s.kind not in ("image", "secondary-capture") for s in exact):
+            raise DicomError(f"{where}: series {series} holds {exact[0].sop_class_name} objects ({exact[0].kind}), "
+                             "not an image series", hint="select an image series (segpipe info lists them)")
     pool = [s for s in found if s.kind == "image" or (series is not None and s.kind == "secondary-capture")]
     if modality is not None:
         pool = [s for s in pool if fnmatch.fnmatch(s.modality.lower(), modality.lower())]
@@ -480,7 +492,7 @@ def _decode(plan: ReadPlan, where: Path) -> np.ndarray:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 pixels = ds.pixel_array
-        except Exception as exc:  # noqa: BLE001 - decoder errors come from many libraries
+        except Exception as exc:  # decoder errors come from many libraries
             msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) if "ds" in locals() else None
             raise DicomError(f"{path}: cannot decode pixel data{f' ({ts.name})' if ts else ''}: {msg}",
@@ -651,6 +663,7 @@ def write_dicom_series(folder: str | os.PathLike[str], array_zyx: np.ndarray, ge
     study = study_instance_uid or generate_uid()
     series_uid = series_instance_uid or generate_uid()
     frame_ref = frame_of_reference_uid or generate_uid()
+    today = datetime.datetime.now()
     try:
         for k in range(arr.shape[0]):
             meta = FileMetaDataset()
@@ -662,6 +675,10 @@ def write_dicom_series(folder: str | os.PathLike[str], array_zyx: np.ndarray, ge
             ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
             ds.Modality, ds.SeriesDescription, ds.SeriesNumber = modality, series_description, series_number
             ds.PatientID, ds.PatientName = patient_id, patient_name
+            ds.PatientBirthDate = ds.PatientSex = ds.ReferringPhysicianName = ds.AccessionNumber = ""
+            ds.StudyDate = ds.SeriesDate = ds.ContentDate = today.strftime("%Y%m%d")
+            ds.StudyTime = ds.SeriesTime = ds.ContentTime = today.strftime("%H%M%S")
+            ds.StudyID, ds.Manufacturer, ds.ImageType = "1", "segpipe", ["DERIVED", "SECONDARY", "AXIAL"]
             ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series_uid, frame_ref
             ds.InstanceNumber = k + 1
             ds.ImagePositionPatient = [f"{v:.6f}" for v in geometry.index_to_world([k, 0, 0])]

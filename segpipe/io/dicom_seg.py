@@ -23,8 +23,9 @@ the image it belongs to:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def _load(seg_path: Path) -> Any:
         raise DicomError(f"{seg_path}: no such file", hint="check the path of the DICOM-SEG file")
     try:
         ds = pydicom.dcmread(str(seg_path))
-    except Exception as exc:  # noqa: BLE001 - anything pydicom raises
+    except Exception as exc:  # anything pydicom raises
         raise DicomError(f"{seg_path}: not a readable DICOM file ({type(exc).__name__})",
                          hint="check the file (it may be truncated or not DICOM)") from None
     if str(ds.get("Modality", "")) != "SEG":
@@ -48,7 +49,7 @@ def _load(seg_path: Path) -> Any:
                          hint="pass a Segmentation Storage file")
     try:
         return hd.seg.Segmentation.from_dataset(ds, copy=False), ds
-    except Exception as exc:  # noqa: BLE001 - highdicom validation errors
+    except Exception as exc:  # highdicom validation errors
         raise DicomError(f"{seg_path}: invalid DICOM-SEG ({str(exc).splitlines()[0][:160]})",
                          hint="re-export the segmentation") from None
 
@@ -101,7 +102,6 @@ def _find_segments(key: Any, segments: dict[int, str]) -> list[int]:
 def _reference_geometry(seg_path: Path, ds: Any, reference: Any) -> Geometry:
     if isinstance(reference, Geometry):
         return reference
-    from .dicom import DicomError as _E  # noqa: F401 - same class, keeps the import local
     from .dicom import dicom_geometry, list_series
 
     ref_path = Path(reference)
@@ -134,7 +134,7 @@ def read_dicom_seg(seg_path: str | os.PathLike[str], reference: Geometry | str |
     values = _resolve_mapping(seg_path, segments, labelmap, mapping)
     try:
         volume = seg.get_volume(combine_segments=False, segment_numbers=list(segments))
-    except Exception as exc:  # noqa: BLE001 - highdicom raises ValueError/RuntimeError for odd geometry
+    except Exception as exc:  # highdicom raises ValueError/RuntimeError for odd geometry
         raise DicomError(f"{seg_path}: the SEG frames do not form a regular volume ({str(exc).splitlines()[0][:160]})",
                          hint="re-export the SEG with frames on a regular grid") from None
     arr = np.asarray(volume.array)
@@ -162,7 +162,8 @@ def read_dicom_seg(seg_path: str | os.PathLike[str], reference: Geometry | str |
                 raise DicomError(f"{seg_path}: {int(outside.sum())} voxels of segment {n} ({segments[n]!r}) lie outside "
                                  f"the reference image grid {geometry.shape}",
                                  hint="the SEG belongs to another image or frame of reference; pass the right series")
-        res = ndimage.affine_transform(mask.astype(np.uint8), to_seg[:3, :3], offset=to_seg[:3, 3],
+        # Pad by one voxel so that coordinates a rounding error beyond the edge still round onto it.
+        res = ndimage.affine_transform(np.pad(mask.astype(np.uint8), 1), to_seg[:3, :3], offset=to_seg[:3, 3] + 1,
                                        output_shape=geometry.shape, order=0, cval=0, mode="constant")
         planes[value] = planes[value] | (res > 0) if value in planes else res > 0
     if not planes or not any(p.any() for p in planes.values()):

@@ -108,34 +108,45 @@ def plan(dataset: PathLike, *, work_dir: PathLike | None = None, gpu_memory_gb: 
     }
 
 
-def generate_demo_data(out: PathLike, *, force: bool = False, seed: int = 0) -> Path:
-    """Write the embedded synthetic demo dataset (MSD layout) to ``out``."""
-    from .demo_data import generate_demo_dataset
+def generate_demo_data(out: PathLike, *, force: bool = False, seed: int = 0, dicom: bool = False) -> Path:
+    """Write the embedded synthetic demo dataset to ``out``.
 
+    ``dicom=False``: 12 labelled + 2 test NIfTI cases in MSD layout; ``dicom=True``: 3 labelled
+    + 1 test case as DICOM series in the case-folder layout.
+    """
+    from .demo_data import generate_demo_dataset, generate_dicom_demo_dataset
+
+    if dicom:
+        return generate_dicom_demo_dataset(out, overwrite=force, seed=seed + 1)
     return generate_demo_dataset(out, overwrite=force, seed=seed)
 
 
 def demo(*, work_dir: PathLike | None = None, force: bool = False, log: Any = None) -> dict[str, Any]:
     """Run the main job on the embedded dataset: generate → check → plan (→ later stages as they land).
 
-    The dataset is written to ``<work_dir>/raw/SegpipeDemo`` (once; ``force`` regenerates it) and
-    the artefacts to ``<work_dir>/SegpipeDemo/``. Returns a dict with one entry per step.
+    The datasets are written to ``<work_dir>/raw/SegpipeDemo`` (NIfTI, MSD layout) and
+    ``<work_dir>/raw/SegpipeDemoDICOM`` (DICOM series, case-folder layout) once (``force``
+    regenerates them); the artefacts go to ``<work_dir>/<dataset>/``. Returns one entry per step.
     """
+    from .errors import DataError
+
     say = log or (lambda msg: None)
     wd = resolve_work_dir(work_dir)
     data = wd / "raw" / "SegpipeDemo"
+    dicom_data = wd / "raw" / "SegpipeDemoDICOM"
     steps: dict[str, Any] = {}
-    if force or not (data / "dataset.json").is_file():
-        say(f"generating the demo dataset in {data}")
-        generate_demo_data(data, force=True)
+    for folder, is_dicom in ((data, False), (dicom_data, True)):
+        if force or not (folder / "dataset.json").is_file():
+            say(f"generating the demo dataset in {folder}")
+            generate_demo_data(folder, force=True, dicom=is_dicom)
     steps["data"] = str(data)
-    say("checking the dataset")
-    report = check(data)
-    steps["check"] = {"ok": report.ok, "cases_checked": report.cases_checked, "findings": len(report.findings)}
-    if not report.ok:
-        from .errors import DataError
-
-        raise DataError(f"{data}: the demo dataset failed its check", hint="rerun with --force to regenerate it")
+    steps["dicom_data"] = str(dicom_data)
+    for key, folder in (("check", data), ("check_dicom", dicom_data)):
+        say(f"checking {folder.name}")
+        report = check(folder)
+        steps[key] = {"ok": report.ok, "cases_checked": report.cases_checked, "findings": len(report.findings)}
+        if not report.ok:
+            raise DataError(f"{folder}: the demo dataset failed its check", hint="rerun with --force to regenerate it")
     say("planning")
     planned = plan(data, work_dir=wd, force=force)
     steps["plan"] = {"plans_path": planned["plans_path"], "configurations": planned["configurations"]}

@@ -111,9 +111,22 @@ def cmd_info(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, A
     path = _one_path("info", paths, "path")
     dicom = {k: v for k, v in cfg.dicom.items() if v not in (None, False)}
     res = api.info(path, **dicom)
-    lines = [f"{k:>16}: {_cell(v)}" for k, v in res.items() if k != "series"]
-    for s in res.get("series", []) or []:
-        lines.append("  series " + ", ".join(f"{k}={_cell(v)}" for k, v in s.items() if k != "files"))
+    skip = {"series", "choice_problem", "volume_error", "skipped", "chosen"}
+    lines = [f"{k:>16}: {_cell(v)}" for k, v in res.items() if k not in skip]
+    series = res.get("series") or []
+    if series:
+        rows = [{"uid": "…" + str(s.get("uid", ""))[-12:], "modality": s.get("modality"),
+                 "description": s.get("description"), "kind": s.get("kind"), "files": s.get("files"),
+                 "frames": s.get("frames"), "size": s.get("sizes"), "folder": s.get("folder"),
+                 "problem": s.get("problem")} for s in series]
+        skipped = ", ".join(f"{n} {k}" for k, n in (res.get("skipped") or {}).items())
+        lines += ["", f"{len(series)} series" + (f" (skipped files: {skipped})" if skipped else "") + ":", _table(rows)]
+        if res.get("chosen"):
+            lines.append(f"chosen series: {res['chosen']}")
+    if res.get("volume_error"):
+        err = res["volume_error"].splitlines()
+        first = err[0] if len(err[0]) < 160 else err[0][:157] + "…"
+        lines += [f"no volume read: {first}", *err[1:]]
     return EXIT_OK, res, "\n".join(lines)
 
 
@@ -161,7 +174,8 @@ def cmd_demo(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, A
         out = api.generate_demo_data(ns.data_only, force=ns.force)
         return EXIT_OK, {"data": str(out)}, f"demo dataset written to {out}"
     res = api.demo(work_dir=cfg.work_dir, force=ns.force, log=log.info)
-    lines = [f"dataset: {res['data']}", f"check: {res['check']['cases_checked']} cases, ok"]
+    lines = [f"datasets: {res['data']}, {res['dicom_data']}",
+             f"check: {res['check']['cases_checked']} NIfTI cases and {res['check_dicom']['cases_checked']} DICOM cases, ok"]
     if "plan" in res:
         lines += [_table(res["plan"]["configurations"]), f"plans: {res['plan']['plans_path']}"]
     if res.get("not_yet_available"):

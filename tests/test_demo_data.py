@@ -46,3 +46,19 @@ def test_generation_is_byte_identical(tmp_path):
     from segpipe import read_image
 
     np.testing.assert_array_equal(read_image(a / "imagesTr/demo_001.nii.gz")[0], read_image(b / "imagesTr/demo_001.nii.gz")[0])
+
+
+def test_dicom_demo_dataset_reads_like_any_other(tmp_path):
+    from segpipe.demo_data import generate_dicom_demo_dataset
+
+    root = generate_dicom_demo_dataset(tmp_path / "dcm", num_cases=2, num_test=1)
+    ds = load_dataset(root)
+    assert ds.layout == "case-folder" and [c.id for c in ds.cases] == ["dicom_000", "dicom_001"]
+    assert [c.id for c in ds.test_cases] == ["dicom_002"]
+    assert ds.cases[0].images[0].is_dir() and len(list(ds.cases[0].images[0].iterdir())) > 10
+    data = read_case(ds.cases[1], ds)
+    image, label, geo = make_case(1001)
+    assert data.geometry.same_grid(geo), data.geometry.differences(geo)
+    np.testing.assert_allclose(data.image[0], image, atol=image.max() / 60000)  # uint16 + rescale quantisation
+    np.testing.assert_array_equal(data.label, label)
+    assert check(root).ok

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import check, demo, generate_demo_data, info, plan  # noqa: E402
+from .api import check, demo, generate_demo_data, info, plan, preprocess  # noqa: E402
 from .errors import (  # noqa: E402
     ConfigError,
     DataError,
@@ -30,5 +30,5 @@ from .io.image import read_image, write_image  # noqa: E402
 __all__ = [
     "Case", "ConfigError", "DataError", "Dataset", "DatasetError", "DicomError", "Geometry", "NotAvailableError",
     "ReadError", "SegpipeError", "StateError", "UsageError", "__version__", "check", "demo", "generate_demo_data",
-    "info", "load_dataset", "plan", "read_case", "read_image", "write_image",
+    "info", "load_dataset", "plan", "preprocess", "read_case", "read_image", "write_image",
 ]

@@ -82,10 +82,12 @@ def check(dataset: PathLike, *, num_workers: int | None = None) -> CheckReport:
 
 def plan(dataset: PathLike, *, work_dir: PathLike | None = None, gpu_memory_gb: float = 8,
          configurations: Sequence[str] | None = None, target_spacing: Sequence[float] | None = None,
-         force: bool = False, num_workers: int | None = None) -> dict[str, Any]:
-    """Fingerprint ``dataset`` (cached) and plan its configurations.
+         force: bool = False, num_workers: int | None = None, **settings_: Any) -> dict[str, Any]:
+    """Fingerprint ``dataset`` (cached; ``force`` recomputes) and plan its configurations.
 
-    Writes ``<work_dir>/<dataset>/fingerprint.json`` and ``plans.json``; returns
+    Further keyword arguments are planner settings (:class:`segpipe.planning.PlanSettings`:
+    ``base_features``, ``max_dataset_fraction``, ``context_slices_25d``, …). Writes
+    ``<work_dir>/<dataset>/fingerprint.json`` and ``plans.json``; returns
     ``{"plans_path", "fingerprint_path", "configurations": [summary rows], "plan": plan dict}``.
     """
     from .io.datasets import load_dataset
@@ -93,6 +95,7 @@ def plan(dataset: PathLike, *, work_dir: PathLike | None = None, gpu_memory_gb: 
 
     ds = load_dataset(dataset)
     settings = PlanSettings.from_mapping({
+        **settings_,
         "gpu_memory_gb": gpu_memory_gb,
         "configurations": list(configurations) if configurations is not None else None,
         "target_spacing": list(target_spacing) if target_spacing is not None else None,
@@ -106,6 +109,44 @@ def plan(dataset: PathLike, *, work_dir: PathLike | None = None, gpu_memory_gb: 
         "configurations": plan_summary_rows(the_plan),
         "plan": the_plan.to_dict(),
     }
+
+
+def preprocess(dataset: PathLike, *, work_dir: PathLike | None = None, configuration: str | Sequence[str] | None = None,
+               num_workers: int | None = None, force: bool = False, log: Any = None) -> dict[str, Any]:
+    """Preprocess the labelled cases of ``dataset`` into the cache of each planned configuration.
+
+    Needs ``<work_dir>/<dataset>/plans.json`` (``segpipe plan``). ``configuration``: one name, a
+    list, or None for every planned configuration; configurations on the same data (same
+    spacing) share one cache folder. Unchanged entries are reused unless ``force``. Returns
+    ``{"configurations": {name: {"cache_dir", "processed", "reused", "seconds"}}}``.
+    """
+    from .io.datasets import load_dataset
+    from .planning import load_plan
+    from .preprocess import cache_dir_for, preprocess_dataset, spec_from_plan
+
+    ds = load_dataset(dataset)
+    wd = resolve_work_dir(work_dir)
+    plans_path = wd / ds.name / "plans.json"
+    if not plans_path.is_file():
+        from .errors import StateError
+
+        raise StateError(f"{plans_path}: no plan for dataset {ds.name}", hint=f"run `segpipe plan {dataset} work_dir={wd}` first")
+    the_plan = load_plan(plans_path)
+    names = list(the_plan.configurations) if configuration is None else (
+        [configuration] if isinstance(configuration, str) else list(configuration))
+    out: dict[str, Any] = {}
+    done: dict[Path, dict[str, Any]] = {}
+    for name in names:
+        cache = cache_dir_for(wd, the_plan, name)  # raises a clear error for an unknown name
+        if cache in done:
+            out[name] = {**done[cache], "shared_with": done[cache]["configuration"]}
+            continue
+        if log:
+            log(f"preprocessing {ds.name} for {name} into {cache}")
+        res = preprocess_dataset(ds, spec_from_plan(the_plan, name), cache, num_workers=num_workers, force=force)
+        done[cache] = {"configuration": name, **res.to_dict()}
+        out[name] = res.to_dict()
+    return {"dataset": ds.name, "plans_path": str(plans_path), "configurations": out}
 
 
 def generate_demo_data(out: PathLike, *, force: bool = False, seed: int = 0, dicom: bool = False) -> Path:
@@ -150,7 +191,11 @@ def demo(*, work_dir: PathLike | None = None, force: bool = False, log: Any = No
     say("planning")
     planned = plan(data, work_dir=wd, force=force)
     steps["plan"] = {"plans_path": planned["plans_path"], "configurations": planned["configurations"]}
-    steps["not_yet_available"] = ["preprocess", "train", "infer", "evaluate"]
+    say("preprocessing")
+    pre = preprocess(data, work_dir=wd, force=force, log=say)
+    steps["preprocess"] = {name: {"cache_dir": r["cache_dir"], "cases": len(r["processed"]) + len(r["reused"])}
+                           for name, r in pre["configurations"].items()}
+    steps["not_yet_available"] = ["train", "infer", "evaluate"]
     return steps
 
 
@@ -160,4 +205,4 @@ def not_available(command: str, issue: str) -> None:
                             hint="see README, 'Status'")
 
 
-__all__ = ["check", "demo", "generate_demo_data", "image_extension", "info", "plan"]
+__all__ = ["check", "demo", "generate_demo_data", "image_extension", "info", "plan", "preprocess"]

@@ -35,7 +35,6 @@ COMMANDS: dict[str, str] = {
     "demo": "run the main job on the embedded synthetic dataset",
 }
 PENDING = {
-    "preprocess": "the preprocessing issue",
     "train": "the training issue",
     "infer": "the inference issue",
     "evaluate": "the evaluation issue",
@@ -146,13 +145,26 @@ def cmd_check(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, 
 
 def cmd_plan(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, Any, str]:
     from . import api
+    from .config import to_container
 
-    p = cfg.planner
-    res = api.plan(_one_path("plan", paths, "dataset"), work_dir=cfg.work_dir, gpu_memory_gb=p.gpu_memory_gb,
-                   configurations=p.configurations, target_spacing=p.target_spacing, force=p.force,
-                   num_workers=cfg.num_workers)
-    text = _table(res["configurations"]) + f"\nplans written to {res['plans_path']}"
-    return EXIT_OK, {k: v for k, v in res.items()}, text
+    res = api.plan(_one_path("plan", paths, "dataset"), work_dir=cfg.work_dir, force=cfg.force,
+                   num_workers=cfg.num_workers, **to_container(cfg.planner))
+    text = _table(res["configurations"])
+    if res["plan"].get("skipped"):
+        text += "\nnot planned: " + "; ".join(f"{k} ({v})" for k, v in res["plan"]["skipped"].items())
+    text += f"\nplans written to {res['plans_path']}"
+    return EXIT_OK, res, text
+
+
+def cmd_preprocess(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, Any, str]:
+    from . import api
+
+    res = api.preprocess(_one_path("preprocess", paths, "dataset"), work_dir=cfg.work_dir,
+                         configuration=cfg.configuration, num_workers=cfg.preprocess.num_workers or cfg.num_workers,
+                         force=cfg.force, log=log.info)
+    rows = [{"configuration": n, "cache": r["cache_dir"], "processed": len(r["processed"]),
+             "reused": len(r["reused"]), "seconds": round(r["seconds"], 1)} for n, r in res["configurations"].items()]
+    return EXIT_OK, res, _table(rows)
 
 
 def cmd_config(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, Any, str]:
@@ -178,19 +190,28 @@ def cmd_demo(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, A
              f"check: {res['check']['cases_checked']} NIfTI cases and {res['check_dicom']['cases_checked']} DICOM cases, ok"]
     if "plan" in res:
         lines += [_table(res["plan"]["configurations"]), f"plans: {res['plan']['plans_path']}"]
+    if "preprocess" in res:
+        lines += [f"preprocessed {n}: {r['cases']} cases in {r['cache_dir']}" for n, r in res["preprocess"].items()]
     if res.get("not_yet_available"):
         lines.append("not yet available (their issues have not landed): " + ", ".join(res["not_yet_available"]))
     return EXIT_OK, res, "\n".join(lines)
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace, list[str], Any], tuple[int, Any, str]]] = {
-    "info": cmd_info, "check": cmd_check, "plan": cmd_plan, "config": cmd_config, "demo": cmd_demo,
+    "info": cmd_info, "check": cmd_check, "plan": cmd_plan, "preprocess": cmd_preprocess, "config": cmd_config, "demo": cmd_demo,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    ns = parser.parse_args(argv)
+    # Options may sit between paths and overrides (`check DATA --json work_dir=W`): argparse stops
+    # a '*' positional at the first option, so leftovers that are not options are arguments too.
+    ns, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        ns.args = [*getattr(ns, "args", []), *extra]
     if not ns.command:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

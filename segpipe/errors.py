@@ -27,6 +27,13 @@ class SegpipeError(Exception):
         self.hint = hint
         super().__init__(message if hint is None else f"{message}\n  fix: {hint}")
 
+    def __reduce__(self):  # keep message and hint across process pools
+        return (_rebuild, (type(self), self.message, self.hint))
+
+
+def _rebuild(cls: type, message: str, hint: str | None) -> SegpipeError:
+    return cls(message, hint=hint)
+
 
 class UsageError(SegpipeError):
     """Wrong arguments or configuration overrides."""

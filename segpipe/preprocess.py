@@ -76,6 +76,7 @@ class PreprocessSpec:
     normalization: tuple[ChannelNorm, ...]
     transpose: tuple[int, int, int] = (0, 1, 2)
     separate_z_ratio: float = SEPARATE_Z_RATIO
+    resample_slices: bool = True  # False (2d): axis 0 keeps each case's own spacing, as nnU-Net's 2D
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -266,6 +267,8 @@ def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, geometry: Geo
     img, used = normalize(img, spec.normalization)
     cropped_shape = list(img.shape[1:])
     target = [float(s) for s in spec.spacing]
+    if not spec.resample_slices:
+        target[0] = float(spacing[0])
     new_shape = [max(1, int(round(n * s / t))) for n, s, t in zip(cropped_shape, spacing, target)]
     sep = separate_z_axis(spacing, spec.separate_z_ratio) if new_shape != cropped_shape else None
     img = resample(img, new_shape, kind="cubic", separate_axis=sep)
@@ -315,6 +318,22 @@ def restore(prediction: np.ndarray, properties: dict[str, Any], *, is_label: boo
     out[0] = 1.0  # outside the crop box: background
     out[(slice(None), *sl)] = probs
     return np.ascontiguousarray(np.transpose(out, [0] + [a + 1 for a in inverse]))
+
+
+def spec_from_plan(plan: Any, configuration: str) -> PreprocessSpec:
+    """The :class:`PreprocessSpec` of one configuration of a :class:`~segpipe.planning.Plan`."""
+    cfg = plan.config(configuration)
+    norms = tuple(ChannelNorm.from_dict(n.to_dict() if hasattr(n, "to_dict") else dict(n)) for n in plan.normalization)
+    threshold = float(plan.settings.get("anisotropy_threshold", SEPARATE_Z_RATIO)) if plan.settings else SEPARATE_Z_RATIO
+    return PreprocessSpec(spacing=tuple(float(v) for v in cfg.spacing), normalization=norms,
+                          transpose=tuple(int(a) for a in plan.transpose_forward), separate_z_ratio=threshold,
+                          resample_slices=bool(cfg.resample_slices))
+
+
+def cache_dir_for(work_dir: str | os.PathLike[str], plan: Any, configuration: str) -> Path:
+    """``<work_dir>/<dataset>/cache/<data identifier>``: configurations on the same data share it."""
+    cfg = plan.config(configuration)
+    return Path(work_dir) / plan.dataset / "cache" / (cfg.data_identifier or configuration)
 
 
 # ---------------------------------------------------------------------------- cache
@@ -380,6 +399,11 @@ def load_cached_case(cache_dir: Path, case_id: str, *, mmap: bool = True) -> tup
     return image, label, props
 
 
+def _worker_init() -> None:
+    torch = _torch()
+    torch.set_num_threads(1)
+
+
 def _preprocess_one(args: tuple[Any, Any, PreprocessSpec, str, str]) -> dict[str, Any]:
     from .io.datasets import read_case
 
@@ -438,18 +462,24 @@ def preprocess_dataset(ds: Any, spec: PreprocessSpec, cache_dir: str | os.PathLi
                 result.processed.append(_preprocess_one(job)["case"])
         else:
             import multiprocessing as mp
+            from concurrent.futures.process import BrokenProcessPool
 
-            ctx = mp.get_context("spawn" if os.name == "nt" else "forkserver")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                pending: set[Any] = set()
-                jobs = iter(todo)
-                for job in jobs:  # keep at most `workers` cases in flight
-                    pending.add(pool.submit(_preprocess_one, job))
-                    if len(pending) >= workers:
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        result.processed.extend(f.result()["case"] for f in done)
-                for f in pending:
-                    result.processed.append(f.result()["case"])
+            # fork (as torch's DataLoader): no re-import of __main__, so scripts, notebooks and
+            # stdin work; each worker runs single-threaded torch, `workers` of them use the cores.
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            try:
+                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+                    pending: set[Any] = set()
+                    for job in todo:  # keep at most `workers` cases in flight: bounded RAM
+                        pending.add(pool.submit(_preprocess_one, job))
+                        if len(pending) >= workers:
+                            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                            result.processed.extend(f.result()["case"] for f in done)
+                    for f in pending:
+                        result.processed.append(f.result()["case"])
+            except BrokenProcessPool:
+                raise StateError(f"{cdir}: a preprocessing worker died (killed, probably out of memory)",
+                                 hint="retry with fewer workers, e.g. num_workers=1; finished cases are kept") from None
         if log:
             log(f"preprocessed {len(todo)} case(s) into {cdir}")
     result.processed.sort()

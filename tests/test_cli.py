@@ -30,7 +30,7 @@ def test_version_and_help():
         assert cmd in r.stdout
 
 
-@pytest.mark.parametrize("cmd", ["preprocess", "train", "infer", "evaluate", "find-best", "export"])
+@pytest.mark.parametrize("cmd", ["train", "infer", "evaluate", "find-best", "export"])
 def test_pending_commands_say_so_and_exit_2(cmd):
     r = run(cmd, "fold=0")
     assert r.returncode == 2
@@ -101,3 +101,20 @@ def test_demo_data_only(tmp_path):
     assert (out / "dataset.json").is_file() and len(list((out / "imagesTr").iterdir())) == 12
     r = run("demo", "--data-only", str(tmp_path / "demo"))
     assert r.returncode == 2 and "not empty" in r.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_the_pipeline_end_to_end(tmp_path):
+    r = run("demo", "--json", f"work_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["check"]["ok"] and out["check_dicom"]["ok"] and out["check_dicom"]["cases_checked"] == 4
+    plans = json.loads((tmp_path / "SegpipeDemo" / "plans.json").read_text())
+    assert "3d_fullres" in plans["configurations"] and plans["anisotropic"] in (True, False)
+    assert {row["configuration"] for row in out["plan"]["configurations"]} == set(plans["configurations"])
+    for name, step in out["preprocess"].items():
+        assert step["cases"] == 12, name
+        assert len(list(Path(step["cache_dir"]).glob("demo_*.json"))) == 12
+    # a second run reuses everything
+    r = run("demo", "--json", f"work_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]

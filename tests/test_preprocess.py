@@ -145,3 +145,51 @@ def test_cache_is_reused_and_rebuilt(demo_dataset, tmp_path):
     props = json.loads((cache / f"{cases[0].id}.json").read_text())
     assert props["spacing"] == [2.0, 1.0, 1.0]
     assert not [p for p in cache.iterdir() if p.name.startswith(".")], "no temporary files left"
+
+
+def test_2d_keeps_each_case_slice_spacing():
+    image, label, geo = make_case(2)
+    spec = PreprocessSpec(spacing=(9.9, 1.0, 1.0), normalization=ZSCORE, resample_slices=False)
+    img, lab, props = preprocess_arrays(image[None], label, geo, spec, 4)
+    assert img.shape[1] == props["shape_after_crop"][0]
+    assert props["spacing"][0] == pytest.approx(geo.spacing[0])
+    assert restore(lab, props).shape == label.shape
+
+
+def test_preprocess_command_uses_the_plan_and_refuses_bad_cases(demo_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    root = tmp_path / "ds"
+    shutil.copytree(demo_dataset, root)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "segpipe", *args, f"work_dir={work}"], capture_output=True,
+                              text=True, timeout=600)
+
+    r = run("preprocess", str(root))
+    assert r.returncode == 4 and "run `segpipe plan" in r.stderr
+    assert run("plan", str(root), "configurations=[3d_fullres]").returncode == 0
+    r = run("preprocess", str(root), "--json", "configuration=3d_fullres")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)["configurations"]["3d_fullres"]
+    assert len(res["processed"]) == 12
+    plan = json.loads((work / "ds" / "plans.json").read_text())
+    cache = work / "ds" / "cache" / plan["configurations"]["3d_fullres"]["data_identifier"]
+    props = json.loads((cache / "demo_000.json").read_text())
+    assert props["spacing"] == pytest.approx(plan["configurations"]["3d_fullres"]["spacing"])
+    r = run("preprocess", str(root), "--json", "configuration=3d_fullres")
+    assert len(json.loads(r.stdout)["configurations"]["3d_fullres"]["reused"]) == 12
+
+    # a NaN in one image: one-line error naming case and file, exit 3, that entry not rewritten
+    data = read_case(load_dataset(root).case("demo_003"), load_dataset(root))
+    bad = data.image.copy()
+    bad[0, 1, 1, 1] = np.nan
+    write_image(root / "imagesTr" / "demo_003.nii.gz", bad, data.geometry)
+    before = (cache / "demo_003.npy").stat().st_mtime_ns
+    r = run("preprocess", str(root), "configuration=3d_fullres")
+    assert r.returncode == 3
+    assert "demo_003" in r.stderr and "imagesTr/demo_003.nii.gz" in r.stderr and "Traceback" not in r.stderr
+    assert (cache / "demo_003.npy").stat().st_mtime_ns == before
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]

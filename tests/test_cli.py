@@ -118,3 +118,28 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
     # a second run reuses everything
     r = run("demo", "--json", f"work_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_plan_on_a_generated_anisotropic_dataset_with_overrides(tmp_path):
+    from segpipe.demo_data import generate_demo_dataset
+
+    root = generate_demo_dataset(tmp_path / "Aniso", num_cases=6, num_test=0, inplane_spacing=(0.7, 0.7),
+                                 slice_spacing=(5.0, 5.0), fov_mm=(60.0, 60.0, 60.0))
+    work = tmp_path / "work"
+    r = run("plan", str(root), f"work_dir={work}", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)["plan"]
+    assert plan["anisotropic"] is True and "2.5d" in plan["configurations"]
+    assert plan["configurations"]["3d_fullres"]["kernel_sizes"][0][0] == 1  # in-plane first kernels
+    first = (work / "Aniso" / "plans.json").read_bytes()
+    r = run("plan", str(root), f"work_dir={work}", "gpu_memory_gb=24", "configurations=[3d_fullres]",
+            "target_spacing=[4,1,1]", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)["plan"]
+    assert list(plan["configurations"]) == ["3d_fullres"]
+    assert plan["configurations"]["3d_fullres"]["spacing"] == [4.0, 1.0, 1.0]
+    assert plan["settings"]["gpu_memory_gb"] == 24
+    r = run("plan", str(root), f"work_dir={work}")
+    assert (work / "Aniso" / "plans.json").read_bytes() == first, "planning is deterministic"
+    r = run("plan", str(root), f"work_dir={work}", "configurations=[4d]")
+    assert r.returncode == 2 and "unknown configuration '4d'" in r.stderr

@@ -172,26 +172,70 @@ def resample(array: np.ndarray, new_shape: Sequence[int], *, kind: str, separate
         return t.cpu().numpy()
 
 
+def _nearest_index(n_in: int, size: int) -> np.ndarray:
+    pos = (np.arange(size, dtype=np.float64) + 0.5) * (n_in / size)
+    return np.clip(np.floor(pos).astype(np.int64), 0, n_in - 1)
+
+
 def resample_label(label: np.ndarray, new_shape: Sequence[int], num_classes: int, *,
                    separate_axis: int | None = None) -> np.ndarray:
     """Resample an integer label map [Z, Y, X]: linear on each class's one-hot mask, then argmax.
 
-    Memory stays at a few volumes: classes are interpolated one at a time against a running
-    maximum. Never cubic (no overshoot, no invented classes).
+    Never cubic (no overshoot, no invented classes). Linear (and nearest) interpolation of a
+    one-hot encoding is a partition of unity, so the background's share is one minus the sum of
+    the foreground shares: only foreground classes are interpolated, each inside the target
+    block its source bounding box reaches. On large CTs with small structures this is ~10×
+    less work than interpolating every class over the whole volume, for the identical result
+    (ties go to the lower class, as argmax does).
     """
+    torch = _torch()
     new_shape = tuple(int(s) for s in new_shape)
     if tuple(label.shape) == new_shape:
         return label
-    best = np.full(new_shape, -1.0, dtype=np.float32)
+    ops = []  # per axis: ("matrix", [n_in, size] float64 numpy) or ("index", [size] int64)
+    for a in range(3):
+        n_in, size = label.shape[a], new_shape[a]
+        if a == separate_axis or n_in == size:
+            ops.append(("index", _nearest_index(n_in, size) if n_in != size else np.arange(size)))
+        else:
+            ops.append(("matrix", _axis_matrix(n_in, size, "linear", "cpu").double().numpy()))
+    best = np.zeros(new_shape, dtype=np.float32)  # highest foreground share so far
+    total = np.zeros(new_shape, dtype=np.float32)  # sum of foreground shares
     out = np.zeros(new_shape, dtype=label.dtype)
-    for c in range(num_classes):
+    for c in range(1, num_classes):
         mask = label == c
         if not mask.any():
             continue
-        r = resample(mask[None].astype(np.float32), new_shape, kind="linear", separate_axis=separate_axis)[0]
-        better = r > best
-        best[better] = r[better]
-        out[better] = c
+        src, dst, block_ops = [], [], []
+        for a, (lo, hi) in enumerate(crop_box(mask[None])):
+            kind, op = ops[a]
+            if kind == "index":
+                cols = np.flatnonzero((op >= lo) & (op < hi))
+                j0, j1 = int(cols[0]), int(cols[-1]) + 1
+                s0, s1 = int(op[j0]), int(op[j1 - 1]) + 1
+                block_ops.append(("index", op[j0:j1] - s0))
+            else:
+                cols = np.flatnonzero(np.abs(op[lo:hi]).sum(0) > 0)
+                j0, j1 = int(cols[0]), int(cols[-1]) + 1
+                rows = np.flatnonzero(np.abs(op[:, j0:j1]).sum(1) > 0)
+                s0, s1 = int(rows[0]), int(rows[-1]) + 1
+                block_ops.append(("matrix", op[s0:s1, j0:j1]))
+            src.append(slice(s0, s1))
+            dst.append(slice(j0, j1))
+        with torch.no_grad():
+            t = torch.from_numpy(np.ascontiguousarray(mask[tuple(src)], dtype=np.float32))
+            for a, (kind, op) in enumerate(block_ops):
+                if kind == "index":
+                    t = t.index_select(a, torch.from_numpy(op))
+                else:
+                    t = torch.matmul(t.movedim(a, -1), torch.from_numpy(op.astype(np.float32))).movedim(-1, a)
+            share = t.numpy()
+        region = tuple(dst)
+        total[region] += share
+        better = share > best[region]
+        best[region] = np.where(better, share, best[region])
+        out[region] = np.where(better, np.asarray(c, dtype=label.dtype), out[region])
+    out[best <= 1.0 - total] = 0  # background wins where its share is at least the best class's
     return out
 
 

@@ -207,7 +207,7 @@ def spec_from_segpipe(dataset_dir: Path, workers: int) -> dict[str, Any]:
 
     plan = make_plan(compute_fingerprint(load_dataset(dataset_dir), num_workers=workers))
     cfg = plan.config("3d_fullres")
-    norms = [{"scheme": n.scheme, "use_mask": n.use_nonzero_mask, "clip": n.clip, "mean": n.mean, "std": n.std}
+    norms = [{"scheme": n.scheme, "use_mask": n.use_mask, "clip": n.clip, "mean": n.mean, "std": n.std}
              for n in plan.normalization]
     return {"spacing": cfg.spacing, "transpose": plan.transpose_forward, "norm": norms, "patch_size": cfg.patch_size,
             "batch_size": cfg.batch_size, "source": "segpipe plan"}

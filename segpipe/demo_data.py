@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UsageError
 from .geometry import Geometry
+from .io.atomic import atomic_folder
 from .io.image import write_image
 
 LABELS = {0: "background", 1: "organ", 2: "vessel", 3: "lesion"}
@@ -123,9 +122,7 @@ def generate_demo_dataset(out: str | os.PathLike[str], *, num_cases: int = 12, n
     target = Path(out).expanduser().resolve()
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise UsageError(f"{target}: folder exists and is not empty", hint="choose a new folder or pass --force")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_folder(target) as tmp:
         (tmp / "imagesTr").mkdir(parents=True)
         (tmp / "labelsTr").mkdir()
         (tmp / "imagesTs").mkdir()
@@ -155,12 +152,6 @@ def generate_demo_dataset(out: str | os.PathLike[str], *, num_cases: int = 12, n
             "segpipe_seed": seed,
         }
         (tmp / "dataset.json").write_text(json.dumps(desc, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -178,10 +169,7 @@ def generate_dicom_demo_dataset(out: str | os.PathLike[str], *, num_cases: int =
     target = Path(out).expanduser().resolve()
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise UsageError(f"{target}: folder exists and is not empty", hint="choose a new folder or pass --force")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir()
+    with atomic_folder(target) as tmp:
         for i in range(num_cases + num_test):
             image, label, geo = make_case(seed * 1000 + i)
             cid = f"dicom_{i:03d}"
@@ -200,10 +188,4 @@ def generate_dicom_demo_dataset(out: str | os.PathLike[str], *, num_cases: int =
             "dicom": {"modality": "MR"},
         }
         (tmp / "dataset.json").write_text(json.dumps(desc, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .preprocess import crop_box
+
 FINGERPRINT_VERSION = 1
 SAMPLE_SEED = 1234
 NNUNET_TOTAL_SAMPLES = 10**8
@@ -66,17 +68,6 @@ def samples_per_case(n_cases: int) -> int:
 
 
 # ---------------------------------------------------------------------------- per case
-def _crop_box(image: np.ndarray) -> list[list[int]]:
-    """[[lo, hi), ...] per spatial axis of the voxels where any channel is nonzero (all if none)."""
-    nonzero = np.any(image != 0, axis=0)
-    box = []
-    for axis in range(nonzero.ndim):
-        other = tuple(a for a in range(nonzero.ndim) if a != axis)
-        hit = np.flatnonzero(np.any(nonzero, axis=other))
-        box.append([int(hit[0]), int(hit[-1]) + 1] if hit.size else [0, int(nonzero.shape[axis])])
-    return box
-
-
 def _intensity_stats(values: np.ndarray) -> dict[str, float]:
     if values.size == 0:
         return {"n": 0}
@@ -102,7 +93,7 @@ def summarize_case(image: np.ndarray, label: np.ndarray | None, spacing: Any, *,
     """
     from scipy import ndimage
 
-    box = _crop_box(image)
+    box = crop_box(image)
     shape = [int(s) for s in image.shape[1:]]
     cropped_shape = [hi - lo for lo, hi in box]
     summary: dict[str, Any] = {
@@ -315,16 +306,9 @@ def dumps(data: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    from .io.atomic import write_text
+
+    return write_text(path, dumps(data))
 
 
 def load_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:

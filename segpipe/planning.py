@@ -359,16 +359,9 @@ def plans_json(plan: Plan) -> str:
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
     """Write ``plans.json`` atomically (temp file in the same folder, then ``os.replace``)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(plans_json(plan), encoding="utf-8")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    from .io.atomic import write_text
+
+    return write_text(path, plans_json(plan))
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:

@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,7 @@ import numpy as np
 
 from .errors import StateError
 from .geometry import Geometry
+from .io.atomic import save_npy, write_text
 
 PREPROCESS_VERSION = 1
 SEPARATE_Z_RATIO = 3.0  # nnU-Net's anisotropy threshold for "separate z" resampling
@@ -401,26 +401,6 @@ def cache_key(spec: PreprocessSpec, sources: list[dict[str, Any]], num_classes: 
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.npy")
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _save_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def cached_properties(cache_dir: Path, case_id: str) -> dict[str, Any] | None:
     p = cache_dir / f"{case_id}.json"
     if not p.is_file():
@@ -457,14 +437,14 @@ def _preprocess_one(args: tuple[Any, Any, PreprocessSpec, str, str]) -> dict[str
     img, lab, props = preprocess_arrays(data.image, data.label, data.geometry, spec, ds.num_classes)
     del data
     cdir = Path(cache_dir)
-    _save_npy(cdir / f"{case.id}.npy", img)
+    save_npy(cdir / f"{case.id}.npy", img)
     seg = cdir / f"{case.id}_seg.npy"
     if lab is not None:
-        _save_npy(seg, lab)
+        save_npy(seg, lab)
     elif seg.exists():
         seg.unlink()
     props.update({"case": case.id, "key": key, "sources": source_stats(case.files())})
-    _save_json(cdir / f"{case.id}.json", props)  # written last: marks the entry complete
+    write_text(cdir / f"{case.id}.json", json.dumps(props, sort_keys=True))  # written last: marks the entry complete
     return {"case": case.id, "shape": props["shape_after_resample"], "seconds": time.perf_counter() - t0}
 
 

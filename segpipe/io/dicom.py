@@ -48,8 +48,6 @@ import datetime
 import fnmatch
 import os
 import re
-import shutil
-import uuid
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -60,6 +58,7 @@ import numpy as np
 
 from ..errors import DicomError, UsageError
 from ..geometry import Geometry
+from .atomic import atomic_folder
 
 ORIENTATION_ATOL = 1e-3
 PIXEL_SPACING_RTOL = 1e-3
@@ -657,14 +656,11 @@ def write_dicom_series(folder: str | os.PathLike[str], array_zyx: np.ndarray, ge
                          hint="resample to an orthogonal grid first")
     stored, slope, intercept = _stored_values(arr, rescale)
     target = Path(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
     study = study_instance_uid or generate_uid()
     series_uid = series_instance_uid or generate_uid()
     frame_ref = frame_of_reference_uid or generate_uid()
     today = datetime.datetime.now()
-    try:
+    with atomic_folder(target) as tmp:
         for k in range(arr.shape[0]):
             meta = FileMetaDataset()
             meta.MediaStorageSOPClassUID = SOP_CLASSES[modality]
@@ -693,14 +689,4 @@ def write_dicom_series(folder: str | os.PathLike[str], array_zyx: np.ndarray, ge
             ds.PixelRepresentation = 1 if stored.dtype == np.int16 else 0
             ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
             ds.save_as(tmp / f"IM{k + 1:05d}.dcm", enforce_file_format=True)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

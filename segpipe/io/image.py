@@ -8,9 +8,6 @@ folder, renamed over the target once complete, so no half-written file is ever l
 from __future__ import annotations
 
 import os
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ import numpy as np
 
 from ..errors import ReadError, UsageError
 from ..geometry import Geometry
+from .atomic import atomic_path
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 FORMAT_NAMES = {
@@ -197,29 +195,6 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, Geometry]:
     return np.ascontiguousarray(data.transpose(3, 2, 1, 0)), geometry
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same extension); rename it over ``path`` on success.
-
-    On any error the temporary file is removed and ``path`` is left as it was.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    ext = image_extension(target) or "".join(target.suffixes[-1:])
-    base = target.name[: len(target.name) - len(ext)] if ext else target.name
-    tmp = target.with_name(f".{base}.tmp-{uuid.uuid4().hex[:8]}{ext}")
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        for leftover in (tmp, tmp.with_suffix(".raw"), tmp.with_suffix(".zraw")):
-            try:
-                leftover.unlink()
-            except FileNotFoundError:
-                pass
-        raise
-
-
 def write_image(
     path: str | os.PathLike[str],
     array: np.ndarray,
@@ -262,7 +237,7 @@ def write_image(
     else:
         image = sitk.GetImageFromArray(np.moveaxis(arr, 0, -1), isVector=True)
         geometry.apply_to_sitk(image)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, ext=ext) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress and ext != ".nii")
     return target
 

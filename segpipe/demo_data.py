@@ -3,7 +3,8 @@
 ``generate_demo_dataset(out)`` writes an MSD-layout dataset of 3-D MR-like volumes in a few
 seconds. Each case is drawn in physical space (mm), so structures keep their size while the
 voxel grid changes: the in-plane and slice spacing vary between cases (anisotropic), as do the
-origin and the axis directions. Three labelled structures of different sizes:
+origin and the axis directions. Slices are 3–4.5 mm against ~1 mm in-plane, so the planner
+applies nnU-Net's anisotropy rule and offers the 2.5D configuration. Three labelled structures of different sizes:
 
 1. ``organ`` — a large ellipsoid, smoothly deformed by a random low-frequency displacement;
 2. ``vessel`` — a tube of 2.5–3.5 mm radius along a smooth random curve;
@@ -45,7 +46,7 @@ def _smooth_field(rng: np.random.Generator, pts: tuple[np.ndarray, ...], scale_m
 
 
 def make_case(seed: int, *, inplane_spacing: tuple[float, float] = (0.8, 1.2),
-              slice_spacing: tuple[float, float] = (2.0, 3.0), fov_mm: tuple[float, float, float] = (64.0, 80.0, 80.0),
+              slice_spacing: tuple[float, float] = (3.0, 4.5), fov_mm: tuple[float, float, float] = (64.0, 80.0, 80.0),
               ) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """One synthetic case: image float32 [Z, Y, X], label uint8 [Z, Y, X], geometry."""
     rng = np.random.default_rng(seed)
@@ -111,7 +112,7 @@ def make_case(seed: int, *, inplane_spacing: tuple[float, float] = (0.8, 1.2),
 
 def generate_demo_dataset(out: str | os.PathLike[str], *, num_cases: int = 12, num_test: int = 2, seed: int = 0,
                           inplane_spacing: tuple[float, float] = (0.8, 1.2),
-                          slice_spacing: tuple[float, float] = (2.0, 3.0),
+                          slice_spacing: tuple[float, float] = (3.0, 4.5),
                           fov_mm: tuple[float, float, float] = (64.0, 80.0, 80.0),
                           name: str = "SegpipeDemo", overwrite: bool = False) -> Path:
     """Write the demo dataset (MSD layout) to ``out`` and return its path.

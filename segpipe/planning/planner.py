@@ -1,0 +1,398 @@
+"""The planning rules: ``make_plan(fingerprint, settings) -> Plan``, summaries, ``run_planning``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from .memory import estimate_gpu_bytes, estimate_training_bytes, topology
+from .plan import ChannelNormalization, Plan, PlanConfig, save_plan
+from .settings import (
+    AMP_ACTIVATION_FACTOR,
+    ANISOTROPY_THRESHOLD,
+    CONFIGURATIONS,
+    FEATURE_MAP_MIN_EDGE,
+    GPU_FIXED_BYTES,
+    GPU_SLACK,
+    INITIAL_PATCH_VOLUME_2D,
+    INITIAL_PATCH_VOLUME_3D,
+    LOWRES_MIN_VOXEL_RATIO,
+    LOWRES_SPACING_STEP,
+    MASK_NORM_THRESHOLD,
+    MIN_STAGES,
+    NEAR_ISOTROPIC_25D,
+    PLANS_FILE,
+    PlanSettings,
+)
+
+
+# ============================================================================ planning
+def _median_int(values: Sequence[float]) -> list[int]:
+    return [int(round(float(v))) for v in values]
+
+
+def _case_arrays(fp: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    cases = fp.get("cases") or []
+    if not cases:
+        raise ConfigError("the fingerprint has no cases; cannot plan", hint="fingerprint a dataset with labelled cases")
+    spacings = np.array([c["spacing"] for c in cases], dtype=np.float64)
+    shapes = np.array([c["shape_after_crop"] for c in cases], dtype=np.float64)
+    return spacings, shapes
+
+
+def target_spacing(spacings: np.ndarray, shapes: np.ndarray, threshold: float = ANISOTROPY_THRESHOLD
+                   ) -> tuple[np.ndarray, int | None]:
+    """nnU-Net's fullres target spacing and the anisotropic axis (None when the rule does not apply)."""
+    target = np.percentile(spacings, 50, axis=0)
+    sizes = np.percentile(shapes, 50, axis=0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(3) if i != worst]
+    aniso_spacing = target[worst] > threshold * max(target[i] for i in others)
+    aniso_voxels = sizes[worst] * threshold < min(sizes[i] for i in others)
+    if aniso_spacing and aniso_voxels:
+        p10 = float(np.percentile(spacings[:, worst], 10))
+        largest_other = float(max(target[i] for i in others))
+        if p10 < largest_other:
+            p10 = largest_other + 1e-5
+        target = target.copy()
+        target[worst] = p10
+        return target, worst
+    return target, None
+
+
+def _resampled_median_shape(spacings: np.ndarray, shapes: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    new = np.round(spacings / spacing * shapes)
+    return np.median(new, axis=0)
+
+
+@dataclass
+class _Context:
+    in_channels: int
+    num_classes: int
+    n_voxels_dataset: float  # approximate voxels of the dataset at fullres spacing
+    settings: PlanSettings
+
+    @property
+    def budget(self) -> float:
+        return self.settings.gpu_memory_gb * 2**30
+
+
+def _features(n: int, base: int, cap: int) -> list[int]:
+    return [min(cap, base * 2**i) for i in range(n)]
+
+
+def _shape_config(ctx: _Context, *, name: str, architecture: str, spacing: Sequence[float],
+                  median_shape: Sequence[float], dims: int, resample_slices: bool = True, input_slices: int = 1,
+                  attention: bool = False, ratio: float = 2.0) -> PlanConfig:
+    """Patch, topology and batch for one configuration under the memory budget (nnU-Net's loop)."""
+    s = ctx.settings
+    sp = np.asarray(spacing, dtype=np.float64)
+    net_sp = sp[-dims:]
+    med = np.asarray(median_shape, dtype=np.float64)[-dims:]
+    aspect = 1.0 / net_sp
+    volume = INITIAL_PATCH_VOLUME_3D if dims == 3 else INITIAL_PATCH_VOLUME_2D
+    initial = [round(float(v)) for v in aspect * (volume / np.prod(aspect)) ** (1.0 / dims)]
+    patch = [max(1.0, float(min(i, m))) for i, m in zip(initial, med)]  # floats, as nnU-Net (padded up later)
+    notes: list[str] = []
+
+    def build(p: Sequence[int]) -> tuple[PlanConfig, list[int]]:
+        p = list(p)
+        strides, kernels, padded, divisor = topology(net_sp, p, ratio=ratio)
+        grow = 2 * 2 * FEATURE_MAP_MIN_EDGE  # 16: room for two poolings
+        while len(strides) < MIN_STAGES:  # tiny images: pad the patch so the network has ≥ 3 stages
+            finest = min(net_sp)
+            p = [max(v, grow) if net_sp[i] / finest < ratio else v for i, v in enumerate(p)]
+            strides, kernels, padded, divisor = topology(net_sp, p, ratio=ratio)
+            grow += 8
+        n = len(strides)
+        if architecture == "vnet":
+            feats = _features(n, s.vnet_base_features, s.vnet_max_features)
+            kernels = [[5 if k == 3 else 1 for k in ks] for ks in kernels]
+            enc = [min(i + 1, 3) for i in range(n)]
+            dec = [min(i + 1, 3) for i in range(n - 1)]
+        else:
+            feats = _features(n, s.base_features, s.max_features_3d if dims == 3 else s.max_features_2d)
+            enc, dec = [2] * n, [2] * (n - 1)
+        cfg = PlanConfig(name=name, architecture=architecture, dims=dims, spacing=[float(v) for v in sp],
+                         median_shape=_median_int(median_shape), patch_size=[int(v) for v in padded],
+                         batch_size=s.min_batch_size, strides=strides, kernel_sizes=kernels, features=feats,
+                         n_conv_encoder=enc, n_conv_decoder=dec, resample_slices=resample_slices,
+                         input_slices=input_slices, attention=attention)
+        return cfg, divisor
+
+    def gpu(cfg: PlanConfig, b: int) -> int:
+        return estimate_gpu_bytes(cfg, ctx.in_channels, ctx.num_classes, b, amp=s.amp)
+
+    cfg, divisor = build(patch)
+    shrunk = False
+    seen = {tuple(cfg.patch_size)}
+    while gpu(cfg, s.min_batch_size) > ctx.budget:
+        shrunk = True
+        cur = list(cfg.patch_size)
+        # the axis largest relative to the median shape first; ties → the last axis, as nnU-Net's argsort()[-1]
+        order = np.argsort([p / m for p, m in zip(cur, med)], kind="stable")[::-1]
+        for axis in order:
+            tmp = list(cur)
+            tmp[axis] -= divisor[axis]
+            if tmp[axis] < 1:
+                continue
+            _, _, _, div2 = topology(net_sp, tmp, ratio=ratio)
+            new = list(cur)
+            new[axis] -= div2[axis]
+            if new[axis] >= FEATURE_MAP_MIN_EDGE:
+                break
+        else:
+            raise ConfigError(
+                f"{name}: gpu_memory_gb={s.gpu_memory_gb:g} is too small for even the smallest patch "
+                f"({'×'.join(map(str, cur))} needs ~{gpu(cfg, s.min_batch_size) / 2**30:.2f} GB at batch "
+                f"{s.min_batch_size})", hint="raise gpu_memory_gb or leave this configuration out")
+        before = cfg.patch_size
+        cfg, divisor = build(new)
+        if tuple(cfg.patch_size) in seen:  # the ≥ 3-stage padding undid the shrink: nothing smaller exists
+            raise ConfigError(f"{name}: gpu_memory_gb={s.gpu_memory_gb:g} is too small for the smallest patch "
+                              f"{'×'.join(map(str, before))}", hint="raise gpu_memory_gb")
+        seen.add(tuple(cfg.patch_size))
+    if shrunk:
+        notes.append(f"patch shrunk to fit {s.gpu_memory_gb:g} GB at batch {s.min_batch_size}")
+
+    per_sample = gpu(cfg, 1) - gpu(cfg, 0)
+    fits = int((ctx.budget - gpu(cfg, 0)) // max(per_sample, 1))
+    cap = round(ctx.n_voxels_dataset * s.max_dataset_fraction / np.prod(cfg.patch_size, dtype=np.float64))
+    batch = max(min(fits, cap), s.min_batch_size)
+    if batch < fits:
+        notes.append(f"batch {batch}: capped so one batch covers ≤ {s.max_dataset_fraction:.0%} of the dataset's "
+                     f"voxels (memory would allow {fits})")
+    else:
+        notes.append(f"batch {batch}: largest that fits {s.gpu_memory_gb:g} GB")
+    cfg.batch_size = int(batch)
+    cfg.estimated_training_bytes = estimate_training_bytes(cfg, ctx.in_channels, ctx.num_classes, batch)
+    cfg.estimated_gpu_bytes = gpu(cfg, batch)
+    cfg.notes = notes
+    return cfg
+
+
+def _data_identifier(spacing: Sequence[float], resample_slices: bool) -> str:
+    sp = "x".join(f"{v:.4g}" for v in (spacing if resample_slices else spacing[1:]))
+    return f"{'3d' if resample_slices else '2d'}_{sp}"
+
+
+def _normalization(fp: Mapping[str, Any], settings: PlanSettings) -> list[ChannelNormalization]:
+    channel_names = {int(k): str(v) for k, v in fp["channel_names"].items()}
+    overrides = settings.normalization or {}
+    by_name = {"ct": "ct", "nonorm": "none", "none": "none", "rescale_to_0_1": "rescale_to_0_1",
+               "rgb_to_0_1": "rgb_to_0_1", "zscore": "zscore"}
+    use_mask = float(fp.get("median_relative_size_after_crop", 1.0)) < MASK_NORM_THRESHOLD
+    out = []
+    unknown = set(overrides) - {str(c) for c in channel_names} - set(channel_names.values())
+    if unknown:
+        raise ConfigError(f"normalization override for unknown channel(s) {sorted(unknown)}",
+                          hint=f"channels: {', '.join(f'{k} ({v})' for k, v in sorted(channel_names.items()))}")
+    for c, name in sorted(channel_names.items()):
+        scheme = overrides.get(str(c)) or overrides.get(name) or by_name.get(name.lower(), "zscore")
+        entry = ChannelNormalization(channel=c, name=name, scheme=scheme)
+        if scheme == "ct":
+            stats = fp.get("foreground_intensity_per_channel", {}).get(str(c), {})
+            if not stats or "mean" not in stats:
+                raise ConfigError(f"channel {c} ({name}): CT normalization needs foreground intensities, "
+                                  "and the fingerprint has none", hint="check that the labels contain foreground")
+            entry.clip = [float(stats["percentile_00_5"]), float(stats["percentile_99_5"])]
+            entry.mean = float(stats["mean"])
+            entry.std = float(max(stats["std"], 1e-8))
+        elif scheme == "zscore":
+            entry.use_mask = use_mask
+        out.append(entry)
+    return out
+
+
+def fingerprint_digest(fp: Mapping[str, Any]) -> str:
+    """sha256 of the fingerprint's content (its cache key ``source`` excluded)."""
+    body = {k: v for k, v in fp.items() if k != "source"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = None) -> Plan:
+    """Plan every requested (or applicable) configuration for a fingerprint. Pure: no I/O."""
+    settings = settings or PlanSettings()
+    settings.validate()
+    spacings, shapes = _case_arrays(fingerprint)
+    labels = {str(k): str(v) for k, v in sorted(fingerprint["labels"].items(), key=lambda kv: int(kv[0]))}
+    channel_names = {str(k): str(v) for k, v in sorted(fingerprint["channel_names"].items(), key=lambda kv: int(kv[0]))}
+    num_classes = len(labels)
+    in_channels = len(channel_names)
+    n_cases = len(spacings)
+
+    auto_target, aniso_axis = target_spacing(spacings, shapes, settings.anisotropy_threshold)
+    if settings.target_spacing is not None:
+        fullres = np.asarray(settings.target_spacing, dtype=np.float64)
+    else:
+        fullres = auto_target
+    median_spacing = np.median(spacings, axis=0)
+    coarse = int(np.argmax(fullres))
+    transpose = [coarse] + [i for i in range(3) if i != coarse]
+    backward = [transpose.index(i) for i in range(3)]
+    t = np.asarray(transpose)
+
+    fullres_shape = _resampled_median_shape(spacings, shapes, fullres)
+    fr_sp, fr_shape = fullres[t], fullres_shape[t]
+    n_vox = float(np.prod(fr_shape, dtype=np.float64) * n_cases)
+    ctx = _Context(in_channels, num_classes, n_vox, settings)
+    is_2d_data = fr_shape[0] <= 1
+
+    others = [median_spacing[i] for i in range(3) if i != int(np.argmax(median_spacing))]
+    spacing_ratio = float(np.max(median_spacing) / max(others))
+    wanted = list(settings.configurations) if settings.configurations is not None else list(CONFIGURATIONS)
+    # why each configuration does not apply (cheap checks for all, so errors can list the applicable ones)
+    why_not: dict[str, str] = {}
+    fullres_cfg = None
+    if is_2d_data:
+        why_not.update({c: "the images are 2-D" for c in CONFIGURATIONS if c != "2d"})
+    else:
+        fullres_cfg = _shape_config(ctx, name="3d_fullres", architecture="unet", spacing=fr_sp,
+                                    median_shape=fr_shape, dims=3)
+        coverage = float(np.prod(fullres_cfg.patch_size, dtype=np.float64) / np.prod(fr_shape, dtype=np.float64))
+        if coverage >= settings.lowres_threshold:
+            why_not["3d_lowres"] = (f"the 3d_fullres patch already covers {coverage:.0%} of the median image "
+                                    f"(3d_lowres needs < {settings.lowres_threshold:.0%})")
+        if spacing_ratio <= settings.anisotropy_threshold:
+            why_not["2.5d"] = (f"it is for anisotropic data; the coarsest median spacing is only "
+                               f"{spacing_ratio:.2f}× the others (needs > {settings.anisotropy_threshold:g}×)")
+
+    configs: dict[str, PlanConfig] = {}
+    if "2d" in wanted:
+        configs["2d"] = _shape_config(ctx, name="2d", architecture="unet", spacing=fr_sp, median_shape=fr_shape,
+                                      dims=2, resample_slices=False)
+        configs["2d"].batch_dice = True
+    if "3d_fullres" in wanted and fullres_cfg is not None:
+        configs["3d_fullres"] = fullres_cfg
+    if "3d_lowres" in wanted and "3d_lowres" not in why_not and fullres_cfg is not None:
+        lowres, why = _lowres(ctx, fullres_cfg, fr_sp, fr_shape, n_cases)
+        if lowres is None:
+            why_not["3d_lowres"] = why
+        else:
+            configs["3d_lowres"] = lowres
+    if "2.5d" in wanted and "2.5d" not in why_not:
+        configs["2.5d"] = _plan_25d(ctx, spacings, shapes, median_spacing, t)
+    if "vnet" in wanted and "vnet" not in why_not:
+        configs["vnet"] = _shape_config(ctx, name="vnet", architecture="vnet", spacing=fr_sp,
+                                        median_shape=fr_shape, dims=3)
+    refused = [c for c in wanted if c in why_not]
+    if settings.configurations is not None and refused:
+        raise ConfigError(f"configuration {refused[0]} does not apply to this dataset: {why_not[refused[0]]}",
+                          hint=f"applicable: {', '.join(c for c in CONFIGURATIONS if c not in why_not)}")
+    for cfg in configs.values():
+        cfg.data_identifier = _data_identifier(cfg.spacing, cfg.resample_slices)
+    if "3d_fullres" in configs:
+        configs["3d_fullres"].batch_dice = False  # no cascade: nnU-Net uses sample Dice for 3d_fullres then
+
+    ordered = {name: configs[name] for name in CONFIGURATIONS if name in configs}
+    memory_model = {"gpu_memory_gb": settings.gpu_memory_gb, "fixed_bytes": GPU_FIXED_BYTES, "slack": GPU_SLACK,
+                    "amp": settings.amp, "amp_activation_factor": AMP_ACTIVATION_FACTOR,
+                    "formula": "fixed_bytes + weight_state + slack * amp_activation_factor * activations"}
+    return Plan(
+        dataset=str(fingerprint.get("dataset", "")),
+        channel_names=channel_names,
+        labels=labels,
+        transpose_forward=[int(v) for v in transpose],
+        transpose_backward=[int(v) for v in backward],
+        median_spacing=[float(v) for v in median_spacing],
+        median_shape=_median_int(np.median(shapes, axis=0)),
+        target_spacing=[float(v) for v in fullres],
+        anisotropic=aniso_axis is not None and settings.target_spacing is None,
+        anisotropic_axis=aniso_axis if settings.target_spacing is None else None,
+        normalization=_normalization(fingerprint, settings),
+        configurations=ordered,
+        settings=settings.to_dict(),
+        memory_model=memory_model,
+        fingerprint_sha256=fingerprint_digest(fingerprint),
+        skipped={name: why_not[name] for name in CONFIGURATIONS if name in why_not},
+    )
+
+
+def _lowres(ctx: _Context, fullres: PlanConfig, fr_sp: np.ndarray, fr_shape: np.ndarray, n_cases: int
+            ) -> tuple[PlanConfig | None, str]:
+    """nnU-Net's 3d_lowres search: grow the spacing ×1.03 until the patch covers ≥ 25% of the image."""
+    median_vox = float(np.prod(fr_shape, dtype=np.float64))
+    patch_vox = float(np.prod(fullres.patch_size, dtype=np.float64))
+    sp = fr_sp.astype(np.float64).copy()
+    cfg = None
+    for _ in range(2000):
+        if patch_vox / median_vox >= ctx.settings.lowres_threshold:
+            break
+        mx = sp.max()
+        coarse = mx / sp > 2
+        if coarse.any():
+            sp[coarse] *= LOWRES_SPACING_STEP
+        else:
+            sp *= LOWRES_SPACING_STEP
+        shape = fr_sp / sp * fr_shape
+        median_vox = float(np.prod(shape, dtype=np.float64))
+        sub = _Context(ctx.in_channels, ctx.num_classes, median_vox * n_cases, ctx.settings)
+        cfg = _shape_config(sub, name="3d_lowres", architecture="unet", spacing=sp,
+                            median_shape=[round(float(v)) for v in shape], dims=3)
+        patch_vox = float(np.prod(cfg.patch_size, dtype=np.float64))
+    if cfg is None or float(np.prod(fr_shape, dtype=np.float64)) / median_vox < LOWRES_MIN_VOXEL_RATIO:
+        return None, "the low-resolution images would be less than 2× smaller than the full-resolution ones"
+    return cfg, ""
+
+
+def _plan_25d(ctx: _Context, spacings: np.ndarray, shapes: np.ndarray, median_spacing: np.ndarray,
+              t: np.ndarray) -> PlanConfig:
+    """Wang et al. 2019 2.5D U-Net at the native (median) slice spacing.
+
+    In-plane-only 1×3×3 convolutions and 1×2×2 pooling while the in-plane spacing is finer than
+    the slice spacing by more than :data:`NEAR_ISOTROPIC_25D`, 3D convolutions after that; spatial
+    attention in the decoder. With ``context_slices_25d=k`` it is instead a 2D U-Net whose input is
+    the slice and its k neighbours on each side, stacked as channels.
+    """
+    s = ctx.settings
+    sp = median_spacing.copy()
+    shape = _resampled_median_shape(spacings, shapes, sp)
+    sp_t, shape_t = sp[t], shape[t]
+    if s.context_slices_25d > 0:
+        cfg = _shape_config(ctx, name="2.5d", architecture="unet25d", spacing=sp_t, median_shape=shape_t, dims=2,
+                            resample_slices=False, input_slices=2 * s.context_slices_25d + 1,
+                            attention=s.attention_25d)
+        cfg.batch_dice = True
+        return cfg
+    return _shape_config(ctx, name="2.5d", architecture="unet25d", spacing=sp_t, median_shape=shape_t, dims=3,
+                         attention=s.attention_25d, ratio=NEAR_ISOTROPIC_25D)
+
+
+
+# ============================================================================ outputs
+def plan_summary_rows(plan: Plan) -> list[dict[str, Any]]:
+    """One row per configuration for the CLI's table."""
+    rows = []
+    for name, cfg in plan.configurations.items():
+        rows.append({
+            "configuration": name,
+            "network": cfg.architecture + (f" ({cfg.input_slices} slices)" if cfg.input_slices > 1 else ""),
+            "spacing": [round(v, 3) for v in (cfg.spacing if cfg.resample_slices else cfg.spacing[1:])],
+            "patch": list(cfg.patch_size),
+            "batch": cfg.batch_size,
+            "stages": cfg.num_stages,
+            "strides": [list(s) for s in cfg.strides],
+            "kernels": [list(k) for k in cfg.kernel_sizes],
+            "features": f"{cfg.features[0]}-{cfg.features[-1]}",
+            "gpu_gb": round(cfg.estimated_gpu_bytes / 2**30, 2),
+        })
+    return rows
+
+
+def run_planning(dataset: Any, work_dir: str | os.PathLike[str], settings: PlanSettings | None = None, *,
+                 force: bool = False, num_workers: int | None = None) -> tuple[Plan, Path]:
+    """Fingerprint (cached) into ``<work_dir>/<dataset.name>/fingerprint.json``, plan, write ``plans.json``."""
+    from ..fingerprint import fingerprint_dataset
+
+    out_dir = Path(work_dir) / str(dataset.name)
+    fp = fingerprint_dataset(dataset, out_dir, force=force, num_workers=num_workers)
+    plan = make_plan(fp, settings or PlanSettings())
+    return plan, save_plan(plan, out_dir / PLANS_FILE)

@@ -53,7 +53,7 @@ LOCATIONS_SEED = 1234
 # ---------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class ChannelNorm:
-    """How one channel is normalised: ``scheme`` is ``"ct"``, ``"zscore"`` or ``"none"``."""
+    """How one channel is normalised: ``"ct"``, ``"zscore"``, ``"rescale_to_0_1"``, ``"rgb_to_0_1"``, ``"none"``."""
 
     scheme: str = "zscore"
     use_mask: bool = False  # zscore: statistics inside the nonzero mask, zero outside
@@ -274,10 +274,20 @@ def normalize(image: np.ndarray, norms: Sequence[ChannelNorm]) -> tuple[np.ndarr
             if n.use_mask and mask is not None:
                 ch[~mask] = 0
             used.append({"scheme": "zscore", "mean": mean, "std": std, "use_mask": n.use_mask})
+        elif n.scheme == "rescale_to_0_1":  # per image, as nnU-Net's RescaleTo01Normalization
+            lo, hi = float(ch.min()), float(ch.max())
+            ch -= lo
+            ch /= max(hi - lo, 1e-8)
+            used.append({"scheme": "rescale_to_0_1", "min": lo, "max": hi})
+        elif n.scheme == "rgb_to_0_1":  # 8-bit colour channels
+            np.clip(ch, 0, 255, out=ch)
+            ch /= 255.0
+            used.append({"scheme": "rgb_to_0_1"})
         elif n.scheme == "none":
             used.append({"scheme": "none"})
         else:
-            raise StateError(f"unknown normalisation scheme {n.scheme!r}", hint="use ct, zscore or none")
+            raise StateError(f"unknown normalisation scheme {n.scheme!r}",
+                             hint="use ct, zscore, rescale_to_0_1, rgb_to_0_1 or none")
     return out, used
 
 

@@ -93,6 +93,10 @@ def test_normalisation_by_hand():
     out, used = normalize(x, [ct])
     np.testing.assert_allclose(out.ravel(), (np.clip(allv, 1, 5) - 3) / 2)
     assert used[0]["scheme"] == "ct"
+    out, _ = normalize(x, [ChannelNorm("rescale_to_0_1")])
+    np.testing.assert_allclose(out.ravel(), allv / 6.0)
+    out, _ = normalize(np.array([[[[0, 51, 255, 300]]]], np.float32), [ChannelNorm("rgb_to_0_1")])
+    np.testing.assert_allclose(out.ravel(), [0, 0.2, 1, 1])
 
 
 def test_resampling_rules():

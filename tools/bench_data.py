@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,44 +40,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "hippocampus"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import PeakRSS  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- measuring
-class PeakRSS(threading.Thread):
-    """Peak of the summed RSS of a process and all its descendants, sampled every ``interval`` s."""
-
-    def __init__(self, pid: int, interval: float = 0.02):
-        super().__init__(daemon=True)
-        self.pid, self.interval, self.peak = pid, interval, 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        import psutil
-
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.NoSuchProcess:
-            return
-        while not self._halt.is_set():
-            total = 0
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                break
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self.peak = max(self.peak, total)
-            self._halt.wait(self.interval)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join()
-        return self.peak
-
-
 def run_measured(cmd: list[str], env: dict[str, str] | None = None, *, label: str) -> dict[str, Any]:
     """Run ``cmd``; wall time, peak tree RSS, and the last stdout line parsed as JSON when it is."""
     t0 = time.perf_counter()

@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,9 @@ from typing import Any
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import PeakRSS  # noqa: E402
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
 # REFERENCE.md, 2 cores / CPU: extract_fingerprint -np 2 15.0 s 1.9 GB; plan_experiment 3.3 s 0.85 GB
 REFERENCE_NNUNET = {"wall_s": 18.3, "peak_rss_mb": 1900.0}
@@ -50,37 +52,13 @@ print(path)
 def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
                  interval: float = 0.02) -> dict[str, Any]:
     """Run ``cmd``; return wall seconds, peak total RSS (process + children, MB), exit code, output tail."""
-    peak = 0
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        try:
-            root = psutil.Process(proc.pid)
-        except psutil.NoSuchProcess:
-            return
-        while not stop.is_set():
-            total = 0
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                break
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            peak = max(peak, total)
-            stop.wait(interval)
-
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = PeakRSS(proc.pid, interval)
     sampler.start()
     out, _ = proc.communicate()
     wall = time.perf_counter() - start
-    stop.set()
-    sampler.join()
+    peak = sampler.stop()
     return {"wall_s": round(wall, 3), "peak_rss_mb": round(peak / 2**20, 1), "returncode": proc.returncode,
             "output_tail": out[-2000:]}
 

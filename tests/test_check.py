@@ -75,3 +75,16 @@ def test_each_kind_of_fault_is_reported(tmp_path):
         ("case_005", "empty_label", "warning"),
     }
     assert report.cases_with_errors == ["case_000", "case_001", "case_002", "case_003", "case_004"]
+
+
+def test_refused_dicom_series_is_reported_with_its_gap(tmp_path):
+    from segpipe.demo_data import generate_dicom_demo_dataset
+
+    root = generate_dicom_demo_dataset(tmp_path / "dcm", num_cases=2, num_test=0)
+    files = sorted((root / "dicom_001" / "image").iterdir())
+    files[len(files) // 2].unlink()  # a missing slice
+    report = check(root)
+    assert report.cases_with_errors == ["dicom_001"]
+    (f,) = report.errors
+    assert f.problem == "dicom_refused" and f.file == "dicom_001/image" and "missing slice" in f.message
+    assert "allow_uneven_spacing" in f.fix

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, DatasetError, SegpipeError
+from ..errors import DataError, DatasetError, DicomError, SegpipeError
 from ..geometry import Geometry
 from .image import IMAGE_EXTENSIONS, image_extension, is_dicom_source, read_image
 
@@ -420,7 +420,8 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
         try:
             arr, geo = _read_source(path, ds)
         except SegpipeError as exc:
-            add(path, "unreadable", exc.message, exc.hint or "re-export or replace the file")
+            problem = "dicom_refused" if isinstance(exc, DicomError) else "unreadable"
+            add(path, problem, exc.message, exc.hint or "re-export or replace the file")
             continue
         if geo.shape[0] == 1 and ds.dimension == 3:
             add(path, "wrong_dimension", f"2-D image (shape {geo.shape[1:]}) in a 3-D dataset", "provide the 3-D volume")

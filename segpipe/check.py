@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from .io.datasets import Dataset, Finding, inspect_case, load_dataset
@@ -38,19 +38,24 @@ class CheckReport:
         }
 
 
+def _inspect_findings(ds: Dataset, case: Any) -> list[Finding]:
+    return inspect_case(case, ds)[1]
+
+
 def check_dataset(dataset: str | os.PathLike[str] | Dataset, *, num_workers: int | None = None,
                   include_test: bool = True) -> CheckReport:
-    """Read every case of ``dataset`` once (threads; SimpleITK and numpy release the GIL)."""
+    """Read every case of ``dataset`` once, on :mod:`segpipe.parallel`'s worker processes.
+
+    Processes rather than threads: a case that exhausts memory kills one worker (a clear error
+    naming the case) instead of the whole command, and pure-Python parsing runs in parallel.
+    """
+    from .parallel import parallel_list
+
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     cases = ds.all_cases() if include_test else list(ds.cases)
-    workers = max(1, num_workers or (os.cpu_count() or 1))
-
-    def one(case: Any) -> list[Finding]:
-        _, findings = inspect_case(case, ds)
-        return findings
-
     findings: list[Finding] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for result in pool.map(one, cases):  # map keeps case order: deterministic report
-            findings.extend(result)
+    per_case = parallel_list(partial(_inspect_findings, ds), cases, num_workers=num_workers, desc="check",
+                             names=lambda i: f"case {cases[i].id}", context=str(ds.root), first_in_parent=True)
+    for result in per_case:  # input order: deterministic report
+        findings.extend(result)
     return CheckReport(ds.summary(), len(cases), findings)

@@ -1,10 +1,16 @@
 """segpipe: self-configuring segmentation of 3D medical images.
 
-Public API (each CLI command wraps one function)::
+Public API (each CLI command wraps one function; settings are the command's key=value
+settings as keyword arguments, defaults from ``conf/``)::
 
     segpipe.info(path)              segpipe.check(dataset)        segpipe.plan(dataset, ...)
+    segpipe.preprocess(dataset)     segpipe.demo()                segpipe.generate_demo_data(out)
     segpipe.read_image(path)        segpipe.write_image(path, array, geometry)
     segpipe.load_dataset(path)      segpipe.Geometry              segpipe.SegpipeError
+    segpipe.restore(prediction, properties)   (undo preprocessing: back to the case's own geometry)
+
+No public function shares its name with a submodule (the preprocessing code lives in
+``segpipe.preprocessing``, so ``segpipe.preprocess`` stays the function).
 """
 
 from __future__ import annotations
@@ -26,9 +32,19 @@ from .errors import (  # noqa: E402
 from .geometry import Geometry  # noqa: E402
 from .io.datasets import Case, Dataset, load_dataset, read_case  # noqa: E402
 from .io.image import read_image, write_image  # noqa: E402
+from .workspace import DatasetWorkspace, Workspace  # noqa: E402
+
+
+def restore(prediction, properties, *, is_label=None):  # type: ignore[no-untyped-def]
+    """Undo preprocessing (see :func:`segpipe.preprocessing.restore`): back to the case's own grid."""
+    from .preprocessing import restore as _restore
+
+    return _restore(prediction, properties, is_label=is_label)
+
 
 __all__ = [
-    "Case", "ConfigError", "DataError", "Dataset", "DatasetError", "DicomError", "Geometry", "NotAvailableError",
-    "ReadError", "SegpipeError", "StateError", "UsageError", "__version__", "check", "demo", "generate_demo_data",
-    "info", "load_dataset", "plan", "preprocess", "read_case", "read_image", "write_image",
+    "Case", "ConfigError", "DataError", "Dataset", "DatasetError", "DatasetWorkspace", "DicomError", "Geometry",
+    "NotAvailableError", "ReadError", "SegpipeError", "StateError", "UsageError", "Workspace", "__version__", "check",
+    "demo", "generate_demo_data", "info", "load_dataset", "plan", "preprocess", "read_case", "read_image", "restore",
+    "write_image",
 ]

@@ -13,44 +13,63 @@ Errors are raised as :class:`segpipe.SegpipeError` subclasses (see :mod:`segpipe
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .check import CheckReport, check_dataset
-from .config import resolve_work_dir
-from .errors import NotAvailableError
+from .config import to_container
+from .errors import SegpipeError, UsageError
 from .io.image import image_extension, is_dicom_source, read_header, read_image
 
 PathLike = str | os.PathLike[str]
 
 
-def info(path: PathLike, **dicom_options: Any) -> dict[str, Any]:
+def _settings(command: str, settings: dict[str, Any]) -> Any:
+    """The composed configuration of ``command`` with ``settings`` merged in (each default lives in conf/)."""
+    from .config import settings_config
+
+    return settings_config(command, settings)
+
+
+def info(path: PathLike, **settings: Any) -> dict[str, Any]:
     """What a reader sees in ``path``: format, shape, spacing, origin, direction, dtype, value range.
 
     For a DICOM folder or file the result also lists every series found (``series``) and, when
-    one image series can be chosen (``dicom_options`` may select it), the volume it reads to.
+    one image series can be chosen (``series=``, ``modality=`` and the other DICOM read options
+    select and admit it), the volume it reads to; otherwise ``volume_error`` says why none was read.
     """
+    cfg = _settings("info", settings)
+    dicom_options = {k: v for k, v in to_container(cfg.dicom).items()}
     p = Path(path).expanduser()
     out: dict[str, Any] = {"path": str(p)}
+    if p.is_dir() and (p / "dataset.json").is_file():
+        raise UsageError(f"{p} is a dataset folder (it holds dataset.json); `segpipe info` describes one image "
+                         "file or one DICOM folder",
+                         hint=f"run `segpipe check {p}` for the whole dataset, or `segpipe info` on one of its images")
     if p.exists() and is_dicom_source(p):
         from .io.dicom import describe_dicom
 
-        out.update(describe_dicom(p, **{k: v for k, v in dicom_options.items() if k in ("series", "modality")}))
+        out.update(describe_dicom(p, series=dicom_options["series"], modality=dicom_options["modality"]))
         out["format"] = "DICOM"
         try:
             array, geometry = read_image(p, **dicom_options)
-        except Exception as exc:  # the listing is still useful when no single series can be read
-            from .errors import SegpipeError
-
-            if not isinstance(exc, SegpipeError):
-                raise
+        except SegpipeError as exc:  # the listing is still useful when no single series can be read
             out["volume_error"] = str(exc)
             return out
         out.update(_volume_info(array, geometry))
         return out
+    changed = sorted(k for k in settings if k not in ("spacing_tolerance", "dicom.spacing_tolerance"))
+    if changed:
+        raise UsageError(f"{p}: DICOM read options ({', '.join(changed)}) apply to DICOM input only",
+                         hint=f"segpipe info {p}")
+    if p.is_dir():
+        images = sorted(q.name for q in p.iterdir() if q.is_file() and image_extension(q))
+        raise UsageError(f"{p} is a folder without DICOM files" + (f"; it holds {len(images)} image file(s)"
+                                                                   if images else ""),
+                         hint=(f"pass one image file, e.g. segpipe info {p / images[0]}" if images else
+                               "pass an image file (.nii.gz, .nrrd, .mha) or a folder of DICOM files"))
     header = read_header(p)
     array, geometry = read_image(p)
     out.update({"format": header.format, "dimension": header.dimension, "stored_dtype": header.dtype})
@@ -75,78 +94,133 @@ def _volume_info(array: np.ndarray, geometry: Any) -> dict[str, Any]:
     }
 
 
-def check(dataset: PathLike, *, num_workers: int | None = None) -> CheckReport:
-    """Read every case of ``dataset`` once and report each problem (see :mod:`segpipe.check`)."""
-    return check_dataset(dataset, num_workers=num_workers)
+def check(dataset: PathLike, **settings: Any) -> CheckReport:
+    """Read every case of ``dataset`` once and report each problem (see :mod:`segpipe.check`).
 
-
-def plan(dataset: PathLike, *, work_dir: PathLike | None = None, gpu_memory_gb: float = 8,
-         configurations: Sequence[str] | None = None, target_spacing: Sequence[float] | None = None,
-         force: bool = False, num_workers: int | None = None, **settings_: Any) -> dict[str, Any]:
-    """Fingerprint ``dataset`` (cached; ``force`` recomputes) and plan its configurations.
-
-    Further keyword arguments are planner settings (:class:`segpipe.planning.PlanSettings`:
-    ``base_features``, ``max_dataset_fraction``, ``context_slices_25d``, …). Writes
-    ``<work_dir>/<dataset>/fingerprint.json`` and ``plans.json``; returns
-    ``{"plans_path", "fingerprint_path", "configurations": [summary rows], "plan": plan dict}``.
+    Settings: ``num_workers``.
     """
+    cfg = _settings("check", settings)
+    return check_dataset(dataset, num_workers=cfg.num_workers)
+
+
+def plan(dataset: PathLike, *, log: Any = None, **settings: Any) -> dict[str, Any]:
+    """Fingerprint ``dataset`` (cached; ``force=True`` recomputes) and plan its configurations.
+
+    Settings are those of ``segpipe plan`` (``segpipe plan --help``): ``work_dir``,
+    ``dataset_name`` (the dataset's folder in the workspace; default: the dataset folder's name),
+    ``num_workers``, ``force`` and every planner setting (``gpu_memory_gb``, ``configurations``,
+    ``target_spacing``, …; :class:`segpipe.planning.PlanSettings`). Writes ``fingerprint.json``,
+    ``plans.json``, ``plan_summary.md`` and ``dataset_report.png`` into the dataset's workspace
+    folder; returns ``{"dataset", "plans_path", "fingerprint_path", "configurations": [summary
+    rows], "plan": plan dict, ...}``. A different dataset already planned under the same name
+    is refused (pass ``dataset_name=``).
+    """
+    import dataclasses
+
     from .io.datasets import load_dataset
     from .planning import PlanSettings, plan_summary_rows, run_planning
+    from .workspace import Workspace
 
+    cfg = _settings("plan", settings)
+    planner_settings = PlanSettings.from_mapping(to_container(cfg.planner))
     ds = load_dataset(dataset)
-    settings = PlanSettings.from_mapping({
-        **settings_,
-        "gpu_memory_gb": gpu_memory_gb,
-        "configurations": list(configurations) if configurations is not None else None,
-        "target_spacing": list(target_spacing) if target_spacing is not None else None,
-    })
-    wd = resolve_work_dir(work_dir)
-    the_plan, plans_path = run_planning(ds, wd, settings, force=force, num_workers=num_workers)
+    ws = Workspace.at(cfg.work_dir).ensure_writable()
+    dws = ws.dataset(cfg.dataset_name or ds.name)
+    dws.claim(ds.root, layout=ds.layout)
+    if dws.name != ds.name:
+        ds = dataclasses.replace(ds, name=dws.name)
+    result = run_planning(ds, dws, planner_settings, force=cfg.force, num_workers=cfg.num_workers)
+    the_plan, paths = _planning_result(result, dws)
     return {
-        "dataset": ds.name,
-        "plans_path": str(plans_path),
-        "fingerprint_path": str(plans_path.parent / "fingerprint.json"),
+        "dataset": dws.name,
+        "dataset_path": str(ds.root),
+        "plans_path": str(paths.get("plans", dws.plans_path)),
+        "fingerprint_path": str(paths.get("fingerprint", dws.fingerprint_path)),
+        "plan_summary_path": str(paths["summary"]) if paths.get("summary") else None,
+        "dataset_report_path": str(paths["report"]) if paths.get("report") else None,
         "configurations": plan_summary_rows(the_plan),
         "plan": the_plan.to_dict(),
     }
 
 
-def preprocess(dataset: PathLike, *, work_dir: PathLike | None = None, configuration: str | Sequence[str] | None = None,
-               num_workers: int | None = None, force: bool = False, log: Any = None) -> dict[str, Any]:
-    """Preprocess the labelled cases of ``dataset`` into the cache of each planned configuration.
+def _planning_result(result: Any, dws: Any) -> tuple[Any, dict[str, Any]]:
+    """(plan, paths) from what the planner returns (a tuple (plan, plans_path) or a result object)."""
+    if isinstance(result, tuple):
+        the_plan = result[0]
+        paths: dict[str, Any] = {"plans": result[1]}
+        if len(result) > 2 and isinstance(result[2], dict):
+            paths.update(result[2])
+    else:
+        the_plan = result.plan
+        paths = {k: getattr(result, f"{k}_path", None) for k in ("plans", "fingerprint", "summary", "report")}
+    for key, default in (("summary", dws.plan_summary_path), ("report", dws.dataset_report_path)):
+        if not paths.get(key) and default.is_file():
+            paths[key] = default
+    return the_plan, paths
 
-    Needs ``<work_dir>/<dataset>/plans.json`` (``segpipe plan``). ``configuration``: one name, a
-    list, or None for every planned configuration; configurations on the same data (same
-    spacing) share one cache folder. Unchanged entries are reused unless ``force``. Returns
-    ``{"configurations": {name: {"cache_dir", "processed", "reused", "seconds"}}}``.
+
+def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: Any) -> dict[str, Any]:
+    """Preprocess the labelled cases of a planned dataset into the cache of each planned configuration.
+
+    ``dataset``: the dataset folder that was planned, its workspace name, or None when the
+    workspace holds one planned dataset (``dataset=NAME`` as a setting works too). Settings:
+    ``work_dir``, ``dataset``, ``config`` (one configuration name or a list; default every
+    planned one; ``configuration`` is an alias), ``num_workers``, ``force``. Configurations on
+    the same grid share one cache folder. Unchanged, valid entries are reused unless ``force``.
+    Returns ``{"dataset", "plans_path", "configurations": {name: {"cache_dir", "processed",
+    "reused", "seconds"}}}``.
     """
     from .io.datasets import load_dataset
     from .planning import load_plan
-    from .preprocess import cache_dir_for, preprocess_dataset, spec_from_plan
+    from .preprocessing import cache_dir_for, preprocess_dataset, spec_from_plan
+    from .workspace import find_dataset
 
-    ds = load_dataset(dataset)
-    wd = resolve_work_dir(work_dir)
-    plans_path = wd / ds.name / "plans.json"
-    if not plans_path.is_file():
-        from .errors import StateError
+    if dataset is not None and settings.get("dataset") is not None:
+        raise UsageError("give the dataset once: as a path or as dataset=NAME, not both")
+    if "dataset" in settings and dataset is None:
+        dataset = settings.pop("dataset")
+    config_value = settings.pop("config", settings.pop("configuration", None))
+    cfg = _settings("preprocess", settings)
+    ws, dws = find_dataset(cfg.work_dir, dataset, "preprocess")
+    ws.ensure_writable()
+    the_plan = load_plan(dws.plans_path)
+    source = Path(dataset).expanduser() if dataset is not None and Path(dataset).expanduser().is_dir() else \
+        dws.source_dataset_path()
+    ds = load_dataset(source)
+    if ds.name != dws.name:
+        import dataclasses
 
-        raise StateError(f"{plans_path}: no plan for dataset {ds.name}", hint=f"run `segpipe plan {dataset} work_dir={wd}` first")
-    the_plan = load_plan(plans_path)
-    names = list(the_plan.configurations) if configuration is None else (
-        [configuration] if isinstance(configuration, str) else list(configuration))
+        ds = dataclasses.replace(ds, name=dws.name)
+    names = _configurations(config_value, the_plan)
     out: dict[str, Any] = {}
     done: dict[Path, dict[str, Any]] = {}
     for name in names:
-        cache = cache_dir_for(wd, the_plan, name)  # raises a clear error for an unknown name
+        cache = cache_dir_for(ws.root, the_plan, name)  # raises a clear error for an unknown name
         if cache in done:
             out[name] = {**done[cache], "shared_with": done[cache]["configuration"]}
             continue
         if log:
-            log(f"preprocessing {ds.name} for {name} into {cache}")
-        res = preprocess_dataset(ds, spec_from_plan(the_plan, name), cache, num_workers=num_workers, force=force)
+            log(f"preprocessing {dws.name} for {name} into {cache}")
+        res = preprocess_dataset(ds, spec_from_plan(the_plan, name), cache, num_workers=cfg.num_workers,
+                                 force=cfg.force)
         done[cache] = {"configuration": name, **res.to_dict()}
         out[name] = res.to_dict()
-    return {"dataset": ds.name, "plans_path": str(plans_path), "configurations": out}
+    return {"dataset": dws.name, "plans_path": str(dws.plans_path), "configurations": out}
+
+
+def _configurations(value: Any, the_plan: Any) -> list[str]:
+    """The configuration names a ``config=`` value selects: None = every planned one."""
+    if value is None:
+        return list(the_plan.configurations)
+    if isinstance(value, str):
+        names = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    else:
+        names = [str(v) for v in value]
+    unknown = [n for n in names if n not in the_plan.configurations]
+    if unknown or not names:
+        raise UsageError(f"configuration {', '.join(unknown) or '(none)'} is not in the plan of {the_plan.dataset}",
+                         hint=f"planned: {', '.join(the_plan.configurations)} (config=NAME)")
+    return names
 
 
 def generate_demo_data(out: PathLike, *, force: bool = False, seed: int = 0, dicom: bool = False) -> Path:
@@ -162,19 +236,21 @@ def generate_demo_data(out: PathLike, *, force: bool = False, seed: int = 0, dic
     return generate_demo_dataset(out, overwrite=force, seed=seed)
 
 
-def demo(*, work_dir: PathLike | None = None, force: bool = False, log: Any = None) -> dict[str, Any]:
-    """Run the main job on the embedded dataset: generate → check → plan (→ later stages as they land).
+def demo(*, force: bool = False, log: Any = None, **settings: Any) -> dict[str, Any]:
+    """Run the main job on the embedded dataset: generate → check → plan → preprocess.
 
     The datasets are written to ``<work_dir>/raw/SegpipeDemo`` (NIfTI, MSD layout) and
     ``<work_dir>/raw/SegpipeDemoDICOM`` (DICOM series, case-folder layout) once (``force``
     regenerates them); the artefacts go to ``<work_dir>/<dataset>/``. Returns one entry per step.
     """
     from .errors import DataError
+    from .workspace import Workspace
 
+    cfg = _settings("demo", settings)
     say = log or (lambda msg: None)
-    wd = resolve_work_dir(work_dir)
-    data = wd / "raw" / "SegpipeDemo"
-    dicom_data = wd / "raw" / "SegpipeDemoDICOM"
+    ws = Workspace.at(cfg.work_dir).ensure_writable()
+    data = ws.raw_dir / "SegpipeDemo"
+    dicom_data = ws.raw_dir / "SegpipeDemoDICOM"
     steps: dict[str, Any] = {}
     for folder, is_dicom in ((data, False), (dicom_data, True)):
         if force or not (folder / "dataset.json").is_file():
@@ -189,20 +265,15 @@ def demo(*, work_dir: PathLike | None = None, force: bool = False, log: Any = No
         if not report.ok:
             raise DataError(f"{folder}: the demo dataset failed its check", hint="rerun with --force to regenerate it")
     say("planning")
-    planned = plan(data, work_dir=wd, force=force)
-    steps["plan"] = {"plans_path": planned["plans_path"], "configurations": planned["configurations"]}
+    planned = plan(data, work_dir=str(ws.root), force=force)
+    steps["plan"] = {"plans_path": planned["plans_path"], "configurations": planned["configurations"],
+                     "plan_summary_path": planned.get("plan_summary_path")}
     say("preprocessing")
-    pre = preprocess(data, work_dir=wd, force=force, log=say)
+    pre = preprocess(data, work_dir=str(ws.root), force=force, log=say)
     steps["preprocess"] = {name: {"cache_dir": r["cache_dir"], "cases": len(r["processed"]) + len(r["reused"])}
                            for name, r in pre["configurations"].items()}
-    steps["not_yet_available"] = ["train", "infer", "evaluate"]
+    steps["next_steps"] = ["train", "infer", "evaluate"]
     return steps
-
-
-def not_available(command: str, issue: str) -> None:
-    """Raise the one-line 'not available yet' error of a command whose issue has not landed."""
-    raise NotAvailableError(f"`segpipe {command}` is not available yet ({issue} has not landed)",
-                            hint="see README, 'Status'")
 
 
 __all__ = ["check", "demo", "generate_demo_data", "image_extension", "info", "plan", "preprocess"]

@@ -10,8 +10,11 @@ exit with the code of their :class:`~segpipe.errors.SegpipeError` (README, "Exit
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import shutil
 import sys
 import traceback
 import warnings
@@ -19,7 +22,18 @@ from collections.abc import Callable
 from typing import Any
 
 from . import __version__
-from .errors import EXIT_FINDINGS, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, SegpipeError, UsageError
+from .errors import (
+    EXIT_DATA,
+    EXIT_FINDINGS,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    NotAvailableError,
+    SegpipeError,
+    StateError,
+    UsageError,
+)
 
 COMMANDS: dict[str, str] = {
     "info": "show what a reader sees in an image file or DICOM folder",
@@ -34,18 +48,43 @@ COMMANDS: dict[str, str] = {
     "config": "print the composed configuration (all settings and overrides)",
     "demo": "run the main job on the embedded synthetic dataset",
 }
-PENDING = {
-    "train": "the training issue",
-    "infer": "the inference issue",
-    "evaluate": "the evaluation issue",
-    "find-best": "the evaluation issue",
-    "export": "the inference issue",
+#: Commands this version of segpipe does not provide yet: they say so in one line and exit 2.
+NOT_AVAILABLE = ("train", "infer", "evaluate", "find-best", "export")
+USAGE = {
+    "info": "segpipe info PATH [key=value ...]",
+    "check": "segpipe check DATASET [num_workers=N]",
+    "plan": "segpipe plan DATASET [key=value ...]",
+    "preprocess": "segpipe preprocess [DATASET] [key=value ...]",
+    "train": "segpipe train fold=0 [config=3d_fullres] [key=value ...]",
+    "infer": "segpipe infer INPUT [-o OUT] [key=value ...]",
+    "evaluate": "segpipe evaluate PRED GT",
+    "find-best": "segpipe find-best [dataset=NAME]",
+    "export": "segpipe export [DATASET] -o OUT",
+    "config": "segpipe config [key=value ...]",
+    "demo": "segpipe demo [work_dir=PATH] [--force]",
 }
+EXAMPLES = {
+    "info": "segpipe info study/ series='t1*' modality=MR",
+    "check": "segpipe check data/Task04_Hippocampus --json",
+    "plan": "segpipe plan data/Task04_Hippocampus gpu_memory_gb=24 configurations=[3d_fullres,2d] work_dir=work",
+    "preprocess": "segpipe preprocess config=3d_fullres num_workers=2 work_dir=work",
+    "train": "segpipe train fold=0 config=3d_fullres epochs=100 max_time=2h",
+    "infer": "segpipe infer patient_dicom/ -o out/",
+    "evaluate": "segpipe evaluate predictions/ labelsTs/ --json",
+    "find-best": "segpipe find-best dataset=Hippocampus",
+    "export": "segpipe export -o model/",
+    "config": "segpipe config gpu_memory_gb=24",
+    "demo": "segpipe demo work_dir=/tmp/segpipe_demo",
+}
+EXIT_CODES_HELP = ("exit codes: 0 ok, 1 problems found (check), 2 usage (bad arguments or setting, command not "
+                   "available), 3 bad input data, 4 workspace state (missing plan, unwritable work_dir, disk full), "
+                   "70 internal error (a bug: rerun with --debug and report it), 130 interrupted")
 
 log = logging.getLogger("segpipe")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(help_for: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``help_for`` adds that command's settings (read from conf/) to its help."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print a machine-readable JSON result on stdout")
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -53,17 +92,26 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segpipe",
         description="Self-configuring segmentation of 3D medical images. Settings are key=value overrides "
-        "(see `segpipe config`); every command that keeps state takes work_dir=PATH.",
-        epilog="Exit codes: 0 ok, 1 problems found, 2 usage, 3 bad input data, 4 workspace state, 70 internal error.",
+        "(`segpipe COMMAND --help` lists a command's settings, `segpipe config` all of them); every command that "
+        "keeps state takes work_dir=PATH.",
+        epilog=EXIT_CODES_HELP,
     )
     parser.add_argument("--version", action="version", version=f"segpipe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        text = help_text + (" (not available in this version)" if name in NOT_AVAILABLE else "")
+        epilog = None
+        if name == help_for:
+            from .config import settings_help
+
+            epilog = (f"settings (key=value, shown with their defaults):\n{settings_help(name)}\n\n"
+                      f"example:\n  {EXAMPLES[name]}\n\n{EXIT_CODES_HELP}")
+        p = sub.add_parser(name, help=text, description=text, parents=[common], usage=USAGE[name], epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == "demo":
             p.add_argument("--data-only", metavar="OUT", help="only write the synthetic dataset to OUT")
             p.add_argument("--force", action="store_true", help="regenerate data and artefacts")
-        p.add_argument("args", nargs="*", metavar="ARG", help="paths, then key=value overrides")
+        p.add_argument("args", nargs="*", metavar="ARG", help="paths, then key=value settings")
     return parser
 
 
@@ -83,15 +131,43 @@ def _one_path(command: str, paths: list[str], what: str) -> str:
     return paths[0]
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+def _given(cfg: Any, overrides: list[str]) -> dict[str, Any]:
+    """The settings given on the command line: full key → value as composed (lists, dicts plain)."""
+    from omegaconf import OmegaConf
+
+    from .config import _expand, all_settings
+
+    out: dict[str, Any] = {}
+    for ov in _expand(overrides, all_settings()):
+        key = ov.split("=", 1)[0]
+        value = OmegaConf.select(cfg, key)
+        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
+
+
+def _term_width() -> int | None:
+    return shutil.get_terminal_size((0, 0)).columns or None if sys.stdout.isatty() else None
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str] | None = None, *, width: int | None = None) -> str:
+    """A plain-text table; on a terminal the widest columns are shortened (with …) to fit ``width``."""
     if not rows:
         return ""
     cols = columns or list(rows[0])
     cells = [[_cell(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    width = width if width is not None else _term_width()
+    if width:
+        while sum(widths) + 2 * (len(widths) - 1) > width:
+            i = max(range(len(widths)), key=lambda k: widths[k])
+            floor = max(len(cols[i]), 8)
+            if widths[i] <= floor:
+                break
+            widths[i] -= 1
+        cells = [[v if len(v) <= w else v[: max(w - 1, 0)] + "…" for v, w in zip(row, widths)] for row in cells]
+    line = "  ".join(c[:w].ljust(w) for c, w in zip(cols, widths))
+    out = [line.rstrip(), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(out)
 
 
@@ -104,35 +180,56 @@ def _cell(v: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- commands
-def cmd_info(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, Any, str]:
+Handler = Callable[[argparse.Namespace, list[str], dict[str, Any]], tuple[int, Any, str]]
+
+
+def _series_rows(series: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    uids = [str(s.get("uid", "")) for s in series]
+    try:
+        from .io.dicom import unique_suffixes
+
+        shown = unique_suffixes(uids)
+    except ImportError:  # pragma: no cover - older reader
+        shown = [u[-12:] for u in uids]
+    return [{"uid": ("…" if u != full else "") + u, "modality": s.get("modality"),
+             "description": s.get("description"), "kind": s.get("kind"), "files": s.get("files"),
+             "frames": s.get("frames"), "size": s.get("sizes"), "folder": s.get("folder"),
+             "problem": s.get("problem")} for s, u, full in zip(series, shown, uids)]
+
+
+def cmd_info(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
     from . import api
 
     path = _one_path("info", paths, "path")
-    dicom = {k: v for k, v in cfg.dicom.items() if v not in (None, False)}
-    res = api.info(path, **dicom)
-    skip = {"series", "choice_problem", "volume_error", "skipped", "chosen"}
+    res = api.info(path, **given)
+    skip = {"series", "choice_problem", "volume_error", "skipped", "chosen", "skipped_reasons", "warnings"}
     lines = [f"{k:>16}: {_cell(v)}" for k, v in res.items() if k not in skip]
     series = res.get("series") or []
+    skipped = ", ".join(f"{n} {k}" for k, n in (res.get("skipped") or {}).items())
     if series:
-        rows = [{"uid": "…" + str(s.get("uid", ""))[-12:], "modality": s.get("modality"),
-                 "description": s.get("description"), "kind": s.get("kind"), "files": s.get("files"),
-                 "frames": s.get("frames"), "size": s.get("sizes"), "folder": s.get("folder"),
-                 "problem": s.get("problem")} for s in series]
-        skipped = ", ".join(f"{n} {k}" for k, n in (res.get("skipped") or {}).items())
-        lines += ["", f"{len(series)} series" + (f" (skipped files: {skipped})" if skipped else "") + ":", _table(rows)]
+        lines += ["", f"{len(series)} series" + (f" (skipped files: {skipped})" if skipped else "") + ":",
+                  _table(_series_rows(series))]
         if res.get("chosen"):
             lines.append(f"chosen series: {res['chosen']}")
+    elif skipped:
+        lines.append(f"skipped files: {skipped}")
+    for reason in res.get("skipped_reasons") or []:
+        lines.append(f"skipped: {reason}")
+    for warning in res.get("warnings") or []:
+        lines.append(f"warning: {warning}")
+    code = EXIT_OK
     if res.get("volume_error"):
         err = res["volume_error"].splitlines()
-        first = err[0] if len(err[0]) < 160 else err[0][:157] + "…"
+        first = err[0] if len(err[0]) < 200 else err[0][:197] + "…"
         lines += [f"no volume read: {first}", *err[1:]]
-    return EXIT_OK, res, "\n".join(lines)
+        code = EXIT_DATA
+    return code, res, "\n".join(lines)
 
 
-def cmd_check(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, Any, str]:
+def cmd_check(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
     from . import api
 
-    report = api.check(_one_path("check", paths, "dataset"), num_workers=cfg.num_workers)
+    report = api.check(_one_path("check", paths, "dataset"), **given)
     rows = [{"case": f.case, "severity": f.severity, "problem": f.problem, "file": f.file,
              "message": f.message, "fix": f.fix} for f in report.findings]
     text = _table(rows) + ("\n" if rows else "")
@@ -143,67 +240,106 @@ def cmd_check(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, 
     return (EXIT_OK if report.ok else EXIT_FINDINGS), report.to_dict(), text
 
 
-def cmd_plan(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, Any, str]:
+def cmd_plan(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
     from . import api
-    from .config import to_container
 
-    res = api.plan(_one_path("plan", paths, "dataset"), work_dir=cfg.work_dir, force=cfg.force,
-                   num_workers=cfg.num_workers, **to_container(cfg.planner))
+    res = api.plan(_one_path("plan", paths, "dataset"), log=log.info, **given)
     text = _table(res["configurations"])
     if res["plan"].get("skipped"):
         text += "\nnot planned: " + "; ".join(f"{k} ({v})" for k, v in res["plan"]["skipped"].items())
     text += f"\nplans written to {res['plans_path']}"
+    for key, what in (("plan_summary_path", "summary"), ("dataset_report_path", "dataset report")):
+        if res.get(key):
+            text += f"\n{what}: {res[key]}"
     return EXIT_OK, res, text
 
 
-def cmd_preprocess(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, Any, str]:
+def cmd_preprocess(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
     from . import api
 
-    res = api.preprocess(_one_path("preprocess", paths, "dataset"), work_dir=cfg.work_dir,
-                         configuration=cfg.configuration, num_workers=cfg.preprocess.num_workers or cfg.num_workers,
-                         force=cfg.force, log=log.info)
+    if len(paths) > 1:
+        raise UsageError(f"`segpipe preprocess` takes at most one dataset, got {len(paths)}: {' '.join(paths)}",
+                         hint=USAGE["preprocess"])
+    dataset = given.pop("dataset", None)
+    if paths and dataset is not None:
+        raise UsageError("give the dataset once: as a path or as dataset=NAME, not both", hint=USAGE["preprocess"])
+    res = api.preprocess(paths[0] if paths else dataset, log=log.info, **given)
     rows = [{"configuration": n, "cache": r["cache_dir"], "processed": len(r["processed"]),
              "reused": len(r["reused"]), "seconds": round(r["seconds"], 1)} for n, r in res["configurations"].items()]
     return EXIT_OK, res, _table(rows)
 
 
-def cmd_config(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, Any, str]:
+def cmd_config(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
     from omegaconf import OmegaConf
 
-    from .config import to_container
+    from .config import settings_config, to_container
 
     if paths:
-        raise UsageError(f"`segpipe config` takes only key=value overrides, got {' '.join(paths)}")
+        raise UsageError(f"`segpipe config` takes only key=value settings, got {' '.join(paths)}")
+    cfg = settings_config("config", given)
     return EXIT_OK, to_container(cfg), OmegaConf.to_yaml(cfg).rstrip()
 
 
-def cmd_demo(ns: argparse.Namespace, paths: list[str], cfg: Any) -> tuple[int, Any, str]:
+def cmd_demo(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
     from . import api
 
     if paths:
         raise UsageError(f"`segpipe demo` takes no paths, got {' '.join(paths)}", hint="use --data-only OUT or work_dir=PATH")
     if ns.data_only:
+        if given:
+            raise UsageError("`segpipe demo --data-only OUT` takes no settings", hint="segpipe demo --data-only OUT")
         out = api.generate_demo_data(ns.data_only, force=ns.force)
         return EXIT_OK, {"data": str(out)}, f"demo dataset written to {out}"
-    res = api.demo(work_dir=cfg.work_dir, force=ns.force, log=log.info)
+    res = api.demo(force=ns.force, log=log.info, **given)
     lines = [f"datasets: {res['data']}, {res['dicom_data']}",
              f"check: {res['check']['cases_checked']} NIfTI cases and {res['check_dicom']['cases_checked']} DICOM cases, ok"]
     if "plan" in res:
         lines += [_table(res["plan"]["configurations"]), f"plans: {res['plan']['plans_path']}"]
+        if res["plan"].get("plan_summary_path"):
+            lines.append(f"plan summary: {res['plan']['plan_summary_path']}")
     if "preprocess" in res:
         lines += [f"preprocessed {n}: {r['cases']} cases in {r['cache_dir']}" for n, r in res["preprocess"].items()]
-    if res.get("not_yet_available"):
-        lines.append("not yet available (their issues have not landed): " + ", ".join(res["not_yet_available"]))
+    if res.get("next_steps"):
+        lines.append("the demo ends after preprocessing: training and prediction are not part of this version")
     return EXIT_OK, res, "\n".join(lines)
 
 
-HANDLERS: dict[str, Callable[[argparse.Namespace, list[str], Any], tuple[int, Any, str]]] = {
-    "info": cmd_info, "check": cmd_check, "plan": cmd_plan, "preprocess": cmd_preprocess, "config": cmd_config, "demo": cmd_demo,
+HANDLERS: dict[str, Handler] = {
+    "info": cmd_info, "check": cmd_check, "plan": cmd_plan, "preprocess": cmd_preprocess, "config": cmd_config,
+    "demo": cmd_demo,
 }
 
 
+def _not_available(command: str) -> None:
+    available = ", ".join(c for c in COMMANDS if c not in NOT_AVAILABLE)
+    raise NotAvailableError(f"`segpipe {command}` is not available in this version of segpipe ({__version__})",
+                            hint=f"available commands: {available}")
+
+
+def _os_error(exc: OSError) -> SegpipeError | None:
+    """Workspace problems the system reports (disk full, read-only, no permission) as exit-4 errors."""
+    where = exc.filename or ""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return StateError(f"no space left on the device writing {where}".rstrip(),
+                          hint="free some disk space or pass another work_dir=PATH; finished work is kept")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StateError(f"cannot write {where}: {exc.strerror}".rstrip(),
+                          hint="pass a writable work_dir=PATH (or fix the folder's permissions)")
+    return None
+
+
+def _print_error(command: str, ns: argparse.Namespace, etype: str, message: str, fix: str | None, code: int) -> int:
+    print(f"segpipe {command}: error: {message}" + (f"\n  fix: {fix}" if fix else ""), file=sys.stderr)
+    if getattr(ns, "json", False):
+        print(json.dumps({"ok": False, "error": {"type": etype, "message": message, "fix": fix, "exit_code": code}}))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    help_for = next((a for a in argv if a in COMMANDS), None) if wants_help else None
+    parser = _parser(help_for)
     # Options may sit between paths and overrides (`check DATA --json work_dir=W`): argparse stops
     # a '*' positional at the first option, so leftovers that are not options are arguments too.
     ns, extra = parser.parse_known_args(argv)
@@ -219,38 +355,46 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(message)s", stream=sys.stderr)
     if not ns.debug:
         warnings.filterwarnings("ignore")
+    command = ns.command
     try:
-        if ns.command in PENDING:
-            from .api import not_available
-
-            not_available(ns.command, PENDING[ns.command])
+        if command in NOT_AVAILABLE:
+            _not_available(command)
         from .config import compose_config
 
         paths, overrides = _split(ns.args)
-        cfg = compose_config(overrides)
-        code, result, text = HANDLERS[ns.command](ns, paths, cfg)
+        cfg = compose_config(overrides, command=command)
+        code, result, text = HANDLERS[command](ns, paths, _given(cfg, overrides))
     except SegpipeError as exc:
         if ns.debug:
             traceback.print_exc()
-        print(f"segpipe {ns.command}: error: {exc}", file=sys.stderr)
-        if ns.json:
-            print(json.dumps({"ok": False, "error": {"type": type(exc).__name__, "message": exc.message,
-                                                     "fix": exc.hint, "exit_code": exc.exit_code}}))
-        return exc.exit_code
+        return _print_error(command, ns, type(exc).__name__, exc.message, exc.hint, exc.exit_code)
     except KeyboardInterrupt:
-        print(f"segpipe {ns.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # a bug: keep it to one line unless --debug
+        return _print_error(command, ns, "KeyboardInterrupt", "interrupted", None, EXIT_INTERRUPTED)
+    except OSError as exc:
+        mapped = _os_error(exc)
+        if mapped is None:
+            return _internal(command, ns, exc)
         if ns.debug:
             traceback.print_exc()
-        print(f"segpipe {ns.command}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return EXIT_INTERNAL
-    if ns.json:
-        print(json.dumps(result, indent=2, default=str))
-    elif text:
-        print(text)
+        return _print_error(command, ns, type(mapped).__name__, mapped.message, mapped.hint, mapped.exit_code)
+    except Exception as exc:  # a bug: keep it to one line unless --debug
+        return _internal(command, ns, exc)
+    try:
+        if ns.json:
+            print(json.dumps(result, indent=2, default=str))
+        elif text:
+            print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `segpipe ... | head`: the reader left, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code
+
+
+def _internal(command: str, ns: argparse.Namespace, exc: BaseException) -> int:
+    if ns.debug:
+        traceback.print_exc()
+    return _print_error(command, ns, type(exc).__name__, f"internal error: {type(exc).__name__}: {exc}",
+                        "rerun with --debug and report the traceback", EXIT_INTERNAL)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,22 +1,88 @@
 """Configuration: Hydra's compose API over the ``conf/`` tree shipped inside the package.
 
-``compose_config(overrides)`` returns an OmegaConf ``DictConfig``. Overrides are Hydra
-``key=value`` strings; a bare key that exists in exactly one config group is expanded to its
-full path (``gpu_memory_gb=24`` → ``planner.gpu_memory_gb=24``). Unknown keys raise
-:class:`~segpipe.errors.ConfigError` naming the valid ones.
+Every default lives once, in ``conf/*.yaml``; the schema below only states each setting's
+type. ``compose_config(overrides)`` returns an OmegaConf ``DictConfig``; overrides are Hydra
+``key=value`` strings, and a bare key that exists in exactly one place is expanded to its full
+path (``gpu_memory_gb=24`` → ``planner.gpu_memory_gb=24``; ``configuration=`` is an alias of
+``config=``). Each command accepts only the settings it uses (:data:`COMMAND_SETTINGS`):
+anything else is refused with the list of what it takes, so no setting is silently ignored.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from .errors import ConfigError
+from omegaconf import MISSING
 
-DEFAULT_WORK_DIR = "segpipe_work"
+from .errors import ConfigError, UsageError
+from .workspace import DEFAULT_WORK_DIR, resolve_work_dir  # noqa: F401  (re-exported)
+
+#: Aliases accepted on the command line and in the Python API: alias → canonical key.
+ALIASES = {"configuration": "config"}
+
+#: The settings each command honours: full keys, or a group name for every key of that group.
+#: A command given any other setting refuses it (exit 2), naming the ones it takes.
+COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "info": ("dicom",),
+    "check": ("num_workers",),
+    "plan": ("work_dir", "dataset_name", "num_workers", "force", "planner"),
+    "preprocess": ("work_dir", "dataset", "config", "num_workers", "force"),
+    "train": ("work_dir", "dataset", "config", "num_workers", "train"),
+    "infer": ("work_dir", "dataset", "config", "num_workers", "dicom"),
+    "evaluate": (),
+    "find-best": ("work_dir", "dataset"),
+    "export": ("work_dir", "dataset", "config"),
+    "demo": ("work_dir",),
+    "config": ("*",),
+}
+
+
+# ---------------------------------------------------------------------------- schema (types only)
+@dataclass
+class DicomSchema:
+    series: Optional[str] = MISSING  # noqa: UP045  (OmegaConf needs typing.Optional)
+    modality: Optional[str] = MISSING  # noqa: UP045
+    allow_uneven_spacing: bool = MISSING
+    allow_few_slices: bool = MISSING
+    allow_gantry_tilt: bool = MISSING
+    spacing_tolerance: float = MISSING
+
+
+@dataclass
+class TrainSchema:
+    fold: str = MISSING  # 0..4 or "all": validated by the trainer
+    epochs: int = MISSING
+    iterations_per_epoch: int = MISSING
+    val_every: int = MISSING
+    batch_size: Optional[int] = MISSING  # noqa: UP045
+    loss: str = MISSING
+    lr: float = MISSING
+    device: str = MISSING
+    precision: str = MISSING
+    max_time: Optional[str] = MISSING  # noqa: UP045
+    seed: int = MISSING
+    deterministic: bool = MISSING
+
+
+@dataclass
+class RootSchema:
+    work_dir: str = MISSING
+    dataset: Optional[str] = MISSING  # noqa: UP045
+    dataset_name: Optional[str] = MISSING  # noqa: UP045
+    num_workers: Optional[int] = MISSING  # noqa: UP045
+    config: Any = MISSING  # one configuration name or a list of them
+    force: bool = MISSING
+    dicom: DicomSchema = field(default_factory=DicomSchema)
+    train: TrainSchema = field(default_factory=TrainSchema)
+    # planner settings are typed and validated by segpipe.planning.PlanSettings
+    planner: dict[str, Any] = field(default_factory=dict)
 
 
 def config_dir() -> Path:
@@ -41,45 +107,143 @@ def _flatten(cfg: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+@lru_cache(maxsize=1)
+def _defaults() -> tuple[Any, tuple[str, ...]]:
+    """The composed defaults (unresolved) and every setting's full key."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="segpipe"):
+            base = compose(config_name="config")
+    finally:
+        GlobalHydra.instance().clear()
+    return base, tuple(_flatten(base))
+
+
+def all_settings() -> list[str]:
+    """Every setting's full key (``work_dir``, ``planner.gpu_memory_gb``, ``train.fold``, …)."""
+    return list(_defaults()[1])
+
+
+def expand_key(key: str, known: Iterable[str] | None = None) -> str:
+    """The full key of a bare or aliased ``key``; ConfigError for unknown or ambiguous keys."""
+    known = list(known if known is not None else all_settings())
+    bare = ALIASES.get(key, key)
+    if bare in known:
+        return bare
+    groups = {k.split(".", 1)[0] for k in known if "." in k}
+    if bare in groups:
+        raise ConfigError(f"{bare!r} is a group of settings, not one setting",
+                          hint=f"set one of its keys, e.g. {next(k for k in known if k.startswith(bare + '.'))}=...")
+    matches = [k for k in known if k.endswith("." + bare)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"setting {bare!r} is ambiguous", hint=f"use one of {', '.join(matches)}")
+    leaves = [k.rsplit(".", 1)[-1] for k in known]
+    candidates = list(dict.fromkeys([*known, *leaves, *ALIASES]))
+    close = list(dict.fromkeys(ALIASES.get(c, c) for c in difflib.get_close_matches(bare, candidates, n=4)))[:3]
+    raise ConfigError(f"unknown setting {key!r}",
+                      hint=("did you mean " + " or ".join(close) + "? " if close else "")
+                      + "`segpipe config` lists every setting")
+
+
 def _expand(overrides: list[str], known: list[str]) -> list[str]:
     out = []
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not key=value", hint="write overrides as key=value, e.g. fold=0")
         key, value = ov.split("=", 1)
-        bare = key.lstrip("+~")
-        if bare in known or "/" in bare:
-            out.append(ov)
-            continue
-        matches = [k for k in known if k.endswith("." + bare)]
-        if len(matches) == 1:
-            out.append(key[: len(key) - len(bare)] + matches[0] + "=" + value)
-            continue
-        if len(matches) > 1:
-            raise ConfigError(f"override key {bare!r} is ambiguous", hint=f"use one of {', '.join(matches)}")
-        close = difflib.get_close_matches(bare, known + [k.rsplit(".", 1)[-1] for k in known], n=3)
-        raise ConfigError(
-            f"unknown setting {bare!r}",
-            hint=("did you mean " + " or ".join(close) + "? " if close else "") + "`segpipe config` lists every setting",
-        )
+        prefix = key[: len(key) - len(key.lstrip("+~"))]
+        bare = key[len(prefix):]
+        if prefix:
+            raise ConfigError(f"override {ov!r}: adding (+) or deleting (~) settings is not supported",
+                              hint="set an existing setting as key=value; `segpipe config` lists them")
+        if "/" in bare:
+            raise ConfigError(f"override {ov!r}: config group selection is not available here",
+                              hint="`segpipe config` lists every setting")
+        out.append(expand_key(bare, known) + "=" + value)
     return out
 
 
-def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Compose ``config.yaml`` with ``overrides``; returns a resolved ``DictConfig``."""
+def _group_of(full_key: str) -> str:
+    return full_key.split(".", 1)[0]
+
+
+def accepts(command: str, full_key: str) -> bool:
+    allowed = COMMAND_SETTINGS.get(command, ())
+    return "*" in allowed or full_key in allowed or _group_of(full_key) in allowed
+
+
+def command_settings(command: str) -> list[str]:
+    """The full keys ``command`` honours, in configuration order."""
+    keys = [k for k in all_settings() if accepts(command, k)]
+    return sorted(keys, key=lambda k: ("." in k, keys.index(k)))  # top-level settings first
+
+
+def check_command(command: str, full_keys: Iterable[str]) -> None:
+    """Refuse settings ``command`` does not use (they would otherwise be silently ignored)."""
+    bad = [k for k in full_keys if not accepts(command, k)]
+    if not bad:
+        return
+    takes = command_settings(command)
+    shown = ", ".join(k.rsplit(".", 1)[-1] if "." in k else k for k in takes) or "no settings"
+    extra = ""
+    if any(_group_of(k) == "dicom" for k in bad) and command in ("check", "plan", "preprocess", "train"):
+        extra = "; DICOM read options of a dataset go in its dataset.json (\"dicom\": {...})"
+    raise UsageError(f"`segpipe {command}` does not use the setting(s) {', '.join(bad)}",
+                     hint=f"it takes: {shown}{extra}")
+
+
+def _validate(cfg: Any) -> Any:
+    """Check every setting's type against the schema; returns a plain (non-structured) config."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RootSchema), cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        value = getattr(exc, "value", None)
+        want = _expected_type(str(key))
+        raise ConfigError(f"invalid value {value!r} for setting {key}" + (f" (expected {want})" if want else ""),
+                          hint="`segpipe config` shows every setting with its default") from None
+    out = OmegaConf.create(OmegaConf.to_container(merged, resolve=False))
+    return out
+
+
+def _expected_type(full_key: str) -> str:
+    import typing
+
+    obj: Any = RootSchema
+    for part in full_key.split("."):
+        hints = typing.get_type_hints(obj) if isinstance(obj, type) else {}
+        if part not in hints:
+            return ""
+        obj = hints[part]
+    text = getattr(obj, "__name__", None) or str(obj).replace("typing.", "")
+    return text.replace("Optional[", "").replace("]", " or null") if "Optional" in str(obj) else text
+
+
+def compose_config(overrides: Iterable[str] = (), *, command: str | None = None) -> Any:
+    """Compose ``config.yaml`` with ``overrides``; returns a resolved, type-checked ``DictConfig``.
+
+    With ``command``, settings that command does not use are refused.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     overrides = list(overrides)
+    expanded = _expand(overrides, all_settings())
+    if command is not None:
+        check_command(command, [ov.split("=", 1)[0] for ov in expanded])
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="segpipe"):
-            base = compose(config_name="config")
-            expanded = _expand(overrides, _flatten(base))
             cfg = compose(config_name="config", overrides=expanded)
-    except ConfigError:
-        raise
     except Exception as exc:  # Hydra's errors: override grammar, missing group options, ...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"invalid override(s) {' '.join(overrides)}: {msg}",
@@ -90,7 +254,37 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Any:
         OmegaConf.resolve(cfg)
     except Exception as exc:
         raise ConfigError(f"cannot resolve the configuration: {exc}") from None
-    return cfg
+    return _validate(cfg)
+
+
+def given_settings(command: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Map Python keyword settings (bare, aliased or full keys) to full keys, refusing unknown ones."""
+    known = all_settings()
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        full = expand_key(key, known)
+        if full in out:
+            raise ConfigError(f"setting {full} given twice ({key!r} and another name for it)")
+        out[full] = value
+    check_command(command, out)
+    return out
+
+
+def settings_config(command: str, settings: Mapping[str, Any]) -> Any:
+    """The defaults with ``settings`` (Python values, bare or full keys) merged in, type-checked."""
+    from omegaconf import OmegaConf
+
+    full = given_settings(command, settings)
+    base = OmegaConf.create(OmegaConf.to_container(_defaults()[0], resolve=False))
+    for key, value in full.items():
+        if key.startswith("planner.") and isinstance(value, (tuple, list, dict)):
+            value = OmegaConf.create(value) if isinstance(value, dict) else list(value)
+        OmegaConf.update(base, key, value, merge=False)
+    try:
+        OmegaConf.resolve(base)
+    except Exception as exc:
+        raise ConfigError(f"cannot resolve the configuration: {exc}") from None
+    return _validate(base)
 
 
 def to_container(cfg: Any) -> dict[str, Any]:
@@ -99,8 +293,44 @@ def to_container(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def resolve_work_dir(work_dir: str | os.PathLike[str] | None) -> Path:
-    """The workspace folder: ``work_dir`` if given, else ``$SEGPIPE_WORK``, else ``./segpipe_work``."""
-    if work_dir is None:
-        work_dir = os.environ.get("SEGPIPE_WORK") or DEFAULT_WORK_DIR
-    return Path(work_dir).expanduser().resolve()
+# ---------------------------------------------------------------------------- help text
+_COMMENT_RE = re.compile(r"^(\s*)([A-Za-z0-9_]+):\s*(.*?)\s*(?:#\s*(.*))?$")
+
+
+@lru_cache(maxsize=1)
+def setting_comments() -> dict[str, str]:
+    """The trailing ``# comment`` of every setting in ``conf/`` (full key → text), for help."""
+    out: dict[str, str] = {}
+    root = config_dir()
+    files = [(root / "config.yaml", "")] + [(p, p.parent.name + ".") for p in sorted(root.glob("*/default.yaml"))]
+    for path, prefix in files:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            m = _COMMENT_RE.match(line)
+            if m and not m.group(1) and m.group(2) != "defaults" and m.group(4):
+                out[prefix + m.group(2)] = m.group(4).strip()
+    return out
+
+
+def settings_help(command: str) -> str:
+    """Lines ``key=default  comment`` for each setting ``command`` takes (generated from conf/)."""
+    from omegaconf import OmegaConf
+
+    base = _defaults()[0]
+    comments = setting_comments()
+    rows = []
+    for key in command_settings(command):
+        node = OmegaConf.select(base, key, throw_on_resolution_failure=False)
+        raw = OmegaConf.to_container(base, resolve=False)
+        for part in key.split("."):
+            raw = raw.get(part) if isinstance(raw, dict) else None
+        default = raw if isinstance(raw, str) and raw.startswith("${") else node
+        text = "null" if default is None else (str(default).lower() if isinstance(default, bool) else str(default))
+        if isinstance(default, str) and default.startswith("${oc.env:"):
+            var, _, fallback = default[len("${oc.env:"):-1].partition(",")
+            text = f"${var} or {fallback}"
+        short = key.rsplit(".", 1)[-1]
+        rows.append((f"{short}={text}", comments.get(key, "")))
+    if not rows:
+        return "  (no settings)"
+    width = min(max(len(a) for a, _ in rows), 40)
+    return "\n".join(f"  {a.ljust(width)}  {b}".rstrip() for a, b in rows)

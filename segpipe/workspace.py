@@ -1,0 +1,230 @@
+"""The workspace: the one module that knows where every artefact lives.
+
+One workspace folder (``work_dir=``, else ``$SEGPIPE_WORK``, else ``./segpipe_work``) holds one
+subfolder per dataset::
+
+    <work_dir>/
+      <dataset>/
+        source.json            where the dataset came from (refuses a different one under the same name)
+        fingerprint.json       measured by `segpipe plan`
+        plans.json             planned configurations
+        plan_summary.md        the plan table, for people
+        dataset_report.png     spacing, size, intensity and class-volume distributions
+        splits_final.json      cross-validation folds
+        cache/<data id>/<case>/   preprocessed cases (see segpipe.preprocessing.Cache)
+        runs/<config>/fold_<k>/   training runs
+        exports/                  exported model folders
+      raw/                     datasets written by `segpipe demo`
+
+No other module builds a workspace path: they ask a :class:`Workspace` or a
+:class:`DatasetWorkspace` for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import StateError, UsageError
+
+DEFAULT_WORK_DIR = "segpipe_work"
+ENV_WORK_DIR = "SEGPIPE_WORK"
+SOURCE_FILE = "source.json"
+FINGERPRINT_FILE = "fingerprint.json"
+PLANS_FILE = "plans.json"
+PLAN_SUMMARY_FILE = "plan_summary.md"
+DATASET_REPORT_FILE = "dataset_report.png"
+SPLITS_FILE = "splits_final.json"
+RESERVED_NAMES = ("raw",)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def resolve_work_dir(work_dir: str | os.PathLike[str] | None) -> Path:
+    """The workspace folder: ``work_dir`` if given, else ``$SEGPIPE_WORK``, else ``./segpipe_work``."""
+    if work_dir is None or str(work_dir) == "":
+        work_dir = os.environ.get(ENV_WORK_DIR) or DEFAULT_WORK_DIR
+    return Path(work_dir).expanduser().resolve()
+
+
+def check_dataset_name(name: str) -> str:
+    """A dataset name usable as one folder of the workspace (no separators, not reserved)."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in RESERVED_NAMES or name in (".", ".."):
+        raise UsageError(f"dataset name {name!r} cannot name a workspace folder",
+                         hint="use letters, digits, '.', '_' or '-' (e.g. dataset_name=Hippocampus_v2), not 'raw'")
+    return name
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A workspace folder. Creating the object touches nothing; :meth:`ensure_writable` checks it."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, work_dir: str | os.PathLike[str] | None = None) -> Workspace:
+        return cls(resolve_work_dir(work_dir))
+
+    def ensure_writable(self) -> Workspace:
+        """Create the folder if needed and prove it is writable, before any long computation."""
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise StateError(f"work_dir {root} is a file, not a folder",
+                             hint="pass another work_dir=PATH (or remove that file)")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".segpipe-write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise StateError(f"work_dir {root} is not writable ({reason})",
+                             hint="pass a writable work_dir=PATH or set $SEGPIPE_WORK") from None
+        return self
+
+    @property
+    def raw_dir(self) -> Path:
+        """Where ``segpipe demo`` writes its generated datasets."""
+        return self.root / "raw"
+
+    def dataset(self, name: str) -> DatasetWorkspace:
+        return DatasetWorkspace(self, check_dataset_name(name))
+
+    def datasets(self) -> list[str]:
+        """Names of the datasets this workspace holds (those with a source record or a plan)."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in sorted(self.root.iterdir()):
+            if p.is_dir() and p.name not in RESERVED_NAMES and ((p / SOURCE_FILE).is_file() or (p / PLANS_FILE).is_file()):
+                out.append(p.name)
+        return out
+
+    def planned_datasets(self) -> list[str]:
+        return [n for n in self.datasets() if (self.root / n / PLANS_FILE).is_file()]
+
+    def only_dataset(self, command: str) -> DatasetWorkspace:
+        """The one planned dataset, for commands after ``plan`` given no dataset; else a clear error."""
+        names = self.planned_datasets()
+        if len(names) == 1:
+            return self.dataset(names[0])
+        if not names:
+            raise StateError(f"workspace {self.root} holds no planned dataset",
+                             hint=f"run `segpipe plan DATASET work_dir={self.root}` first, or pass the workspace as work_dir=PATH")
+        raise UsageError(f"workspace {self.root} holds {len(names)} planned datasets: {', '.join(names)}",
+                         hint=f"say which one: segpipe {command} dataset=NAME")
+
+
+@dataclass(frozen=True)
+class DatasetWorkspace:
+    """The folder of one dataset inside a workspace, and every artefact path in it."""
+
+    workspace: Workspace
+    name: str
+
+    @property
+    def root(self) -> Path:
+        return self.workspace.root / self.name
+
+    @property
+    def source_path(self) -> Path:
+        return self.root / SOURCE_FILE
+
+    @property
+    def fingerprint_path(self) -> Path:
+        return self.root / FINGERPRINT_FILE
+
+    @property
+    def plans_path(self) -> Path:
+        return self.root / PLANS_FILE
+
+    @property
+    def plan_summary_path(self) -> Path:
+        return self.root / PLAN_SUMMARY_FILE
+
+    @property
+    def dataset_report_path(self) -> Path:
+        return self.root / DATASET_REPORT_FILE
+
+    @property
+    def splits_path(self) -> Path:
+        return self.root / SPLITS_FILE
+
+    @property
+    def cache_root(self) -> Path:
+        return self.root / "cache"
+
+    def cache_dir(self, data_identifier: str) -> Path:
+        """One cache folder per data identifier: configurations on the same grid share it."""
+        return self.cache_root / data_identifier
+
+    def run_dir(self, configuration: str, fold: int | str) -> Path:
+        return self.root / "runs" / configuration / f"fold_{fold}"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.root / "exports"
+
+    # ------------------------------------------------------------------ source record
+    def source(self) -> dict[str, Any] | None:
+        """The recorded source of this dataset (``{"path", "layout", ...}``), or None."""
+        try:
+            data = json.loads(self.source_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def source_dataset_path(self) -> Path:
+        """The dataset folder this workspace entry was planned from."""
+        src = self.source()
+        if not src or not src.get("path"):
+            raise StateError(f"{self.root}: no record of the dataset it was planned from",
+                             hint=f"run `segpipe plan DATASET work_dir={self.workspace.root}` again")
+        return Path(src["path"])
+
+    def claim(self, dataset_root: str | os.PathLike[str], *, layout: str | None = None) -> None:
+        """Record that this entry holds the dataset at ``dataset_root``; refuse a different one.
+
+        Two datasets whose folders share a name would otherwise mix their fingerprints, plans and
+        caches. The record is written once; the same source again is fine.
+        """
+        from .io.atomic import write_text
+
+        src = str(Path(dataset_root).expanduser().resolve())
+        known = self.source()
+        if known is not None and known.get("path") and known["path"] != src:
+            raise StateError(
+                f"workspace {self.workspace.root} already holds a dataset named {self.name!r} from {known['path']}; "
+                f"{src} is a different folder",
+                hint="give this one another name (dataset_name=NAME) or use another work_dir=PATH")
+        if known is None or known.get("layout") != layout:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_text(self.source_path, json.dumps({"path": src, "layout": layout, "name": self.name},
+                                                    sort_keys=True, indent=1) + "\n")
+
+
+def find_dataset(work_dir: str | os.PathLike[str] | None, dataset: str | os.PathLike[str] | None,
+                 command: str) -> tuple[Workspace, DatasetWorkspace]:
+    """The workspace entry a command after ``plan`` works on.
+
+    ``dataset`` may be a workspace dataset name, a dataset folder that was planned (its recorded
+    source), or None when the workspace holds exactly one planned dataset.
+    """
+    ws = Workspace.at(work_dir)
+    if dataset is None or str(dataset) == "":
+        return ws, ws.only_dataset(command)
+    text = str(dataset)
+    if _NAME_RE.match(text) and (ws.root / text / PLANS_FILE).is_file():
+        return ws, ws.dataset(text)
+    folder = Path(text).expanduser().resolve()
+    for name in ws.planned_datasets():
+        src = ws.dataset(name).source()
+        if src and src.get("path") == str(folder):
+            return ws, ws.dataset(name)
+    planned = ws.planned_datasets()
+    raise StateError(f"dataset {text} is not planned in workspace {ws.root}"
+                     + (f" (planned: {', '.join(planned)})" if planned else ""),
+                     hint=f"run `segpipe plan {text} work_dir={ws.root}` first")

@@ -5,7 +5,8 @@ bounding box, so none are filled), per-channel statistics of the foreground (lab
 intensities plus a bounded random sample of them, per-class voxel counts and connected-component
 counts (full connectivity). Aggregated: per channel mean / std / median / 0.5 and 99.5
 percentiles of the pooled foreground samples (min and max are exact, over every foreground
-voxel), and per dataset the spacing and shape distributions and the class frequencies.
+voxel) and a histogram between those percentiles, and per dataset the spacing and shape
+distributions and the class frequencies.
 
 Sampling (differs from nnU-Net on purpose): nnU-Net draws ``10**8 // n_cases`` foreground
 voxels per case with replacement (seed 1234), i.e. up to 10⁸ samples held at once — the main
@@ -15,32 +16,36 @@ seeded with ``(1234, case index)`` so the result does not depend on which worker
 10⁴ samples per case over tens of cases pin the 0.5/99.5 percentiles to well under 1% of the
 intensity range; the pooled sample stays ≤ 40 kB per case and channel.
 
-Memory: cases are read by a process pool (``num_workers``, default the usable core count) with
-``imap`` one case at a time, so at most ``num_workers`` cases are in RAM; each worker returns only
-its small summary and its sample. The result is cached in ``fingerprint.json`` keyed by the
-dataset's file list, sizes and modification times (and the declared channels and labels).
+Memory: cases are read by :mod:`segpipe.parallel`'s worker pool (``num_workers``, default the
+usable core count), one case per worker at a time, so at most ``num_workers`` cases are in RAM;
+each worker returns only its small summary and its sample. A worker that dies (out of memory)
+stops the stage with a one-line error instead of a hang. The result is cached in
+``fingerprint.json`` keyed by the dataset's file list, sizes and modification times (and the
+declared channels and labels).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import sys
 from collections.abc import Iterator
+from contextlib import closing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .preprocess import crop_box
+from .parallel import default_num_workers  # noqa: F401  (re-exported from its old home)
+from .preprocessing import crop_box
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: per-channel foreground intensity histogram
 SAMPLE_SEED = 1234
 NNUNET_TOTAL_SAMPLES = 10**8
 MAX_SAMPLES_PER_CASE = 10_000
-FINGERPRINT_FILE = "fingerprint.json"
+FINGERPRINT_FILE = "fingerprint.json"  # the name; the path comes from segpipe.workspace (DatasetWorkspace.fingerprint_path)
+HISTOGRAM_BINS = 64
 
 __all__ = [
     "FINGERPRINT_FILE",
@@ -53,14 +58,6 @@ __all__ = [
     "load_fingerprint",
     "summarize_case",
 ]
-
-
-def default_num_workers() -> int:
-    """Usable CPU cores (the affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return max(1, os.cpu_count() or 1)
 
 
 def samples_per_case(n_cases: int) -> int:
@@ -136,14 +133,6 @@ def summarize_case(image: np.ndarray, label: np.ndarray | None, spacing: Any, *,
     return summary, sample
 
 
-_WORKER_DATASET: Any = None
-
-
-def _init_worker(dataset: Any) -> None:
-    global _WORKER_DATASET
-    _WORKER_DATASET = dataset
-
-
 def _read(case: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray | None, Any]:
     from .io.datasets import read_case
 
@@ -151,39 +140,27 @@ def _read(case: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray | None, Any]:
     return data.image, data.label, data.geometry.spacing
 
 
-def _case_task(args: tuple[int, Any, int]) -> tuple[int, dict[str, Any], np.ndarray]:
+def _case_task(dataset: Any, args: tuple[int, Any, int]) -> tuple[dict[str, Any], np.ndarray]:
     index, case, n_samples = args
-    image, label, spacing = _read(case, _WORKER_DATASET)
-    summary, sample = summarize_case(image, label, spacing, case_id=case.id, case_index=index, n_samples=n_samples)
-    return index, summary, sample
+    image, label, spacing = _read(case, dataset)
+    return summarize_case(image, label, spacing, case_id=case.id, case_index=index, n_samples=n_samples)
 
 
 def _iter_cases(dataset: Any, num_workers: int) -> Iterator[tuple[int, dict[str, Any], np.ndarray]]:
+    """``(index, summary, sample)`` per labelled case, in completion order (see :mod:`segpipe.parallel`)."""
+    from .parallel import parallel_map
+
     cases = list(dataset.cases)
     n = samples_per_case(len(cases))
     tasks = [(i, c, n) for i, c in enumerate(cases)]
-    workers = min(num_workers, len(tasks))
-    if workers <= 1:
-        _init_worker(dataset)
-        try:
-            yield from map(_case_task, tasks)
-        finally:
-            _init_worker(None)
-        return
-    # The first case runs here: it imports the reader's modules (nibabel/SimpleITK, scipy) once in the
-    # parent, so forked workers inherit them instead of each importing them again (~1 s of CPU each).
-    _init_worker(dataset)
-    try:
-        yield _case_task(tasks[0])
-    finally:
-        _init_worker(None)
-    tasks = tasks[1:]
-    # fork where available: workers start instantly and share the parent's imported modules, and
-    # (unlike spawn/forkserver) the caller's __main__ is not re-imported, so scripts calling the
-    # API need no `if __name__ == "__main__"` guard. Workers only use numpy/scipy/SimpleITK.
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(dataset,)) as pool:
-        yield from pool.imap(_case_task, tasks, chunksize=1)
+    # The first case runs here (first_in_parent): it imports the reader's modules (nibabel/SimpleITK,
+    # scipy) once in the parent, so forked workers inherit them instead of each importing them again
+    # (~1 s of CPU each). The dataset is bound to the task, so forked workers inherit it unpickled.
+    results = parallel_map(partial(_case_task, dataset), tasks, num_workers=num_workers, desc="fingerprint",
+                           names=lambda i: f"case {cases[i].id}", context=str(dataset.root), first_in_parent=True)
+    with closing(results):
+        for index, (summary, sample) in results:
+            yield index, summary, sample
 
 
 # ---------------------------------------------------------------------------- aggregate
@@ -196,6 +173,20 @@ def _axis_stats(rows: np.ndarray) -> dict[str, list[float]]:
         "percentile_10": [float(v) for v in np.percentile(rows, 10, axis=0)],
         "percentile_90": [float(v) for v in np.percentile(rows, 90, axis=0)],
     }
+
+
+def _histogram(values: np.ndarray, lo: float, hi: float, bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
+    """Histogram of the pooled foreground sample over [``lo``, ``hi``] (its 0.5/99.5 percentiles).
+
+    Counts are of sampled voxels (every case weighs the same); ``below``/``above`` count the samples
+    outside the range. Bin edges are ``linspace(lo, hi, bins + 1)``.
+    """
+    v = values.astype(np.float64, copy=False)
+    if not hi > lo:  # a constant foreground: one bin around it
+        lo, hi = lo - 0.5, lo + 0.5
+    counts, _ = np.histogram(v, bins=bins, range=(lo, hi))
+    return {"range": [float(lo), float(hi)], "bins": int(bins), "counts": [int(n) for n in counts],
+            "below": int(np.count_nonzero(v < lo)), "above": int(np.count_nonzero(v > hi))}
 
 
 def _aggregate(dataset: Any, summaries: list[dict[str, Any]], samples: list[np.ndarray]) -> dict[str, Any]:
@@ -211,6 +202,8 @@ def _aggregate(dataset: Any, summaries: list[dict[str, Any]], samples: list[np.n
             stats["min"] = float(min(p["min"] for p in per_case))
             stats["max"] = float(max(p["max"] for p in per_case))
         stats["n_samples"] = stats.pop("n")
+        if values.size:
+            stats["histogram"] = _histogram(values, stats["percentile_00_5"], stats["percentile_99_5"])
         intensity[str(c)] = stats
     spacings = np.array([s["spacing"] for s in summaries], dtype=np.float64)
     shapes = np.array([s["shape_after_crop"] for s in summaries], dtype=np.float64)
@@ -254,11 +247,12 @@ def compute_fingerprint(dataset: Any, *, num_workers: int | None = None) -> dict
     same dict whatever ``num_workers`` is.
     """
     from .errors import DatasetError
+    from .parallel import resolve_num_workers
 
     if not dataset.cases:
         raise DatasetError(f"{dataset.root}: no labelled training cases to fingerprint",
                            hint="add cases with labels (imagesTr/labelsTr) to the dataset")
-    workers = default_num_workers() if num_workers is None else max(1, int(num_workers))
+    workers = resolve_num_workers(num_workers)
     n_cases = len(dataset.cases)
     summaries: list[dict[str, Any]] = [{} for _ in range(n_cases)]
     samples: list[np.ndarray] = [np.zeros((0, 0), np.float32)] * n_cases
@@ -301,48 +295,54 @@ def dataset_signature(dataset: Any) -> dict[str, Any]:
 
 
 def dumps(data: dict[str, Any]) -> str:
-    """Canonical JSON text (sorted keys, fixed indent, trailing newline): same data, same bytes."""
-    return json.dumps(data, sort_keys=True, indent=1, allow_nan=False) + "\n"
+    """Alias of :func:`segpipe.io.jsonio.dumps` (canonical JSON text)."""
+    from .io.jsonio import dumps as canonical
+
+    return canonical(data)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
-    from .io.atomic import write_text
+def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
+    """Alias of :func:`segpipe.io.jsonio.write_json`."""
+    from .io.jsonio import write_json
 
-    return write_text(path, dumps(data))
+    return write_json(path, data)
 
 
 def load_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    from .errors import StateError
+    """Read a ``fingerprint.json``; missing or corrupt → StateError with the command that rebuilds it."""
+    from .io.jsonio import read_json
 
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StateError(f"{p}: no fingerprint", hint="run `segpipe plan DATASET` first") from None
-    except json.JSONDecodeError as exc:
-        raise StateError(f"{p}: unreadable fingerprint ({exc.msg})", hint="rerun `segpipe plan DATASET force=true`") from None
+    data: dict[str, Any] = read_json(path, what="fingerprint", hint="rerun `segpipe plan DATASET force=true`")
     return data
 
 
-def fingerprint_dataset(dataset: Any, out_dir: str | os.PathLike[str], *, force: bool = False,
+def fingerprint_dataset(dataset: Any, path: str | os.PathLike[str], *, force: bool = False,
                         num_workers: int | None = None) -> dict[str, Any]:
-    """Fingerprint ``dataset`` into ``out_dir/fingerprint.json``, reusing it when the dataset is unchanged.
+    """Fingerprint ``dataset`` into the JSON file ``path``, reusing it when the dataset is unchanged.
 
-    The cache is valid while the signature (file list, sizes, modification times, channels, labels,
-    fingerprint version) matches; ``force=True`` recomputes regardless.
+    ``path`` is the fingerprint file (``DatasetWorkspace.fingerprint_path``); a path without a
+    ``.json`` suffix is taken as the folder to hold ``fingerprint.json``. The cache is valid while
+    the signature (file list, sizes, modification times, channels, labels, fingerprint version)
+    matches; ``force=True`` recomputes regardless. A corrupt cache file is recomputed.
     """
-    path = Path(out_dir) / FINGERPRINT_FILE
+    from .io.atomic import write_text
+    from .io.jsonio import dumps as canonical
+
+    path = Path(path)
+    if path.suffix != ".json":
+        path = path / FINGERPRINT_FILE
     signature = dataset_signature(dataset)
     if not force and path.is_file():
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             cached = None
         if isinstance(cached, dict) and cached.get("source") == signature:
             return cached
     fingerprint = compute_fingerprint(dataset, num_workers=num_workers)
     fingerprint["source"] = signature
     # Round-trip through JSON so the returned dict is exactly what a later cache hit returns.
-    text = dumps(fingerprint)
-    write_json_atomic(path, fingerprint)
-    return json.loads(text)
+    text = canonical(fingerprint)
+    write_text(path, text)
+    result: dict[str, Any] = json.loads(text)
+    return result

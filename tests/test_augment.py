@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from segpipe.augment import AugmentConfig, Augmenter, bg_contrast, is_dummy_2d, mirror
 from segpipe.data import PatchSampler
-from segpipe.preprocess import sample_locations
+from segpipe.data.augment import AugmentConfig, Augmenter, bg_contrast, is_dummy_2d, mirror
+from segpipe.preprocessing import sample_locations
 
 OFF = AugmentConfig.none()
 
@@ -157,7 +157,7 @@ def test_intensity_transforms_keep_their_invariants() -> None:
 def test_blur_matches_scipy_and_keeps_constants() -> None:
     from scipy.ndimage import gaussian_filter1d
 
-    from segpipe.augment import _gaussian_1d, _kernel_size
+    from segpipe.data.augment import _gaussian_1d, _kernel_size
 
     x = torch.randn(3, 9, 10, 11)
     sig = np.array([0.5, 0.8, 1.0])  # kernels of 3, 5 and 7 taps (batchgeneratorsv2's 6σ rule)

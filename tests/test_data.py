@@ -20,7 +20,7 @@ from segpipe.data import (
     make_splits,
 )
 from segpipe.errors import DataError, StateError, UsageError
-from segpipe.preprocess import sample_locations
+from segpipe.preprocessing import sample_locations
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hippocampus"
 
@@ -252,7 +252,7 @@ def test_worker_stream_is_deterministic(cache: Path) -> None:
 
 
 def test_device_augmentation_path_matches_worker_path(cache: Path) -> None:
-    from segpipe.augment import Augmenter
+    from segpipe.data.augment import Augmenter
 
     sampler = PatchSampler(cache, ["case_0", "case_1"], (10, 12, 10))
     aug = Augmenter((10, 12, 10))

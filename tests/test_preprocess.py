@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from segpipe import Geometry, load_dataset, read_case, write_image
 from segpipe.demo_data import make_case
-from segpipe.preprocess import (
+from segpipe.preprocessing import (
     ChannelNorm,
     PreprocessSpec,
     crop_box,

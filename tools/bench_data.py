@@ -184,7 +184,7 @@ SEGPIPE_PREPROCESS = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[2])
 from segpipe.io.datasets import load_dataset
-from segpipe.preprocess import ChannelNorm, PreprocessSpec, preprocess_dataset
+from segpipe.preprocessing import ChannelNorm, PreprocessSpec, preprocess_dataset
 a = json.loads(sys.argv[1])
 spec = PreprocessSpec(spacing=tuple(a["spacing"]), transpose=tuple(a["transpose"]),
                       normalization=tuple(ChannelNorm.from_dict(n) for n in a["norm"]))

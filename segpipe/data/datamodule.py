@@ -1,0 +1,160 @@
+"""The batch stream, validation patches and the ``LightningDataModule``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import StateError
+from .augment import AugmentConfig, Augmenter
+from .sampler import OVERSAMPLE_FOREGROUND, PatchSampler, finish_batch
+from .splits import fold_cases, load_or_create_splits
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def worker_init(_: int) -> None:
+    """One intra-op thread per loader worker (the workers are the parallelism), as nnU-Net."""
+    torch.set_num_threads(1)
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """An endless stream of (augmented) training batches.
+
+    Worker ``w`` of an iterator started for the ``e``-th time draws batch ``k`` from
+    ``default_rng([seed, w, e, k])``: deterministic given the seed and the number of workers (the
+    loader interleaves workers in order). With ``augment_on_device`` the batches leave the worker
+    un-augmented (regions included) and :class:`SegDataModule` augments them after the transfer.
+    """
+
+    def __init__(self, sampler: PatchSampler, batch_size: int, augmenter: Augmenter | None, *, seed: int = 0,
+                 augment_in_worker: bool = True):
+        super().__init__()
+        self.sampler, self.batch_size, self.augmenter = sampler, int(batch_size), augmenter
+        self.seed, self.augment_in_worker = int(seed), augment_in_worker
+        self._starts = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        wid, _ = _worker()
+        start = self._starts
+        self._starts += 1
+        for k in count():
+            rng = np.random.default_rng([self.seed, wid, start, k])
+            batch = self.sampler.sample(rng, self.batch_size, self.augmenter)
+            if self.augment_in_worker:
+                batch = finish_batch(batch, self.augmenter)
+                batch.pop("flags", None)
+            yield batch
+
+
+class ValidationPatches(torch.utils.data.Dataset):
+    """``num_batches`` fixed batches (same every epoch, seeded, no augmentation), with the same
+    foreground oversampling as training — the patches nnU-Net's pseudo-Dice is computed on."""
+
+    def __init__(self, sampler: PatchSampler, batch_size: int, num_batches: int = 50, *, seed: int = 0):
+        self.sampler, self.batch_size, self.num_batches, self.seed = sampler, int(batch_size), int(num_batches), seed
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < self.num_batches:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, 7919, i])
+        return finish_batch(self.sampler.sample(rng, self.batch_size, None), None)
+
+
+def default_num_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
+try:
+    import lightning as L
+
+    _LightningDataModule: Any = L.LightningDataModule
+except ImportError:  # pragma: no cover - lightning is a dependency
+    _LightningDataModule = object
+
+
+class SegDataModule(_LightningDataModule):
+    """Training and validation batches for one configuration and fold.
+
+    Training: :class:`TrainStream` through a ``DataLoader`` with ``num_workers`` persistent workers
+    (default: the usable cores), ``pin_memory`` on CUDA; one batch per loader step
+    (``batch_size=None``). With ``augment_on_device=True`` the workers only cut patches and the
+    augmentation runs on the training device after the transfer (``on_after_batch_transfer``).
+    Validation: :class:`ValidationPatches`.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str], train_cases: Sequence[str], val_cases: Sequence[str], *,
+                 patch_size: Sequence[int], batch_size: int, slab_neighbors: int = 0,
+                 oversample_foreground: float = OVERSAMPLE_FOREGROUND, augment: AugmentConfig | None = None,
+                 num_workers: int | None = None, seed: int = 12345, num_val_batches: int = 50,
+                 augment_on_device: bool = False, image_pad: float = 0.0, label_pad: int = 0):
+        super().__init__()
+        self.cache_dir = Path(cache_dir)
+        self.train_cases, self.val_cases = list(train_cases), list(val_cases)
+        self.patch_size, self.batch_size = tuple(int(p) for p in patch_size), int(batch_size)
+        self.slab_neighbors, self.oversample_foreground = int(slab_neighbors), float(oversample_foreground)
+        self.augment_config = augment if augment is not None else AugmentConfig()
+        self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
+        self.seed, self.num_val_batches = int(seed), int(num_val_batches)
+        self.augment_on_device, self.image_pad, self.label_pad = augment_on_device, image_pad, label_pad
+        self.augmenter = Augmenter(self.patch_size, self.augment_config)
+        self._train: TrainStream | None = None
+        self._val: ValidationPatches | None = None
+
+    @classmethod
+    def for_fold(cls, cache_dir: str | os.PathLike[str], splits_path: str | os.PathLike[str], fold: int | str,
+                 **kwargs: Any) -> SegDataModule:
+        """Cases of ``fold`` from ``splits_path`` (created over the cached cases when missing)."""
+        cdir = Path(cache_dir)
+        ids = sorted(p.stem for p in cdir.glob("*.json") if not p.name.startswith("."))
+        train, val = fold_cases(load_or_create_splits(splits_path, ids), fold)
+        return cls(cdir, train, val, **kwargs)
+
+    def _sampler(self, cases: Sequence[str]) -> PatchSampler:
+        return PatchSampler(self.cache_dir, cases, self.patch_size, oversample_foreground=self.oversample_foreground,
+                            slab_neighbors=self.slab_neighbors, image_pad=self.image_pad, label_pad=self.label_pad)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is None:
+            self._train = TrainStream(self._sampler(self.train_cases), self.batch_size, self.augmenter,
+                                      seed=self.seed, augment_in_worker=not self.augment_on_device)
+        if self._val is None and self.val_cases:
+            self._val = ValidationPatches(self._sampler(self.val_cases), self.batch_size, self.num_val_batches,
+                                          seed=self.seed)
+
+    def _loader(self, dataset: Any, workers: int) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init if workers > 0 else None,
+            prefetch_factor=2 if workers > 0 else None)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        self.setup("fit")
+        return self._loader(self._train, self.num_workers)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        self.setup("fit")
+        if self._val is None:
+            raise StateError("this fold has no validation cases", hint="use a numbered fold, or skip validation")
+        return self._loader(self._val, min(self.num_workers, 1))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.augment_on_device and isinstance(batch, dict) and "region_image" in batch:
+            batch = finish_batch(batch, self.augmenter)
+            batch.pop("flags", None)
+        return batch

@@ -1,0 +1,202 @@
+"""Random patches from the preprocessing cache (:class:`PatchSampler`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import StateError, UsageError
+from .augment import Augmenter
+
+OVERSAMPLE_FOREGROUND = 0.33
+
+
+def _crop(array: np.ndarray, lower: Sequence[int], size: Sequence[int], pad: float, out: np.ndarray) -> None:
+    """Copy ``array[..., lower:lower+size]`` (last 3 axes) into ``out``, ``pad`` outside the array."""
+    shape = array.shape[-3:]
+    src, dst = [], []
+    for lo, n, s in zip(lower, size, shape):
+        a, b = max(lo, 0), min(lo + n, s)
+        if b <= a:
+            out[...] = pad
+            return
+        src.append(slice(a, b))
+        dst.append(slice(a - lo, b - lo))
+    lead = (slice(None),) * (array.ndim - 3)
+    if any(d.start > 0 or d.stop < n for d, n in zip(dst, size)):
+        out[...] = pad
+    out[(*lead, *dst)] = array[(*lead, *src)]
+
+
+class PatchSampler:
+    """Random patches from cached cases (``segpipe.preprocess`` cache, memory-mapped).
+
+    ``patch_size``: 3 entries (3-D) or 2 (2-D slices along axis 0). ``slab_neighbors=k`` (2-D
+    only) adds the k slices on each side as channels. Arrays are opened lazily in each process
+    (memory maps are not pickled into workers).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str], case_ids: Sequence[str], patch_size: Sequence[int], *,
+                 oversample_foreground: float = OVERSAMPLE_FOREGROUND, slab_neighbors: int = 0,
+                 image_pad: float = 0.0, label_pad: int = 0, mmap: bool = True):
+        from ..preprocessing import cached_properties
+
+        self.cache_dir = Path(cache_dir)
+        self.case_ids = list(case_ids)
+        if not self.case_ids:
+            raise StateError("no cases to sample from", hint="check the fold's case list and the cache")
+        self.patch_size = tuple(int(p) for p in patch_size)
+        if len(self.patch_size) not in (2, 3) or min(self.patch_size) < 1:
+            raise UsageError(f"patch_size must be 2 or 3 positive sizes, got {tuple(patch_size)}")
+        self.is_2d = len(self.patch_size) == 2
+        if slab_neighbors and not self.is_2d:
+            raise UsageError("slab_neighbors needs a 2-D patch_size (2.5-D slabs are 2-D samples)")
+        self.slab_neighbors = int(slab_neighbors)
+        self.patch3 = (2 * self.slab_neighbors + 1, *self.patch_size) if self.is_2d else self.patch_size
+        self.oversample_foreground = float(oversample_foreground)
+        self.image_pad, self.label_pad, self.mmap = float(image_pad), int(label_pad), mmap
+        self.shapes: list[tuple[int, int, int]] = []
+        self.locations: list[dict[int, np.ndarray]] = []
+        max_classes = 0
+        for cid in self.case_ids:
+            props = cached_properties(self.cache_dir, cid)
+            if props is None:
+                raise StateError(f"{self.cache_dir}: case {cid} is not in the cache", hint="run `segpipe preprocess`")
+            self.shapes.append(tuple(int(s) for s in props["shape_after_resample"]))
+            max_classes = max(max_classes, int(props.get("num_classes", 256)))
+            locs = {int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)
+                    for k, v in (props.get("class_locations") or {}).items() if len(v)}
+            self.locations.append(locs)
+        # labels travel compact (uint8 unless classes or padding need int16): a batch crosses the
+        # worker -> main process boundary through shared memory, and int64 labels were 2/3 of it
+        fits = max_classes <= 256 and 0 <= self.label_pad <= 255
+        self.label_dtype = np.uint8 if fits else np.int16
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"] = {}
+        return state
+
+    @property
+    def channels(self) -> int:
+        """Image channels of a sample (slab slices included)."""
+        c = self._case(0)[0].shape[0]
+        return c * (2 * self.slab_neighbors + 1) if self.is_2d else c
+
+    def _case(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        arr = self._arrays.get(i)
+        if arr is None:
+            from ..preprocessing import load_cached_case
+
+            image, label, _ = load_cached_case(self.cache_dir, self.case_ids[i], mmap=self.mmap)
+            arr = self._arrays[i] = (image, label)
+        return arr
+
+    def forced(self, batch_size: int) -> np.ndarray:
+        """Which samples of a batch are centred on foreground (nnU-Net: the last ones)."""
+        n_free = round(batch_size * (1 - self.oversample_foreground))
+        return np.arange(batch_size) >= n_free
+
+    def draw(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(case indices [B], patch centres [B, 3]) for one batch."""
+        cases = rng.integers(len(self.case_ids), size=batch_size)
+        centres = np.zeros((batch_size, 3), dtype=np.int64)
+        p = np.asarray(self.patch3)
+        for b, (i, force) in enumerate(zip(cases, self.forced(batch_size))):
+            shape = np.asarray(self.shapes[i])
+            d = p - shape
+            lo = np.minimum(0, -((d + 1) // 2))  # -ceil(d/2) when the image is smaller
+            hi = np.maximum(shape - p, -(d // 2))
+            voxel = None
+            locs = self.locations[i]
+            if force and locs:
+                classes = sorted(locs)
+                pts = locs[classes[rng.integers(len(classes))]]
+                voxel = pts[rng.integers(len(pts))]
+            if voxel is not None:
+                lower = np.clip(voxel - p // 2, lo, hi)
+            else:
+                lower = np.array([rng.integers(a, b + 1) for a, b in zip(lo, hi)])
+            if self.is_2d:  # the slab is centred on the slice, whatever the borders
+                lower[0] = (voxel[0] if voxel is not None else rng.integers(shape[0])) - self.slab_neighbors
+            centres[b] = lower + p // 2
+        return cases, centres
+
+    def crop(self, case: int, centre: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Image [C, *size] float32 and label [*size] (:attr:`label_dtype`) around ``centre`` (3-D sizes)."""
+        image, label = self._case(case)
+        size = tuple(int(s) for s in size)
+        lower = [int(c) - s // 2 for c, s in zip(centre, size)]
+        img = np.empty((image.shape[0], *size), dtype=np.float32)
+        _crop(image, lower, size, self.image_pad, img)
+        lab = np.empty(size, dtype=self.label_dtype)
+        if label is None:
+            lab[...] = self.label_pad
+        else:
+            _crop(label, lower, size, self.label_pad, lab)
+        return img, lab
+
+    def _to_sample(self, img: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """3-D crops [C, S, Y, X] → the sample layout (2-D: slices to channels, label's centre slice)."""
+        if not self.is_2d:
+            return img, lab[None]
+        c, s = img.shape[:2]
+        return img.reshape(c * s, *img.shape[2:]), lab[self.slab_neighbors][None]
+
+    def sample(self, rng: np.random.Generator, batch_size: int, augmenter: Augmenter | None = None) -> dict[str, Any]:
+        """One batch, not yet augmented, as a dict of tensors (see :meth:`Augmenter.__call__`).
+
+        With an ``augmenter`` its spatial parameters are drawn first and the samples to rotate or
+        scale are cut as larger regions (``region_image``/``region_label``, common size within the
+        batch) for the augmenter to resample.
+        """
+        cases, centres = self.draw(rng, batch_size)
+        draw = augmenter.draw_spatial(rng, batch_size) if augmenter is not None else None
+        sidx = np.flatnonzero(draw.transformed) if draw is not None else np.zeros(0, dtype=int)
+        c_img = self.channels
+        nd = len(self.patch_size)
+        image = np.zeros((batch_size, c_img, *self.patch_size), dtype=np.float32)
+        label = np.zeros((batch_size, 1, *self.patch_size), dtype=self.label_dtype)
+        region = tuple(int(r) for r in draw.region[sidx].max(axis=0)) if sidx.size else self.patch_size
+        region3 = (self.patch3[0], *region) if self.is_2d else region
+        r_img = np.zeros((sidx.size, c_img, *region), dtype=np.float32)
+        r_lab = np.zeros((sidx.size, 1, *region), dtype=self.label_dtype)
+        slot = {int(b): j for j, b in enumerate(sidx)}
+        for b in range(batch_size):
+            if b in slot:
+                img, lab = self._to_sample(*self.crop(cases[b], centres[b], region3))
+                r_img[slot[b]], r_lab[slot[b]] = img, lab
+            else:
+                img, lab = self._to_sample(*self.crop(cases[b], centres[b], self.patch3))
+                image[b], label[b] = img, lab
+        zeros = np.zeros(batch_size, dtype=bool)
+        return {
+            "image": torch.from_numpy(image),
+            "label": torch.from_numpy(label),
+            "region_image": torch.from_numpy(r_img),
+            "region_label": torch.from_numpy(r_lab),
+            "matrix": torch.from_numpy(draw.matrix[sidx] if draw is not None else np.zeros((0, nd, nd))),
+            "spatial_index": torch.from_numpy(sidx.astype(np.int64)),
+            "rotated": torch.from_numpy(draw.rotated if draw is not None else zeros),
+            "scaled": torch.from_numpy(draw.scaled if draw is not None else zeros),
+            "case": [self.case_ids[i] for i in cases],
+            "centre": torch.from_numpy(centres),
+            "seed": int(rng.integers(2**62)),
+        }
+
+
+def finish_batch(batch: dict[str, Any], augmenter: Augmenter | None) -> dict[str, Any]:
+    """Augment (when ``augmenter``) and drop the sampling internals: ``image`` (float32), ``label``
+    (uint8, or int16 beyond 255 classes / with negative padding: call ``.long()`` on the device),
+    ``case``, ``centre`` and, after augmentation, ``flags``."""
+    if augmenter is not None:
+        return augmenter(batch)
+    out = {k: v for k, v in batch.items()
+           if k not in ("region_image", "region_label", "matrix", "spatial_index", "rotated", "scaled", "seed")}
+    return out

@@ -1,0 +1,96 @@
+"""The forward steps of one case (:func:`preprocess_arrays`) and their inverse (:func:`restore`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..geometry import Geometry
+from .crop import crop_box
+from .normalization import normalize
+from .resampling import resample, resample_label, separate_z_axis
+from .spec import LOCATIONS_SEED, MAX_LOCATIONS_PER_CLASS, PREPROCESS_VERSION, PreprocessSpec
+
+
+def sample_locations(label: np.ndarray, num_classes: int, seed: int = LOCATIONS_SEED,
+                     max_per_class: int = MAX_LOCATIONS_PER_CLASS) -> dict[str, list[list[int]]]:
+    """Up to ``max_per_class`` random voxel coordinates (z, y, x) of each foreground class present."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[list[int]]] = {}
+    for c in range(1, num_classes):
+        idx = np.flatnonzero(label.ravel() == c)
+        if idx.size == 0:
+            continue
+        if idx.size > max_per_class:
+            idx = np.sort(rng.choice(idx, size=max_per_class, replace=False))
+        out[str(c)] = np.stack(np.unravel_index(idx, label.shape), axis=1).astype(int).tolist()
+    return out
+
+
+def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, geometry: Geometry, spec: PreprocessSpec,
+                      num_classes: int) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Apply the forward steps to one case; returns (image, label, properties)."""
+    tr = list(spec.transpose)
+    img = np.transpose(image, [0] + [a + 1 for a in tr])
+    lab = np.transpose(label, tr) if label is not None else None
+    spacing = [geometry.spacing[a] for a in tr]
+    box = crop_box(img)
+    sl = tuple(slice(lo, hi) for lo, hi in box)
+    shape_before_crop = list(img.shape[1:])
+    img = img[(slice(None), *sl)]
+    lab = lab[sl] if lab is not None else None
+    img, used = normalize(img, spec.normalization)
+    cropped_shape = list(img.shape[1:])
+    target = [float(s) for s in spec.spacing]
+    if not spec.resample_slices:
+        target[0] = float(spacing[0])
+    new_shape = [max(1, int(round(n * s / t))) for n, s, t in zip(cropped_shape, spacing, target)]
+    sep = separate_z_axis(spacing, spec.separate_z_ratio) if new_shape != cropped_shape else None
+    img = resample(img, new_shape, kind="cubic", separate_axis=sep)
+    if lab is not None:
+        lab = resample_label(lab, new_shape, num_classes, separate_axis=sep)
+    props = {
+        "version": PREPROCESS_VERSION,
+        "original_geometry": geometry.to_dict(),
+        "transpose": tr,
+        "shape_before_crop": shape_before_crop,
+        "crop_box": box,
+        "shape_after_crop": cropped_shape,
+        "spacing_before_resample": spacing,
+        "spacing": target,
+        "shape_after_resample": new_shape,
+        "separate_axis": sep,
+        "normalization": used,
+        "num_classes": num_classes,
+        "class_locations": sample_locations(lab, num_classes) if lab is not None else {},
+    }
+    return img, lab, props
+
+
+def restore(prediction: np.ndarray, properties: dict[str, Any], *, is_label: bool | None = None) -> np.ndarray:
+    """The exact inverse of the forward steps: back to the original grid and axis order.
+
+    ``prediction`` is either class probabilities/logits [K, Z', Y', X'] (resampled linearly, then
+    returned as [K, Z, Y, X] with background = 1 outside the crop box) or a label map
+    [Z', Y', X'] (resampled linear-on-one-hot, returned as [Z, Y, X], 0 outside the box).
+    The result lies on ``Geometry.from_dict(properties["original_geometry"])``.
+    """
+    if is_label is None:
+        is_label = prediction.ndim == 3
+    crop_shape = properties["shape_after_crop"]
+    sep = properties.get("separate_axis")
+    full = properties["shape_before_crop"]
+    inverse = np.argsort(properties["transpose"]).tolist()
+    box = properties["crop_box"]
+    sl = tuple(slice(lo, hi) for lo, hi in box)
+    if is_label:
+        lab = resample_label(prediction, crop_shape, int(properties["num_classes"]), separate_axis=sep)
+        out = np.zeros(full, dtype=lab.dtype)
+        out[sl] = lab
+        return np.ascontiguousarray(np.transpose(out, inverse))
+    probs = resample(prediction, crop_shape, kind="linear", separate_axis=sep)
+    out = np.zeros((probs.shape[0], *full), dtype=np.float32)
+    out[0] = 1.0  # outside the crop box: background
+    out[(slice(None), *sl)] = probs
+    return np.ascontiguousarray(np.transpose(out, [0] + [a + 1 for a in inverse]))

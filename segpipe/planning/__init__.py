@@ -34,12 +34,14 @@ numbers only — never class paths; :mod:`segpipe.networks` turns a :class:`Plan
 
 The package: :mod:`.settings` (constants, :class:`PlanSettings`), :mod:`.plan` (the data model
 and ``plans.json`` IO), :mod:`.memory` (topology rules and the memory model), :mod:`.planner`
-(the rules that turn a fingerprint into a plan).
+(the rules that turn a fingerprint into a plan; ``run_planning`` writes a dataset's workspace
+entry), :mod:`.report` (``plan_summary.md`` and ``dataset_report.png``, for people).
 """
 
 from .memory import attention_hidden, estimate_gpu_bytes, estimate_training_bytes, memory_breakdown, topology
 from .plan import ChannelNormalization, Plan, PlanConfig, load_plan, plans_json, save_plan
-from .planner import fingerprint_digest, make_plan, plan_summary_rows, run_planning, target_spacing
+from .planner import PlanningResult, fingerprint_digest, make_plan, plan_summary_rows, run_planning, target_spacing
+from .report import plan_summary_markdown, write_dataset_report, write_plan_summary
 from .settings import (
     AMP_ACTIVATION_FACTOR,
     ANISOTROPY_THRESHOLD,
@@ -51,12 +53,14 @@ from .settings import (
     PLANS_FILE,
     SCHEMA_VERSION,
     PlanSettings,
+    did_you_mean,
 )
 
 __all__ = [
     "AMP_ACTIVATION_FACTOR", "ANISOTROPY_THRESHOLD", "ARCHITECTURES", "CONFIGURATIONS", "ChannelNormalization",
     "GPU_FIXED_BYTES", "GPU_SLACK", "NORMALIZATION_SCHEMES", "PLANS_FILE", "Plan", "PlanConfig", "PlanSettings",
-    "SCHEMA_VERSION", "attention_hidden", "estimate_gpu_bytes", "estimate_training_bytes", "fingerprint_digest",
-    "load_plan", "make_plan", "memory_breakdown", "plan_summary_rows", "plans_json", "run_planning", "save_plan",
-    "target_spacing", "topology",
+    "PlanningResult", "SCHEMA_VERSION", "attention_hidden", "did_you_mean", "estimate_gpu_bytes",
+    "estimate_training_bytes", "fingerprint_digest", "load_plan", "make_plan", "memory_breakdown",
+    "plan_summary_markdown", "plan_summary_rows", "plans_json", "run_planning", "save_plan", "target_spacing",
+    "topology", "write_dataset_report", "write_plan_summary",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, StateError
+from ..io.jsonio import dumps, read_json, write_json
 from .settings import PLANS_FILE, SCHEMA_VERSION
 
 
@@ -171,28 +171,24 @@ class Plan:
 
 
 def plans_json(plan: Plan) -> str:
-    """Canonical text of a plan (sorted keys): the same plan always gives the same bytes."""
-    return json.dumps(plan.to_dict(), sort_keys=True, indent=1, allow_nan=False) + "\n"
+    """Canonical text of a plan (:func:`segpipe.io.jsonio.dumps`): the same plan always gives the same bytes."""
+    return dumps(plan.to_dict())
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
     """Write ``plans.json`` atomically (temp file in the same folder, then ``os.replace``)."""
-    from ..io.atomic import write_text
-
-    return write_text(path, plans_json(plan))
+    return write_json(path, plan.to_dict())
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:
+    """Read a ``plans.json`` (or the folder holding one); a missing or broken plan is a StateError."""
     p = Path(path)
     if p.is_dir():
         p = p / PLANS_FILE
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StateError(f"{p}: no plan", hint="run `segpipe plan DATASET` first") from None
-    except json.JSONDecodeError as exc:
-        raise StateError(f"{p}: unreadable plan ({exc.msg})", hint="re-plan with `segpipe plan DATASET`") from None
+    hint = "plan the dataset with `segpipe plan DATASET`"
+    data = read_json(p, what="plan", hint=hint)
     try:
         return Plan.from_dict(data)
-    except (KeyError, TypeError) as exc:
-        raise StateError(f"{p}: incomplete plan (missing {exc})", hint="re-plan with `segpipe plan DATASET`") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+        raise StateError(f"{p}: incomplete plan ({detail})", hint="re-plan with `segpipe plan DATASET force=true`") from None

@@ -1,11 +1,11 @@
-"""The planning rules: ``make_plan(fingerprint, settings) -> Plan``, summaries, ``run_planning``."""
+"""The planning rules: ``make_plan(fingerprint, settings) -> Plan``, summary rows, ``run_planning``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..workspace import DatasetWorkspace, Workspace
 from .memory import estimate_gpu_bytes, estimate_training_bytes, topology
 from .plan import ChannelNormalization, Plan, PlanConfig, save_plan
 from .settings import (
@@ -29,7 +30,6 @@ from .settings import (
     MASK_NORM_THRESHOLD,
     MIN_STAGES,
     NEAR_ISOTROPIC_25D,
-    PLANS_FILE,
     PlanSettings,
 )
 
@@ -387,12 +387,56 @@ def plan_summary_rows(plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
-def run_planning(dataset: Any, work_dir: str | os.PathLike[str], settings: PlanSettings | None = None, *,
-                 force: bool = False, num_workers: int | None = None) -> tuple[Plan, Path]:
-    """Fingerprint (cached) into ``<work_dir>/<dataset.name>/fingerprint.json``, plan, write ``plans.json``."""
-    from ..fingerprint import fingerprint_dataset
+@dataclass(frozen=True)
+class PlanningResult:
+    """What :func:`run_planning` wrote: the plan and the four artefact paths."""
 
-    out_dir = Path(work_dir) / str(dataset.name)
-    fp = fingerprint_dataset(dataset, out_dir, force=force, num_workers=num_workers)
-    plan = make_plan(fp, settings or PlanSettings())
-    return plan, save_plan(plan, out_dir / PLANS_FILE)
+    plan: Plan
+    fingerprint: dict[str, Any]
+    plans_path: Path
+    fingerprint_path: Path
+    plan_summary_path: Path
+    dataset_report_path: Path
+
+    def paths(self) -> dict[str, str]:
+        """The artefact paths as strings (for the API's result and ``--json``)."""
+        return {"plans_path": str(self.plans_path), "fingerprint_path": str(self.fingerprint_path),
+                "plan_summary_path": str(self.plan_summary_path),
+                "dataset_report_path": str(self.dataset_report_path)}
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as ``plan, plans_path`` (the two values ``run_planning`` returned before)."""
+        return iter((self.plan, self.plans_path))
+
+
+def run_planning(dataset: Any, workspace: DatasetWorkspace | Workspace | str | os.PathLike[str],
+                 settings: PlanSettings | None = None, *, force: bool = False, num_workers: int | None = None,
+                 name: str | None = None) -> PlanningResult:
+    """Fingerprint ``dataset`` (cached), plan it, and write the plan's four artefacts.
+
+    ``workspace`` is the dataset's :class:`~segpipe.workspace.DatasetWorkspace`, or a
+    :class:`~segpipe.workspace.Workspace` / work_dir path, in which case the entry is named
+    ``name`` (default ``dataset.name``). Before any reading, the workspace is checked writable
+    and claimed for this dataset (a different dataset under the same name is refused). Writes,
+    each atomically: ``fingerprint.json`` (reused while the dataset is unchanged, unless
+    ``force``), ``plans.json``, ``plan_summary.md`` and ``dataset_report.png``.
+    """
+    from ..fingerprint import fingerprint_dataset
+    from .report import write_dataset_report, write_plan_summary
+
+    if isinstance(workspace, DatasetWorkspace):
+        entry = workspace
+    else:
+        ws = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
+        entry = ws.dataset(name or str(dataset.name))
+    settings = settings or PlanSettings()
+    settings.validate()  # a bad setting fails before the (long) fingerprint, not after it
+    entry.workspace.ensure_writable()
+    entry.claim(dataset.root, layout=getattr(dataset, "layout", None))
+    fp = fingerprint_dataset(dataset, entry.fingerprint_path, force=force, num_workers=num_workers)
+    plan = make_plan(fp, settings)
+    plans_path = save_plan(plan, entry.plans_path)
+    summary_path = write_plan_summary(entry.plan_summary_path, plan, fp, dataset_path=dataset.root)
+    report_path = write_dataset_report(entry.dataset_report_path, fp, plan)
+    return PlanningResult(plan=plan, fingerprint=fp, plans_path=plans_path, fingerprint_path=entry.fingerprint_path,
+                          plan_summary_path=summary_path, dataset_report_path=report_path)

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..workspace import PLANS_FILE as PLANS_FILE  # re-exported: the name lives in workspace.py
 
 SCHEMA_VERSION = 1
-PLANS_FILE = "plans.json"
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "2.5d", "vnet")
 ARCHITECTURES = ("unet", "unet25d", "vnet")
 NORMALIZATION_SCHEMES = ("ct", "zscore", "none", "rescale_to_0_1", "rgb_to_0_1")
 
 # nnU-Net constants
+# The anisotropy rule's threshold: the coarsest spacing is "anisotropic" above this many times the
+# others. The one definition: the planner's default, and what preprocessing (separate resampling of
+# the coarse axis) and augmentation (in-plane rotations only) import.
 ANISOTROPY_THRESHOLD = 3.0
 FEATURE_MAP_MIN_EDGE = 4
 INITIAL_PATCH_VOLUME_3D = 256**3
@@ -71,15 +76,17 @@ class PlanSettings:
     def from_mapping(cls, data: Mapping[str, Any] | None) -> PlanSettings:
         """Validate a plain mapping (e.g. Hydra's ``planner`` group); unknown keys/values → ConfigError.
 
-        ``force`` and ``num_workers`` (run options, not plan settings) are ignored here.
+        Every key must be a planner setting: run options (``force``, ``num_workers``, ``work_dir``)
+        are the caller's to honour and are refused here rather than silently dropped.
+        ``configurations`` may be a list or a string (``"3d_fullres"``, ``"3d_fullres,2d"``).
         """
-        data = dict(data or {})
-        for ignored in ("force", "num_workers", "work_dir"):
-            data.pop(ignored, None)
+        data = {str(k): v for k, v in dict(data or {}).items()}
         unknown = sorted(set(data) - set(cls.fields()))
         if unknown:
+            close = did_you_mean(unknown[0], cls.fields())
             raise ConfigError(f"unknown planner setting(s) {', '.join(unknown)}",
-                              hint=f"valid settings: {', '.join(cls.fields())}")
+                              hint=(f"did you mean {' or '.join(close)}? " if close else "")
+                              + f"valid settings: {', '.join(cls.fields())}")
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name not in data or data[f.name] is None:
@@ -100,7 +107,11 @@ class PlanSettings:
                 raise bad("configurations", f"empty; choose from {', '.join(CONFIGURATIONS)} or null for all")
             for c in self.configurations:
                 if c not in CONFIGURATIONS:
-                    raise ConfigError(f"unknown configuration {c!r}", hint=f"valid: {', '.join(CONFIGURATIONS)}")
+                    close = did_you_mean(c, CONFIGURATIONS)
+                    raise ConfigError(f"unknown configuration {c!r} in planner setting configurations",
+                                      hint=(f"did you mean {' or '.join(close)}? " if close else "")
+                                      + f"valid: {', '.join(CONFIGURATIONS)} (a list, or one name, or names "
+                                      "separated by commas)")
         if self.target_spacing is not None and (len(self.target_spacing) != 3 or min(self.target_spacing) <= 0):
             raise bad("target_spacing", "needs 3 positive values (z, y, x) in mm")
         for name in ("base_features", "max_features_3d", "max_features_2d", "vnet_base_features",
@@ -124,14 +135,49 @@ class PlanSettings:
         return dataclasses.asdict(self)
 
 
+def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
+    """Up to ``n`` distinct choices close to ``name`` (best first), for "did you mean …?" hints."""
+    unique = list(dict.fromkeys(str(c) for c in choices))
+    return difflib.get_close_matches(str(name), unique, n=n)
+
+
+def _split_text(text: str) -> list[str]:
+    """``"a,b"``, ``"a b"``, ``"[a, b]"`` or ``"'a'"`` → ``["a", "b"]`` (CLI and API strings)."""
+    inner = text.strip()
+    if inner[:1] in "[(" and inner[-1:] in "])":
+        inner = inner[1:-1]
+    return [part.strip().strip("'\"").strip() for part in re.split(r"[,\s]+", inner)]
+
+
+def _names(value: Any) -> list[str]:
+    """Configuration names from a string (one name, or several separated by commas) or a list.
+
+    A plain string is never iterated character by character: ``"3d_fullres"`` is one name.
+    List items may themselves hold comma-separated names. Repeats are dropped, order kept.
+    """
+    items = [value] if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError
+        out.extend(part for part in _split_text(item) if part)
+    return list(dict.fromkeys(out))
+
+
 def _convert(name: str, value: Any, default: Any) -> Any:
     """Coerce one setting (Hydra gives ListConfig/DictConfig, CLI strings) or raise ConfigError."""
     try:
         if name == "configurations":
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return [str(v).strip() for v in items if str(v).strip()]
+            return _names(value)
         if name == "target_spacing":
-            items = value.split(",") if isinstance(value, str) else list(value)
+            if isinstance(value, str):
+                items: list[Any] = [v for v in _split_text(value) if v]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                items = [value] * 3  # one number: isotropic
+            else:
+                items = list(value)
+            if any(isinstance(v, bool) for v in items):
+                raise TypeError
             return [float(v) for v in items]
         if name == "normalization":
             return {str(k): str(v).lower() for k, v in dict(value).items()}

@@ -211,6 +211,9 @@ def _validate(cfg: Any) -> Any:
         raise ConfigError(f"invalid value {value!r} for setting {key}" + (f" (expected {want})" if want else ""),
                           hint="`segpipe config` shows every setting with its default") from None
     out = OmegaConf.create(OmegaConf.to_container(merged, resolve=False))
+    from .planning.settings import PlanSettings
+
+    PlanSettings.from_mapping(OmegaConf.to_container(out.planner, resolve=True))  # type: ignore[arg-type]
     return out
 
 

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from segpipe import fingerprint as fpmod
-from segpipe.errors import DatasetError
+from segpipe.errors import DatasetError, StateError
 from segpipe.fingerprint import (
     FINGERPRINT_FILE,
+    FINGERPRINT_VERSION,
     MAX_SAMPLES_PER_CASE,
     compute_fingerprint,
     fingerprint_dataset,
+    load_fingerprint,
     samples_per_case,
     summarize_case,
 )
@@ -112,6 +114,31 @@ def test_compute_fingerprint_aggregates(tiny):
     assert ch1["max"] == pytest.approx(allfg.max(), rel=1e-6) and ch1["min"] == pytest.approx(allfg.min(), rel=1e-6)
     assert ch1["mean"] == pytest.approx(allfg.mean(), rel=0.01)
     assert ch1["n_samples"] == 4 * MAX_SAMPLES_PER_CASE
+    assert fp["fingerprint_version"] == FINGERPRINT_VERSION
+
+
+def test_intensity_histogram_of_the_pooled_sample(tiny):
+    fp = compute_fingerprint(tiny, num_workers=1)
+    samples = []
+    for index, case in enumerate(tiny.cases):
+        image, label, geo = _case(int(case.id.split("_")[1]))
+        samples.append(summarize_case(image, label, geo.spacing, case_index=index,
+                                      n_samples=fpmod.samples_per_case(len(tiny.cases)))[1])
+    pooled = np.concatenate(samples, axis=1).astype(np.float64)
+    for c in ("0", "1"):
+        stats = fp["foreground_intensity_per_channel"][c]
+        hist = stats["histogram"]
+        lo, hi = hist["range"]
+        assert [lo, hi] == [stats["percentile_00_5"], stats["percentile_99_5"]] and lo < hi
+        expected, _ = np.histogram(pooled[int(c)], bins=hist["bins"], range=(lo, hi))
+        assert hist["counts"] == expected.tolist()
+        assert hist["below"] == int((pooled[int(c)] < lo).sum()) and hist["above"] == int((pooled[int(c)] > hi).sum())
+        assert sum(hist["counts"]) + hist["below"] + hist["above"] == stats["n_samples"]
+
+
+def test_histogram_of_a_constant_foreground():
+    hist = fpmod._histogram(np.full(10, 7.0), 7.0, 7.0, bins=4)
+    assert hist["range"] == [6.5, 7.5] and sum(hist["counts"]) == 10 and hist["below"] == hist["above"] == 0
 
 
 def test_parallel_equals_serial(tiny):
@@ -145,6 +172,33 @@ def test_cache_reused_until_dataset_changes(tmp_path, monkeypatch):
     monkeypatch.setattr(fpmod, "compute_fingerprint", boom)
     with pytest.raises(AssertionError):
         fingerprint_dataset(ds, out)
+
+
+def test_fingerprint_file_path_and_corrupt_cache(tmp_path, monkeypatch):
+    ds = load_dataset(_write_dataset(tmp_path / "Task03_path", n=2))
+    path = tmp_path / "work" / "entry" / "fingerprint.json"
+    first = fingerprint_dataset(ds, path, num_workers=1)
+    assert path.is_file() and load_fingerprint(path) == first
+    assert fingerprint_dataset(ds, path.parent) == first  # a folder still means <folder>/fingerprint.json
+    path.write_text('{"truncated": ')  # a corrupt cache is recomputed, not trusted and not fatal
+    assert fingerprint_dataset(ds, path, num_workers=1) == first
+    # a fingerprint of an older version is recomputed (its signature carries the version)
+    stale = json.loads(path.read_text())
+    stale["source"]["sha256"] = "0" * 64
+    path.write_text(json.dumps(stale))
+    calls = []
+    monkeypatch.setattr(fpmod, "compute_fingerprint", lambda *a, **k: calls.append(1) or dict(first))
+    fingerprint_dataset(ds, path)
+    assert calls == [1]
+
+
+def test_load_fingerprint_errors(tmp_path):
+    with pytest.raises(StateError, match="no fingerprint") as exc:
+        load_fingerprint(tmp_path / "fingerprint.json")
+    assert "segpipe plan" in (exc.value.hint or "")
+    (tmp_path / "fingerprint.json").write_text("{")
+    with pytest.raises(StateError, match="corrupt fingerprint"):
+        load_fingerprint(tmp_path / "fingerprint.json")
 
 
 def test_no_cases_is_a_dataset_error(tiny):

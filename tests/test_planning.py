@@ -15,6 +15,7 @@ from segpipe.planning import (
     SCHEMA_VERSION,
     Plan,
     PlanSettings,
+    did_you_mean,
     estimate_gpu_bytes,
     load_plan,
     make_plan,
@@ -199,7 +200,7 @@ def test_too_little_memory_is_a_config_error():
 # ---------------------------------------------------------------------------- settings
 def test_settings_from_mapping_validates():
     s = PlanSettings.from_mapping({"gpu_memory_gb": "24", "configurations": "3d_fullres,2d", "target_spacing": None,
-                                   "force": True, "amp": "false"})
+                                   "amp": "false"})
     assert s.gpu_memory_gb == 24.0 and s.configurations == ["3d_fullres", "2d"] and s.amp is False
     assert PlanSettings.from_mapping(None) == PlanSettings()
     with pytest.raises(ConfigError, match="unknown planner setting.*gpu_mem") as exc:
@@ -213,6 +214,70 @@ def test_settings_from_mapping_validates():
                 {"configurations": []}, {"amp": "maybe"}):
         with pytest.raises(ConfigError):
             PlanSettings.from_mapping(bad)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("3d_fullres", ["3d_fullres"]),  # a plain string is one name, not the characters '3', 'd', ...
+    ("3d_fullres,2d", ["3d_fullres", "2d"]),
+    (" 3d_fullres , 2d ", ["3d_fullres", "2d"]),
+    ("[3d_fullres, 2d]", ["3d_fullres", "2d"]),
+    (["3d_fullres"], ["3d_fullres"]),
+    (("2d", "3d_fullres,vnet"), ["2d", "3d_fullres", "vnet"]),
+    (["2d", "2d"], ["2d"]),
+])
+def test_configurations_as_string_or_list(value, expected):
+    assert PlanSettings.from_mapping({"configurations": value}).configurations == expected
+
+
+def test_configurations_string_plans_only_those():
+    plan = make_plan(anisotropic(), PlanSettings.from_mapping({"configurations": "3d_fullres"}))
+    assert list(plan.configurations) == ["3d_fullres"]
+    plan = make_plan(anisotropic(), PlanSettings.from_mapping({"configurations": "3d_fullres,2d"}))
+    assert list(plan.configurations) == ["2d", "3d_fullres"]
+
+
+def test_unknown_configuration_hint_names_each_candidate_once():
+    with pytest.raises(ConfigError, match="unknown configuration '3d_fulres'") as exc:
+        PlanSettings.from_mapping({"configurations": "3d_fulres"})
+    hint = exc.value.hint or ""
+    assert hint.startswith("did you mean 3d_fullres")
+    assert hint.count("3d_fullres") == 2  # the suggestion once, the valid list once
+    assert ", ".join(CONFIGURATIONS) in hint
+
+
+def test_did_you_mean_deduplicates():
+    names = ["configuration", "configuration", "configurations", "planner.configurations", "configurations"]
+    close = did_you_mean("configuratio", names)
+    assert close == list(dict.fromkeys(close)) and close[:2] == ["configuration", "configurations"]
+    assert did_you_mean("zzz", names) == []
+
+
+def test_unknown_setting_refused_with_valid_list_and_suggestion():
+    with pytest.raises(ConfigError, match="unknown planner setting.*configuration") as exc:
+        PlanSettings.from_mapping({"configuration": "2d"})
+    hint = exc.value.hint or ""
+    assert hint.startswith("did you mean configurations?") and hint.count("did you mean") == 1
+    assert "valid settings: " + ", ".join(PlanSettings.fields()) in hint
+    for run_option in ("force", "num_workers", "work_dir"):  # the caller's to honour, never dropped here
+        with pytest.raises(ConfigError, match=f"unknown planner setting.*{run_option}"):
+            PlanSettings.from_mapping({run_option: 1})
+
+
+def test_target_spacing_forms():
+    assert PlanSettings.from_mapping({"target_spacing": "3,1,1"}).target_spacing == [3.0, 1.0, 1.0]
+    assert PlanSettings.from_mapping({"target_spacing": "[3, 1, 1]"}).target_spacing == [3.0, 1.0, 1.0]
+    assert PlanSettings.from_mapping({"target_spacing": 2}).target_spacing == [2.0, 2.0, 2.0]
+    for bad in ("3,1", "a,b,c", [True, 1, 1], "3,0,1"):
+        with pytest.raises(ConfigError, match="target_spacing"):
+            PlanSettings.from_mapping({"target_spacing": bad})
+
+
+def test_anisotropy_threshold_is_one_constant():
+    import segpipe.planning.planner as planner_mod
+    from segpipe.planning import settings as settings_mod
+
+    assert planner_mod.ANISOTROPY_THRESHOLD is settings_mod.ANISOTROPY_THRESHOLD == 3.0
+    assert PlanSettings().anisotropy_threshold == settings_mod.ANISOTROPY_THRESHOLD
 
 
 # ---------------------------------------------------------------------------- artefacts
@@ -238,6 +303,12 @@ def test_plan_roundtrip_and_byte_identical_save(tmp_path):
         load_plan(a)
     with pytest.raises(StateError, match="no plan"):
         load_plan(tmp_path / "missing.json")
+    for broken, why in (("", "empty plan"), ('{"schema_version": 1', "corrupt plan"), ("[1, 2]", "corrupt plan"),
+                        ('{"schema_version": 1}', "incomplete plan")):
+        a.write_text(broken)
+        with pytest.raises(StateError, match=why) as exc:
+            load_plan(a)
+        assert str(a) in str(exc.value) and "segpipe plan" in (exc.value.hint or "")
 
 
 def test_summary_rows():
@@ -256,8 +327,10 @@ def test_hippocampus_matches_nnunet(tmp_path):
     from segpipe.io.datasets import load_dataset
 
     ds = load_dataset(HIPPOCAMPUS)
-    plan, path = run_planning(ds, tmp_path, PlanSettings())
+    result = run_planning(ds, tmp_path, PlanSettings())
+    plan, path = result.plan, result.plans_path
     assert path == tmp_path / ds.name / "plans.json" and (tmp_path / ds.name / "fingerprint.json").is_file()
+    assert result.plan_summary_path.is_file() and result.dataset_report_path.is_file()
     full = plan.configurations["3d_fullres"]
     assert full.spacing == [1.0, 1.0, 1.0]
     assert full.patch_size == [40, 56, 40]
@@ -266,5 +339,5 @@ def test_hippocampus_matches_nnunet(tmp_path):
     assert full.batch_size == 7  # nnU-Net: 7
     assert plan.configurations["2d"].patch_size == [56, 40] and plan.configurations["2d"].batch_size == 292
     first = path.read_bytes()
-    plan2, path2 = run_planning(ds, tmp_path, PlanSettings())  # cached fingerprint, same bytes
+    plan2, path2 = run_planning(ds, tmp_path, PlanSettings())  # cached fingerprint, same bytes (unpacks as before)
     assert path2.read_bytes() == first and plan2 == plan

@@ -56,13 +56,18 @@ class PlanConfig:
     n_conv_encoder: list[int]
     n_conv_decoder: list[int]
     resample_slices: bool = True
-    input_slices: int = 1  # 2.5d slab mode: 2k+1 neighbouring slices stacked as channels
+    context_slices: int = 0  # 2.5d slab mode: k slices on each side stacked as channels (2k+1 in all)
     attention: bool = False
     batch_dice: bool = False
     estimated_training_bytes: int = 0  # fp32 tensors of one training step at `batch_size`
     estimated_gpu_bytes: int = 0
     data_identifier: str = ""
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def input_slices(self) -> int:
+        """Slices per input sample: ``2 * context_slices + 1`` (1 without a slab)."""
+        return 2 * int(self.context_slices) + 1
 
     @property
     def num_stages(self) -> int:
@@ -82,6 +87,9 @@ class PlanConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PlanConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        if "context_slices" not in d and int(d.get("input_slices", 1)) > 1:  # plans written before the rename
+            d["context_slices"] = (int(d["input_slices"]) - 1) // 2
         return cls(**{k: v for k, v in d.items() if k in names})
 
 

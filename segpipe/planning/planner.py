@@ -90,7 +90,7 @@ def _features(n: int, base: int, cap: int) -> list[int]:
 
 
 def _shape_config(ctx: _Context, *, name: str, architecture: str, spacing: Sequence[float],
-                  median_shape: Sequence[float], dims: int, resample_slices: bool = True, input_slices: int = 1,
+                  median_shape: Sequence[float], dims: int, resample_slices: bool = True, context_slices: int = 0,
                   attention: bool = False, ratio: float = 2.0) -> PlanConfig:
     """Patch, topology and batch for one configuration under the memory budget (nnU-Net's loop)."""
     s = ctx.settings
@@ -125,7 +125,7 @@ def _shape_config(ctx: _Context, *, name: str, architecture: str, spacing: Seque
                          median_shape=_median_int(median_shape), patch_size=[int(v) for v in padded],
                          batch_size=s.min_batch_size, strides=strides, kernel_sizes=kernels, features=feats,
                          n_conv_encoder=enc, n_conv_decoder=dec, resample_slices=resample_slices,
-                         input_slices=input_slices, attention=attention)
+                         context_slices=context_slices, attention=attention)
         return cfg, divisor
 
     def gpu(cfg: PlanConfig, b: int) -> int:
@@ -289,6 +289,9 @@ def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = No
                           hint=f"applicable: {', '.join(c for c in CONFIGURATIONS if c not in why_not)}")
     for cfg in configs.values():
         cfg.data_identifier = _data_identifier(cfg.spacing, cfg.resample_slices)
+    if "2d" in configs and "3d_fullres" in configs and np.all(  # resampling slices changes no case: one grid, one cache
+            np.maximum(1, np.rint(shapes[:, coarse] * spacings[:, coarse] / fr_sp[0])) == shapes[:, coarse]):
+        configs["2d"].data_identifier = configs["3d_fullres"].data_identifier
     if "3d_fullres" in configs:
         configs["3d_fullres"].batch_dice = False  # no cascade: nnU-Net uses sample Dice for 3d_fullres then
 
@@ -358,7 +361,7 @@ def _plan_25d(ctx: _Context, spacings: np.ndarray, shapes: np.ndarray, median_sp
     sp_t, shape_t = sp[t], shape[t]
     if s.context_slices_25d > 0:
         cfg = _shape_config(ctx, name="2.5d", architecture="unet25d", spacing=sp_t, median_shape=shape_t, dims=2,
-                            resample_slices=False, input_slices=2 * s.context_slices_25d + 1,
+                            resample_slices=False, context_slices=s.context_slices_25d,
                             attention=s.attention_25d)
         cfg.batch_dice = True
         return cfg

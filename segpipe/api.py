@@ -130,33 +130,16 @@ def plan(dataset: PathLike, *, log: Any = None, **settings: Any) -> dict[str, An
     if dws.name != ds.name:
         ds = dataclasses.replace(ds, name=dws.name)
     result = run_planning(ds, dws, planner_settings, force=cfg.force, num_workers=cfg.num_workers)
-    the_plan, paths = _planning_result(result, dws)
     return {
         "dataset": dws.name,
         "dataset_path": str(ds.root),
-        "plans_path": str(paths.get("plans", dws.plans_path)),
-        "fingerprint_path": str(paths.get("fingerprint", dws.fingerprint_path)),
-        "plan_summary_path": str(paths["summary"]) if paths.get("summary") else None,
-        "dataset_report_path": str(paths["report"]) if paths.get("report") else None,
-        "configurations": plan_summary_rows(the_plan),
-        "plan": the_plan.to_dict(),
+        "plans_path": str(result.plans_path),
+        "fingerprint_path": str(result.fingerprint_path),
+        "plan_summary_path": str(result.plan_summary_path),
+        "dataset_report_path": str(result.dataset_report_path),
+        "configurations": plan_summary_rows(result.plan),
+        "plan": result.plan.to_dict(),
     }
-
-
-def _planning_result(result: Any, dws: Any) -> tuple[Any, dict[str, Any]]:
-    """(plan, paths) from what the planner returns (a tuple (plan, plans_path) or a result object)."""
-    if isinstance(result, tuple):
-        the_plan = result[0]
-        paths: dict[str, Any] = {"plans": result[1]}
-        if len(result) > 2 and isinstance(result[2], dict):
-            paths.update(result[2])
-    else:
-        the_plan = result.plan
-        paths = {k: getattr(result, f"{k}_path", None) for k in ("plans", "fingerprint", "summary", "report")}
-    for key, default in (("summary", dws.plan_summary_path), ("report", dws.dataset_report_path)):
-        if not paths.get(key) and default.is_file():
-            paths[key] = default
-    return the_plan, paths
 
 
 def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,18 @@ from segpipe.geometry import Geometry
 from segpipe.io.image import write_image
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The real scans (README, "Development"): ../shared/data beside the repository, or wherever
+# $SEGPIPE_TEST_DATA points. Tests that need them skip with this location in the reason.
+SHARED_DATA = Path(os.environ.get("SEGPIPE_TEST_DATA") or REPO.parent / "shared" / "data")
 HIPPOCAMPUS = SHARED_DATA / "hippocampus"
+DICOM_DATA = SHARED_DATA / "dicom"
 
 
 @pytest.fixture(scope="session")
 def hippocampus() -> Path:
     if not (HIPPOCAMPUS / "dataset.json").is_file():
-        pytest.skip(f"real data not found at {HIPPOCAMPUS} (CI has it; see shared/data/README.md)")
+        pytest.skip(f"real data not found at {HIPPOCAMPUS}: set $SEGPIPE_TEST_DATA to the folder holding "
+                    "hippocampus/ and dicom/ (README, 'Development')")
     return HIPPOCAMPUS
 
 

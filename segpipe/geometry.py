@@ -21,18 +21,28 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DataError
+
 # Default tolerances for "same grid" comparisons.
 SPACING_RTOL = 1e-3
 ORIGIN_TOL_FRACTION = 0.05  # of the smallest spacing
 DIRECTION_ATOL = 1e-3
 
 
+class GeometryError(DataError, ValueError):
+    """An impossible voxel grid (zero or NaN spacing, empty shape, ...).
+
+    A :class:`~segpipe.errors.DataError` (exit 3) and, for callers that catch ``ValueError``,
+    a ``ValueError``. Readers catch it and add the file name and the fix.
+    """
+
+
 def _tuple(values: Sequence[float], n: int, name: str) -> tuple[float, ...]:
     out = tuple(float(v) for v in values)
     if len(out) != n:
-        raise ValueError(f"Geometry.{name} needs {n} values, got {len(out)}")
+        raise GeometryError(f"Geometry.{name} needs {n} values, got {len(out)}")
     if not all(np.isfinite(out)):
-        raise ValueError(f"Geometry.{name} has non-finite values: {out}")
+        raise GeometryError(f"Geometry.{name} has non-finite values: {out}")
     return out
 
 
@@ -48,10 +58,10 @@ class Geometry:
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.shape)
         if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"Geometry.shape must be 3 positive sizes (z, y, x), got {self.shape}")
+            raise GeometryError(f"Geometry.shape must be 3 positive sizes (z, y, x), got {self.shape}")
         spacing = _tuple(self.spacing, 3, "spacing")
         if min(spacing) <= 0:
-            raise ValueError(f"Geometry.spacing must be positive, got {spacing}")
+            raise GeometryError(f"Geometry.spacing must be positive, got {spacing}")
         direction = _tuple(np.asarray(self.direction, dtype=float).ravel(), 9, "direction")
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "spacing", spacing)
@@ -76,7 +86,7 @@ class Geometry:
             size, spacing, origin = size[:3], spacing[:3], origin[:3]
             direction = direction[:3, :3]
         elif dim != 3:
-            raise ValueError(f"unsupported image dimension {dim}")
+            raise GeometryError(f"unsupported image dimension {dim}")
         return cls(
             shape=tuple(reversed(size)),
             spacing=tuple(reversed(spacing)),
@@ -181,18 +191,30 @@ class Geometry:
         origin_tol_fraction: float = ORIGIN_TOL_FRACTION,
         direction_atol: float = DIRECTION_ATOL,
         check_shape: bool = True,
+        names: tuple[str, str] | None = None,
     ) -> list[str]:
-        """Human-readable list of the ways ``other`` is not the same voxel grid (empty: same)."""
+        """Human-readable list of the ways ``other`` is not the same voxel grid (empty: same).
+
+        Each item gives this grid's value first, then ``other``'s. With ``names`` (this grid's
+        name, the other's) each value is labelled: ``"shape: label (6, 5, 12) vs image (6, 10, 12)"``.
+        """
+        mine, theirs = names if names is not None else ("", "")
+
+        def item(what: str, a: Sequence[float], b: Sequence[float]) -> str:
+            if names is None:
+                return f"{what} {_fmt(a)} vs {_fmt(b)}"
+            return f"{what}: {mine} {_fmt(a)} vs {theirs} {_fmt(b)}"
+
         out: list[str] = []
         if check_shape and self.shape != other.shape:
-            out.append(f"shape {self.shape} vs {other.shape}")
+            out.append(item("shape", self.shape, other.shape))
         if not np.allclose(self.spacing, other.spacing, rtol=spacing_rtol, atol=0):
-            out.append(f"spacing {_fmt(self.spacing)} vs {_fmt(other.spacing)}")
+            out.append(item("spacing", self.spacing, other.spacing))
         tol = origin_tol_fraction * min(self.spacing)
         if np.max(np.abs(np.subtract(self.origin, other.origin))) > tol:
-            out.append(f"origin {_fmt(self.origin)} vs {_fmt(other.origin)}")
+            out.append(item("origin", self.origin, other.origin))
         if not np.allclose(self.direction, other.direction, atol=direction_atol, rtol=0):
-            out.append(f"direction {_fmt(self.direction)} vs {_fmt(other.direction)}")
+            out.append(item("direction", self.direction, other.direction))
         return out
 
     def same_grid(self, other: "Geometry", **tolerances: float) -> bool:

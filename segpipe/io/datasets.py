@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import DataError, DatasetError, DicomError, SegpipeError
 from ..geometry import Geometry
-from .image import IMAGE_EXTENSIONS, image_extension, is_dicom_source, read_image
+from .image import IMAGE_EXTENSIONS, header_warnings, image_extension, is_dicom_source, read_image
 
 LAYOUTS = ("msd", "nnunet", "case-folder")
 
@@ -165,7 +165,7 @@ def load_dataset(path: str | os.PathLike[str]) -> Dataset:
             )
     loader = {"msd": _load_msd, "nnunet": _load_nnunet, "case-folder": _load_case_folder}[layout]
     ds = loader(root, desc, desc_path)
-    _check_unique(ds, desc_path)
+    check_case_ids(ds.all_cases(), desc_path)
     return ds
 
 
@@ -319,6 +319,7 @@ def _load_nnunet(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
         return out
 
     cases = scan(root / "imagesTr", True)
+    _check_file_ending(root / "imagesTr", ending, len(cases), where)
     if (root / "labelsTr").is_dir():
         ids = {c.id for c in cases}
         for f in sorted((root / "labelsTr").iterdir()):
@@ -331,7 +332,30 @@ def _load_nnunet(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
             hint="update numTraining or restore the missing cases",
         )
     tests = scan(root / "imagesTs", False)
+    _check_file_ending(root / "imagesTs", ending, len(tests), where)
     return Dataset(root.name, root, "nnunet", channels, labels, cases, tests)
+
+
+def _check_file_ending(folder: Path, ending: str, found: int, where: Path) -> None:
+    """Refuse a folder whose files all end differently from the declared ``file_ending``."""
+    if found or not folder.is_dir():
+        return
+    endings: dict[str, int] = {}
+    for f in folder.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            end = image_extension(f) or "".join(f.suffixes[-2:]) or "(no ending)"
+            endings[end] = endings.get(end, 0) + 1
+    if not endings:
+        return
+    listed = ", ".join(f"{e} ({n})" for e, n in sorted(endings.items(), key=lambda kv: -kv[1]))
+    usable = [e for e in sorted(endings, key=lambda e: -endings[e]) if e.lower() in IMAGE_EXTENSIONS]
+    hint = (f'set "file_ending" to "{usable[0]}" in dataset.json' if usable
+            else f"convert the images to one of {', '.join(IMAGE_EXTENSIONS)} and set \"file_ending\" to match")
+    raise DatasetError(
+        f"{where}: file_ending {ending!r} matches none of the {sum(endings.values())} files in {folder.name} "
+        f"(endings found: {listed})",
+        hint=hint,
+    )
 
 
 def _load_case_folder(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
@@ -378,15 +402,61 @@ def _load_case_folder(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
                    dicom_options=dict(dicom), seg_mapping=mapping, seg_priority=priority)
 
 
-def _check_unique(ds: Dataset, where: Path) -> None:
+# File-name suffixes the preprocessing cache appends to a case id (``<case>_seg.npy`` holds the
+# label): an id equal to another id plus one of them would name the other case's files.
+CACHE_SUFFIXES = ("_seg",)
+
+
+def _source_name(case: Case) -> str:
+    return case.images[0].name if case.images else case.id
+
+
+def check_case_ids(cases: list[Case], where: str | os.PathLike[str]) -> None:
+    """Refuse case ids that cannot name files safely: duplicates, ids that collide once letter case is
+    ignored (case-insensitive file systems) or once a cache suffix is added (``X`` and ``X_seg``), and
+    ids holding path separators, control characters or a leading dot.
+    """
+    rename = "rename one of the two cases (its files, or its entry in dataset.json) so that the ids differ"
+    for c in cases:
+        why = None
+        if not c.id.strip():
+            why = "is empty"
+        elif "/" in c.id or "\\" in c.id:
+            why = "holds a path separator"
+        elif c.id.startswith("."):
+            why = "starts with a dot (a hidden file name)"
+        elif any(ord(ch) < 32 for ch in c.id):
+            why = "holds a control character"
+        if why:
+            raise DatasetError(f"{where}: case id {c.id!r} ({_source_name(c)}) {why}; it cannot name a file of its own",
+                               hint="rename the case (its file or folder, and its entry in dataset.json)")
     seen: dict[str, Case] = {}
-    for c in ds.all_cases():
+    folded: dict[str, Case] = {}
+    for c in cases:
         if c.id in seen:
             raise DatasetError(
-                f"{where}: duplicate case id {c.id!r} ({seen[c.id].images[0].name} and {c.images[0].name})",
+                f"{where}: duplicate case id {c.id!r} ({_source_name(seen[c.id])} and {_source_name(c)})",
                 hint="give every case a unique file name",
             )
+        other = folded.get(c.id.casefold())
+        if other is not None:
+            raise DatasetError(
+                f"{where}: case ids {other.id!r} and {c.id!r} differ only in letter case; "
+                "they name the same files on case-insensitive file systems",
+                hint=rename,
+            )
         seen[c.id] = c
+        folded[c.id.casefold()] = c
+    for c in cases:
+        for suffix in CACHE_SUFFIXES:
+            if len(c.id) > len(suffix) and c.id.casefold().endswith(suffix):
+                base = folded.get(c.id[: -len(suffix)].casefold())
+                if base is not None:
+                    raise DatasetError(
+                        f"{where}: case ids {base.id!r} and {c.id!r} are ambiguous: {c.id!r} is {base.id!r} plus "
+                        f"{suffix!r}, the suffix segpipe gives a case's label file",
+                        hint=rename,
+                    )
 
 
 # ---------------------------------------------------------------------------- reading
@@ -414,6 +484,12 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
     def add(path: Path, problem: str, message: str, fix: str, severity: str = "error") -> None:
         findings.append(Finding(case.id, _rel(path, ds), problem, message, fix, severity))
 
+    for path in case.files():
+        for warning in header_warnings(path):
+            add(path, "header_disagreement", warning,
+                "make both describe the same grid (e.g. nibabel: img.set_qform(img.get_sform())) and re-save",
+                severity="warning")
+
     arrays: list[np.ndarray] = []
     geometry: Geometry | None = None
     for path in case.images:
@@ -428,9 +504,11 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
         if geometry is None:
             geometry = geo
         else:
-            diff = geometry.differences(geo)
+            first = case.images[0]
+            names = (path.name, first.name) if path.name != first.name else ("this channel", "first channel")
+            diff = geo.differences(geometry, names=names)
             if diff:
-                add(path, "geometry_mismatch", f"channel grid differs from {case.images[0].name}: {'; '.join(diff)}",
+                add(path, "geometry_mismatch", f"grid differs from channel file {_rel(first, ds)}: {'; '.join(diff)}",
                     "resample all channels onto one grid")
         arrays.append(arr)
     if len(arrays) == len(case.images) and arrays:
@@ -439,7 +517,7 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
             add(case.images[0], "missing_channels", f"{n} channel(s) found, dataset declares {ds.num_channels}",
                 "provide every channel of channel_names/modality (or fix the declaration)")
     image = None
-    if arrays and not findings:
+    if arrays and not any(f.severity == "error" for f in findings):
         image = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
         finite = np.isfinite(image)
         if not finite.all():
@@ -462,9 +540,10 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
             if lab.shape[0] != 1:
                 add(case.label, "wrong_dimension", f"label has {lab.shape[0]} channels/volumes", "store the label as one 3-D map")
             elif geometry is not None:
-                diff = geometry.differences(lgeo)
+                diff = lgeo.differences(geometry, names=("label", "image"))
                 if diff:
-                    add(case.label, "geometry_mismatch", f"label grid differs from image: {'; '.join(diff)}",
+                    add(case.label, "geometry_mismatch",
+                        f"label grid differs from image {_rel(case.images[0], ds)}: {'; '.join(diff)}",
                         "resample the label onto the image grid (nearest neighbour) or fix its header")
             lab = lab[0]
             if not np.issubdtype(lab.dtype, np.integer):

@@ -8,6 +8,8 @@ folder, renamed over the target once complete, so no half-written file is ever l
 from __future__ import annotations
 
 import os
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ReadError, UsageError
-from ..geometry import Geometry
+from ..geometry import Geometry, GeometryError
 from .atomic import atomic_path
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -27,6 +29,14 @@ FORMAT_NAMES = {
     ".mha": "MetaImage",
     ".mhd": "MetaImage (detached header)",
 }
+
+# Deflate (the compression of .nii.gz and of gzip-encoded NRRD/MetaImage data) never expands
+# more than 1032:1 (zlib's documented limit), so n compressed bytes hold at most 1032·n bytes.
+DEFLATE_MAX_RATIO = 1032
+# An image is refused when its voxels would need more than this share of the available memory.
+MEMORY_SHARE = 0.8
+# Largest |cos| between two axes of a NIfTI affine still taken as perpendicular (float32 rounding).
+SHEAR_TOLERANCE = 1e-3
 
 
 def image_extension(path: str | os.PathLike[str]) -> str | None:
@@ -67,29 +77,39 @@ def _check_exists(path: Path) -> None:
         raise ReadError(f"{path}: file not found", hint="check the path (and the dataset description)")
 
 
-def read_header(path: str | os.PathLike[str]) -> ImageHeader:
-    """Header of a NIfTI/NRRD/MHA file: geometry, channels, dtype, without reading voxels."""
-    p = Path(path)
-    _check_exists(p)
+def _extension_or_refuse(p: Path) -> str:
     ext = image_extension(p)
     if ext is None:
         raise ReadError(
             f"{p}: unsupported file type",
             hint=f"use one of {', '.join(IMAGE_EXTENSIONS)} or a DICOM series folder",
         )
-    sitk = _sitk()
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise ReadError(f"{p}: cannot read header ({_short(exc)})", hint="the file is damaged or not an image; re-export it") from None
+    return ext
+
+
+def read_header(path: str | os.PathLike[str]) -> ImageHeader:
+    """Header of a NIfTI/NRRD/MHA file: geometry, channels, dtype, without reading voxels.
+
+    The header is validated as :func:`read_image` validates it (except against available
+    memory), so a header this function accepts describes a grid segpipe can use.
+    """
+    p = Path(path)
+    _check_exists(p)
+    ext = _extension_or_refuse(p)
+    if ext in (".nii", ".nii.gz"):
+        info = _inspect_nifti(p, ext)
+        _check_declared_size(p, info.shape, info.dtype, 1, info.stream, check_memory=False)
+        dtype = _itk_type_name(info.dtype, vector=info.vector)
+        return ImageHeader(str(p), FORMAT_NAMES[ext], info.geometry, info.channels, dtype, len(info.layout))
+    reader = _sitk_reader(p)
     dim = reader.GetDimension()
     ncomp = reader.GetNumberOfComponents()
     size = reader.GetSize()
     channels = ncomp * (size[3] if dim >= 4 else 1)
-    geometry = _geometry_from_reader(reader)
-    dtype = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    _check_declared_size(p, tuple(size), _sitk_dtype(reader), ncomp, _sitk_stream_limit(p, ext), check_memory=False)
+    _check_sitk_spacing(p, reader)
+    geometry = _valid_geometry(p, lambda: _geometry_from_reader(reader))
+    dtype = _sitk().GetPixelIDValueAsString(reader.GetPixelID())
     return ImageHeader(str(p), FORMAT_NAMES[ext], geometry, int(channels), dtype, int(dim))
 
 
@@ -113,13 +133,29 @@ def _geometry_from_reader(reader: Any) -> Geometry:
     return Geometry.from_sitk(_Proxy())
 
 
+def _valid_geometry(p: Path, build: Callable[[], Geometry]) -> Geometry:
+    """``build()``, with an impossible grid (zero/NaN spacing, NaN origin, ...) reported as a ReadError on ``p``."""
+    try:
+        return build()
+    except GeometryError as exc:
+        detail = exc.message.removeprefix("Geometry.")
+        raise ReadError(
+            f"{p}: the header describes an impossible voxel grid ({detail})",
+            hint="correct the voxel spacing/orientation in the header, or re-export the image",
+        ) from None
+
+
 def read_image(path: str | os.PathLike[str], **dicom_options: Any) -> tuple[np.ndarray, Geometry]:
     """Read an image file or DICOM series as ``(array[C, Z, Y, X], Geometry)``.
 
-    NIfTI/NRRD/MHA are read with SimpleITK: 3-D images give ``C = 1``; 4-D images and vector
-    images give one channel per volume/component; 2-D images are one-slice volumes. A folder or
-    a ``.dcm`` file is read by :func:`segpipe.io.dicom.read_dicom` with ``dicom_options``.
-    Voxels keep their stored dtype.
+    NIfTI/NRRD/MHA: 3-D images give ``C = 1``; 4-D images and vector images give one channel
+    per volume/component; 2-D images are one-slice volumes. A folder or a ``.dcm`` file is read
+    by :func:`segpipe.io.dicom.read_dicom` with ``dicom_options``. Voxels keep their stored dtype.
+
+    The header is checked before any voxel is allocated: its declared size against what the
+    file (or its compressed stream) can hold and against the available memory, its spacing and
+    orientation for zero, negative, NaN, singular or sheared values. Every refusal is a
+    :class:`ReadError` naming the file and the fix.
     """
     p = Path(path)
     _check_exists(p)
@@ -131,41 +167,259 @@ def read_image(path: str | os.PathLike[str], **dicom_options: Any) -> tuple[np.n
         return read_dicom(p, **dicom_options)
     if dicom_options:
         raise UsageError(f"{p}: DICOM options {sorted(dicom_options)} given for a non-DICOM file")
-    ext = image_extension(p)
-    if ext is None:
-        raise ReadError(
-            f"{p}: unsupported file type",
-            hint=f"use one of {', '.join(IMAGE_EXTENSIONS)} or a DICOM series folder",
-        )
+    ext = _extension_or_refuse(p)
     if ext in (".nii", ".nii.gz"):
-        return _read_nifti(p)
-    sitk = _sitk()
+        return _read_nifti(p, ext)
+    return _read_sitk(p, ext)
+
+
+# ---------------------------------------------------------------------------- declared size
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (psutil's ``available``)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def _check_declared_size(p: Path, shape: tuple[int, ...], dtype: np.dtype, components: int,
+                         stream: tuple[str, int] | None, *, check_memory: bool = True,
+                         memory_bytes: int | None = None) -> None:
+    """Refuse, before anything is allocated, a header declaring more voxels than the file or the memory can hold.
+
+    ``shape`` is the header's size in the file's own axis order; ``stream`` is ``("raw", bytes)``
+    for uncompressed data or ``("deflate", bytes)`` for the most a compressed stream can expand
+    to; ``memory_bytes`` is what reading needs in memory (default: the stored size).
+    """
+    n_vox = 1
+    for s in shape:
+        n_vox *= int(s)
+    stored = n_vox * int(components) * int(dtype.itemsize)
+    size = "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    what = f"{p}: the header declares size {size} of {dtype.name}{'' if components == 1 else f' × {components}'} ({_bytes(stored)})"
+    if stream is not None:
+        kind, limit = stream
+        if stored > limit:
+            if kind == "raw":
+                holds = f"the file holds only {_bytes(limit)} of voxel data"
+            else:
+                holds = f"its {_bytes(limit / DEFLATE_MAX_RATIO)} of compressed data can expand to at most {_bytes(limit)}"
+            raise ReadError(f"{what}, but {holds}",
+                            hint="the file is truncated or its header is damaged; re-export or replace it")
+    if check_memory:
+        need = stored if memory_bytes is None else memory_bytes
+        available = available_memory()
+        if need > MEMORY_SHARE * available:
+            raise ReadError(
+                f"{what}, but reading it needs {_bytes(need)} and only {_bytes(available)} of memory is available",
+                hint="free memory (fewer workers, close other programs) or crop/downsample the image; "
+                "if the size is wrong, the header is damaged: re-export the file",
+            )
+
+
+# ---------------------------------------------------------------------------- NIfTI
+@dataclass(frozen=True)
+class _NiftiInfo:
+    """A validated NIfTI header: the stored size, the channel layout and the grid."""
+
+    shape: tuple[int, ...]  # the header's dims, (x, y, z, ...)
+    layout: tuple[int, ...]  # the voxel array's shape once read: (x, y[, z[, c]]) or (x, y, z, 1, c)
+    channels: int
+    vector: bool
+    dtype: np.dtype
+    geometry: Geometry
+    memory_bytes: int
+    stream: tuple[str, int]
+
+
+def _nifti_raw_header(p: Path) -> Any:
+    """The NIfTI-1/2 header of ``p`` exactly as stored.
+
+    nibabel's loader silently "repairs" zero or negative pixdim (to 1 or to its absolute value),
+    which would hide the faults segpipe must report, so the header is parsed without checks.
+    """
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
     try:
-        image = sitk.ReadImage(str(p))
-    except RuntimeError as exc:
-        raise ReadError(
-            f"{p}: cannot read ({_short(exc)})",
-            hint="the file is truncated or not a valid image; re-export or replace it",
-        ) from None
-    geometry = Geometry.from_sitk(image)
-    array = sitk.GetArrayFromImage(image)
-    dim = image.GetDimension()
-    ncomp = image.GetNumberOfComponentsPerPixel()
-    if dim == 2:
-        array = array[None, None] if ncomp == 1 else np.moveaxis(array, -1, 0)[:, None]
-    elif dim == 3:
-        array = array[None] if ncomp == 1 else np.moveaxis(array, -1, 0)
-    elif dim == 4:
-        if ncomp != 1:
-            raise ReadError(f"{p}: 4-D vector images are not supported", hint="store one channel per file")
-        # SimpleITK gives (t, z, y, x) for 4-D: channels first already.
+        with ImageOpener(str(p)) as f:
+            block = f.read(540)
+    except Exception as exc:  # OSError, EOFError, zlib.error, gzip.BadGzipFile, ...
+        raise ReadError(f"{p}: cannot read the NIfTI header ({type(exc).__name__}: {str(exc)[:120]})",
+                        hint="the file is damaged or not a NIfTI image; re-export or replace it") from None
+    header_class: Any = None
+    size = 0
+    if len(block) >= 4:
+        for endian in "<>":
+            size = struct.unpack(f"{endian}i", block[:4])[0]
+            if size in (348, 540):
+                header_class = nib.Nifti1Header if size == 348 else nib.Nifti2Header
+                break
+    if header_class is None or len(block) < size:
+        raise ReadError(f"{p}: not a NIfTI file (no valid NIfTI header in its first {len(block)} bytes)",
+                        hint="the file is truncated or not a NIfTI image; re-export it or name it after its format")
+    try:
+        return header_class(block[:size], check=False)
+    except Exception as exc:
+        raise ReadError(f"{p}: cannot parse the NIfTI header ({type(exc).__name__}: {str(exc)[:120]})",
+                        hint="the file is damaged; re-export or replace it") from None
+
+
+def _inspect_nifti(p: Path, ext: str) -> _NiftiInfo:
+    """Validate the header of ``p`` (dims, voxel type, spacing, orientation, declared size vs file)."""
+    hdr = _nifti_raw_header(p)
+    dims = [int(d) for d in hdr["dim"]]
+    ndim = dims[0]
+    if not 1 <= ndim <= 7:
+        raise ReadError(f"{p}: the header declares {ndim} dimensions (NIfTI allows 1 to 7)",
+                        hint="the header is damaged; re-export the file")
+    shape = tuple(dims[1 : ndim + 1])
+    if min(shape) < 1:
+        raise ReadError(f"{p}: the header declares size {shape}, with an empty axis",
+                        hint="the image holds no voxels; re-export or remove the file")
+    layout = shape
+    while len(layout) > 4 and layout[-1] == 1:  # (x, y, z, t, 1, 1) is (x, y, z, t)
+        layout = layout[:-1]
+    vector = len(layout) == 5 and layout[3] == 1  # NIfTI vector images: (x, y, z, 1, c)
+    if len(layout) < 2 or (len(layout) > 4 and not vector):
+        raise ReadError(f"{p}: {len(shape)}-D image of size {shape} is not supported",
+                        hint="segpipe reads 2-D, 3-D and 4-D images (one channel per volume); split the file")
+    channels = layout[4] if vector else (layout[3] if len(layout) == 4 else 1)
+
+    dtype = hdr.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        label = hdr.get_value_label("datatype")
+        raise ReadError(f"{p}: voxel type {label} is not supported",
+                        hint="store real-valued grey levels (one file per channel; RGB as three channels)")
+
+    pixdim = [float(v) for v in hdr["pixdim"][1:4]]
+    for axis, (n, v) in enumerate(zip(shape[:3], pixdim)):
+        if np.isfinite(v) and (v > 0 or (v == 0 and n == 1)):
+            continue  # an unused spacing of zero along a one-voxel axis is harmless
+        why = "not a number" if not np.isfinite(v) else ("zero" if v == 0 else "negative")
+        raise ReadError(f"{p}: voxel spacing (pixdim) {tuple(pixdim[: len(shape[:3])])} is {why} along axis {'xyz'[axis]}",
+                        hint="write the true voxel size into the header (pixdim) or re-export the image")
+    if int(hdr["qform_code"]) > 0:
+        quatern = [float(hdr[k]) for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")]
+        if not np.all(np.isfinite(quatern)):
+            raise ReadError(f"{p}: the header's qform (quaternion orientation) holds NaN or infinite values",
+                            hint="correct the qform (or set qform_code to 0), or re-export the image")
+    if int(hdr["sform_code"]) > 0:
+        srows = np.stack([np.asarray(hdr[k], dtype=float) for k in ("srow_x", "srow_y", "srow_z")])
+        if not np.all(np.isfinite(srows)):
+            raise ReadError(f"{p}: the header's sform affine holds NaN or infinite values",
+                            hint="correct the sform (or set sform_code to 0), or re-export the image")
+    slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
+    scaled = bool(np.isfinite(slope) and slope != 0)  # NIfTI: a slope of 0 or NaN means "no scaling"
+    if np.isinf(slope) or (scaled and not np.isfinite(inter)):
+        raise ReadError(f"{p}: the header's intensity scaling (scl_slope {slope:g}, scl_inter {inter:g}) is not finite",
+                        hint="set scl_slope to 1 and scl_inter to 0 (or to the true scaling), or re-export the image")
+
+    n_vox = int(np.prod(shape, dtype=np.int64))
+    stored = n_vox * dtype.itemsize
+    memory = stored + (n_vox * max(dtype.itemsize, 4) if scaled and (slope, inter) != (1.0, 0.0) else 0)
+    file_size = p.stat().st_size
+    if ext == ".nii.gz":
+        stream = ("deflate", DEFLATE_MAX_RATIO * file_size)
     else:
-        raise ReadError(f"{p}: {dim}-D images are not supported", hint="segpipe reads 2-D, 3-D and 4-D images")
-    return np.ascontiguousarray(array), geometry
+        stream = ("raw", max(0, file_size - int(hdr["vox_offset"])))
+    geometry = _nifti_geometry(p, _nifti_affine(hdr), shape[:3])
+    return _NiftiInfo(shape, layout, channels, vector, dtype, geometry, memory, stream)
 
 
-def _read_nifti(p: Path) -> tuple[np.ndarray, Geometry]:
-    """NIfTI through nibabel.
+def _nifti_affine(hdr: Any) -> np.ndarray:
+    """The affine ``nib.load(...).affine`` gives (sform when set, else qform, else pixdim).
+
+    Computed from the header with nibabel's load-time repairs applied (invalid xform codes
+    dropped; what is left of pixdim, after :func:`_inspect_nifti`'s checks, is a zero along a
+    one-voxel axis, which becomes 1).
+    """
+    import nibabel as nib
+
+    with nib.imageglobals.LoggingOutputSuppressor():
+        fixed = type(hdr)(hdr.binaryblock, check=True)
+        return np.asarray(fixed.get_best_affine(), dtype=float)
+
+
+def _nifti_geometry(p: Path, affine: np.ndarray, shape_xyz: tuple[int, ...]) -> Geometry:
+    """Geometry from a NIfTI affine, refusing NaN, zero, singular and sheared affines with a ReadError."""
+    a = np.array(affine, dtype=float)
+    shape3 = tuple(shape_xyz) + (1,) * (3 - len(shape_xyz))
+    where = f"{p}: the header's affine"
+    fix = "correct the sform/qform in the header, or re-export the image from its source"
+    if not np.all(np.isfinite(a)):
+        raise ReadError(f"{where} holds NaN or infinite values", hint=fix)
+    m = a[:3, :3]
+    zooms = np.linalg.norm(m, axis=0)
+    for j in range(3):
+        if zooms[j] > 0:
+            continue
+        others = [k for k in range(3) if k != j]
+        if shape3[j] == 1 and all(zooms[k] > 0 for k in others):  # one-voxel axis: 1 mm, perpendicular
+            # right-handed: column j = (column j+1) x (column j+2), cyclically; for j = 1 that is -(c0 x c2)
+            normal = np.cross(m[:, others[0]], m[:, others[1]])
+            if np.linalg.norm(normal) > 0:
+                m[:, j] = normal / np.linalg.norm(normal) * (1 if j != 1 else -1)
+                zooms[j] = 1.0
+                continue
+        raise ReadError(f"{where} gives zero voxel spacing along axis {'xyz'[j]} (column {j} is zero)", hint=fix)
+    direction = m / zooms
+    if abs(np.linalg.det(direction)) < 1e-6:
+        raise ReadError(f"{where} is singular: two voxel axes point the same way", hint=fix)
+    cosines = np.abs(direction.T @ direction - np.eye(3))
+    if cosines.max() > SHEAR_TOLERANCE:
+        raise ReadError(f"{where} is sheared: voxel axes are not perpendicular (|cos| up to {cosines.max():.3g})",
+                        hint="resample the image onto a grid with perpendicular axes, or correct the sform/qform")
+    a[:3, :3] = m
+    return _valid_geometry(p, lambda: Geometry.from_nifti_affine(a, shape3))
+
+
+def header_warnings(path: str | os.PathLike[str]) -> list[str]:
+    """Header oddities that do not stop reading but deserve a look (NIfTI: sform and qform disagree).
+
+    Empty for other formats and for headers that cannot be read (reading reports those).
+    """
+    p = Path(path)
+    if image_extension(p) not in (".nii", ".nii.gz") or not p.is_file():
+        return []
+    try:
+        hdr = _nifti_raw_header(p)
+        if int(hdr["sform_code"]) <= 0 or int(hdr["qform_code"]) <= 0:
+            return []
+        shape = tuple(int(d) for d in hdr["dim"][1 : int(hdr["dim"][0]) + 1])[:3]
+        import nibabel as nib
+
+        with nib.imageglobals.LoggingOutputSuppressor():
+            sform, qform = hdr.get_sform(), hdr.get_qform()
+        s_geo = _nifti_geometry(p, sform, shape)
+        q_geo = _nifti_geometry(p, qform, shape)
+    except Exception:  # noqa: BLE001 - reading the image reports what is wrong with the header
+        return []
+    diff = s_geo.differences(q_geo, check_shape=False, names=("sform", "qform"))
+    if not diff:
+        return []
+    return [f"sform and qform describe different grids ({'; '.join(diff)}); segpipe uses the sform, "
+            "tools that prefer the qform (ITK, SimpleITK) place the image elsewhere"]
+
+
+def _itk_type_name(dtype: np.dtype, *, vector: bool) -> str:
+    """SimpleITK's name of a voxel type ("16-bit signed integer"), as ``read_header`` reports it."""
+    try:
+        sitk = _sitk()
+        image = sitk.GetImageFromArray(np.zeros((1, 1, 2) if vector else (1, 1), dtype=dtype), isVector=vector)
+        return str(sitk.GetPixelIDValueAsString(image.GetPixelID()))
+    except Exception:  # noqa: BLE001 - a name for display only
+        return dtype.name
+
+
+def _read_nifti(p: Path, ext: str) -> tuple[np.ndarray, Geometry]:
+    """NIfTI through nibabel, after the header passed :func:`_inspect_nifti`.
 
     nibabel, not SimpleITK, because ITK's NIfTI reader silently replaces NaN voxels by 0 and
     zero-fills truncated .nii.gz files — both faults `segpipe check` must see. The affine is
@@ -173,26 +427,140 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, Geometry]:
     """
     import nibabel as nib
 
+    info = _inspect_nifti(p, ext)
+    _check_declared_size(p, info.shape, info.dtype, 1, info.stream, memory_bytes=info.memory_bytes)
     try:
-        img = nib.load(str(p))
-        data = np.asanyarray(img.dataobj)
+        with nib.imageglobals.LoggingOutputSuppressor():
+            img = nib.load(str(p))
+            data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
         raise ReadError(
-            f"{p}: cannot read ({type(exc).__name__}: {str(exc)[:160] or 'truncated data'})",
+            f"{p}: cannot read ({type(exc).__name__}: {' '.join(str(exc).split())[:160] or 'truncated data'})",
             hint="the file is truncated or not a valid NIfTI image; re-export or replace it",
         ) from None
-    shape = data.shape
-    if data.ndim == 5 and shape[3] == 1:  # NIfTI vector images: (x, y, z, 1, c)
+    data = data.reshape(info.layout)
+    if info.vector:
         data = data[:, :, :, 0, :]
     if data.ndim == 2:
         data = data[:, :, None]
     if data.ndim == 3:
         data = data[..., None]
-    if data.ndim != 4:
-        raise ReadError(f"{p}: {len(shape)}-D images are not supported", hint="segpipe reads 2-D, 3-D and 4-D images")
-    geometry = Geometry.from_nifti_affine(img.affine, data.shape[:3])
     # (x, y, z, c) -> (c, z, y, x)
-    return np.ascontiguousarray(data.transpose(3, 2, 1, 0)), geometry
+    return np.ascontiguousarray(data.transpose(3, 2, 1, 0)), info.geometry
+
+
+# ---------------------------------------------------------------------------- NRRD, MetaImage
+def _sitk_reader(p: Path) -> Any:
+    sitk = _sitk()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ReadError(f"{p}: cannot read header ({_short(exc)})", hint="the file is damaged or not an image; re-export it") from None
+    return reader
+
+
+def _check_sitk_spacing(p: Path, reader: Any) -> None:
+    """Refuse zero, negative or NaN spacing and NaN origin/direction, in the file's own (x, y, z) order."""
+    spacing = tuple(float(v) for v in reader.GetSpacing())
+    bad = [i for i, v in enumerate(spacing) if not (np.isfinite(v) and v > 0)]
+    if bad:
+        v = spacing[bad[0]]
+        why = "not a number" if not np.isfinite(v) else ("zero" if v == 0 else "negative")
+        raise ReadError(f"{p}: voxel spacing {spacing} is {why} along axis {'xyzt'[bad[0]]}",
+                        hint="write the true voxel size into the header, or re-export the image")
+    if not (np.all(np.isfinite(reader.GetOrigin())) and np.all(np.isfinite(reader.GetDirection()))):
+        raise ReadError(f"{p}: the header's origin or direction holds NaN or infinite values",
+                        hint="correct the origin/direction in the header, or re-export the image")
+
+
+def _sitk_dtype(reader: Any) -> np.dtype:
+    """numpy dtype of one voxel component of the image ``reader`` describes."""
+    sitk = _sitk()
+    try:
+        probe = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+        return sitk.GetArrayViewFromImage(probe).dtype
+    except Exception:  # noqa: BLE001 - unusual pixel types: assume the widest
+        return np.dtype(np.float64)
+
+
+def _sitk_stream_limit(p: Path, ext: str) -> tuple[str, int] | None:
+    """``("raw"|"deflate", most voxel bytes)`` the data of an NRRD/MetaImage file can hold; None when unknown."""
+    try:
+        with open(p, "rb") as f:
+            text = f.read(65536).decode("latin-1")
+    except OSError:
+        return None
+    fields: dict[str, str] = {}
+    if ext in (".nrrd", ".nhdr"):
+        for line in text.split("\n")[1:]:
+            line = line.rstrip("\r")
+            if not line:
+                break  # a blank line ends the header
+            key, sep, value = line.partition(":")
+            if sep and not line.startswith("#") and not value.startswith("="):
+                fields[key.strip().lower()] = value.strip()
+        encoding = fields.get("encoding", "raw").lower()
+        data_file = fields.get("data file") or fields.get("datafile")
+    else:
+        for line in text.splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                fields[key.strip().lower()] = value.strip()
+                if key.strip().lower() == "elementdatafile":
+                    break
+        encoding = "gzip" if fields.get("compresseddata", "false").lower() == "true" else "raw"
+        data_file = fields.get("elementdatafile")
+        if data_file is not None and data_file.upper() == "LOCAL":
+            data_file = None
+    if data_file:
+        if " " in data_file or "%" in data_file or data_file.upper().startswith("LIST"):
+            return None  # several data files
+        target = p.parent / data_file
+        if not target.is_file():
+            return None  # the reader reports the missing file
+        payload = target.stat().st_size
+    else:
+        payload = p.stat().st_size
+    if encoding == "raw":
+        return ("raw", payload)
+    if encoding in ("gzip", "gz"):
+        return ("deflate", DEFLATE_MAX_RATIO * payload)
+    return None  # bzip2, text, hex: no cheap bound
+
+
+def _read_sitk(p: Path, ext: str) -> tuple[np.ndarray, Geometry]:
+    """NRRD/MetaImage through SimpleITK; the header is validated before the voxels are read."""
+    sitk = _sitk()
+    reader = _sitk_reader(p)
+    dim = reader.GetDimension()
+    ncomp = reader.GetNumberOfComponents()
+    if dim not in (2, 3, 4):
+        raise ReadError(f"{p}: {dim}-D images are not supported", hint="segpipe reads 2-D, 3-D and 4-D images")
+    if dim == 4 and ncomp != 1:
+        raise ReadError(f"{p}: 4-D vector images are not supported", hint="store one channel per file")
+    dtype = _sitk_dtype(reader)
+    if dtype.kind not in "biuf":
+        raise ReadError(f"{p}: voxel type {sitk.GetPixelIDValueAsString(reader.GetPixelID())} is not supported",
+                        hint="store real-valued grey levels (one file per channel)")
+    _check_declared_size(p, tuple(reader.GetSize()), dtype, ncomp, _sitk_stream_limit(p, ext))
+    _check_sitk_spacing(p, reader)
+    geometry = _valid_geometry(p, lambda: _geometry_from_reader(reader))
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise ReadError(
+            f"{p}: cannot read ({_short(exc)})",
+            hint="the file is truncated or not a valid image; re-export or replace it",
+        ) from None
+    array = sitk.GetArrayFromImage(image)
+    if dim == 2:
+        array = array[None, None] if ncomp == 1 else np.moveaxis(array, -1, 0)[:, None]
+    elif dim == 3:
+        array = array[None] if ncomp == 1 else np.moveaxis(array, -1, 0)
+    # 4-D: SimpleITK gives (t, z, y, x), channels first already.
+    return np.ascontiguousarray(array), geometry
 
 
 def write_image(

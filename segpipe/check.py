@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from .io.datasets import Dataset, Finding, inspect_case, load_dataset
+from .io.datasets import Dataset, Finding, check_case_ids, inspect_case, load_dataset
 
 
 @dataclass
@@ -52,6 +52,7 @@ def check_dataset(dataset: str | os.PathLike[str] | Dataset, *, num_workers: int
     from .parallel import parallel_list
 
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
+    check_case_ids(ds.all_cases(), ds.root)  # load_dataset did so already; a Dataset built by hand did not
     cases = ds.all_cases() if include_test else list(ds.cases)
     findings: list[Finding] = []
     per_case = parallel_list(partial(_inspect_findings, ds), cases, num_workers=num_workers, desc="check",

@@ -195,7 +195,7 @@ def test_dicomdirtests_read_by_selector() -> None:
     by_uid, geometry = read_dicom(DICOMDIRTESTS, series=smart.uid)
     assert by_uid.shape == (1, 5, 16, 16) and geometry.spacing[0] == pytest.approx(2.5)
     by_glob, _ = read_dicom(DICOMDIRTESTS, series="smartscore*")
-    by_regex, _ = read_dicom(DICOMDIRTESTS, series=r"Gated 0\.5")
+    by_regex, _ = read_dicom(DICOMDIRTESTS, series=r"re:Gated 0\.5")
     np.testing.assert_array_equal(by_uid, by_glob)
     np.testing.assert_array_equal(by_uid, by_regex)
     # z grows along the normal although the files are stored head to feet
@@ -206,6 +206,8 @@ def test_dicomdirtests_read_by_selector() -> None:
         read_dicom(DICOMDIRTESTS, modality="cr")
     with pytest.raises(DicomError, match="4 image series match series='FAST LOCALIZER'"):
         read_dicom(DICOMDIRTESTS, series="FAST LOCALIZER")
+    with pytest.raises(DicomError, match="no image series matches"):  # a glob matches the whole description
+        read_dicom(DICOMDIRTESTS, series="Gated 0.5")
     with pytest.raises(DicomError, match="no image series matches series='nothing'.*SmartScore"):
         read_dicom(DICOMDIRTESTS, series="nothing")
     with pytest.raises(DicomError, match="missing slice"):

@@ -2,14 +2,22 @@
 
 A folder is scanned recursively, **headers only**; DICOMDIR files (any byte order) are
 skipped and every object is grouped by SeriesInstanceUID (a series whose SOP instances occur in
-several folders, i.e. copies, is split per folder). SEG, RTSTRUCT, SR, presentation states and
-other objects without pixel rows/columns are listed but never read as images; secondary
-captures are listed but only read when selected explicitly.
+several folders, i.e. copies, is split per folder). Files without a SeriesInstanceUID (some
+anonymisers remove it) are grouped by the tags that remain (folder, StudyInstanceUID,
+SeriesNumber, SeriesDescription, Modality, SOP class, FrameOfReferenceUID, rows/columns and
+orientation) into a *synthetic* series with a ``synthetic-…`` UID and a warning, then validated as
+usual. SEG, RTSTRUCT, SR, presentation states and other objects without pixel rows/columns are
+listed but never read as images; secondary captures are listed but only read when selected
+explicitly. A file that cannot be read or described is skipped with its reason (``skipped`` and
+``skipped_reasons`` of :func:`describe_dicom`); it never stops the listing of the others.
 
 Choosing the series (:func:`read_dicom` options):
 
-* ``series``: a SeriesInstanceUID, or a case-insensitive glob (``"t1*"``) or regular expression
-  matched against SeriesDescription; ``modality``: e.g. ``"CT"`` (case-insensitive glob).
+* ``series``: a SeriesInstanceUID (exact), a case-insensitive glob matched against the whole
+  SeriesDescription (``"t1*"`` matches ``T1post`` and ``T1pre_reg``, not ``T2_reg``; without
+  wildcards it is an exact, case-insensitive match), or, with the prefix ``re:``, a
+  case-insensitive regular expression searched in the SeriesDescription (``"re:^t1(?!.*reg)"``);
+  ``modality``: e.g. ``"CT"`` (case-insensitive glob).
 * Without a selector the only image series present is read; several candidates are an error
   that lists them (UID, modality, description, size, files). :func:`describe_dicom` shows the
   same list (``segpipe info FOLDER``).
@@ -20,7 +28,8 @@ never from optional tags alone. Slices are sorted by their position along the sl
 ``n = row × column`` (not by InstanceNumber), so array index z grows along ``n``:
 
 1. all slices have the same rows/columns/samples (else *mixed sizes*), the same orientation
-   (cosines within 1e-3) and the same pixel spacing (0.1 %);
+   (cosines within 1e-3) and the same pixel spacing (0.1 %); the pixel spacing is positive and
+   the orientation is two unit vectors at a right angle;
 2. slice positions are unique (else *duplicate positions*: several volumes in one series);
 3. one slice is a single-slice volume; two slices are refused unless ``allow_few_slices=True``;
 4. every slice origin lies on the line through the first one along ``n``: an in-plane offset of
@@ -35,7 +44,10 @@ never from optional tags alone. Slices are sorted by their position along the sl
    Voxels a resampling cannot fill get the series minimum.
 
 Pixel data are decoded by pydicom's handlers (GDCM / pylibjpeg / pyjpegls: JPEG baseline and
-lossless, JPEG-LS, JPEG 2000, RLE). Rescale slope/intercept (per file or per frame) is applied:
+lossless, JPEG-LS, JPEG 2000, RLE; 12-bit JPEG Extended needs pylibjpeg-libjpeg). pydicom's log
+messages and warnings are silenced while reading; a decoding failure is one
+:class:`~segpipe.errors.DicomError` naming the file, the transfer syntax and the decoder to install.
+Rescale slope/intercept (per file or per frame) is applied:
 float32 output when any slope/intercept is not integral, else an integer dtype wide enough
 (the stored dtype, int16, int32 or int64, the first that holds the data). RGB data give three
 channels. Errors are :class:`~segpipe.errors.DicomError` with one line naming the path and the
@@ -44,12 +56,16 @@ problem, and a ``fix:`` hint. MONOCHROME1 data are returned as stored (not inver
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fnmatch
+import hashlib
+import logging
 import os
 import re
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +75,8 @@ import numpy as np
 from ..errors import DicomError, UsageError
 from ..geometry import Geometry
 from .atomic import atomic_folder
+
+log = logging.getLogger(__name__)
 
 ORIENTATION_ATOL = 1e-3
 PIXEL_SPACING_RTOL = 1e-3
@@ -108,6 +126,8 @@ class DicomSeries:
     frame_of_reference: str = ""
     sop_instances: list[str] = field(default_factory=list)
     multiframe_without_geometry: bool = False
+    synthetic: bool = False  # no SeriesInstanceUID: grouped by the remaining tags
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -138,11 +158,24 @@ class ReadPlan:
 
 
 # ---------------------------------------------------------------------------------------- scanning
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's logger and warnings (decoder fallbacks log whole tracebacks)."""
+    logger = logging.getLogger("pydicom")
+    was_disabled = logger.disabled
+    logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = was_disabled
+
+
 def _dcmread(path: Path, **kwargs: Any) -> Any:
     import pydicom
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_pydicom():
         try:
             return pydicom.dcmread(str(path), **kwargs)
         except pydicom.errors.InvalidDicomError:
@@ -160,6 +193,17 @@ def _floats(value: Any, n: int) -> np.ndarray | None:
     return arr if arr.size == n and np.all(np.isfinite(arr)) else None
 
 
+def _number(value: Any, default: float) -> float:
+    """A numeric header value (DS/IS, possibly empty or malformed) as float, ``default`` when unusable."""
+    if value is None or value == "":
+        return default
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return default
+    return out if np.isfinite(out) else default
+
+
 def _item(ds: Any, keyword: str) -> Any:
     seq = ds.get(keyword) if ds is not None else None
     return seq[0] if seq else None
@@ -171,6 +215,8 @@ def _frames_of(ds: Any, path: Path) -> tuple[list[Frame], bool]:
     if rows is None or cols is None:
         return [], False
     rows, cols, samples = int(rows), int(cols), int(ds.get("SamplesPerPixel", 1) or 1)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"Rows/Columns {rows}x{cols}")
     nframes = int(ds.get("NumberOfFrames", 1) or 1)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame:
@@ -186,85 +232,164 @@ def _frames_of(ds: Any, path: Path) -> tuple[list[Frame], bool]:
         frames = []
         for i, item in enumerate(per_frame):
             ps = _floats(get(item, "PixelMeasuresSequence", "PixelSpacing") or (), 2)
-            thick = get(item, "PixelMeasuresSequence", "SliceThickness")
+            thick = _number(get(item, "PixelMeasuresSequence", "SliceThickness"), 0.0)
             frames.append(Frame(
                 path, i, rows, cols, samples,
                 _floats(get(item, "PlanePositionSequence", "ImagePositionPatient") or (), 3),
                 _floats(get(item, "PlaneOrientationSequence", "ImageOrientationPatient") or (), 6),
                 None if ps is None else (float(ps[0]), float(ps[1])),
-                float(get(item, "PixelValueTransformationSequence", "RescaleSlope") or 1.0),
-                float(get(item, "PixelValueTransformationSequence", "RescaleIntercept") or 0.0),
-                float(thick) if thick else None,
+                _number(get(item, "PixelValueTransformationSequence", "RescaleSlope"), 1.0) or 1.0,
+                _number(get(item, "PixelValueTransformationSequence", "RescaleIntercept"), 0.0),
+                thick if thick > 0 else None,
             ))
         return frames, False
     ps = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or (), 2)
-    thick = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+    thick = abs(_number(ds.get("SpacingBetweenSlices"), 0.0)) or _number(ds.get("SliceThickness"), 0.0)
     frame = Frame(
         path, None, rows, cols, samples,
         _floats(ds.get("ImagePositionPatient") or (), 3), _floats(ds.get("ImageOrientationPatient") or (), 6),
         None if ps is None else (float(ps[0]), float(ps[1])),
-        float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0),
-        float(thick) if thick else None,
+        _number(ds.get("RescaleSlope"), 1.0) or 1.0, _number(ds.get("RescaleIntercept"), 0.0),
+        thick if thick > 0 else None,
     )
     return [frame], nframes > 1
 
 
-def list_series(path: str | os.PathLike[str]) -> tuple[list[DicomSeries], Counter[str]]:
-    """Scan ``path`` (a folder, recursively, or one file) reading headers only.
+def _short_error(exc: BaseException) -> str:
+    """First informative line of an exception, for one-line messages."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
 
-    Returns the series found (image series first) and a count of skipped files by reason.
-    """
+
+@dataclass
+class _Scan:
+    """Everything a scan found: series, skipped files by category, and examples of why."""
+
+    series: list[DicomSeries]
+    skipped: Counter[str]
+    examples: dict[str, list[str]]
+
+    def reasons(self) -> list[str]:
+        """One human-readable line per skip category (and per synthetic series), for listings."""
+        out = []
+        for category, count in self.skipped.items():
+            files = "file" if count == 1 else "files"
+            examples = self.examples.get(category, [])
+            eg = f" (e.g. {'; '.join(examples)})" if examples else ""
+            out.append(f"{count} {files} skipped: {SKIP_EXPLANATIONS.get(category, category)}{eg}")
+        return out
+
+
+# Categories of skipped files (keys of ``skipped``) and what they mean.
+SKIP_DICOMDIR = "DICOMDIR"
+SKIP_BY_NAME = "not DICOM"
+SKIP_UNREADABLE = "not DICOM or unreadable"
+SKIP_BAD_HEADER = "unusable header"
+SKIP_EXPLANATIONS = {
+    SKIP_DICOMDIR: "DICOMDIR index (the images it lists are read from their own files)",
+    SKIP_BY_NAME: "not DICOM by name (images, text, archives)",
+    SKIP_UNREADABLE: "not DICOM or unreadable (no DICOM header could be parsed)",
+    SKIP_BAD_HEADER: "DICOM header with unusable image values (Rows/Columns/frames)",
+}
+MAX_SKIP_EXAMPLES = 3
+SYNTHETIC_PREFIX = "synthetic-"
+
+
+def _scan(path: str | os.PathLike[str]) -> _Scan:
     root = Path(path)
     if not root.exists():
         raise DicomError(f"{root}: no such file or folder", hint="check the path")
     files = [root] if root.is_file() else sorted(
         p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     skipped: Counter[str] = Counter()
+    examples: dict[str, list[str]] = defaultdict(list)
+
+    def skip(category: str, f: Path, why: str = "") -> None:
+        skipped[category] += 1
+        if len(examples[category]) < MAX_SKIP_EXAMPLES:
+            name = f.name if f == root else str(f.relative_to(root))
+            examples[category].append(f"{name}: {why}" if why else name)
+
     groups: dict[str, DicomSeries] = {}
+    anonymous: dict[tuple[Any, ...], DicomSeries] = {}
     for f in files:
         name = f.name.lower()
         if name.startswith("dicomdir"):
-            skipped["DICOMDIR"] += 1
+            skip(SKIP_DICOMDIR, f)
             continue
         if f != root and (name.endswith(SKIP_SUFFIXES) or name.startswith(("license", "readme"))):
-            skipped["not DICOM"] += 1
+            skip(SKIP_BY_NAME, f)
             continue
         try:
             ds = _dcmread(f, stop_before_pixels=True)
+        except Exception as exc:  # anything pydicom raises means "not a readable DICOM file"
+            skip(SKIP_UNREADABLE, f, _short_error(exc))
+            continue
+        try:
+            meta = getattr(ds, "file_meta", None)
+            sop = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
+            if sop == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+                skip(SKIP_DICOMDIR, f)
+                continue
             frames, no_geometry = _frames_of(ds, f)
-        except Exception:  # anything pydicom raises means "not a readable DICOM file"
-            skipped["not DICOM or unreadable"] += 1
+            uid = str(ds.get("SeriesInstanceUID") or "").strip()
+            sop_name = str(getattr(ds.get("SOPClassUID"), "name", sop) if ds.get("SOPClassUID") else sop)
+            number = _number(ds.get("SeriesNumber"), float("nan"))
+            modality = str(ds.get("Modality") or "")
+            description = str(ds.get("SeriesDescription") or "").strip()
+            frame_of_reference = str(ds.get("FrameOfReferenceUID") or "")
+            sop_instance = str(ds.get("SOPInstanceUID") or f)
+            study = str(ds.get("StudyInstanceUID") or "")
+        except Exception as exc:  # malformed values in a parsed header
+            skip(SKIP_BAD_HEADER, f, _short_error(exc))
             continue
-        meta = getattr(ds, "file_meta", None)
-        sop = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
-        if sop == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
-            skipped["DICOMDIR"] += 1
-            continue
-        uid = str(ds.get("SeriesInstanceUID") or "")
-        if not uid:
-            skipped["no SeriesInstanceUID"] += 1
-            continue
-        series = groups.get(uid)
+        series_number = int(number) if np.isfinite(number) else None
+        key: tuple[Any, ...] | None = None
+        if uid:
+            series = groups.get(uid)
+        else:  # anonymised: group by what remains
+            iop = frames[0].orientation if frames else None
+            key = (str(f.parent), study, series_number, description, modality, sop, frame_of_reference,
+                   frames[0].rows if frames else None, frames[0].cols if frames else None,
+                   None if iop is None else tuple(np.round(iop, 3).tolist()))
+            series = anonymous.get(key)
+            if series is None:
+                uid = SYNTHETIC_PREFIX + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
         if series is None:
-            sop_name = getattr(ds.get("SOPClassUID"), "name", sop) if ds.get("SOPClassUID") else sop
-            number = ds.get("SeriesNumber")
-            series = groups[uid] = DicomSeries(
-                uid, str(ds.get("Modality") or ""), str(ds.get("SeriesDescription") or "").strip(),
-                int(number) if number not in (None, "") else None, sop, str(sop_name), f.parent,
-                frame_of_reference=str(ds.get("FrameOfReferenceUID") or ""),
-            )
+            series = DicomSeries(uid, modality, description, series_number, sop, sop_name, f.parent,
+                                 frame_of_reference=frame_of_reference, synthetic=key is not None)
+            if key is not None:
+                anonymous[key] = series
+            else:
+                groups[uid] = series
         series.files.append(f)
         series.frames.extend(frames)
-        series.sop_instances.append(str(ds.get("SOPInstanceUID") or f))
+        series.sop_instances.append(sop_instance)
         series.multiframe_without_geometry |= no_geometry
     found: list[DicomSeries] = []
-    for series in groups.values():
+    for series in [*groups.values(), *anonymous.values()]:
         found.extend(_split_copies(series))
     for s in found:
         if len(s.files) > 1:
             s.folder = Path(os.path.commonpath([str(p.parent) for p in s.files]))
+        if s.synthetic:
+            s.warnings.append(
+                f"{len(s.files)} file(s) in {s.folder} have no SeriesInstanceUID: grouped as series {s.uid} by folder, "
+                "StudyInstanceUID, SeriesNumber, description, modality, FrameOfReferenceUID, size and orientation; "
+                "check that they form one series")
     found.sort(key=lambda s: (s.kind != "image", str(s.folder), s.series_number or 0, s.uid))
-    return found, skipped
+    return _Scan(found, skipped, dict(examples))
+
+
+def list_series(path: str | os.PathLike[str]) -> tuple[list[DicomSeries], Counter[str]]:
+    """Scan ``path`` (a folder, recursively, or one file) reading headers only.
+
+    Returns the series found (image series first) and a count of skipped files by reason
+    (``describe_dicom`` adds examples of each reason).
+    """
+    scan = _scan(path)
+    return scan.series, scan.skipped
 
 
 def _split_copies(series: DicomSeries) -> list[DicomSeries]:
@@ -275,19 +400,24 @@ def _split_copies(series: DicomSeries) -> list[DicomSeries]:
     for f, sop in zip(series.files, series.sop_instances):
         part = by_folder.setdefault(f.parent, DicomSeries(
             series.uid, series.modality, series.description, series.series_number, series.sop_class,
-            series.sop_class_name, f.parent, frame_of_reference=series.frame_of_reference))
+            series.sop_class_name, f.parent, frame_of_reference=series.frame_of_reference,
+            synthetic=series.synthetic))
         part.files.append(f)
         part.sop_instances.append(sop)
         part.frames.extend(fr for fr in series.frames if fr.path == f)
+        part.multiframe_without_geometry = series.multiframe_without_geometry
     return list(by_folder.values())
 
 
 def _problem(series: DicomSeries) -> str | None:
+    """Why the series cannot be read as it is (None when it can); never raises."""
     try:
         plan_series(series, Path(series.folder), allow_uneven_spacing=False, allow_few_slices=False,
                     allow_gantry_tilt=False)
     except DicomError as exc:
         return exc.message.split(": ", 1)[-1]
+    except Exception as exc:  # a listing describes every series it can and reports the others
+        return f"cannot be described ({_short_error(exc)})"
     return None
 
 
@@ -295,14 +425,25 @@ def describe_dicom(path: str | os.PathLike[str], *, series: str | None = None,
                    modality: str | None = None) -> dict[str, Any]:
     """JSON-serialisable summary of every series under ``path`` (headers only), for ``segpipe info``.
 
-    Keys: ``series`` (one dict per series: uid, modality, description, kind, folder, files, frames,
-    sizes, readable, problem), ``skipped`` (file counts by reason), ``chosen`` (the UID that
-    :func:`read_dicom` would read with this ``series``/``modality`` selection, or None) and
-    ``choice_problem`` (why none can be chosen).
+    Keys:
+
+    * ``series``: one dict per series: uid, modality, description, series_number, sop_class, kind,
+      folder, files, frames, sizes, frame_of_reference, readable, problem (why it cannot be read
+      as it is, or None), synthetic (True for files without SeriesInstanceUID grouped by the
+      remaining tags) and warnings (list of strings);
+    * ``skipped``: counts of skipped files by category; ``skipped_reasons``: one human-readable
+      line per category with examples (file and why), for printing;
+    * ``warnings``: human-readable warnings about the listing (synthetic series);
+    * ``chosen``: the UID that :func:`read_dicom` would read with this ``series``/``modality``
+      selection, or None, and ``choice_problem``: why none can be chosen.
+
+    A file or series that cannot be described is reported (skipped or with its ``problem``);
+    it never aborts the listing. A malformed ``re:`` selector is a :class:`UsageError`.
     """
-    found, skipped = list_series(path)
+    scan = _scan(path)
     items = []
-    for s in found:
+    warnings_: list[str] = []
+    for s in scan.series:
         problem = _problem(s) if s.kind in ("image", "secondary-capture") else None
         sizes = sorted({(f.rows, f.cols) for f in s.frames})
         items.append({
@@ -310,28 +451,58 @@ def describe_dicom(path: str | os.PathLike[str], *, series: str | None = None,
             "sop_class": s.sop_class_name, "kind": s.kind, "folder": str(s.folder), "files": len(s.files),
             "frames": len(s.frames), "sizes": [list(sz) for sz in sizes], "frame_of_reference": s.frame_of_reference,
             "readable": s.kind in ("image", "secondary-capture") and problem is None, "problem": problem,
+            "synthetic": s.synthetic, "warnings": list(s.warnings),
         })
+        warnings_.extend(s.warnings)
     chosen, reason = None, None
     try:
-        chosen = choose_series(found, Path(path), series=series, modality=modality).uid
+        chosen = choose_series(scan.series, Path(path), series=series, modality=modality,
+                               skipped_reasons=scan.reasons()).uid
     except DicomError as exc:
         reason = exc.message.split(": ", 1)[-1]
-    return {"path": str(path), "series": items, "skipped": dict(skipped), "chosen": chosen, "choice_problem": reason}
+    return {"path": str(path), "series": items, "skipped": dict(scan.skipped), "skipped_reasons": scan.reasons(),
+            "warnings": warnings_, "chosen": chosen, "choice_problem": reason}
+
+
+def unique_suffixes(uids: list[str], min_len: int = 12) -> list[str]:
+    """The shortest suffix of each UID (at least ``min_len`` characters) that tells it from the others.
+
+    Identical UIDs (copies of one series in several folders) cannot be told apart and are given
+    in full. The suffix length is chosen per UID, so a long shared tail only lengthens the UIDs
+    that share it.
+    """
+    out = []
+    for i, uid in enumerate(uids):
+        others = [u for j, u in enumerate(uids) if j != i and u != uid]
+        n = min(min_len, len(uid))
+        while n < len(uid) and any(o.endswith(uid[-n:]) for o in others):
+            n += 1
+        out.append(uid[-n:] if n else uid)
+    return out
 
 
 # --------------------------------------------------------------------------------------- selection
+REGEX_PREFIX = "re:"
+
+
 def _matches(pattern: str, text: str) -> bool:
-    if fnmatch.fnmatch(text.lower(), pattern.lower()):
-        return True
-    try:
-        return re.search(pattern, text, re.IGNORECASE) is not None
-    except re.error:
-        return False
+    """Case-insensitive glob on the whole ``text``; ``re:…`` is a case-insensitive regex search."""
+    if pattern.startswith(REGEX_PREFIX):
+        try:
+            return re.search(pattern[len(REGEX_PREFIX):], text, re.IGNORECASE) is not None
+        except re.error as exc:
+            raise UsageError(f"series={pattern!r}: invalid regular expression ({exc})",
+                             hint="fix the pattern after 're:', or use a glob without the prefix") from None
+    return fnmatch.fnmatchcase(text.lower(), pattern.lower())
 
 
 def choose_series(found: list[DicomSeries], where: Path, *, series: str | None = None,
-                  modality: str | None = None) -> DicomSeries:
-    """The series selected by UID / description pattern / modality, or the only image series."""
+                  modality: str | None = None, skipped_reasons: list[str] | None = None) -> DicomSeries:
+    """The series selected by UID / description pattern / modality, or the only image series.
+
+    ``series`` is an exact SeriesInstanceUID, a case-insensitive glob on the SeriesDescription, or
+    ``re:`` followed by a case-insensitive regular expression searched in it (module docstring).
+    """
     listing = "; ".join(s.label() for s in found) or "none"
     if series is not None:
         exact = [s for s in found if s.uid == series]
@@ -342,7 +513,7 @@ def choose_series(found: list[DicomSeries], where: Path, *, series: str | None =
                              "not an image series", hint="select an image series (segpipe info lists them)")
     pool = [s for s in found if s.kind == "image" or (series is not None and s.kind == "secondary-capture")]
     if modality is not None:
-        pool = [s for s in pool if fnmatch.fnmatch(s.modality.lower(), modality.lower())]
+        pool = [s for s in pool if fnmatch.fnmatchcase(s.modality.lower(), modality.lower())]
     if series is not None:
         pool = [s for s in pool if s.uid == series or _matches(series, s.description)]
     if len(pool) == 1:
@@ -350,11 +521,14 @@ def choose_series(found: list[DicomSeries], where: Path, *, series: str | None =
     wanted = " ".join(x for x in (f"series={series!r}" if series else "", f"modality={modality!r}" if modality else "") if x)
     if not pool:
         what = f"no image series matches {wanted}" if wanted else "no image series found"
-        raise DicomError(f"{where}: {what} (found: {listing})",
-                         hint="pass a folder holding an image series, or select one of those listed by UID or description")
+        skipped = f"; {'; '.join(skipped_reasons)}" if skipped_reasons else ""
+        hint = "pass a folder holding an image series, or select one of those listed by UID or description"
+        if series is not None and not series.startswith(REGEX_PREFIX) and not any(ch in series for ch in "*?["):
+            hint += f" (a glob matches the whole description: try series='*{series}*', or 're:{series}' for a regex)"
+        raise DicomError(f"{where}: {what} (found: {listing}{skipped})", hint=hint)
     names = "; ".join(s.label() for s in pool)
     raise DicomError(f"{where}: {len(pool)} image series{' match ' + wanted if wanted else ''}: {names}",
-                     hint="select one with series=UID or a description pattern (and/or modality=...)")
+                     hint="select one with series=UID, a description glob or 're:REGEX' (and/or modality=...)")
 
 
 # -------------------------------------------------------------------------------------- validation
@@ -372,6 +546,20 @@ def plan_series(series: DicomSeries, where: Path, *, allow_uneven_spacing: bool 
     def fail(problem: str, hint: str) -> DicomError:
         return DicomError(f"{where_s}: {problem}", hint=hint)
 
+    def grid(shape: tuple[int, ...], spacing: tuple[float, ...], origin: tuple[float, ...],
+             direction: tuple[float, ...]) -> Geometry:
+        try:
+            return Geometry(shape, spacing, origin, direction)
+        except ValueError as exc:  # the checks below should leave nothing for this to catch
+            raise fail(f"the headers give no valid voxel grid ({exc})",
+                       "the series' geometry tags are damaged; re-export it") from None
+
+    def check_spacing(ps: tuple[float, float], name: str) -> None:
+        if not (ps[0] > 0 and ps[1] > 0):
+            raise fail(f"PixelSpacing {ps[0]:g}\\{ps[1]:g} is not positive (in {name})",
+                       "the file lacks a usable pixel spacing (a projection image or a damaged export); "
+                       "re-export it with PixelSpacing, or select another series")
+
     frames = series.frames
     if not frames:
         raise fail(f"{series.kind} object(s) ({series.sop_class_name}) without image pixels", "select an image series")
@@ -382,13 +570,21 @@ def plan_series(series: DicomSeries, where: Path, *, allow_uneven_spacing: bool 
     if len(sizes) > 1:
         desc = ", ".join(f"{r}x{c}{'x' + str(s) if s > 1 else ''} ({n} slices)" for (r, c, s), n in sizes.most_common())
         raise fail(f"mixed sizes: {desc}", "select a series whose slices all have the same size (not a summary/screenshot series)")
+    for f in frames:
+        if f.pixel_spacing is not None:
+            check_spacing(f.pixel_spacing, f.path.name)
+        if f.orientation is not None:
+            norms = np.linalg.norm(f.orientation[:3]), np.linalg.norm(f.orientation[3:])
+            if min(norms) < 0.5 or abs(float(np.dot(f.orientation[:3], f.orientation[3:]))) > 0.05 * norms[0] * norms[1]:
+                raise fail(f"ImageOrientationPatient {_fmt(f.orientation)} is not two perpendicular directions "
+                           f"(in {f.path.name})", "the series' orientation tags are damaged; re-export it")
     if len(frames) == 1 and frames[0].position is None:
         f = frames[0]
         ps = f.pixel_spacing or (1.0, 1.0)
         iop = f.orientation if f.orientation is not None else np.array([1.0, 0, 0, 0, 1.0, 0])
         r, c = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
-        geometry = Geometry((1, f.rows, f.cols), (f.thickness or 1.0, ps[0], ps[1]), (0.0, 0.0, 0.0),
-                            tuple(np.column_stack([r, c, np.cross(r, c)]).ravel()))
+        geometry = grid((1, f.rows, f.cols), (f.thickness or 1.0, ps[0], ps[1]), (0.0, 0.0, 0.0),
+                        tuple(np.column_stack([r, c, np.cross(r, c)]).ravel()))
         return ReadPlan(frames, geometry, np.zeros(1), np.zeros((1, 2)), False)
     missing = [f.path.name for f in frames if f.position is None or f.orientation is None]
     if missing:
@@ -430,7 +626,7 @@ def plan_series(series: DicomSeries, where: Path, *, allow_uneven_spacing: bool 
     geometry_dir = tuple(np.column_stack([r, c, n]).ravel())
     if len(frames) == 1:
         f = frames[0]
-        geometry = Geometry((1, f.rows, f.cols), (f.thickness or 1.0, dy, dx), tuple(pos[0]), geometry_dir)
+        geometry = grid((1, f.rows, f.cols), (f.thickness or 1.0, dy, dx), tuple(pos[0]), geometry_dir)
         return ReadPlan(frames, geometry, t, np.zeros((1, 2)), False)
     if len(frames) == 2 and not allow_few_slices:
         raise fail("only 2 slices: too few to validate the slice spacing",
@@ -462,7 +658,7 @@ def plan_series(series: DicomSeries, where: Path, *, allow_uneven_spacing: bool 
         raise fail(what, "add the missing files, or pass allow_uneven_spacing=True to resample onto a regular grid")
     f0 = frames[0]
     if not (tilted or uneven):
-        geometry = Geometry((len(frames), f0.rows, f0.cols), (mean_step, dy, dx), tuple(pos[0]), geometry_dir)
+        geometry = grid((len(frames), f0.rows, f0.cols), (mean_step, dy, dx), tuple(pos[0]), geometry_dir)
         return ReadPlan(frames, geometry, t, uv, False)
     if uneven:
         nz = int(round((t[-1] - t[0]) / float(np.median(steps)))) + 1
@@ -473,11 +669,58 @@ def plan_series(series: DicomSeries, where: Path, *, allow_uneven_spacing: bool 
     hi = np.ceil(uv.max(axis=0) - 1e-6)
     ncols, nrows = int(f0.cols + hi[0] - lo[0]), int(f0.rows + hi[1] - lo[1])
     origin = pos[0] + lo[0] * dx * r + lo[1] * dy * c
-    geometry = Geometry((nz, nrows, ncols), (sz, dy, dx), tuple(origin), geometry_dir)
+    geometry = grid((nz, nrows, ncols), (sz, dy, dx), tuple(origin), geometry_dir)
     return ReadPlan(frames, geometry, t, uv - lo, True)
 
 
 # ------------------------------------------------------------------------------------------ pixels
+# Decoding plugins of pydicom (its names) that handle a transfer syntax, and what to install.
+_JPEG_LIBJPEG = (("pylibjpeg", "gdcm", "pillow"), "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)")
+_DECODER_ADVICE: dict[str, tuple[tuple[str, ...], str]] = {
+    "1.2.840.10008.1.2.4.50": _JPEG_LIBJPEG,  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": (("pylibjpeg",), "pylibjpeg pylibjpeg-libjpeg (GDCM and Pillow decode 8-bit JPEG only)"),
+    "1.2.840.10008.1.2.4.57": (("pylibjpeg", "gdcm"), "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)"),
+    "1.2.840.10008.1.2.4.70": (("pylibjpeg", "gdcm"), "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)"),
+    "1.2.840.10008.1.2.4.80": (("pyjpegls", "pylibjpeg", "gdcm"), "pyjpegls (or python-gdcm)"),
+    "1.2.840.10008.1.2.4.81": (("pyjpegls", "pylibjpeg", "gdcm"), "pyjpegls (or python-gdcm)"),
+    "1.2.840.10008.1.2.4.90": (("pylibjpeg", "gdcm", "pillow"), "pylibjpeg pylibjpeg-openjpeg (or python-gdcm)"),
+    "1.2.840.10008.1.2.4.91": (("pylibjpeg", "gdcm", "pillow"), "pylibjpeg pylibjpeg-openjpeg (or python-gdcm)"),
+    "1.2.840.10008.1.2.5": (("pydicom", "pylibjpeg", "gdcm"), "pylibjpeg pylibjpeg-rle"),
+}
+
+
+def _decode_failure(path: Path, ds: Any, exc: BaseException) -> DicomError:
+    """One-line error for pixel data that cannot be decoded: the file, the syntax, why, and what to do."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    bits = ds.get("BitsStored") if ds is not None else None
+    text = str(exc)
+    if "exceptions were raised by all available plugins" in text:  # pydicom: one line per plugin
+        why = "every installed decoder failed (" + "; ".join(
+            ln.strip() for ln in text.splitlines()[1:] if ln.strip())[:300] + ")"
+    else:
+        why = _short_error(exc)
+    syntax = f" ({ts.name}{f', {bits}-bit' if bits else ''})" if ts is not None else ""
+    message = f"{path}: cannot decode pixel data{syntax}: {why}"
+    if ts is None or not getattr(ts, "is_compressed", False):
+        return DicomError(message, hint="the file is truncated or damaged; re-export or replace it")
+    try:
+        from pydicom.pixels import get_decoder
+
+        available = set(get_decoder(ts).available_plugins)
+    except Exception:  # no decoder exists for this syntax at all (video, ...)
+        available = set()
+    plugins, packages = _DECODER_ADVICE.get(str(ts), ((), ""))
+    if packages and not available.intersection(plugins):
+        hint = f"install a decoder for {ts.name}: pip install {packages}"
+    elif packages:
+        hint = (f"the installed decoders ({', '.join(sorted(available))}) cannot decode it: the data may be damaged or "
+                "non-conformant; decompress it with another tool (gdcmconv --raw, dcmdjpeg) or re-export it uncompressed")
+    else:
+        hint = "segpipe cannot decode this transfer syntax; convert the series to an uncompressed one (gdcmconv --raw)"
+    return DicomError(message, hint=hint)
+
+
 def _decode(plan: ReadPlan, where: Path) -> np.ndarray:
     """Stored values of every frame in plan order: (Z, Y, X) or (Z, Y, X, samples)."""
     f0 = plan.frames[0]
@@ -486,29 +729,30 @@ def _decode(plan: ReadPlan, where: Path) -> np.ndarray:
         by_file[fr.path].append((k, fr))
     out: np.ndarray | None = None
     for path, items in by_file.items():
+        ds = None
         try:
             ds = _dcmread(path)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with _quiet_pydicom():
                 pixels = ds.pixel_array
         except Exception as exc:  # decoder errors come from many libraries
-            msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) if "ds" in locals() else None
-            raise DicomError(f"{path}: cannot decode pixel data{f' ({ts.name})' if ts else ''}: {msg}",
-                             hint="the file is damaged or uses an unsupported compression; re-export it uncompressed") from None
+            raise _decode_failure(path, ds, exc) from None
         single = f0.samples == 1
         nframes = int(ds.get("NumberOfFrames", 1) or 1)
         if nframes > 1 and pixels.ndim == (3 if single else 4):
             stack = pixels
         else:
             stack = pixels[None]
-        if stack.shape[1:3] != (f0.rows, f0.cols):
-            raise DicomError(f"{path}: pixel data shape {stack.shape[1:]} does not match Rows/Columns",
-                             hint="the file is damaged; re-export it")
+        if stack.shape[1:3] != (f0.rows, f0.cols) or stack.shape[3:] != (() if single else (f0.samples,)):
+            raise DicomError(f"{path}: pixel data shape {stack.shape[1:]} does not match Rows/Columns/SamplesPerPixel "
+                             f"({f0.rows}, {f0.cols}, {f0.samples})", hint="the file is damaged; re-export it")
         if out is None:
             out = np.empty((len(plan.frames),) + stack.shape[1:], dtype=stack.dtype)
         for k, fr in items:
-            out[k] = stack[fr.index or 0] if fr.index is not None else stack[0]
+            index = fr.index or 0
+            if index >= len(stack):
+                raise DicomError(f"{path}: frame {index + 1} is described in the header but the pixel data hold "
+                                 f"{len(stack)} frame(s)", hint="the file is truncated or damaged; re-export it")
+            out[k] = stack[index]
     assert out is not None
     return out
 
@@ -571,10 +815,18 @@ def _check_options(unknown: dict[str, Any]) -> None:
 
 def _select(path: str | os.PathLike[str], series: str | None, modality: str | None) -> tuple[Path, DicomSeries]:
     where = Path(path)
-    found, _ = list_series(where)
-    if where.is_file() and not found:
-        raise DicomError(f"{where}: not a readable DICOM file", hint="check the file (it may be truncated or not DICOM)")
-    return where, choose_series(found, where, series=series, modality=modality)
+    scan = _scan(where)
+    if where.is_file() and not scan.series:
+        if scan.skipped.get(SKIP_DICOMDIR):
+            raise DicomError(f"{where}: a DICOMDIR index file, not an image",
+                             hint="pass the folder holding the series it lists")
+        why = "; ".join(e.split(": ", 1)[-1] for examples in scan.examples.values() for e in examples)
+        raise DicomError(f"{where}: not a readable DICOM file{f' ({why})' if why else ''}",
+                         hint="check the file (it may be truncated or not DICOM)")
+    chosen = choose_series(scan.series, where, series=series, modality=modality, skipped_reasons=scan.reasons())
+    for warning in chosen.warnings:
+        log.warning("%s: %s", where, warning)
+    return where, chosen
 
 
 def dicom_geometry(path: str | os.PathLike[str], *, series: str | None = None, modality: str | None = None,

@@ -164,6 +164,8 @@ def _expand(overrides: list[str], known: list[str]) -> list[str]:
         if "/" in bare:
             raise ConfigError(f"override {ov!r}: config group selection is not available here",
                               hint="`segpipe config` lists every setting")
+        if "," in value and value[:1] not in "[{'\"" and not value.startswith("${"):
+            value = f"[{value}]"  # `configurations=3d_fullres,2d` is a list (Hydra would read a sweep)
         out.append(expand_key(bare, known) + "=" + value)
     return out
 

@@ -191,7 +191,7 @@ class DatasetWorkspace:
         Two datasets whose folders share a name would otherwise mix their fingerprints, plans and
         caches. The record is written once; the same source again is fine.
         """
-        from .io.atomic import write_text
+        from .io.jsonio import write_json
 
         src = str(Path(dataset_root).expanduser().resolve())
         known = self.source()
@@ -202,8 +202,7 @@ class DatasetWorkspace:
                 hint="give this one another name (dataset_name=NAME) or use another work_dir=PATH")
         if known is None or known.get("layout") != layout:
             self.root.mkdir(parents=True, exist_ok=True)
-            write_text(self.source_path, json.dumps({"path": src, "layout": layout, "name": self.name},
-                                                    sort_keys=True, indent=1) + "\n")
+            write_json(self.source_path, {"path": src, "layout": layout, "name": self.name})
 
 
 def find_dataset(work_dir: str | os.PathLike[str] | None, dataset: str | os.PathLike[str] | None,

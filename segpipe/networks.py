@@ -6,7 +6,7 @@
 * ``unet25d`` (``2.5d``): the same DynUNet with the planner's in-plane-first kernels/strides
   (1×3×3 and 1×2×2 at the high-resolution levels) plus, optionally, a spatial-attention block
   after every decoder level (Wang et al. 2019: ``x · (1 + σ(conv(relu(conv(x)))))``). In slab mode
-  (``input_slices = 2k+1``) it is a 2D DynUNet whose input channels are the neighbouring slices.
+  (``context_slices = k``, 2k+1 slices) it is a 2D DynUNet whose input channels are the neighbouring slices.
 * ``vnet``: written here because MONAI's ``VNet`` has a fixed depth and patch. Milletari et al.
   2016: residual stages of 5×5×5 convolutions (5×5×1 in-plane where the plan's U-Net kernel is 1),
   1/2/3 convolutions per stage, 2×2×2 strided-conv down, transposed-conv up, PReLU. Deviations,
@@ -25,7 +25,7 @@ so that planning does not import torch; :func:`measure_training_bytes` is its gr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,13 +36,16 @@ from .errors import ConfigError
 from .planning import PlanConfig, attention_hidden, estimate_training_bytes, memory_breakdown
 
 __all__ = [
+    "NETWORKS",
     "SegUNet",
     "SpatialAttention",
     "VNet",
     "build_network",
+    "get_network_builder",
     "estimate_training_bytes",
     "measure_training_bytes",
     "memory_breakdown",
+    "register_network",
 ]
 
 NEGATIVE_SLOPE = 0.01
@@ -209,21 +212,42 @@ def _as_config(plan_config: PlanConfig | Mapping[str, Any]) -> PlanConfig:
     raise ConfigError(f"expected a PlanConfig or its dict, got {type(plan_config).__name__}")
 
 
+NetworkBuilder = Callable[..., nn.Module]
+
+#: architecture name (``PlanConfig.architecture``) -> builder ``(cfg, in_channels, num_classes, *, deep_supervision)``;
+#: the one place an architecture is looked up
+NETWORKS: dict[str, NetworkBuilder] = {
+    "unet": SegUNet,
+    "unet25d": SegUNet,  # the plan's kernels, strides, attention and slab make it 2.5-D
+    "vnet": VNet,
+}
+
+
+def register_network(name: str, builder: NetworkBuilder) -> None:
+    """Add (or replace) an architecture."""
+    NETWORKS[str(name)] = builder
+
+
+def get_network_builder(name: str, *, configuration: str | None = None) -> NetworkBuilder:
+    """The builder of architecture ``name``; an unknown name is a :class:`ConfigError` listing the valid ones."""
+    builder = NETWORKS.get(str(name))
+    if builder is None:
+        where = f"configuration {configuration}: " if configuration else ""
+        raise ConfigError(f"{where}unknown architecture {name!r}", hint=f"valid: {', '.join(sorted(NETWORKS))}")
+    return builder
+
+
 def build_network(plan_config: PlanConfig | Mapping[str, Any], in_channels: int, num_classes: int, *,
                   deep_supervision: bool = True) -> nn.Module:
-    """The network of one plan configuration.
+    """The network of one plan configuration (looked up in :data:`NETWORKS` by its architecture).
 
     ``in_channels`` is the dataset's channel count (2.5d slab mode multiplies it by the slices);
     ``num_classes`` counts the background. In training mode with ``deep_supervision`` the
     network returns ``[full_res, half_res, ...]`` (``len == num_stages - 1``); otherwise a tensor.
     """
     cfg = _as_config(plan_config)
-    if cfg.architecture in ("unet", "unet25d"):
-        return SegUNet(cfg, in_channels, num_classes, deep_supervision=deep_supervision)
-    if cfg.architecture == "vnet":
-        return VNet(cfg, in_channels, num_classes, deep_supervision=deep_supervision)
-    raise ConfigError(f"configuration {cfg.name}: unknown architecture {cfg.architecture!r}",
-                      hint="valid: unet, unet25d, vnet")
+    builder = get_network_builder(cfg.architecture, configuration=cfg.name)
+    return builder(cfg, in_channels, num_classes, deep_supervision=deep_supervision)
 
 
 # ---------------------------------------------------------------------------- measurement

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,18 +11,16 @@ import torch
 
 from segpipe.data import PatchSampler
 from segpipe.data.augment import AugmentConfig, Augmenter, bg_contrast, is_dummy_2d, mirror
-from segpipe.preprocessing import sample_locations
+from segpipe.preprocessing import Cache, sample_locations
 
 OFF = AugmentConfig.none()
 
 
 def write_cache(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int = 6) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
+    cache = Cache(root)
     for cid, (image, label) in cases.items():
-        np.save(root / f"{cid}.npy", image.astype(np.float32))
-        np.save(root / f"{cid}_seg.npy", label.astype(np.uint8))
-        (root / f"{cid}.json").write_text(json.dumps({"shape_after_resample": list(label.shape),
-                                                      "class_locations": sample_locations(label, num_classes)}))
+        cache.write(cid, image.astype(np.float32), label.astype(np.uint8),
+                    {"shape_after_resample": list(label.shape), "class_locations": sample_locations(label, num_classes)})
     return root
 
 

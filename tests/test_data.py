@@ -20,20 +20,18 @@ from segpipe.data import (
     make_splits,
 )
 from segpipe.errors import DataError, StateError, UsageError
-from segpipe.preprocessing import sample_locations
+from segpipe.preprocessing import Cache, sample_locations
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hippocampus"
 
 
 def write_cache(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int = 3) -> Path:
-    """A preprocessing cache as segpipe.preprocess writes it (only the fields the sampler reads)."""
-    root.mkdir(parents=True, exist_ok=True)
+    """A preprocessing cache written through segpipe's Cache (only the properties the sampler reads)."""
+    cache = Cache(root)
     for cid, (image, label) in cases.items():
-        np.save(root / f"{cid}.npy", image.astype(np.float32))
-        np.save(root / f"{cid}_seg.npy", label.astype(np.uint8))
         props = {"shape_after_resample": list(label.shape), "num_classes": num_classes,
                  "class_locations": sample_locations(label, num_classes)}
-        (root / f"{cid}.json").write_text(json.dumps(props))
+        cache.write(cid, image.astype(np.float32), label.astype(np.uint8), props)
     return root
 
 
@@ -188,7 +186,7 @@ def test_2d_and_slab_samples(tmp_path: Path) -> None:
         zi = int(out["image"][b, 0, 0, 0]) - 1
         assert torch.all(out["image"][b] == zi + 1) and torch.all(out["label"][b] == zi % 3)
 
-    slab = PatchSampler(cdir, ["c"], (8, 10), slab_neighbors=2)
+    slab = PatchSampler(cdir, ["c"], (8, 10), context_slices=2)
     out = finish_batch(slab.sample(np.random.default_rng(1), 16), None)
     assert out["image"].shape == (16, 5, 8, 10) and out["label"].shape == (16, 1, 8, 10)
     for b in range(16):
@@ -197,7 +195,7 @@ def test_2d_and_slab_samples(tmp_path: Path) -> None:
         assert out["image"][b, :, 0, 0].tolist() == expect
         assert torch.all(out["label"][b] == zc % 3)
     with pytest.raises(UsageError):
-        PatchSampler(cdir, ["c"], (4, 8, 10), slab_neighbors=1)
+        PatchSampler(cdir, ["c"], (4, 8, 10), context_slices=1)
 
 
 def test_sampler_pickles_without_arrays(cache: Path) -> None:
@@ -236,7 +234,7 @@ def test_datamodule_shapes_and_determinism(cache: Path) -> None:
 
 def test_datamodule_2d_slab_and_for_fold(cache: Path, tmp_path: Path) -> None:
     dm = SegDataModule.for_fold(cache, tmp_path / "splits_final.json", 0, patch_size=(16, 12), batch_size=2,
-                                slab_neighbors=1, num_workers=0)
+                                context_slices=1, num_workers=0)
     assert (tmp_path / "splits_final.json").is_file() and len(dm.val_cases) == 1
     batch = _first(dm.train_dataloader(), 1)[0]
     assert batch["image"].shape == (2, 3, 16, 12) and batch["label"].shape == (2, 1, 16, 12)

@@ -13,6 +13,7 @@ from scipy import ndimage
 from segpipe import Geometry, load_dataset, read_case, write_image
 from segpipe.demo_data import make_case
 from segpipe.preprocessing import (
+    Cache,
     ChannelNorm,
     PreprocessSpec,
     crop_box,
@@ -146,7 +147,7 @@ def test_cache_is_reused_and_rebuilt(demo_dataset, tmp_path):
     spec2 = PreprocessSpec(spacing=(2.0, 1.0, 1.0), normalization=ZSCORE)
     r4 = preprocess_dataset(ds, spec2, cache, cases=cases, num_workers=2)
     assert r4.processed == [c.id for c in cases]
-    props = json.loads((cache / f"{cases[0].id}.json").read_text())
+    props = Cache(cache).properties(cases[0].id)
     assert props["spacing"] == [2.0, 1.0, 1.0]
     assert not [p for p in cache.iterdir() if p.name.startswith(".")], "no temporary files left"
 
@@ -180,8 +181,8 @@ def test_preprocess_command_uses_the_plan_and_refuses_bad_cases(demo_dataset, tm
     res = json.loads(r.stdout)["configurations"]["3d_fullres"]
     assert len(res["processed"]) == 12
     plan = json.loads((work / "ds" / "plans.json").read_text())
-    cache = work / "ds" / "cache" / plan["configurations"]["3d_fullres"]["data_identifier"]
-    props = json.loads((cache / "demo_000.json").read_text())
+    cache = Cache(work / "ds" / "cache" / plan["configurations"]["3d_fullres"]["data_identifier"])
+    props = cache.properties("demo_000")
     assert props["spacing"] == pytest.approx(plan["configurations"]["3d_fullres"]["spacing"])
     r = run("preprocess", str(root), "--json", "configuration=3d_fullres")
     assert len(json.loads(r.stdout)["configurations"]["3d_fullres"]["reused"]) == 12
@@ -191,9 +192,9 @@ def test_preprocess_command_uses_the_plan_and_refuses_bad_cases(demo_dataset, tm
     bad = data.image.copy()
     bad[0, 1, 1, 1] = np.nan
     write_image(root / "imagesTr" / "demo_003.nii.gz", bad, data.geometry)
-    before = (cache / "demo_003.npy").stat().st_mtime_ns
+    before = cache.image_path("demo_003").stat().st_mtime_ns
     r = run("preprocess", str(root), "configuration=3d_fullres")
     assert r.returncode == 3
     assert "demo_003" in r.stderr and "imagesTr/demo_003.nii.gz" in r.stderr and "Traceback" not in r.stderr
-    assert (cache / "demo_003.npy").stat().st_mtime_ns == before
-    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+    assert cache.image_path("demo_003").stat().st_mtime_ns == before
+    assert not [p for p in cache.root.iterdir() if p.name.startswith(".")]

@@ -2,15 +2,17 @@
 
 * :func:`make_splits` — nnU-Net v2's five folds, bit for bit (``KFold(shuffle=True,
   random_state=12345)`` over the sorted case ids, re-implemented without scikit-learn);
-  :func:`load_or_create_splits` honours an existing ``splits_final.json``.
+  :func:`load_or_create_splits` honours an existing ``splits_final.json`` and refuses one that
+  names a case no longer in the dataset (see there).
 * :class:`PatchSampler` — random patches from the memory-mapped preprocessing cache with nnU-Net's
   foreground oversampling (the last ``bs − round(0.67·bs)`` samples of every batch are centred on a
   voxel of a random present class). 3-D patches, 2-D slices along axis 0 (returned as
-  [C, Y, X]) and 2.5-D slabs (``slab_neighbors=k``: the 2k+1 neighbouring slices become channels,
+  [C, Y, X]) and 2.5-D slabs (``context_slices=k``: the 2k+1 neighbouring slices become channels,
   [C·(2k+1), Y, X]; the label is the centre slice).
 * :class:`TrainStream` / :class:`ValidationPatches` — an endless, per-worker-seeded stream of
   augmented batches and a fixed (seeded) set of validation batches; :class:`SegDataModule` serves
-  both to Lightning.
+  both to Lightning; :meth:`SegDataModule.from_plan` builds it from a plan configuration, the
+  one place patch size, batch size and slab width (``context_slices``) come from.
 
 Larger-patch-first, like nnU-Net: a sample that will be rotated or scaled is cut as the box that
 holds its transformed patch (computed from the drawn matrix, +1 voxel margin) around the same
@@ -32,12 +34,12 @@ The package: :mod:`.splits`, :mod:`.sampler`, :mod:`.augment`, :mod:`.datamodule
 
 
 from .augment import AugmentConfig, Augmenter
-from .datamodule import SegDataModule, TrainStream, ValidationPatches, default_num_workers, worker_init
+from .datamodule import SegDataModule, TrainStream, ValidationPatches, worker_init
 from .sampler import OVERSAMPLE_FOREGROUND, PatchSampler, finish_batch
 from .splits import SPLIT_SEED, SPLITS_FILE, fold_cases, load_or_create_splits, make_splits, validate_splits
 
 __all__ = [
     "OVERSAMPLE_FOREGROUND", "SPLITS_FILE", "SPLIT_SEED", "AugmentConfig", "Augmenter", "PatchSampler",
-    "SegDataModule", "TrainStream", "ValidationPatches", "default_num_workers", "finish_batch", "fold_cases",
+    "SegDataModule", "TrainStream", "ValidationPatches", "finish_batch", "fold_cases",
     "load_or_create_splits", "make_splits", "validate_splits", "worker_init",
 ]

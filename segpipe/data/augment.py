@@ -60,7 +60,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ANISO_THRESHOLD = 3.0  # nnU-Net: a 3-D patch with max(patch)/patch[0] > 3 gets "dummy 2-D" augmentation
+# A different rule from the planner's ANISOTROPY_THRESHOLD (segpipe.planning), though nnU-Net uses the
+# same 3.0 for both: this one compares the *patch's* edge lengths (max(patch) / patch[0] > 3 → "dummy
+# 2-D" in-plane augmentation), that one compares voxel *spacings*. A plan with another
+# anisotropy_threshold must not change how its patches are augmented, so the two stay separate.
+DUMMY_2D_PATCH_RATIO = 3.0
 
 #: flag names in the order the transforms run (mirror axes are appended per spatial axis)
 TRANSFORMS = ("rotation", "scaling", "noise", "blur", "brightness", "contrast", "lowres", "gamma_inverted", "gamma")
@@ -105,7 +109,7 @@ class AugmentConfig:
 
 def is_dummy_2d(patch_size: Sequence[int]) -> bool:
     """nnU-Net's rule: a 3-D patch much thinner along axis 0 is augmented slice-wise in-plane."""
-    return len(patch_size) == 3 and max(patch_size) / patch_size[0] > ANISO_THRESHOLD
+    return len(patch_size) == 3 and max(patch_size) / patch_size[0] > DUMMY_2D_PATCH_RATIO
 
 
 def default_rotation_deg(patch_size: Sequence[int], dummy_2d: bool) -> tuple[float, float]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from itertools import count
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import StateError
+from ..errors import StateError, UsageError
+from ..parallel import default_num_workers
+from ..preprocessing.cache import Cache
 from .augment import AugmentConfig, Augmenter
 from .sampler import OVERSAMPLE_FOREGROUND, PatchSampler, finish_batch
 from .splits import fold_cases, load_or_create_splits
@@ -73,13 +74,6 @@ class ValidationPatches(torch.utils.data.Dataset):
         return finish_batch(self.sampler.sample(rng, self.batch_size, None), None)
 
 
-def default_num_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return max(1, os.cpu_count() or 1)
-
-
 try:
     import lightning as L
 
@@ -98,16 +92,17 @@ class SegDataModule(_LightningDataModule):
     Validation: :class:`ValidationPatches`.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str], train_cases: Sequence[str], val_cases: Sequence[str], *,
-                 patch_size: Sequence[int], batch_size: int, slab_neighbors: int = 0,
+    def __init__(self, cache: Cache | str | os.PathLike[str], train_cases: Sequence[str], val_cases: Sequence[str], *,
+                 patch_size: Sequence[int], batch_size: int, context_slices: int = 0,
                  oversample_foreground: float = OVERSAMPLE_FOREGROUND, augment: AugmentConfig | None = None,
                  num_workers: int | None = None, seed: int = 12345, num_val_batches: int = 50,
                  augment_on_device: bool = False, image_pad: float = 0.0, label_pad: int = 0):
         super().__init__()
-        self.cache_dir = Path(cache_dir)
+        self.cache = cache if isinstance(cache, Cache) else Cache(cache)
+        self.cache_dir = self.cache.root
         self.train_cases, self.val_cases = list(train_cases), list(val_cases)
         self.patch_size, self.batch_size = tuple(int(p) for p in patch_size), int(batch_size)
-        self.slab_neighbors, self.oversample_foreground = int(slab_neighbors), float(oversample_foreground)
+        self.context_slices, self.oversample_foreground = int(context_slices), float(oversample_foreground)
         self.augment_config = augment if augment is not None else AugmentConfig()
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.seed, self.num_val_batches = int(seed), int(num_val_batches)
@@ -117,17 +112,43 @@ class SegDataModule(_LightningDataModule):
         self._val: ValidationPatches | None = None
 
     @classmethod
-    def for_fold(cls, cache_dir: str | os.PathLike[str], splits_path: str | os.PathLike[str], fold: int | str,
+    def from_plan(cls, plan: Any, configuration: str, fold: int | str, *, work_dir: str | os.PathLike[str] | None = None,
+                  dataset: str | None = None, **kwargs: Any) -> SegDataModule:
+        """The data module of one plan configuration and fold.
+
+        Patch size, batch size and the 2.5-D slab (``context_slices``) come from the plan
+        configuration, the cache from the workspace (``work_dir``; entry ``dataset``, default
+        ``plan.dataset``) and the folds from its ``splits_final.json`` (created over the cached
+        cases when missing; one naming a case that is no longer cached is refused, see
+        :func:`~segpipe.data.load_or_create_splits`). Further keyword arguments (``augment``,
+        ``num_workers``, ``seed``, …) go to the constructor; the plan's values cannot be overridden here.
+        """
+        from ..workspace import Workspace
+
+        cfg = plan.config(configuration)  # unknown name: ConfigError listing the planned ones
+        clash = sorted({"patch_size", "batch_size", "context_slices"} & set(kwargs))
+        if clash:
+            raise UsageError(f"{', '.join(clash)} come(s) from the plan configuration {configuration}",
+                             hint="change the plan (segpipe plan ...) or build SegDataModule(...) directly")
+        cache = Cache.for_configuration(work_dir, plan, configuration, dataset=dataset)
+        splits_path = Workspace.at(work_dir).dataset(dataset or plan.dataset).splits_path
+        return cls.for_fold(cache, splits_path, fold, patch_size=cfg.patch_size, batch_size=cfg.batch_size,
+                            context_slices=cfg.context_slices, **kwargs)
+
+    @classmethod
+    def for_fold(cls, cache: Cache | str | os.PathLike[str], splits_path: str | os.PathLike[str], fold: int | str,
                  **kwargs: Any) -> SegDataModule:
         """Cases of ``fold`` from ``splits_path`` (created over the cached cases when missing)."""
-        cdir = Path(cache_dir)
-        ids = sorted(p.stem for p in cdir.glob("*.json") if not p.name.startswith("."))
+        cache = cache if isinstance(cache, Cache) else Cache(cache)
+        ids = cache.cases()
+        if not ids:
+            raise StateError(f"{cache.root}: no preprocessed cases", hint="run `segpipe preprocess` first")
         train, val = fold_cases(load_or_create_splits(splits_path, ids), fold)
-        return cls(cdir, train, val, **kwargs)
+        return cls(cache, train, val, **kwargs)
 
     def _sampler(self, cases: Sequence[str]) -> PatchSampler:
-        return PatchSampler(self.cache_dir, cases, self.patch_size, oversample_foreground=self.oversample_foreground,
-                            slab_neighbors=self.slab_neighbors, image_pad=self.image_pad, label_pad=self.label_pad)
+        return PatchSampler(self.cache, cases, self.patch_size, oversample_foreground=self.oversample_foreground,
+                            context_slices=self.context_slices, image_pad=self.image_pad, label_pad=self.label_pad)
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is None:

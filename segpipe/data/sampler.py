@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import StateError, UsageError
+from ..preprocessing.cache import Cache
 from .augment import Augmenter
 
 OVERSAMPLE_FOREGROUND = 0.33
@@ -34,19 +34,19 @@ def _crop(array: np.ndarray, lower: Sequence[int], size: Sequence[int], pad: flo
 
 
 class PatchSampler:
-    """Random patches from cached cases (``segpipe.preprocess`` cache, memory-mapped).
+    """Random patches from cached cases, read through :class:`~segpipe.preprocessing.Cache` (memory-mapped).
 
-    ``patch_size``: 3 entries (3-D) or 2 (2-D slices along axis 0). ``slab_neighbors=k`` (2-D
-    only) adds the k slices on each side as channels. Arrays are opened lazily in each process
-    (memory maps are not pickled into workers).
+    ``cache``: a :class:`~segpipe.preprocessing.Cache` or its folder. ``patch_size``: 3 entries
+    (3-D) or 2 (2-D slices along axis 0). ``context_slices=k`` (2-D only; the plan configuration's
+    ``context_slices``) adds the k slices on each side as channels: a 2.5-D slab of 2k+1 slices.
+    Arrays are opened lazily in each process (memory maps are not pickled into workers).
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str], case_ids: Sequence[str], patch_size: Sequence[int], *,
-                 oversample_foreground: float = OVERSAMPLE_FOREGROUND, slab_neighbors: int = 0,
+    def __init__(self, cache: Cache | str | os.PathLike[str], case_ids: Sequence[str], patch_size: Sequence[int], *,
+                 oversample_foreground: float = OVERSAMPLE_FOREGROUND, context_slices: int = 0,
                  image_pad: float = 0.0, label_pad: int = 0, mmap: bool = True):
-        from ..preprocessing import cached_properties
-
-        self.cache_dir = Path(cache_dir)
+        self.cache = cache if isinstance(cache, Cache) else Cache(cache)
+        self.cache_dir = self.cache.root
         self.case_ids = list(case_ids)
         if not self.case_ids:
             raise StateError("no cases to sample from", hint="check the fold's case list and the cache")
@@ -54,17 +54,19 @@ class PatchSampler:
         if len(self.patch_size) not in (2, 3) or min(self.patch_size) < 1:
             raise UsageError(f"patch_size must be 2 or 3 positive sizes, got {tuple(patch_size)}")
         self.is_2d = len(self.patch_size) == 2
-        if slab_neighbors and not self.is_2d:
-            raise UsageError("slab_neighbors needs a 2-D patch_size (2.5-D slabs are 2-D samples)")
-        self.slab_neighbors = int(slab_neighbors)
-        self.patch3 = (2 * self.slab_neighbors + 1, *self.patch_size) if self.is_2d else self.patch_size
+        if context_slices and not self.is_2d:
+            raise UsageError("context_slices needs a 2-D patch_size (2.5-D slabs are 2-D samples)")
+        if context_slices < 0:
+            raise UsageError(f"context_slices must be ≥ 0, got {context_slices}")
+        self.context_slices = int(context_slices)
+        self.patch3 = (2 * self.context_slices + 1, *self.patch_size) if self.is_2d else self.patch_size
         self.oversample_foreground = float(oversample_foreground)
         self.image_pad, self.label_pad, self.mmap = float(image_pad), int(label_pad), mmap
         self.shapes: list[tuple[int, int, int]] = []
         self.locations: list[dict[int, np.ndarray]] = []
         max_classes = 0
         for cid in self.case_ids:
-            props = cached_properties(self.cache_dir, cid)
+            props = self.cache.properties(cid)
             if props is None:
                 raise StateError(f"{self.cache_dir}: case {cid} is not in the cache", hint="run `segpipe preprocess`")
             self.shapes.append(tuple(int(s) for s in props["shape_after_resample"]))
@@ -87,14 +89,12 @@ class PatchSampler:
     def channels(self) -> int:
         """Image channels of a sample (slab slices included)."""
         c = self._case(0)[0].shape[0]
-        return c * (2 * self.slab_neighbors + 1) if self.is_2d else c
+        return c * (2 * self.context_slices + 1) if self.is_2d else c
 
     def _case(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         arr = self._arrays.get(i)
         if arr is None:
-            from ..preprocessing import load_cached_case
-
-            image, label, _ = load_cached_case(self.cache_dir, self.case_ids[i], mmap=self.mmap)
+            image, label, _ = self.cache.load(self.case_ids[i], mmap=self.mmap)
             arr = self._arrays[i] = (image, label)
         return arr
 
@@ -124,7 +124,7 @@ class PatchSampler:
             else:
                 lower = np.array([rng.integers(a, b + 1) for a, b in zip(lo, hi)])
             if self.is_2d:  # the slab is centred on the slice, whatever the borders
-                lower[0] = (voxel[0] if voxel is not None else rng.integers(shape[0])) - self.slab_neighbors
+                lower[0] = (voxel[0] if voxel is not None else rng.integers(shape[0])) - self.context_slices
             centres[b] = lower + p // 2
         return cases, centres
 
@@ -147,7 +147,7 @@ class PatchSampler:
         if not self.is_2d:
             return img, lab[None]
         c, s = img.shape[:2]
-        return img.reshape(c * s, *img.shape[2:]), lab[self.slab_neighbors][None]
+        return img.reshape(c * s, *img.shape[2:]), lab[self.context_slices][None]
 
     def sample(self, rng: np.random.Generator, batch_size: int, augmenter: Augmenter | None = None) -> dict[str, Any]:
         """One batch, not yet augmented, as a dict of tensors (see :meth:`Augmenter.__call__`).

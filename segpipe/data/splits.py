@@ -69,7 +69,14 @@ def validate_splits(splits: Any, case_ids: Sequence[str] | None = None, *, where
 def load_or_create_splits(path: str | os.PathLike[str], case_ids: Sequence[str], *, n_folds: int = 5,
                           seed: int = SPLIT_SEED) -> list[dict[str, list[str]]]:
     """The splits in ``path`` (``splits_final.json``) when it exists — validated against
-    ``case_ids`` — else nnU-Net's folds, written there atomically."""
+    ``case_ids`` — else nnU-Net's folds over ``case_ids`` (the current case list), written there atomically.
+
+    A splits file that names a case no longer in ``case_ids`` (removed from the dataset) is refused
+    with a :class:`StateError` naming the cases, not regenerated: folds are what trained models
+    and their validation scores refer to, so changing them silently would mix runs trained on
+    different folds. Delete the file to get new folds over the current cases. Cases added since the
+    file was written are not in any fold until then.
+    """
     p = Path(path)
     if p.is_file():
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -12,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StateError
-from ..io.atomic import save_npy, write_text
-from .cache import cache_key, cached_properties, source_stats
+from .cache import Cache, cache_key, source_stats
 from .resampling import _torch
 from .spec import PreprocessSpec
 from .steps import preprocess_arrays
@@ -32,15 +30,8 @@ def _preprocess_one(args: tuple[Any, Any, PreprocessSpec, str, str]) -> dict[str
     data = read_case(case, ds)
     img, lab, props = preprocess_arrays(data.image, data.label, data.geometry, spec, ds.num_classes)
     del data
-    cdir = Path(cache_dir)
-    save_npy(cdir / f"{case.id}.npy", img)
-    seg = cdir / f"{case.id}_seg.npy"
-    if lab is not None:
-        save_npy(seg, lab)
-    elif seg.exists():
-        seg.unlink()
-    props.update({"case": case.id, "key": key, "sources": source_stats(case.files())})
-    write_text(cdir / f"{case.id}.json", json.dumps(props, sort_keys=True))  # written last: marks the entry complete
+    props.update({"key": key, "sources": source_stats(case.files())})
+    Cache(cache_dir).write(case.id, img, lab, props)
     return {"case": case.id, "shape": props["shape_after_resample"], "seconds": time.perf_counter() - t0}
 
 
@@ -49,57 +40,84 @@ class PreprocessResult:
     cache_dir: str
     processed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    rebuilt: dict[str, str] = field(default_factory=dict)  # case -> why its entry could not be reused (also in processed)
+    removed: list[str] = field(default_factory=list)  # entries of cases no longer in the dataset
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def _run_jobs(todo: list[Any], num_workers: int | None, cdir: Path) -> list[str]:
+    """Run ``_preprocess_one`` over ``todo`` (in worker processes); the ids of the cases written."""
+    processed: list[str] = []
+    workers = max(1, min(num_workers or (os.cpu_count() or 1), len(todo) or 1))
+    if workers == 1:
+        for job in todo:
+            processed.append(_preprocess_one(job)["case"])
+    else:
+        import multiprocessing as mp
+        from concurrent.futures.process import BrokenProcessPool
+
+        # fork (as torch's DataLoader): no re-import of __main__, so scripts, notebooks and
+        # stdin work; each worker runs single-threaded torch, `workers` of them use the cores.
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+                pending: set[Any] = set()
+                for job in todo:  # keep at most `workers` cases in flight: bounded RAM
+                    pending.add(pool.submit(_preprocess_one, job))
+                    if len(pending) >= workers:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        processed.extend(f.result()["case"] for f in done)
+                for f in pending:
+                    processed.append(f.result()["case"])
+        except BrokenProcessPool:
+            raise StateError(f"{cdir}: a preprocessing worker died (killed, probably out of memory)",
+                             hint="retry with fewer workers, e.g. num_workers=1; finished cases are kept") from None
+    return processed
+
+
 def preprocess_dataset(ds: Any, spec: PreprocessSpec, cache_dir: str | os.PathLike[str], *,
                        cases: Sequence[Any] | None = None, num_workers: int | None = None, force: bool = False,
                        log: Callable[[str], None] | None = None) -> PreprocessResult:
-    """Preprocess ``cases`` (default: the labelled ones) of dataset ``ds`` into ``cache_dir``.
+    """Preprocess ``cases`` (default: every labelled case) of dataset ``ds`` into ``cache_dir``.
 
-    Unchanged entries (same key) are reused. Work runs in a process pool with at most
-    ``num_workers`` cases in flight, so at most that many cases are in RAM at once.
+    An entry is reused only when its key (plan + source files' sizes and times) matches and it
+    passes :meth:`Cache.check` (arrays present, sizes, shapes, dtypes and checksums as recorded, a
+    labelled case with its label); every other entry is rebuilt, and ``rebuilt`` says why. With
+    the default case list, entries of cases no longer in the dataset are removed (``removed``).
+    Work runs in worker processes with at most ``num_workers`` cases in flight, so at most that
+    many cases are in RAM at once.
     """
     t0 = time.perf_counter()
-    cdir = Path(cache_dir)
+    cache = Cache(cache_dir)
+    cdir = cache.root
     cdir.mkdir(parents=True, exist_ok=True)
     todo, result = [], PreprocessResult(str(cdir))
-    for case in (cases if cases is not None else ds.cases):
+    selected = list(cases if cases is not None else ds.cases)
+    for case in selected:
+        cache.case_dir(case.id)  # refuses an id that cannot name a folder before any work
         key = cache_key(spec, [{k: v for k, v in s.items() if k != "path"} for s in source_stats(case.files())],
                         ds.num_classes)
-        props = cached_properties(cdir, case.id)
-        if not force and props is not None and props.get("key") == key and (cdir / f"{case.id}.npy").is_file():
+        reason = "forced" if force else cache.check(case.id, key=key, labelled=case.label is not None)
+        if reason is None:
             result.reused.append(case.id)
-        else:
-            todo.append((case, ds, spec, str(cdir), key))
-    workers = max(1, min(num_workers or (os.cpu_count() or 1), len(todo) or 1))
+            continue
+        if reason not in ("missing", "forced", "plan or source files changed"):
+            result.rebuilt[case.id] = reason
+        todo.append((case, ds, spec, str(cdir), key))
+    if cases is None:
+        result.removed = cache.prune(c.id for c in selected)
+    if result.rebuilt and log:
+        log(f"rebuilding {len(result.rebuilt)} damaged cache entr{'y' if len(result.rebuilt) == 1 else 'ies'} in {cdir}: "
+            + "; ".join(f"{c}: {r}" for c, r in sorted(result.rebuilt.items())[:5])
+            + (f" (+{len(result.rebuilt) - 5} more)" if len(result.rebuilt) > 5 else ""))
+    if result.removed and log:
+        log(f"removed {len(result.removed)} cache entr{'y' if len(result.removed) == 1 else 'ies'} of cases no longer "
+            f"in the dataset from {cdir}")
     if todo:
-        if workers == 1:
-            for job in todo:
-                result.processed.append(_preprocess_one(job)["case"])
-        else:
-            import multiprocessing as mp
-            from concurrent.futures.process import BrokenProcessPool
-
-            # fork (as torch's DataLoader): no re-import of __main__, so scripts, notebooks and
-            # stdin work; each worker runs single-threaded torch, `workers` of them use the cores.
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            try:
-                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
-                    pending: set[Any] = set()
-                    for job in todo:  # keep at most `workers` cases in flight: bounded RAM
-                        pending.add(pool.submit(_preprocess_one, job))
-                        if len(pending) >= workers:
-                            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                            result.processed.extend(f.result()["case"] for f in done)
-                    for f in pending:
-                        result.processed.append(f.result()["case"])
-            except BrokenProcessPool:
-                raise StateError(f"{cdir}: a preprocessing worker died (killed, probably out of memory)",
-                                 hint="retry with fewer workers, e.g. num_workers=1; finished cases are kept") from None
+        result.processed = _run_jobs(todo, num_workers, cdir)
         if log:
             log(f"preprocessed {len(todo)} case(s) into {cdir}")
     result.processed.sort()

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from ..planning.settings import ANISOTROPY_THRESHOLD
 from .crop import crop_box
-from .spec import SEPARATE_Z_RATIO
 
 
-def separate_z_axis(spacing: Sequence[float], ratio: float = SEPARATE_Z_RATIO) -> int | None:
+def separate_z_axis(spacing: Sequence[float], ratio: float = ANISOTROPY_THRESHOLD) -> int | None:
     """The axis to resample separately (nearest) when ``max/min spacing > ratio``, else None."""
     sp = np.asarray(spacing, dtype=float)
     if sp.max() / sp.min() <= ratio:

@@ -32,6 +32,7 @@ drive a :class:`~segpipe.progress.Progress` with the stage's description.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
 import multiprocessing as mp
@@ -44,6 +45,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .progress import Progress
@@ -71,18 +73,19 @@ _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VE
 
 
 # ---------------------------------------------------------------------------- core count
-def _cgroup_cpu_limit() -> int | None:
+def _cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> int | None:
     """CPUs allowed by a cgroup CPU quota (v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), or None."""
+    base = Path(root)
     try:
-        quota, period = open("/sys/fs/cgroup/cpu.max", encoding="ascii").read().split()[:2]
+        quota, period = (base / "cpu.max").read_text(encoding="ascii").split()[:2]
         if quota != "max" and float(period) > 0:
             return max(1, math.ceil(float(quota) / float(period)))
         return None
     except (OSError, ValueError):
         pass
     try:
-        quota_us = float(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", encoding="ascii").read())
-        period_us = float(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", encoding="ascii").read())
+        quota_us = float((base / "cpu" / "cpu.cfs_quota_us").read_text(encoding="ascii"))
+        period_us = float((base / "cpu" / "cpu.cfs_period_us").read_text(encoding="ascii"))
         if quota_us > 0 and period_us > 0:
             return max(1, math.ceil(quota_us / period_us))
     except (OSError, ValueError):
@@ -327,7 +330,7 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int |
                  initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
                  desc: str = "", unit: str = "case", names: Callable[[int], str] | None = None,
                  context: str = "", hint: str = DEFAULT_HINT, first_in_parent: bool = False,
-                 progress: bool = True) -> Iterator[tuple[int, R]]:
+                 preload: Sequence[str] = (), progress: bool = True) -> Iterator[tuple[int, R]]:
     """Run ``fn(item)`` for every item on ``num_workers`` processes; yield ``(index, result)`` as they finish.
 
     ``num_workers`` None or 0 means :func:`default_num_workers`; with one worker (or one item)
@@ -335,7 +338,8 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int |
     ``functools.partial(task, dataset)``: forked workers inherit it without pickling.
     ``initializer(*initargs)`` runs once in each worker process only. ``first_in_parent`` runs
     the first item here before forking, so the workers inherit the modules it imported (a
-    reader's, scipy's) instead of each importing them. ``names(index)`` names an item in messages (default ``"item <index>"``);
+    reader's, scipy's) instead of each importing them; ``preload`` names modules to import here
+    before forking for the same reason (``("torch",)`` for a stage whose workers need it). ``names(index)`` names an item in messages (default ``"item <index>"``);
     ``context`` prefixes them (a dataset or cache folder). An exception raised by ``fn`` is
     re-raised here (its worker traceback as ``__cause__``) after the other workers are killed;
     a worker that dies raises :class:`~segpipe.errors.StateError` with ``hint``.
@@ -357,6 +361,9 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int |
             start = stop
         if start < len(tasks):
             rest = range(start, len(tasks))
+            if _context().get_start_method() == "fork":
+                for module in preload:
+                    importlib.import_module(module)
             for index, result in _run_pool(fn, tasks[start:], rest, min(workers, len(rest)),
                                            initializer=initializer, initargs=initargs, names=name_of,
                                            context=context, hint=hint):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import StateError
 from .cache import Cache, cache_key, source_stats
 from .resampling import _torch
 from .spec import PreprocessSpec
@@ -50,31 +49,16 @@ class PreprocessResult:
 
 def _run_jobs(todo: list[Any], num_workers: int | None, cdir: Path) -> list[str]:
     """Run ``_preprocess_one`` over ``todo`` (in worker processes); the ids of the cases written."""
-    processed: list[str] = []
-    workers = max(1, min(num_workers or (os.cpu_count() or 1), len(todo) or 1))
-    if workers == 1:
-        for job in todo:
-            processed.append(_preprocess_one(job)["case"])
-    else:
-        import multiprocessing as mp
-        from concurrent.futures.process import BrokenProcessPool
+    from ..parallel import DEFAULT_HINT, parallel_map
 
-        # fork (as torch's DataLoader): no re-import of __main__, so scripts, notebooks and
-        # stdin work; each worker runs single-threaded torch, `workers` of them use the cores.
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
-                pending: set[Any] = set()
-                for job in todo:  # keep at most `workers` cases in flight: bounded RAM
-                    pending.add(pool.submit(_preprocess_one, job))
-                    if len(pending) >= workers:
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        processed.extend(f.result()["case"] for f in done)
-                for f in pending:
-                    processed.append(f.result()["case"])
-        except BrokenProcessPool:
-            raise StateError(f"{cdir}: a preprocessing worker died (killed, probably out of memory)",
-                             hint="retry with fewer workers, e.g. num_workers=1; finished cases are kept") from None
+    # segpipe.parallel: at most `num_workers` cases in flight (bounded RAM), single-threaded torch in
+    # each worker, a dead worker or Ctrl-C stops the stage at once with one line. torch is imported
+    # here before forking so that the workers inherit it instead of each importing it.
+    results = parallel_map(_preprocess_one, todo, num_workers=num_workers, initializer=_worker_init,
+                           desc=f"preprocess {cdir.name}", names=lambda i: f"case {todo[i][0].id}", context=str(cdir),
+                           hint=f"{DEFAULT_HINT}; finished cases are kept", preload=("torch",))
+    with closing(results):
+        processed = [r["case"] for _, r in results]
     return processed
 
 

@@ -35,9 +35,9 @@ def craft_nifti(path: Path, *, shape: tuple[int, ...] = (4, 5, 6), dtype: type |
     affine = np.diag([1.0, 2.0, 3.0, 1.0])
     hdr.set_qform(affine, code=1)
     hdr.set_sform(affine, code=1)
+    hdr["vox_offset"] = 352
     if tweak is not None:
         tweak(hdr)
-    hdr["vox_offset"] = 352
     raw = hdr.binaryblock + b"\0\0\0\0"
     if data:
         raw += np.ones(shape, dtype=dtype).tobytes(order="F")
@@ -88,6 +88,16 @@ def _nan_quaternion(h: nib.Nifti1Header) -> None:
     h["quatern_b"] = np.nan
 
 
+def _big_quaternion(h: nib.Nifti1Header) -> None:
+    h["sform_code"] = 0
+    h["quatern_b"] = 5.0
+
+
+def _infinite_inter(h: nib.Nifti1Header) -> None:
+    h["scl_slope"] = 2.0
+    h["scl_inter"] = np.inf
+
+
 BAD_HEADERS = {
     "zero spacing": (dict(tweak=pixdim([0.0, 2.0, 3.0])), "spacing"),
     "negative spacing": (dict(tweak=pixdim([-1.0, 2.0, 3.0])), "spacing"),
@@ -102,6 +112,12 @@ BAD_HEADERS = {
     "complex voxels": (dict(dtype=np.complex64), "complex"),
     "RGB voxels": (dict(dtype=np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])), "RGB"),
     "zero size": (dict(shape=(4, 0, 6), data=False), "size"),
+    "unknown voxel type code": (dict(tweak=lambda h: h.__setitem__("datatype", 9999)), "voxel type"),
+    "wrong magic": (dict(tweak=lambda h: h.__setitem__("magic", b"xx")), "NIfTI"),
+    "separate .img file": (dict(tweak=lambda h: h.__setitem__("magic", b"ni1")), ".img"),
+    "quaternion that is no rotation": (dict(tweak=_big_quaternion), "orientation"),
+    "NaN data offset": (dict(tweak=lambda h: h.__setitem__("vox_offset", np.nan)), "vox_offset"),
+    "infinite intensity offset": (dict(tweak=_infinite_inter), "scaling"),
 }
 
 
@@ -118,6 +134,14 @@ def test_odd_nifti_headers_are_read_errors_naming_the_file(tmp_path, name, ext):
         assert str(path) in err.message and word.lower() in err.message.lower(), err.message
         assert err.hint, f"{name}: no fix given"
         assert "\n" not in err.message
+
+
+def test_header_repairs_print_nothing(tmp_path, capfd):
+    path = craft_nifti(tmp_path / "code.nii.gz", tweak=lambda h: h.__setitem__("qform_code", 77))
+    read_image(path)
+    read_header(path)
+    header_warnings(path)
+    assert capfd.readouterr().err == ""
 
 
 def test_two_d_nifti_without_slice_spacing_reads_as_one_slice(tmp_path):

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import ReadError, UsageError
+from ..errors import ReadError, SegpipeError, UsageError
 from ..geometry import Geometry, GeometryError
 from .atomic import atomic_path
 
@@ -49,9 +50,15 @@ def image_extension(path: str | os.PathLike[str]) -> str | None:
 
 
 def is_dicom_source(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is a folder (a DICOM series) or a ``.dcm`` file."""
-    p = Path(path)
-    return p.is_dir() or p.suffix.lower() == ".dcm"
+    """True when ``path`` is a DICOM file or a folder to read as DICOM, judged by content.
+
+    A file counts when named ``*.dcm``/``*.dicom``/``*.ima`` or when it carries the ``DICM``
+    preamble (extension-less exports); a folder when it holds DICOM files (by name or preamble)
+    or no NIfTI/NRRD/MHA image at all. See :func:`segpipe.io.dicom.looks_like_dicom`.
+    """
+    from .dicom import looks_like_dicom
+
+    return looks_like_dicom(path)
 
 
 @dataclass(frozen=True)
@@ -271,9 +278,52 @@ def _nifti_raw_header(p: Path) -> Any:
                         hint="the file is damaged; re-export or replace it") from None
 
 
+@contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Silence nibabel's header-repair log lines; segpipe reports header faults itself.
+
+    (nibabel's own ``LoggingOutputSuppressor`` drops its handler for good and lets the lines
+    reach Python's last-resort stderr handler instead.)
+    """
+    import nibabel.imageglobals
+
+    logger = nibabel.imageglobals.logger
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
+
 def _inspect_nifti(p: Path, ext: str) -> _NiftiInfo:
-    """Validate the header of ``p`` (dims, voxel type, spacing, orientation, declared size vs file)."""
+    """Validate the header of ``p`` (dims, voxel type, spacing, orientation, declared size vs file).
+
+    Every fault is a :class:`ReadError` naming the file; nibabel's own exceptions on headers
+    this function does not foresee become one too.
+    """
+    try:
+        with _quiet_nibabel():
+            return _inspect_nifti_header(p, ext)
+    except SegpipeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - nibabel raises HeaderDataError, ValueError, KeyError, ...
+        raise ReadError(f"{p}: invalid NIfTI header ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
+                        hint="the header is damaged; re-export the image from its source") from None
+
+
+def _inspect_nifti_header(p: Path, ext: str) -> _NiftiInfo:
     hdr = _nifti_raw_header(p)
+    magic = bytes(hdr["magic"]).rstrip(b"\0")
+    if magic not in (b"n+1", b"n+2"):
+        detail = "the header puts the voxels in a separate .img file" if magic in (b"ni1", b"ni2") else f"magic {magic!r}"
+        raise ReadError(f"{p}: not a single-file NIfTI image ({detail})",
+                        hint="convert it to a single .nii/.nii.gz file (e.g. with nibabel or SimpleITK)")
+    vox_offset = float(hdr["vox_offset"])
+    minimum = int(hdr["sizeof_hdr"]) + 4
+    if not np.isfinite(vox_offset) or vox_offset < minimum:
+        raise ReadError(f"{p}: the header's data offset (vox_offset {vox_offset:g}) is invalid (at least {minimum})",
+                        hint="the header is damaged; re-export the image from its source")
     dims = [int(d) for d in hdr["dim"]]
     ndim = dims[0]
     if not 1 <= ndim <= 7:
@@ -292,10 +342,14 @@ def _inspect_nifti(p: Path, ext: str) -> _NiftiInfo:
                         hint="segpipe reads 2-D, 3-D and 4-D images (one channel per volume); split the file")
     channels = layout[4] if vector else (layout[3] if len(layout) == 4 else 1)
 
-    dtype = hdr.get_data_dtype()
+    try:
+        dtype = hdr.get_data_dtype()
+    except Exception:  # noqa: BLE001 - nibabel: KeyError/HeaderDataError for unknown codes
+        raise ReadError(f"{p}: unknown voxel type code {int(hdr['datatype'])} in the header",
+                        hint="the header is damaged; re-export the image from its source") from None
     if dtype.fields is not None or dtype.kind not in "biuf":
         label = hdr.get_value_label("datatype")
-        raise ReadError(f"{p}: voxel type {label} is not supported",
+        raise ReadError(f"{p}: voxel type {label} (datatype code {int(hdr['datatype'])}) is not supported",
                         hint="store real-valued grey levels (one file per channel; RGB as three channels)")
 
     pixdim = [float(v) for v in hdr["pixdim"][1:4]]
@@ -326,25 +380,27 @@ def _inspect_nifti(p: Path, ext: str) -> _NiftiInfo:
     memory = stored + (n_vox * max(dtype.itemsize, 4) if scaled and (slope, inter) != (1.0, 0.0) else 0)
     file_size = p.stat().st_size
     if ext == ".nii.gz":
-        stream = ("deflate", DEFLATE_MAX_RATIO * file_size)
+        stream = ("deflate", max(0, DEFLATE_MAX_RATIO * file_size - int(vox_offset)))
     else:
-        stream = ("raw", max(0, file_size - int(hdr["vox_offset"])))
-    geometry = _nifti_geometry(p, _nifti_affine(hdr), shape[:3])
+        stream = ("raw", max(0, file_size - int(vox_offset)))
+    geometry = _nifti_geometry(p, _nifti_affine(p, hdr), shape[:3])
     return _NiftiInfo(shape, layout, channels, vector, dtype, geometry, memory, stream)
 
 
-def _nifti_affine(hdr: Any) -> np.ndarray:
+def _nifti_affine(p: Path, hdr: Any) -> np.ndarray:
     """The affine ``nib.load(...).affine`` gives (sform when set, else qform, else pixdim).
 
     Computed from the header with nibabel's load-time repairs applied (invalid xform codes
     dropped; what is left of pixdim, after :func:`_inspect_nifti`'s checks, is a zero along a
     one-voxel axis, which becomes 1).
     """
-    import nibabel as nib
-
-    with nib.imageglobals.LoggingOutputSuppressor():
+    with _quiet_nibabel():
         fixed = type(hdr)(hdr.binaryblock, check=True)
-        return np.asarray(fixed.get_best_affine(), dtype=float)
+        try:
+            return np.asarray(fixed.get_best_affine(), dtype=float)
+        except ValueError as exc:  # e.g. a quaternion that is not a rotation
+            raise ReadError(f"{p}: the header's orientation cannot be computed ({exc})",
+                            hint="correct the sform/qform in the header, or re-export the image") from None
 
 
 def _nifti_geometry(p: Path, affine: np.ndarray, shape_xyz: tuple[int, ...]) -> Geometry:
@@ -393,9 +449,7 @@ def header_warnings(path: str | os.PathLike[str]) -> list[str]:
         if int(hdr["sform_code"]) <= 0 or int(hdr["qform_code"]) <= 0:
             return []
         shape = tuple(int(d) for d in hdr["dim"][1 : int(hdr["dim"][0]) + 1])[:3]
-        import nibabel as nib
-
-        with nib.imageglobals.LoggingOutputSuppressor():
+        with _quiet_nibabel():
             sform, qform = hdr.get_sform(), hdr.get_qform()
         s_geo = _nifti_geometry(p, sform, shape)
         q_geo = _nifti_geometry(p, qform, shape)
@@ -430,7 +484,7 @@ def _read_nifti(p: Path, ext: str) -> tuple[np.ndarray, Geometry]:
     info = _inspect_nifti(p, ext)
     _check_declared_size(p, info.shape, info.dtype, 1, info.stream, memory_bytes=info.memory_bytes)
     try:
-        with nib.imageglobals.LoggingOutputSuppressor():
+        with _quiet_nibabel():
             img = nib.load(str(p))
             data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)

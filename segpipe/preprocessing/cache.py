@@ -183,7 +183,7 @@ class Cache:
             image = np.load(self.image_path(case_id), mmap_mode=mode)
             has_label = (props.get("arrays") or {}).get("label") is not None
             label = np.load(self.label_path(case_id), mmap_mode=mode) if has_label else None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise StateError(f"{self.case_dir(case_id)}: cached case {case_id} is damaged ({exc})",
                              hint="run `segpipe preprocess` again (it rebuilds damaged entries)") from None
         return image, label, props
@@ -268,7 +268,7 @@ class Cache:
             return f"{path.name} is {size} bytes, {rec.get('bytes')} expected (truncated or replaced)"
         try:
             shape, dtype = _npy_header(path)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             return f"{path.name} has no valid .npy header ({exc})"
         if list(shape) != list(rec.get("shape", [])) or dtype != rec.get("dtype"):
             return f"{path.name} holds {dtype} {list(shape)}, {rec.get('dtype')} {rec.get('shape')} expected"

@@ -112,9 +112,13 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
     plans = json.loads((tmp_path / "SegpipeDemo" / "plans.json").read_text())
     assert {"3d_fullres", "2.5d", "2d"} <= set(plans["configurations"]) and plans["anisotropic"] is True
     assert {row["configuration"] for row in out["plan"]["configurations"]} == set(plans["configurations"])
+    from segpipe.preprocessing import Cache
+
     for name, step in out["preprocess"].items():
         assert step["cases"] == 12, name
-        assert len(list(Path(step["cache_dir"]).glob("demo_*.json"))) == 12
+        cache = Cache(step["cache_dir"])
+        assert len(cache.cases()) == 12 and not cache.validate(), name
+    assert (tmp_path / "SegpipeDemo" / "plan_summary.md").is_file()
     # a second run reuses everything
     r = run("demo", "--json", f"work_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]

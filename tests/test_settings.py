@@ -174,10 +174,11 @@ def test_readme_api_example_runs_twice_in_one_process(tmp_path):
             assert callable(segpipe.preprocess) and callable(segpipe.plan)
             cache = pre["configurations"]["3d_fullres"]["cache_dir"]
             from segpipe.preprocessing import Cache
-            image, label, props = Cache(cache).read("case_000")
-            restored = segpipe.restore(np.asarray(label)[None].astype(np.float32), props, is_label=True)
-            image0, geometry = segpipe.read_image({str(root / "labelsTr" / "case_000.nii.gz")!r})
-            assert restored.shape[-3:] == tuple(geometry.shape), (restored.shape, geometry.shape)
+            image, label, props = Cache(cache).load("case_000")
+            restored = segpipe.restore(np.asarray(label), props)
+            original, geometry = segpipe.read_image({str(root / "labelsTr" / "case_000.nii.gz")!r})
+            assert restored.shape == tuple(geometry.shape), (restored.shape, geometry.shape)
+            assert np.mean(restored == original[0]) > 0.95
         print("ok")
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)

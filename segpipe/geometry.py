@@ -62,7 +62,7 @@ class Geometry:
         spacing = _tuple(self.spacing, 3, "spacing")
         if min(spacing) <= 0:
             raise GeometryError(f"Geometry.spacing must be positive, got {spacing}")
-        direction = _tuple(np.asarray(self.direction, dtype=float).ravel(), 9, "direction")
+        direction = _tuple(np.asarray(self.direction, dtype=float).ravel().tolist(), 9, "direction")
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "spacing", spacing)
         object.__setattr__(self, "origin", _tuple(self.origin, 3, "origin"))
@@ -166,10 +166,10 @@ class Geometry:
         zooms = np.linalg.norm(m[:3, :3], axis=0)
         direction = m[:3, :3] / zooms
         return cls(
-            shape=tuple(int(s) for s in reversed(list(shape_xyz)[:3])),
+            shape=tuple(int(s) for s in reversed(list(shape_xyz)[:3])),  # type: ignore[arg-type]
             spacing=tuple(reversed(zooms.tolist())),
-            origin=tuple(m[:3, 3]),
-            direction=tuple(direction.ravel()),
+            origin=tuple(m[:3, 3].tolist()),
+            direction=tuple(direction.ravel().tolist()),
         )
 
     def orientation_code(self) -> str:

@@ -533,19 +533,20 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
     label = None
     if case.label is not None:
         try:
-            lab, lgeo = _read_source(case.label, ds, geometry, is_label=True)
+            read_label, lgeo = _read_source(case.label, ds, geometry, is_label=True)
         except SegpipeError as exc:
             add(case.label, "unreadable", exc.message, exc.hint or "re-export or replace the label")
         else:
-            if lab.shape[0] != 1:
-                add(case.label, "wrong_dimension", f"label has {lab.shape[0]} channels/volumes", "store the label as one 3-D map")
+            if read_label.shape[0] != 1:
+                add(case.label, "wrong_dimension", f"label has {read_label.shape[0]} channels/volumes", "store the label as one 3-D map")
             elif geometry is not None:
                 diff = lgeo.differences(geometry, names=("label", "image"))
                 if diff:
                     add(case.label, "geometry_mismatch",
                         f"label grid differs from image {_rel(case.images[0], ds)}: {'; '.join(diff)}",
                         "resample the label onto the image grid (nearest neighbour) or fix its header")
-            lab = lab[0]
+            lab: np.ndarray | None = read_label[0]
+            assert lab is not None
             if not np.issubdtype(lab.dtype, np.integer):
                 finite = np.isfinite(lab)
                 if not finite.all() or not np.array_equal(lab[finite], np.round(lab[finite])):
@@ -555,9 +556,9 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
                     lab = lab.astype(np.int64)
             if lab is not None:
                 values = np.unique(lab)
-                bad = [int(v) for v in values if int(v) not in ds.labels]
-                if bad:
-                    add(case.label, "label_values", f"label values {bad} are not declared (declared {sorted(ds.labels)})",
+                undeclared = [int(v) for v in values if int(v) not in ds.labels]
+                if undeclared:
+                    add(case.label, "label_values", f"label values {undeclared} are not declared (declared {sorted(ds.labels)})",
                         "fix the label map or declare the values in dataset.json")
                 elif values.size == 1 and int(values[0]) == 0:
                     add(case.label, "empty_label", "label has no foreground", "fine for negative cases; check otherwise",

@@ -485,7 +485,7 @@ def _read_nifti(p: Path, ext: str) -> tuple[np.ndarray, Geometry]:
     _check_declared_size(p, info.shape, info.dtype, 1, info.stream, memory_bytes=info.memory_bytes)
     try:
         with _quiet_nibabel():
-            img = nib.load(str(p))
+            img: Any = nib.load(str(p))
             data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
         raise ReadError(

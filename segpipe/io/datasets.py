@@ -402,8 +402,8 @@ def _load_case_folder(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
                    dicom_options=dict(dicom), seg_mapping=mapping, seg_priority=priority)
 
 
-# File-name suffixes the preprocessing cache appends to a case id (``<case>_seg.npy`` holds the
-# label): an id equal to another id plus one of them would name the other case's files.
+# Suffixes that mark a case's label file in preprocessed caches (``<case>_seg.npy``: segpipe's flat
+# cache layout, nnU-Net's cache): an id equal to another id plus one of them reads as that case's label.
 CACHE_SUFFIXES = ("_seg",)
 
 
@@ -416,7 +416,7 @@ def check_case_ids(cases: list[Case], where: str | os.PathLike[str]) -> None:
     ignored (case-insensitive file systems) or once a cache suffix is added (``X`` and ``X_seg``), and
     ids holding path separators, control characters or a leading dot.
     """
-    rename = "rename one of the two cases (its files, or its entry in dataset.json) so that the ids differ"
+    rename = "rename one of the two cases (its files or folder, and its entry in dataset.json)"
     for c in cases:
         why = None
         if not c.id.strip():
@@ -443,7 +443,7 @@ def check_case_ids(cases: list[Case], where: str | os.PathLike[str]) -> None:
             raise DatasetError(
                 f"{where}: case ids {other.id!r} and {c.id!r} differ only in letter case; "
                 "they name the same files on case-insensitive file systems",
-                hint=rename,
+                hint=f"{rename} so that the ids differ in more than letter case",
             )
         seen[c.id] = c
         folded[c.id.casefold()] = c
@@ -453,9 +453,9 @@ def check_case_ids(cases: list[Case], where: str | os.PathLike[str]) -> None:
                 base = folded.get(c.id[: -len(suffix)].casefold())
                 if base is not None:
                     raise DatasetError(
-                        f"{where}: case ids {base.id!r} and {c.id!r} are ambiguous: {c.id!r} is {base.id!r} plus "
-                        f"{suffix!r}, the suffix segpipe gives a case's label file",
-                        hint=rename,
+                        f"{where}: case ids {base.id!r} and {c.id!r} are ambiguous: {c.id!r} reads as the label "
+                        f"file of case {base.id!r} in a preprocessed cache ({suffix!r} marks label files)",
+                        hint=f"{rename}, e.g. {c.id[: -len(suffix)] + suffix.replace('_', '-')!r}",
                     )
 
 

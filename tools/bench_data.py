@@ -198,8 +198,9 @@ import json, sys, time
 sys.path.insert(0, sys.argv[2])
 import torch
 from segpipe.data import SegDataModule, fold_cases, make_splits
+from segpipe.preprocessing import Cache
 a = json.loads(sys.argv[1])
-ids = sorted(p.stem for p in __import__("pathlib").Path(a["cache"]).glob("*.json"))
+ids = Cache(a["cache"]).cases()
 train, _ = fold_cases(make_splits(ids), 0)  # nnU-Net's loader serves fold 0's training cases too
 dm = SegDataModule(a["cache"], train, [], patch_size=a["patch_size"], batch_size=a["batch_size"],
                    num_workers=a["workers"], seed=0)

@@ -1,8 +1,13 @@
-"""Reading and writing image volumes (NIfTI, NRRD, MHA) through SimpleITK.
+"""Reading and writing image volumes: NIfTI through nibabel, NRRD and MHA through SimpleITK.
 
 Readers return ``(array[C, Z, Y, X], Geometry)``; writers take the same. Folders and ``.dcm``
 files are handed to the DICOM reader. Every write is atomic: a temporary file in the target
 folder, renamed over the target once complete, so no half-written file is ever left behind.
+
+Every header is validated before a voxel is allocated: its declared size against the file
+(or what its compressed stream can expand to) and the available memory, its spacing and
+orientation against zero, negative, NaN, singular and sheared values, its voxel type. Each
+refusal is a :class:`~segpipe.errors.ReadError` naming the file and the fix.
 """
 
 from __future__ import annotations

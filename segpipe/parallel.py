@@ -320,10 +320,11 @@ def _run_pool(fn: Callable[[T], R], items: Sequence[T], indices: Sequence[int], 
         for worker in pool:
             worker.reap(max(0.0, deadline - time.monotonic()))
     finally:  # interrupt, error, dead worker or an abandoned generator: kill, never wait on a worker
-        for worker in pool:
-            worker.kill()
-        for worker in pool:
-            worker.reap(JOIN_TIMEOUT)
+        with _sigint_blocked():  # a second Ctrl-C must not cut the cleanup short (it is delivered after)
+            for worker in pool:
+                worker.kill()
+            for worker in pool:
+                worker.reap(JOIN_TIMEOUT)
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int | None = None,

@@ -338,7 +338,9 @@ SLOW_CLI = """
 import importlib, sys, time
 def slow(module, name):
     mod = importlib.import_module(module)
-    fn = getattr(mod, name)
+    fn = getattr(mod, name, None)
+    if fn is None:
+        return
     def slowed(*args, **kwargs):
         time.sleep(0.4)
         return fn(*args, **kwargs)
@@ -410,13 +412,38 @@ def test_plan_with_a_killed_worker_exits_4_with_the_fix(demo_dataset: Path, tmp_
     assert not alive
 
 
-@pytest.mark.slow
-def test_kill_9_of_preprocess_leaves_no_orphan_workers(demo_dataset: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def planned_demo(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     import segpipe
 
-    work = tmp_path / "work"
+    work = tmp_path_factory.mktemp("planned") / "work"
     segpipe.plan(demo_dataset, work_dir=work, num_workers=1)
-    proc = _slow_cli("preprocess", str(demo_dataset), f"work_dir={work}", "num_workers=2", "-q")
+    return demo_dataset, work
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_preprocess_exits_130_without_worker_tracebacks(planned_demo: tuple[Path, Path]) -> None:
+    dataset, work = planned_demo
+    proc = _slow_cli("preprocess", str(dataset), f"work_dir={work}", "num_workers=2", "force=true", "-q")
+    try:
+        workers = _wait_for_workers(proc, 2)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=HANG_LIMIT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert len(lines) == 1 and "interrupted" in lines[0], err
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers survived Ctrl-C: {alive}"
+
+
+@pytest.mark.slow
+def test_kill_9_of_preprocess_leaves_no_orphan_workers(planned_demo: tuple[Path, Path]) -> None:
+    dataset, work = planned_demo
+    proc = _slow_cli("preprocess", str(dataset), f"work_dir={work}", "num_workers=2", "force=true", "-q")
     try:
         workers = _wait_for_workers(proc, 2)
         proc.kill()

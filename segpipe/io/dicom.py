@@ -8,7 +8,7 @@ SeriesNumber, SeriesDescription, Modality, SOP class, FrameOfReferenceUID, rows/
 orientation) into a *synthetic* series with a ``synthetic-…`` UID and a warning, then validated as
 usual. SEG, RTSTRUCT, SR, presentation states and other objects without pixel rows/columns are
 listed but never read as images; secondary captures are listed but only read when selected
-explicitly. A file that cannot be read or described is skipped with its reason (``skipped`` and
+explicitly (by ``series``, or by passing the file itself). A file that cannot be read or described is skipped with its reason (``skipped`` and
 ``skipped_reasons`` of :func:`describe_dicom`); it never stops the listing of the others.
 
 Choosing the series (:func:`read_dicom` options):
@@ -160,16 +160,25 @@ class ReadPlan:
 # ---------------------------------------------------------------------------------------- scanning
 @contextlib.contextmanager
 def _quiet_pydicom() -> Iterator[None]:
-    """Silence pydicom's logger and warnings (decoder fallbacks log whole tracebacks)."""
-    logger = logging.getLogger("pydicom")
-    was_disabled = logger.disabled
-    logger.disabled = True
+    """Silence pydicom's loggers and warnings (a decoder that fails before another succeeds logs a traceback)."""
+    try:  # create pydicom's per-module loggers (pydicom.pixels.*) so that they can be silenced too
+        import pydicom.pixels  # noqa: F401
+    except ImportError:  # pragma: no cover - pydicom < 3 logs only to "pydicom"
+        pass
+    manager = logging.Logger.manager
+    loggers = [logging.getLogger("pydicom")] + [
+        lg for name, lg in list(manager.loggerDict.items())
+        if name.startswith("pydicom.") and isinstance(lg, logging.Logger)]
+    previous = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.disabled = was_disabled
+        for lg, was in zip(loggers, previous):
+            lg.disabled = was
 
 
 def _dcmread(path: Path, **kwargs: Any) -> Any:
@@ -271,13 +280,13 @@ class _Scan:
     examples: dict[str, list[str]]
 
     def reasons(self) -> list[str]:
-        """One human-readable line per skip category (and per synthetic series), for listings."""
+        """One human-readable line per skip category: count, meaning, examples (file: why)."""
         out = []
         for category, count in self.skipped.items():
             files = "file" if count == 1 else "files"
             examples = self.examples.get(category, [])
             eg = f" (e.g. {'; '.join(examples)})" if examples else ""
-            out.append(f"{count} {files} skipped: {SKIP_EXPLANATIONS.get(category, category)}{eg}")
+            out.append(f"{count} {files}: {SKIP_EXPLANATIONS.get(category, category)}{eg}")
         return out
 
 
@@ -287,10 +296,10 @@ SKIP_BY_NAME = "not DICOM"
 SKIP_UNREADABLE = "not DICOM or unreadable"
 SKIP_BAD_HEADER = "unusable header"
 SKIP_EXPLANATIONS = {
-    SKIP_DICOMDIR: "DICOMDIR index (the images it lists are read from their own files)",
-    SKIP_BY_NAME: "not DICOM by name (images, text, archives)",
-    SKIP_UNREADABLE: "not DICOM or unreadable (no DICOM header could be parsed)",
-    SKIP_BAD_HEADER: "DICOM header with unusable image values (Rows/Columns/frames)",
+    SKIP_DICOMDIR: "DICOMDIR index, skipped (the images it lists are read from their own files)",
+    SKIP_BY_NAME: "skipped as not DICOM by name (images, text, archives)",
+    SKIP_UNREADABLE: "skipped as not DICOM or unreadable (no DICOM header could be parsed)",
+    SKIP_BAD_HEADER: "skipped: DICOM header with unusable image values (Rows/Columns/frames)",
 }
 MAX_SKIP_EXAMPLES = 3
 SYNTHETIC_PREFIX = "synthetic-"
@@ -467,9 +476,9 @@ def describe_dicom(path: str | os.PathLike[str], *, series: str | None = None,
 def unique_suffixes(uids: list[str], min_len: int = 12) -> list[str]:
     """The shortest suffix of each UID (at least ``min_len`` characters) that tells it from the others.
 
-    Identical UIDs (copies of one series in several folders) cannot be told apart and are given
-    in full. The suffix length is chosen per UID, so a long shared tail only lengthens the UIDs
-    that share it.
+    Identical UIDs (copies of one series in several folders) cannot be told apart by any suffix;
+    they are shortened like the others. The suffix length is chosen per UID, so a long shared
+    tail only lengthens the UIDs that share it.
     """
     out = []
     for i, uid in enumerate(uids):
@@ -511,7 +520,8 @@ def choose_series(found: list[DicomSeries], where: Path, *, series: str | None =
         if exact and all(s.kind not in ("image", "secondary-capture") for s in exact):
             raise DicomError(f"{where}: series {series} holds {exact[0].sop_class_name} objects ({exact[0].kind}), "
                              "not an image series", hint="select an image series (segpipe info lists them)")
-    pool = [s for s in found if s.kind == "image" or (series is not None and s.kind == "secondary-capture")]
+    explicit = series is not None or where.is_file()  # secondary captures are read when asked for
+    pool = [s for s in found if s.kind == "image" or (explicit and s.kind == "secondary-capture")]
     if modality is not None:
         pool = [s for s in pool if fnmatch.fnmatchcase(s.modality.lower(), modality.lower())]
     if series is not None:
@@ -855,6 +865,61 @@ def read_dicom(path: str | os.PathLike[str], *, series: str | None = None, modal
     if plan.resample:
         data = _resample(data, plan)
     return np.ascontiguousarray(data), plan.geometry
+
+
+# ------------------------------------------------------------------------------------- detection
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+MAX_SNIFFED_FILES = 256
+_RAW_GROUPS = (b"\x02\x00", b"\x08\x00")  # a DICOM stream without preamble starts with group 0002 or 0008
+
+
+def _sniff(path: Path, *, raw: bool) -> bool:
+    """True when ``path`` starts like DICOM: ``DICM`` at byte 128 (or, with ``raw``, a group 0002/0008 tag)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    if head[128:132] == b"DICM":
+        return True
+    return raw and len(head) >= 8 and head[:2] in _RAW_GROUPS and head[3] == 0 and head[2] < 0x80
+
+
+def looks_like_dicom(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a DICOM file or a folder to read as DICOM, judged by content, not by name.
+
+    A file is DICOM when it is named ``*.dcm``/``*.dicom``/``*.ima``/``DICOMDIR`` or carries the
+    ``DICM`` preamble. A folder is read as DICOM when it holds (at any depth) a DICOM file (by name,
+    preamble, or, for extension-less files, a raw DICOM header), or when it holds no image file
+    (NIfTI/NRRD/MHA) at all (an empty folder then reports "no image series found" with what it
+    skipped); a folder of image files without DICOM is not a DICOM source.
+    """
+    from .image import image_extension
+
+    p = Path(path)
+    if p.is_file():
+        name = p.name.lower()
+        return name.endswith(DICOM_SUFFIXES) or name.startswith("dicomdir") or (
+            image_extension(p) is None and _sniff(p, raw=False))
+    if not p.is_dir():
+        return False
+    images = False
+    sniffed = 0
+    for folder, dirs, names in os.walk(p):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            low = name.lower()
+            if name.startswith(".") or (low.endswith(SKIP_SUFFIXES) and not image_extension(low)):
+                continue
+            if low.endswith(DICOM_SUFFIXES) or low.startswith("dicomdir"):
+                return True
+            if image_extension(low):
+                images = True
+            elif sniffed < MAX_SNIFFED_FILES:
+                sniffed += 1
+                if _sniff(Path(folder) / name, raw="." not in name):
+                    return True
+    return not images
 
 
 # ----------------------------------------------------------------------------------------- writing

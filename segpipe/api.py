@@ -178,7 +178,7 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
     out: dict[str, Any] = {}
     done: dict[Path, dict[str, Any]] = {}
     for name in names:
-        cache = cache_dir_for(ws.root, the_plan, name)  # raises a clear error for an unknown name
+        cache = cache_dir_for(ws.root, the_plan, name, dataset=dws.name)  # a clear error for an unknown name
         if cache in done:
             out[name] = {**done[cache], "shared_with": done[cache]["configuration"]}
             continue

@@ -265,7 +265,8 @@ def cmd_preprocess(ns: argparse.Namespace, paths: list[str], given: dict[str, An
         raise UsageError("give the dataset once: as a path or as dataset=NAME, not both", hint=USAGE["preprocess"])
     res = api.preprocess(paths[0] if paths else dataset, log=log.info, **given)
     rows = [{"configuration": n, "cache": r["cache_dir"], "processed": len(r["processed"]),
-             "reused": len(r["reused"]), "seconds": round(r["seconds"], 1)} for n, r in res["configurations"].items()]
+             "reused": len(r["reused"]), "rebuilt": len(r.get("rebuilt") or {}), "removed": len(r.get("removed") or []),
+             "seconds": round(r["seconds"], 1)} for n, r in res["configurations"].items()]
     return EXIT_OK, res, _table(rows)
 
 

@@ -232,7 +232,7 @@ def test_from_plan_takes_patch_batch_and_slab_from_the_plan(tmp_path: Path) -> N
 
     root = make_dataset(tmp_path / "Aniso", [f"case_{i}" for i in range(5)])
     work = tmp_path / "work"
-    segpipe.plan(root, work_dir=work, configurations=["2d", "3d_fullres", "2.5d"], context_slices_25d=2)
+    segpipe.plan(root, work_dir=work, configurations=["2d", "3d_fullres", "2.5d"], context_slices=2)
     segpipe.preprocess(root, work_dir=work)
     entry = Workspace.at(work).dataset("Aniso")
     plan = load_plan(entry.plans_path)

@@ -44,7 +44,7 @@ FINGERPRINTS = {
 
 def _plans():
     plans = {k: make_plan(v) for k, v in FINGERPRINTS.items()}
-    plans["slab"] = make_plan(FINGERPRINTS["aniso"], PlanSettings(configurations=["2.5d"], context_slices_25d=1))
+    plans["slab"] = make_plan(FINGERPRINTS["aniso"], PlanSettings(configurations=["2.5d"], context_slices=1))
     return plans
 
 

@@ -174,7 +174,7 @@ def test_multichannel_ct_and_mr_normalization():
 
 
 def test_25d_slab_mode():
-    plan = make_plan(anisotropic(), PlanSettings(context_slices_25d=2, configurations=["2.5d"]))
+    plan = make_plan(anisotropic(), PlanSettings(context_slices=2, configurations=["2.5d"]))
     cfg = plan.configurations["2.5d"]
     assert list(plan.configurations) == ["2.5d"]
     assert cfg.dims == 2 and cfg.input_slices == 5 and cfg.attention and not cfg.resample_slices

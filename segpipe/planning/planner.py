@@ -352,16 +352,16 @@ def _plan_25d(ctx: _Context, spacings: np.ndarray, shapes: np.ndarray, median_sp
 
     In-plane-only 1×3×3 convolutions and 1×2×2 pooling while the in-plane spacing is finer than
     the slice spacing by more than :data:`NEAR_ISOTROPIC_25D`, 3D convolutions after that; spatial
-    attention in the decoder. With ``context_slices_25d=k`` it is instead a 2D U-Net whose input is
+    attention in the decoder. With ``context_slices=k`` it is instead a 2D U-Net whose input is
     the slice and its k neighbours on each side, stacked as channels.
     """
     s = ctx.settings
     sp = median_spacing.copy()
     shape = _resampled_median_shape(spacings, shapes, sp)
     sp_t, shape_t = sp[t], shape[t]
-    if s.context_slices_25d > 0:
+    if s.context_slices > 0:
         cfg = _shape_config(ctx, name="2.5d", architecture="unet25d", spacing=sp_t, median_shape=shape_t, dims=2,
-                            resample_slices=False, context_slices=s.context_slices_25d,
+                            resample_slices=False, context_slices=s.context_slices,
                             attention=s.attention_25d)
         cfg.batch_dice = True
         return cfg

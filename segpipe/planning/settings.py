@@ -65,7 +65,7 @@ class PlanSettings:
     lowres_threshold: float = LOWRES_THRESHOLD
     amp: bool = True
     attention_25d: bool = True
-    context_slices_25d: int = 0  # 0: Wang's 2D/3D hybrid; k > 0: 2D net over 2k+1 neighbouring slices
+    context_slices: int = 0  # 0: Wang's 2D/3D hybrid; k > 0: 2D net over 2k+1 neighbouring slices
     normalization: dict[str, str] | None = None  # channel index or name -> scheme
 
     @classmethod
@@ -124,8 +124,8 @@ class PlanSettings:
             raise bad("anisotropy_threshold", "must be > 1")
         if not 0 < self.lowres_threshold < 1:
             raise bad("lowres_threshold", "must be in (0, 1)")
-        if self.context_slices_25d < 0:
-            raise bad("context_slices_25d", "must be ≥ 0")
+        if self.context_slices < 0:
+            raise bad("context_slices", "must be ≥ 0")
         for key, scheme in (self.normalization or {}).items():
             if scheme not in NORMALIZATION_SCHEMES:
                 raise ConfigError(f"normalization for channel {key!r}: unknown scheme {scheme!r}",

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, TypeVar
@@ -268,7 +268,7 @@ def _dead_worker_error(worker: _Worker, names: Callable[[int], str], context: st
 
 def _run_pool(fn: Callable[[T], R], items: Sequence[T], indices: Sequence[int], workers: int, *,
               initializer: Callable[..., Any] | None, initargs: tuple[Any, ...], names: Callable[[int], str],
-              context: str, hint: str) -> Iterator[tuple[int, R]]:
+              context: str, hint: str) -> Generator[tuple[int, R], None, None]:
     ctx = _context()
     pool: list[_Worker] = []
     try:
@@ -292,27 +292,27 @@ def _run_pool(fn: Callable[[T], R], items: Sequence[T], indices: Sequence[int], 
             feed(worker)
         while any(w.task is not None for w in pool):
             busy = [w for w in pool if w.task is not None]
-            by_conn = {w.conn: w for w in busy}
-            by_sentinel = {w.process.sentinel: w for w in busy}
+            by_conn: dict[Any, _Worker] = {w.conn: w for w in busy}
+            by_sentinel: dict[Any, _Worker] = {w.process.sentinel: w for w in busy}
             ready = wait([*by_conn, *by_sentinel])
             for obj in ready:  # results first: a worker that answered and then exited is not lost
-                worker = by_conn.get(obj)  # type: ignore[call-overload]
-                if worker is None:
+                answered = by_conn.get(obj)
+                if answered is None:
                     continue
                 try:
-                    index, ok, payload, tb = worker.conn.recv()
+                    index, ok, payload, tb = answered.conn.recv()
                 except (EOFError, OSError):
-                    raise _dead_worker_error(worker, names, context, hint) from None
+                    raise _dead_worker_error(answered, names, context, hint) from None
                 if not ok:
                     if tb:
                         payload.__cause__ = RemoteTraceback(tb)
                     raise payload
-                feed(worker)
+                feed(answered)
                 yield index, payload
             for obj in ready:
-                worker = by_sentinel.get(obj)  # type: ignore[call-overload]
-                if worker is not None and worker.task is not None and not worker.conn.poll():
-                    raise _dead_worker_error(worker, names, context, hint)
+                exited = by_sentinel.get(obj)
+                if exited is not None and exited.task is not None and not exited.conn.poll():
+                    raise _dead_worker_error(exited, names, context, hint)
         for worker in pool:  # orderly end: idle workers read None and exit
             with contextlib.suppress(Exception):
                 worker.conn.send(None)
@@ -331,7 +331,7 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int |
                  initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
                  desc: str = "", unit: str = "case", names: Callable[[int], str] | None = None,
                  context: str = "", hint: str = DEFAULT_HINT, first_in_parent: bool = False,
-                 preload: Sequence[str] = (), progress: bool = True) -> Iterator[tuple[int, R]]:
+                 preload: Sequence[str] = (), progress: bool = True) -> Generator[tuple[int, R], None, None]:
     """Run ``fn(item)`` for every item on ``num_workers`` processes; yield ``(index, result)`` as they finish.
 
     ``num_workers`` None or 0 means :func:`default_num_workers`; with one worker (or one item)

@@ -68,8 +68,13 @@ DEFAULT_HINT = "retry with fewer workers, e.g. num_workers=1"
 JOIN_TIMEOUT = 5.0  # seconds to wait for a SIGKILLed worker to be reaped
 _WATCHDOG_INTERVAL = 1.0
 _PR_SET_PDEATHSIG = 1
-_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-               "NUMEXPR_NUM_THREADS")
+_THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
 
 
 # ---------------------------------------------------------------------------- core count
@@ -166,8 +171,13 @@ def _error_message(index: int, exc: BaseException) -> tuple[int, bool, Any, str]
     return index, False, payload, tb
 
 
-def _worker_main(conn: Connection, fn: Callable[[Any], Any], initializer: Callable[..., Any] | None,
-                 initargs: tuple[Any, ...], parent_pid: int) -> None:
+def _worker_main(
+    conn: Connection,
+    fn: Callable[[Any], Any],
+    initializer: Callable[..., Any] | None,
+    initargs: tuple[Any, ...],
+    parent_pid: int,
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
@@ -222,11 +232,16 @@ def _sigint_blocked() -> Iterator[None]:
 
 
 class _Worker:
-    def __init__(self, ctx: Any, fn: Callable[[Any], Any], initializer: Callable[..., Any] | None,
-                 initargs: tuple[Any, ...]):
+    def __init__(
+        self, ctx: Any, fn: Callable[[Any], Any], initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]
+    ):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child, fn, initializer, initargs, os.getpid()),
-                                   daemon=True, name="segpipe-worker")
+        self.process = ctx.Process(
+            target=_worker_main,
+            args=(child, fn, initializer, initargs, os.getpid()),
+            daemon=True,
+            name="segpipe-worker",
+        )
         self.process.start()
         child.close()
         self.task: int | None = None  # the input index it is working on
@@ -266,9 +281,18 @@ def _dead_worker_error(worker: _Worker, names: Callable[[int], str], context: st
     return StateError(f"{prefix}a worker died ({reason}){where}", hint=hint)
 
 
-def _run_pool(fn: Callable[[T], R], items: Sequence[T], indices: Sequence[int], workers: int, *,
-              initializer: Callable[..., Any] | None, initargs: tuple[Any, ...], names: Callable[[int], str],
-              context: str, hint: str) -> Generator[tuple[int, R], None, None]:
+def _run_pool(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    indices: Sequence[int],
+    workers: int,
+    *,
+    initializer: Callable[..., Any] | None,
+    initargs: tuple[Any, ...],
+    names: Callable[[int], str],
+    context: str,
+    hint: str,
+) -> Generator[tuple[int, R], None, None]:
     ctx = _context()
     pool: list[_Worker] = []
     try:
@@ -327,11 +351,22 @@ def _run_pool(fn: Callable[[T], R], items: Sequence[T], indices: Sequence[int], 
                 worker.reap(JOIN_TIMEOUT)
 
 
-def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int | None = None,
-                 initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
-                 desc: str = "", unit: str = "case", names: Callable[[int], str] | None = None,
-                 context: str = "", hint: str = DEFAULT_HINT, first_in_parent: bool = False,
-                 preload: Sequence[str] = (), progress: bool = True) -> Generator[tuple[int, R], None, None]:
+def parallel_map(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    num_workers: int | None = None,
+    initializer: Callable[..., Any] | None = None,
+    initargs: tuple[Any, ...] = (),
+    desc: str = "",
+    unit: str = "case",
+    names: Callable[[int], str] | None = None,
+    context: str = "",
+    hint: str = DEFAULT_HINT,
+    first_in_parent: bool = False,
+    preload: Sequence[str] = (),
+    progress: bool = True,
+) -> Generator[tuple[int, R], None, None]:
     """Run ``fn(item)`` for every item on ``num_workers`` processes; yield ``(index, result)`` as they finish.
 
     ``num_workers`` None or 0 means :func:`default_num_workers`; with one worker (or one item)
@@ -365,9 +400,17 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int |
             if _context().get_start_method() == "fork":
                 for module in preload:
                     importlib.import_module(module)
-            for index, result in _run_pool(fn, tasks[start:], rest, min(workers, len(rest)),
-                                           initializer=initializer, initargs=initargs, names=name_of,
-                                           context=context, hint=hint):
+            for index, result in _run_pool(
+                fn,
+                tasks[start:],
+                rest,
+                min(workers, len(rest)),
+                initializer=initializer,
+                initargs=initargs,
+                names=name_of,
+                context=context,
+                hint=hint,
+            ):
                 bar.update()
                 yield index, result
     finally:

@@ -55,9 +55,18 @@ class Progress:
     ``"quiet"``); ``enabled=False`` is quiet.
     """
 
-    def __init__(self, desc: str, total: int, *, unit: str = "case", enabled: bool = True, mode: str | None = None,
-                 stream: IO[str] | None = None, min_interval: float = LOG_MIN_INTERVAL,
-                 max_interval: float = LOG_MAX_INTERVAL):
+    def __init__(
+        self,
+        desc: str,
+        total: int,
+        *,
+        unit: str = "case",
+        enabled: bool = True,
+        mode: str | None = None,
+        stream: IO[str] | None = None,
+        min_interval: float = LOG_MIN_INTERVAL,
+        max_interval: float = LOG_MAX_INTERVAL,
+    ):
         self.desc = desc
         self.total = max(0, int(total))
         self.unit = unit

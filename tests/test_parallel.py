@@ -189,8 +189,9 @@ parallel.parallel_list(nap, range(4), num_workers=2)
 @pytest.mark.slow
 @pytest.mark.parametrize("mechanism", ["prctl", "watchdog"])
 def test_workers_die_with_their_parent(mechanism: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", WORKERS_OUTLIVE_PARENT, mechanism], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKERS_OUTLIVE_PARENT, mechanism], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         workers = _wait_for_workers(proc, 2)
     finally:
@@ -200,7 +201,9 @@ def test_workers_die_with_their_parent(mechanism: str) -> None:
     assert not alive, f"orphaned workers: {alive}"
 
 
-def test_default_num_workers_respects_affinity_and_cgroup_quota(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_default_num_workers_respects_affinity_and_cgroup_quota(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.setattr(parallel, "_cgroup_cpu_limit", lambda: None)
     assert default_num_workers() == 8
@@ -293,7 +296,9 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_msd(tmp_path_factory.mktemp("pool") / "ds", n=6)
 
 
-def test_fingerprint_worker_killed_gives_the_one_line_error(small_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fingerprint_worker_killed_gives_the_one_line_error(
+    small_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from segpipe.io.datasets import load_dataset
 
     fingerprint = importlib.import_module("segpipe.fingerprint")
@@ -316,8 +321,9 @@ def test_check_worker_killed_gives_the_one_line_error(small_dataset: Path, monke
 
 
 @pytest.mark.slow  # the parent imports torch for its workers
-def test_preprocess_worker_killed_gives_the_one_line_error(small_dataset: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preprocess_worker_killed_gives_the_one_line_error(
+    small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from segpipe.io.datasets import load_dataset
     from segpipe.preprocessing import ChannelNorm, PreprocessSpec
 
@@ -369,14 +375,21 @@ def _wait_for_workers(proc: subprocess.Popen, n: int) -> list[psutil.Process]:
 
 
 def _slow_cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLI, *args],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attempt", range(3))
-def test_ctrl_c_during_plan_exits_130_with_one_line_and_no_survivors(demo_dataset: Path, tmp_path: Path,
-                                                                     attempt: int) -> None:
+def test_ctrl_c_during_plan_exits_130_with_one_line_and_no_survivors(
+    demo_dataset: Path, tmp_path: Path, attempt: int
+) -> None:
     proc = _slow_cli("plan", str(demo_dataset), f"work_dir={tmp_path / 'work'}", "num_workers=2", "-q")
     try:
         workers = _wait_for_workers(proc, 2)

@@ -172,3 +172,21 @@ def test_synthetic_seg_on_oblique_series(tmp_path: Path, labelmap: bool) -> None
     coarse = geometry.replace(shape=(2, 5, 6), spacing=tuple(2 * s for s in geometry.spacing))
     resampled, _ = read_dicom_seg(seg, coarse, priority=[2, 1])
     np.testing.assert_array_equal(resampled[0], expected[::2, ::2, ::2])
+
+
+def test_damaged_seg_files_are_one_line_dicom_errors(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    seg, folder, geometry, _ = _synthetic_seg(tmp_path, labelmap=False)
+    raw = seg.read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    ds = pydicom.dcmread(str(seg))
+    ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing = [0, 0]
+    zero = tmp_path / "zero_spacing.dcm"
+    ds.save_as(str(zero))
+    for path, problem in ((truncated, "invalid or truncated DICOM-SEG"), (zero, "do not form a regular volume")):
+        for reference in (folder, geometry):
+            with pytest.raises(DicomError) as info:
+                read_dicom_seg(path, reference, priority=[2, 1])
+            assert info.value.message.startswith(str(path)) and problem in info.value.message
+            assert "\n" not in info.value.message and info.value.hint
+    assert "Traceback" not in capfd.readouterr().err

@@ -556,10 +556,10 @@ def plan_series(series: DicomSeries, where: Path, *, allow_uneven_spacing: bool 
     def fail(problem: str, hint: str) -> DicomError:
         return DicomError(f"{where_s}: {problem}", hint=hint)
 
-    def grid(shape: tuple[int, ...], spacing: tuple[float, ...], origin: tuple[float, ...],
+    def grid(shape: tuple[int, int, int], spacing: tuple[float, float, float], origin: Any,
              direction: tuple[float, ...]) -> Geometry:
         try:
-            return Geometry(shape, spacing, origin, direction)
+            return Geometry(shape, spacing, (float(origin[0]), float(origin[1]), float(origin[2])), direction)
         except ValueError as exc:  # the checks below should leave nothing for this to catch
             raise fail(f"the headers give no valid voxel grid ({exc})",
                        "the series' geometry tags are damaged; re-export it") from None
@@ -958,7 +958,7 @@ def write_dicom_series(folder: str | os.PathLike[str], array_zyx: np.ndarray, ge
     quantised to 1/65535 of their range). An existing ``folder`` is replaced.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     modality = modality.upper()
     if modality not in SOP_CLASSES:
@@ -980,7 +980,7 @@ def write_dicom_series(folder: str | os.PathLike[str], array_zyx: np.ndarray, ge
     with atomic_folder(target) as tmp:
         for k in range(arr.shape[0]):
             meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = SOP_CLASSES[modality]
+            meta.MediaStorageSOPClassUID = UID(SOP_CLASSES[modality])
             meta.MediaStorageSOPInstanceUID = generate_uid()
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds = Dataset()
@@ -994,7 +994,7 @@ def write_dicom_series(folder: str | os.PathLike[str], array_zyx: np.ndarray, ge
             ds.StudyID, ds.Manufacturer, ds.ImageType = "1", "segpipe", ["DERIVED", "SECONDARY", "AXIAL"]
             ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series_uid, frame_ref
             ds.InstanceNumber = k + 1
-            ds.ImagePositionPatient = [f"{v:.6f}" for v in geometry.index_to_world([k, 0, 0])]
+            ds.ImagePositionPatient = [f"{v:.6f}" for v in geometry.index_to_world(np.array([k, 0, 0]))]
             ds.ImageOrientationPatient = [f"{v:.8f}" for v in np.concatenate([r, c])]
             ds.PixelSpacing = [f"{geometry.spacing[1]:.8g}", f"{geometry.spacing[2]:.8g}"]
             ds.SliceThickness = ds.SpacingBetweenSlices = f"{geometry.spacing[0]:.8g}"

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import DicomError, UsageError
 from ..geometry import Geometry
+from .dicom import _quiet_pydicom, _short_error
 
 
 def _load(seg_path: Path) -> Any:
@@ -39,26 +40,30 @@ def _load(seg_path: Path) -> Any:
 
     if not seg_path.is_file():
         raise DicomError(f"{seg_path}: no such file", hint="check the path of the DICOM-SEG file")
-    try:
-        ds = pydicom.dcmread(str(seg_path))
-    except Exception as exc:  # anything pydicom raises
-        raise DicomError(f"{seg_path}: not a readable DICOM file ({type(exc).__name__})",
-                         hint="check the file (it may be truncated or not DICOM)") from None
-    if str(ds.get("Modality", "")) != "SEG":
-        raise DicomError(f"{seg_path}: not a DICOM-SEG object (modality {ds.get('Modality', 'missing')!r})",
-                         hint="pass a Segmentation Storage file")
-    try:
-        return hd.seg.Segmentation.from_dataset(ds, copy=False), ds
-    except Exception as exc:  # highdicom validation errors
-        raise DicomError(f"{seg_path}: invalid DICOM-SEG ({str(exc).splitlines()[0][:160]})",
-                         hint="re-export the segmentation") from None
+    with _quiet_pydicom():
+        try:
+            ds = pydicom.dcmread(str(seg_path))
+        except Exception as exc:  # anything pydicom raises
+            raise DicomError(f"{seg_path}: not a readable DICOM file ({_short_error(exc)})",
+                             hint="check the file (it may be truncated or not DICOM)") from None
+        if str(ds.get("Modality", "")) != "SEG":
+            raise DicomError(f"{seg_path}: not a DICOM-SEG object (modality {ds.get('Modality', 'missing')!r})",
+                             hint="pass a Segmentation Storage file")
+        try:
+            return hd.seg.Segmentation.from_dataset(ds, copy=False), ds
+        except Exception as exc:  # highdicom validation errors (a truncated file lacks required attributes)
+            raise DicomError(f"{seg_path}: invalid or truncated DICOM-SEG ({_short_error(exc)})",
+                             hint="re-export the segmentation") from None
 
 
-def _segments(seg: Any) -> dict[int, str]:
+def _segments(seg_path: Path, seg: Any) -> dict[int, str]:
     out = {}
-    for n in seg.segment_numbers:
-        label = str(seg.get_segment_description(n).segment_label or "")
-        out[int(n)] = label
+    try:
+        for n in seg.segment_numbers:
+            out[int(n)] = str(seg.get_segment_description(n).segment_label or "")
+    except Exception as exc:  # highdicom: a segment description it cannot parse
+        raise DicomError(f"{seg_path}: invalid segment descriptions ({_short_error(exc)})",
+                         hint="re-export the segmentation") from None
     return out
 
 
@@ -105,7 +110,8 @@ def _reference_geometry(seg_path: Path, ds: Any, reference: Any) -> Geometry:
     from .dicom import dicom_geometry, list_series
 
     ref_path = Path(reference)
-    referenced = [str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", [])]
+    referenced = [str(item.get("SeriesInstanceUID") or "") for item in ds.get("ReferencedSeriesSequence", [])]
+    referenced = [uid for uid in referenced if uid]
     found, _ = list_series(ref_path)
     images = [s for s in found if s.kind == "image"]
     candidates = [s for s in images if s.uid in referenced]
@@ -129,23 +135,24 @@ def read_dicom_seg(seg_path: str | os.PathLike[str], reference: Geometry | str |
     seg_path = Path(seg_path)
     seg, ds = _load(seg_path)
     geometry = _reference_geometry(seg_path, ds, reference)
-    segments = _segments(seg)
+    segments = _segments(seg_path, seg)
     labelmap = str(ds.get("SegmentationType", "")) == "LABELMAP"
     values = _resolve_mapping(seg_path, segments, labelmap, mapping)
     try:
-        volume = seg.get_volume(combine_segments=False, segment_numbers=list(segments))
-    except Exception as exc:  # highdicom raises ValueError/RuntimeError for odd geometry
-        raise DicomError(f"{seg_path}: the SEG frames do not form a regular volume ({str(exc).splitlines()[0][:160]})",
+        with _quiet_pydicom():
+            volume = seg.get_volume(combine_segments=False, segment_numbers=list(segments))
+        seg_affine = np.asarray(volume.affine, dtype=float)
+        to_seg = np.linalg.inv(seg_affine) @ geometry.index_to_world_matrix
+        to_ref = np.linalg.inv(to_seg)
+    except Exception as exc:  # highdicom raises ValueError/RuntimeError for odd geometry, numpy LinAlgError
+        raise DicomError(f"{seg_path}: the SEG frames do not form a regular volume ({_short_error(exc)})",
                          hint="re-export the SEG with frames on a regular grid") from None
     arr = np.asarray(volume.array)
     if arr.ndim == 3:
         arr = arr[..., None]
     fractional = str(ds.get("SegmentationType", "")) == "FRACTIONAL"
     masks = arr > (0.5 if fractional else 0)
-    # seg index (s, r, c) -> world; reference index (z, y, x) -> world.
-    seg_affine = np.asarray(volume.affine, dtype=float)
-    to_seg = np.linalg.inv(seg_affine) @ geometry.index_to_world_matrix
-    to_ref = np.linalg.inv(to_seg)
+    # to_seg: reference index (z, y, x) -> SEG index (s, r, c) through world coordinates; to_ref: back.
     from scipy import ndimage
 
     planes: dict[int, np.ndarray] = {}

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .check import CheckReport, check_dataset
+from .checks import CheckReport, check_dataset
 from .config import to_container
 from .errors import SegpipeError, UsageError
 from .io.image import image_extension, is_dicom_source, read_header, read_image
@@ -95,7 +95,7 @@ def _volume_info(array: np.ndarray, geometry: Any) -> dict[str, Any]:
 
 
 def check(dataset: PathLike, **settings: Any) -> CheckReport:
-    """Read every case of ``dataset`` once and report each problem (see :mod:`segpipe.check`).
+    """Read every case of ``dataset`` once and report each problem (see :mod:`segpipe.checks`).
 
     Settings: ``num_workers``.
     """

@@ -13,7 +13,7 @@ import pytest
 from conftest import make_case_folder, make_msd, make_nnunet, tiny_case
 
 from segpipe import DatasetError, check, load_dataset
-from segpipe.check import check_dataset
+from segpipe.checks import check_dataset
 from segpipe.io.datasets import Case, Dataset
 from segpipe.io.image import write_image
 

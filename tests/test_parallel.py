@@ -312,7 +312,7 @@ def test_fingerprint_worker_killed_gives_the_one_line_error(
 
 
 def test_check_worker_killed_gives_the_one_line_error(small_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    check = importlib.import_module("segpipe.check")
+    check = importlib.import_module("segpipe.checks")
     monkeypatch.setattr(check, "_inspect_findings", _killed_in_workers(check._inspect_findings, os.getpid()))
     before = _children()
     with pytest.raises(StateError, match="a worker died .* on case case_"):
@@ -352,7 +352,7 @@ def slow(module, name):
         return fn(*args, **kwargs)
     setattr(mod, name, slowed)
 slow("segpipe.fingerprint", "summarize_case")
-slow("segpipe.check", "_inspect_findings")
+slow("segpipe.checks", "_inspect_findings")
 slow("segpipe.preprocessing.dataset", "preprocess_arrays")
 from segpipe.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -472,7 +472,7 @@ def test_no_torch_in_check_and_plan() -> None:
     """fork: workers inherit the parent's modules, so a parent without torch keeps them light."""
     code = textwrap.dedent("""
         import sys
-        import segpipe.cli, segpipe.api, segpipe.config, segpipe.check, segpipe.fingerprint, segpipe.parallel
+        import segpipe.cli, segpipe.api, segpipe.config, segpipe.checks, segpipe.fingerprint, segpipe.parallel
         import segpipe.planning, segpipe.preprocessing
         print(sorted(m for m in ("torch", "lightning", "monai") if m in sys.modules))
     """)

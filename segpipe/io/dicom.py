@@ -302,6 +302,7 @@ SKIP_EXPLANATIONS = {
     SKIP_BAD_HEADER: "skipped: DICOM header with unusable image values (Rows/Columns/frames)",
 }
 MAX_SKIP_EXAMPLES = 3
+_REPORTED: set[str] = set()  # series warnings already shown to the user (logged or listed)
 SYNTHETIC_PREFIX = "synthetic-"
 
 
@@ -333,7 +334,8 @@ def _scan(path: str | os.PathLike[str]) -> _Scan:
         try:
             ds = _dcmread(f, stop_before_pixels=True)
         except Exception as exc:  # anything pydicom raises means "not a readable DICOM file"
-            skip(SKIP_UNREADABLE, f, _short_error(exc))
+            invalid = type(exc).__name__ == "InvalidDicomError"
+            skip(SKIP_UNREADABLE, f, "no DICOM header" if invalid else _short_error(exc))
             continue
         try:
             meta = getattr(ds, "file_meta", None)
@@ -463,6 +465,7 @@ def describe_dicom(path: str | os.PathLike[str], *, series: str | None = None,
             "synthetic": s.synthetic, "warnings": list(s.warnings),
         })
         warnings_.extend(s.warnings)
+    _REPORTED.update(warnings_)  # shown in the listing: reading the series does not log them again
     chosen, reason = None, None
     try:
         chosen = choose_series(scan.series, Path(path), series=series, modality=modality,
@@ -835,7 +838,9 @@ def _select(path: str | os.PathLike[str], series: str | None, modality: str | No
                          hint="check the file (it may be truncated or not DICOM)")
     chosen = choose_series(scan.series, where, series=series, modality=modality, skipped_reasons=scan.reasons())
     for warning in chosen.warnings:
-        log.warning("%s: %s", where, warning)
+        if warning not in _REPORTED:  # once per process; describe_dicom's listing counts as reported
+            _REPORTED.add(warning)
+            log.warning("%s: %s", where, warning)
     return where, chosen
 
 

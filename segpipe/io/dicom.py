@@ -707,10 +707,14 @@ def _decode_failure(path: Path, ds: Any, exc: BaseException) -> DicomError:
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     bits = ds.get("BitsStored") if ds is not None else None
+    plugins, packages = _DECODER_ADVICE.get(str(ts), ((), "")) if ts is not None else ((), "")
     text = str(exc)
     if "exceptions were raised by all available plugins" in text:  # pydicom: one line per plugin
-        why = "every installed decoder failed (" + "; ".join(
-            ln.strip() for ln in text.splitlines()[1:] if ln.strip())[:300] + ")"
+        # the decoder that should handle this syntax first: its reason is the informative one
+        lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
+        rank = {name: i for i, name in enumerate(plugins)}
+        lines.sort(key=lambda ln: rank.get(ln.split(":", 1)[0], len(rank)))
+        why = "every installed decoder failed (" + "; ".join(lines)[:300] + ")"
     else:
         why = _short_error(exc)
     syntax = f" ({ts.name}{f', {bits}-bit' if bits else ''})" if ts is not None else ""
@@ -723,7 +727,6 @@ def _decode_failure(path: Path, ds: Any, exc: BaseException) -> DicomError:
         available = set(get_decoder(ts).available_plugins)
     except Exception:  # no decoder exists for this syntax at all (video, ...)
         available = set()
-    plugins, packages = _DECODER_ADVICE.get(str(ts), ((), ""))
     if packages and not available.intersection(plugins):
         hint = f"install a decoder for {ts.name}: pip install {packages}"
     elif packages:

@@ -15,6 +15,8 @@ No public function shares its name with a submodule (the preprocessing code live
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 from .api import check, demo, generate_demo_data, info, plan, preprocess  # noqa: E402
@@ -35,7 +37,7 @@ from .io.image import read_image, write_image  # noqa: E402
 from .workspace import DatasetWorkspace, Workspace  # noqa: E402
 
 
-def restore(prediction, properties, *, is_label=None):  # type: ignore[no-untyped-def]
+def restore(prediction: Any, properties: dict[str, Any], *, is_label: bool | None = None) -> Any:
     """Undo preprocessing (see :func:`segpipe.preprocessing.restore`): back to the case's own grid."""
     from .preprocessing import restore as _restore
 

@@ -117,7 +117,8 @@ def _parser(help_for: str | None = None) -> argparse.ArgumentParser:
 
 def _split(args: list[str]) -> tuple[list[str], list[str]]:
     """Positional paths vs key=value overrides (a token with '=' before any '/' is an override)."""
-    paths, overrides = [], []
+    paths: list[str] = []
+    overrides: list[str] = []
     for a in args:
         head = a.split("=", 1)[0]
         (overrides if "=" in a and "/" not in head else paths).append(a)

@@ -53,9 +53,10 @@ def make_case(seed: int, *, inplane_spacing: tuple[float, float] = (0.8, 1.2),
     sxy = float(rng.uniform(*inplane_spacing))
     sz = float(rng.uniform(*slice_spacing))
     fov = np.asarray(fov_mm) * rng.uniform(0.9, 1.1, size=3)
-    shape = tuple(int(round(f / s)) for f, s in zip(fov, (sz, sxy, sxy)))
+    shape = (int(round(fov[0] / sz)), int(round(fov[1] / sxy)), int(round(fov[2] / sxy)))
     direction = DIRECTIONS[seed % len(DIRECTIONS)]
-    origin = tuple(float(v) for v in rng.uniform(-20, 20, size=3))
+    ox, oy, oz = (float(v) for v in rng.uniform(-20, 20, size=3))
+    origin = (ox, oy, oz)
     geo = Geometry(shape=shape, spacing=(sz, sxy, sxy), origin=origin, direction=direction)
 
     # World coordinates (x, y, z) of every voxel, relative to the volume centre, as broadcastable grids.

@@ -196,7 +196,7 @@ def _aggregate(dataset: Any, summaries: list[dict[str, Any]], samples: list[np.n
     for c in range(n_ch):
         pooled = [s[c] for s in samples if s.shape[1]]
         values = np.concatenate(pooled) if pooled else np.zeros(0, np.float32)
-        stats = _intensity_stats(values)
+        stats: dict[str, Any] = dict(_intensity_stats(values))
         per_case = [s["foreground_intensity"][c] for s in summaries if s["foreground_intensity"][c].get("n")]
         if per_case:  # exact extremes over every foreground voxel, not just the sample
             stats["min"] = float(min(p["min"] for p in per_case))

@@ -30,7 +30,8 @@ def _crop(array: np.ndarray, lower: Sequence[int], size: Sequence[int], pad: flo
     lead = (slice(None),) * (array.ndim - 3)
     if any(d.start > 0 or d.stop < n for d, n in zip(dst, size)):
         out[...] = pad
-    out[(*lead, *dst)] = array[(*lead, *src)]
+    dst_index, src_index = (*lead, *dst), (*lead, *src)
+    out[dst_index] = array[src_index]
 
 
 class PatchSampler:
@@ -62,7 +63,7 @@ class PatchSampler:
         self.patch3 = (2 * self.context_slices + 1, *self.patch_size) if self.is_2d else self.patch_size
         self.oversample_foreground = float(oversample_foreground)
         self.image_pad, self.label_pad, self.mmap = float(image_pad), int(label_pad), mmap
-        self.shapes: list[tuple[int, int, int]] = []
+        self.shapes: list[tuple[int, ...]] = []
         self.locations: list[dict[int, np.ndarray]] = []
         max_classes = 0
         for cid in self.case_ids:
@@ -163,7 +164,8 @@ class PatchSampler:
         nd = len(self.patch_size)
         image = np.zeros((batch_size, c_img, *self.patch_size), dtype=np.float32)
         label = np.zeros((batch_size, 1, *self.patch_size), dtype=self.label_dtype)
-        region = tuple(int(r) for r in draw.region[sidx].max(axis=0)) if sidx.size else self.patch_size
+        region = tuple(int(r) for r in draw.region[sidx].max(axis=0)) if draw is not None and sidx.size \
+            else self.patch_size
         region3 = (self.patch3[0], *region) if self.is_2d else region
         r_img = np.zeros((sidx.size, c_img, *region), dtype=np.float32)
         r_lab = np.zeros((sidx.size, 1, *region), dtype=self.label_dtype)

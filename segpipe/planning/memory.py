@@ -20,11 +20,11 @@ from .settings import (
 
 
 # ============================================================================ topology
-def _pad_shape(shape: Sequence[float], divisor: Sequence[int]) -> list[int]:
+def _pad_shape(shape: Sequence[float] | np.ndarray, divisor: Sequence[int]) -> list[int]:
     return [int(math.ceil(s / d) * d) for s, d in zip(shape, divisor)]
 
 
-def topology(spacing: Sequence[float], patch: Sequence[float], *, min_edge: int = FEATURE_MAP_MIN_EDGE,
+def topology(spacing: Sequence[float] | np.ndarray, patch: Sequence[float] | np.ndarray, *, min_edge: int = FEATURE_MAP_MIN_EDGE,
              ratio: float = 2.0) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
     """nnU-Net's ``get_pool_and_conv_props``: ``(strides, kernels, padded_patch, divisor)``.
 

@@ -103,7 +103,7 @@ def _shape_config(ctx: _Context, *, name: str, architecture: str, spacing: Seque
     patch = [max(1.0, float(min(i, m))) for i, m in zip(initial, med)]  # floats, as nnU-Net (padded up later)
     notes: list[str] = []
 
-    def build(p: Sequence[int]) -> tuple[PlanConfig, list[int]]:
+    def build(p: Sequence[float]) -> tuple[PlanConfig, list[int]]:
         p = list(p)
         strides, kernels, padded, divisor = topology(net_sp, p, ratio=ratio)
         grow = 2 * 2 * FEATURE_MAP_MIN_EDGE  # 16: room for two poolings

@@ -34,7 +34,7 @@ import shutil
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -178,7 +178,7 @@ class Cache:
         props = self.properties(case_id)
         if props is None:
             raise StateError(f"{self.root}: case {case_id} is not in the cache", hint="run `segpipe preprocess`")
-        mode = "r" if mmap else None
+        mode: Literal["r"] | None = "r" if mmap else None
         try:
             image = np.load(self.image_path(case_id), mmap_mode=mode)
             has_label = (props.get("arrays") or {}).get("label") is not None

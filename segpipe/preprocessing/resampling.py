@@ -45,6 +45,8 @@ def _axis_matrix(n_in: int, size: int, kind: str, device: Any) -> Any:
     i0 = torch.floor(pos)
     frac = pos - i0
     i0 = i0.long()
+    taps: tuple[Any, ...]
+    weights: Sequence[Any]
     if kind == "linear":
         taps, weights = (i0, i0 + 1), (1 - frac, frac)
     else:

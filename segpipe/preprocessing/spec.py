@@ -71,8 +71,9 @@ def spec_from_plan(plan: Any, configuration: str) -> PreprocessSpec:
     cfg = plan.config(shared_configuration(plan, configuration))
     norms = tuple(ChannelNorm.from_dict(n.to_dict() if hasattr(n, "to_dict") else dict(n)) for n in plan.normalization)
     threshold = float((plan.settings or {}).get("anisotropy_threshold", ANISOTROPY_THRESHOLD))
-    return PreprocessSpec(spacing=tuple(float(v) for v in cfg.spacing), normalization=norms,
-                          transpose=tuple(int(a) for a in plan.transpose_forward), separate_z_ratio=threshold,
+    sz, sy, sx = (float(v) for v in cfg.spacing)
+    t0, t1, t2 = (int(a) for a in plan.transpose_forward)
+    return PreprocessSpec(spacing=(sz, sy, sx), normalization=norms, transpose=(t0, t1, t2), separate_z_ratio=threshold,
                           resample_slices=bool(cfg.resample_slices))
 
 

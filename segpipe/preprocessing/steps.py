@@ -38,7 +38,8 @@ def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, geometry: Geo
     box = crop_box(img)
     sl = tuple(slice(lo, hi) for lo, hi in box)
     shape_before_crop = list(img.shape[1:])
-    img = img[(slice(None), *sl)]
+    index = (slice(None), *sl)
+    img = img[index]
     lab = lab[sl] if lab is not None else None
     img, used = normalize(img, spec.normalization)
     cropped_shape = list(img.shape[1:])
@@ -92,5 +93,6 @@ def restore(prediction: np.ndarray, properties: dict[str, Any], *, is_label: boo
     probs = resample(prediction, crop_shape, kind="linear", separate_axis=sep)
     out = np.zeros((probs.shape[0], *full), dtype=np.float32)
     out[0] = 1.0  # outside the crop box: background
-    out[(slice(None), *sl)] = probs
+    index = (slice(None), *sl)
+    out[index] = probs
     return np.ascontiguousarray(np.transpose(out, [0] + [a + 1 for a in inverse]))

@@ -214,15 +214,13 @@ def cmd_info(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) ->
             lines.append(f"chosen series: {res['chosen']}")
     elif skipped:
         lines.append(f"skipped files: {skipped}")
-    for reason in res.get("skipped_reasons") or []:
-        lines.append(f"skipped: {reason}")
+    lines += [str(reason) for reason in res.get("skipped_reasons") or []]
     for warning in res.get("warnings") or []:
         lines.append(f"warning: {warning}")
     code = EXIT_OK
     if res.get("volume_error"):
         err = res["volume_error"].splitlines()
-        first = err[0] if len(err[0]) < 200 else err[0][:197] + "…"
-        lines += [f"no volume read: {first}", *err[1:]]
+        lines += [f"no volume read: {err[0]}", *err[1:]]
         code = EXIT_DATA
     return code, res, "\n".join(lines)
 

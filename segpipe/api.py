@@ -45,9 +45,11 @@ def info(path: PathLike, **settings: Any) -> dict[str, Any]:
     p = Path(path).expanduser()
     out: dict[str, Any] = {"path": str(p)}
     if p.is_dir() and (p / "dataset.json").is_file():
-        raise UsageError(f"{p} is a dataset folder (it holds dataset.json); `segpipe info` describes one image "
-                         "file or one DICOM folder",
-                         hint=f"run `segpipe check {p}` for the whole dataset, or `segpipe info` on one of its images")
+        raise UsageError(
+            f"{p} is a dataset folder (it holds dataset.json); `segpipe info` describes one image "
+            "file or one DICOM folder",
+            hint=f"run `segpipe check {p}` for the whole dataset, or `segpipe info` on one of its images",
+        )
     if p.exists() and is_dicom_source(p):
         from .io.dicom import describe_dicom
 
@@ -62,14 +64,19 @@ def info(path: PathLike, **settings: Any) -> dict[str, Any]:
         return out
     changed = sorted(k for k in settings if k not in ("spacing_tolerance", "dicom.spacing_tolerance"))
     if changed:
-        raise UsageError(f"{p}: DICOM read options ({', '.join(changed)}) apply to DICOM input only",
-                         hint=f"segpipe info {p}")
+        raise UsageError(
+            f"{p}: DICOM read options ({', '.join(changed)}) apply to DICOM input only", hint=f"segpipe info {p}"
+        )
     if p.is_dir():
         images = sorted(q.name for q in p.iterdir() if q.is_file() and image_extension(q))
-        raise UsageError(f"{p} is a folder without DICOM files" + (f"; it holds {len(images)} image file(s)"
-                                                                   if images else ""),
-                         hint=(f"pass one image file, e.g. segpipe info {p / images[0]}" if images else
-                               "pass an image file (.nii.gz, .nrrd, .mha) or a folder of DICOM files"))
+        raise UsageError(
+            f"{p} is a folder without DICOM files" + (f"; it holds {len(images)} image file(s)" if images else ""),
+            hint=(
+                f"pass one image file, e.g. segpipe info {p / images[0]}"
+                if images
+                else "pass an image file (.nii.gz, .nrrd, .mha) or a folder of DICOM files"
+            ),
+        )
     header = read_header(p)
     array, geometry = read_image(p)
     out.update({"format": header.format, "dimension": header.dimension, "stored_dtype": header.dtype})
@@ -167,8 +174,11 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
     ws, dws = find_dataset(cfg.work_dir, dataset, "preprocess")
     ws.ensure_writable()
     the_plan = load_plan(dws.plans_path)
-    source = Path(dataset).expanduser() if dataset is not None and Path(dataset).expanduser().is_dir() else \
-        dws.source_dataset_path()
+    source = (
+        Path(dataset).expanduser()
+        if dataset is not None and Path(dataset).expanduser().is_dir()
+        else dws.source_dataset_path()
+    )
     ds = load_dataset(source)
     if ds.name != dws.name:
         import dataclasses
@@ -184,8 +194,9 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
             continue
         if log:
             log(f"preprocessing {dws.name} for {name} into {cache}")
-        res = preprocess_dataset(ds, spec_from_plan(the_plan, name), cache, num_workers=cfg.num_workers,
-                                 force=cfg.force)
+        res = preprocess_dataset(
+            ds, spec_from_plan(the_plan, name), cache, num_workers=cfg.num_workers, force=cfg.force
+        )
         done[cache] = {"configuration": name, **res.to_dict()}
         out[name] = res.to_dict()
     return {"dataset": dws.name, "plans_path": str(dws.plans_path), "configurations": out}
@@ -201,8 +212,10 @@ def _configurations(value: Any, the_plan: Any) -> list[str]:
         names = [str(v) for v in value]
     unknown = [n for n in names if n not in the_plan.configurations]
     if unknown or not names:
-        raise UsageError(f"configuration {', '.join(unknown) or '(none)'} is not in the plan of {the_plan.dataset}",
-                         hint=f"planned: {', '.join(the_plan.configurations)} (config=NAME)")
+        raise UsageError(
+            f"configuration {', '.join(unknown) or '(none)'} is not in the plan of {the_plan.dataset}",
+            hint=f"planned: {', '.join(the_plan.configurations)} (config=NAME)",
+        )
     return names
 
 
@@ -249,12 +262,17 @@ def demo(*, force: bool = False, log: Any = None, **settings: Any) -> dict[str, 
             raise DataError(f"{folder}: the demo dataset failed its check", hint="rerun with --force to regenerate it")
     say("planning")
     planned = plan(data, work_dir=str(ws.root), force=force)
-    steps["plan"] = {"plans_path": planned["plans_path"], "configurations": planned["configurations"],
-                     "plan_summary_path": planned.get("plan_summary_path")}
+    steps["plan"] = {
+        "plans_path": planned["plans_path"],
+        "configurations": planned["configurations"],
+        "plan_summary_path": planned.get("plan_summary_path"),
+    }
     say("preprocessing")
     pre = preprocess(data, work_dir=str(ws.root), force=force, log=say)
-    steps["preprocess"] = {name: {"cache_dir": r["cache_dir"], "cases": len(r["processed"]) + len(r["reused"])}
-                           for name, r in pre["configurations"].items()}
+    steps["preprocess"] = {
+        name: {"cache_dir": r["cache_dir"], "cases": len(r["processed"]) + len(r["reused"])}
+        for name, r in pre["configurations"].items()
+    }
     steps["next_steps"] = ["train", "infer", "evaluate"]
     return steps
 

@@ -42,8 +42,9 @@ def _inspect_findings(ds: Dataset, case: Any) -> list[Finding]:
     return inspect_case(case, ds)[1]
 
 
-def check_dataset(dataset: str | os.PathLike[str] | Dataset, *, num_workers: int | None = None,
-                  include_test: bool = True) -> CheckReport:
+def check_dataset(
+    dataset: str | os.PathLike[str] | Dataset, *, num_workers: int | None = None, include_test: bool = True
+) -> CheckReport:
     """Read every case of ``dataset`` once, on :mod:`segpipe.parallel`'s worker processes.
 
     Processes rather than threads: a case that exhausts memory kills one worker (a clear error
@@ -55,8 +56,15 @@ def check_dataset(dataset: str | os.PathLike[str] | Dataset, *, num_workers: int
     check_case_ids(ds.all_cases(), ds.root)  # load_dataset did so already; a Dataset built by hand did not
     cases = ds.all_cases() if include_test else list(ds.cases)
     findings: list[Finding] = []
-    per_case = parallel_list(partial(_inspect_findings, ds), cases, num_workers=num_workers, desc="check",
-                             names=lambda i: f"case {cases[i].id}", context=str(ds.root), first_in_parent=True)
+    per_case = parallel_list(
+        partial(_inspect_findings, ds),
+        cases,
+        num_workers=num_workers,
+        desc="check",
+        names=lambda i: f"case {cases[i].id}",
+        context=str(ds.root),
+        first_in_parent=True,
+    )
     for result in per_case:  # input order: deterministic report
         findings.extend(result)
     return CheckReport(ds.summary(), len(cases), findings)

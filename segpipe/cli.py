@@ -76,9 +76,11 @@ EXAMPLES = {
     "config": "segpipe config gpu_memory_gb=24",
     "demo": "segpipe demo work_dir=/tmp/segpipe_demo",
 }
-EXIT_CODES_HELP = ("exit codes: 0 ok, 1 problems found (check), 2 usage (bad arguments or setting, command not "
-                   "available), 3 bad input data, 4 workspace state (missing plan, unwritable work_dir, disk full), "
-                   "70 internal error (a bug: rerun with --debug and report it), 130 interrupted")
+EXIT_CODES_HELP = (
+    "exit codes: 0 ok, 1 problems found (check), 2 usage (bad arguments or setting, command not "
+    "available), 3 bad input data, 4 workspace state (missing plan, unwritable work_dir, disk full), "
+    "70 internal error (a bug: rerun with --debug and report it), 130 interrupted"
+)
 
 log = logging.getLogger("segpipe")
 
@@ -104,10 +106,19 @@ def _parser(help_for: str | None = None) -> argparse.ArgumentParser:
         if name == help_for:
             from .config import settings_help
 
-            epilog = (f"settings (key=value, shown with their defaults):\n{settings_help(name)}\n\n"
-                      f"example:\n  {EXAMPLES[name]}\n\n{EXIT_CODES_HELP}")
-        p = sub.add_parser(name, help=text, description=text, parents=[common], usage=USAGE[name], epilog=epilog,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+            epilog = (
+                f"settings (key=value, shown with their defaults):\n{settings_help(name)}\n\n"
+                f"example:\n  {EXAMPLES[name]}\n\n{EXIT_CODES_HELP}"
+            )
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=text,
+            parents=[common],
+            usage=USAGE[name],
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         if name == "demo":
             p.add_argument("--data-only", metavar="OUT", help="only write the synthetic dataset to OUT")
             p.add_argument("--force", action="store_true", help="regenerate data and artefacts")
@@ -127,8 +138,10 @@ def _split(args: list[str]) -> tuple[list[str], list[str]]:
 
 def _one_path(command: str, paths: list[str], what: str) -> str:
     if len(paths) != 1:
-        raise UsageError(f"`segpipe {command}` takes one {what}, got {len(paths)}: {' '.join(paths) or '(none)'}",
-                         hint=f"segpipe {command} {what.upper().replace(' ', '_')} [key=value ...]")
+        raise UsageError(
+            f"`segpipe {command}` takes one {what}, got {len(paths)}: {' '.join(paths) or '(none)'}",
+            hint=f"segpipe {command} {what.upper().replace(' ', '_')} [key=value ...]",
+        )
     return paths[0]
 
 
@@ -192,10 +205,20 @@ def _series_rows(series: list[dict[str, Any]]) -> list[dict[str, Any]]:
         shown = unique_suffixes(uids)
     except ImportError:  # pragma: no cover - older reader
         shown = [u[-12:] for u in uids]
-    return [{"uid": ("…" if u != full else "") + u, "modality": s.get("modality"),
-             "description": s.get("description"), "kind": s.get("kind"), "files": s.get("files"),
-             "frames": s.get("frames"), "size": s.get("sizes"), "folder": s.get("folder"),
-             "problem": s.get("problem")} for s, u, full in zip(series, shown, uids)]
+    return [
+        {
+            "uid": ("…" if u != full else "") + u,
+            "modality": s.get("modality"),
+            "description": s.get("description"),
+            "kind": s.get("kind"),
+            "files": s.get("files"),
+            "frames": s.get("frames"),
+            "size": s.get("sizes"),
+            "folder": s.get("folder"),
+            "problem": s.get("problem"),
+        }
+        for s, u, full in zip(series, shown, uids)
+    ]
 
 
 def cmd_info(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
@@ -208,8 +231,11 @@ def cmd_info(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) ->
     series = res.get("series") or []
     skipped = ", ".join(f"{n} {k}" for k, n in (res.get("skipped") or {}).items())
     if series:
-        lines += ["", f"{len(series)} series" + (f" (skipped files: {skipped})" if skipped else "") + ":",
-                  _table(_series_rows(series))]
+        lines += [
+            "",
+            f"{len(series)} series" + (f" (skipped files: {skipped})" if skipped else "") + ":",
+            _table(_series_rows(series)),
+        ]
         if res.get("chosen"):
             lines.append(f"chosen series: {res['chosen']}")
     elif skipped:
@@ -229,13 +255,24 @@ def cmd_check(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -
     from . import api
 
     report = api.check(_one_path("check", paths, "dataset"), **given)
-    rows = [{"case": f.case, "severity": f.severity, "problem": f.problem, "file": f.file,
-             "message": f.message, "fix": f.fix} for f in report.findings]
+    rows = [
+        {
+            "case": f.case,
+            "severity": f.severity,
+            "problem": f.problem,
+            "file": f.file,
+            "message": f.message,
+            "fix": f.fix,
+        }
+        for f in report.findings
+    ]
     text = _table(rows) + ("\n" if rows else "")
     errs = len(report.errors)
-    text += (f"{report.cases_checked} cases checked: " +
-             ("no problems" if not report.findings else f"{errs} error(s) in {len(report.cases_with_errors)} case(s), "
-              f"{len(report.findings) - errs} warning(s)"))
+    text += f"{report.cases_checked} cases checked: " + (
+        "no problems"
+        if not report.findings
+        else f"{errs} error(s) in {len(report.cases_with_errors)} case(s), {len(report.findings) - errs} warning(s)"
+    )
     return (EXIT_OK if report.ok else EXIT_FINDINGS), report.to_dict(), text
 
 
@@ -257,15 +294,26 @@ def cmd_preprocess(ns: argparse.Namespace, paths: list[str], given: dict[str, An
     from . import api
 
     if len(paths) > 1:
-        raise UsageError(f"`segpipe preprocess` takes at most one dataset, got {len(paths)}: {' '.join(paths)}",
-                         hint=USAGE["preprocess"])
+        raise UsageError(
+            f"`segpipe preprocess` takes at most one dataset, got {len(paths)}: {' '.join(paths)}",
+            hint=USAGE["preprocess"],
+        )
     dataset = given.pop("dataset", None)
     if paths and dataset is not None:
         raise UsageError("give the dataset once: as a path or as dataset=NAME, not both", hint=USAGE["preprocess"])
     res = api.preprocess(paths[0] if paths else dataset, log=log.info, **given)
-    rows = [{"configuration": n, "cache": r["cache_dir"], "processed": len(r["processed"]),
-             "reused": len(r["reused"]), "rebuilt": len(r.get("rebuilt") or {}), "removed": len(r.get("removed") or []),
-             "seconds": round(r["seconds"], 1)} for n, r in res["configurations"].items()]
+    rows = [
+        {
+            "configuration": n,
+            "cache": r["cache_dir"],
+            "processed": len(r["processed"]),
+            "reused": len(r["reused"]),
+            "rebuilt": len(r.get("rebuilt") or {}),
+            "removed": len(r.get("removed") or []),
+            "seconds": round(r["seconds"], 1),
+        }
+        for n, r in res["configurations"].items()
+    ]
     return EXIT_OK, res, _table(rows)
 
 
@@ -284,15 +332,19 @@ def cmd_demo(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) ->
     from . import api
 
     if paths:
-        raise UsageError(f"`segpipe demo` takes no paths, got {' '.join(paths)}", hint="use --data-only OUT or work_dir=PATH")
+        raise UsageError(
+            f"`segpipe demo` takes no paths, got {' '.join(paths)}", hint="use --data-only OUT or work_dir=PATH"
+        )
     if ns.data_only:
         if given:
             raise UsageError("`segpipe demo --data-only OUT` takes no settings", hint="segpipe demo --data-only OUT")
         out = api.generate_demo_data(ns.data_only, force=ns.force)
         return EXIT_OK, {"data": str(out)}, f"demo dataset written to {out}"
     res = api.demo(force=ns.force, log=log.info, **given)
-    lines = [f"datasets: {res['data']}, {res['dicom_data']}",
-             f"check: {res['check']['cases_checked']} NIfTI cases and {res['check_dicom']['cases_checked']} DICOM cases, ok"]
+    lines = [
+        f"datasets: {res['data']}, {res['dicom_data']}",
+        f"check: {res['check']['cases_checked']} NIfTI cases and {res['check_dicom']['cases_checked']} DICOM cases, ok",
+    ]
     if "plan" in res:
         lines += [_table(res["plan"]["configurations"]), f"plans: {res['plan']['plans_path']}"]
         if res["plan"].get("plan_summary_path"):
@@ -305,26 +357,36 @@ def cmd_demo(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) ->
 
 
 HANDLERS: dict[str, Handler] = {
-    "info": cmd_info, "check": cmd_check, "plan": cmd_plan, "preprocess": cmd_preprocess, "config": cmd_config,
+    "info": cmd_info,
+    "check": cmd_check,
+    "plan": cmd_plan,
+    "preprocess": cmd_preprocess,
+    "config": cmd_config,
     "demo": cmd_demo,
 }
 
 
 def _not_available(command: str) -> None:
     available = ", ".join(c for c in COMMANDS if c not in NOT_AVAILABLE)
-    raise NotAvailableError(f"`segpipe {command}` is not available in this version of segpipe ({__version__})",
-                            hint=f"available commands: {available}")
+    raise NotAvailableError(
+        f"`segpipe {command}` is not available in this version of segpipe ({__version__})",
+        hint=f"available commands: {available}",
+    )
 
 
 def _os_error(exc: OSError) -> SegpipeError | None:
     """Workspace problems the system reports (disk full, read-only, no permission) as exit-4 errors."""
     where = exc.filename or ""
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-        return StateError(f"no space left on the device writing {where}".rstrip(),
-                          hint="free some disk space or pass another work_dir=PATH; finished work is kept")
+        return StateError(
+            f"no space left on the device writing {where}".rstrip(),
+            hint="free some disk space or pass another work_dir=PATH; finished work is kept",
+        )
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return StateError(f"cannot write {where}: {exc.strerror}".rstrip(),
-                          hint="pass a writable work_dir=PATH (or fix the folder's permissions)")
+        return StateError(
+            f"cannot write {where}: {exc.strerror}".rstrip(),
+            hint="pass a writable work_dir=PATH (or fix the folder's permissions)",
+        )
     return None
 
 
@@ -351,8 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     if not ns.command:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=logging.DEBUG if ns.debug else logging.WARNING if ns.quiet else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if ns.debug else logging.WARNING if ns.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
     if not ns.debug:
         warnings.filterwarnings("ignore")
     command = ns.command
@@ -393,8 +458,14 @@ def main(argv: list[str] | None = None) -> int:
 def _internal(command: str, ns: argparse.Namespace, exc: BaseException) -> int:
     if ns.debug:
         traceback.print_exc()
-    return _print_error(command, ns, type(exc).__name__, f"internal error: {type(exc).__name__}: {exc}",
-                        "rerun with --debug and report the traceback", EXIT_INTERNAL)
+    return _print_error(
+        command,
+        ns,
+        type(exc).__name__,
+        f"internal error: {type(exc).__name__}: {exc}",
+        "rerun with --debug and report the traceback",
+        EXIT_INTERNAL,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

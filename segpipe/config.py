@@ -135,8 +135,10 @@ def expand_key(key: str, known: Iterable[str] | None = None) -> str:
         return bare
     groups = {k.split(".", 1)[0] for k in known if "." in k}
     if bare in groups:
-        raise ConfigError(f"{bare!r} is a group of settings, not one setting",
-                          hint=f"set one of its keys, e.g. {next(k for k in known if k.startswith(bare + '.'))}=...")
+        raise ConfigError(
+            f"{bare!r} is a group of settings, not one setting",
+            hint=f"set one of its keys, e.g. {next(k for k in known if k.startswith(bare + '.'))}=...",
+        )
     matches = [k for k in known if k.endswith("." + bare)]
     if len(matches) == 1:
         return matches[0]
@@ -145,9 +147,10 @@ def expand_key(key: str, known: Iterable[str] | None = None) -> str:
     leaves = [k.rsplit(".", 1)[-1] for k in known]
     candidates = list(dict.fromkeys([*known, *leaves, *ALIASES]))
     close = list(dict.fromkeys(ALIASES.get(c, c) for c in difflib.get_close_matches(bare, candidates, n=4)))[:3]
-    raise ConfigError(f"unknown setting {key!r}",
-                      hint=("did you mean " + " or ".join(close) + "? " if close else "")
-                      + "`segpipe config` lists every setting")
+    raise ConfigError(
+        f"unknown setting {key!r}",
+        hint=("did you mean " + " or ".join(close) + "? " if close else "") + "`segpipe config` lists every setting",
+    )
 
 
 def _expand(overrides: list[str], known: list[str]) -> list[str]:
@@ -157,13 +160,17 @@ def _expand(overrides: list[str], known: list[str]) -> list[str]:
             raise ConfigError(f"override {ov!r} is not key=value", hint="write overrides as key=value, e.g. fold=0")
         key, value = ov.split("=", 1)
         prefix = key[: len(key) - len(key.lstrip("+~"))]
-        bare = key[len(prefix):]
+        bare = key[len(prefix) :]
         if prefix:
-            raise ConfigError(f"override {ov!r}: adding (+) or deleting (~) settings is not supported",
-                              hint="set an existing setting as key=value; `segpipe config` lists them")
+            raise ConfigError(
+                f"override {ov!r}: adding (+) or deleting (~) settings is not supported",
+                hint="set an existing setting as key=value; `segpipe config` lists them",
+            )
         if "/" in bare:
-            raise ConfigError(f"override {ov!r}: config group selection is not available here",
-                              hint="`segpipe config` lists every setting")
+            raise ConfigError(
+                f"override {ov!r}: config group selection is not available here",
+                hint="`segpipe config` lists every setting",
+            )
         if "," in value and value[:1] not in "[{'\"" and not value.startswith("${"):
             value = f"[{value}]"  # `configurations=3d_fullres,2d` is a list (Hydra would read a sweep)
         out.append(expand_key(bare, known) + "=" + value)
@@ -194,9 +201,10 @@ def check_command(command: str, full_keys: Iterable[str]) -> None:
     shown = ", ".join(k.rsplit(".", 1)[-1] if "." in k else k for k in takes) or "no settings"
     extra = ""
     if any(_group_of(k) == "dicom" for k in bad) and command in ("check", "plan", "preprocess", "train"):
-        extra = "; DICOM read options of a dataset go in its dataset.json (\"dicom\": {...})"
-    raise UsageError(f"`segpipe {command}` does not use the setting(s) {', '.join(bad)}",
-                     hint=f"it takes: {shown}{extra}")
+        extra = '; DICOM read options of a dataset go in its dataset.json ("dicom": {...})'
+    raise UsageError(
+        f"`segpipe {command}` does not use the setting(s) {', '.join(bad)}", hint=f"it takes: {shown}{extra}"
+    )
 
 
 def _validate(cfg: Any) -> Any:
@@ -210,8 +218,10 @@ def _validate(cfg: Any) -> Any:
         key = getattr(exc, "full_key", None) or ""
         value = getattr(exc, "value", None)
         want = _expected_type(str(key))
-        raise ConfigError(f"invalid value {value!r} for setting {key}" + (f" (expected {want})" if want else ""),
-                          hint="`segpipe config` shows every setting with its default") from None
+        raise ConfigError(
+            f"invalid value {value!r} for setting {key}" + (f" (expected {want})" if want else ""),
+            hint="`segpipe config` shows every setting with its default",
+        ) from None
     out = OmegaConf.create(OmegaConf.to_container(merged, resolve=False))
     from .planning.settings import PlanSettings
 
@@ -251,8 +261,9 @@ def compose_config(overrides: Iterable[str] = (), *, command: str | None = None)
             cfg = compose(config_name="config", overrides=expanded)
     except Exception as exc:  # Hydra's errors: override grammar, missing group options, ...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"invalid override(s) {' '.join(overrides)}: {msg}",
-                          hint="`segpipe config` lists every setting") from None
+        raise ConfigError(
+            f"invalid override(s) {' '.join(overrides)}: {msg}", hint="`segpipe config` lists every setting"
+        ) from None
     finally:
         GlobalHydra.instance().clear()
     try:
@@ -331,7 +342,7 @@ def settings_help(command: str) -> str:
         default = raw if isinstance(raw, str) and raw.startswith("${") else node
         text = "null" if default is None else (str(default).lower() if isinstance(default, bool) else str(default))
         if isinstance(default, str) and default.startswith("${oc.env:"):
-            var, _, fallback = default[len("${oc.env:"):-1].partition(",")
+            var, _, fallback = default[len("${oc.env:") : -1].partition(",")
             text = f"${var} or {fallback}"
         short = key.rsplit(".", 1)[-1]
         rows.append((f"{short}={text}", comments.get(key, "")))

@@ -34,7 +34,9 @@ DIRECTIONS = (
 )
 
 
-def _smooth_field(rng: np.random.Generator, pts: tuple[np.ndarray, ...], scale_mm: float, n_waves: int = 4) -> np.ndarray:
+def _smooth_field(
+    rng: np.random.Generator, pts: tuple[np.ndarray, ...], scale_mm: float, n_waves: int = 4
+) -> np.ndarray:
     """A smooth random scalar field (sum of low-frequency cosines) in [-1, 1]-ish."""
     out = np.zeros(np.broadcast_shapes(*(p.shape for p in pts)), dtype=np.float32)
     for _ in range(n_waves):
@@ -45,9 +47,13 @@ def _smooth_field(rng: np.random.Generator, pts: tuple[np.ndarray, ...], scale_m
     return out / np.sqrt(n_waves / 2)
 
 
-def make_case(seed: int, *, inplane_spacing: tuple[float, float] = (0.8, 1.2),
-              slice_spacing: tuple[float, float] = (3.0, 4.5), fov_mm: tuple[float, float, float] = (64.0, 80.0, 80.0),
-              ) -> tuple[np.ndarray, np.ndarray, Geometry]:
+def make_case(
+    seed: int,
+    *,
+    inplane_spacing: tuple[float, float] = (0.8, 1.2),
+    slice_spacing: tuple[float, float] = (3.0, 4.5),
+    fov_mm: tuple[float, float, float] = (64.0, 80.0, 80.0),
+) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """One synthetic case: image float32 [Z, Y, X], label uint8 [Z, Y, X], geometry."""
     rng = np.random.default_rng(seed)
     sxy = float(rng.uniform(*inplane_spacing))
@@ -111,11 +117,18 @@ def make_case(seed: int, *, inplane_spacing: tuple[float, float] = (0.8, 1.2),
     return image, label, geo
 
 
-def generate_demo_dataset(out: str | os.PathLike[str], *, num_cases: int = 12, num_test: int = 2, seed: int = 0,
-                          inplane_spacing: tuple[float, float] = (0.8, 1.2),
-                          slice_spacing: tuple[float, float] = (3.0, 4.5),
-                          fov_mm: tuple[float, float, float] = (64.0, 80.0, 80.0),
-                          name: str = "SegpipeDemo", overwrite: bool = False) -> Path:
+def generate_demo_dataset(
+    out: str | os.PathLike[str],
+    *,
+    num_cases: int = 12,
+    num_test: int = 2,
+    seed: int = 0,
+    inplane_spacing: tuple[float, float] = (0.8, 1.2),
+    slice_spacing: tuple[float, float] = (3.0, 4.5),
+    fov_mm: tuple[float, float, float] = (64.0, 80.0, 80.0),
+    name: str = "SegpipeDemo",
+    overwrite: bool = False,
+) -> Path:
     """Write the demo dataset (MSD layout) to ``out`` and return its path.
 
     The folder is built beside ``out`` and renamed into place, so an interrupted run leaves
@@ -130,8 +143,9 @@ def generate_demo_dataset(out: str | os.PathLike[str], *, num_cases: int = 12, n
         (tmp / "imagesTs").mkdir()
         training, test = [], []
         for i in range(num_cases + num_test):
-            image, label, geo = make_case(seed * 1000 + i, inplane_spacing=inplane_spacing,
-                                          slice_spacing=slice_spacing, fov_mm=fov_mm)
+            image, label, geo = make_case(
+                seed * 1000 + i, inplane_spacing=inplane_spacing, slice_spacing=slice_spacing, fov_mm=fov_mm
+            )
             cid = f"demo_{i:03d}"
             if i < num_cases:
                 write_image(tmp / "imagesTr" / f"{cid}.nii.gz", image, geo)
@@ -157,8 +171,9 @@ def generate_demo_dataset(out: str | os.PathLike[str], *, num_cases: int = 12, n
     return target
 
 
-def generate_dicom_demo_dataset(out: str | os.PathLike[str], *, num_cases: int = 3, num_test: int = 1, seed: int = 1,
-                                overwrite: bool = False) -> Path:
+def generate_dicom_demo_dataset(
+    out: str | os.PathLike[str], *, num_cases: int = 3, num_test: int = 1, seed: int = 1, overwrite: bool = False
+) -> Path:
     """Write a case-folder dataset whose images are DICOM series (MR, one file per slice).
 
     Each case is ``<out>/<case>/image/`` (a proper single-frame series written with pydicom,
@@ -175,8 +190,15 @@ def generate_dicom_demo_dataset(out: str | os.PathLike[str], *, num_cases: int =
         for i in range(num_cases + num_test):
             image, label, geo = make_case(seed * 1000 + i)
             cid = f"dicom_{i:03d}"
-            write_dicom_series(tmp / cid / "image", image, geo, modality="MR", series_description="segpipe demo T1",
-                               patient_id=f"DEMO{i:03d}", series_number=i + 1)
+            write_dicom_series(
+                tmp / cid / "image",
+                image,
+                geo,
+                modality="MR",
+                series_description="segpipe demo T1",
+                patient_id=f"DEMO{i:03d}",
+                series_number=i + 1,
+            )
             if i < num_cases:
                 write_image(tmp / cid / "label.nii.gz", label, geo)
         desc = {

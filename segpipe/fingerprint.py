@@ -44,7 +44,9 @@ FINGERPRINT_VERSION = 2  # 2: per-channel foreground intensity histogram
 SAMPLE_SEED = 1234
 NNUNET_TOTAL_SAMPLES = 10**8
 MAX_SAMPLES_PER_CASE = 10_000
-FINGERPRINT_FILE = "fingerprint.json"  # the name; the path comes from segpipe.workspace (DatasetWorkspace.fingerprint_path)
+FINGERPRINT_FILE = (
+    "fingerprint.json"  # the name; the path comes from segpipe.workspace (DatasetWorkspace.fingerprint_path)
+)
 HISTOGRAM_BINS = 64
 
 __all__ = [
@@ -82,8 +84,15 @@ def _intensity_stats(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def summarize_case(image: np.ndarray, label: np.ndarray | None, spacing: Any, *, case_id: str = "",
-                   case_index: int = 0, n_samples: int = MAX_SAMPLES_PER_CASE) -> tuple[dict[str, Any], np.ndarray]:
+def summarize_case(
+    image: np.ndarray,
+    label: np.ndarray | None,
+    spacing: Any,
+    *,
+    case_id: str = "",
+    case_index: int = 0,
+    n_samples: int = MAX_SAMPLES_PER_CASE,
+) -> tuple[dict[str, Any], np.ndarray]:
     """Summary dict and foreground sample (float32 ``[C, n_samples]``, or ``[C, 0]``) of one case.
 
     ``image`` is ``[C, Z, Y, X]``, ``label`` ``[Z, Y, X]`` (integers) or None.
@@ -103,8 +112,12 @@ def summarize_case(image: np.ndarray, label: np.ndarray | None, spacing: Any, *,
     }
     channels = image.shape[0]
     if label is None:
-        summary.update(class_voxels={}, class_components={}, foreground_voxels=0,
-                       foreground_intensity=[{"n": 0} for _ in range(channels)])
+        summary.update(
+            class_voxels={},
+            class_components={},
+            foreground_voxels=0,
+            foreground_intensity=[{"n": 0} for _ in range(channels)],
+        )
         return summary, np.zeros((channels, 0), np.float32)
     lab = np.asarray(label)
     if not np.issubdtype(lab.dtype, np.integer):
@@ -156,8 +169,15 @@ def _iter_cases(dataset: Any, num_workers: int) -> Iterator[tuple[int, dict[str,
     # The first case runs here (first_in_parent): it imports the reader's modules (nibabel/SimpleITK,
     # scipy) once in the parent, so forked workers inherit them instead of each importing them again
     # (~1 s of CPU each). The dataset is bound to the task, so forked workers inherit it unpickled.
-    results = parallel_map(partial(_case_task, dataset), tasks, num_workers=num_workers, desc="fingerprint",
-                           names=lambda i: f"case {cases[i].id}", context=str(dataset.root), first_in_parent=True)
+    results = parallel_map(
+        partial(_case_task, dataset),
+        tasks,
+        num_workers=num_workers,
+        desc="fingerprint",
+        names=lambda i: f"case {cases[i].id}",
+        context=str(dataset.root),
+        first_in_parent=True,
+    )
     with closing(results):
         for index, (summary, sample) in results:
             yield index, summary, sample
@@ -185,8 +205,13 @@ def _histogram(values: np.ndarray, lo: float, hi: float, bins: int = HISTOGRAM_B
     if not hi > lo:  # a constant foreground: one bin around it
         lo, hi = lo - 0.5, lo + 0.5
     counts, _ = np.histogram(v, bins=bins, range=(lo, hi))
-    return {"range": [float(lo), float(hi)], "bins": int(bins), "counts": [int(n) for n in counts],
-            "below": int(np.count_nonzero(v < lo)), "above": int(np.count_nonzero(v > hi))}
+    return {
+        "range": [float(lo), float(hi)],
+        "bins": int(bins),
+        "counts": [int(n) for n in counts],
+        "below": int(np.count_nonzero(v < lo)),
+        "above": int(np.count_nonzero(v > hi)),
+    }
 
 
 def _aggregate(dataset: Any, summaries: list[dict[str, Any]], samples: list[np.ndarray]) -> dict[str, Any]:
@@ -234,7 +259,8 @@ def _aggregate(dataset: Any, summaries: list[dict[str, Any]], samples: list[np.n
         "spacing": _axis_stats(spacings) if len(summaries) else {},
         "shape_after_crop": _axis_stats(shapes) if len(summaries) else {},
         "median_relative_size_after_crop": float(np.median([s["relative_size_after_crop"] for s in summaries]))
-        if summaries else 1.0,
+        if summaries
+        else 1.0,
         "total_voxels_after_crop": int(total),
         "classes": classes,
     }
@@ -250,8 +276,10 @@ def compute_fingerprint(dataset: Any, *, num_workers: int | None = None) -> dict
     from .parallel import resolve_num_workers
 
     if not dataset.cases:
-        raise DatasetError(f"{dataset.root}: no labelled training cases to fingerprint",
-                           hint="add cases with labels (imagesTr/labelsTr) to the dataset")
+        raise DatasetError(
+            f"{dataset.root}: no labelled training cases to fingerprint",
+            hint="add cases with labels (imagesTr/labelsTr) to the dataset",
+        )
     workers = resolve_num_workers(num_workers)
     n_cases = len(dataset.cases)
     summaries: list[dict[str, Any]] = [{} for _ in range(n_cases)]
@@ -261,8 +289,12 @@ def compute_fingerprint(dataset: Any, *, num_workers: int | None = None) -> dict
     fingerprint = {
         "fingerprint_version": FINGERPRINT_VERSION,
         "dataset": str(dataset.name),
-        "sampling": {"seed": SAMPLE_SEED, "samples_per_case": samples_per_case(n_cases), "with_replacement": True,
-                     "connectivity": "full"},
+        "sampling": {
+            "seed": SAMPLE_SEED,
+            "samples_per_case": samples_per_case(n_cases),
+            "with_replacement": True,
+            "connectivity": "full",
+        },
         **_aggregate(dataset, summaries, samples),
         "cases": summaries,
     }
@@ -316,8 +348,9 @@ def load_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def fingerprint_dataset(dataset: Any, path: str | os.PathLike[str], *, force: bool = False,
-                        num_workers: int | None = None) -> dict[str, Any]:
+def fingerprint_dataset(
+    dataset: Any, path: str | os.PathLike[str], *, force: bool = False, num_workers: int | None = None
+) -> dict[str, Any]:
     """Fingerprint ``dataset`` into the JSON file ``path``, reusing it when the dataset is unchanged.
 
     ``path`` is the fingerprint file (``DatasetWorkspace.fingerprint_path``); a path without a

@@ -108,9 +108,15 @@ class SegUNet(nn.Module):
         for i, up in enumerate(self.net.upsamples):
             level = n - 2 - i
             if list(cfg.kernel_sizes[level]) != list(cfg.kernel_sizes[level + 1]):
-                up.conv_block = UnetBasicBlock(cfg.dims, 2 * cfg.features[level], cfg.features[level],
-                                               kernel_size=list(cfg.kernel_sizes[level]), stride=1,
-                                               norm_name=self.net.norm_name, act_name=self.net.act_name)
+                up.conv_block = UnetBasicBlock(
+                    cfg.dims,
+                    2 * cfg.features[level],
+                    cfg.features[level],
+                    kernel_size=list(cfg.kernel_sizes[level]),
+                    stride=1,
+                    norm_name=self.net.norm_name,
+                    act_name=self.net.act_name,
+                )
                 up.conv_block.apply(self.net.initialize_weights)
             if cfg.attention:
                 up.conv_block = nn.Sequential(up.conv_block, SpatialAttention(cfg.features[level], cfg.dims))
@@ -128,14 +134,16 @@ class SegUNet(nn.Module):
 
 class _Down(nn.Sequential):
     def __init__(self, dims: int, cin: int, cout: int, stride: Sequence[int]):
-        super().__init__(_conv(dims)(cin, cout, tuple(stride), stride=tuple(stride), bias=False),
-                         _norm(dims, cout), nn.PReLU(cout))
+        super().__init__(
+            _conv(dims)(cin, cout, tuple(stride), stride=tuple(stride), bias=False), _norm(dims, cout), nn.PReLU(cout)
+        )
 
 
 class _Up(nn.Sequential):
     def __init__(self, dims: int, cin: int, cout: int, stride: Sequence[int]):
-        super().__init__(_conv_t(dims)(cin, cout, tuple(stride), stride=tuple(stride), bias=False),
-                         _norm(dims, cout), nn.PReLU(cout))
+        super().__init__(
+            _conv_t(dims)(cin, cout, tuple(stride), stride=tuple(stride), bias=False), _norm(dims, cout), nn.PReLU(cout)
+        )
 
 
 class _ResidualConvs(nn.Module):
@@ -145,7 +153,8 @@ class _ResidualConvs(nn.Module):
         super().__init__()
         pad = tuple(k // 2 for k in kernel)
         self.convs = nn.ModuleList(
-            _conv(dims)(cin if i == 0 else cout, cout, tuple(kernel), padding=pad, bias=False) for i in range(n))
+            _conv(dims)(cin if i == 0 else cout, cout, tuple(kernel), padding=pad, bias=False) for i in range(n)
+        )
         self.norms = nn.ModuleList(_norm(dims, cout) for _ in range(n))
         self.acts = nn.ModuleList(nn.PReLU(cout) for _ in range(n))
 
@@ -172,11 +181,13 @@ class VNet(nn.Module):
         self.downs = nn.ModuleList(_Down(dims, feats[s - 1], feats[s], cfg.strides[s]) for s in range(1, n))
         self.enc = nn.ModuleList(
             _ResidualConvs(dims, cin if s == 0 else feats[s], feats[s], cfg.n_conv_encoder[s], cfg.kernel_sizes[s])
-            for s in range(n))
+            for s in range(n)
+        )
         self.ups = nn.ModuleList(_Up(dims, feats[s + 1], feats[s], cfg.strides[s + 1]) for s in range(n - 1))
         self.dec = nn.ModuleList(
             _ResidualConvs(dims, 2 * feats[s], feats[s], cfg.n_conv_decoder[s], cfg.kernel_sizes[s])
-            for s in range(n - 1))
+            for s in range(n - 1)
+        )
         n_heads = max(1, n - 1) if self.deep_supervision else 1
         self.heads = nn.ModuleList(_conv(dims)(feats[s], num_classes, 1) for s in range(n_heads))
         for m in self.modules():
@@ -237,8 +248,9 @@ def get_network_builder(name: str, *, configuration: str | None = None) -> Netwo
     return builder
 
 
-def build_network(plan_config: PlanConfig | Mapping[str, Any], in_channels: int, num_classes: int, *,
-                  deep_supervision: bool = True) -> nn.Module:
+def build_network(
+    plan_config: PlanConfig | Mapping[str, Any], in_channels: int, num_classes: int, *, deep_supervision: bool = True
+) -> nn.Module:
     """The network of one plan configuration (looked up in :data:`NETWORKS` by its architecture).
 
     ``in_channels`` is the dataset's channel count (2.5d slab mode multiplies it by the slices);
@@ -268,9 +280,17 @@ def _dice_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ce + (1 - dice[:, 1:]).mean()
 
 
-def measure_training_bytes(plan_config: PlanConfig | Mapping[str, Any], in_channels: int, num_classes: int,
-                           batch_size: int, *, patch_size: Sequence[int] | None = None, device: str = "cpu",
-                           amp: bool = False, seed: int = 0) -> dict[str, int]:
+def measure_training_bytes(
+    plan_config: PlanConfig | Mapping[str, Any],
+    in_channels: int,
+    num_classes: int,
+    batch_size: int,
+    *,
+    patch_size: Sequence[int] | None = None,
+    device: str = "cpu",
+    amp: bool = False,
+    seed: int = 0,
+) -> dict[str, int]:
     """Run one fp32 training step (SGD momentum, Dice+CE over the deep-supervision outputs) and count
     the bytes its tensors hold: those saved for backward (seen by ``saved_tensors_hooks``, deduplicated
     by storage, parameters excluded) plus parameters, gradients and momentum buffers.
@@ -314,10 +334,15 @@ def measure_training_bytes(plan_config: PlanConfig | Mapping[str, Any], in_chann
     opt.step()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-                if isinstance(v, torch.Tensor))
-    result = {"saved": int(sum(saved.values())), "parameters": int(params), "gradients": int(grads),
-              "optimizer_state": int(state)}
+    state = sum(
+        v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)
+    )
+    result = {
+        "saved": int(sum(saved.values())),
+        "parameters": int(params),
+        "gradients": int(grads),
+        "optimizer_state": int(state),
+    }
     result["total"] = int(sum(result.values()))
     if cuda:
         torch.cuda.synchronize()

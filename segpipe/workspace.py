@@ -53,8 +53,10 @@ def resolve_work_dir(work_dir: str | os.PathLike[str] | None) -> Path:
 def check_dataset_name(name: str) -> str:
     """A dataset name usable as one folder of the workspace (no separators, not reserved)."""
     if not isinstance(name, str) or not _NAME_RE.match(name) or name in RESERVED_NAMES or name in (".", ".."):
-        raise UsageError(f"dataset name {name!r} cannot name a workspace folder",
-                         hint="use letters, digits, '.', '_' or '-' (e.g. dataset_name=Hippocampus_v2), not 'raw'")
+        raise UsageError(
+            f"dataset name {name!r} cannot name a workspace folder",
+            hint="use letters, digits, '.', '_' or '-' (e.g. dataset_name=Hippocampus_v2), not 'raw'",
+        )
     return name
 
 
@@ -72,8 +74,9 @@ class Workspace:
         """Create the folder if needed and prove it is writable, before any long computation."""
         root = self.root
         if root.exists() and not root.is_dir():
-            raise StateError(f"work_dir {root} is a file, not a folder",
-                             hint="pass another work_dir=PATH (or remove that file)")
+            raise StateError(
+                f"work_dir {root} is a file, not a folder", hint="pass another work_dir=PATH (or remove that file)"
+            )
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe = root / f".segpipe-write-test-{os.getpid()}"
@@ -81,8 +84,9 @@ class Workspace:
             probe.unlink()
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            raise StateError(f"work_dir {root} is not writable ({reason})",
-                             hint="pass a writable work_dir=PATH or set $SEGPIPE_WORK") from None
+            raise StateError(
+                f"work_dir {root} is not writable ({reason})", hint="pass a writable work_dir=PATH or set $SEGPIPE_WORK"
+            ) from None
         return self
 
     @property
@@ -99,7 +103,11 @@ class Workspace:
             return []
         out = []
         for p in sorted(self.root.iterdir()):
-            if p.is_dir() and p.name not in RESERVED_NAMES and ((p / SOURCE_FILE).is_file() or (p / PLANS_FILE).is_file()):
+            if (
+                p.is_dir()
+                and p.name not in RESERVED_NAMES
+                and ((p / SOURCE_FILE).is_file() or (p / PLANS_FILE).is_file())
+            ):
                 out.append(p.name)
         return out
 
@@ -112,10 +120,14 @@ class Workspace:
         if len(names) == 1:
             return self.dataset(names[0])
         if not names:
-            raise StateError(f"workspace {self.root} holds no planned dataset",
-                             hint=f"run `segpipe plan DATASET work_dir={self.root}` first, or pass the workspace as work_dir=PATH")
-        raise UsageError(f"workspace {self.root} holds {len(names)} planned datasets: {', '.join(names)}",
-                         hint=f"say which one: segpipe {command} dataset=NAME")
+            raise StateError(
+                f"workspace {self.root} holds no planned dataset",
+                hint=f"run `segpipe plan DATASET work_dir={self.root}` first, or pass the workspace as work_dir=PATH",
+            )
+        raise UsageError(
+            f"workspace {self.root} holds {len(names)} planned datasets: {', '.join(names)}",
+            hint=f"say which one: segpipe {command} dataset=NAME",
+        )
 
 
 @dataclass(frozen=True)
@@ -181,8 +193,10 @@ class DatasetWorkspace:
         """The dataset folder this workspace entry was planned from."""
         src = self.source()
         if not src or not src.get("path"):
-            raise StateError(f"{self.root}: no record of the dataset it was planned from",
-                             hint=f"run `segpipe plan DATASET work_dir={self.workspace.root}` again")
+            raise StateError(
+                f"{self.root}: no record of the dataset it was planned from",
+                hint=f"run `segpipe plan DATASET work_dir={self.workspace.root}` again",
+            )
         return Path(src["path"])
 
     def claim(self, dataset_root: str | os.PathLike[str], *, layout: str | None = None) -> None:
@@ -199,14 +213,16 @@ class DatasetWorkspace:
             raise StateError(
                 f"workspace {self.workspace.root} already holds a dataset named {self.name!r} from {known['path']}; "
                 f"{src} is a different folder",
-                hint="give this one another name (dataset_name=NAME) or use another work_dir=PATH")
+                hint="give this one another name (dataset_name=NAME) or use another work_dir=PATH",
+            )
         if known is None or known.get("layout") != layout:
             self.root.mkdir(parents=True, exist_ok=True)
             write_json(self.source_path, {"path": src, "layout": layout, "name": self.name})
 
 
-def find_dataset(work_dir: str | os.PathLike[str] | None, dataset: str | os.PathLike[str] | None,
-                 command: str) -> tuple[Workspace, DatasetWorkspace]:
+def find_dataset(
+    work_dir: str | os.PathLike[str] | None, dataset: str | os.PathLike[str] | None, command: str
+) -> tuple[Workspace, DatasetWorkspace]:
     """The workspace entry a command after ``plan`` works on.
 
     ``dataset`` may be a workspace dataset name, a dataset folder that was planned (its recorded
@@ -224,6 +240,8 @@ def find_dataset(work_dir: str | os.PathLike[str] | None, dataset: str | os.Path
         if src and src.get("path") == str(folder):
             return ws, ws.dataset(name)
     planned = ws.planned_datasets()
-    raise StateError(f"dataset {text} is not planned in workspace {ws.root}"
-                     + (f" (planned: {', '.join(planned)})" if planned else ""),
-                     hint=f"run `segpipe plan {text} work_dir={ws.root}` first")
+    raise StateError(
+        f"dataset {text} is not planned in workspace {ws.root}"
+        + (f" (planned: {', '.join(planned)})" if planned else ""),
+        hint=f"run `segpipe plan {text} work_dir={ws.root}` first",
+    )

@@ -23,8 +23,10 @@ DICOM_DATA = SHARED_DATA / "dicom"
 @pytest.fixture(scope="session")
 def hippocampus() -> Path:
     if not (HIPPOCAMPUS / "dataset.json").is_file():
-        pytest.skip(f"real data not found at {HIPPOCAMPUS}: set $SEGPIPE_TEST_DATA to the folder holding "
-                    "hippocampus/ and dicom/ (README, 'Development')")
+        pytest.skip(
+            f"real data not found at {HIPPOCAMPUS}: set $SEGPIPE_TEST_DATA to the folder holding "
+            "hippocampus/ and dicom/ (README, 'Development')"
+        )
     return HIPPOCAMPUS
 
 
@@ -36,8 +38,9 @@ def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_demo_dataset(tmp_path_factory.mktemp("demo") / "SegpipeDemo")
 
 
-def tiny_case(seed: int = 0, shape: tuple[int, int, int] = (6, 10, 12), spacing=(2.5, 0.8, 0.8),
-              labels: int = 2) -> tuple[np.ndarray, np.ndarray, Geometry]:
+def tiny_case(
+    seed: int = 0, shape: tuple[int, int, int] = (6, 10, 12), spacing=(2.5, 0.8, 0.8), labels: int = 2
+) -> tuple[np.ndarray, np.ndarray, Geometry]:
     rng = np.random.default_rng(seed)
     image = rng.normal(100, 10, size=shape).astype(np.float32)
     label = np.zeros(shape, dtype=np.uint8)
@@ -62,9 +65,14 @@ def make_msd(root: Path, n: int = 3, *, channels: int = 1) -> Path:
         training.append({"image": f"./imagesTr/case_{i:03d}.nii.gz", "label": f"./labelsTr/case_{i:03d}.nii.gz"})
     image, _, geo = tiny_case(99)
     write_image(root / "imagesTs" / "case_099.nii.gz", image, geo)
-    desc = {"name": "tiny", "modality": {str(c): f"MR{c}" for c in range(channels)},
-            "labels": {"0": "background", "1": "a", "2": "b"}, "numTraining": n,
-            "training": training, "test": ["./imagesTs/case_099.nii.gz"]}
+    desc = {
+        "name": "tiny",
+        "modality": {str(c): f"MR{c}" for c in range(channels)},
+        "labels": {"0": "background", "1": "a", "2": "b"},
+        "numTraining": n,
+        "training": training,
+        "test": ["./imagesTs/case_099.nii.gz"],
+    }
     (root / "dataset.json").write_text(json.dumps(desc))
     return root
 
@@ -77,8 +85,12 @@ def make_nnunet(root: Path, n: int = 3, *, channels: int = 2) -> Path:
         for c in range(channels):
             write_image(root / "imagesTr" / f"pt{i:02d}_{c:04d}.nii.gz", image + c, geo)
         write_image(root / "labelsTr" / f"pt{i:02d}.nii.gz", label, geo)
-    desc = {"channel_names": {str(c): ["CT", "T2"][c % 2] for c in range(channels)},
-            "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": n, "file_ending": ".nii.gz"}
+    desc = {
+        "channel_names": {str(c): ["CT", "T2"][c % 2] for c in range(channels)},
+        "labels": {"background": 0, "a": 1, "b": 2},
+        "numTraining": n,
+        "file_ending": ".nii.gz",
+    }
     (root / "dataset.json").write_text(json.dumps(desc))
     return root
 
@@ -91,7 +103,12 @@ def make_case_folder(root: Path, n: int = 3, *, unlabelled: int = 1) -> Path:
         write_image(folder / "t2.nrrd", image * 2, geo)
         if i < n:
             write_image(folder / "seg.nii.gz", label, geo)
-    desc = {"layout": "case-folder", "channel_names": {"0": "T1", "1": "T2"},
-            "labels": {"background": 0, "a": 1, "b": 2}, "image": ["t1.nii.gz", "t2.nrrd"], "label": "seg.nii.gz"}
+    desc = {
+        "layout": "case-folder",
+        "channel_names": {"0": "T1", "1": "T2"},
+        "labels": {"background": 0, "a": 1, "b": 2},
+        "image": ["t1.nii.gz", "t2.nrrd"],
+        "label": "seg.nii.gz",
+    }
     (root / "dataset.json").write_text(json.dumps(desc))
     return root

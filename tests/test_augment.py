@@ -19,8 +19,12 @@ OFF = AugmentConfig.none()
 def write_cache(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int = 6) -> Path:
     cache = Cache(root)
     for cid, (image, label) in cases.items():
-        cache.write(cid, image.astype(np.float32), label.astype(np.uint8),
-                    {"shape_after_resample": list(label.shape), "class_locations": sample_locations(label, num_classes)})
+        cache.write(
+            cid,
+            image.astype(np.float32),
+            label.astype(np.uint8),
+            {"shape_after_resample": list(label.shape), "class_locations": sample_locations(label, num_classes)},
+        )
     return root
 
 
@@ -62,7 +66,9 @@ def test_nnunet_rules_from_patch_shape() -> None:
     assert Augmenter((56, 40)).rotation == pytest.approx((-math.pi, math.pi))
     assert Augmenter((96, 40)).rotation == pytest.approx((-math.pi / 12, math.pi / 12))
     # dummy 2-D: rotation and scaling stay in-plane (axis 0 untouched)
-    draw = Augmenter((16, 160, 128), AugmentConfig(p_rotation=1, p_scaling=1)).draw_spatial(np.random.default_rng(0), 50)
+    draw = Augmenter((16, 160, 128), AugmentConfig(p_rotation=1, p_scaling=1)).draw_spatial(
+        np.random.default_rng(0), 50
+    )
     assert np.allclose(draw.matrix[:, 0], [1, 0, 0]) and np.allclose(draw.matrix[:, :, 0], [1, 0, 0])
     assert (draw.region[:, 0] == 16).all()
 
@@ -121,9 +127,14 @@ def test_mirroring_is_its_own_inverse(cache: Path) -> None:
 
 def _batch(x: torch.Tensor) -> dict:
     b = x.shape[0]
-    return {"image": x.clone(), "label": torch.zeros((b, 1, *x.shape[2:]), dtype=torch.int16),
-            "spatial_index": torch.zeros(0, dtype=torch.int64), "rotated": np.zeros(b, bool),
-            "scaled": np.zeros(b, bool), "seed": 0}
+    return {
+        "image": x.clone(),
+        "label": torch.zeros((b, 1, *x.shape[2:]), dtype=torch.int16),
+        "spatial_index": torch.zeros(0, dtype=torch.int64),
+        "rotated": np.zeros(b, bool),
+        "scaled": np.zeros(b, bool),
+        "seed": 0,
+    }
 
 
 def test_intensity_transforms_keep_their_invariants() -> None:

@@ -45,8 +45,12 @@ def make_dataset(root: Path, ids: list[str]) -> Path:
         image, label, geo = _case(i)
         write_image(root / "imagesTr" / f"{cid}_0000.nii.gz", image, geo)
         write_image(root / "labelsTr" / f"{cid}.nii.gz", label, geo)
-    desc = {"channel_names": {"0": "MR"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": len(ids),
-            "file_ending": ".nii.gz"}
+    desc = {
+        "channel_names": {"0": "MR"},
+        "labels": {"background": 0, "a": 1, "b": 2},
+        "numTraining": len(ids),
+        "file_ending": ".nii.gz",
+    }
     (root / "dataset.json").write_text(json.dumps(desc))
     return root
 
@@ -202,10 +206,20 @@ def test_network_registry_refuses_unknown_architecture_with_the_valid_list() -> 
     from segpipe.planning import ARCHITECTURES, PlanConfig
 
     assert set(NETWORKS) == set(ARCHITECTURES)
-    cfg = PlanConfig(name="3d_fullres", architecture="resnet", dims=3, spacing=[1.0, 1.0, 1.0],
-                     median_shape=[16, 16, 16], patch_size=[16, 16, 16], batch_size=2,
-                     strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 3, features=[4, 8, 16],
-                     n_conv_encoder=[2, 2, 2], n_conv_decoder=[2, 2])
+    cfg = PlanConfig(
+        name="3d_fullres",
+        architecture="resnet",
+        dims=3,
+        spacing=[1.0, 1.0, 1.0],
+        median_shape=[16, 16, 16],
+        patch_size=[16, 16, 16],
+        batch_size=2,
+        strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+        kernel_sizes=[[3, 3, 3]] * 3,
+        features=[4, 8, 16],
+        n_conv_encoder=[2, 2, 2],
+        n_conv_decoder=[2, 2],
+    )
     with pytest.raises(ConfigError) as err:
         build_network(cfg, 1, 2)
     assert "resnet" in str(err.value) and "3d_fullres" in str(err.value)
@@ -257,8 +271,13 @@ def test_2d_shares_the_3d_cache_when_slices_need_no_resampling() -> None:
 
     def fingerprint(z_spacings: list[float]) -> dict:
         cases = [{"spacing": [z, 1.0, 1.0], "shape_after_crop": [40, 96, 96]} for z in z_spacings]
-        return {"dataset": "d", "cases": cases, "labels": {"0": "background", "1": "a"},
-                "channel_names": {"0": "MR"}, "median_relative_size_after_crop": 1.0}
+        return {
+            "dataset": "d",
+            "cases": cases,
+            "labels": {"0": "background", "1": "a"},
+            "channel_names": {"0": "MR"},
+            "median_relative_size_after_crop": 1.0,
+        }
 
     same = make_plan(fingerprint([2.0] * 5), PlanSettings(configurations=["2d", "3d_fullres"]))
     assert same.config("2d").data_identifier == same.config("3d_fullres").data_identifier
@@ -272,11 +291,17 @@ def test_cache_for_configuration_is_the_workspace_cache_dir(tmp_path: Path) -> N
     from segpipe.planning import PlanSettings, make_plan
     from segpipe.workspace import Workspace
 
-    fp = {"dataset": "d", "cases": [{"spacing": [2.0, 1.0, 1.0], "shape_after_crop": [40, 96, 96]}] * 5,
-          "labels": {"0": "background", "1": "a"}, "channel_names": {"0": "MR"},
-          "median_relative_size_after_crop": 1.0}
+    fp = {
+        "dataset": "d",
+        "cases": [{"spacing": [2.0, 1.0, 1.0], "shape_after_crop": [40, 96, 96]}] * 5,
+        "labels": {"0": "background", "1": "a"},
+        "channel_names": {"0": "MR"},
+        "median_relative_size_after_crop": 1.0,
+    }
     plan = make_plan(fp, PlanSettings(configurations=["3d_fullres"]))
     ident = plan.config("3d_fullres").data_identifier
-    assert Cache.for_configuration(tmp_path, plan, "3d_fullres").root == Workspace.at(tmp_path).dataset("d").cache_dir(ident)
+    assert Cache.for_configuration(tmp_path, plan, "3d_fullres").root == Workspace.at(tmp_path).dataset("d").cache_dir(
+        ident
+    )
     assert Cache.for_configuration(tmp_path, plan, "3d_fullres", dataset="e").root.parent.parent.name == "e"
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -31,7 +31,9 @@ def test_planted_faults_name_exactly_three_cases(hippocampus, tmp_path):
     shutil.copytree(hippocampus, root)
     # 1. a label shifted in origin
     lab, geo = read_image(root / "labelsTr" / "hippocampus_006.nii.gz")
-    write_image(root / "labelsTr" / "hippocampus_006.nii.gz", lab, geo.replace(origin=(geo.origin[0] + 2.0, *geo.origin[1:])))
+    write_image(
+        root / "labelsTr" / "hippocampus_006.nii.gz", lab, geo.replace(origin=(geo.origin[0] + 2.0, *geo.origin[1:]))
+    )
     # 2. one NaN voxel in an image
     img, geo = read_image(root / "imagesTr" / "hippocampus_007.nii.gz")
     img = img.astype(np.float32)

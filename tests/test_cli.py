@@ -17,8 +17,14 @@ from segpipe import write_image
 
 def run(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "segpipe", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, env=full_env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "segpipe", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=full_env,
+        timeout=300,
+    )
 
 
 def test_version_and_help():
@@ -26,7 +32,19 @@ def test_version_and_help():
     assert r.returncode == 0 and r.stdout.startswith("segpipe ")
     r = run("--help")
     assert r.returncode == 0
-    for cmd in ["info", "check", "plan", "preprocess", "train", "infer", "evaluate", "find-best", "export", "config", "demo"]:
+    for cmd in [
+        "info",
+        "check",
+        "plan",
+        "preprocess",
+        "train",
+        "infer",
+        "evaluate",
+        "find-best",
+        "export",
+        "config",
+        "demo",
+    ]:
         assert cmd in r.stdout
 
 
@@ -127,8 +145,14 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
 def test_plan_on_a_generated_anisotropic_dataset_with_overrides(tmp_path):
     from segpipe.demo_data import generate_demo_dataset
 
-    root = generate_demo_dataset(tmp_path / "Aniso", num_cases=6, num_test=0, inplane_spacing=(0.7, 0.7),
-                                 slice_spacing=(5.0, 5.0), fov_mm=(60.0, 60.0, 60.0))
+    root = generate_demo_dataset(
+        tmp_path / "Aniso",
+        num_cases=6,
+        num_test=0,
+        inplane_spacing=(0.7, 0.7),
+        slice_spacing=(5.0, 5.0),
+        fov_mm=(60.0, 60.0, 60.0),
+    )
     work = tmp_path / "work"
     r = run("plan", str(root), f"work_dir={work}", "--json")
     assert r.returncode == 0, r.stderr
@@ -136,8 +160,15 @@ def test_plan_on_a_generated_anisotropic_dataset_with_overrides(tmp_path):
     assert plan["anisotropic"] is True and "2.5d" in plan["configurations"]
     assert plan["configurations"]["3d_fullres"]["kernel_sizes"][0][0] == 1  # in-plane first kernels
     first = (work / "Aniso" / "plans.json").read_bytes()
-    r = run("plan", str(root), f"work_dir={work}", "gpu_memory_gb=24", "configurations=[3d_fullres]",
-            "target_spacing=[4,1,1]", "--json")
+    r = run(
+        "plan",
+        str(root),
+        f"work_dir={work}",
+        "gpu_memory_gb=24",
+        "configurations=[3d_fullres]",
+        "target_spacing=[4,1,1]",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)["plan"]
     assert list(plan["configurations"]) == ["3d_fullres"]

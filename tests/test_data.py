@@ -29,8 +29,11 @@ def write_cache(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]], num
     """A preprocessing cache written through segpipe's Cache (only the properties the sampler reads)."""
     cache = Cache(root)
     for cid, (image, label) in cases.items():
-        props = {"shape_after_resample": list(label.shape), "num_classes": num_classes,
-                 "class_locations": sample_locations(label, num_classes)}
+        props = {
+            "shape_after_resample": list(label.shape),
+            "num_classes": num_classes,
+            "class_locations": sample_locations(label, num_classes),
+        }
         cache.write(cid, image.astype(np.float32), label.astype(np.uint8), props)
     return root
 
@@ -92,15 +95,18 @@ def test_splits_file_created_atomically_then_honoured(tmp_path: Path) -> None:
     assert load_or_create_splits(path, ids) == custom  # an existing file wins
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "unreadable"),
-    ("{}", "non-empty list"),
-    ("[]", "non-empty list"),
-    ('[{"train": ["c1"]}]', "exactly the keys"),
-    ('[{"train": "c1", "val": []}]', "list of case ids"),
-    ('[{"train": [], "val": ["c1"]}]', "no training cases"),
-    ('[{"train": ["c1", "nope"], "val": ["c2"]}]', "nope"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "unreadable"),
+        ("{}", "non-empty list"),
+        ("[]", "non-empty list"),
+        ('[{"train": ["c1"]}]', "exactly the keys"),
+        ('[{"train": "c1", "val": []}]', "list of case ids"),
+        ('[{"train": [], "val": ["c1"]}]', "no training cases"),
+        ('[{"train": ["c1", "nope"], "val": ["c2"]}]', "nope"),
+    ],
+)
 def test_bad_splits_file_is_refused(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "splits_final.json"
     path.write_text(content)
@@ -233,8 +239,9 @@ def test_datamodule_shapes_and_determinism(cache: Path) -> None:
 
 
 def test_datamodule_2d_slab_and_for_fold(cache: Path, tmp_path: Path) -> None:
-    dm = SegDataModule.for_fold(cache, tmp_path / "splits_final.json", 0, patch_size=(16, 12), batch_size=2,
-                                context_slices=1, num_workers=0)
+    dm = SegDataModule.for_fold(
+        cache, tmp_path / "splits_final.json", 0, patch_size=(16, 12), batch_size=2, context_slices=1, num_workers=0
+    )
     assert (tmp_path / "splits_final.json").is_file() and len(dm.val_cases) == 1
     batch = _first(dm.train_dataloader(), 1)[0]
     assert batch["image"].shape == (2, 3, 16, 12) and batch["label"].shape == (2, 1, 16, 12)

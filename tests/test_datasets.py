@@ -64,8 +64,14 @@ def test_case_folder_layout(tmp_path):
     [
         (lambda d: d["training"].append(dict(d["training"][0])), "duplicate case id 'case_000'"),
         (lambda d: d["training"][1].update(image="./imagesTr/nope.nii.gz"), r"training\[1\].image .*does not exist"),
-        (lambda d: d["training"][0].update(label="../outside.nii.gz"), r"training\[0\].label '../outside.nii.gz' escapes"),
-        (lambda d: d["training"][0].update(label="/etc/passwd"), r"training\[0\].label '/etc/passwd' is an absolute path"),
+        (
+            lambda d: d["training"][0].update(label="../outside.nii.gz"),
+            r"training\[0\].label '../outside.nii.gz' escapes",
+        ),
+        (
+            lambda d: d["training"][0].update(label="/etc/passwd"),
+            r"training\[0\].label '/etc/passwd' is an absolute path",
+        ),
         (lambda d: d["training"][2].update(image=5), r"training\[2\].image must be a path string"),
         (lambda d: d.update(training={"a": 1}), '"training" must be a list'),
         (lambda d: d.update(labels={"0": "background", "2": "b"}), "without gaps"),

@@ -45,7 +45,9 @@ def test_generation_is_byte_identical(tmp_path):
         assert (a / f).stat().st_size == (b / f).stat().st_size
     from segpipe import read_image
 
-    np.testing.assert_array_equal(read_image(a / "imagesTr/demo_001.nii.gz")[0], read_image(b / "imagesTr/demo_001.nii.gz")[0])
+    np.testing.assert_array_equal(
+        read_image(a / "imagesTr/demo_001.nii.gz")[0], read_image(b / "imagesTr/demo_001.nii.gz")[0]
+    )
 
 
 def test_dicom_demo_dataset_reads_like_any_other(tmp_path):

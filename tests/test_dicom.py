@@ -72,8 +72,12 @@ def _in_reference_space(geometry: Geometry, ref_affine: np.ndarray, ref_shape: t
 
 
 def _corners_world(geometry: Geometry) -> np.ndarray:
-    corners = [[z, y, x] for z in (0, geometry.shape[0] - 1) for y in (0, geometry.shape[1] - 1)
-               for x in (0, geometry.shape[2] - 1)]
+    corners = [
+        [z, y, x]
+        for z in (0, geometry.shape[0] - 1)
+        for y in (0, geometry.shape[1] - 1)
+        for x in (0, geometry.shape[2] - 1)
+    ]
     return geometry.index_to_world(np.array(corners, dtype=float))
 
 
@@ -277,8 +281,11 @@ def test_round_trip_left_handed_geometry_is_physically_identical(tmp_path: Path)
     array, read_geometry = read_dicom(write_dicom_series(tmp_path / "s", data, geometry))
     # DICOM slices are ordered along row x column: z comes back reversed, same world positions
     np.testing.assert_array_equal(array[0], data[::-1])
-    np.testing.assert_allclose(read_geometry.index_to_world([[5, 0, 0], [0, 9, 11]]),
-                               geometry.index_to_world([[0, 0, 0], [5, 9, 11]]), atol=1e-4)
+    np.testing.assert_allclose(
+        read_geometry.index_to_world([[5, 0, 0], [0, 9, 11]]),
+        geometry.index_to_world([[0, 0, 0], [5, 9, 11]]),
+        atol=1e-4,
+    )
 
 
 def test_round_trip_float_rescaled(tmp_path: Path) -> None:
@@ -310,8 +317,10 @@ def _set(folder: Path, **changes: object) -> None:
         ds.save_as(str(f))
 
 
-@pytest.mark.parametrize(("slope", "intercept", "dtype"), [
-    ("1", "-1024", np.int16), ("2", "0", np.int16), ("1", "-100000", np.int32), ("0.5", "0", np.float32)])
+@pytest.mark.parametrize(
+    ("slope", "intercept", "dtype"),
+    [("1", "-1024", np.int16), ("2", "0", np.int16), ("1", "-100000", np.int32), ("0.5", "0", np.float32)],
+)
 def test_rescale_dtype(tmp_path: Path, slope: str, intercept: str, dtype: type) -> None:
     data = np.abs(_volume((3, 4, 5)))
     folder = write_dicom_series(tmp_path / "s", data, Geometry(data.shape, (1.0, 1.0, 1.0)))
@@ -341,9 +350,12 @@ def test_validation_on_synthetic_series(tmp_path: Path) -> None:
 
 def test_mixed_sizes_and_shear_refused(tmp_path: Path) -> None:
     uid = pydicom.uid.generate_uid()
-    write_dicom_series(tmp_path / "a", _volume((3, 4, 4)), Geometry((3, 4, 4), (1.0, 1.0, 1.0)), series_instance_uid=uid)
-    write_dicom_series(tmp_path / "b", _volume((3, 6, 6)), Geometry((3, 6, 6), (1.0, 1.0, 1.0), (0, 0, 3.0)),
-                       series_instance_uid=uid)
+    write_dicom_series(
+        tmp_path / "a", _volume((3, 4, 4)), Geometry((3, 4, 4), (1.0, 1.0, 1.0)), series_instance_uid=uid
+    )
+    write_dicom_series(
+        tmp_path / "b", _volume((3, 6, 6)), Geometry((3, 6, 6), (1.0, 1.0, 1.0), (0, 0, 3.0)), series_instance_uid=uid
+    )
     with pytest.raises(DicomError, match=r"mixed sizes: .*6x6 \(3 slices\)"):
         read_dicom(tmp_path)
     folder = write_dicom_series(tmp_path / "c", _volume((4, 8, 8)), Geometry((4, 8, 8), (2.0, 1.0, 1.0)))
@@ -363,8 +375,12 @@ def test_bad_input_is_one_line_dicom_error(tmp_path: Path) -> None:
     folder = write_dicom_series(tmp_path / "s", _volume((3, 4, 4)), Geometry((3, 4, 4), (1.0, 1.0, 1.0)))
     victim = folder / "IM00002.dcm"
     victim.write_bytes(victim.read_bytes()[:-20])  # truncated pixel data
-    cases = [(tmp_path / "empty", "no image series found"), (tmp_path / "text.dcm", "not a readable DICOM file"),
-             (tmp_path / "missing", "no such file or folder"), (folder, "cannot decode pixel data")]
+    cases = [
+        (tmp_path / "empty", "no image series found"),
+        (tmp_path / "text.dcm", "not a readable DICOM file"),
+        (tmp_path / "missing", "no such file or folder"),
+        (folder, "cannot decode pixel data"),
+    ]
     for path, problem in cases:
         with pytest.raises(DicomError) as info:
             read_dicom(path)

@@ -38,11 +38,13 @@ def _volume(shape: tuple[int, int, int] = (4, 6, 8), seed: int = 0) -> np.ndarra
     return np.random.default_rng(seed).integers(-1000, 2000, size=shape).astype(np.int16)
 
 
-def _series(folder: Path, description: str = "segpipe", shape: tuple[int, int, int] = (4, 6, 8), seed: int = 0,
-            **kwargs: object) -> tuple[Path, np.ndarray]:
+def _series(
+    folder: Path, description: str = "segpipe", shape: tuple[int, int, int] = (4, 6, 8), seed: int = 0, **kwargs: object
+) -> tuple[Path, np.ndarray]:
     data = _volume(shape, seed)
-    write_dicom_series(folder, data, Geometry(shape, (2.0, 0.8, 0.8), (10.0, -5.0, 30.0)),
-                       series_description=description, **kwargs)
+    write_dicom_series(
+        folder, data, Geometry(shape, (2.0, 0.8, 0.8), (10.0, -5.0, 30.0)), series_description=description, **kwargs
+    )
     return folder, data
 
 
@@ -62,9 +64,14 @@ def _cr_with_zero_spacing(target: Path, tmp: Path) -> Path:
     """A projection radiograph (CR) file with PixelSpacing 0\\0 and no position/orientation."""
     folder, _ = _series(tmp / "cr_src", "chest PA", shape=(1, 6, 8), seed=3)
     src = next(folder.glob("*.dcm"))
-    _edit(src, delete=("ImagePositionPatient", "ImageOrientationPatient", "SliceThickness", "SpacingBetweenSlices"),
-          Modality="CR", SOPClassUID=CR_SOP_CLASS, PixelSpacing=["0", "0"],
-          SeriesInstanceUID=pydicom.uid.generate_uid())
+    _edit(
+        src,
+        delete=("ImagePositionPatient", "ImageOrientationPatient", "SliceThickness", "SpacingBetweenSlices"),
+        Modality="CR",
+        SOPClassUID=CR_SOP_CLASS,
+        PixelSpacing=["0", "0"],
+        SeriesInstanceUID=pydicom.uid.generate_uid(),
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(src), str(target))
     shutil.rmtree(folder)
@@ -118,8 +125,9 @@ def test_unreadable_and_malformed_files_are_skipped_with_reasons(tmp_path: Path)
     np.testing.assert_array_equal(read_dicom(folder)[0][0], data)
 
 
-def test_a_series_that_cannot_be_described_does_not_abort_the_others(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_series_that_cannot_be_described_does_not_abort_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _series(tmp_path / "a", "first")
     _series(tmp_path / "b", "second", seed=1)
     import segpipe.io.dicom as dicom
@@ -155,8 +163,15 @@ def mr_study(tmp_path: Path) -> dict[str, str]:
     uids = {}
     for k, name in enumerate(("T1post", "T1pre_reg", "T2_reg")):
         uid = pydicom.uid.generate_uid()
-        _series(tmp_path / "study" / name, name, seed=k, modality="MR", study_instance_uid=study,
-                series_instance_uid=uid, series_number=k + 1)
+        _series(
+            tmp_path / "study" / name,
+            name,
+            seed=k,
+            modality="MR",
+            study_instance_uid=study,
+            series_instance_uid=uid,
+            series_number=k + 1,
+        )
         uids[name] = uid
     uids["root"] = str(tmp_path / "study")
     return uids
@@ -199,8 +214,9 @@ def test_glob_is_a_glob_and_regex_needs_the_prefix(mr_study: dict[str, str]) -> 
 
 
 # --------------------------------------------------------------------- anonymised: no SeriesInstanceUID
-def test_series_without_series_uid_is_grouped_into_a_synthetic_series(tmp_path: Path,
-                                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_series_without_series_uid_is_grouped_into_a_synthetic_series(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     folder, data = _series(tmp_path / "ct", "anon CT", shape=(20, 6, 8))
     _edit(folder, delete=("SeriesInstanceUID",))
     with caplog.at_level(logging.WARNING, logger="segpipe.io.dicom"):
@@ -297,8 +313,9 @@ def _pydicom_test_file(name: str) -> Path:
     return Path(str(path))
 
 
-def test_12bit_jpeg_extended_reads_quietly(tmp_path: Path, capfd: pytest.CaptureFixture[str],
-                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_12bit_jpeg_extended_reads_quietly(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     src = _pydicom_test_file("JPGExtended.dcm")
     shutil.copy(src, tmp_path / "nm.dcm")
     with caplog.at_level(logging.DEBUG):
@@ -309,8 +326,9 @@ def test_12bit_jpeg_extended_reads_quietly(tmp_path: Path, capfd: pytest.Capture
     assert "Traceback" not in captured.err and "GDCM" not in captured.err
 
 
-def test_undecodable_jpeg_extended_is_one_line_with_the_fix(tmp_path: Path, capfd: pytest.CaptureFixture[str],
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_undecodable_jpeg_extended_is_one_line_with_the_fix(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     src = _pydicom_test_file("JPEG-lossy.dcm")  # 12-bit JPEG Extended that every decoder refuses
     target = tmp_path / "lossy.dcm"
     shutil.copy(src, target)
@@ -336,8 +354,13 @@ def test_missing_decoder_hint_names_the_package(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda ts: _NoLibjpeg())
     ds = pydicom.dcmread(str(tmp_path / "nm.dcm"))
-    error = dicom._decode_failure(tmp_path / "nm.dcm", ds, RuntimeError(
-        "Unable to decode as exceptions were raised by all available plugins:\n  gdcm: no 12-bit\n  pillow: no"))
+    error = dicom._decode_failure(
+        tmp_path / "nm.dcm",
+        ds,
+        RuntimeError(
+            "Unable to decode as exceptions were raised by all available plugins:\n  gdcm: no 12-bit\n  pillow: no"
+        ),
+    )
     assert "every installed decoder failed (gdcm: no 12-bit; pillow: no)" in error.message
     assert error.hint and "pip install pylibjpeg pylibjpeg-libjpeg" in error.hint
 
@@ -349,7 +372,7 @@ def test_unique_suffixes() -> None:
     c = "1.2.3.4"
     shown = unique_suffixes([a, b, c, a])
     assert shown[2] == c and shown[0] == shown[3]  # short UIDs in full; copies of one UID look alike
-    assert len(shown[0]) >= 12 and shown[1] != shown[0][-len(shown[1]):]
+    assert len(shown[0]) >= 12 and shown[1] != shown[0][-len(shown[1]) :]
     assert b.endswith(shown[1]) and not a.endswith(shown[1])
     assert unique_suffixes([a, b]) == ["4.5678.90.11", "9.5678.90.11"]
     d = "1.2.840.113619.2.55.3.1334.5678.90.11"
@@ -362,17 +385,27 @@ def test_unique_suffixes() -> None:
 # ------------------------------------------------------------------------------ every real DICOM folder
 def _corpus_targets() -> list:
     if not DICOM_DATA.is_dir():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"shared DICOM test data not found at {DICOM_DATA} "
-                                                               "(see the README: ../shared/data)"))]
+        return [
+            pytest.param(
+                None,
+                marks=pytest.mark.skip(
+                    reason=f"shared DICOM test data not found at {DICOM_DATA} (see the README: ../shared/data)"
+                ),
+            )
+        ]
     paths = [DICOM_DATA, *sorted(p for p in DICOM_DATA.rglob("*") if p.is_dir())]
     paths += sorted(p for p in DICOM_DATA.glob("*/*") if p.is_file())  # the loose files (SEG, RTSTRUCT, CT slices)
-    return [pytest.param(p, id=str(p.relative_to(DICOM_DATA)) or ".", marks=[pytest.mark.realdata, pytest.mark.slow])
-            for p in paths if is_dicom_source(p)]
+    return [
+        pytest.param(p, id=str(p.relative_to(DICOM_DATA)) or ".", marks=[pytest.mark.realdata, pytest.mark.slow])
+        for p in paths
+        if is_dicom_source(p)
+    ]
 
 
 @pytest.mark.parametrize("path", _corpus_targets())
-def test_info_on_every_real_dicom_folder_is_a_volume_or_a_reason(path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_on_every_real_dicom_folder_is_a_volume_or_a_reason(
+    path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, text = _run_cli(capsys, "info", str(path))
     assert code in (0, EXIT_DATA), text
     assert "internal error" not in text and "Traceback" not in text

@@ -27,6 +27,7 @@ def needs_data(test):
     """Mark a test as using ../shared/data and skip it when the dcmqi folder is absent."""
     return pytest.mark.realdata(_skip(test))
 
+
 # (SEG, referenced image series, NRRD label map made from the same segmentation)
 PAIRS = [
     ("liver.dcm", "ct-3slice", "liver_seg.nrrd"),
@@ -129,7 +130,9 @@ def test_mismatched_reference_is_refused() -> None:
 # ------------------------------------------------------------------------------------- synthetic
 def _oblique() -> tuple[float, ...]:
     a = np.radians(30.0)
-    return tuple((np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]]) @ np.diag([1, -1, -1])).ravel())
+    return tuple(
+        (np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]]) @ np.diag([1, -1, -1])).ravel()
+    )
 
 
 def _synthetic_seg(tmp_path: Path, labelmap: bool) -> tuple[Path, Path, Geometry, np.ndarray]:
@@ -152,8 +155,9 @@ def _synthetic_seg(tmp_path: Path, labelmap: bool) -> tuple[Path, Path, Geometry
         hd.seg.SegmentDescription(n, name, codes.SCT.Tissue, codes.SCT.Organ, hd.seg.SegmentAlgorithmTypeValues.MANUAL)
         for n, name in ((1, "kidney"), (2, "tumour"))
     ]
-    seg = hd.seg.Segmentation(sources, pixels, seg_type, descriptions, hd.UID(), 2, hd.UID(), 1,
-                              "segpipe", "tests", "0", "0")
+    seg = hd.seg.Segmentation(
+        sources, pixels, seg_type, descriptions, hd.UID(), 2, hd.UID(), 1, "segpipe", "tests", "0", "0"
+    )
     seg.save_as(tmp_path / "seg.dcm")
     return tmp_path / "seg.dcm", folder, geometry, masks
 

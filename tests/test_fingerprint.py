@@ -48,8 +48,14 @@ def _write_dataset(root: Path, n: int = 4, spacings=None) -> Path:
         write_image(root / "imagesTr" / f"c_{i:03d}.nii.gz", image, geo)
         write_image(root / "labelsTr" / f"c_{i:03d}.nii.gz", label, geo)
         training.append({"image": f"./imagesTr/c_{i:03d}.nii.gz", "label": f"./labelsTr/c_{i:03d}.nii.gz"})
-    desc = {"name": "fp", "modality": {"0": "CT", "1": "T2"}, "labels": {"0": "background", "1": "a", "2": "b"},
-            "numTraining": n, "training": training, "test": []}
+    desc = {
+        "name": "fp",
+        "modality": {"0": "CT", "1": "T2"},
+        "labels": {"0": "background", "1": "a", "2": "b"},
+        "numTraining": n,
+        "training": training,
+        "test": [],
+    }
     (root / "dataset.json").write_text(json.dumps(desc))
     return root
 
@@ -122,8 +128,11 @@ def test_intensity_histogram_of_the_pooled_sample(tiny):
     samples = []
     for index, case in enumerate(tiny.cases):
         image, label, geo = _case(int(case.id.split("_")[1]))
-        samples.append(summarize_case(image, label, geo.spacing, case_index=index,
-                                      n_samples=fpmod.samples_per_case(len(tiny.cases)))[1])
+        samples.append(
+            summarize_case(
+                image, label, geo.spacing, case_index=index, n_samples=fpmod.samples_per_case(len(tiny.cases))
+            )[1]
+        )
     pooled = np.concatenate(samples, axis=1).astype(np.float64)
     for c in ("0", "1"):
         stats = fp["foreground_intensity_per_channel"][c]

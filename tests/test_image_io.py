@@ -26,8 +26,14 @@ from segpipe.io.image import header_warnings, read_header
 REPO = Path(__file__).resolve().parents[1]
 
 
-def craft_nifti(path: Path, *, shape: tuple[int, ...] = (4, 5, 6), dtype: type | np.dtype = np.float32,
-                tweak: Callable[[nib.Nifti1Header], None] | None = None, data: bool = True) -> Path:
+def craft_nifti(
+    path: Path,
+    *,
+    shape: tuple[int, ...] = (4, 5, 6),
+    dtype: type | np.dtype = np.float32,
+    tweak: Callable[[nib.Nifti1Header], None] | None = None,
+    data: bool = True,
+) -> Path:
     """A NIfTI-1 file with exactly the header fields we set (sform = qform = diag(1, 2, 3) unless tweaked)."""
     hdr = nib.Nifti1Header()
     hdr.set_data_dtype(dtype)
@@ -215,8 +221,10 @@ def test_uncompressed_nifti_larger_than_its_file_is_refused(tmp_path):
 
 def test_metaimage_claiming_more_voxels_than_its_file_is_refused_before_allocating(tmp_path):
     path = tmp_path / "bomb.mha"
-    path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 1600 1600 1600\nElementType = MET_UCHAR\n"
-                     b"ElementSpacing = 1 1 1\nElementDataFile = LOCAL\n")
+    path.write_bytes(
+        b"ObjectType = Image\nNDims = 3\nDimSize = 1600 1600 1600\nElementType = MET_UCHAR\n"
+        b"ElementSpacing = 1 1 1\nElementDataFile = LOCAL\n"
+    )
     out = _rss_growth(path)
     assert out["type"] == "ReadError" and "1600" in out["message"], out
     assert out["growth_mb"] < 500, out
@@ -225,8 +233,10 @@ def test_metaimage_claiming_more_voxels_than_its_file_is_refused_before_allocati
 def test_compressed_nrrd_claiming_more_than_deflate_can_hold_is_refused(tmp_path):
     path = tmp_path / "bomb.nrrd"
     payload = gzip.compress(b"\0" * 1000)
-    path.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 1000 1000 1000\nspacings: 1 1 1\n"
-                     b"endian: little\nencoding: gzip\n\n" + payload)
+    path.write_bytes(
+        b"NRRD0004\ntype: float\ndimension: 3\nsizes: 1000 1000 1000\nspacings: 1 1 1\n"
+        b"endian: little\nencoding: gzip\n\n" + payload
+    )
     with pytest.raises(ReadError, match=r"bomb\.nrrd.*\(1000, 1000, 1000\)"):
         read_image(path)
 
@@ -243,8 +253,10 @@ def test_image_larger_than_available_memory_is_refused(tmp_path, monkeypatch):
 
 def test_sitk_formats_with_zero_spacing_are_read_errors(tmp_path):
     path = tmp_path / "flat.mha"
-    path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\n"
-                     b"ElementSpacing = 0 1 1\nElementDataFile = LOCAL\n" + bytes(8))
+    path.write_bytes(
+        b"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\n"
+        b"ElementSpacing = 0 1 1\nElementDataFile = LOCAL\n" + bytes(8)
+    )
     for reader in (read_image, read_header):
         with pytest.raises(ReadError, match=r"flat\.mha: voxel spacing \(0\.0, 1\.0, 1\.0\) is zero along axis x"):
             reader(path)

@@ -22,8 +22,14 @@ def test_dumps_is_canonical():
 
 
 def test_numpy_values_and_paths_become_plain_json():
-    data = {"i": np.int64(3), "f": np.float32(0.5), "b": np.bool_(True), "a": np.arange(3), "p": Path("/x/y"),
-            "s": {"z", "a"}}
+    data = {
+        "i": np.int64(3),
+        "f": np.float32(0.5),
+        "b": np.bool_(True),
+        "a": np.arange(3),
+        "p": Path("/x/y"),
+        "s": {"z", "a"},
+    }
     assert json.loads(dumps(data)) == {"i": 3, "f": 0.5, "b": True, "a": [0, 1, 2], "p": "/x/y", "s": ["a", "z"]}
     with pytest.raises(TypeError, match="object is not JSON serializable"):
         dumps({"o": object()})
@@ -50,15 +56,18 @@ def test_write_json_round_trip_and_refusal_keeps_the_old_file(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["x.json"]  # no temporary left behind
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (None, "no plan \\(file not found\\)"),
-    (b"", "empty plan file"),
-    (b"  \n", "empty plan file"),
-    (b'{"a": 1', "corrupt plan \\(invalid JSON at line 1"),
-    (b'{"a": NaN}', "corrupt plan \\(holds NaN"),
-    (b"[1, 2]", "corrupt plan \\(a JSON list, expected a dict\\)"),
-    (b"\xff\xfe{}", "unreadable plan \\(not UTF-8"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no plan \\(file not found\\)"),
+        (b"", "empty plan file"),
+        (b"  \n", "empty plan file"),
+        (b'{"a": 1', "corrupt plan \\(invalid JSON at line 1"),
+        (b'{"a": NaN}', "corrupt plan \\(holds NaN"),
+        (b"[1, 2]", "corrupt plan \\(a JSON list, expected a dict\\)"),
+        (b"\xff\xfe{}", "unreadable plan \\(not UTF-8"),
+    ],
+)
 def test_read_json_errors_name_the_file_and_the_fix(tmp_path, content, message):
     path = tmp_path / "plans.json"
     if content is not None:
@@ -90,7 +99,11 @@ def test_old_names_are_aliases(tmp_path):
     assert fingerprint.dumps(data) == dumps(data)
     fingerprint.write_json_atomic(tmp_path / "f.json", data)
     assert (tmp_path / "f.json").read_text() == dumps(data)
-    fp = {"dataset": "d", "channel_names": {"0": "MRI"}, "labels": {"0": "background", "1": "a"},
-          "cases": [{"spacing": [1.0, 1.0, 1.0], "shape_after_crop": [40, 40, 40]}] * 3}
+    fp = {
+        "dataset": "d",
+        "channel_names": {"0": "MRI"},
+        "labels": {"0": "background", "1": "a"},
+        "cases": [{"spacing": [1.0, 1.0, 1.0], "shape_after_crop": [40, 40, 40]}] * 3,
+    }
     plan = make_plan(fp)
     assert plans_json(plan) == dumps(plan.to_dict())

@@ -27,8 +27,9 @@ def fingerprint(spacings, shapes, channels=None):
         "labels": {"0": "background", "1": "a", "2": "b"},
         "median_relative_size_after_crop": 1.0,
         "foreground_intensity_per_channel": {},
-        "cases": [{"spacing": list(map(float, s)), "shape_after_crop": list(map(int, sh))}
-                  for s, sh in zip(spacings, shapes)],
+        "cases": [
+            {"spacing": list(map(float, s)), "shape_after_crop": list(map(int, sh))} for s, sh in zip(spacings, shapes)
+        ],
     }
 
 
@@ -122,8 +123,11 @@ def test_25d_has_attention_and_planar_convolutions():
     att = [m for m in net.modules() if isinstance(m, SpatialAttention)]
     assert len(att) == cfg.num_stages - 1
     planar = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size == (1, 3, 3)]
-    planar_full = [m for m in build_network(PLANS["aniso"].configurations["3d_fullres"], 1, 3).modules()
-                   if isinstance(m, torch.nn.Conv3d) and m.kernel_size == (1, 3, 3)]
+    planar_full = [
+        m
+        for m in build_network(PLANS["aniso"].configurations["3d_fullres"], 1, 3).modules()
+        if isinstance(m, torch.nn.Conv3d) and m.kernel_size == (1, 3, 3)
+    ]
     assert len(planar) > len(planar_full)
     slab = PLANS["slab"].configurations["2.5d"]
     first = next(m for m in build_network(slab, 2, 3).modules() if isinstance(m, torch.nn.Conv2d))
@@ -181,9 +185,17 @@ def test_memory_model_matches_measurement(plan, name, patch):
     if plan == "aniso":  # fewer stages keep the test small: the 2.5d topology of a 2 × 32 × 32 patch
         strides, kernels, _, _ = topology(cfg.spacing, [16, 32, 32], ratio=1.25)
         n = len(strides)
-        cfg = PlanConfig.from_dict({**cfg.to_dict(), "strides": strides, "kernel_sizes": kernels,
-                                    "features": cfg.features[:n], "n_conv_encoder": [2] * n,
-                                    "n_conv_decoder": [2] * (n - 1), "patch_size": [4, 32, 32]})
+        cfg = PlanConfig.from_dict(
+            {
+                **cfg.to_dict(),
+                "strides": strides,
+                "kernel_sizes": kernels,
+                "features": cfg.features[:n],
+                "n_conv_encoder": [2] * n,
+                "n_conv_decoder": [2] * (n - 1),
+                "patch_size": [4, 32, 32],
+            }
+        )
     batch = 2
     measured = measure_training_bytes(cfg, 2, 3, batch)
     predicted = estimate_training_bytes(cfg, 2, 3, batch)

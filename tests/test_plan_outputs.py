@@ -33,8 +33,9 @@ def png_size(path: Path) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny generated dataset (MSD layout, 4 labelled anisotropic cases, 3 foreground classes)."""
-    return generate_demo_dataset(tmp_path_factory.mktemp("plan_outputs") / "Demo", num_cases=4, num_test=0,
-                                 fov_mm=(40.0, 48.0, 48.0))
+    return generate_demo_dataset(
+        tmp_path_factory.mktemp("plan_outputs") / "Demo", num_cases=4, num_test=0, fov_mm=(40.0, 48.0, 48.0)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,17 @@ def planned(demo: Path, tmp_path_factory: pytest.TempPathFactory):
 def test_plan_writes_every_artefact_where_the_workspace_says(planned, demo):
     entry, result = planned
     assert result.plans_path == entry.plans_path and result.fingerprint_path == entry.fingerprint_path
-    assert result.plan_summary_path == entry.plan_summary_path and result.dataset_report_path == entry.dataset_report_path
+    assert (
+        result.plan_summary_path == entry.plan_summary_path and result.dataset_report_path == entry.dataset_report_path
+    )
     for path in (entry.plans_path, entry.fingerprint_path, entry.plan_summary_path, entry.dataset_report_path):
         assert path.is_file() and path.stat().st_size > 0
-    assert result.paths() == {"plans_path": str(entry.plans_path), "fingerprint_path": str(entry.fingerprint_path),
-                              "plan_summary_path": str(entry.plan_summary_path),
-                              "dataset_report_path": str(entry.dataset_report_path)}
+    assert result.paths() == {
+        "plans_path": str(entry.plans_path),
+        "fingerprint_path": str(entry.fingerprint_path),
+        "plan_summary_path": str(entry.plan_summary_path),
+        "dataset_report_path": str(entry.dataset_report_path),
+    }
     assert not [p.name for p in entry.root.iterdir() if ".tmp" in p.name]  # atomic writes leave no temporaries
     assert (entry.source() or {}).get("path") == str(demo.resolve())  # the workspace entry is claimed
     plan, plans_path = result  # still unpacks as (plan, plans_path)
@@ -100,7 +106,9 @@ def test_fingerprint_holds_what_the_report_draws(planned):
     fp = json.loads(entry.fingerprint_path.read_text())
     hist = fp["foreground_intensity_per_channel"]["0"]["histogram"]
     assert len(hist["counts"]) == hist["bins"] and hist["range"][0] < hist["range"][1]
-    assert sum(hist["counts"]) + hist["below"] + hist["above"] == fp["foreground_intensity_per_channel"]["0"]["n_samples"]
+    assert (
+        sum(hist["counts"]) + hist["below"] + hist["above"] == fp["foreground_intensity_per_channel"]["0"]["n_samples"]
+    )
     assert all("class_voxels" in c and "spacing" in c and "shape_after_crop" in c for c in fp["cases"])
 
 
@@ -126,10 +134,13 @@ def test_report_kept_when_unchanged_and_redrawn_when_not(planned, tmp_path):
 def test_report_and_summary_from_a_sparse_fingerprint(tmp_path):
     """A fingerprint without histograms or per-case classes (older or hand-written) still draws."""
     fp = {
-        "dataset": "hand", "channel_names": {"0": "CT", "1": "PET", "2": "T1", "3": "T2"},
-        "labels": {"0": "background", "1": "tumour"}, "median_relative_size_after_crop": 1.0,
-        "foreground_intensity_per_channel": {"0": {"mean": 40.0, "std": 30.0, "percentile_00_5": -50.0,
-                                                   "percentile_99_5": 200.0}},
+        "dataset": "hand",
+        "channel_names": {"0": "CT", "1": "PET", "2": "T1", "3": "T2"},
+        "labels": {"0": "background", "1": "tumour"},
+        "median_relative_size_after_crop": 1.0,
+        "foreground_intensity_per_channel": {
+            "0": {"mean": 40.0, "std": 30.0, "percentile_00_5": -50.0, "percentile_99_5": 200.0}
+        },
         "cases": [{"spacing": [2.0, 0.9, 0.9], "shape_after_crop": [60, 200, 200]} for _ in range(5)],
     }
     plan = make_plan(fp, PlanSettings(configurations=["3d_fullres"]))

@@ -30,8 +30,7 @@ from segpipe.planning import (
 HIPPOCAMPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hippocampus"
 
 
-def fingerprint(spacings, shapes, *, channels=None, labels=None, intensity=None, relative_size=1.0,
-                name="hand"):
+def fingerprint(spacings, shapes, *, channels=None, labels=None, intensity=None, relative_size=1.0, name="hand"):
     """A hand-written fingerprint with just what the planner reads."""
     channels = channels or {"0": "MRI"}
     return {
@@ -40,8 +39,9 @@ def fingerprint(spacings, shapes, *, channels=None, labels=None, intensity=None,
         "labels": labels or {"0": "background", "1": "a", "2": "b"},
         "median_relative_size_after_crop": relative_size,
         "foreground_intensity_per_channel": intensity or {},
-        "cases": [{"spacing": list(map(float, s)), "shape_after_crop": list(map(int, sh))}
-                  for s, sh in zip(spacings, shapes)],
+        "cases": [
+            {"spacing": list(map(float, s)), "shape_after_crop": list(map(int, sh))} for s, sh in zip(spacings, shapes)
+        ],
     }
 
 
@@ -158,10 +158,17 @@ def test_huge_images_shrink_patch_and_plan_lowres():
 
 
 def test_multichannel_ct_and_mr_normalization():
-    intensity = {"0": {"mean": 80.0, "std": 120.0, "percentile_00_5": -900.0, "percentile_99_5": 1400.0},
-                 "1": {"mean": 300.0, "std": 50.0, "percentile_00_5": 10.0, "percentile_99_5": 600.0}}
-    fp = fingerprint([(2.5, 0.8, 0.8)] * 10, [(80, 200, 200)] * 10, channels={"0": "CT", "1": "T2"},
-                     intensity=intensity, relative_size=0.6)
+    intensity = {
+        "0": {"mean": 80.0, "std": 120.0, "percentile_00_5": -900.0, "percentile_99_5": 1400.0},
+        "1": {"mean": 300.0, "std": 50.0, "percentile_00_5": 10.0, "percentile_99_5": 600.0},
+    }
+    fp = fingerprint(
+        [(2.5, 0.8, 0.8)] * 10,
+        [(80, 200, 200)] * 10,
+        channels={"0": "CT", "1": "T2"},
+        intensity=intensity,
+        relative_size=0.6,
+    )
     plan = make_plan(fp)
     ct, mr = plan.normalization
     assert (ct.scheme, ct.clip, ct.mean, ct.std, ct.use_mask) == ("ct", [-900.0, 1400.0], 80.0, 120.0, False)
@@ -199,8 +206,9 @@ def test_too_little_memory_is_a_config_error():
 
 # ---------------------------------------------------------------------------- settings
 def test_settings_from_mapping_validates():
-    s = PlanSettings.from_mapping({"gpu_memory_gb": "24", "configurations": "3d_fullres,2d", "target_spacing": None,
-                                   "amp": "false"})
+    s = PlanSettings.from_mapping(
+        {"gpu_memory_gb": "24", "configurations": "3d_fullres,2d", "target_spacing": None, "amp": "false"}
+    )
     assert s.gpu_memory_gb == 24.0 and s.configurations == ["3d_fullres", "2d"] and s.amp is False
     assert PlanSettings.from_mapping(None) == PlanSettings()
     with pytest.raises(ConfigError, match="unknown planner setting.*gpu_mem") as exc:
@@ -209,22 +217,32 @@ def test_settings_from_mapping_validates():
     with pytest.raises(ConfigError, match="unknown configuration '3d'") as exc:
         PlanSettings.from_mapping({"configurations": ["3d"]})
     assert ", ".join(CONFIGURATIONS) in str(exc.value)
-    for bad in ({"gpu_memory_gb": -1}, {"gpu_memory_gb": "lots"}, {"target_spacing": [1, 1]},
-                {"base_features": 2.5}, {"max_dataset_fraction": 2}, {"normalization": {"0": "minmax"}},
-                {"configurations": []}, {"amp": "maybe"}):
+    for bad in (
+        {"gpu_memory_gb": -1},
+        {"gpu_memory_gb": "lots"},
+        {"target_spacing": [1, 1]},
+        {"base_features": 2.5},
+        {"max_dataset_fraction": 2},
+        {"normalization": {"0": "minmax"}},
+        {"configurations": []},
+        {"amp": "maybe"},
+    ):
         with pytest.raises(ConfigError):
             PlanSettings.from_mapping(bad)
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("3d_fullres", ["3d_fullres"]),  # a plain string is one name, not the characters '3', 'd', ...
-    ("3d_fullres,2d", ["3d_fullres", "2d"]),
-    (" 3d_fullres , 2d ", ["3d_fullres", "2d"]),
-    ("[3d_fullres, 2d]", ["3d_fullres", "2d"]),
-    (["3d_fullres"], ["3d_fullres"]),
-    (("2d", "3d_fullres,vnet"), ["2d", "3d_fullres", "vnet"]),
-    (["2d", "2d"], ["2d"]),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("3d_fullres", ["3d_fullres"]),  # a plain string is one name, not the characters '3', 'd', ...
+        ("3d_fullres,2d", ["3d_fullres", "2d"]),
+        (" 3d_fullres , 2d ", ["3d_fullres", "2d"]),
+        ("[3d_fullres, 2d]", ["3d_fullres", "2d"]),
+        (["3d_fullres"], ["3d_fullres"]),
+        (("2d", "3d_fullres,vnet"), ["2d", "3d_fullres", "vnet"]),
+        (["2d", "2d"], ["2d"]),
+    ],
+)
 def test_configurations_as_string_or_list(value, expected):
     assert PlanSettings.from_mapping({"configurations": value}).configurations == expected
 
@@ -293,8 +311,18 @@ def test_plan_roundtrip_and_byte_identical_save(tmp_path):
     assert d["schema_version"] == SCHEMA_VERSION
     assert "class" not in a.read_text().lower().replace("classes", "")  # data only, no class paths
     cfg = d["configurations"]["3d_fullres"]
-    for key in ("spacing", "patch_size", "batch_size", "strides", "kernel_sizes", "features", "architecture",
-                "num_stages", "deep_supervision_outputs", "estimated_gpu_bytes"):
+    for key in (
+        "spacing",
+        "patch_size",
+        "batch_size",
+        "strides",
+        "kernel_sizes",
+        "features",
+        "architecture",
+        "num_stages",
+        "deep_supervision_outputs",
+        "estimated_gpu_bytes",
+    ):
         assert key in cfg
     assert load_plan(a) == plan and load_plan(a.parent) == plan
     d["schema_version"] = 999
@@ -303,8 +331,12 @@ def test_plan_roundtrip_and_byte_identical_save(tmp_path):
         load_plan(a)
     with pytest.raises(StateError, match="no plan"):
         load_plan(tmp_path / "missing.json")
-    for broken, why in (("", "empty plan"), ('{"schema_version": 1', "corrupt plan"), ("[1, 2]", "corrupt plan"),
-                        ('{"schema_version": 1}', "incomplete plan")):
+    for broken, why in (
+        ("", "empty plan"),
+        ('{"schema_version": 1', "corrupt plan"),
+        ("[1, 2]", "corrupt plan"),
+        ('{"schema_version": 1}', "incomplete plan"),
+    ):
         a.write_text(broken)
         with pytest.raises(StateError, match=why) as exc:
             load_plan(a)

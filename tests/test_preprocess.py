@@ -37,12 +37,15 @@ def boundary_band(label: np.ndarray, widths) -> np.ndarray:
 ZSCORE = (ChannelNorm("zscore", use_mask=True),)
 
 
-@pytest.mark.parametrize("spacing, transpose", [
-    ((2.5, 0.9, 0.9), (0, 1, 2)),   # downsample in-plane, upsample z a bit
-    ((1.0, 1.0, 1.0), (0, 1, 2)),   # isotropic target: z upsampled 2-3x (separable cubic on all axes)
-    ((2.5, 0.6, 0.6), (0, 1, 2)),   # ratio > 3: separate-z (nearest along z)
-    ((0.9, 2.5, 0.9), (1, 0, 2)),   # a transposed plan
-])
+@pytest.mark.parametrize(
+    "spacing, transpose",
+    [
+        ((2.5, 0.9, 0.9), (0, 1, 2)),  # downsample in-plane, upsample z a bit
+        ((1.0, 1.0, 1.0), (0, 1, 2)),  # isotropic target: z upsampled 2-3x (separable cubic on all axes)
+        ((2.5, 0.6, 0.6), (0, 1, 2)),  # ratio > 3: separate-z (nearest along z)
+        ((0.9, 2.5, 0.9), (1, 0, 2)),  # a transposed plan
+    ],
+)
 def test_restore_inverts_preprocess(spacing, transpose):
     image, label, geo = make_case(5)
     spec = PreprocessSpec(spacing=spacing, normalization=ZSCORE, transpose=transpose)
@@ -170,8 +173,9 @@ def test_preprocess_command_uses_the_plan_and_refuses_bad_cases(demo_dataset, tm
     shutil.copytree(demo_dataset, root)
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "segpipe", *args, f"work_dir={work}"], capture_output=True,
-                              text=True, timeout=600)
+        return subprocess.run(
+            [sys.executable, "-m", "segpipe", *args, f"work_dir={work}"], capture_output=True, text=True, timeout=600
+        )
 
     r = run("preprocess", str(root))
     assert r.returncode == 4 and "run `segpipe plan" in r.stderr

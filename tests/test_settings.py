@@ -86,22 +86,27 @@ def _capture(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             seen["__positional__"] = args
             # the API's own validation must accept what the CLI passes on
             return result() if callable(result) else result
+
         return fn
 
     monkeypatch.setattr(api, "info", record({"path": "x"}))
     monkeypatch.setattr(api, "check", record(Report))
     monkeypatch.setattr(api, "plan", record({"configurations": [], "plan": {}, "plans_path": "p"}))
     monkeypatch.setattr(api, "preprocess", record({"configurations": {}}))
-    monkeypatch.setattr(api, "demo", record({"data": "d", "dicom_data": "d", "check": {"cases_checked": 0},
-                                             "check_dicom": {"cases_checked": 0}}))
+    monkeypatch.setattr(
+        api,
+        "demo",
+        record({"data": "d", "dicom_data": "d", "check": {"cases_checked": 0}, "check_dicom": {"cases_checked": 0}}),
+    )
     return seen
 
 
 @pytest.mark.parametrize("command", AVAILABLE)
 def test_every_setting_is_honoured_or_refused(command, monkeypatch, capsys, tmp_path):
     seen = _capture(monkeypatch)
-    paths = {"info": [str(tmp_path)], "check": [str(tmp_path)], "plan": [str(tmp_path)], "preprocess": [],
-             "demo": []}[command]
+    paths = {"info": [str(tmp_path)], "check": [str(tmp_path)], "plan": [str(tmp_path)], "preprocess": [], "demo": []}[
+        command
+    ]
     checked = 0
     for key in all_settings():
         text, value = _value_for(key)
@@ -141,8 +146,9 @@ def test_bare_names_aliases_and_hints(capsys):
     assert "config" in names
 
 
-@pytest.mark.parametrize("bad", ["num_workers=abc", "force=maybe", "gpu_memory_gb=lots", "epochs=many",
-                                 "spacing_tolerance=x"])
+@pytest.mark.parametrize(
+    "bad", ["num_workers=abc", "force=maybe", "gpu_memory_gb=lots", "epochs=many", "spacing_tolerance=x"]
+)
 def test_bad_values_are_usage_errors(bad, capsys):
     code = cli.main(["config", bad, "--json"])
     out = capsys.readouterr()
@@ -202,8 +208,10 @@ def test_two_datasets_with_one_name_are_refused(tmp_path, capsys):
     # the fix the message names works, and both stay apart
     assert cli.main(["plan", str(b), f"work_dir={work}", "dataset_name=Tiny_b", "configurations=[3d_fullres]"]) == 0
     capsys.readouterr()
-    assert json.loads((work / "Tiny_b" / "fingerprint.json").read_text())["num_cases"] == 4 or \
-        len(json.loads((work / "Tiny_b" / "fingerprint.json").read_text())["cases"]) == 4
+    assert (
+        json.loads((work / "Tiny_b" / "fingerprint.json").read_text())["num_cases"] == 4
+        or len(json.loads((work / "Tiny_b" / "fingerprint.json").read_text())["cases"]) == 4
+    )
     # the same source again is fine
     assert cli.main(["plan", str(a), f"work_dir={work}", "configurations=[3d_fullres]"]) == 0
     capsys.readouterr()

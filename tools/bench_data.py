@@ -48,8 +48,9 @@ from measure import PeakRSS  # noqa: E402
 def run_measured(cmd: list[str], env: dict[str, str] | None = None, *, label: str) -> dict[str, Any]:
     """Run ``cmd``; wall time, peak tree RSS, and the last stdout line parsed as JSON when it is."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
     mon = PeakRSS(proc.pid)
     mon.start()
     out, err = proc.communicate()
@@ -111,19 +112,28 @@ def make_ct_case(seed: int, small: bool) -> tuple[np.ndarray, np.ndarray, Any]:
     return image, label, geo
 
 
-def write_nnunet_raw(root: Path, cases: dict[str, tuple[Path, Path]] | None, *, channel: str,
-                     labels: dict[str, int]) -> None:
+def write_nnunet_raw(
+    root: Path, cases: dict[str, tuple[Path, Path]] | None, *, channel: str, labels: dict[str, int]
+) -> None:
     """nnU-Net v2 raw layout; ``cases`` maps case id -> (image, label) files to symlink."""
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(exist_ok=True)
     if cases:
         for cid, (img, lab) in cases.items():
-            for src, dst in ((img, root / "imagesTr" / f"{cid}_0000.nii.gz"), (lab, root / "labelsTr" / f"{cid}.nii.gz")):
+            for src, dst in (
+                (img, root / "imagesTr" / f"{cid}_0000.nii.gz"),
+                (lab, root / "labelsTr" / f"{cid}.nii.gz"),
+            ):
                 if not dst.exists():
                     dst.symlink_to(src)
     n = len(list((root / "labelsTr").glob("*.nii.gz")))
-    desc = {"channel_names": {"0": channel}, "labels": labels, "numTraining": n, "file_ending": ".nii.gz",
-            "name": root.name}
+    desc = {
+        "channel_names": {"0": channel},
+        "labels": labels,
+        "numTraining": n,
+        "file_ending": ".nii.gz",
+        "name": root.name,
+    }
     (root / "dataset.json").write_text(json.dumps(desc, indent=1))
 
 
@@ -158,12 +168,24 @@ def spec_from_nnunet(plans_path: Path) -> dict[str, Any]:
     for c, (scheme, mask) in enumerate(zip(cfg["normalization_schemes"], cfg["use_mask_for_norm"])):
         if scheme == "CTNormalization":
             p = props[str(c)]
-            norms.append({"scheme": "ct", "clip": [p["percentile_00_5"], p["percentile_99_5"]], "mean": p["mean"],
-                          "std": p["std"]})
+            norms.append(
+                {
+                    "scheme": "ct",
+                    "clip": [p["percentile_00_5"], p["percentile_99_5"]],
+                    "mean": p["mean"],
+                    "std": p["std"],
+                }
+            )
         else:
             norms.append({"scheme": "zscore", "use_mask": bool(mask)})
-    return {"spacing": cfg["spacing"], "transpose": plans["transpose_forward"], "norm": norms,
-            "patch_size": cfg["patch_size"], "batch_size": cfg["batch_size"], "source": "nnU-Net plan"}
+    return {
+        "spacing": cfg["spacing"],
+        "transpose": plans["transpose_forward"],
+        "norm": norms,
+        "patch_size": cfg["patch_size"],
+        "batch_size": cfg["batch_size"],
+        "source": "nnU-Net plan",
+    }
 
 
 def spec_from_segpipe(dataset_dir: Path, workers: int) -> dict[str, Any]:
@@ -173,10 +195,18 @@ def spec_from_segpipe(dataset_dir: Path, workers: int) -> dict[str, Any]:
 
     plan = make_plan(compute_fingerprint(load_dataset(dataset_dir), num_workers=workers))
     cfg = plan.config("3d_fullres")
-    norms = [{"scheme": n.scheme, "use_mask": n.use_mask, "clip": n.clip, "mean": n.mean, "std": n.std}
-             for n in plan.normalization]
-    return {"spacing": cfg.spacing, "transpose": plan.transpose_forward, "norm": norms, "patch_size": cfg.patch_size,
-            "batch_size": cfg.batch_size, "source": "segpipe plan"}
+    norms = [
+        {"scheme": n.scheme, "use_mask": n.use_mask, "clip": n.clip, "mean": n.mean, "std": n.std}
+        for n in plan.normalization
+    ]
+    return {
+        "spacing": cfg.spacing,
+        "transpose": plan.transpose_forward,
+        "norm": norms,
+        "patch_size": cfg.patch_size,
+        "batch_size": cfg.batch_size,
+        "source": "segpipe plan",
+    }
 
 
 # ---------------------------------------------------------------------------- child scripts
@@ -251,22 +281,34 @@ def bench_dataset(name: str, raw: Path, dataset_id: int, work: Path, args: argpa
     nn_env = None
     if args.nnunet_python:
         nn_bin = Path(args.nnunet_python).parent
-        nn_env = {"nnUNet_raw": str(work / "nnUNet_raw"), "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"),
-                  "nnUNet_results": str(work / "nnUNet_results"), "nnUNet_n_proc_DA": str(w),
-                  "nnUNet_compile": "f", "OMP_NUM_THREADS": "1"}
+        nn_env = {
+            "nnUNet_raw": str(work / "nnUNet_raw"),
+            "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"),
+            "nnUNet_results": str(work / "nnUNet_results"),
+            "nnUNet_n_proc_DA": str(w),
+            "nnUNet_compile": "f",
+            "OMP_NUM_THREADS": "1",
+        }
         ds_name = raw.name
         pre = work / "nnUNet_preprocessed" / ds_name
         if not (pre / "nnUNetPlans.json").is_file():
             print(f"[{name}] nnU-Net fingerprint + plan ...", flush=True)
             res["nnunet_fingerprint"] = run_measured(
-                [str(nn_bin / "nnUNetv2_extract_fingerprint"), "-d", str(dataset_id), "-np", str(w)], nn_env,
-                label="nnUNetv2_extract_fingerprint")
-            res["nnunet_plan"] = run_measured([str(nn_bin / "nnUNetv2_plan_experiment"), "-d", str(dataset_id)],
-                                              nn_env, label="nnUNetv2_plan_experiment")
+                [str(nn_bin / "nnUNetv2_extract_fingerprint"), "-d", str(dataset_id), "-np", str(w)],
+                nn_env,
+                label="nnUNetv2_extract_fingerprint",
+            )
+            res["nnunet_plan"] = run_measured(
+                [str(nn_bin / "nnUNetv2_plan_experiment"), "-d", str(dataset_id)],
+                nn_env,
+                label="nnUNetv2_plan_experiment",
+            )
         print(f"[{name}] nnU-Net preprocess ...", flush=True)
         res["nnunet_preprocess"] = run_measured(
-            [str(nn_bin / "nnUNetv2_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres", "-np", str(w)], nn_env,
-            label="nnUNetv2_preprocess")
+            [str(nn_bin / "nnUNetv2_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres", "-np", str(w)],
+            nn_env,
+            label="nnUNetv2_preprocess",
+        )
         spec = spec_from_nnunet(pre / "nnUNetPlans.json")
     else:
         spec = spec_from_segpipe(raw, w)
@@ -277,19 +319,31 @@ def bench_dataset(name: str, raw: Path, dataset_id: int, work: Path, args: argpa
         shutil.rmtree(cache)
     print(f"[{name}] segpipe preprocess ...", flush=True)
     job = {**spec, "dataset": str(raw), "cache": str(cache), "workers": w}
-    res["segpipe_preprocess"] = run_measured([sys.executable, "-c", SEGPIPE_PREPROCESS, json.dumps(job), str(REPO)],
-                                             {"OMP_NUM_THREADS": "1"}, label="segpipe preprocess")
+    res["segpipe_preprocess"] = run_measured(
+        [sys.executable, "-c", SEGPIPE_PREPROCESS, json.dumps(job), str(REPO)],
+        {"OMP_NUM_THREADS": "1"},
+        label="segpipe preprocess",
+    )
 
     print(f"[{name}] segpipe loader ...", flush=True)
-    job = {"cache": str(cache), "patch_size": spec["patch_size"], "batch_size": spec["batch_size"], "workers": w,
-           "warmup": args.warmup, "batches": args.batches}
-    res["segpipe_loader"] = run_measured([sys.executable, "-c", SEGPIPE_LOADER, json.dumps(job), str(REPO)],
-                                         label="segpipe loader")
+    job = {
+        "cache": str(cache),
+        "patch_size": spec["patch_size"],
+        "batch_size": spec["batch_size"],
+        "workers": w,
+        "warmup": args.warmup,
+        "batches": args.batches,
+    }
+    res["segpipe_loader"] = run_measured(
+        [sys.executable, "-c", SEGPIPE_LOADER, json.dumps(job), str(REPO)], label="segpipe loader"
+    )
     if args.nnunet_python:
         print(f"[{name}] nnU-Net loader ...", flush=True)
         res["nnunet_loader"] = run_measured(
-            [args.nnunet_python, "-c", NNUNET_LOADER, raw.name, str(args.warmup), str(args.batches)], nn_env,
-            label="nnU-Net loader")
+            [args.nnunet_python, "-c", NNUNET_LOADER, raw.name, str(args.warmup), str(args.batches)],
+            nn_env,
+            label="nnU-Net loader",
+        )
         pp_n, pp_s = res["nnunet_preprocess"], res["segpipe_preprocess"]
         res["ratios"] = {
             "preprocess_speedup": round(pp_n["wall_s"] / pp_s["wall_s"], 2),
@@ -306,19 +360,33 @@ def print_table(results: list[dict[str, Any]], workers: int) -> None:
         sp, nn, ratio = r["segpipe_preprocess"], r.get("nnunet_preprocess"), r.get("ratios", {})
         sl, nl = r["segpipe_loader"], r.get("nnunet_loader")
         rows = [
-            (f"preprocess wall s (-np {workers})", f"{sp['wall_s']:.1f}", f"{nn['wall_s']:.1f}" if nn else "-",
-             f"{ratio['preprocess_speedup']:.2f}x" if ratio else ""),
-            ("preprocess peak RSS MB (tree)", f"{sp['peak_rss_mb']}", f"{nn['peak_rss_mb']}" if nn else "-",
-             f"{ratio['preprocess_rss_fraction']:.2f}" if ratio else ""),
-            (f"augmented batches/s ({workers} workers)", f"{sl['batches_per_s']:.2f}",
-             f"{nl['batches_per_s']:.2f}" if nl else "-", f"{ratio['loader_speedup']:.2f}x" if ratio else ""),
+            (
+                f"preprocess wall s (-np {workers})",
+                f"{sp['wall_s']:.1f}",
+                f"{nn['wall_s']:.1f}" if nn else "-",
+                f"{ratio['preprocess_speedup']:.2f}x" if ratio else "",
+            ),
+            (
+                "preprocess peak RSS MB (tree)",
+                f"{sp['peak_rss_mb']}",
+                f"{nn['peak_rss_mb']}" if nn else "-",
+                f"{ratio['preprocess_rss_fraction']:.2f}" if ratio else "",
+            ),
+            (
+                f"augmented batches/s ({workers} workers)",
+                f"{sl['batches_per_s']:.2f}",
+                f"{nl['batches_per_s']:.2f}" if nl else "-",
+                f"{ratio['loader_speedup']:.2f}x" if ratio else "",
+            ),
         ]
         for i, (step, a, b, c) in enumerate(rows):
             name = f"{r['dataset']} ({r['cases']})" if i == 0 else ""
             print(f"{name:<18}{step:<30}{a:>12}{b:>12}{c:>8}")
         p = r["plan"]
-        print(f"{'':<18}plan ({p['source']}): spacing {[round(v, 3) for v in p['spacing']]}, "
-              f"patch {p['patch_size']}, batch {p['batch_size']}")
+        print(
+            f"{'':<18}plan ({p['source']}): spacing {[round(v, 3) for v in p['spacing']]}, "
+            f"patch {p['patch_size']}, batch {p['batch_size']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,8 +49,9 @@ print(path)
 """
 
 
-def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
-                 interval: float = 0.02) -> dict[str, Any]:
+def run_measured(
+    cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None, interval: float = 0.02
+) -> dict[str, Any]:
     """Run ``cmd``; return wall seconds, peak total RSS (process + children, MB), exit code, output tail."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -59,12 +60,19 @@ def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path
     out, _ = proc.communicate()
     wall = time.perf_counter() - start
     peak = sampler.stop()
-    return {"wall_s": round(wall, 3), "peak_rss_mb": round(peak / 2**20, 1), "returncode": proc.returncode,
-            "output_tail": out[-2000:]}
+    return {
+        "wall_s": round(wall, 3),
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "returncode": proc.returncode,
+        "output_tail": out[-2000:],
+    }
 
 
 def bench_segpipe(data: Path, work: Path, num_workers: str, interval: float) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     cmd = [sys.executable, "-c", SEGPIPE_SNIPPET, str(data), str(work), num_workers]
     fresh = run_measured([*cmd, "force"], env=env, cwd=REPO, interval=interval)
     cached = run_measured([*cmd, "cache"], env=env, cwd=REPO, interval=interval)
@@ -93,9 +101,12 @@ def _nnunet_raw(data: Path, raw: Path) -> tuple[str, int]:
         os.symlink(Path(case.label).resolve(), root / "labelsTr" / f"{case.id}{ending}")
     if len(endings) != 1:
         raise RuntimeError(f"mixed file types {sorted(endings)}; nnU-Net needs one file_ending")
-    desc = {"channel_names": {str(k): v for k, v in ds.channel_names.items()},
-            "labels": {v: k for k, v in sorted(ds.labels.items())},
-            "numTraining": len(ds.cases), "file_ending": endings.pop()}
+    desc = {
+        "channel_names": {str(k): v for k, v in ds.channel_names.items()},
+        "labels": {v: k for k, v in sorted(ds.labels.items())},
+        "numTraining": len(ds.cases),
+        "file_ending": endings.pop(),
+    }
     (root / "dataset.json").write_text(json.dumps(desc, indent=1))
     return name, len(ds.cases)
 
@@ -121,10 +132,15 @@ def bench_nnunet(python: Path, data: Path, tmp: Path, interval: float) -> dict[s
     if plans is not None:
         conf = json.loads(plans.read_text()).get("configurations", {}).get("3d_fullres", {})
         summary = {k: conf.get(k) for k in ("spacing", "patch_size", "batch_size")}
-    return {"extract_fingerprint": fp, "plan_experiment": pl,
-            "total": {"wall_s": round(fp["wall_s"] + pl["wall_s"], 3),
-                      "peak_rss_mb": max(fp["peak_rss_mb"], pl["peak_rss_mb"])},
-            "3d_fullres": summary}
+    return {
+        "extract_fingerprint": fp,
+        "plan_experiment": pl,
+        "total": {
+            "wall_s": round(fp["wall_s"] + pl["wall_s"], 3),
+            "peak_rss_mb": max(fp["peak_rss_mb"], pl["peak_rss_mb"]),
+        },
+        "3d_fullres": summary,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         plan = json.loads(Path(seg["fresh"]["output_tail"].strip().splitlines()[-1]).read_text())
         conf = plan["configurations"].get("3d_fullres", {})
-        seg["3d_fullres"] = {"spacing": conf.get("spacing"), "patch_size": conf.get("patch_size"),
-                             "batch_size": conf.get("batch_size")}
+        seg["3d_fullres"] = {
+            "spacing": conf.get("spacing"),
+            "patch_size": conf.get("patch_size"),
+            "batch_size": conf.get("batch_size"),
+        }
         result["segpipe"] = seg
         nn = None
         if args.nnunet_python is None:
@@ -172,18 +191,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = [("segpipe plan (fresh fingerprint)", seg["fresh"]), ("segpipe plan (cached fingerprint)", seg["cached"])]
     if nn:
-        rows += [("nnUNetv2_extract_fingerprint -np 2", nn["extract_fingerprint"]),
-                 ("nnUNetv2_plan_experiment", nn["plan_experiment"]), ("nnU-Net total", nn["total"])]
+        rows += [
+            ("nnUNetv2_extract_fingerprint -np 2", nn["extract_fingerprint"]),
+            ("nnUNetv2_plan_experiment", nn["plan_experiment"]),
+            ("nnU-Net total", nn["total"]),
+        ]
     width = max(len(r[0]) for r in rows)
     print(f"{'step':<{width}}  {'wall s':>8}  {'peak RSS MB':>12}")
     for name, r in rows:
         print(f"{name:<{width}}  {r['wall_s']:>8.2f}  {r['peak_rss_mb']:>12.1f}")
     if "nnunet_skipped" in result:
-        print(f"nnU-Net skipped: {result['nnunet_skipped']}; REFERENCE.md (same machine kind): "
-              f"{REFERENCE_NNUNET['wall_s']} s, {REFERENCE_NNUNET['peak_rss_mb']:.0f} MB")
+        print(
+            f"nnU-Net skipped: {result['nnunet_skipped']}; REFERENCE.md (same machine kind): "
+            f"{REFERENCE_NNUNET['wall_s']} s, {REFERENCE_NNUNET['peak_rss_mb']:.0f} MB"
+        )
     r = result["ratios"]
-    print(f"vs {r['against']}: {r['speedup']}x faster, {r['rss_fraction']:.2f}x the peak RSS "
-          f"(targets: ≥ 3x faster, ≤ 0.5x RSS)")
+    print(
+        f"vs {r['against']}: {r['speedup']}x faster, {r['rss_fraction']:.2f}x the peak RSS "
+        f"(targets: ≥ 3x faster, ≤ 0.5x RSS)"
+    )
     print(f"segpipe 3d_fullres: {seg['3d_fullres']}" + (f"; nnU-Net: {nn['3d_fullres']}" if nn else ""))
     return 0
 

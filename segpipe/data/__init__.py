@@ -32,14 +32,25 @@ patch area on padding near the upper border; the voxel stays inside the patch ei
 The package: :mod:`.splits`, :mod:`.sampler`, :mod:`.augment`, :mod:`.datamodule`.
 """
 
-
 from .augment import AugmentConfig, Augmenter
 from .datamodule import SegDataModule, TrainStream, ValidationPatches, worker_init
 from .sampler import OVERSAMPLE_FOREGROUND, PatchSampler, finish_batch
 from .splits import SPLIT_SEED, SPLITS_FILE, fold_cases, load_or_create_splits, make_splits, validate_splits
 
 __all__ = [
-    "OVERSAMPLE_FOREGROUND", "SPLITS_FILE", "SPLIT_SEED", "AugmentConfig", "Augmenter", "PatchSampler",
-    "SegDataModule", "TrainStream", "ValidationPatches", "finish_batch", "fold_cases",
-    "load_or_create_splits", "make_splits", "validate_splits", "worker_init",
+    "OVERSAMPLE_FOREGROUND",
+    "SPLITS_FILE",
+    "SPLIT_SEED",
+    "AugmentConfig",
+    "Augmenter",
+    "PatchSampler",
+    "SegDataModule",
+    "TrainStream",
+    "ValidationPatches",
+    "finish_batch",
+    "fold_cases",
+    "load_or_create_splits",
+    "make_splits",
+    "validate_splits",
+    "worker_init",
 ]

@@ -100,8 +100,18 @@ class AugmentConfig:
     @classmethod
     def none(cls) -> AugmentConfig:
         """No augmentation at all (validation)."""
-        return cls(p_rotation=0, p_scaling=0, p_noise=0, p_blur=0, p_brightness=0, p_contrast=0, p_lowres=0,
-                   p_gamma_inverted=0, p_gamma=0, p_mirror=0)
+        return cls(
+            p_rotation=0,
+            p_scaling=0,
+            p_noise=0,
+            p_blur=0,
+            p_brightness=0,
+            p_contrast=0,
+            p_lowres=0,
+            p_gamma_inverted=0,
+            p_gamma=0,
+            p_mirror=0,
+        )
 
     def with_(self, **changes: Any) -> AugmentConfig:
         return replace(self, **changes)
@@ -203,16 +213,19 @@ class Augmenter:
             region[i] = np.maximum(need, region[i])
         return SpatialDraw(matrix=mats, rotated=rotated, scaled=scaled, region=region)
 
-    def spatial(self, region_image: torch.Tensor, region_label: torch.Tensor,
-                matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def spatial(
+        self, region_image: torch.Tensor, region_label: torch.Tensor, matrix: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Resample regions [n, C, *R] (centred on the patch centre) to [n, C, *P] through ``matrix``.
 
         One ``affine_grid`` for all samples; image linear, label nearest.
         """
         n, c = region_image.shape[:2]
         if n == 0:
-            return (region_image.new_zeros((0, c, *self.patch_size)),
-                    region_label.new_zeros((0, region_label.shape[1], *self.patch_size)))
+            return (
+                region_image.new_zeros((0, c, *self.patch_size)),
+                region_label.new_zeros((0, region_label.shape[1], *self.patch_size)),
+            )
         matrix = matrix.to(torch.float64).cpu()
         patch, region = self.patch_size, tuple(region_image.shape[2:])
         if self.dummy_2d:
@@ -220,14 +233,19 @@ class Augmenter:
             # resample in 2-D — one bilinear grid per sample shared by all slices, ~4× cheaper than
             # trilinear 3-D (this is what nnU-Net's Convert3DTo2DTransform does too)
             z = patch[0]
-            img, lab = self._resample(region_image.reshape(n, c * z, *region[1:]),
-                                      region_label.reshape(n, -1, *region[1:]), matrix[:, 1:, 1:], patch[1:])
+            img, lab = self._resample(
+                region_image.reshape(n, c * z, *region[1:]),
+                region_label.reshape(n, -1, *region[1:]),
+                matrix[:, 1:, 1:],
+                patch[1:],
+            )
             return img.reshape(n, c, *patch), lab.reshape(n, -1, *patch)
         return self._resample(region_image, region_label, matrix, patch)
 
     @staticmethod
-    def _resample(image: torch.Tensor, label: torch.Tensor, matrix: torch.Tensor,
-                  patch: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _resample(
+        image: torch.Tensor, label: torch.Tensor, matrix: torch.Tensor, patch: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n, nd = image.shape[0], len(patch)
         r = torch.tensor(image.shape[2:], dtype=torch.float64)
         p = torch.tensor(patch, dtype=torch.float64)
@@ -249,7 +267,9 @@ class Augmenter:
         fired = self._gate(rng, self.config.p_noise, img.shape[0])
         idx = np.flatnonzero(fired)
         if idx.size:
-            std = torch.as_tensor(rng.uniform(*self.config.noise_std, size=idx.size), dtype=img.dtype, device=img.device)
+            std = torch.as_tensor(
+                rng.uniform(*self.config.noise_std, size=idx.size), dtype=img.dtype, device=img.device
+            )
             field_ = torch.randn((idx.size, 1, *img.shape[2:]), generator=gen, device=img.device, dtype=img.dtype)
             ti = torch.as_tensor(idx, device=img.device)
             img[ti] += field_ * std.view(-1, *[1] * (img.ndim - 1))
@@ -275,8 +295,9 @@ class Augmenter:
         fired = self._gate(rng, self.config.p_brightness, b)
         idx = np.flatnonzero(fired)
         if idx.size:
-            m = torch.as_tensor(bg_contrast(rng, *self.config.brightness, size=(idx.size, c)), dtype=img.dtype,
-                                device=img.device)
+            m = torch.as_tensor(
+                bg_contrast(rng, *self.config.brightness, size=(idx.size, c)), dtype=img.dtype, device=img.device
+            )
             ti = torch.as_tensor(idx, device=img.device)
             img[ti] *= m.view(idx.size, c, *[1] * (img.ndim - 2))
         return fired
@@ -286,8 +307,9 @@ class Augmenter:
         fired = self._gate(rng, self.config.p_contrast, b)
         idx = np.flatnonzero(fired)
         if idx.size:
-            f = torch.as_tensor(bg_contrast(rng, *self.config.contrast, size=(idx.size, c)), dtype=img.dtype,
-                                device=img.device)
+            f = torch.as_tensor(
+                bg_contrast(rng, *self.config.contrast, size=(idx.size, c)), dtype=img.dtype, device=img.device
+            )
             ti = torch.as_tensor(idx, device=img.device)
             x = img[ti]
             dims = tuple(range(2, x.ndim))
@@ -322,8 +344,9 @@ class Augmenter:
         fired = self._gate(rng, p, b)
         idx = np.flatnonzero(fired)
         if idx.size:
-            g = torch.as_tensor(bg_contrast(rng, *self.config.gamma, size=(idx.size, c)), dtype=img.dtype,
-                                device=img.device)
+            g = torch.as_tensor(
+                bg_contrast(rng, *self.config.gamma, size=(idx.size, c)), dtype=img.dtype, device=img.device
+            )
             ti = torch.as_tensor(idx, device=img.device)
             x = img[ti]
             if invert:
@@ -393,9 +416,17 @@ class Augmenter:
     def expected_rates(self) -> dict[str, float]:
         """The probability with which each flag should fire."""
         cfg = self.config
-        rates = {"rotation": cfg.p_rotation, "scaling": cfg.p_scaling, "noise": cfg.p_noise, "blur": cfg.p_blur,
-                 "brightness": cfg.p_brightness, "contrast": cfg.p_contrast, "lowres": cfg.p_lowres,
-                 "gamma_inverted": cfg.p_gamma_inverted, "gamma": cfg.p_gamma}
+        rates = {
+            "rotation": cfg.p_rotation,
+            "scaling": cfg.p_scaling,
+            "noise": cfg.p_noise,
+            "blur": cfg.p_blur,
+            "brightness": cfg.p_brightness,
+            "contrast": cfg.p_contrast,
+            "lowres": cfg.p_lowres,
+            "gamma_inverted": cfg.p_gamma_inverted,
+            "gamma": cfg.p_gamma,
+        }
         rates.update({f"mirror_{a}": cfg.p_mirror for a in self.mirror_axes})
         return rates
 

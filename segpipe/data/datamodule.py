@@ -37,8 +37,15 @@ class TrainStream(torch.utils.data.IterableDataset):
     un-augmented (regions included) and :class:`SegDataModule` augments them after the transfer.
     """
 
-    def __init__(self, sampler: PatchSampler, batch_size: int, augmenter: Augmenter | None, *, seed: int = 0,
-                 augment_in_worker: bool = True):
+    def __init__(
+        self,
+        sampler: PatchSampler,
+        batch_size: int,
+        augmenter: Augmenter | None,
+        *,
+        seed: int = 0,
+        augment_in_worker: bool = True,
+    ):
         super().__init__()
         self.sampler, self.batch_size, self.augmenter = sampler, int(batch_size), augmenter
         self.seed, self.augment_in_worker = int(seed), augment_in_worker
@@ -92,11 +99,24 @@ class SegDataModule(_LightningDataModule):
     Validation: :class:`ValidationPatches`.
     """
 
-    def __init__(self, cache: Cache | str | os.PathLike[str], train_cases: Sequence[str], val_cases: Sequence[str], *,
-                 patch_size: Sequence[int], batch_size: int, context_slices: int = 0,
-                 oversample_foreground: float = OVERSAMPLE_FOREGROUND, augment: AugmentConfig | None = None,
-                 num_workers: int | None = None, seed: int = 12345, num_val_batches: int = 50,
-                 augment_on_device: bool = False, image_pad: float = 0.0, label_pad: int = 0):
+    def __init__(
+        self,
+        cache: Cache | str | os.PathLike[str],
+        train_cases: Sequence[str],
+        val_cases: Sequence[str],
+        *,
+        patch_size: Sequence[int],
+        batch_size: int,
+        context_slices: int = 0,
+        oversample_foreground: float = OVERSAMPLE_FOREGROUND,
+        augment: AugmentConfig | None = None,
+        num_workers: int | None = None,
+        seed: int = 12345,
+        num_val_batches: int = 50,
+        augment_on_device: bool = False,
+        image_pad: float = 0.0,
+        label_pad: int = 0,
+    ):
         super().__init__()
         self.cache = cache if isinstance(cache, Cache) else Cache(cache)
         self.cache_dir = self.cache.root
@@ -112,8 +132,16 @@ class SegDataModule(_LightningDataModule):
         self._val: ValidationPatches | None = None
 
     @classmethod
-    def from_plan(cls, plan: Any, configuration: str, fold: int | str, *, work_dir: str | os.PathLike[str] | None = None,
-                  dataset: str | None = None, **kwargs: Any) -> SegDataModule:
+    def from_plan(
+        cls,
+        plan: Any,
+        configuration: str,
+        fold: int | str,
+        *,
+        work_dir: str | os.PathLike[str] | None = None,
+        dataset: str | None = None,
+        **kwargs: Any,
+    ) -> SegDataModule:
         """The data module of one plan configuration and fold.
 
         Patch size, batch size and the 2.5-D slab (``context_slices``) come from the plan
@@ -128,16 +156,26 @@ class SegDataModule(_LightningDataModule):
         cfg = plan.config(configuration)  # unknown name: ConfigError listing the planned ones
         clash = sorted({"patch_size", "batch_size", "context_slices"} & set(kwargs))
         if clash:
-            raise UsageError(f"{', '.join(clash)} come(s) from the plan configuration {configuration}",
-                             hint="change the plan (segpipe plan ...) or build SegDataModule(...) directly")
+            raise UsageError(
+                f"{', '.join(clash)} come(s) from the plan configuration {configuration}",
+                hint="change the plan (segpipe plan ...) or build SegDataModule(...) directly",
+            )
         cache = Cache.for_configuration(work_dir, plan, configuration, dataset=dataset)
         splits_path = Workspace.at(work_dir).dataset(dataset or plan.dataset).splits_path
-        return cls.for_fold(cache, splits_path, fold, patch_size=cfg.patch_size, batch_size=cfg.batch_size,
-                            context_slices=cfg.context_slices, **kwargs)
+        return cls.for_fold(
+            cache,
+            splits_path,
+            fold,
+            patch_size=cfg.patch_size,
+            batch_size=cfg.batch_size,
+            context_slices=cfg.context_slices,
+            **kwargs,
+        )
 
     @classmethod
-    def for_fold(cls, cache: Cache | str | os.PathLike[str], splits_path: str | os.PathLike[str], fold: int | str,
-                 **kwargs: Any) -> SegDataModule:
+    def for_fold(
+        cls, cache: Cache | str | os.PathLike[str], splits_path: str | os.PathLike[str], fold: int | str, **kwargs: Any
+    ) -> SegDataModule:
         """Cases of ``fold`` from ``splits_path`` (created over the cached cases when missing)."""
         cache = cache if isinstance(cache, Cache) else Cache(cache)
         ids = cache.cases()
@@ -147,22 +185,40 @@ class SegDataModule(_LightningDataModule):
         return cls(cache, train, val, **kwargs)
 
     def _sampler(self, cases: Sequence[str]) -> PatchSampler:
-        return PatchSampler(self.cache, cases, self.patch_size, oversample_foreground=self.oversample_foreground,
-                            context_slices=self.context_slices, image_pad=self.image_pad, label_pad=self.label_pad)
+        return PatchSampler(
+            self.cache,
+            cases,
+            self.patch_size,
+            oversample_foreground=self.oversample_foreground,
+            context_slices=self.context_slices,
+            image_pad=self.image_pad,
+            label_pad=self.label_pad,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is None:
-            self._train = TrainStream(self._sampler(self.train_cases), self.batch_size, self.augmenter,
-                                      seed=self.seed, augment_in_worker=not self.augment_on_device)
+            self._train = TrainStream(
+                self._sampler(self.train_cases),
+                self.batch_size,
+                self.augmenter,
+                seed=self.seed,
+                augment_in_worker=not self.augment_on_device,
+            )
         if self._val is None and self.val_cases:
-            self._val = ValidationPatches(self._sampler(self.val_cases), self.batch_size, self.num_val_batches,
-                                          seed=self.seed)
+            self._val = ValidationPatches(
+                self._sampler(self.val_cases), self.batch_size, self.num_val_batches, seed=self.seed
+            )
 
     def _loader(self, dataset: Any, workers: int) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init if workers > 0 else None,
-            prefetch_factor=2 if workers > 0 else None)
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=worker_init if workers > 0 else None,
+            prefetch_factor=2 if workers > 0 else None,
+        )
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         self.setup("fit")

@@ -43,9 +43,18 @@ class PatchSampler:
     Arrays are opened lazily in each process (memory maps are not pickled into workers).
     """
 
-    def __init__(self, cache: Cache | str | os.PathLike[str], case_ids: Sequence[str], patch_size: Sequence[int], *,
-                 oversample_foreground: float = OVERSAMPLE_FOREGROUND, context_slices: int = 0,
-                 image_pad: float = 0.0, label_pad: int = 0, mmap: bool = True):
+    def __init__(
+        self,
+        cache: Cache | str | os.PathLike[str],
+        case_ids: Sequence[str],
+        patch_size: Sequence[int],
+        *,
+        oversample_foreground: float = OVERSAMPLE_FOREGROUND,
+        context_slices: int = 0,
+        image_pad: float = 0.0,
+        label_pad: int = 0,
+        mmap: bool = True,
+    ):
         self.cache = cache if isinstance(cache, Cache) else Cache(cache)
         self.cache_dir = self.cache.root
         self.case_ids = list(case_ids)
@@ -72,8 +81,11 @@ class PatchSampler:
                 raise StateError(f"{self.cache_dir}: case {cid} is not in the cache", hint="run `segpipe preprocess`")
             self.shapes.append(tuple(int(s) for s in props["shape_after_resample"]))
             max_classes = max(max_classes, int(props.get("num_classes", 256)))
-            locs = {int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)
-                    for k, v in (props.get("class_locations") or {}).items() if len(v)}
+            locs = {
+                int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)
+                for k, v in (props.get("class_locations") or {}).items()
+                if len(v)
+            }
             self.locations.append(locs)
         # labels travel compact (uint8 unless classes or padding need int16): a batch crosses the
         # worker -> main process boundary through shared memory, and int64 labels were 2/3 of it
@@ -164,8 +176,9 @@ class PatchSampler:
         nd = len(self.patch_size)
         image = np.zeros((batch_size, c_img, *self.patch_size), dtype=np.float32)
         label = np.zeros((batch_size, 1, *self.patch_size), dtype=self.label_dtype)
-        region = tuple(int(r) for r in draw.region[sidx].max(axis=0)) if draw is not None and sidx.size \
-            else self.patch_size
+        region = (
+            tuple(int(r) for r in draw.region[sidx].max(axis=0)) if draw is not None and sidx.size else self.patch_size
+        )
         region3 = (self.patch3[0], *region) if self.is_2d else region
         r_img = np.zeros((sidx.size, c_img, *region), dtype=np.float32)
         r_lab = np.zeros((sidx.size, 1, *region), dtype=self.label_dtype)
@@ -199,6 +212,9 @@ def finish_batch(batch: dict[str, Any], augmenter: Augmenter | None) -> dict[str
     ``case``, ``centre`` and, after augmentation, ``flags``."""
     if augmenter is not None:
         return augmenter(batch)
-    out = {k: v for k, v in batch.items()
-           if k not in ("region_image", "region_label", "matrix", "spatial_index", "rotated", "scaled", "seed")}
+    out = {
+        k: v
+        for k, v in batch.items()
+        if k not in ("region_image", "region_label", "matrix", "spatial_index", "rotated", "scaled", "seed")
+    }
     return out

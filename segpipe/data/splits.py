@@ -26,8 +26,10 @@ def make_splits(case_ids: Sequence[str], n_folds: int = 5, seed: int = SPLIT_SEE
     if len(set(ids)) != n:
         raise DataError("duplicate case ids in the split input")
     if n_folds < 2 or n < n_folds:
-        raise DataError(f"cannot make {n_folds} folds from {n} case(s)",
-                        hint="use fold=all, or add cases (each fold needs at least one validation case)")
+        raise DataError(
+            f"cannot make {n_folds} folds from {n} case(s)",
+            hint="use fold=all, or add cases (each fold needs at least one validation case)",
+        )
     order = np.arange(n)
     np.random.RandomState(seed).shuffle(order)
     sizes = np.full(n_folds, n // n_folds, dtype=int)
@@ -62,12 +64,14 @@ def validate_splits(splits: Any, case_ids: Sequence[str] | None = None, *, where
             unknown = sorted((set(fold["train"]) | set(fold["val"])) - known)
             if unknown:
                 more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
-                raise StateError(f"{where}: fold {k} names case(s) not in the dataset: {', '.join(unknown[:5])}{more}",
-                                 hint=fix)
+                raise StateError(
+                    f"{where}: fold {k} names case(s) not in the dataset: {', '.join(unknown[:5])}{more}", hint=fix
+                )
 
 
-def load_or_create_splits(path: str | os.PathLike[str], case_ids: Sequence[str], *, n_folds: int = 5,
-                          seed: int = SPLIT_SEED) -> list[dict[str, list[str]]]:
+def load_or_create_splits(
+    path: str | os.PathLike[str], case_ids: Sequence[str], *, n_folds: int = 5, seed: int = SPLIT_SEED
+) -> list[dict[str, list[str]]]:
     """The splits in ``path`` (``splits_final.json``) when it exists — validated against
     ``case_ids`` — else nnU-Net's folds over ``case_ids`` (the current case list), written there atomically.
 

@@ -220,7 +220,7 @@ def _labels(desc: dict[str, Any], where: Path) -> dict[int, str]:
         out[value] = name
     if sorted(out) != list(range(len(out))):
         raise DatasetError(
-            f'{where}: label values must be 0 (background), 1, 2, … without gaps, got {sorted(out)}',
+            f"{where}: label values must be 0 (background), 1, 2, … without gaps, got {sorted(out)}",
             hint="renumber the labels consecutively",
         )
     return dict(sorted(out.items()))
@@ -231,10 +231,14 @@ def _inside(root: Path, rel: Any, entry: str, where: Path) -> Path:
     if not isinstance(rel, str) or not rel:
         raise DatasetError(f"{where}: {entry} must be a path string, got {rel!r}")
     if os.path.isabs(rel) or rel.startswith("~"):
-        raise DatasetError(f"{where}: {entry} {rel!r} is an absolute path", hint="use a path relative to the dataset folder")
+        raise DatasetError(
+            f"{where}: {entry} {rel!r} is an absolute path", hint="use a path relative to the dataset folder"
+        )
     full = os.path.normpath(os.path.join(root, rel))
     if full == str(root) or os.path.commonpath([full, str(root)]) != str(root):
-        raise DatasetError(f"{where}: {entry} {rel!r} escapes the dataset folder", hint="keep every file inside the dataset folder")
+        raise DatasetError(
+            f"{where}: {entry} {rel!r} escapes the dataset folder", hint="keep every file inside the dataset folder"
+        )
     return Path(full)
 
 
@@ -272,8 +276,17 @@ def _load_msd(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
         img = _exists(_inside(root, rel, f"test[{i}]", where), f"test[{i}]", where)
         tests.append(Case(_case_id_from_file(img), (img,), None))
     dim = 2 if str(desc.get("tensorImageSize", "3D")).upper() == "2D" else 3
-    return Dataset(root.name, root, "msd", channels, labels, sorted(cases, key=lambda c: c.id),
-                   sorted(tests, key=lambda c: c.id), dimension=dim, channels_in_one_file=True)
+    return Dataset(
+        root.name,
+        root,
+        "msd",
+        channels,
+        labels,
+        sorted(cases, key=lambda c: c.id),
+        sorted(tests, key=lambda c: c.id),
+        dimension=dim,
+        channels_in_one_file=True,
+    )
 
 
 def _load_nnunet(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
@@ -283,7 +296,9 @@ def _load_nnunet(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
     if not isinstance(ending, str) or not ending.startswith("."):
         raise DatasetError(f'{where}: "file_ending" must be a string like ".nii.gz", got {ending!r}')
     if ending.lower() not in IMAGE_EXTENSIONS:
-        raise DatasetError(f'{where}: file_ending {ending!r} is not supported', hint=f"use one of {', '.join(IMAGE_EXTENSIONS)}")
+        raise DatasetError(
+            f"{where}: file_ending {ending!r} is not supported", hint=f"use one of {', '.join(IMAGE_EXTENSIONS)}"
+        )
 
     def scan(folder: Path, need_label: bool) -> list[Case]:
         if not folder.is_dir():
@@ -314,7 +329,9 @@ def _load_nnunet(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
             if need_label:
                 label = root / "labelsTr" / f"{cid}{ending}"
                 if not label.is_file():
-                    raise DatasetError(f"{label}: label of case {cid} not found", hint="add the label or remove the case's images")
+                    raise DatasetError(
+                        f"{label}: label of case {cid} not found", hint="add the label or remove the case's images"
+                    )
             out.append(Case(cid, tuple(files[c] for c in sorted(files)), label))
         return out
 
@@ -324,7 +341,9 @@ def _load_nnunet(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
         ids = {c.id for c in cases}
         for f in sorted((root / "labelsTr").iterdir()):
             if f.name.endswith(ending) and f.name[: -len(ending)] not in ids:
-                raise DatasetError(f"{f}: label without images in imagesTr", hint="add the case's images or remove the label")
+                raise DatasetError(
+                    f"{f}: label without images in imagesTr", hint="add the case's images or remove the label"
+                )
     n = desc.get("numTraining")
     if n is not None and (not isinstance(n, int) or n != len(cases)):
         raise DatasetError(
@@ -349,8 +368,11 @@ def _check_file_ending(folder: Path, ending: str, found: int, where: Path) -> No
         return
     listed = ", ".join(f"{e} ({n})" for e, n in sorted(endings.items(), key=lambda kv: -kv[1]))
     usable = [e for e in sorted(endings, key=lambda e: -endings[e]) if e.lower() in IMAGE_EXTENSIONS]
-    hint = (f'set "file_ending" to "{usable[0]}" in dataset.json' if usable
-            else f"convert the images to one of {', '.join(IMAGE_EXTENSIONS)} and set \"file_ending\" to match")
+    hint = (
+        f'set "file_ending" to "{usable[0]}" in dataset.json'
+        if usable
+        else f'convert the images to one of {", ".join(IMAGE_EXTENSIONS)} and set "file_ending" to match'
+    )
     raise DatasetError(
         f"{where}: file_ending {ending!r} matches none of the {sum(endings.values())} files in {folder.name} "
         f"(endings found: {listed})",
@@ -364,12 +386,16 @@ def _load_case_folder(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
     image = desc.get("image")
     image_names = image if isinstance(image, list) else [image]
     if not image_names or not all(isinstance(n, str) and n for n in image_names):
-        raise DatasetError(f'{where}: "image" must be a file/folder name or a list of names (one per channel), got {image!r}')
+        raise DatasetError(
+            f'{where}: "image" must be a file/folder name or a list of names (one per channel), got {image!r}'
+        )
     label_name = desc.get("label")
     if label_name is not None and not isinstance(label_name, str):
         raise DatasetError(f'{where}: "label" must be a file name, got {label_name!r}')
     if len(image_names) != len(channels) and not (len(image_names) == 1 and len(channels) > 1):
-        raise DatasetError(f'{where}: "image" names {len(image_names)} files but channel_names declares {len(channels)} channels')
+        raise DatasetError(
+            f'{where}: "image" names {len(image_names)} files but channel_names declares {len(channels)} channels'
+        )
     listed = desc.get("cases")
     if listed is None:
         case_ids = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -381,8 +407,12 @@ def _load_case_folder(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
     for i, cid in enumerate(case_ids):
         folder = _inside(root, cid, f"cases[{i}]", where)
         if not folder.is_dir():
-            raise DatasetError(f"{where}: case folder {folder} does not exist", hint="fix the cases list or add the folder")
-        imgs = tuple(_exists(_inside(folder, n, f"case {cid} image", where), f"case {cid} image", where) for n in image_names)
+            raise DatasetError(
+                f"{where}: case folder {folder} does not exist", hint="fix the cases list or add the folder"
+            )
+        imgs = tuple(
+            _exists(_inside(folder, n, f"case {cid} image", where), f"case {cid} image", where) for n in image_names
+        )
         lab = _inside(folder, label_name, f"case {cid} label", where) if label_name else None
         if lab is not None and lab.exists():
             cases.append(Case(cid, imgs, lab))
@@ -397,9 +427,19 @@ def _load_case_folder(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
     priority = desc.get("seg_priority")
     if priority is not None and not isinstance(priority, list):
         raise DatasetError(f'{where}: "seg_priority" must be a list (highest priority first)')
-    return Dataset(root.name, root, "case-folder", channels, labels, cases, tests,
-                   channels_in_one_file=len(image_names) == 1 and len(channels) > 1,
-                   dicom_options=dict(dicom), seg_mapping=mapping, seg_priority=priority)
+    return Dataset(
+        root.name,
+        root,
+        "case-folder",
+        channels,
+        labels,
+        cases,
+        tests,
+        channels_in_one_file=len(image_names) == 1 and len(channels) > 1,
+        dicom_options=dict(dicom),
+        seg_mapping=mapping,
+        seg_priority=priority,
+    )
 
 
 # Suffixes that mark a case's label file in preprocessed caches (``<case>_seg.npy``: segpipe's flat
@@ -428,8 +468,10 @@ def check_case_ids(cases: list[Case], where: str | os.PathLike[str]) -> None:
         elif any(ord(ch) < 32 for ch in c.id):
             why = "holds a control character"
         if why:
-            raise DatasetError(f"{where}: case id {c.id!r} ({_source_name(c)}) {why}; it cannot name a file of its own",
-                               hint="rename the case (its file or folder, and its entry in dataset.json)")
+            raise DatasetError(
+                f"{where}: case id {c.id!r} ({_source_name(c)}) {why}; it cannot name a file of its own",
+                hint="rename the case (its file or folder, and its entry in dataset.json)",
+            )
     seen: dict[str, Case] = {}
     folded: dict[str, Case] = {}
     for c in cases:
@@ -460,7 +502,9 @@ def check_case_ids(cases: list[Case], where: str | os.PathLike[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- reading
-def _read_source(path: Path, ds: Dataset, reference: Geometry | None = None, *, is_label: bool = False) -> tuple[np.ndarray, Geometry]:
+def _read_source(
+    path: Path, ds: Dataset, reference: Geometry | None = None, *, is_label: bool = False
+) -> tuple[np.ndarray, Geometry]:
     if is_label and path.suffix.lower() == ".dcm" and reference is not None:
         from .dicom_seg import read_dicom_seg
 
@@ -486,9 +530,13 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
 
     for path in case.files():
         for warning in header_warnings(path):
-            add(path, "header_disagreement", warning,
+            add(
+                path,
+                "header_disagreement",
+                warning,
                 "make both describe the same grid (e.g. nibabel: img.set_qform(img.get_sform())) and re-save",
-                severity="warning")
+                severity="warning",
+            )
 
     arrays: list[np.ndarray] = []
     geometry: Geometry | None = None
@@ -500,7 +548,9 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
             add(path, problem, exc.message, exc.hint or "re-export or replace the file")
             continue
         if geo.shape[0] == 1 and ds.dimension == 3:
-            add(path, "wrong_dimension", f"2-D image (shape {geo.shape[1:]}) in a 3-D dataset", "provide the 3-D volume")
+            add(
+                path, "wrong_dimension", f"2-D image (shape {geo.shape[1:]}) in a 3-D dataset", "provide the 3-D volume"
+            )
         if geometry is None:
             geometry = geo
         else:
@@ -508,28 +558,45 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
             names = (path.name, first.name) if path.name != first.name else ("this channel", "first channel")
             diff = geo.differences(geometry, names=names)
             if diff:
-                add(path, "geometry_mismatch", f"grid differs from channel file {_rel(first, ds)}: {'; '.join(diff)}",
-                    "resample all channels onto one grid")
+                add(
+                    path,
+                    "geometry_mismatch",
+                    f"grid differs from channel file {_rel(first, ds)}: {'; '.join(diff)}",
+                    "resample all channels onto one grid",
+                )
         arrays.append(arr)
     if len(arrays) == len(case.images) and arrays:
         n = sum(a.shape[0] for a in arrays)
         if n != ds.num_channels:
-            add(case.images[0], "missing_channels", f"{n} channel(s) found, dataset declares {ds.num_channels}",
-                "provide every channel of channel_names/modality (or fix the declaration)")
+            add(
+                case.images[0],
+                "missing_channels",
+                f"{n} channel(s) found, dataset declares {ds.num_channels}",
+                "provide every channel of channel_names/modality (or fix the declaration)",
+            )
     image = None
     if arrays and not any(f.severity == "error" for f in findings):
         image = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
         finite = np.isfinite(image)
         if not finite.all():
             bad = int(image.size - np.count_nonzero(finite))
-            add(case.images[0], "nan_inf", f"{bad} NaN/inf voxel(s)", "repair the image (e.g. replace NaN by the background value)")
+            add(
+                case.images[0],
+                "nan_inf",
+                f"{bad} NaN/inf voxel(s)",
+                "repair the image (e.g. replace NaN by the background value)",
+            )
         else:
             for c in range(image.shape[0]):
                 lo, hi = float(image[c].min()), float(image[c].max())
                 if lo == hi:
                     what = "empty (all zero)" if lo == 0 else f"constant ({lo:g})"
-                    add(case.images[min(c, len(case.images) - 1)], "empty_image" if lo == 0 else "constant_image",
-                        f"channel {c} is {what}", "check the export; remove the case if the image is blank")
+                    add(
+                        case.images[min(c, len(case.images) - 1)],
+                        "empty_image" if lo == 0 else "constant_image",
+                        f"channel {c} is {what}",
+                        "check the export; remove the case if the image is blank",
+                    )
     label = None
     if case.label is not None:
         try:
@@ -538,19 +605,29 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
             add(case.label, "unreadable", exc.message, exc.hint or "re-export or replace the label")
         else:
             if read_label.shape[0] != 1:
-                add(case.label, "wrong_dimension", f"label has {read_label.shape[0]} channels/volumes", "store the label as one 3-D map")
+                add(
+                    case.label,
+                    "wrong_dimension",
+                    f"label has {read_label.shape[0]} channels/volumes",
+                    "store the label as one 3-D map",
+                )
             elif geometry is not None:
                 diff = lgeo.differences(geometry, names=("label", "image"))
                 if diff:
-                    add(case.label, "geometry_mismatch",
+                    add(
+                        case.label,
+                        "geometry_mismatch",
                         f"label grid differs from image {_rel(case.images[0], ds)}: {'; '.join(diff)}",
-                        "resample the label onto the image grid (nearest neighbour) or fix its header")
+                        "resample the label onto the image grid (nearest neighbour) or fix its header",
+                    )
             lab: np.ndarray | None = read_label[0]
             assert lab is not None
             if not np.issubdtype(lab.dtype, np.integer):
                 finite = np.isfinite(lab)
                 if not finite.all() or not np.array_equal(lab[finite], np.round(lab[finite])):
-                    add(case.label, "label_values", "label has non-integer or NaN values", "store the label as integers")
+                    add(
+                        case.label, "label_values", "label has non-integer or NaN values", "store the label as integers"
+                    )
                     lab = None
                 else:
                     lab = lab.astype(np.int64)
@@ -558,11 +635,20 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
                 values = np.unique(lab)
                 undeclared = [int(v) for v in values if int(v) not in ds.labels]
                 if undeclared:
-                    add(case.label, "label_values", f"label values {undeclared} are not declared (declared {sorted(ds.labels)})",
-                        "fix the label map or declare the values in dataset.json")
+                    add(
+                        case.label,
+                        "label_values",
+                        f"label values {undeclared} are not declared (declared {sorted(ds.labels)})",
+                        "fix the label map or declare the values in dataset.json",
+                    )
                 elif values.size == 1 and int(values[0]) == 0:
-                    add(case.label, "empty_label", "label has no foreground", "fine for negative cases; check otherwise",
-                        severity="warning")
+                    add(
+                        case.label,
+                        "empty_label",
+                        "label has no foreground",
+                        "fine for negative cases; check otherwise",
+                        severity="warning",
+                    )
                 dtype = np.uint8 if ds.num_classes <= 256 else np.int32
                 label = lab.astype(dtype, copy=False)
     if any(f.severity == "error" for f in findings) or image is None or geometry is None:

@@ -85,12 +85,42 @@ DEFAULT_SPACING_TOLERANCE = 0.02
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "SR", "PR", "KO", "DOC", "REG", "FID", "RWV"}
-NON_IMAGE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.88", "1.2.840.10008.5.1.4.1.1.11",
-                          "1.2.840.10008.5.1.4.1.1.481", "1.2.840.10008.5.1.4.1.1.104")
+NON_IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.66",
+    "1.2.840.10008.5.1.4.1.1.88",
+    "1.2.840.10008.5.1.4.1.1.11",
+    "1.2.840.10008.5.1.4.1.1.481",
+    "1.2.840.10008.5.1.4.1.1.104",
+)
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
-SKIP_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".txt", ".md", ".json", ".yaml", ".py", ".png",
-                 ".jpg", ".zip", ".gz", ".csv", ".pdf", ".html")
-READ_OPTIONS = ("series", "modality", "allow_uneven_spacing", "allow_few_slices", "allow_gantry_tilt", "spacing_tolerance")
+SKIP_SUFFIXES = (
+    ".nii",
+    ".nii.gz",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".txt",
+    ".md",
+    ".json",
+    ".yaml",
+    ".py",
+    ".png",
+    ".jpg",
+    ".zip",
+    ".gz",
+    ".csv",
+    ".pdf",
+    ".html",
+)
+READ_OPTIONS = (
+    "series",
+    "modality",
+    "allow_uneven_spacing",
+    "allow_few_slices",
+    "allow_gantry_tilt",
+    "spacing_tolerance",
+)
 
 
 @dataclass
@@ -143,7 +173,9 @@ class DicomSeries:
         desc = f" '{self.description}'" if self.description else ""
         sizes = sorted({(f.rows, f.cols) for f in self.frames})
         size = ", ".join(f"{r}x{c}" for r, c in sizes) or "no pixels"
-        return f"{self.uid} [{self.modality}{desc}, {len(self.frames)} x {size}, {len(self.files)} files, {self.folder}]"
+        return (
+            f"{self.uid} [{self.modality}{desc}, {len(self.frames)} x {size}, {len(self.files)} files, {self.folder}]"
+        )
 
 
 @dataclass
@@ -167,8 +199,10 @@ def _quiet_pydicom() -> Iterator[None]:
         pass
     manager = logging.Logger.manager
     loggers = [logging.getLogger("pydicom")] + [
-        lg for name, lg in list(manager.loggerDict.items())
-        if name.startswith("pydicom.") and isinstance(lg, logging.Logger)]
+        lg
+        for name, lg in list(manager.loggerDict.items())
+        if name.startswith("pydicom.") and isinstance(lg, logging.Logger)
+    ]
     previous = [lg.disabled for lg in loggers]
     for lg in loggers:
         lg.disabled = True
@@ -242,23 +276,35 @@ def _frames_of(ds: Any, path: Path) -> tuple[list[Frame], bool]:
         for i, item in enumerate(per_frame):
             ps = _floats(get(item, "PixelMeasuresSequence", "PixelSpacing") or (), 2)
             thick = _number(get(item, "PixelMeasuresSequence", "SliceThickness"), 0.0)
-            frames.append(Frame(
-                path, i, rows, cols, samples,
-                _floats(get(item, "PlanePositionSequence", "ImagePositionPatient") or (), 3),
-                _floats(get(item, "PlaneOrientationSequence", "ImageOrientationPatient") or (), 6),
-                None if ps is None else (float(ps[0]), float(ps[1])),
-                _number(get(item, "PixelValueTransformationSequence", "RescaleSlope"), 1.0) or 1.0,
-                _number(get(item, "PixelValueTransformationSequence", "RescaleIntercept"), 0.0),
-                thick if thick > 0 else None,
-            ))
+            frames.append(
+                Frame(
+                    path,
+                    i,
+                    rows,
+                    cols,
+                    samples,
+                    _floats(get(item, "PlanePositionSequence", "ImagePositionPatient") or (), 3),
+                    _floats(get(item, "PlaneOrientationSequence", "ImageOrientationPatient") or (), 6),
+                    None if ps is None else (float(ps[0]), float(ps[1])),
+                    _number(get(item, "PixelValueTransformationSequence", "RescaleSlope"), 1.0) or 1.0,
+                    _number(get(item, "PixelValueTransformationSequence", "RescaleIntercept"), 0.0),
+                    thick if thick > 0 else None,
+                )
+            )
         return frames, False
     ps = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or (), 2)
     thick = abs(_number(ds.get("SpacingBetweenSlices"), 0.0)) or _number(ds.get("SliceThickness"), 0.0)
     frame = Frame(
-        path, None, rows, cols, samples,
-        _floats(ds.get("ImagePositionPatient") or (), 3), _floats(ds.get("ImageOrientationPatient") or (), 6),
+        path,
+        None,
+        rows,
+        cols,
+        samples,
+        _floats(ds.get("ImagePositionPatient") or (), 3),
+        _floats(ds.get("ImageOrientationPatient") or (), 6),
         None if ps is None else (float(ps[0]), float(ps[1])),
-        _number(ds.get("RescaleSlope"), 1.0) or 1.0, _number(ds.get("RescaleIntercept"), 0.0),
+        _number(ds.get("RescaleSlope"), 1.0) or 1.0,
+        _number(ds.get("RescaleIntercept"), 0.0),
         thick if thick > 0 else None,
     )
     return [frame], nframes > 1
@@ -310,8 +356,15 @@ def _scan(path: str | os.PathLike[str]) -> _Scan:
     root = Path(path)
     if not root.exists():
         raise DicomError(f"{root}: no such file or folder", hint="check the path")
-    files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = (
+        [root]
+        if root.is_file()
+        else sorted(
+            p
+            for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+    )
     skipped: Counter[str] = Counter()
     examples: dict[str, list[str]] = defaultdict(list)
 
@@ -361,15 +414,33 @@ def _scan(path: str | os.PathLike[str]) -> _Scan:
             series = groups.get(uid)
         else:  # anonymised: group by what remains
             iop = frames[0].orientation if frames else None
-            key = (str(f.parent), study, series_number, description, modality, sop, frame_of_reference,
-                   frames[0].rows if frames else None, frames[0].cols if frames else None,
-                   None if iop is None else tuple(np.round(iop, 3).tolist()))
+            key = (
+                str(f.parent),
+                study,
+                series_number,
+                description,
+                modality,
+                sop,
+                frame_of_reference,
+                frames[0].rows if frames else None,
+                frames[0].cols if frames else None,
+                None if iop is None else tuple(np.round(iop, 3).tolist()),
+            )
             series = anonymous.get(key)
             if series is None:
                 uid = SYNTHETIC_PREFIX + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
         if series is None:
-            series = DicomSeries(uid, modality, description, series_number, sop, sop_name, f.parent,
-                                 frame_of_reference=frame_of_reference, synthetic=key is not None)
+            series = DicomSeries(
+                uid,
+                modality,
+                description,
+                series_number,
+                sop,
+                sop_name,
+                f.parent,
+                frame_of_reference=frame_of_reference,
+                synthetic=key is not None,
+            )
             if key is not None:
                 anonymous[key] = series
             else:
@@ -388,7 +459,8 @@ def _scan(path: str | os.PathLike[str]) -> _Scan:
             s.warnings.append(
                 f"{len(s.files)} file(s) in {s.folder} have no SeriesInstanceUID: grouped as series {s.uid} by folder, "
                 "StudyInstanceUID, SeriesNumber, description, modality, FrameOfReferenceUID, size and orientation; "
-                "check that they form one series")
+                "check that they form one series"
+            )
     found.sort(key=lambda s: (s.kind != "image", str(s.folder), s.series_number or 0, s.uid))
     return _Scan(found, skipped, dict(examples))
 
@@ -409,10 +481,20 @@ def _split_copies(series: DicomSeries) -> list[DicomSeries]:
         return [series]
     by_folder: dict[Path, DicomSeries] = {}
     for f, sop in zip(series.files, series.sop_instances):
-        part = by_folder.setdefault(f.parent, DicomSeries(
-            series.uid, series.modality, series.description, series.series_number, series.sop_class,
-            series.sop_class_name, f.parent, frame_of_reference=series.frame_of_reference,
-            synthetic=series.synthetic))
+        part = by_folder.setdefault(
+            f.parent,
+            DicomSeries(
+                series.uid,
+                series.modality,
+                series.description,
+                series.series_number,
+                series.sop_class,
+                series.sop_class_name,
+                f.parent,
+                frame_of_reference=series.frame_of_reference,
+                synthetic=series.synthetic,
+            ),
+        )
         part.files.append(f)
         part.sop_instances.append(sop)
         part.frames.extend(fr for fr in series.frames if fr.path == f)
@@ -423,8 +505,9 @@ def _split_copies(series: DicomSeries) -> list[DicomSeries]:
 def _problem(series: DicomSeries) -> str | None:
     """Why the series cannot be read as it is (None when it can); never raises."""
     try:
-        plan_series(series, Path(series.folder), allow_uneven_spacing=False, allow_few_slices=False,
-                    allow_gantry_tilt=False)
+        plan_series(
+            series, Path(series.folder), allow_uneven_spacing=False, allow_few_slices=False, allow_gantry_tilt=False
+        )
     except DicomError as exc:
         return exc.message.split(": ", 1)[-1]
     except Exception as exc:  # a listing describes every series it can and reports the others
@@ -432,8 +515,9 @@ def _problem(series: DicomSeries) -> str | None:
     return None
 
 
-def describe_dicom(path: str | os.PathLike[str], *, series: str | None = None,
-                   modality: str | None = None) -> dict[str, Any]:
+def describe_dicom(
+    path: str | os.PathLike[str], *, series: str | None = None, modality: str | None = None
+) -> dict[str, Any]:
     """JSON-serialisable summary of every series under ``path`` (headers only), for ``segpipe info``.
 
     Keys:
@@ -457,23 +541,43 @@ def describe_dicom(path: str | os.PathLike[str], *, series: str | None = None,
     for s in scan.series:
         problem = _problem(s) if s.kind in ("image", "secondary-capture") else None
         sizes = sorted({(f.rows, f.cols) for f in s.frames})
-        items.append({
-            "uid": s.uid, "modality": s.modality, "description": s.description, "series_number": s.series_number,
-            "sop_class": s.sop_class_name, "kind": s.kind, "folder": str(s.folder), "files": len(s.files),
-            "frames": len(s.frames), "sizes": [list(sz) for sz in sizes], "frame_of_reference": s.frame_of_reference,
-            "readable": s.kind in ("image", "secondary-capture") and problem is None, "problem": problem,
-            "synthetic": s.synthetic, "warnings": list(s.warnings),
-        })
+        items.append(
+            {
+                "uid": s.uid,
+                "modality": s.modality,
+                "description": s.description,
+                "series_number": s.series_number,
+                "sop_class": s.sop_class_name,
+                "kind": s.kind,
+                "folder": str(s.folder),
+                "files": len(s.files),
+                "frames": len(s.frames),
+                "sizes": [list(sz) for sz in sizes],
+                "frame_of_reference": s.frame_of_reference,
+                "readable": s.kind in ("image", "secondary-capture") and problem is None,
+                "problem": problem,
+                "synthetic": s.synthetic,
+                "warnings": list(s.warnings),
+            }
+        )
         warnings_.extend(s.warnings)
     _REPORTED.update(warnings_)  # shown in the listing: reading the series does not log them again
     chosen, reason = None, None
     try:
-        chosen = choose_series(scan.series, Path(path), series=series, modality=modality,
-                               skipped_reasons=scan.reasons()).uid
+        chosen = choose_series(
+            scan.series, Path(path), series=series, modality=modality, skipped_reasons=scan.reasons()
+        ).uid
     except DicomError as exc:
         reason = exc.message.split(": ", 1)[-1]
-    return {"path": str(path), "series": items, "skipped": dict(scan.skipped), "skipped_reasons": scan.reasons(),
-            "warnings": warnings_, "chosen": chosen, "choice_problem": reason}
+    return {
+        "path": str(path),
+        "series": items,
+        "skipped": dict(scan.skipped),
+        "skipped_reasons": scan.reasons(),
+        "warnings": warnings_,
+        "chosen": chosen,
+        "choice_problem": reason,
+    }
 
 
 def unique_suffixes(uids: list[str], min_len: int = 12) -> list[str]:
@@ -501,15 +605,23 @@ def _matches(pattern: str, text: str) -> bool:
     """Case-insensitive glob on the whole ``text``; ``re:…`` is a case-insensitive regex search."""
     if pattern.startswith(REGEX_PREFIX):
         try:
-            return re.search(pattern[len(REGEX_PREFIX):], text, re.IGNORECASE) is not None
+            return re.search(pattern[len(REGEX_PREFIX) :], text, re.IGNORECASE) is not None
         except re.error as exc:
-            raise UsageError(f"series={pattern!r}: invalid regular expression ({exc})",
-                             hint="fix the pattern after 're:', or use a glob without the prefix") from None
+            raise UsageError(
+                f"series={pattern!r}: invalid regular expression ({exc})",
+                hint="fix the pattern after 're:', or use a glob without the prefix",
+            ) from None
     return fnmatch.fnmatchcase(text.lower(), pattern.lower())
 
 
-def choose_series(found: list[DicomSeries], where: Path, *, series: str | None = None,
-                  modality: str | None = None, skipped_reasons: list[str] | None = None) -> DicomSeries:
+def choose_series(
+    found: list[DicomSeries],
+    where: Path,
+    *,
+    series: str | None = None,
+    modality: str | None = None,
+    skipped_reasons: list[str] | None = None,
+) -> DicomSeries:
     """The series selected by UID / description pattern / modality, or the only image series.
 
     ``series`` is an exact SeriesInstanceUID, a case-insensitive glob on the SeriesDescription, or
@@ -521,8 +633,11 @@ def choose_series(found: list[DicomSeries], where: Path, *, series: str | None =
         if len(exact) == 1 and exact[0].kind in ("image", "secondary-capture"):
             return exact[0]
         if exact and all(s.kind not in ("image", "secondary-capture") for s in exact):
-            raise DicomError(f"{where}: series {series} holds {exact[0].sop_class_name} objects ({exact[0].kind}), "
-                             "not an image series", hint="select an image series (segpipe info lists them)")
+            raise DicomError(
+                f"{where}: series {series} holds {exact[0].sop_class_name} objects ({exact[0].kind}), "
+                "not an image series",
+                hint="select an image series (segpipe info lists them)",
+            )
     explicit = series is not None or where.is_file()  # secondary captures are read when asked for
     pool = [s for s in found if s.kind == "image" or (explicit and s.kind == "secondary-capture")]
     if modality is not None:
@@ -531,7 +646,9 @@ def choose_series(found: list[DicomSeries], where: Path, *, series: str | None =
         pool = [s for s in pool if s.uid == series or _matches(series, s.description)]
     if len(pool) == 1:
         return pool[0]
-    wanted = " ".join(x for x in (f"series={series!r}" if series else "", f"modality={modality!r}" if modality else "") if x)
+    wanted = " ".join(
+        x for x in (f"series={series!r}" if series else "", f"modality={modality!r}" if modality else "") if x
+    )
     if not pool:
         what = f"no image series matches {wanted}" if wanted else "no image series found"
         skipped = f"; {'; '.join(skipped_reasons)}" if skipped_reasons else ""
@@ -540,8 +657,10 @@ def choose_series(found: list[DicomSeries], where: Path, *, series: str | None =
             hint += f" (a glob matches the whole description: try series='*{series}*', or 're:{series}' for a regex)"
         raise DicomError(f"{where}: {what} (found: {listing}{skipped})", hint=hint)
     names = "; ".join(s.label() for s in pool)
-    raise DicomError(f"{where}: {len(pool)} image series{' match ' + wanted if wanted else ''}: {names}",
-                     hint="select one with series=UID, a description glob or 're:REGEX' (and/or modality=...)")
+    raise DicomError(
+        f"{where}: {len(pool)} image series{' match ' + wanted if wanted else ''}: {names}",
+        hint="select one with series=UID, a description glob or 're:REGEX' (and/or modality=...)",
+    )
 
 
 # -------------------------------------------------------------------------------------- validation
@@ -549,9 +668,15 @@ def _fmt(values: Any) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
-def plan_series(series: DicomSeries, where: Path, *, allow_uneven_spacing: bool = False,
-                allow_few_slices: bool = False, allow_gantry_tilt: bool = False,
-                spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE) -> ReadPlan:
+def plan_series(
+    series: DicomSeries,
+    where: Path,
+    *,
+    allow_uneven_spacing: bool = False,
+    allow_few_slices: bool = False,
+    allow_gantry_tilt: bool = False,
+    spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+) -> ReadPlan:
     """Validate a series from its headers and compute the output grid (see the module docstring)."""
     name = f"series '{series.description}'" if series.description else f"series {series.uid}"
     where_s = f"{where} ({name})" if where.is_dir() and series.folder != where else f"{where}"
@@ -559,63 +684,88 @@ def plan_series(series: DicomSeries, where: Path, *, allow_uneven_spacing: bool 
     def fail(problem: str, hint: str) -> DicomError:
         return DicomError(f"{where_s}: {problem}", hint=hint)
 
-    def grid(shape: tuple[int, int, int], spacing: tuple[float, float, float], origin: Any,
-             direction: tuple[float, ...]) -> Geometry:
+    def grid(
+        shape: tuple[int, int, int], spacing: tuple[float, float, float], origin: Any, direction: tuple[float, ...]
+    ) -> Geometry:
         try:
             return Geometry(shape, spacing, (float(origin[0]), float(origin[1]), float(origin[2])), direction)
         except ValueError as exc:  # the checks below should leave nothing for this to catch
-            raise fail(f"the headers give no valid voxel grid ({exc})",
-                       "the series' geometry tags are damaged; re-export it") from None
+            raise fail(
+                f"the headers give no valid voxel grid ({exc})", "the series' geometry tags are damaged; re-export it"
+            ) from None
 
     def check_spacing(ps: tuple[float, float], name: str) -> None:
         if not (ps[0] > 0 and ps[1] > 0):
-            raise fail(f"PixelSpacing {ps[0]:g}\\{ps[1]:g} is not positive (in {name})",
-                       "the file lacks a usable pixel spacing (a projection image or a damaged export); "
-                       "re-export it with PixelSpacing, or select another series")
+            raise fail(
+                f"PixelSpacing {ps[0]:g}\\{ps[1]:g} is not positive (in {name})",
+                "the file lacks a usable pixel spacing (a projection image or a damaged export); "
+                "re-export it with PixelSpacing, or select another series",
+            )
 
     frames = series.frames
     if not frames:
         raise fail(f"{series.kind} object(s) ({series.sop_class_name}) without image pixels", "select an image series")
     if series.multiframe_without_geometry:
-        raise fail("multi-frame object without per-frame positions (no functional groups)",
-                   "convert it to an enhanced multi-frame or single-frame series")
+        raise fail(
+            "multi-frame object without per-frame positions (no functional groups)",
+            "convert it to an enhanced multi-frame or single-frame series",
+        )
     sizes = Counter((f.rows, f.cols, f.samples) for f in frames)
     if len(sizes) > 1:
         desc = ", ".join(f"{r}x{c}{'x' + str(s) if s > 1 else ''} ({n} slices)" for (r, c, s), n in sizes.most_common())
-        raise fail(f"mixed sizes: {desc}", "select a series whose slices all have the same size (not a summary/screenshot series)")
+        raise fail(
+            f"mixed sizes: {desc}",
+            "select a series whose slices all have the same size (not a summary/screenshot series)",
+        )
     for f in frames:
         if f.pixel_spacing is not None:
             check_spacing(f.pixel_spacing, f.path.name)
         if f.orientation is not None:
             norms = np.linalg.norm(f.orientation[:3]), np.linalg.norm(f.orientation[3:])
-            if min(norms) < 0.5 or abs(float(np.dot(f.orientation[:3], f.orientation[3:]))) > 0.05 * norms[0] * norms[1]:
-                raise fail(f"ImageOrientationPatient {_fmt(f.orientation)} is not two perpendicular directions "
-                           f"(in {f.path.name})", "the series' orientation tags are damaged; re-export it")
+            if (
+                min(norms) < 0.5
+                or abs(float(np.dot(f.orientation[:3], f.orientation[3:]))) > 0.05 * norms[0] * norms[1]
+            ):
+                raise fail(
+                    f"ImageOrientationPatient {_fmt(f.orientation)} is not two perpendicular directions "
+                    f"(in {f.path.name})",
+                    "the series' orientation tags are damaged; re-export it",
+                )
     if len(frames) == 1 and frames[0].position is None:
         f = frames[0]
         ps = f.pixel_spacing or (1.0, 1.0)
         iop = f.orientation if f.orientation is not None else np.array([1.0, 0, 0, 0, 1.0, 0])
         r, c = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
-        geometry = grid((1, f.rows, f.cols), (f.thickness or 1.0, ps[0], ps[1]), (0.0, 0.0, 0.0),
-                        tuple(np.column_stack([r, c, np.cross(r, c)]).ravel()))
+        geometry = grid(
+            (1, f.rows, f.cols),
+            (f.thickness or 1.0, ps[0], ps[1]),
+            (0.0, 0.0, 0.0),
+            tuple(np.column_stack([r, c, np.cross(r, c)]).ravel()),
+        )
         return ReadPlan(frames, geometry, np.zeros(1), np.zeros((1, 2)), False)
     missing = [f.path.name for f in frames if f.position is None or f.orientation is None]
     if missing:
-        raise fail(f"{len(missing)} slice(s) without ImagePositionPatient/ImageOrientationPatient (e.g. {missing[0]})",
-                   "this is not a volume series (a projection or screenshot?); select another series")
+        raise fail(
+            f"{len(missing)} slice(s) without ImagePositionPatient/ImageOrientationPatient (e.g. {missing[0]})",
+            "this is not a volume series (a projection or screenshot?); select another series",
+        )
     iops = np.array([f.orientation for f in frames])
     distinct = np.unique(np.round(iops / ORIENTATION_ATOL).astype(np.int64), axis=0)
     if np.max(np.abs(iops - iops[0])) > ORIENTATION_ATOL:
-        raise fail(f"mixed slice orientations: {len(distinct)} different ImageOrientationPatient values "
-                   f"(e.g. {_fmt(iops[0])} and {_fmt(iops[np.argmax(np.abs(iops - iops[0]).max(axis=1))])})",
-                   "this series holds several stacks (localizer/3-plane?); split it or select another series")
+        raise fail(
+            f"mixed slice orientations: {len(distinct)} different ImageOrientationPatient values "
+            f"(e.g. {_fmt(iops[0])} and {_fmt(iops[np.argmax(np.abs(iops - iops[0]).max(axis=1))])})",
+            "this series holds several stacks (localizer/3-plane?); split it or select another series",
+        )
     spacings = [f.pixel_spacing for f in frames]
     if any(s is None for s in spacings):
         raise fail("slices without PixelSpacing", "the series lacks pixel spacing; re-export it with spacing")
     ps_arr = np.array(spacings, dtype=float)
     if not np.allclose(ps_arr, ps_arr[0], rtol=PIXEL_SPACING_RTOL, atol=0):
-        raise fail(f"mixed pixel spacings {_fmt(ps_arr.min(axis=0))} to {_fmt(ps_arr.max(axis=0))}",
-                   "select a series whose slices share one pixel spacing")
+        raise fail(
+            f"mixed pixel spacings {_fmt(ps_arr.min(axis=0))} to {_fmt(ps_arr.max(axis=0))}",
+            "select a series whose slices share one pixel spacing",
+        )
     iop = iops.mean(axis=0)
     r, c = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
     n = np.cross(r, c)
@@ -632,18 +782,22 @@ def plan_series(series: DicomSeries, where: Path, *, allow_uneven_spacing: bool 
     if len(dups):
         per_pos = Counter(np.round(t / dup_tol).astype(np.int64).tolist())
         involved = sum(c for c in per_pos.values() if c > 1)
-        raise fail(f"duplicate slice positions: {involved} of {len(frames)} slices share a position with another (up to "
-                   f"{max(per_pos.values())} at one position, e.g. {frames[dups[0]].path.name} and "
-                   f"{frames[dups[0] + 1].path.name} at {t[dups[0]]:.2f} mm along the normal)",
-                   "the series holds several volumes (time points, echoes) or repeated slices; split it")
+        raise fail(
+            f"duplicate slice positions: {involved} of {len(frames)} slices share a position with another (up to "
+            f"{max(per_pos.values())} at one position, e.g. {frames[dups[0]].path.name} and "
+            f"{frames[dups[0] + 1].path.name} at {t[dups[0]]:.2f} mm along the normal)",
+            "the series holds several volumes (time points, echoes) or repeated slices; split it",
+        )
     geometry_dir = tuple(np.column_stack([r, c, n]).ravel())
     if len(frames) == 1:
         f = frames[0]
         geometry = grid((1, f.rows, f.cols), (f.thickness or 1.0, dy, dx), tuple(pos[0]), geometry_dir)
         return ReadPlan(frames, geometry, t, np.zeros((1, 2)), False)
     if len(frames) == 2 and not allow_few_slices:
-        raise fail("only 2 slices: too few to validate the slice spacing",
-                   "pass allow_few_slices=True if you know this 2-slice series is a regular volume")
+        raise fail(
+            "only 2 slices: too few to validate the slice spacing",
+            "pass allow_few_slices=True if you know this 2-slice series is a regular volume",
+        )
     rel = pos - pos[0]
     in_plane = rel - np.outer(rel @ n, n)
     uv = np.column_stack([in_plane @ r / dx, in_plane @ c / dy])
@@ -651,9 +805,11 @@ def plan_series(series: DicomSeries, where: Path, *, allow_uneven_spacing: bool 
     tilted = shift > TILT_PIXEL_FRACTION * min(dx, dy)
     if tilted and not allow_gantry_tilt:
         angle = np.degrees(np.arctan2(np.linalg.norm(in_plane[-1]), t[-1] - t[0]))
-        raise fail(f"gantry tilt / sheared stack: slice positions drift {shift:.2f} mm in-plane over "
-                   f"{t[-1] - t[0]:.1f} mm ({angle:.1f} degrees from the slice normal)",
-                   "pass allow_gantry_tilt=True to resample onto a regular grid, or reconstruct without tilt")
+        raise fail(
+            f"gantry tilt / sheared stack: slice positions drift {shift:.2f} mm in-plane over "
+            f"{t[-1] - t[0]:.1f} mm ({angle:.1f} degrees from the slice normal)",
+            "pass allow_gantry_tilt=True to resample onto a regular grid, or reconstruct without tilt",
+        )
     mean_step = (t[-1] - t[0]) / (len(t) - 1)
     deviation = np.abs(t - (t[0] + mean_step * np.arange(len(t))))
     uneven = float(deviation.max()) > spacing_tolerance * mean_step
@@ -662,12 +818,16 @@ def plan_series(series: DicomSeries, where: Path, *, allow_uneven_spacing: bool 
         k = int(np.argmax(np.abs(steps - med)))
         ratio = steps[k] / med
         if ratio > 1.5 and abs(ratio - round(ratio)) < 0.2:
-            what = (f"missing slice(s): gap of {steps[k]:.3g} mm between {frames[k].path.name} ({t[k]:.2f} mm) and "
-                    f"{frames[k + 1].path.name} ({t[k + 1]:.2f} mm) along the slice normal where the spacing is "
-                    f"{med:.3g} mm ({int(round(ratio)) - 1} slice(s) missing)")
+            what = (
+                f"missing slice(s): gap of {steps[k]:.3g} mm between {frames[k].path.name} ({t[k]:.2f} mm) and "
+                f"{frames[k + 1].path.name} ({t[k + 1]:.2f} mm) along the slice normal where the spacing is "
+                f"{med:.3g} mm ({int(round(ratio)) - 1} slice(s) missing)"
+            )
         else:
-            what = (f"uneven slice spacing: steps from {steps.min():.3g} to {steps.max():.3g} mm (largest at "
-                    f"{frames[k].path.name}); tolerance {spacing_tolerance:.0%} of {mean_step:.3g} mm")
+            what = (
+                f"uneven slice spacing: steps from {steps.min():.3g} to {steps.max():.3g} mm (largest at "
+                f"{frames[k].path.name}); tolerance {spacing_tolerance:.0%} of {mean_step:.3g} mm"
+            )
         raise fail(what, "add the missing files, or pass allow_uneven_spacing=True to resample onto a regular grid")
     f0 = frames[0]
     if not (tilted or uneven):
@@ -730,8 +890,10 @@ def _decode_failure(path: Path, ds: Any, exc: BaseException) -> DicomError:
     if packages and not available.intersection(plugins):
         hint = f"install a decoder for {ts.name}: pip install {packages}"
     elif packages:
-        hint = (f"the installed decoders ({', '.join(sorted(available))}) cannot decode it: the data may be damaged or "
-                "non-conformant; decompress it with another tool (gdcmconv --raw, dcmdjpeg) or re-export it uncompressed")
+        hint = (
+            f"the installed decoders ({', '.join(sorted(available))}) cannot decode it: the data may be damaged or "
+            "non-conformant; decompress it with another tool (gdcmconv --raw, dcmdjpeg) or re-export it uncompressed"
+        )
     else:
         hint = "segpipe cannot decode this transfer syntax; convert the series to an uncompressed one (gdcmconv --raw)"
     return DicomError(message, hint=hint)
@@ -759,15 +921,21 @@ def _decode(plan: ReadPlan, where: Path) -> np.ndarray:
         else:
             stack = pixels[None]
         if stack.shape[1:3] != (f0.rows, f0.cols) or stack.shape[3:] != (() if single else (f0.samples,)):
-            raise DicomError(f"{path}: pixel data shape {stack.shape[1:]} does not match Rows/Columns/SamplesPerPixel "
-                             f"({f0.rows}, {f0.cols}, {f0.samples})", hint="the file is damaged; re-export it")
+            raise DicomError(
+                f"{path}: pixel data shape {stack.shape[1:]} does not match Rows/Columns/SamplesPerPixel "
+                f"({f0.rows}, {f0.cols}, {f0.samples})",
+                hint="the file is damaged; re-export it",
+            )
         if out is None:
             out = np.empty((len(plan.frames),) + stack.shape[1:], dtype=stack.dtype)
         for k, fr in items:
             index = fr.index or 0
             if index >= len(stack):
-                raise DicomError(f"{path}: frame {index + 1} is described in the header but the pixel data hold "
-                                 f"{len(stack)} frame(s)", hint="the file is truncated or damaged; re-export it")
+                raise DicomError(
+                    f"{path}: frame {index + 1} is described in the header but the pixel data hold "
+                    f"{len(stack)} frame(s)",
+                    hint="the file is truncated or damaged; re-export it",
+                )
             out[k] = stack[index]
     assert out is not None
     return out
@@ -786,8 +954,9 @@ def _apply_rescale(stored: np.ndarray, frames: list[Frame]) -> np.ndarray:
             info = np.iinfo(dt)
             if info.min <= lo and hi <= info.max:
                 return vals.astype(dt)
-    return (stored.astype(np.float32) * slopes.astype(np.float32).reshape(shape)
-            + inters.astype(np.float32).reshape(shape))
+    return stored.astype(np.float32) * slopes.astype(np.float32).reshape(shape) + inters.astype(np.float32).reshape(
+        shape
+    )
 
 
 def _resample(data: np.ndarray, plan: ReadPlan) -> np.ndarray:
@@ -804,11 +973,19 @@ def _resample(data: np.ndarray, plan: ReadPlan) -> np.ndarray:
     def slab(k: int) -> np.ndarray:
         if k not in cache:
             off_u, off_v = plan.uv[k]
-            cache[k] = np.stack([
-                ndimage.affine_transform(data[ch, k].astype(np.float32), np.eye(2), offset=(-off_v, -off_u),
-                                         output_shape=g.shape[1:], order=1, cval=fill)
-                for ch in range(data.shape[0])
-            ])
+            cache[k] = np.stack(
+                [
+                    ndimage.affine_transform(
+                        data[ch, k].astype(np.float32),
+                        np.eye(2),
+                        offset=(-off_v, -off_u),
+                        output_shape=g.shape[1:],
+                        order=1,
+                        cval=fill,
+                    )
+                    for ch in range(data.shape[0])
+                ]
+            )
         return cache[k]
 
     for m, tm in enumerate(tz):
@@ -834,11 +1011,14 @@ def _select(path: str | os.PathLike[str], series: str | None, modality: str | No
     scan = _scan(where)
     if where.is_file() and not scan.series:
         if scan.skipped.get(SKIP_DICOMDIR):
-            raise DicomError(f"{where}: a DICOMDIR index file, not an image",
-                             hint="pass the folder holding the series it lists")
+            raise DicomError(
+                f"{where}: a DICOMDIR index file, not an image", hint="pass the folder holding the series it lists"
+            )
         why = "; ".join(e.split(": ", 1)[-1] for examples in scan.examples.values() for e in examples)
-        raise DicomError(f"{where}: not a readable DICOM file{f' ({why})' if why else ''}",
-                         hint="check the file (it may be truncated or not DICOM)")
+        raise DicomError(
+            f"{where}: not a readable DICOM file{f' ({why})' if why else ''}",
+            hint="check the file (it may be truncated or not DICOM)",
+        )
     chosen = choose_series(scan.series, where, series=series, modality=modality, skipped_reasons=scan.reasons())
     for warning in chosen.warnings:
         if warning not in _REPORTED:  # once per process; describe_dicom's listing counts as reported
@@ -847,27 +1027,55 @@ def _select(path: str | os.PathLike[str], series: str | None, modality: str | No
     return where, chosen
 
 
-def dicom_geometry(path: str | os.PathLike[str], *, series: str | None = None, modality: str | None = None,
-                   allow_uneven_spacing: bool = False, allow_few_slices: bool = False, allow_gantry_tilt: bool = False,
-                   spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE, **unknown: Any) -> tuple[Geometry, DicomSeries]:
+def dicom_geometry(
+    path: str | os.PathLike[str],
+    *,
+    series: str | None = None,
+    modality: str | None = None,
+    allow_uneven_spacing: bool = False,
+    allow_few_slices: bool = False,
+    allow_gantry_tilt: bool = False,
+    spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+    **unknown: Any,
+) -> tuple[Geometry, DicomSeries]:
     """Geometry that :func:`read_dicom` would return, from headers only, and the chosen series."""
     _check_options(unknown)
     where, chosen = _select(path, series, modality)
-    plan = plan_series(chosen, where, allow_uneven_spacing=allow_uneven_spacing, allow_few_slices=allow_few_slices,
-                       allow_gantry_tilt=allow_gantry_tilt, spacing_tolerance=spacing_tolerance)
+    plan = plan_series(
+        chosen,
+        where,
+        allow_uneven_spacing=allow_uneven_spacing,
+        allow_few_slices=allow_few_slices,
+        allow_gantry_tilt=allow_gantry_tilt,
+        spacing_tolerance=spacing_tolerance,
+    )
     return plan.geometry, chosen
 
 
-def read_dicom(path: str | os.PathLike[str], *, series: str | None = None, modality: str | None = None,
-               allow_uneven_spacing: bool = False, allow_few_slices: bool = False, allow_gantry_tilt: bool = False,
-               spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE, **unknown: Any) -> tuple[np.ndarray, Geometry]:
+def read_dicom(
+    path: str | os.PathLike[str],
+    *,
+    series: str | None = None,
+    modality: str | None = None,
+    allow_uneven_spacing: bool = False,
+    allow_few_slices: bool = False,
+    allow_gantry_tilt: bool = False,
+    spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+    **unknown: Any,
+) -> tuple[np.ndarray, Geometry]:
     """Read a DICOM series (folder) or file as ``(array[C, Z, Y, X], Geometry)``; options: module docstring."""
     _check_options(unknown)
     if not 0 < spacing_tolerance < 1:
         raise UsageError(f"spacing_tolerance must be in (0, 1), got {spacing_tolerance}")
     where, chosen = _select(path, series, modality)
-    plan = plan_series(chosen, where, allow_uneven_spacing=allow_uneven_spacing, allow_few_slices=allow_few_slices,
-                       allow_gantry_tilt=allow_gantry_tilt, spacing_tolerance=spacing_tolerance)
+    plan = plan_series(
+        chosen,
+        where,
+        allow_uneven_spacing=allow_uneven_spacing,
+        allow_few_slices=allow_few_slices,
+        allow_gantry_tilt=allow_gantry_tilt,
+        spacing_tolerance=spacing_tolerance,
+    )
     data = _apply_rescale(_decode(plan, where), plan.frames)
     data = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
     if plan.resample:
@@ -907,8 +1115,11 @@ def looks_like_dicom(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
     if p.is_file():
         name = p.name.lower()
-        return name.endswith(DICOM_SUFFIXES) or name.startswith("dicomdir") or (
-            image_extension(p) is None and _sniff(p, raw=False))
+        return (
+            name.endswith(DICOM_SUFFIXES)
+            or name.startswith("dicomdir")
+            or (image_extension(p) is None and _sniff(p, raw=False))
+        )
     if not p.is_dir():
         return False
     images = False
@@ -938,7 +1149,9 @@ def _stored_values(array: np.ndarray, rescale: bool) -> tuple[np.ndarray, float,
     arr = np.asarray(array)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
-    integral = arr.dtype.kind in "iu" or (arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)))
+    integral = arr.dtype.kind in "iu" or (
+        arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
+    )
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if integral and lo >= -32768 and hi <= 32767:
         return arr.astype(np.int16), 1.0, 0.0
@@ -953,11 +1166,21 @@ def _stored_values(array: np.ndarray, rescale: bool) -> tuple[np.ndarray, float,
     return stored, slope, lo
 
 
-def write_dicom_series(folder: str | os.PathLike[str], array_zyx: np.ndarray, geometry: Geometry, *,
-                       modality: str = "CT", series_description: str = "segpipe", patient_id: str = "SEGPIPE",
-                       patient_name: str = "SEGPIPE^DEMO", rescale: bool = True, series_number: int = 1,
-                       study_instance_uid: str | None = None, frame_of_reference_uid: str | None = None,
-                       series_instance_uid: str | None = None) -> Path:
+def write_dicom_series(
+    folder: str | os.PathLike[str],
+    array_zyx: np.ndarray,
+    geometry: Geometry,
+    *,
+    modality: str = "CT",
+    series_description: str = "segpipe",
+    patient_id: str = "SEGPIPE",
+    patient_name: str = "SEGPIPE^DEMO",
+    rescale: bool = True,
+    series_number: int = 1,
+    study_instance_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    series_instance_uid: str | None = None,
+) -> Path:
     """Write ``array_zyx`` as a single-frame series (one file per slice) into ``folder`` atomically.
 
     Slices are written along the geometry's z axis (which must be perpendicular to the slices).
@@ -970,15 +1193,19 @@ def write_dicom_series(folder: str | os.PathLike[str], array_zyx: np.ndarray, ge
 
     modality = modality.upper()
     if modality not in SOP_CLASSES:
-        raise UsageError(f"write_dicom_series: modality {modality!r} not supported", hint=f"use one of {sorted(SOP_CLASSES)}")
+        raise UsageError(
+            f"write_dicom_series: modality {modality!r} not supported", hint=f"use one of {sorted(SOP_CLASSES)}"
+        )
     arr = np.asarray(array_zyx)
     if arr.shape != geometry.shape:
         raise UsageError(f"write_dicom_series: array shape {arr.shape} does not match geometry {geometry.shape}")
     d = geometry.direction_matrix
     r, c, z = d[:, 0], d[:, 1], d[:, 2]
     if abs(np.dot(np.cross(r, c), z)) < 1 - 1e-6:
-        raise UsageError("write_dicom_series: geometry z axis is not perpendicular to the slices",
-                         hint="resample to an orthogonal grid first")
+        raise UsageError(
+            "write_dicom_series: geometry z axis is not perpendicular to the slices",
+            hint="resample to an orthogonal grid first",
+        )
     stored, slope, intercept = _stored_values(arr, rescale)
     target = Path(folder)
     study = study_instance_uid or generate_uid()

@@ -44,16 +44,21 @@ def _load(seg_path: Path) -> Any:
         try:
             ds = pydicom.dcmread(str(seg_path))
         except Exception as exc:  # anything pydicom raises
-            raise DicomError(f"{seg_path}: not a readable DICOM file ({_short_error(exc)})",
-                             hint="check the file (it may be truncated or not DICOM)") from None
+            raise DicomError(
+                f"{seg_path}: not a readable DICOM file ({_short_error(exc)})",
+                hint="check the file (it may be truncated or not DICOM)",
+            ) from None
         if str(ds.get("Modality", "")) != "SEG":
-            raise DicomError(f"{seg_path}: not a DICOM-SEG object (modality {ds.get('Modality', 'missing')!r})",
-                             hint="pass a Segmentation Storage file")
+            raise DicomError(
+                f"{seg_path}: not a DICOM-SEG object (modality {ds.get('Modality', 'missing')!r})",
+                hint="pass a Segmentation Storage file",
+            )
         try:
             return hd.seg.Segmentation.from_dataset(ds, copy=False), ds
         except Exception as exc:  # highdicom validation errors (a truncated file lacks required attributes)
-            raise DicomError(f"{seg_path}: invalid or truncated DICOM-SEG ({_short_error(exc)})",
-                             hint="re-export the segmentation") from None
+            raise DicomError(
+                f"{seg_path}: invalid or truncated DICOM-SEG ({_short_error(exc)})", hint="re-export the segmentation"
+            ) from None
 
 
 def _segments(seg_path: Path, seg: Any) -> dict[int, str]:
@@ -62,13 +67,15 @@ def _segments(seg_path: Path, seg: Any) -> dict[int, str]:
         for n in seg.segment_numbers:
             out[int(n)] = str(seg.get_segment_description(n).segment_label or "")
     except Exception as exc:  # highdicom: a segment description it cannot parse
-        raise DicomError(f"{seg_path}: invalid segment descriptions ({_short_error(exc)})",
-                         hint="re-export the segmentation") from None
+        raise DicomError(
+            f"{seg_path}: invalid segment descriptions ({_short_error(exc)})", hint="re-export the segmentation"
+        ) from None
     return out
 
 
-def _resolve_mapping(seg_path: Path, segments: dict[int, str], labelmap: bool,
-                     mapping: dict[Any, int] | None) -> dict[int, int]:
+def _resolve_mapping(
+    seg_path: Path, segments: dict[int, str], labelmap: bool, mapping: dict[Any, int] | None
+) -> dict[int, int]:
     listing = ", ".join(f"{n}: {lab!r}" for n, lab in segments.items())
     if mapping is None:
         values = {n: n for n in segments}
@@ -77,14 +84,18 @@ def _resolve_mapping(seg_path: Path, segments: dict[int, str], labelmap: bool,
         for key, value in mapping.items():
             matches = _find_segments(key, segments)
             if not matches:
-                raise DicomError(f"{seg_path}: mapping key {key!r} names no segment (segments: {listing})",
-                                 hint="use a segment number or SegmentLabel from the list")
+                raise DicomError(
+                    f"{seg_path}: mapping key {key!r} names no segment (segments: {listing})",
+                    hint="use a segment number or SegmentLabel from the list",
+                )
             for n in matches:
                 values[n] = value
         missing = [n for n in segments if n not in values and not (labelmap and n == 0)]
         if missing:
-            raise DicomError(f"{seg_path}: segments {missing} are not in the mapping (segments: {listing})",
-                             hint="map every segment (to 0 to drop it)")
+            raise DicomError(
+                f"{seg_path}: segments {missing} are not in the mapping (segments: {listing})",
+                hint="map every segment (to 0 to drop it)",
+            )
     for n, v in values.items():
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 0 <= int(v) <= 255:
             raise UsageError(f"{seg_path}: label value {v!r} for segment {n} is not an integer 0..255")
@@ -117,20 +128,29 @@ def _reference_geometry(seg_path: Path, ds: Any, reference: Any) -> Geometry:
     candidates = [s for s in images if s.uid in referenced]
     if not candidates:
         have = "; ".join(s.label() for s in images) or "no image series"
-        raise DicomError(f"{seg_path}: references series {', '.join(referenced) or '(none)'} which is not in "
-                         f"{ref_path} (found: {have})",
-                         hint="pass the folder of the referenced series (or its Geometry to skip the UID check)")
+        raise DicomError(
+            f"{seg_path}: references series {', '.join(referenced) or '(none)'} which is not in "
+            f"{ref_path} (found: {have})",
+            hint="pass the folder of the referenced series (or its Geometry to skip the UID check)",
+        )
     geometry, chosen = dicom_geometry(ref_path, series=candidates[0].uid, allow_few_slices=True)
     seg_for = str(ds.get("FrameOfReferenceUID") or "")
     if seg_for and chosen.frame_of_reference and seg_for != chosen.frame_of_reference:
-        raise DicomError(f"{seg_path}: FrameOfReferenceUID {seg_for} differs from the image's "
-                         f"{chosen.frame_of_reference} ({ref_path})", hint="pass the image series the SEG was made on")
+        raise DicomError(
+            f"{seg_path}: FrameOfReferenceUID {seg_for} differs from the image's "
+            f"{chosen.frame_of_reference} ({ref_path})",
+            hint="pass the image series the SEG was made on",
+        )
     return geometry
 
 
-def read_dicom_seg(seg_path: str | os.PathLike[str], reference: Geometry | str | os.PathLike[str], *,
-                   mapping: dict[Any, int] | None = None,
-                   priority: Sequence[int | str] | None = None) -> tuple[np.ndarray, Geometry]:
+def read_dicom_seg(
+    seg_path: str | os.PathLike[str],
+    reference: Geometry | str | os.PathLike[str],
+    *,
+    mapping: dict[Any, int] | None = None,
+    priority: Sequence[int | str] | None = None,
+) -> tuple[np.ndarray, Geometry]:
     """Read a DICOM-SEG as ``(array[1, Z, Y, X] uint8, Geometry)`` on the reference image grid."""
     seg_path = Path(seg_path)
     seg, ds = _load(seg_path)
@@ -145,8 +165,10 @@ def read_dicom_seg(seg_path: str | os.PathLike[str], reference: Geometry | str |
         to_seg = np.linalg.inv(seg_affine) @ geometry.index_to_world_matrix
         to_ref = np.linalg.inv(to_seg)
     except Exception as exc:  # highdicom raises ValueError/RuntimeError for odd geometry, numpy LinAlgError
-        raise DicomError(f"{seg_path}: the SEG frames do not form a regular volume ({_short_error(exc)})",
-                         hint="re-export the SEG with frames on a regular grid") from None
+        raise DicomError(
+            f"{seg_path}: the SEG frames do not form a regular volume ({_short_error(exc)})",
+            hint="re-export the SEG with frames on a regular grid",
+        ) from None
     arr = np.asarray(volume.array)
     if arr.ndim == 3:
         arr = arr[..., None]
@@ -166,16 +188,27 @@ def read_dicom_seg(seg_path: str | os.PathLike[str], reference: Geometry | str |
             ref_idx = idx @ to_ref[:3, :3].T + to_ref[:3, 3]
             outside = np.any((ref_idx < -0.5) | (ref_idx > np.asarray(geometry.shape) - 0.5), axis=1)
             if outside.any():
-                raise DicomError(f"{seg_path}: {int(outside.sum())} voxels of segment {n} ({segments[n]!r}) lie outside "
-                                 f"the reference image grid {geometry.shape}",
-                                 hint="the SEG belongs to another image or frame of reference; pass the right series")
+                raise DicomError(
+                    f"{seg_path}: {int(outside.sum())} voxels of segment {n} ({segments[n]!r}) lie outside "
+                    f"the reference image grid {geometry.shape}",
+                    hint="the SEG belongs to another image or frame of reference; pass the right series",
+                )
         # Pad by one voxel so that coordinates a rounding error beyond the edge still round onto it.
-        res = ndimage.affine_transform(np.pad(mask.astype(np.uint8), 1), to_seg[:3, :3], offset=to_seg[:3, 3] + 1,
-                                       output_shape=geometry.shape, order=0, cval=0, mode="constant")
+        res = ndimage.affine_transform(
+            np.pad(mask.astype(np.uint8), 1),
+            to_seg[:3, :3],
+            offset=to_seg[:3, 3] + 1,
+            output_shape=geometry.shape,
+            order=0,
+            cval=0,
+            mode="constant",
+        )
         planes[value] = planes[value] | (res > 0) if value in planes else res > 0
     if not planes or not any(p.any() for p in planes.values()):
-        raise DicomError(f"{seg_path}: no labelled voxel of the SEG falls on the reference image grid",
-                         hint="the SEG belongs to another image or is empty")
+        raise DicomError(
+            f"{seg_path}: no labelled voxel of the SEG falls on the reference image grid",
+            hint="the SEG belongs to another image or is empty",
+        )
     order = _priority_order(seg_path, planes, segments, values, priority)
     out = np.zeros(geometry.shape, dtype=np.uint8)
     for value in reversed(order):
@@ -183,8 +216,13 @@ def read_dicom_seg(seg_path: str | os.PathLike[str], reference: Geometry | str |
     return out[None], geometry
 
 
-def _priority_order(seg_path: Path, planes: dict[int, np.ndarray], segments: dict[int, str],
-                    values: dict[int, int], priority: Sequence[int | str] | None) -> list[int]:
+def _priority_order(
+    seg_path: Path,
+    planes: dict[int, np.ndarray],
+    segments: dict[int, str],
+    values: dict[int, int],
+    priority: Sequence[int | str] | None,
+) -> list[int]:
     """Label values, highest priority first; overlapping labels not ordered by ``priority`` are an error."""
     ranked: list[int] = []
     for item in priority or ():
@@ -193,18 +231,22 @@ def _priority_order(seg_path: Path, planes: dict[int, np.ndarray], segments: dic
         else:
             ranked_values = [values[n] for n in _find_segments(item, segments) if values.get(n)]
             if not ranked_values:
-                raise UsageError(f"{seg_path}: priority entry {item!r} names no segment",
-                                 hint=f"use label values or segment labels: {sorted(set(values.values()))}")
+                raise UsageError(
+                    f"{seg_path}: priority entry {item!r} names no segment",
+                    hint=f"use label values or segment labels: {sorted(set(values.values()))}",
+                )
         ranked.extend(v for v in ranked_values if v not in ranked)
     labels = sorted(planes)
     overlaps = []
     for i, a in enumerate(labels):
-        for b in labels[i + 1:]:
+        for b in labels[i + 1 :]:
             count = int(np.count_nonzero(planes[a] & planes[b]))
             if count and not (a in ranked and b in ranked):
                 overlaps.append(f"labels {a} and {b} ({count} voxels)")
     if overlaps:
         names = ", ".join(f"{v}={'/'.join(segments[n] for n, val in values.items() if val == v)}" for v in labels)
-        raise DicomError(f"{seg_path}: overlapping segments: {'; '.join(overlaps)} [{names}]",
-                         hint="declare a priority order (label values or segment labels, highest first)")
+        raise DicomError(
+            f"{seg_path}: overlapping segments: {'; '.join(overlaps)} [{names}]",
+            hint="declare a priority order (label values or segment labels, highest first)",
+        )
     return [v for v in ranked if v in planes] + [v for v in labels if v not in ranked]

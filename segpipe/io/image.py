@@ -200,9 +200,16 @@ def _bytes(n: float) -> str:
     return f"{int(n)} bytes"
 
 
-def _check_declared_size(p: Path, shape: tuple[int, ...], dtype: np.dtype, components: int,
-                         stream: tuple[str, int] | None, *, check_memory: bool = True,
-                         memory_bytes: int | None = None) -> None:
+def _check_declared_size(
+    p: Path,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    components: int,
+    stream: tuple[str, int] | None,
+    *,
+    check_memory: bool = True,
+    memory_bytes: int | None = None,
+) -> None:
     """Refuse, before anything is allocated, a header declaring more voxels than the file or the memory can hold.
 
     ``shape`` is the header's size in the file's own axis order; ``stream`` is ``("raw", bytes)``
@@ -221,9 +228,12 @@ def _check_declared_size(p: Path, shape: tuple[int, ...], dtype: np.dtype, compo
             if kind == "raw":
                 holds = f"the file holds only {_bytes(limit)} of voxel data"
             else:
-                holds = f"its {_bytes(limit / DEFLATE_MAX_RATIO)} of compressed data can expand to at most {_bytes(limit)}"
-            raise ReadError(f"{what}, but {holds}",
-                            hint="the file is truncated or its header is damaged; re-export or replace it")
+                holds = (
+                    f"its {_bytes(limit / DEFLATE_MAX_RATIO)} of compressed data can expand to at most {_bytes(limit)}"
+                )
+            raise ReadError(
+                f"{what}, but {holds}", hint="the file is truncated or its header is damaged; re-export or replace it"
+            )
     if check_memory:
         need = stored if memory_bytes is None else memory_bytes
         available = available_memory()
@@ -263,8 +273,10 @@ def _nifti_raw_header(p: Path) -> Any:
         with ImageOpener(str(p)) as f:
             block = f.read(540)
     except Exception as exc:  # OSError, EOFError, zlib.error, gzip.BadGzipFile, ...
-        raise ReadError(f"{p}: cannot read the NIfTI header ({type(exc).__name__}: {str(exc)[:120]})",
-                        hint="the file is damaged or not a NIfTI image; re-export or replace it") from None
+        raise ReadError(
+            f"{p}: cannot read the NIfTI header ({type(exc).__name__}: {str(exc)[:120]})",
+            hint="the file is damaged or not a NIfTI image; re-export or replace it",
+        ) from None
     header_class: Any = None
     size = 0
     if len(block) >= 4:
@@ -274,13 +286,17 @@ def _nifti_raw_header(p: Path) -> Any:
                 header_class = nib.Nifti1Header if size == 348 else nib.Nifti2Header
                 break
     if header_class is None or len(block) < size:
-        raise ReadError(f"{p}: not a NIfTI file (no valid NIfTI header in its first {len(block)} bytes)",
-                        hint="the file is truncated or not a NIfTI image; re-export it or name it after its format")
+        raise ReadError(
+            f"{p}: not a NIfTI file (no valid NIfTI header in its first {len(block)} bytes)",
+            hint="the file is truncated or not a NIfTI image; re-export it or name it after its format",
+        )
     try:
         return header_class(block[:size], check=False)
     except Exception as exc:
-        raise ReadError(f"{p}: cannot parse the NIfTI header ({type(exc).__name__}: {str(exc)[:120]})",
-                        hint="the file is damaged; re-export or replace it") from None
+        raise ReadError(
+            f"{p}: cannot parse the NIfTI header ({type(exc).__name__}: {str(exc)[:120]})",
+            hint="the file is damaged; re-export or replace it",
+        ) from None
 
 
 @contextmanager
@@ -313,72 +329,100 @@ def _inspect_nifti(p: Path, ext: str) -> _NiftiInfo:
     except SegpipeError:
         raise
     except Exception as exc:  # noqa: BLE001 - nibabel raises HeaderDataError, ValueError, KeyError, ...
-        raise ReadError(f"{p}: invalid NIfTI header ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
-                        hint="the header is damaged; re-export the image from its source") from None
+        raise ReadError(
+            f"{p}: invalid NIfTI header ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
+            hint="the header is damaged; re-export the image from its source",
+        ) from None
 
 
 def _inspect_nifti_header(p: Path, ext: str) -> _NiftiInfo:
     hdr = _nifti_raw_header(p)
     magic = bytes(hdr["magic"]).rstrip(b"\0")
     if magic not in (b"n+1", b"n+2"):
-        detail = "the header puts the voxels in a separate .img file" if magic in (b"ni1", b"ni2") else f"magic {magic!r}"
-        raise ReadError(f"{p}: not a single-file NIfTI image ({detail})",
-                        hint="convert it to a single .nii/.nii.gz file (e.g. with nibabel or SimpleITK)")
+        detail = (
+            "the header puts the voxels in a separate .img file" if magic in (b"ni1", b"ni2") else f"magic {magic!r}"
+        )
+        raise ReadError(
+            f"{p}: not a single-file NIfTI image ({detail})",
+            hint="convert it to a single .nii/.nii.gz file (e.g. with nibabel or SimpleITK)",
+        )
     vox_offset = float(hdr["vox_offset"])
     minimum = int(hdr["sizeof_hdr"]) + 4
     if not np.isfinite(vox_offset) or vox_offset < minimum:
-        raise ReadError(f"{p}: the header's data offset (vox_offset {vox_offset:g}) is invalid (at least {minimum})",
-                        hint="the header is damaged; re-export the image from its source")
+        raise ReadError(
+            f"{p}: the header's data offset (vox_offset {vox_offset:g}) is invalid (at least {minimum})",
+            hint="the header is damaged; re-export the image from its source",
+        )
     dims = [int(d) for d in hdr["dim"]]
     ndim = dims[0]
     if not 1 <= ndim <= 7:
-        raise ReadError(f"{p}: the header declares {ndim} dimensions (NIfTI allows 1 to 7)",
-                        hint="the header is damaged; re-export the file")
+        raise ReadError(
+            f"{p}: the header declares {ndim} dimensions (NIfTI allows 1 to 7)",
+            hint="the header is damaged; re-export the file",
+        )
     shape = tuple(dims[1 : ndim + 1])
     if min(shape) < 1:
-        raise ReadError(f"{p}: the header declares size {shape}, with an empty axis",
-                        hint="the image holds no voxels; re-export or remove the file")
+        raise ReadError(
+            f"{p}: the header declares size {shape}, with an empty axis",
+            hint="the image holds no voxels; re-export or remove the file",
+        )
     layout = shape
     while len(layout) > 4 and layout[-1] == 1:  # (x, y, z, t, 1, 1) is (x, y, z, t)
         layout = layout[:-1]
     vector = len(layout) == 5 and layout[3] == 1  # NIfTI vector images: (x, y, z, 1, c)
     if len(layout) < 2 or (len(layout) > 4 and not vector):
-        raise ReadError(f"{p}: {len(shape)}-D image of size {shape} is not supported",
-                        hint="segpipe reads 2-D, 3-D and 4-D images (one channel per volume); split the file")
+        raise ReadError(
+            f"{p}: {len(shape)}-D image of size {shape} is not supported",
+            hint="segpipe reads 2-D, 3-D and 4-D images (one channel per volume); split the file",
+        )
     channels = layout[4] if vector else (layout[3] if len(layout) == 4 else 1)
 
     try:
         dtype = hdr.get_data_dtype()
     except Exception:  # noqa: BLE001 - nibabel: KeyError/HeaderDataError for unknown codes
-        raise ReadError(f"{p}: unknown voxel type code {int(hdr['datatype'])} in the header",
-                        hint="the header is damaged; re-export the image from its source") from None
+        raise ReadError(
+            f"{p}: unknown voxel type code {int(hdr['datatype'])} in the header",
+            hint="the header is damaged; re-export the image from its source",
+        ) from None
     if dtype.fields is not None or dtype.kind not in "biuf":
         label = hdr.get_value_label("datatype")
-        raise ReadError(f"{p}: voxel type {label} (datatype code {int(hdr['datatype'])}) is not supported",
-                        hint="store real-valued grey levels (one file per channel; RGB as three channels)")
+        raise ReadError(
+            f"{p}: voxel type {label} (datatype code {int(hdr['datatype'])}) is not supported",
+            hint="store real-valued grey levels (one file per channel; RGB as three channels)",
+        )
 
     pixdim = [float(v) for v in hdr["pixdim"][1:4]]
     for axis, (n, v) in enumerate(zip(shape[:3], pixdim)):
         if np.isfinite(v) and (v > 0 or (v == 0 and n == 1)):
             continue  # an unused spacing of zero along a one-voxel axis is harmless
         why = "not a number" if not np.isfinite(v) else ("zero" if v == 0 else "negative")
-        raise ReadError(f"{p}: voxel spacing (pixdim) {tuple(pixdim[: len(shape[:3])])} is {why} along axis {'xyz'[axis]}",
-                        hint="write the true voxel size into the header (pixdim) or re-export the image")
+        raise ReadError(
+            f"{p}: voxel spacing (pixdim) {tuple(pixdim[: len(shape[:3])])} is {why} along axis {'xyz'[axis]}",
+            hint="write the true voxel size into the header (pixdim) or re-export the image",
+        )
     if int(hdr["qform_code"]) > 0:
-        quatern = [float(hdr[k]) for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")]
+        quatern = [
+            float(hdr[k]) for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
+        ]
         if not np.all(np.isfinite(quatern)):
-            raise ReadError(f"{p}: the header's qform (quaternion orientation) holds NaN or infinite values",
-                            hint="correct the qform (or set qform_code to 0), or re-export the image")
+            raise ReadError(
+                f"{p}: the header's qform (quaternion orientation) holds NaN or infinite values",
+                hint="correct the qform (or set qform_code to 0), or re-export the image",
+            )
     if int(hdr["sform_code"]) > 0:
         srows = np.stack([np.asarray(hdr[k], dtype=float) for k in ("srow_x", "srow_y", "srow_z")])
         if not np.all(np.isfinite(srows)):
-            raise ReadError(f"{p}: the header's sform affine holds NaN or infinite values",
-                            hint="correct the sform (or set sform_code to 0), or re-export the image")
+            raise ReadError(
+                f"{p}: the header's sform affine holds NaN or infinite values",
+                hint="correct the sform (or set sform_code to 0), or re-export the image",
+            )
     slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
     scaled = bool(np.isfinite(slope) and slope != 0)  # NIfTI: a slope of 0 or NaN means "no scaling"
     if np.isinf(slope) or (scaled and not np.isfinite(inter)):
-        raise ReadError(f"{p}: the header's intensity scaling (scl_slope {slope:g}, scl_inter {inter:g}) is not finite",
-                        hint="set scl_slope to 1 and scl_inter to 0 (or to the true scaling), or re-export the image")
+        raise ReadError(
+            f"{p}: the header's intensity scaling (scl_slope {slope:g}, scl_inter {inter:g}) is not finite",
+            hint="set scl_slope to 1 and scl_inter to 0 (or to the true scaling), or re-export the image",
+        )
 
     n_vox = int(np.prod(shape, dtype=np.int64))
     stored = n_vox * dtype.itemsize
@@ -404,8 +448,10 @@ def _nifti_affine(p: Path, hdr: Any) -> np.ndarray:
         try:
             return np.asarray(fixed.get_best_affine(), dtype=float)
         except ValueError as exc:  # e.g. a quaternion that is not a rotation
-            raise ReadError(f"{p}: the header's orientation cannot be computed ({exc})",
-                            hint="correct the sform/qform in the header, or re-export the image") from None
+            raise ReadError(
+                f"{p}: the header's orientation cannot be computed ({exc})",
+                hint="correct the sform/qform in the header, or re-export the image",
+            ) from None
 
 
 def _nifti_geometry(p: Path, affine: np.ndarray, shape_xyz: tuple[int, ...]) -> Geometry:
@@ -435,8 +481,10 @@ def _nifti_geometry(p: Path, affine: np.ndarray, shape_xyz: tuple[int, ...]) -> 
         raise ReadError(f"{where} is singular: two voxel axes point the same way", hint=fix)
     cosines = np.abs(direction.T @ direction - np.eye(3))
     if cosines.max() > SHEAR_TOLERANCE:
-        raise ReadError(f"{where} is sheared: voxel axes are not perpendicular (|cos| up to {cosines.max():.3g})",
-                        hint="resample the image onto a grid with perpendicular axes, or correct the sform/qform")
+        raise ReadError(
+            f"{where} is sheared: voxel axes are not perpendicular (|cos| up to {cosines.max():.3g})",
+            hint="resample the image onto a grid with perpendicular axes, or correct the sform/qform",
+        )
     a[:3, :3] = m
     return _valid_geometry(p, lambda: Geometry.from_nifti_affine(a, shape3))
 
@@ -463,8 +511,10 @@ def header_warnings(path: str | os.PathLike[str]) -> list[str]:
     diff = s_geo.differences(q_geo, check_shape=False, names=("sform", "qform"))
     if not diff:
         return []
-    return [f"sform and qform describe different grids ({'; '.join(diff)}); segpipe uses the sform, "
-            "tools that prefer the qform (ITK, SimpleITK) place the image elsewhere"]
+    return [
+        f"sform and qform describe different grids ({'; '.join(diff)}); segpipe uses the sform, "
+        "tools that prefer the qform (ITK, SimpleITK) place the image elsewhere"
+    ]
 
 
 def _itk_type_name(dtype: np.dtype, *, vector: bool) -> str:
@@ -516,7 +566,9 @@ def _sitk_reader(p: Path) -> Any:
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise ReadError(f"{p}: cannot read header ({_short(exc)})", hint="the file is damaged or not an image; re-export it") from None
+        raise ReadError(
+            f"{p}: cannot read header ({_short(exc)})", hint="the file is damaged or not an image; re-export it"
+        ) from None
     return reader
 
 
@@ -527,11 +579,15 @@ def _check_sitk_spacing(p: Path, reader: Any) -> None:
     if bad:
         v = spacing[bad[0]]
         why = "not a number" if not np.isfinite(v) else ("zero" if v == 0 else "negative")
-        raise ReadError(f"{p}: voxel spacing {spacing} is {why} along axis {'xyzt'[bad[0]]}",
-                        hint="write the true voxel size into the header, or re-export the image")
+        raise ReadError(
+            f"{p}: voxel spacing {spacing} is {why} along axis {'xyzt'[bad[0]]}",
+            hint="write the true voxel size into the header, or re-export the image",
+        )
     if not (np.all(np.isfinite(reader.GetOrigin())) and np.all(np.isfinite(reader.GetDirection()))):
-        raise ReadError(f"{p}: the header's origin or direction holds NaN or infinite values",
-                        hint="correct the origin/direction in the header, or re-export the image")
+        raise ReadError(
+            f"{p}: the header's origin or direction holds NaN or infinite values",
+            hint="correct the origin/direction in the header, or re-export the image",
+        )
 
 
 def _sitk_dtype(reader: Any) -> np.dtype:
@@ -601,8 +657,10 @@ def _read_sitk(p: Path, ext: str) -> tuple[np.ndarray, Geometry]:
         raise ReadError(f"{p}: 4-D vector images are not supported", hint="store one channel per file")
     dtype = _sitk_dtype(reader)
     if dtype.kind not in "biuf":
-        raise ReadError(f"{p}: voxel type {sitk.GetPixelIDValueAsString(reader.GetPixelID())} is not supported",
-                        hint="store real-valued grey levels (one file per channel)")
+        raise ReadError(
+            f"{p}: voxel type {sitk.GetPixelIDValueAsString(reader.GetPixelID())} is not supported",
+            hint="store real-valued grey levels (one file per channel)",
+        )
     _check_declared_size(p, tuple(reader.GetSize()), dtype, ncomp, _sitk_stream_limit(p, ext))
     _check_sitk_spacing(p, reader)
     geometry = _valid_geometry(p, lambda: _geometry_from_reader(reader))

@@ -93,8 +93,14 @@ def _refuse_constant(name: str) -> Any:
     raise _NonFinite(name)
 
 
-def read_json(path: str | os.PathLike[str], *, what: str, hint: str, error: type[SegpipeError] = StateError,
-              expect: type | None = dict) -> Any:
+def read_json(
+    path: str | os.PathLike[str],
+    *,
+    what: str,
+    hint: str,
+    error: type[SegpipeError] = StateError,
+    expect: type | None = dict,
+) -> Any:
     """Parse the JSON file at ``path``; a missing, unreadable or corrupt file raises ``error``.
 
     ``what`` names the artefact for the message (``"plan"``, ``"fingerprint"``), ``hint`` says

@@ -24,8 +24,13 @@ def _pad_shape(shape: Sequence[float] | np.ndarray, divisor: Sequence[int]) -> l
     return [int(math.ceil(s / d) * d) for s, d in zip(shape, divisor)]
 
 
-def topology(spacing: Sequence[float] | np.ndarray, patch: Sequence[float] | np.ndarray, *, min_edge: int = FEATURE_MAP_MIN_EDGE,
-             ratio: float = 2.0) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
+def topology(
+    spacing: Sequence[float] | np.ndarray,
+    patch: Sequence[float] | np.ndarray,
+    *,
+    min_edge: int = FEATURE_MAP_MIN_EDGE,
+    ratio: float = 2.0,
+) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
     """nnU-Net's ``get_pool_and_conv_props``: ``(strides, kernels, padded_patch, divisor)``.
 
     An axis is pooled while its feature map is ≥ 2·``min_edge`` (≥ 3·``min_edge`` when it is the
@@ -64,7 +69,6 @@ def topology(spacing: Sequence[float] | np.ndarray, patch: Sequence[float] | np.
     kernels.append([3] * dim)
     divisor = [2**p for p in pools]
     return strides, kernels, _pad_shape(patch, divisor), divisor
-
 
 
 # ============================================================================ memory model
@@ -134,7 +138,7 @@ def memory_breakdown(cfg: PlanConfig, in_channels: int, num_classes: int, batch_
             k = _prod(cfg.kernel_sizes[s])
             c = feats[s]
             if s == 0:
-                params += (cin * c if cin != c else 0)  # 1×1 residual projection (output not saved)
+                params += cin * c if cin != c else 0  # 1×1 residual projection (output not saved)
                 prev = cin
             else:
                 params += feats[s - 1] * c * _prod(cfg.strides[s]) + norm(c) + c  # down conv, norm, PReLU
@@ -163,8 +167,12 @@ def memory_breakdown(cfg: PlanConfig, in_channels: int, num_classes: int, batch_
         act += (3 * k_out + 2) * vox[s]
     activations = FLOAT_BYTES * batch_size * (act + norm_extra)
     weight_state = 3 * FLOAT_BYTES * params  # weights, gradients, SGD momentum
-    return {"parameters": int(params), "weight_state": int(weight_state), "activations": int(activations),
-            "total": int(weight_state + activations)}
+    return {
+        "parameters": int(params),
+        "weight_state": int(weight_state),
+        "activations": int(activations),
+        "total": int(weight_state + activations),
+    }
 
 
 def attention_hidden(channels: int) -> int:
@@ -177,8 +185,9 @@ def estimate_training_bytes(plan_config: PlanConfig, in_channels: int, num_class
     return memory_breakdown(plan_config, in_channels, num_classes, batch_size)["total"]
 
 
-def estimate_gpu_bytes(plan_config: PlanConfig, in_channels: int, num_classes: int, batch_size: int,
-                       *, amp: bool = True) -> int:
+def estimate_gpu_bytes(
+    plan_config: PlanConfig, in_channels: int, num_classes: int, batch_size: int, *, amp: bool = True
+) -> int:
     """Predicted peak GPU memory (as nvidia-smi shows it) of a training step; see :data:`GPU_SLACK`."""
     b = memory_breakdown(plan_config, in_channels, num_classes, batch_size)
     factor = AMP_ACTIVATION_FACTOR if amp else 1.0

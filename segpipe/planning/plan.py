@@ -124,8 +124,9 @@ class Plan:
 
     def config(self, name: str) -> PlanConfig:
         if name not in self.configurations:
-            raise ConfigError(f"configuration {name!r} is not in the plan",
-                              hint=f"planned: {', '.join(self.configurations)}")
+            raise ConfigError(
+                f"configuration {name!r} is not in the plan", hint=f"planned: {', '.join(self.configurations)}"
+            )
         return self.configurations[name]
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,8 +156,10 @@ class Plan:
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise StateError(f"plans schema version {version!r} is not supported (this segpipe reads {SCHEMA_VERSION})",
-                             hint="re-plan the dataset with `segpipe plan DATASET`")
+            raise StateError(
+                f"plans schema version {version!r} is not supported (this segpipe reads {SCHEMA_VERSION})",
+                hint="re-plan the dataset with `segpipe plan DATASET`",
+            )
         return cls(
             dataset=d["dataset"],
             channel_names=dict(d["channel_names"]),
@@ -199,4 +202,6 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
         return Plan.from_dict(data)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
-        raise StateError(f"{p}: incomplete plan ({detail})", hint="re-plan with `segpipe plan DATASET force=true`") from None
+        raise StateError(
+            f"{p}: incomplete plan ({detail})", hint="re-plan with `segpipe plan DATASET force=true`"
+        ) from None

@@ -48,8 +48,9 @@ def _case_arrays(fp: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return spacings, shapes
 
 
-def target_spacing(spacings: np.ndarray, shapes: np.ndarray, threshold: float = ANISOTROPY_THRESHOLD
-                   ) -> tuple[np.ndarray, int | None]:
+def target_spacing(
+    spacings: np.ndarray, shapes: np.ndarray, threshold: float = ANISOTROPY_THRESHOLD
+) -> tuple[np.ndarray, int | None]:
     """nnU-Net's fullres target spacing and the anisotropic axis (None when the rule does not apply)."""
     target = np.percentile(spacings, 50, axis=0)
     sizes = np.percentile(shapes, 50, axis=0)
@@ -89,9 +90,19 @@ def _features(n: int, base: int, cap: int) -> list[int]:
     return [min(cap, base * 2**i) for i in range(n)]
 
 
-def _shape_config(ctx: _Context, *, name: str, architecture: str, spacing: Sequence[float],
-                  median_shape: Sequence[float], dims: int, resample_slices: bool = True, context_slices: int = 0,
-                  attention: bool = False, ratio: float = 2.0) -> PlanConfig:
+def _shape_config(
+    ctx: _Context,
+    *,
+    name: str,
+    architecture: str,
+    spacing: Sequence[float],
+    median_shape: Sequence[float],
+    dims: int,
+    resample_slices: bool = True,
+    context_slices: int = 0,
+    attention: bool = False,
+    ratio: float = 2.0,
+) -> PlanConfig:
     """Patch, topology and batch for one configuration under the memory budget (nnU-Net's loop)."""
     s = ctx.settings
     sp = np.asarray(spacing, dtype=np.float64)
@@ -121,11 +132,23 @@ def _shape_config(ctx: _Context, *, name: str, architecture: str, spacing: Seque
         else:
             feats = _features(n, s.base_features, s.max_features_3d if dims == 3 else s.max_features_2d)
             enc, dec = [2] * n, [2] * (n - 1)
-        cfg = PlanConfig(name=name, architecture=architecture, dims=dims, spacing=[float(v) for v in sp],
-                         median_shape=_median_int(median_shape), patch_size=[int(v) for v in padded],
-                         batch_size=s.min_batch_size, strides=strides, kernel_sizes=kernels, features=feats,
-                         n_conv_encoder=enc, n_conv_decoder=dec, resample_slices=resample_slices,
-                         context_slices=context_slices, attention=attention)
+        cfg = PlanConfig(
+            name=name,
+            architecture=architecture,
+            dims=dims,
+            spacing=[float(v) for v in sp],
+            median_shape=_median_int(median_shape),
+            patch_size=[int(v) for v in padded],
+            batch_size=s.min_batch_size,
+            strides=strides,
+            kernel_sizes=kernels,
+            features=feats,
+            n_conv_encoder=enc,
+            n_conv_decoder=dec,
+            resample_slices=resample_slices,
+            context_slices=context_slices,
+            attention=attention,
+        )
         return cfg, divisor
 
     def gpu(cfg: PlanConfig, b: int) -> int:
@@ -153,12 +176,17 @@ def _shape_config(ctx: _Context, *, name: str, architecture: str, spacing: Seque
             raise ConfigError(
                 f"{name}: gpu_memory_gb={s.gpu_memory_gb:g} is too small for even the smallest patch "
                 f"({'×'.join(map(str, cur))} needs ~{gpu(cfg, s.min_batch_size) / 2**30:.2f} GB at batch "
-                f"{s.min_batch_size})", hint="raise gpu_memory_gb or leave this configuration out")
+                f"{s.min_batch_size})",
+                hint="raise gpu_memory_gb or leave this configuration out",
+            )
         before = cfg.patch_size
         cfg, divisor = build(new)
         if tuple(cfg.patch_size) in seen:  # the ≥ 3-stage padding undid the shrink: nothing smaller exists
-            raise ConfigError(f"{name}: gpu_memory_gb={s.gpu_memory_gb:g} is too small for the smallest patch "
-                              f"{'×'.join(map(str, before))}", hint="raise gpu_memory_gb")
+            raise ConfigError(
+                f"{name}: gpu_memory_gb={s.gpu_memory_gb:g} is too small for the smallest patch "
+                f"{'×'.join(map(str, before))}",
+                hint="raise gpu_memory_gb",
+            )
         seen.add(tuple(cfg.patch_size))
     if shrunk:
         notes.append(f"patch shrunk to fit {s.gpu_memory_gb:g} GB at batch {s.min_batch_size}")
@@ -168,8 +196,10 @@ def _shape_config(ctx: _Context, *, name: str, architecture: str, spacing: Seque
     cap = round(ctx.n_voxels_dataset * s.max_dataset_fraction / np.prod(cfg.patch_size, dtype=np.float64))
     batch = max(min(fits, cap), s.min_batch_size)
     if batch < fits:
-        notes.append(f"batch {batch}: capped so one batch covers ≤ {s.max_dataset_fraction:.0%} of the dataset's "
-                     f"voxels (memory would allow {fits})")
+        notes.append(
+            f"batch {batch}: capped so one batch covers ≤ {s.max_dataset_fraction:.0%} of the dataset's "
+            f"voxels (memory would allow {fits})"
+        )
     else:
         notes.append(f"batch {batch}: largest that fits {s.gpu_memory_gb:g} GB")
     cfg.batch_size = int(batch)
@@ -187,22 +217,33 @@ def _data_identifier(spacing: Sequence[float], resample_slices: bool) -> str:
 def _normalization(fp: Mapping[str, Any], settings: PlanSettings) -> list[ChannelNormalization]:
     channel_names = {int(k): str(v) for k, v in fp["channel_names"].items()}
     overrides = settings.normalization or {}
-    by_name = {"ct": "ct", "nonorm": "none", "none": "none", "rescale_to_0_1": "rescale_to_0_1",
-               "rgb_to_0_1": "rgb_to_0_1", "zscore": "zscore"}
+    by_name = {
+        "ct": "ct",
+        "nonorm": "none",
+        "none": "none",
+        "rescale_to_0_1": "rescale_to_0_1",
+        "rgb_to_0_1": "rgb_to_0_1",
+        "zscore": "zscore",
+    }
     use_mask = float(fp.get("median_relative_size_after_crop", 1.0)) < MASK_NORM_THRESHOLD
     out = []
     unknown = set(overrides) - {str(c) for c in channel_names} - set(channel_names.values())
     if unknown:
-        raise ConfigError(f"normalization override for unknown channel(s) {sorted(unknown)}",
-                          hint=f"channels: {', '.join(f'{k} ({v})' for k, v in sorted(channel_names.items()))}")
+        raise ConfigError(
+            f"normalization override for unknown channel(s) {sorted(unknown)}",
+            hint=f"channels: {', '.join(f'{k} ({v})' for k, v in sorted(channel_names.items()))}",
+        )
     for c, name in sorted(channel_names.items()):
         scheme = overrides.get(str(c)) or overrides.get(name) or by_name.get(name.lower(), "zscore")
         entry = ChannelNormalization(channel=c, name=name, scheme=scheme)
         if scheme == "ct":
             stats = fp.get("foreground_intensity_per_channel", {}).get(str(c), {})
             if not stats or "mean" not in stats:
-                raise ConfigError(f"channel {c} ({name}): CT normalization needs foreground intensities, "
-                                  "and the fingerprint has none", hint="check that the labels contain foreground")
+                raise ConfigError(
+                    f"channel {c} ({name}): CT normalization needs foreground intensities, "
+                    "and the fingerprint has none",
+                    hint="check that the labels contain foreground",
+                )
             entry.clip = [float(stats["percentile_00_5"]), float(stats["percentile_99_5"])]
             entry.mean = float(stats["mean"])
             entry.std = float(max(stats["std"], 1e-8))
@@ -255,20 +296,26 @@ def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = No
     if is_2d_data:
         why_not.update({c: "the images are 2-D" for c in CONFIGURATIONS if c != "2d"})
     else:
-        fullres_cfg = _shape_config(ctx, name="3d_fullres", architecture="unet", spacing=fr_sp,
-                                    median_shape=fr_shape, dims=3)
+        fullres_cfg = _shape_config(
+            ctx, name="3d_fullres", architecture="unet", spacing=fr_sp, median_shape=fr_shape, dims=3
+        )
         coverage = float(np.prod(fullres_cfg.patch_size, dtype=np.float64) / np.prod(fr_shape, dtype=np.float64))
         if coverage >= settings.lowres_threshold:
-            why_not["3d_lowres"] = (f"the 3d_fullres patch already covers {coverage:.0%} of the median image "
-                                    f"(3d_lowres needs < {settings.lowres_threshold:.0%})")
+            why_not["3d_lowres"] = (
+                f"the 3d_fullres patch already covers {coverage:.0%} of the median image "
+                f"(3d_lowres needs < {settings.lowres_threshold:.0%})"
+            )
         if spacing_ratio <= settings.anisotropy_threshold:
-            why_not["2.5d"] = (f"it is for anisotropic data; the coarsest median spacing is only "
-                               f"{spacing_ratio:.2f}× the others (needs > {settings.anisotropy_threshold:g}×)")
+            why_not["2.5d"] = (
+                f"it is for anisotropic data; the coarsest median spacing is only "
+                f"{spacing_ratio:.2f}× the others (needs > {settings.anisotropy_threshold:g}×)"
+            )
 
     configs: dict[str, PlanConfig] = {}
     if "2d" in wanted:
-        configs["2d"] = _shape_config(ctx, name="2d", architecture="unet", spacing=fr_sp, median_shape=fr_shape,
-                                      dims=2, resample_slices=False)
+        configs["2d"] = _shape_config(
+            ctx, name="2d", architecture="unet", spacing=fr_sp, median_shape=fr_shape, dims=2, resample_slices=False
+        )
         configs["2d"].batch_dice = True
     if "3d_fullres" in wanted and fullres_cfg is not None:
         configs["3d_fullres"] = fullres_cfg
@@ -281,24 +328,37 @@ def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = No
     if "2.5d" in wanted and "2.5d" not in why_not:
         configs["2.5d"] = _plan_25d(ctx, spacings, shapes, median_spacing, t)
     if "vnet" in wanted and "vnet" not in why_not:
-        configs["vnet"] = _shape_config(ctx, name="vnet", architecture="vnet", spacing=fr_sp,
-                                        median_shape=fr_shape, dims=3)
+        configs["vnet"] = _shape_config(
+            ctx, name="vnet", architecture="vnet", spacing=fr_sp, median_shape=fr_shape, dims=3
+        )
     refused = [c for c in wanted if c in why_not]
     if settings.configurations is not None and refused:
-        raise ConfigError(f"configuration {refused[0]} does not apply to this dataset: {why_not[refused[0]]}",
-                          hint=f"applicable: {', '.join(c for c in CONFIGURATIONS if c not in why_not)}")
+        raise ConfigError(
+            f"configuration {refused[0]} does not apply to this dataset: {why_not[refused[0]]}",
+            hint=f"applicable: {', '.join(c for c in CONFIGURATIONS if c not in why_not)}",
+        )
     for cfg in configs.values():
         cfg.data_identifier = _data_identifier(cfg.spacing, cfg.resample_slices)
-    if "2d" in configs and "3d_fullres" in configs and np.all(  # resampling slices changes no case: one grid, one cache
-            np.maximum(1, np.rint(shapes[:, coarse] * spacings[:, coarse] / fr_sp[0])) == shapes[:, coarse]):
+    if (
+        "2d" in configs
+        and "3d_fullres" in configs
+        and np.all(  # resampling slices changes no case: one grid, one cache
+            np.maximum(1, np.rint(shapes[:, coarse] * spacings[:, coarse] / fr_sp[0])) == shapes[:, coarse]
+        )
+    ):
         configs["2d"].data_identifier = configs["3d_fullres"].data_identifier
     if "3d_fullres" in configs:
         configs["3d_fullres"].batch_dice = False  # no cascade: nnU-Net uses sample Dice for 3d_fullres then
 
     ordered = {name: configs[name] for name in CONFIGURATIONS if name in configs}
-    memory_model = {"gpu_memory_gb": settings.gpu_memory_gb, "fixed_bytes": GPU_FIXED_BYTES, "slack": GPU_SLACK,
-                    "amp": settings.amp, "amp_activation_factor": AMP_ACTIVATION_FACTOR,
-                    "formula": "fixed_bytes + weight_state + slack * amp_activation_factor * activations"}
+    memory_model = {
+        "gpu_memory_gb": settings.gpu_memory_gb,
+        "fixed_bytes": GPU_FIXED_BYTES,
+        "slack": GPU_SLACK,
+        "amp": settings.amp,
+        "amp_activation_factor": AMP_ACTIVATION_FACTOR,
+        "formula": "fixed_bytes + weight_state + slack * amp_activation_factor * activations",
+    }
     return Plan(
         dataset=str(fingerprint.get("dataset", "")),
         channel_names=channel_names,
@@ -319,8 +379,9 @@ def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = No
     )
 
 
-def _lowres(ctx: _Context, fullres: PlanConfig, fr_sp: np.ndarray, fr_shape: np.ndarray, n_cases: int
-            ) -> tuple[PlanConfig | None, str]:
+def _lowres(
+    ctx: _Context, fullres: PlanConfig, fr_sp: np.ndarray, fr_shape: np.ndarray, n_cases: int
+) -> tuple[PlanConfig | None, str]:
     """nnU-Net's 3d_lowres search: grow the spacing ×1.03 until the patch covers ≥ 25% of the image."""
     median_vox = float(np.prod(fr_shape, dtype=np.float64))
     patch_vox = float(np.prod(fullres.patch_size, dtype=np.float64))
@@ -338,16 +399,23 @@ def _lowres(ctx: _Context, fullres: PlanConfig, fr_sp: np.ndarray, fr_shape: np.
         shape = fr_sp / sp * fr_shape
         median_vox = float(np.prod(shape, dtype=np.float64))
         sub = _Context(ctx.in_channels, ctx.num_classes, median_vox * n_cases, ctx.settings)
-        cfg = _shape_config(sub, name="3d_lowres", architecture="unet", spacing=sp,
-                            median_shape=[round(float(v)) for v in shape], dims=3)
+        cfg = _shape_config(
+            sub,
+            name="3d_lowres",
+            architecture="unet",
+            spacing=sp,
+            median_shape=[round(float(v)) for v in shape],
+            dims=3,
+        )
         patch_vox = float(np.prod(cfg.patch_size, dtype=np.float64))
     if cfg is None or float(np.prod(fr_shape, dtype=np.float64)) / median_vox < LOWRES_MIN_VOXEL_RATIO:
         return None, "the low-resolution images would be less than 2× smaller than the full-resolution ones"
     return cfg, ""
 
 
-def _plan_25d(ctx: _Context, spacings: np.ndarray, shapes: np.ndarray, median_spacing: np.ndarray,
-              t: np.ndarray) -> PlanConfig:
+def _plan_25d(
+    ctx: _Context, spacings: np.ndarray, shapes: np.ndarray, median_spacing: np.ndarray, t: np.ndarray
+) -> PlanConfig:
     """Wang et al. 2019 2.5D U-Net at the native (median) slice spacing.
 
     In-plane-only 1×3×3 convolutions and 1×2×2 pooling while the in-plane spacing is finer than
@@ -360,14 +428,29 @@ def _plan_25d(ctx: _Context, spacings: np.ndarray, shapes: np.ndarray, median_sp
     shape = _resampled_median_shape(spacings, shapes, sp)
     sp_t, shape_t = sp[t], shape[t]
     if s.context_slices > 0:
-        cfg = _shape_config(ctx, name="2.5d", architecture="unet25d", spacing=sp_t, median_shape=shape_t, dims=2,
-                            resample_slices=False, context_slices=s.context_slices,
-                            attention=s.attention_25d)
+        cfg = _shape_config(
+            ctx,
+            name="2.5d",
+            architecture="unet25d",
+            spacing=sp_t,
+            median_shape=shape_t,
+            dims=2,
+            resample_slices=False,
+            context_slices=s.context_slices,
+            attention=s.attention_25d,
+        )
         cfg.batch_dice = True
         return cfg
-    return _shape_config(ctx, name="2.5d", architecture="unet25d", spacing=sp_t, median_shape=shape_t, dims=3,
-                         attention=s.attention_25d, ratio=NEAR_ISOTROPIC_25D)
-
+    return _shape_config(
+        ctx,
+        name="2.5d",
+        architecture="unet25d",
+        spacing=sp_t,
+        median_shape=shape_t,
+        dims=3,
+        attention=s.attention_25d,
+        ratio=NEAR_ISOTROPIC_25D,
+    )
 
 
 # ============================================================================ outputs
@@ -375,18 +458,20 @@ def plan_summary_rows(plan: Plan) -> list[dict[str, Any]]:
     """One row per configuration for the CLI's table."""
     rows = []
     for name, cfg in plan.configurations.items():
-        rows.append({
-            "configuration": name,
-            "network": cfg.architecture + (f" ({cfg.input_slices} slices)" if cfg.input_slices > 1 else ""),
-            "spacing": [round(v, 3) for v in (cfg.spacing if cfg.resample_slices else cfg.spacing[1:])],
-            "patch": list(cfg.patch_size),
-            "batch": cfg.batch_size,
-            "stages": cfg.num_stages,
-            "strides": [list(s) for s in cfg.strides],
-            "kernels": [list(k) for k in cfg.kernel_sizes],
-            "features": f"{cfg.features[0]}-{cfg.features[-1]}",
-            "gpu_gb": round(cfg.estimated_gpu_bytes / 2**30, 2),
-        })
+        rows.append(
+            {
+                "configuration": name,
+                "network": cfg.architecture + (f" ({cfg.input_slices} slices)" if cfg.input_slices > 1 else ""),
+                "spacing": [round(v, 3) for v in (cfg.spacing if cfg.resample_slices else cfg.spacing[1:])],
+                "patch": list(cfg.patch_size),
+                "batch": cfg.batch_size,
+                "stages": cfg.num_stages,
+                "strides": [list(s) for s in cfg.strides],
+                "kernels": [list(k) for k in cfg.kernel_sizes],
+                "features": f"{cfg.features[0]}-{cfg.features[-1]}",
+                "gpu_gb": round(cfg.estimated_gpu_bytes / 2**30, 2),
+            }
+        )
     return rows
 
 
@@ -403,18 +488,27 @@ class PlanningResult:
 
     def paths(self) -> dict[str, str]:
         """The artefact paths as strings (for the API's result and ``--json``)."""
-        return {"plans_path": str(self.plans_path), "fingerprint_path": str(self.fingerprint_path),
-                "plan_summary_path": str(self.plan_summary_path),
-                "dataset_report_path": str(self.dataset_report_path)}
+        return {
+            "plans_path": str(self.plans_path),
+            "fingerprint_path": str(self.fingerprint_path),
+            "plan_summary_path": str(self.plan_summary_path),
+            "dataset_report_path": str(self.dataset_report_path),
+        }
 
     def __iter__(self) -> Iterator[Any]:
         """Unpacks as ``plan, plans_path`` (the two values ``run_planning`` returned before)."""
         return iter((self.plan, self.plans_path))
 
 
-def run_planning(dataset: Any, workspace: DatasetWorkspace | Workspace | str | os.PathLike[str],
-                 settings: PlanSettings | None = None, *, force: bool = False, num_workers: int | None = None,
-                 name: str | None = None) -> PlanningResult:
+def run_planning(
+    dataset: Any,
+    workspace: DatasetWorkspace | Workspace | str | os.PathLike[str],
+    settings: PlanSettings | None = None,
+    *,
+    force: bool = False,
+    num_workers: int | None = None,
+    name: str | None = None,
+) -> PlanningResult:
     """Fingerprint ``dataset`` (cached), plan it, and write the plan's four artefacts.
 
     ``workspace`` is the dataset's :class:`~segpipe.workspace.DatasetWorkspace`, or a
@@ -441,5 +535,11 @@ def run_planning(dataset: Any, workspace: DatasetWorkspace | Workspace | str | o
     plans_path = save_plan(plan, entry.plans_path)
     summary_path = write_plan_summary(entry.plan_summary_path, plan, fp, dataset_path=dataset.root)
     report_path = write_dataset_report(entry.dataset_report_path, fp, plan)
-    return PlanningResult(plan=plan, fingerprint=fp, plans_path=plans_path, fingerprint_path=entry.fingerprint_path,
-                          plan_summary_path=summary_path, dataset_report_path=report_path)
+    return PlanningResult(
+        plan=plan,
+        fingerprint=fp,
+        plans_path=plans_path,
+        fingerprint_path=entry.fingerprint_path,
+        plan_summary_path=summary_path,
+        dataset_report_path=report_path,
+    )

@@ -76,8 +76,9 @@ _SUMMARY_COLUMNS = (
 )
 
 
-def plan_summary_markdown(plan: Plan, fingerprint: Mapping[str, Any] | None = None, *,
-                          dataset_path: str | os.PathLike[str] | None = None) -> str:
+def plan_summary_markdown(
+    plan: Plan, fingerprint: Mapping[str, Any] | None = None, *, dataset_path: str | os.PathLike[str] | None = None
+) -> str:
     """``plan_summary.md``: the dataset facts, the configuration table, what was not planned and why."""
     from .planner import plan_summary_rows
 
@@ -95,13 +96,26 @@ def plan_summary_markdown(plan: Plan, fingerprint: Mapping[str, Any] | None = No
         ("median spacing (z×y×x, mm)", _cell(plan.median_spacing)),
         ("median shape after crop (z×y×x)", _cell(plan.median_shape)),
         ("target spacing (z×y×x, mm)", _cell(plan.target_spacing)),
-        ("anisotropic", f"yes, axis {plan.anisotropic_axis} ({AXIS_NAMES[plan.anisotropic_axis]})"
-         if plan.anisotropic and plan.anisotropic_axis is not None else "no"),
-        ("normalization", "; ".join(
-            f"{n.channel} {n.name}: {n.scheme}" + (" inside the nonzero mask" if n.use_mask else "")
-            + (f", clip {_cell(n.clip)}" if n.clip else "") for n in plan.normalization)),
-        ("GPU memory budget", f"{_num(plan.memory_model.get('gpu_memory_gb', plan.settings.get('gpu_memory_gb')))} GB"
-         + (" (mixed precision)" if plan.memory_model.get("amp", True) else " (fp32)")),
+        (
+            "anisotropic",
+            f"yes, axis {plan.anisotropic_axis} ({AXIS_NAMES[plan.anisotropic_axis]})"
+            if plan.anisotropic and plan.anisotropic_axis is not None
+            else "no",
+        ),
+        (
+            "normalization",
+            "; ".join(
+                f"{n.channel} {n.name}: {n.scheme}"
+                + (" inside the nonzero mask" if n.use_mask else "")
+                + (f", clip {_cell(n.clip)}" if n.clip else "")
+                for n in plan.normalization
+            ),
+        ),
+        (
+            "GPU memory budget",
+            f"{_num(plan.memory_model.get('gpu_memory_gb', plan.settings.get('gpu_memory_gb')))} GB"
+            + (" (mixed precision)" if plan.memory_model.get("amp", True) else " (fp32)"),
+        ),
     ]
     lines += [f"- **{k}**: {v}" for k, v in facts]
     lines += ["", "## Configurations", ""]
@@ -109,10 +123,12 @@ def plan_summary_markdown(plan: Plan, fingerprint: Mapping[str, Any] | None = No
     if rows:
         lines += _markdown_table(rows, _SUMMARY_COLUMNS)
         lines.append("")
-        lines.append("Spacing, patch and strides are in network axis order"
-                     + ("." if identity else f" (array axes {plan.transpose_forward}, the coarsest first).")
-                     + " 2-D configurations list the in-plane spacing only; est. GPU GB is the memory model's "
-                       "prediction for one training step at that batch.")
+        lines.append(
+            "Spacing, patch and strides are in network axis order"
+            + ("." if identity else f" (array axes {plan.transpose_forward}, the coarsest first).")
+            + " 2-D configurations list the in-plane spacing only; est. GPU GB is the memory model's "
+            "prediction for one training step at that batch."
+        )
         notes = [(name, note) for name, cfg in plan.configurations.items() for note in cfg.notes]
         if notes:
             lines += ["", *(f"- {name}: {note}" for name, note in notes)]
@@ -126,8 +142,13 @@ def plan_summary_markdown(plan: Plan, fingerprint: Mapping[str, Any] | None = No
     return "\n".join(lines) + "\n"
 
 
-def write_plan_summary(path: str | os.PathLike[str], plan: Plan, fingerprint: Mapping[str, Any] | None = None, *,
-                       dataset_path: str | os.PathLike[str] | None = None) -> Path:
+def write_plan_summary(
+    path: str | os.PathLike[str],
+    plan: Plan,
+    fingerprint: Mapping[str, Any] | None = None,
+    *,
+    dataset_path: str | os.PathLike[str] | None = None,
+) -> Path:
     """Write :func:`plan_summary_markdown` to ``path`` atomically."""
     from ..io.atomic import write_text
 
@@ -149,8 +170,13 @@ def _empty(ax: Any, title: str, why: str) -> None:
 
 def _strip(ax: Any, columns: Sequence[np.ndarray], labels: Sequence[str], rng: np.random.Generator) -> None:
     """Box plot with every case as a (jittered) point: readable for 5 cases and for 1000."""
-    ax.boxplot(list(columns), positions=range(1, len(columns) + 1), widths=0.5, showfliers=False,
-               medianprops={"color": "tab:red"})
+    ax.boxplot(
+        list(columns),
+        positions=range(1, len(columns) + 1),
+        widths=0.5,
+        showfliers=False,
+        medianprops={"color": "tab:red"},
+    )
     for i, col in enumerate(columns, start=1):
         ax.scatter(i + rng.uniform(-0.18, 0.18, size=len(col)), col, s=9, alpha=0.5, color="tab:blue", zorder=3)
     ax.set_xticks(range(1, len(columns) + 1), labels)
@@ -164,8 +190,16 @@ def _spacing_panel(ax: Any, fp: Mapping[str, Any], plan: Plan | None, rng: np.ra
         return
     _strip(ax, [sp[:, i] for i in range(3)], [f"axis {i} ({a})" for i, a in enumerate(AXIS_NAMES)], rng)
     if plan is not None:
-        ax.scatter(range(1, 4), plan.target_spacing, marker="D", s=36, color="tab:green", edgecolors="black",
-                   zorder=5, label="target spacing")
+        ax.scatter(
+            range(1, 4),
+            plan.target_spacing,
+            marker="D",
+            s=36,
+            color="tab:green",
+            edgecolors="black",
+            zorder=5,
+            label="target spacing",
+        )
         ax.legend(loc="best", fontsize=8)
     ax.set_ylabel("mm")
     ax.set_title(f"voxel spacing ({len(sp)} cases)")
@@ -235,8 +269,11 @@ def _intensity_panel(ax: Any, fp: Mapping[str, Any], channel: str, name: str) ->
     else:
         _empty(ax, title, "no foreground intensities in the fingerprint")
         return
-    for key, style, label in (("mean", "-", "mean"), ("percentile_00_5", ":", "0.5 / 99.5 %"),
-                              ("percentile_99_5", ":", None)):
+    for key, style, label in (
+        ("mean", "-", "mean"),
+        ("percentile_00_5", ":", "0.5 / 99.5 %"),
+        ("percentile_99_5", ":", None),
+    ):
         if key in stats:
             ax.axvline(float(stats[key]), color="tab:red", linestyle=style, linewidth=1, label=label)
     if "mean" in stats:
@@ -248,8 +285,11 @@ def report_key(fingerprint: Mapping[str, Any], plan: Plan | None = None) -> str:
     """What the report is drawn from (fingerprint content, target spacing, this module's version)."""
     from .planner import fingerprint_digest
 
-    payload = {"v": REPORT_VERSION, "fp": fingerprint_digest(fingerprint),
-               "target": list(plan.target_spacing) if plan is not None else None}
+    payload = {
+        "v": REPORT_VERSION,
+        "fp": fingerprint_digest(fingerprint),
+        "target": list(plan.target_spacing) if plan is not None else None,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -276,8 +316,9 @@ def png_text(path: str | os.PathLike[str]) -> dict[str, str]:
         return {}
 
 
-def write_dataset_report(path: str | os.PathLike[str], fingerprint: Mapping[str, Any], plan: Plan | None = None,
-                         *, force: bool = False) -> Path:
+def write_dataset_report(
+    path: str | os.PathLike[str], fingerprint: Mapping[str, Any], plan: Plan | None = None, *, force: bool = False
+) -> Path:
     """Draw ``dataset_report.png`` from a fingerprint (``plan`` adds its target spacing); atomic write.
 
     Panels: spacing per axis, size after cropping per axis, class volume fraction per case, and
@@ -293,21 +334,33 @@ def write_dataset_report(path: str | os.PathLike[str], fingerprint: Mapping[str,
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise StateError("matplotlib is not installed, so dataset_report.png cannot be drawn",
-                         hint="install it (`pip install matplotlib`, a segpipe dependency) and rerun `segpipe plan`") from None
+        raise StateError(
+            "matplotlib is not installed, so dataset_report.png cannot be drawn",
+            hint="install it (`pip install matplotlib`, a segpipe dependency) and rerun `segpipe plan`",
+        ) from None
     from ..io.atomic import atomic_path
 
     fp = fingerprint
-    channels = [(str(k), str(v)) for k, v in sorted((fp.get("channel_names") or {}).items(),
-                                                    key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0)]
+    channels = [
+        (str(k), str(v))
+        for k, v in sorted(
+            (fp.get("channel_names") or {}).items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0
+        )
+    ]
     shown = channels[:MAX_CHANNEL_PANELS]
     ncols = 3
     rows = 1 + max(1, -(-len(shown) // ncols))
     width, height = 5.2 * ncols, 4.3 * rows
     fig = Figure(figsize=(width, height), dpi=REPORT_DPI)
     # fixed margins in inches (a layout engine costs more than the drawing itself)
-    fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.75 / height, top=1 - 0.85 / height,
-                        wspace=0.3, hspace=0.75 / 4.3 * 2)
+    fig.subplots_adjust(
+        left=0.8 / width,
+        right=1 - 0.2 / width,
+        bottom=0.75 / height,
+        top=1 - 0.85 / height,
+        wspace=0.3,
+        hspace=0.75 / 4.3 * 2,
+    )
     axes = fig.subplots(rows, ncols, squeeze=False)
     rng = np.random.default_rng(0)  # fixed jitter: the same fingerprint draws the same picture
     _spacing_panel(axes[0][0], fp, plan, rng)
@@ -319,12 +372,19 @@ def write_dataset_report(path: str | os.PathLike[str], fingerprint: Mapping[str,
     if not shown:
         _empty(flat[0], "foreground intensity", "no channels in the fingerprint")
         shown = [("", "")]
-    for ax in flat[len(shown):]:
+    for ax in flat[len(shown) :]:
         ax.set_axis_off()
     n = fp.get("num_cases", len(fp.get("cases") or []))
     more = f" (first {len(shown)} of {len(channels)} channels shown)" if len(channels) > len(shown) else ""
     fig.suptitle(f"{fp.get('dataset', 'dataset')}: {n} labelled cases{more}", fontsize=13, y=1 - 0.15 / height)
     with atomic_path(target, ext=".png") as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None, "Title": f"segpipe dataset report: {fp.get('dataset', '')}",
-                                                 REPORT_KEY_FIELD: key})
+        fig.savefig(
+            tmp,
+            format="png",
+            metadata={
+                "Software": None,
+                "Title": f"segpipe dataset report: {fp.get('dataset', '')}",
+                REPORT_KEY_FIELD: key,
+            },
+        )
     return target

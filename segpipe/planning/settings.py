@@ -84,9 +84,11 @@ class PlanSettings:
         unknown = sorted(set(data) - set(cls.fields()))
         if unknown:
             close = did_you_mean(unknown[0], cls.fields())
-            raise ConfigError(f"unknown planner setting(s) {', '.join(unknown)}",
-                              hint=(f"did you mean {' or '.join(close)}? " if close else "")
-                              + f"valid settings: {', '.join(cls.fields())}")
+            raise ConfigError(
+                f"unknown planner setting(s) {', '.join(unknown)}",
+                hint=(f"did you mean {' or '.join(close)}? " if close else "")
+                + f"valid settings: {', '.join(cls.fields())}",
+            )
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name not in data or data[f.name] is None:
@@ -108,14 +110,22 @@ class PlanSettings:
             for c in self.configurations:
                 if c not in CONFIGURATIONS:
                     close = did_you_mean(c, CONFIGURATIONS)
-                    raise ConfigError(f"unknown configuration {c!r} in planner setting configurations",
-                                      hint=(f"did you mean {' or '.join(close)}? " if close else "")
-                                      + f"valid: {', '.join(CONFIGURATIONS)} (a list, or one name, or names "
-                                      "separated by commas)")
+                    raise ConfigError(
+                        f"unknown configuration {c!r} in planner setting configurations",
+                        hint=(f"did you mean {' or '.join(close)}? " if close else "")
+                        + f"valid: {', '.join(CONFIGURATIONS)} (a list, or one name, or names "
+                        "separated by commas)",
+                    )
         if self.target_spacing is not None and (len(self.target_spacing) != 3 or min(self.target_spacing) <= 0):
             raise bad("target_spacing", "needs 3 positive values (z, y, x) in mm")
-        for name in ("base_features", "max_features_3d", "max_features_2d", "vnet_base_features",
-                     "vnet_max_features", "min_batch_size"):
+        for name in (
+            "base_features",
+            "max_features_3d",
+            "max_features_2d",
+            "vnet_base_features",
+            "vnet_max_features",
+            "min_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise bad(name, "must be ≥ 1")
         if not 0 < self.max_dataset_fraction <= 1:
@@ -128,8 +138,10 @@ class PlanSettings:
             raise bad("context_slices", "must be ≥ 0")
         for key, scheme in (self.normalization or {}).items():
             if scheme not in NORMALIZATION_SCHEMES:
-                raise ConfigError(f"normalization for channel {key!r}: unknown scheme {scheme!r}",
-                                  hint=f"valid: {', '.join(NORMALIZATION_SCHEMES)}")
+                raise ConfigError(
+                    f"normalization for channel {key!r}: unknown scheme {scheme!r}",
+                    hint=f"valid: {', '.join(NORMALIZATION_SCHEMES)}",
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -196,8 +208,10 @@ def _convert(name: str, value: Any, default: Any) -> Any:
                 raise TypeError
             return float(value)
     except (TypeError, ValueError):
-        kind = {"configurations": "a list of configuration names", "target_spacing": "a list of 3 numbers",
-                "normalization": "a mapping channel -> scheme"}.get(
-            name, {"bool": "true or false", "int": "a whole number", "float": "a number"}.get(type(default).__name__))
+        kind = {
+            "configurations": "a list of configuration names",
+            "target_spacing": "a list of 3 numbers",
+            "normalization": "a mapping channel -> scheme",
+        }.get(name, {"bool": "true or false", "int": "a whole number", "float": "a number"}.get(type(default).__name__))
         raise ConfigError(f"planner setting {name}={value!r} is not {kind}") from None
     return value

@@ -57,8 +57,14 @@ def source_stats(paths: Iterable[Path]) -> list[dict[str, Any]]:
         if p.is_dir():  # a DICOM series folder: every file counts
             files = sorted(f for f in p.rglob("*") if f.is_file())
             st = [(f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-            out.append({"path": str(p), "size": sum(s for s, _ in st), "mtime_ns": max((m for _, m in st), default=0),
-                        "files": len(files)})
+            out.append(
+                {
+                    "path": str(p),
+                    "size": sum(s for s, _ in st),
+                    "mtime_ns": max((m for _, m in st), default=0),
+                    "files": len(files),
+                }
+            )
         else:
             s = p.stat()
             out.append({"path": str(p), "size": s.st_size, "mtime_ns": s.st_mtime_ns})
@@ -66,8 +72,9 @@ def source_stats(paths: Iterable[Path]) -> list[dict[str, Any]]:
 
 
 def cache_key(spec: PreprocessSpec, sources: list[dict[str, Any]], num_classes: int) -> str:
-    blob = json.dumps({"v": PREPROCESS_VERSION, "spec": spec.to_dict(), "sources": sources, "classes": num_classes},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"v": PREPROCESS_VERSION, "spec": spec.to_dict(), "sources": sources, "classes": num_classes}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -129,8 +136,9 @@ class Cache:
         return hash(self.root)
 
     @classmethod
-    def for_configuration(cls, work_dir: str | os.PathLike[str] | None, plan: Any, configuration: str, *,
-                          dataset: str | None = None) -> Cache:
+    def for_configuration(
+        cls, work_dir: str | os.PathLike[str] | None, plan: Any, configuration: str, *, dataset: str | None = None
+    ) -> Cache:
         """The cache of ``configuration`` of ``plan`` in the workspace ``work_dir`` (entry ``dataset``,
         default ``plan.dataset``)."""
         from .spec import cache_dir_for
@@ -141,8 +149,10 @@ class Cache:
     def case_dir(self, case_id: str) -> Path:
         cid = str(case_id)
         if not cid or cid in (".", "..") or cid.startswith(".") or _UNSAFE_ID.search(cid):
-            raise DataError(f"case id {cid!r} cannot name a cache folder",
-                            hint="rename the case's files (no path separators, no leading dot)")
+            raise DataError(
+                f"case id {cid!r} cannot name a cache folder",
+                hint="rename the case's files (no path separators, no leading dot)",
+            )
         return self.root / cid
 
     def image_path(self, case_id: str) -> Path:
@@ -158,8 +168,11 @@ class Cache:
         """Ids of the complete entries (a properties file present), sorted."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and (p / PROPERTIES_FILE).is_file())
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / PROPERTIES_FILE).is_file()
+        )
 
     def __contains__(self, case_id: object) -> bool:
         return isinstance(case_id, str) and self.properties(case_id) is not None
@@ -184,13 +197,16 @@ class Cache:
             has_label = (props.get("arrays") or {}).get("label") is not None
             label = np.load(self.label_path(case_id), mmap_mode=mode) if has_label else None
         except (OSError, ValueError, EOFError) as exc:
-            raise StateError(f"{self.case_dir(case_id)}: cached case {case_id} is damaged ({exc})",
-                             hint="run `segpipe preprocess` again (it rebuilds damaged entries)") from None
+            raise StateError(
+                f"{self.case_dir(case_id)}: cached case {case_id} is damaged ({exc})",
+                hint="run `segpipe preprocess` again (it rebuilds damaged entries)",
+            ) from None
         return image, label, props
 
     # ------------------------------------------------------------------ write
-    def write(self, case_id: str, image: np.ndarray, label: np.ndarray | None,
-              properties: dict[str, Any]) -> dict[str, Any]:
+    def write(
+        self, case_id: str, image: np.ndarray, label: np.ndarray | None, properties: dict[str, Any]
+    ) -> dict[str, Any]:
         """Write one entry as a whole (replacing any old one); returns the properties written."""
         target = self.case_dir(case_id)
         with atomic_folder(target) as tmp:
@@ -292,7 +308,8 @@ def cached_properties(cache_dir: str | os.PathLike[str], case_id: str) -> dict[s
     return Cache(cache_dir).properties(case_id)
 
 
-def load_cached_case(cache_dir: str | os.PathLike[str], case_id: str, *,
-                     mmap: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+def load_cached_case(
+    cache_dir: str | os.PathLike[str], case_id: str, *, mmap: bool = True
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """(image, label or None, properties) of a cached case; arrays memory-mapped by default."""
     return Cache(cache_dir).load(case_id, mmap=mmap)

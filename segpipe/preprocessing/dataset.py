@@ -39,7 +39,9 @@ class PreprocessResult:
     cache_dir: str
     processed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
-    rebuilt: dict[str, str] = field(default_factory=dict)  # case -> why its entry could not be reused (also in processed)
+    rebuilt: dict[str, str] = field(
+        default_factory=dict
+    )  # case -> why its entry could not be reused (also in processed)
     removed: list[str] = field(default_factory=list)  # entries of cases no longer in the dataset
     seconds: float = 0.0
 
@@ -54,17 +56,32 @@ def _run_jobs(todo: list[Any], num_workers: int | None, cdir: Path) -> list[str]
     # segpipe.parallel: at most `num_workers` cases in flight (bounded RAM), single-threaded torch in
     # each worker, a dead worker or Ctrl-C stops the stage at once with one line. torch is imported
     # here before forking so that the workers inherit it instead of each importing it.
-    results = parallel_map(_preprocess_one, todo, num_workers=num_workers, initializer=_worker_init,
-                           desc=f"preprocess {cdir.name}", names=lambda i: f"case {todo[i][0].id}", context=str(cdir),
-                           hint=f"{DEFAULT_HINT}; finished cases are kept", preload=("torch",))
+    results = parallel_map(
+        _preprocess_one,
+        todo,
+        num_workers=num_workers,
+        initializer=_worker_init,
+        desc=f"preprocess {cdir.name}",
+        names=lambda i: f"case {todo[i][0].id}",
+        context=str(cdir),
+        hint=f"{DEFAULT_HINT}; finished cases are kept",
+        preload=("torch",),
+    )
     with closing(results):
         processed = [r["case"] for _, r in results]
     return processed
 
 
-def preprocess_dataset(ds: Any, spec: PreprocessSpec, cache_dir: str | os.PathLike[str], *,
-                       cases: Sequence[Any] | None = None, num_workers: int | None = None, force: bool = False,
-                       log: Callable[[str], None] | None = None) -> PreprocessResult:
+def preprocess_dataset(
+    ds: Any,
+    spec: PreprocessSpec,
+    cache_dir: str | os.PathLike[str],
+    *,
+    cases: Sequence[Any] | None = None,
+    num_workers: int | None = None,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> PreprocessResult:
     """Preprocess ``cases`` (default: every labelled case) of dataset ``ds`` into ``cache_dir``.
 
     An entry is reused only when its key (plan + source files' sizes and times) matches and it
@@ -82,8 +99,9 @@ def preprocess_dataset(ds: Any, spec: PreprocessSpec, cache_dir: str | os.PathLi
     selected = list(cases if cases is not None else ds.cases)
     for case in selected:
         cache.case_dir(case.id)  # refuses an id that cannot name a folder before any work
-        key = cache_key(spec, [{k: v for k, v in s.items() if k != "path"} for s in source_stats(case.files())],
-                        ds.num_classes)
+        key = cache_key(
+            spec, [{k: v for k, v in s.items() if k != "path"} for s in source_stats(case.files())], ds.num_classes
+        )
         reason = "forced" if force else cache.check(case.id, key=key, labelled=case.label is not None)
         if reason is None:
             result.reused.append(case.id)
@@ -94,12 +112,16 @@ def preprocess_dataset(ds: Any, spec: PreprocessSpec, cache_dir: str | os.PathLi
     if cases is None:
         result.removed = cache.prune(c.id for c in selected)
     if result.rebuilt and log:
-        log(f"rebuilding {len(result.rebuilt)} damaged cache entr{'y' if len(result.rebuilt) == 1 else 'ies'} in {cdir}: "
+        log(
+            f"rebuilding {len(result.rebuilt)} damaged cache entr{'y' if len(result.rebuilt) == 1 else 'ies'} in {cdir}: "
             + "; ".join(f"{c}: {r}" for c, r in sorted(result.rebuilt.items())[:5])
-            + (f" (+{len(result.rebuilt) - 5} more)" if len(result.rebuilt) > 5 else ""))
+            + (f" (+{len(result.rebuilt) - 5} more)" if len(result.rebuilt) > 5 else "")
+        )
     if result.removed and log:
-        log(f"removed {len(result.removed)} cache entr{'y' if len(result.removed) == 1 else 'ies'} of cases no longer "
-            f"in the dataset from {cdir}")
+        log(
+            f"removed {len(result.removed)} cache entr{'y' if len(result.removed) == 1 else 'ies'} of cases no longer "
+            f"in the dataset from {cdir}"
+        )
     if todo:
         result.processed = _run_jobs(todo, num_workers, cdir)
         if log:

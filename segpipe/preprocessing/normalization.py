@@ -23,8 +23,10 @@ Normalizer = Callable[[np.ndarray, ChannelNorm, "np.ndarray | None"], dict[str, 
 def _ct(ch: np.ndarray, n: ChannelNorm, mask: np.ndarray | None) -> dict[str, Any]:
     """Clip to the dataset's foreground 0.5/99.5 percentiles, then the dataset-global foreground z-score."""
     if n.clip is None or n.mean is None or n.std is None:
-        raise StateError("CT normalisation needs clip, mean and std from the fingerprint",
-                         hint="re-run `segpipe plan` to refresh plans.json")
+        raise StateError(
+            "CT normalisation needs clip, mean and std from the fingerprint",
+            hint="re-run `segpipe plan` to refresh plans.json",
+        )
     np.clip(ch, n.clip[0], n.clip[1], out=ch)
     ch -= n.mean
     ch /= max(float(n.std), 1e-8)

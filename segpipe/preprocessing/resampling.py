@@ -79,8 +79,9 @@ def _axis_resize(t: Any, size: int, axis: int, kind: str) -> Any:
     return torch.matmul(t.movedim(dim, -1), w).movedim(-1, dim)
 
 
-def resample(array: np.ndarray, new_shape: Sequence[int], *, kind: str, separate_axis: int | None = None,
-             device: str = "cpu") -> np.ndarray:
+def resample(
+    array: np.ndarray, new_shape: Sequence[int], *, kind: str, separate_axis: int | None = None, device: str = "cpu"
+) -> np.ndarray:
     """Resample ``array`` [N, Z, Y, X] to ``new_shape`` (3 sizes), separably, axis by axis.
 
     ``kind``: ``"cubic"`` (images) or ``"linear"`` (probabilities, one-hot masks). With
@@ -105,8 +106,9 @@ def _nearest_index(n_in: int, size: int) -> np.ndarray:
     return np.clip(np.floor(pos).astype(np.int64), 0, n_in - 1)
 
 
-def resample_label(label: np.ndarray, new_shape: Sequence[int], num_classes: int, *,
-                   separate_axis: int | None = None) -> np.ndarray:
+def resample_label(
+    label: np.ndarray, new_shape: Sequence[int], num_classes: int, *, separate_axis: int | None = None
+) -> np.ndarray:
     """Resample an integer label map [Z, Y, X]: linear on each class's one-hot mask, then argmax.
 
     Never cubic (no overshoot, no invented classes). Linear (and nearest) interpolation of a

@@ -27,8 +27,13 @@ class ChannelNorm:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ChannelNorm:
         clip = d.get("clip")
-        return cls(scheme=str(d.get("scheme", "zscore")).lower(), use_mask=bool(d.get("use_mask", False)),
-                   clip=tuple(clip) if clip is not None else None, mean=d.get("mean"), std=d.get("std"))
+        return cls(
+            scheme=str(d.get("scheme", "zscore")).lower(),
+            use_mask=bool(d.get("use_mask", False)),
+            clip=tuple(clip) if clip is not None else None,
+            mean=d.get("mean"),
+            std=d.get("std"),
+        )
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,18 @@ def spec_from_plan(plan: Any, configuration: str) -> PreprocessSpec:
     threshold = float((plan.settings or {}).get("anisotropy_threshold", ANISOTROPY_THRESHOLD))
     sz, sy, sx = (float(v) for v in cfg.spacing)
     t0, t1, t2 = (int(a) for a in plan.transpose_forward)
-    return PreprocessSpec(spacing=(sz, sy, sx), normalization=norms, transpose=(t0, t1, t2), separate_z_ratio=threshold,
-                          resample_slices=bool(cfg.resample_slices))
+    return PreprocessSpec(
+        spacing=(sz, sy, sx),
+        normalization=norms,
+        transpose=(t0, t1, t2),
+        separate_z_ratio=threshold,
+        resample_slices=bool(cfg.resample_slices),
+    )
 
 
-def cache_dir_for(work_dir: str | os.PathLike[str] | None, plan: Any, configuration: str, *,
-                  dataset: str | None = None) -> Path:
+def cache_dir_for(
+    work_dir: str | os.PathLike[str] | None, plan: Any, configuration: str, *, dataset: str | None = None
+) -> Path:
     """``<work_dir>/<dataset>/cache/<data identifier>`` (asked of the workspace): configurations on
     the same grid share it. ``dataset``: the workspace entry's name (default ``plan.dataset``)."""
     from ..workspace import Workspace

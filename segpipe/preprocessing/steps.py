@@ -13,8 +13,9 @@ from .resampling import resample, resample_label, separate_z_axis
 from .spec import LOCATIONS_SEED, MAX_LOCATIONS_PER_CLASS, PREPROCESS_VERSION, PreprocessSpec
 
 
-def sample_locations(label: np.ndarray, num_classes: int, seed: int = LOCATIONS_SEED,
-                     max_per_class: int = MAX_LOCATIONS_PER_CLASS) -> dict[str, list[list[int]]]:
+def sample_locations(
+    label: np.ndarray, num_classes: int, seed: int = LOCATIONS_SEED, max_per_class: int = MAX_LOCATIONS_PER_CLASS
+) -> dict[str, list[list[int]]]:
     """Up to ``max_per_class`` random voxel coordinates (z, y, x) of each foreground class present."""
     rng = np.random.default_rng(seed)
     out: dict[str, list[list[int]]] = {}
@@ -28,8 +29,9 @@ def sample_locations(label: np.ndarray, num_classes: int, seed: int = LOCATIONS_
     return out
 
 
-def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, geometry: Geometry, spec: PreprocessSpec,
-                      num_classes: int) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+def preprocess_arrays(
+    image: np.ndarray, label: np.ndarray | None, geometry: Geometry, spec: PreprocessSpec, num_classes: int
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Apply the forward steps to one case; returns (image, label, properties)."""
     tr = list(spec.transpose)
     img = np.transpose(image, [0] + [a + 1 for a in tr])

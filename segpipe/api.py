@@ -195,7 +195,12 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
         if log:
             log(f"preprocessing {dws.name} for {name} into {cache}")
         res = preprocess_dataset(
-            ds, spec_from_plan(the_plan, name), cache, num_workers=cfg.num_workers, force=cfg.force
+            ds,
+            spec_from_plan(the_plan, name),
+            cache,
+            num_workers=cfg.num_workers,
+            force=cfg.force,
+            desc=f"preprocess {name}",
         )
         done[cache] = {"configuration": name, **res.to_dict()}
         out[name] = res.to_dict()

@@ -49,7 +49,7 @@ class PreprocessResult:
         return asdict(self)
 
 
-def _run_jobs(todo: list[Any], num_workers: int | None, cdir: Path) -> list[str]:
+def _run_jobs(todo: list[Any], num_workers: int | None, cdir: Path, desc: str | None = None) -> list[str]:
     """Run ``_preprocess_one`` over ``todo`` (in worker processes); the ids of the cases written."""
     from ..parallel import DEFAULT_HINT, parallel_map
 
@@ -61,7 +61,7 @@ def _run_jobs(todo: list[Any], num_workers: int | None, cdir: Path) -> list[str]
         todo,
         num_workers=num_workers,
         initializer=_worker_init,
-        desc=f"preprocess {cdir.name}",
+        desc=desc or f"preprocess {cdir.name}",
         names=lambda i: f"case {todo[i][0].id}",
         context=str(cdir),
         hint=f"{DEFAULT_HINT}; finished cases are kept",
@@ -81,6 +81,7 @@ def preprocess_dataset(
     num_workers: int | None = None,
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    desc: str | None = None,
 ) -> PreprocessResult:
     """Preprocess ``cases`` (default: every labelled case) of dataset ``ds`` into ``cache_dir``.
 
@@ -123,7 +124,7 @@ def preprocess_dataset(
             f"in the dataset from {cdir}"
         )
     if todo:
-        result.processed = _run_jobs(todo, num_workers, cdir)
+        result.processed = _run_jobs(todo, num_workers, cdir, desc)
         if log:
             log(f"preprocessed {len(todo)} case(s) into {cdir}")
     result.processed.sort()

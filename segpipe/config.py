@@ -14,7 +14,7 @@ import difflib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -91,6 +91,21 @@ def config_dir() -> Path:
     if not (path / "config.yaml").is_file():  # pragma: no cover - broken installation
         raise ConfigError(f"{path}: config.yaml missing; the installation is broken", hint="reinstall segpipe")
     return path
+
+
+@cache
+def group_defaults(group: str) -> dict[str, Any]:
+    """The defaults of one config group as written in ``conf/<group>/default.yaml``.
+
+    Library code that needs a default (``PlanSettings``, the DICOM reader) reads it from here, so
+    each default is written once, in ``conf/``.
+    """
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(OmegaConf.load(config_dir() / group / "default.yaml"), resolve=True)
+    if not isinstance(data, dict):  # pragma: no cover - broken installation
+        raise ConfigError(f"{config_dir() / group / 'default.yaml'}: not a mapping", hint="reinstall segpipe")
+    return {str(k): v for k, v in data.items()}
 
 
 def _flatten(cfg: Any, prefix: str = "") -> list[str]:

@@ -16,7 +16,6 @@ multiplicative bias field (intensity inhomogeneity) and Gaussian noise. Everythi
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from .errors import UsageError
 from .geometry import Geometry
+from .io import jsonio
 from .io.atomic import atomic_folder
 from .io.image import write_image
 
@@ -167,7 +167,7 @@ def generate_demo_dataset(
             "test": test,
             "segpipe_seed": seed,
         }
-        (tmp / "dataset.json").write_text(json.dumps(desc, indent=2) + "\n")
+        (tmp / "dataset.json").write_text(jsonio.dumps(desc), encoding="utf-8")
     return target
 
 
@@ -211,5 +211,5 @@ def generate_dicom_demo_dataset(
             "label": "label.nii.gz",
             "dicom": {"modality": "MR"},
         }
-        (tmp / "dataset.json").write_text(json.dumps(desc, indent=2) + "\n")
+        (tmp / "dataset.json").write_text(jsonio.dumps(desc), encoding="utf-8")
     return target

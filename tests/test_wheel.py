@@ -46,6 +46,9 @@ def test_wheel_install_composes_config_outside_the_repo(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("segpipe-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "segpipe/conf/config.yaml" in names and "segpipe/conf/planner/default.yaml" in names
+    # every package of the source tree is in the wheel (the list in pyproject.toml is explicit)
+    source = {str(p.relative_to(REPO)) for p in (REPO / "segpipe").rglob("*.py") if "__pycache__" not in p.parts}
+    assert source <= set(names), sorted(source - set(names))
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
@@ -86,4 +89,4 @@ def test_wheel_install_composes_config_outside_the_repo(tmp_path):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout)["seed"] == 7
+    assert json.loads(r.stdout)["train"]["seed"] == 7

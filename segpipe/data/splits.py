@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, StateError, UsageError
-from ..io.atomic import write_text
+from ..io.jsonio import write_json
 
 SPLITS_FILE = "splits_final.json"
 SPLIT_SEED = 12345
@@ -90,7 +90,7 @@ def load_or_create_splits(
         validate_splits(splits, case_ids, where=str(p))
         return splits
     splits = make_splits(case_ids, n_folds, seed)
-    write_text(p, json.dumps(splits, indent=1))
+    write_json(p, splits)
     return splits
 
 

@@ -72,6 +72,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import group_defaults
 from ..errors import DicomError, UsageError
 from ..geometry import Geometry
 from .atomic import atomic_folder
@@ -81,7 +82,7 @@ log = logging.getLogger(__name__)
 ORIENTATION_ATOL = 1e-3
 PIXEL_SPACING_RTOL = 1e-3
 TILT_PIXEL_FRACTION = 0.1
-DEFAULT_SPACING_TOLERANCE = 0.02
+DEFAULT_SPACING_TOLERANCE = float(group_defaults("dicom")["spacing_tolerance"])  # written once, in conf/dicom/
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "SR", "PR", "KO", "DOC", "REG", "FID", "RWV"}

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import group_defaults
 from ..errors import ConfigError
 from ..workspace import PLANS_FILE as PLANS_FILE  # re-exported: the name lives in workspace.py
 
@@ -18,15 +19,19 @@ CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "2.5d", "vnet")
 ARCHITECTURES = ("unet", "unet25d", "vnet")
 NORMALIZATION_SCHEMES = ("ct", "zscore", "none", "rescale_to_0_1", "rgb_to_0_1")
 
+# The planner's defaults are written once, in conf/planner/default.yaml (what `segpipe plan`
+# composes); PlanSettings() and the constants below read them from there.
+_DEFAULTS = group_defaults("planner")
+
 # nnU-Net constants
 # The anisotropy rule's threshold: the coarsest spacing is "anisotropic" above this many times the
-# others. The one definition: the planner's default, and what preprocessing (separate resampling of
-# the coarse axis) and augmentation (in-plane rotations only) import.
-ANISOTROPY_THRESHOLD = 3.0
+# others. The one definition (conf/planner/default.yaml): the planner's default, and what
+# preprocessing (separate resampling of the coarse axis) imports.
+ANISOTROPY_THRESHOLD = float(_DEFAULTS["anisotropy_threshold"])
 FEATURE_MAP_MIN_EDGE = 4
 INITIAL_PATCH_VOLUME_3D = 256**3
 INITIAL_PATCH_VOLUME_2D = 2048**2
-LOWRES_THRESHOLD = 0.25
+LOWRES_THRESHOLD = float(_DEFAULTS["lowres_threshold"])
 LOWRES_SPACING_STEP = 1.03
 LOWRES_MIN_VOXEL_RATIO = 2.0
 MASK_NORM_THRESHOLD = 0.75
@@ -51,22 +56,23 @@ FLOAT_BYTES = 4
 class PlanSettings:
     """Planner knobs (``conf/planner/*.yaml``). Build from a plain dict with :meth:`from_mapping`."""
 
-    gpu_memory_gb: float = 8.0
-    configurations: list[str] | None = None  # None: every applicable configuration
-    target_spacing: list[float] | None = None  # (z, y, x) mm in the images' array order; None: from data
-    base_features: int = 32
-    max_features_3d: int = 320
-    max_features_2d: int = 512
-    vnet_base_features: int = 16
-    vnet_max_features: int = 256
-    min_batch_size: int = 2
-    max_dataset_fraction: float = 0.05
+    # Defaults: conf/planner/default.yaml (the comments there describe each knob).
+    gpu_memory_gb: float = float(_DEFAULTS["gpu_memory_gb"])
+    configurations: list[str] | None = _DEFAULTS["configurations"]  # None: every applicable configuration
+    target_spacing: list[float] | None = _DEFAULTS["target_spacing"]  # (z, y, x) mm; None: from data
+    base_features: int = _DEFAULTS["base_features"]
+    max_features_3d: int = _DEFAULTS["max_features_3d"]
+    max_features_2d: int = _DEFAULTS["max_features_2d"]
+    vnet_base_features: int = _DEFAULTS["vnet_base_features"]
+    vnet_max_features: int = _DEFAULTS["vnet_max_features"]
+    min_batch_size: int = _DEFAULTS["min_batch_size"]
+    max_dataset_fraction: float = _DEFAULTS["max_dataset_fraction"]
     anisotropy_threshold: float = ANISOTROPY_THRESHOLD
     lowres_threshold: float = LOWRES_THRESHOLD
-    amp: bool = True
-    attention_25d: bool = True
-    context_slices: int = 0  # 0: Wang's 2D/3D hybrid; k > 0: 2D net over 2k+1 neighbouring slices
-    normalization: dict[str, str] | None = None  # channel index or name -> scheme
+    amp: bool = _DEFAULTS["amp"]
+    attention_25d: bool = _DEFAULTS["attention_25d"]
+    context_slices: int = _DEFAULTS["context_slices"]  # 2.5d: 0 = Wang's hybrid; k > 0: 2k+1 slices
+    normalization: dict[str, str] | None = _DEFAULTS["normalization"]  # channel index or name -> scheme
 
     @classmethod
     def fields(cls) -> list[str]:

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import DataError, StateError
+from ..io import jsonio
 from ..io.atomic import atomic_folder
 from .spec import PREPROCESS_VERSION, PreprocessSpec
 
@@ -216,7 +217,7 @@ class Cache:
                 np.save(tmp / LABEL_FILE, np.ascontiguousarray(label))
                 arrays["label"] = array_record(tmp / LABEL_FILE)
             props = {**properties, "case": str(case_id), "arrays": arrays}
-            (tmp / PROPERTIES_FILE).write_text(json.dumps(props, sort_keys=True), encoding="utf-8")
+            (tmp / PROPERTIES_FILE).write_text(jsonio.dumps(props), encoding="utf-8")
         return props
 
     def remove(self, case_id: str) -> None:

@@ -131,11 +131,10 @@ def plan(dataset: PathLike, *, log: Any = None, **settings: Any) -> dict[str, An
     cfg = _settings("plan", settings)
     planner_settings = PlanSettings.from_mapping(to_container(cfg.planner))
     ds = load_dataset(dataset)
-    ws = Workspace.at(cfg.work_dir).ensure_writable()
-    dws = ws.dataset(cfg.dataset_name or ds.name)
-    dws.claim(ds.root, layout=ds.layout)
-    if dws.name != ds.name:
+    dws = Workspace.at(cfg.work_dir).dataset(cfg.dataset_name or ds.name)
+    if dws.name != ds.name:  # the fingerprint and plan carry the workspace name
         ds = dataclasses.replace(ds, name=dws.name)
+    # run_planning checks the workspace (writable, not another dataset's) before reading anything
     result = run_planning(ds, dws, planner_settings, force=cfg.force, num_workers=cfg.num_workers)
     return {
         "dataset": dws.name,

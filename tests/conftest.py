@@ -18,15 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SEGPIPE_TEST_DATA") or REPO.parent / "shared" / "data")
 HIPPOCAMPUS = SHARED_DATA / "hippocampus"
 DICOM_DATA = SHARED_DATA / "dicom"
+SKIP_HOW = "set $SEGPIPE_TEST_DATA to the folder holding hippocampus/ and dicom/ (README, 'Development')"
 
 
 @pytest.fixture(scope="session")
 def hippocampus() -> Path:
     if not (HIPPOCAMPUS / "dataset.json").is_file():
-        pytest.skip(
-            f"real data not found at {HIPPOCAMPUS}: set $SEGPIPE_TEST_DATA to the folder holding "
-            "hippocampus/ and dicom/ (README, 'Development')"
-        )
+        pytest.skip(f"real data not found at {HIPPOCAMPUS}: {SKIP_HOW}")
     return HIPPOCAMPUS
 
 

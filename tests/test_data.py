@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HIPPOCAMPUS, SKIP_HOW
 
 from segpipe.data import (
     PatchSampler,
@@ -21,8 +22,6 @@ from segpipe.data import (
 )
 from segpipe.errors import DataError, StateError, UsageError
 from segpipe.preprocessing import Cache, sample_locations
-
-HIPPOCAMPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hippocampus"
 
 
 def write_cache(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int = 3) -> Path:
@@ -75,7 +74,7 @@ def test_make_splits_equals_sklearn_kfold(n: int) -> None:
 @pytest.mark.realdata
 def test_hippocampus_fold0_equals_nnunet() -> None:
     if not (HIPPOCAMPUS / "imagesTr").is_dir():
-        pytest.skip(f"real data not found at {HIPPOCAMPUS} (CI has it; see shared/data/README.md)")
+        pytest.skip(f"real data not found at {HIPPOCAMPUS}: {SKIP_HOW}")
     ids = sorted(p.name[: -len(".nii.gz")] for p in (HIPPOCAMPUS / "imagesTr").glob("*.nii.gz"))
     assert len(ids) == 208
     splits = make_splits(ids)

@@ -13,17 +13,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import SHARED_DATA as DATA
+from conftest import SKIP_HOW
 
 from segpipe.errors import DicomError, UsageError
 from segpipe.geometry import Geometry
 from segpipe.io.dicom import describe_dicom, list_series, read_dicom, write_dicom_series
 from segpipe.io.image import read_image
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DICOM2NIFTI = DATA / "dicom" / "dicom2nifti"
 DICOMDIRTESTS = DATA / "dicom" / "pydicom_dicomdirtests"
 DCMQI = DATA / "dicom" / "dcmqi_seg"
-NO_DATA = f"shared test data not found at {DATA / 'dicom'}"
+NO_DATA = f"shared test data not found at {DATA / 'dicom'}: {SKIP_HOW}"
 
 
 def needs(root: Path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import DICOM_DATA, SKIP_HOW
 
 from segpipe import api
 from segpipe.cli import main
@@ -30,7 +31,6 @@ from segpipe.io.dicom import (
 )
 from segpipe.io.image import is_dicom_source, read_image
 
-DICOM_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 CR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1"
 
 
@@ -388,9 +388,7 @@ def _corpus_targets() -> list:
         return [
             pytest.param(
                 None,
-                marks=pytest.mark.skip(
-                    reason=f"shared DICOM test data not found at {DICOM_DATA} (see the README: ../shared/data)"
-                ),
+                marks=pytest.mark.skip(reason=f"shared DICOM test data not found at {DICOM_DATA}: {SKIP_HOW}"),
             )
         ]
     paths = [DICOM_DATA, *sorted(p for p in DICOM_DATA.rglob("*") if p.is_dir())]

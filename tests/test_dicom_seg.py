@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import SHARED_DATA as DATA
+from conftest import SKIP_HOW
 
 from segpipe.errors import DicomError, UsageError
 from segpipe.geometry import Geometry
@@ -18,9 +20,8 @@ from segpipe.io.dicom import read_dicom, write_dicom_series
 from segpipe.io.dicom_seg import read_dicom_seg
 from segpipe.io.image import read_image
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DCMQI = DATA / "dicom" / "dcmqi_seg"
-_skip = pytest.mark.skipif(not DCMQI.is_dir(), reason=f"shared test data not found at {DCMQI}")
+_skip = pytest.mark.skipif(not DCMQI.is_dir(), reason=f"shared test data not found at {DCMQI}: {SKIP_HOW}")
 
 
 def needs_data(test):

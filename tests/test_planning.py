@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HIPPOCAMPUS, SKIP_HOW
 
 from segpipe.errors import ConfigError, StateError
 from segpipe.planning import (
@@ -26,8 +26,6 @@ from segpipe.planning import (
     target_spacing,
     topology,
 )
-
-HIPPOCAMPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hippocampus"
 
 
 def fingerprint(spacings, shapes, *, channels=None, labels=None, intensity=None, relative_size=1.0, name="hand"):
@@ -355,7 +353,7 @@ def test_summary_rows():
 @pytest.mark.slow
 def test_hippocampus_matches_nnunet(tmp_path):
     if not (HIPPOCAMPUS / "dataset.json").is_file():
-        pytest.skip(f"real data not found at {HIPPOCAMPUS} (CI has it; see shared/data/README.md)")
+        pytest.skip(f"real data not found at {HIPPOCAMPUS}: {SKIP_HOW}")
     from segpipe.io.datasets import load_dataset
 
     ds = load_dataset(HIPPOCAMPUS)

@@ -351,3 +351,26 @@ def test_tables_fit_the_terminal_width():
     assert max(len(line) for line in text.splitlines()) <= 60
     assert "…" in text
     assert "y" * 60 in cli._table(rows, width=None)  # piped output keeps every character
+
+
+def test_info_exits_3_when_no_volume_is_read_and_still_lists(tmp_path, capsys):
+    """Several candidate series: the listing is printed, then exit 3 with the reason."""
+    import numpy as np
+
+    from segpipe.geometry import Geometry
+    from segpipe.io.dicom import write_dicom_series
+
+    geo = Geometry(shape=(4, 8, 8), spacing=(2.0, 1.0, 1.0))
+    data = np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8)
+    write_dicom_series(tmp_path / "study" / "a", data, geo, modality="MR", series_description="T1post", series_number=1)
+    write_dicom_series(tmp_path / "study" / "b", data, geo, modality="MR", series_description="T2_reg", series_number=2)
+    code = cli.main(["info", str(tmp_path / "study")])
+    out = capsys.readouterr()
+    assert code == 3, out.err
+    assert "T1post" in out.out and "T2_reg" in out.out and "no volume read" in out.out
+    code = cli.main(["info", str(tmp_path / "study"), "series=t1*", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and res["shape"] == [4, 8, 8] and not res.get("volume_error")
+    code = cli.main(["info", str(tmp_path / "study"), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 3 and "volume_error" in res and len(res["series"]) == 2

@@ -173,12 +173,7 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
     ws, dws = find_dataset(cfg.work_dir, dataset, "preprocess")
     ws.ensure_writable()
     the_plan = load_plan(dws.plans_path)
-    source = (
-        Path(dataset).expanduser()
-        if dataset is not None and Path(dataset).expanduser().is_dir()
-        else dws.source_dataset_path()
-    )
-    ds = load_dataset(source)
+    ds = load_dataset(dws.source_dataset_path())  # the folder that was planned, never a namesake
     if ds.name != dws.name:
         import dataclasses
 

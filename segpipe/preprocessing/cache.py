@@ -217,7 +217,7 @@ class Cache:
                 np.save(tmp / LABEL_FILE, np.ascontiguousarray(label))
                 arrays["label"] = array_record(tmp / LABEL_FILE)
             props = {**properties, "case": str(case_id), "arrays": arrays}
-            (tmp / PROPERTIES_FILE).write_text(jsonio.dumps(props), encoding="utf-8")
+            (tmp / PROPERTIES_FILE).write_text(jsonio.dumps(props, compact=True), encoding="utf-8")
         return props
 
     def remove(self, case_id: str) -> None:

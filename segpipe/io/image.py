@@ -17,6 +17,7 @@ import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -265,8 +266,21 @@ def _nifti_raw_header(p: Path) -> Any:
 
     nibabel's loader silently "repairs" zero or negative pixdim (to 1 or to its absolute value),
     which would hide the faults segpipe must report, so the header is parsed without checks.
+    Reading a case asks for the same header twice (validation, then warnings): the last few
+    are kept, keyed by path, size and modification time, and handed out as copies.
     """
+    try:
+        st = p.stat()
+    except OSError:
+        return _parse_nifti_header(str(p), -1, -1).copy()
+    return _parse_nifti_header(str(p), st.st_size, st.st_mtime_ns).copy()
+
+
+@lru_cache(maxsize=8)
+def _parse_nifti_header(path: str, size: int, mtime_ns: int) -> Any:
     import nibabel as nib
+
+    p = Path(path)
     from nibabel.openers import ImageOpener
 
     try:

@@ -1,0 +1,165 @@
+"""Entry points that scan, choose and validate: :func:`read_dicom`, :func:`dicom_geometry`, :func:`describe_dicom`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import DicomError, UsageError
+from ...geometry import Geometry
+from .discovery import _REPORTED, DicomSeries, _scan
+from .headers import _short_error
+from .pixels import _apply_rescale, _decode, _resample
+from .selection import _select, choose_series
+from .validation import DEFAULT_SPACING_TOLERANCE, plan_series
+
+READ_OPTIONS = (
+    "series",
+    "modality",
+    "allow_uneven_spacing",
+    "allow_few_slices",
+    "allow_gantry_tilt",
+    "spacing_tolerance",
+)
+
+
+def _problem(series: DicomSeries) -> str | None:
+    """Why the series cannot be read as it is (None when it can); never raises."""
+    try:
+        plan_series(
+            series, Path(series.folder), allow_uneven_spacing=False, allow_few_slices=False, allow_gantry_tilt=False
+        )
+    except DicomError as exc:
+        return exc.message.split(": ", 1)[-1]
+    except Exception as exc:  # a listing describes every series it can and reports the others
+        return f"cannot be described ({_short_error(exc)})"
+    return None
+
+
+def describe_dicom(
+    path: str | os.PathLike[str], *, series: str | None = None, modality: str | None = None
+) -> dict[str, Any]:
+    """JSON-serialisable summary of every series under ``path`` (headers only), for ``segpipe info``.
+
+    Keys:
+
+    * ``series``: one dict per series: uid, modality, description, series_number, sop_class, kind,
+      folder, files, frames, sizes, frame_of_reference, readable, problem (why it cannot be read
+      as it is, or None), synthetic (True for files without SeriesInstanceUID grouped by the
+      remaining tags) and warnings (list of strings);
+    * ``skipped``: counts of skipped files by category; ``skipped_reasons``: one human-readable
+      line per category with examples (file and why), for printing;
+    * ``warnings``: human-readable warnings about the listing (synthetic series);
+    * ``chosen``: the UID that :func:`read_dicom` would read with this ``series``/``modality``
+      selection, or None, and ``choice_problem``: why none can be chosen.
+
+    A file or series that cannot be described is reported (skipped or with its ``problem``);
+    it never aborts the listing. A malformed ``re:`` selector is a :class:`UsageError`.
+    """
+    scan = _scan(path)
+    items = []
+    warnings_: list[str] = []
+    for s in scan.series:
+        problem = _problem(s) if s.kind in ("image", "secondary-capture") else None
+        sizes = sorted({(f.rows, f.cols) for f in s.frames})
+        items.append(
+            {
+                "uid": s.uid,
+                "modality": s.modality,
+                "description": s.description,
+                "series_number": s.series_number,
+                "sop_class": s.sop_class_name,
+                "kind": s.kind,
+                "folder": str(s.folder),
+                "files": len(s.files),
+                "frames": len(s.frames),
+                "sizes": [list(sz) for sz in sizes],
+                "frame_of_reference": s.frame_of_reference,
+                "readable": s.kind in ("image", "secondary-capture") and problem is None,
+                "problem": problem,
+                "synthetic": s.synthetic,
+                "warnings": list(s.warnings),
+            }
+        )
+        warnings_.extend(s.warnings)
+    _REPORTED.update(warnings_)  # shown in the listing: reading the series does not log them again
+    chosen, reason = None, None
+    try:
+        chosen = choose_series(
+            scan.series, Path(path), series=series, modality=modality, skipped_reasons=scan.reasons()
+        ).uid
+    except DicomError as exc:
+        reason = exc.message.split(": ", 1)[-1]
+    return {
+        "path": str(path),
+        "series": items,
+        "skipped": dict(scan.skipped),
+        "skipped_reasons": scan.reasons(),
+        "warnings": warnings_,
+        "chosen": chosen,
+        "choice_problem": reason,
+    }
+
+
+def _check_options(unknown: dict[str, Any]) -> None:
+    if unknown:
+        raise UsageError(f"unknown DICOM option(s) {sorted(unknown)}", hint=f"valid options: {', '.join(READ_OPTIONS)}")
+
+
+def dicom_geometry(
+    path: str | os.PathLike[str],
+    *,
+    series: str | None = None,
+    modality: str | None = None,
+    allow_uneven_spacing: bool = False,
+    allow_few_slices: bool = False,
+    allow_gantry_tilt: bool = False,
+    spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+    **unknown: Any,
+) -> tuple[Geometry, DicomSeries]:
+    """Geometry that :func:`read_dicom` would return, from headers only, and the chosen series."""
+    _check_options(unknown)
+    where, chosen = _select(path, series, modality)
+    plan = plan_series(
+        chosen,
+        where,
+        allow_uneven_spacing=allow_uneven_spacing,
+        allow_few_slices=allow_few_slices,
+        allow_gantry_tilt=allow_gantry_tilt,
+        spacing_tolerance=spacing_tolerance,
+    )
+    return plan.geometry, chosen
+
+
+def read_dicom(
+    path: str | os.PathLike[str],
+    *,
+    series: str | None = None,
+    modality: str | None = None,
+    allow_uneven_spacing: bool = False,
+    allow_few_slices: bool = False,
+    allow_gantry_tilt: bool = False,
+    spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+    **unknown: Any,
+) -> tuple[np.ndarray, Geometry]:
+    """Read a DICOM series (folder) or file as ``(array[C, Z, Y, X], Geometry)``; options: :mod:`segpipe.io.dicom`."""
+    _check_options(unknown)
+    if not 0 < spacing_tolerance < 1:
+        raise UsageError(f"spacing_tolerance must be in (0, 1), got {spacing_tolerance}")
+    where, chosen = _select(path, series, modality)
+    plan = plan_series(
+        chosen,
+        where,
+        allow_uneven_spacing=allow_uneven_spacing,
+        allow_few_slices=allow_few_slices,
+        allow_gantry_tilt=allow_gantry_tilt,
+        spacing_tolerance=spacing_tolerance,
+    )
+    data = _apply_rescale(_decode(plan, where), plan.frames)
+    data = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
+    if plan.resample:
+        data = _resample(data, plan)
+    return np.ascontiguousarray(data), plan.geometry

@@ -3,20 +3,29 @@ every RNG state, the LightningModule and fit with exact resume."""
 
 from __future__ import annotations
 
+import os
+import random
 from datetime import timedelta
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from segpipe.errors import ConfigError
+from segpipe.errors import ConfigError, StateError
 from segpipe.training import (
+    CHECKPOINT_FORMAT,
     PolyLR,
     build_optimizer,
     build_scheduler,
+    capture_rng,
     fit_budget,
+    load_checkpoint,
     optim_settings,
     parse_duration,
     poly_factor,
+    restore_rng,
+    save_checkpoint,
 )
 
 
@@ -164,3 +173,113 @@ def test_fit_budget_edges() -> None:
     assert (fit.epochs, fit.iterations) == (0, 3)
     with pytest.raises(ConfigError, match="positive seconds per iteration"):
         fit_budget(60, 0, seconds_per_iteration=0, iterations_per_epoch=4)
+
+
+# ============================================================================ checkpoints
+def _draw(gens: dict) -> list:
+    return [
+        random.random(),
+        random.gauss(0, 1),
+        float(np.random.rand()),  # noqa: NPY002
+        float(np.random.randn()),  # noqa: NPY002
+        torch.rand(3).tolist(),
+        *[float(g.random()) for g in gens.values()],
+        *[int(g.integers(2**62)) for g in gens.values()],
+    ]
+
+
+def test_rng_round_trip_is_exact(tmp_path: Path) -> None:
+    gens = {"pcg": np.random.default_rng(7), "mt": np.random.Generator(np.random.MT19937(3))}
+    random.seed(1)
+    np.random.seed(2)  # noqa: NPY002
+    torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached Gaussian in python's generator
+    np.random.randn()  # noqa: NPY002 (a cached Gaussian in numpy's legacy generator)
+    _draw(gens)
+    state = capture_rng(gens)
+    first = _draw(gens)
+    # through a weights_only file as well
+    save_checkpoint(tmp_path / "rng.pt", {"rng": state})
+    loaded = load_checkpoint(tmp_path / "rng.pt")["rng"]
+    restore_rng(loaded, gens)
+    assert _draw(gens) == first
+    restore_rng(state, gens)
+    assert _draw(gens) == first
+
+
+def test_restore_rng_needs_every_named_generator() -> None:
+    state = capture_rng({"a": np.random.default_rng(0)})
+    with pytest.raises(StateError, match="random generator 'b'"):
+        restore_rng(state, {"b": np.random.default_rng(0)})
+    with pytest.raises(StateError, match="random-number state"):
+        restore_rng({"python": {}}, None)
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model.parameters())
+    sched = build_scheduler(opt, 5)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    state = {
+        "epoch": 1,
+        "global_step": 4,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "history": {"train_loss": [np.float32(0.5)], "dice": np.array([0.25, 0.75])},
+        "rng": capture_rng(),
+        "where": tmp_path,
+    }
+    path = save_checkpoint(tmp_path / "run" / "last.pt", state)
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary left behind
+    raw = torch.load(path, weights_only=True)  # loads with the safe unpickler as it is
+    assert raw["format"] == CHECKPOINT_FORMAT
+    data = load_checkpoint(path)
+    assert data["history"]["train_loss"] == [0.5] and torch.equal(data["history"]["dice"], torch.tensor([0.25, 0.75]))
+    assert data["where"] == str(tmp_path) and data["epoch"] == 1
+    model2 = torch.nn.Linear(3, 2)
+    model2.load_state_dict(data["model"])
+    opt2 = build_optimizer(model2.parameters())
+    opt2.load_state_dict(data["optimizer"])
+    sched2 = build_scheduler(opt2, 99)
+    sched2.load_state_dict(data["scheduler"])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    assert sched2.total_steps == 5 and sched2.last_epoch == 1
+    buf = opt.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], buf)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_checkpoint_with_pickled_object_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "format_version": 1, "x": _Payload()}, path)
+    with pytest.raises(StateError, match="objects other than tensors and plain values") as info:
+        load_checkpoint(path)
+    assert "overwrite=true" in str(info.value)
+    torch.save({"format": CHECKPOINT_FORMAT, "format_version": 1, "x": np.zeros(2)}, path)  # pickled numpy
+    with pytest.raises(StateError, match="refused"):
+        load_checkpoint(path)
+    with pytest.raises(TypeError, match=r"checkpoint\['x'\] holds a .*_Payload"):
+        save_checkpoint(tmp_path / "bad.pt", {"x": _Payload()})
+    assert not (tmp_path / "bad.pt").exists() and [p.name for p in tmp_path.iterdir()] == ["evil.pt"]
+
+
+def test_truncated_or_foreign_checkpoint_is_a_state_error(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.arange(1000.0)}})
+    data = path.read_bytes()
+    for n in (0, 10, len(data) // 2, len(data) - 1):
+        path.write_bytes(data[:n])
+        with pytest.raises(StateError, match="truncated or damaged"):
+            load_checkpoint(path)
+    torch.save({"w": torch.zeros(1)}, path)
+    with pytest.raises(StateError, match="not a segpipe training checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(StateError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")

@@ -3,6 +3,14 @@
 
 from __future__ import annotations
 
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    to_plain,
+)
 from .optim import (
     OPTIMIZERS,
     BudgetFit,
@@ -17,14 +25,20 @@ from .optim import (
 )
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "OPTIMIZERS",
     "BudgetFit",
     "PolyLR",
     "build_optimizer",
     "build_scheduler",
+    "capture_rng",
     "fit_budget",
+    "load_checkpoint",
     "optim_defaults",
     "optim_settings",
     "parse_duration",
     "poly_factor",
+    "restore_rng",
+    "save_checkpoint",
+    "to_plain",
 ]

@@ -149,11 +149,14 @@ def _given(cfg: Any, overrides: list[str]) -> dict[str, Any]:
     """The settings given on the command line: full key → value as composed (lists, dicts plain)."""
     from omegaconf import OmegaConf
 
-    from .config import _expand, all_settings
+    from .config import _expand, selectable_groups
 
     out: dict[str, Any] = {}
-    for ov in _expand(overrides, all_settings()):
-        key = ov.split("=", 1)[0]
+    for ov in _expand(overrides):
+        key, raw = ov.split("=", 1)
+        if key in selectable_groups():  # a group selection (loss=tversky): the option's name
+            out[key] = raw
+            continue
         value = OmegaConf.select(cfg, key)
         out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     return out

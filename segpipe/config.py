@@ -34,7 +34,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "check": ("num_workers",),
     "plan": ("work_dir", "dataset_name", "num_workers", "force", "planner"),
     "preprocess": ("work_dir", "dataset", "config", "num_workers", "force"),
-    "train": ("work_dir", "dataset", "config", "num_workers", "train"),
+    "train": ("work_dir", "dataset", "config", "num_workers", "train", "optim", "loss"),
     "infer": ("work_dir", "dataset", "config", "num_workers", "dicom"),
     "evaluate": (),
     "find-best": ("work_dir", "dataset"),
@@ -63,7 +63,6 @@ class TrainSchema:
     val_every: int = MISSING
     batch_size: Optional[int] = MISSING  # noqa: UP045
     loss: str = MISSING
-    lr: float = MISSING
     device: str = MISSING
     precision: str = MISSING
     max_time: Optional[str] = MISSING  # noqa: UP045
@@ -123,23 +122,59 @@ def _flatten(cfg: Any, prefix: str = "") -> list[str]:
 
 
 @lru_cache(maxsize=1)
-def _defaults() -> tuple[Any, tuple[str, ...]]:
-    """The composed defaults (unresolved) and every setting's full key."""
+def selectable_groups() -> dict[str, tuple[str, ...]]:
+    """Config groups with several options (``conf/loss/tversky.yaml`` …): group → option names.
+
+    ``loss=tversky`` selects an option; its keys (``alpha=0.3``) are then settings like any other.
+    Groups with one ``default.yaml`` (planner, dicom, train) only hold settings.
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    for folder in sorted(p for p in config_dir().iterdir() if p.is_dir() and not p.name.startswith("_")):
+        options = tuple(sorted(p.stem for p in folder.glob("*.yaml")))
+        if options and options != ("default",):
+            out[folder.name] = options
+    return out
+
+
+@lru_cache(maxsize=16)
+def _defaults(selections: tuple[str, ...] = ()) -> tuple[Any, tuple[str, ...]]:
+    """The composed defaults (unresolved) with group ``selections`` (``("loss=tversky",)``), and
+    every setting's full key."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="segpipe"):
-            base = compose(config_name="config")
+            base = compose(config_name="config", overrides=list(selections))
     finally:
         GlobalHydra.instance().clear()
     return base, tuple(_flatten(base))
 
 
-def all_settings() -> list[str]:
+def all_settings(selections: Iterable[str] = ()) -> list[str]:
     """Every setting's full key (``work_dir``, ``planner.gpu_memory_gb``, ``train.fold``, …)."""
-    return list(_defaults()[1])
+    return list(_defaults(tuple(selections))[1])
+
+
+def _selection(group: str, option: Any) -> str:
+    """``group=option`` for a selectable group, refusing an unknown option with the valid list."""
+    options = selectable_groups()[group]
+    if str(option) not in options:
+        raise ConfigError(f"unknown {group} {option!r}", hint=f"valid: {', '.join(options)}")
+    return f"{group}={option}"
+
+
+def _split_selections(items: Iterable[tuple[str, Any]]) -> tuple[list[str], list[tuple[str, Any]]]:
+    """Group selections (``loss=tversky``) apart from settings; a selection names a known option."""
+    groups = selectable_groups()
+    selections, rest = [], []
+    for key, value in items:
+        if key in groups and not isinstance(value, Mapping):
+            selections.append(_selection(key, value))
+        else:
+            rest.append((key, value))
+    return selections, rest
 
 
 def expand_key(key: str, known: Iterable[str] | None = None) -> str:
@@ -168,11 +203,19 @@ def expand_key(key: str, known: Iterable[str] | None = None) -> str:
     )
 
 
-def _expand(overrides: list[str], known: list[str]) -> list[str]:
-    out = []
+def _expand(overrides: list[str], known: list[str] | None = None) -> list[str]:
+    """Full-key Hydra overrides for ``overrides``: group selections first, then settings.
+
+    ``known`` (the valid full keys) defaults to those of the configuration the selections give.
+    """
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not key=value", hint="write overrides as key=value, e.g. fold=0")
+    selections, settings = _split_selections(ov.split("=", 1) for ov in overrides)  # type: ignore[misc]
+    if known is None:
+        known = all_settings(selections)
+    out: list[str] = list(selections)
+    for ov in (f"{k}={v}" for k, v in settings):
         key, value = ov.split("=", 1)
         prefix = key[: len(key) - len(key.lstrip("+~"))]
         bare = key[len(prefix) :]
@@ -188,7 +231,11 @@ def _expand(overrides: list[str], known: list[str]) -> list[str]:
             )
         if "," in value and value[:1] not in "[{'\"" and not value.startswith("${"):
             value = f"[{value}]"  # `configurations=3d_fullres,2d` is a list (Hydra would read a sweep)
-        out.append(expand_key(bare, known) + "=" + value)
+        full = expand_key(bare, known)
+        group, _, leaf = full.partition(".")
+        if leaf == "name" and group in selectable_groups():
+            raise ConfigError(f"{full} names the selected {group} option", hint=f"select another with {group}=OPTION")
+        out.append(full + "=" + value)
     return out
 
 
@@ -227,6 +274,10 @@ def _validate(cfg: Any) -> Any:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    groups = {k: cfg[k] for k in selectable_groups() if k in cfg}
+    if groups:
+        plain: dict[str, Any] = OmegaConf.to_container(cfg, resolve=False)  # type: ignore[assignment]
+        cfg = OmegaConf.create({k: v for k, v in plain.items() if k not in groups})
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RootSchema), cfg)
     except OmegaConfBaseException as exc:
@@ -237,7 +288,9 @@ def _validate(cfg: Any) -> Any:
             f"invalid value {value!r} for setting {key}" + (f" (expected {want})" if want else ""),
             hint="`segpipe config` shows every setting with its default",
         ) from None
-    out = OmegaConf.create(OmegaConf.to_container(merged, resolve=False))
+    out: Any = OmegaConf.create(OmegaConf.to_container(merged, resolve=False))
+    for key, node in groups.items():  # their options' parameters are checked by their builders
+        out[key] = node
     from .planning.settings import PlanSettings
 
     PlanSettings.from_mapping(OmegaConf.to_container(out.planner, resolve=True))  # type: ignore[arg-type]
@@ -267,7 +320,7 @@ def compose_config(overrides: Iterable[str] = (), *, command: str | None = None)
     from omegaconf import OmegaConf
 
     overrides = list(overrides)
-    expanded = _expand(overrides, all_settings())
+    expanded = _expand(overrides)
     if command is not None:
         check_command(command, [ov.split("=", 1)[0] for ov in expanded])
     GlobalHydra.instance().clear()
@@ -290,9 +343,10 @@ def compose_config(overrides: Iterable[str] = (), *, command: str | None = None)
 
 def given_settings(command: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """Map Python keyword settings (bare, aliased or full keys) to full keys, refusing unknown ones."""
-    known = all_settings()
-    out: dict[str, Any] = {}
-    for key, value in settings.items():
+    selections, rest = _split_selections((ALIASES.get(k, k), v) for k, v in settings.items())
+    known = all_settings(selections)
+    out: dict[str, Any] = {s.split("=", 1)[0]: s.split("=", 1)[1] for s in selections}
+    for key, value in rest:
         full = expand_key(key, known)
         if full in out:
             raise ConfigError(f"setting {full} given twice ({key!r} and another name for it)")
@@ -306,8 +360,12 @@ def settings_config(command: str, settings: Mapping[str, Any]) -> Any:
     from omegaconf import OmegaConf
 
     full = given_settings(command, settings)
-    base = OmegaConf.create(OmegaConf.to_container(_defaults()[0], resolve=False))
+    groups = selectable_groups()
+    selections = tuple(f"{k}={v}" for k, v in full.items() if k in groups)
+    base = OmegaConf.create(OmegaConf.to_container(_defaults(selections)[0], resolve=False))
     for key, value in full.items():
+        if key in groups:
+            continue
         if key.startswith("planner.") and isinstance(value, (tuple, list, dict)):
             value = OmegaConf.create(value) if isinstance(value, dict) else list(value)
         OmegaConf.update(base, key, value, merge=False)
@@ -333,7 +391,7 @@ def setting_comments() -> dict[str, str]:
     """The trailing ``# comment`` of every setting in ``conf/`` (full key → text), for help."""
     out: dict[str, str] = {}
     root = config_dir()
-    files = [(root / "config.yaml", "")] + [(p, p.parent.name + ".") for p in sorted(root.glob("*/default.yaml"))]
+    files = [(root / "config.yaml", "")] + [(p, p.parent.name + ".") for p in sorted(root.glob("*/*.yaml"))]
     for path, prefix in files:
         for line in path.read_text(encoding="utf-8").splitlines():
             m = _COMMENT_RE.match(line)
@@ -349,7 +407,12 @@ def settings_help(command: str) -> str:
     base = _defaults()[0]
     comments = setting_comments()
     rows = []
+    groups = selectable_groups()
     for key in command_settings(command):
+        group, _, leaf = key.partition(".")
+        if group in groups and leaf == "name":  # the option itself: shown as group=option
+            rows.append((f"{group}={OmegaConf.select(base, key)}", f"one of {', '.join(groups[group])}"))
+            continue
         node = OmegaConf.select(base, key, throw_on_resolution_failure=False)
         raw = OmegaConf.to_container(base, resolve=False)
         for part in key.split("."):

@@ -38,7 +38,9 @@ def _value_for(key: str) -> tuple[str, Any]:
         "planner.target_spacing": ("[2,1,1]", [2, 1, 1]),
         "planner.normalization": ("{0:zscore}", {0: "zscore"}),
         "train.fold": ("3", "3"),
+        "optim.schedule_interval": ("step", "step"),
         "train.loss": ("tversky", "tversky"),
+        "loss.reduction": ("none", "none"),
         "train.device": ("cpu", "cpu"),
         "train.precision": ("bf16-mixed", "bf16-mixed"),
         "train.max_time": ("20m", "20m"),
@@ -108,7 +110,12 @@ def test_every_setting_is_honoured_or_refused(command, monkeypatch, capsys, tmp_
         command
     ]
     checked = 0
+    from segpipe.config import selectable_groups
+
     for key in all_settings():
+        if key.partition(".")[0] in selectable_groups() and key.endswith(".name"):
+            checked += 1  # the option itself: selected with group=OPTION (test_group_selection)
+            continue
         text, value = _value_for(key)
         seen.clear()
         code = cli.main([command, *paths, f"{key}={text}"])
@@ -374,3 +381,20 @@ def test_info_exits_3_when_no_volume_is_read_and_still_lists(tmp_path, capsys):
     code = cli.main(["info", str(tmp_path / "study"), "--json"])
     res = json.loads(capsys.readouterr().out)
     assert code == 3 and "volume_error" in res and len(res["series"]) == 2
+
+
+def test_group_selection(capsys):
+    """`optim=adamw` selects conf/optim/adamw.yaml; its keys become settings; unknown options are refused."""
+    cfg = compose_config(["optim=adamw", "lr=0.002"])
+    assert cfg.optim.name == "adamw" and cfg.optim.lr == 0.002 and list(cfg.optim.betas) == [0.9, 0.999]
+    assert compose_config([]).optim.name == "sgd"
+    cfg = settings_config("train", {"optim": "adamw", "weight_decay": 0.05})
+    assert cfg.optim.name == "adamw" and cfg.optim.weight_decay == 0.05
+    assert cli.main(["config", "optim=adam"]) == 2
+    assert "valid: adamw, sgd" in capsys.readouterr().err
+    assert cli.main(["config", "optim.name=adamw"]) == 2
+    assert "optim=OPTION" in capsys.readouterr().err
+    assert cli.main(["config", "amsgrad=true"]) == 2  # an adamw key while sgd is selected
+    assert "unknown setting 'amsgrad'" in capsys.readouterr().err
+    assert cli.main(["config", "optim=adamw", "amsgrad=true", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["optim"]["amsgrad"] is True

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import ConfigError
+from .losses import DeepSupervision, build_loss
 from .planning import PlanConfig, attention_hidden, estimate_training_bytes, memory_breakdown
 
 __all__ = [
@@ -263,23 +264,6 @@ def build_network(
 
 
 # ---------------------------------------------------------------------------- measurement
-def _downsample_target(target: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
-    index = (slice(None),) + tuple(slice(None, None, int(f)) for f in factor)
-    return target[index]
-
-
-def _dice_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Soft Dice (foreground) + cross-entropy, the loss the memory model assumes."""
-    ce = F.cross_entropy(logits, target)
-    probs = torch.softmax(logits, 1)
-    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
-    axes = tuple(range(2, logits.ndim))
-    inter = (probs * onehot).sum(axes)
-    denom = probs.sum(axes) + onehot.sum(axes)
-    dice = (2 * inter + 1e-5) / (denom + 1e-5)
-    return ce + (1 - dice[:, 1:]).mean()
-
-
 def measure_training_bytes(
     plan_config: PlanConfig | Mapping[str, Any],
     in_channels: int,
@@ -291,7 +275,8 @@ def measure_training_bytes(
     amp: bool = False,
     seed: int = 0,
 ) -> dict[str, int]:
-    """Run one fp32 training step (SGD momentum, Dice+CE over the deep-supervision outputs) and count
+    """Run one fp32 training step (SGD momentum, the training loss: nnU-Net's Dice+CE over the deep-supervision
+    outputs, :func:`segpipe.losses.build_loss` ``("dice_ce")`` in :class:`~segpipe.losses.DeepSupervision`) and count
     the bytes its tensors hold: those saved for backward (seen by ``saved_tensors_hooks``, deduplicated
     by storage, parameters excluded) plus parameters, gradients and momentum buffers.
     ``patch_size`` overrides the plan's (keep it small on CPU). ``amp``: fp16 autocast (CUDA). On CUDA it
@@ -302,6 +287,8 @@ def measure_training_bytes(
     if patch_size is not None:
         cfg = PlanConfig.from_dict({**cfg.to_dict(), "patch_size": list(patch_size)})
     torch.manual_seed(seed)
+    # every head in the graph (keep_unused), as under DDP: each parameter gets a gradient and a momentum buffer
+    loss_fn = DeepSupervision(build_loss("dice_ce"), keep_unused=True)
     model = build_network(cfg, in_channels, num_classes, deep_supervision=True).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
     cin = in_channels * max(1, cfg.input_slices)
@@ -325,11 +312,7 @@ def measure_training_bytes(
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         outs = model(x)
         outs = outs if isinstance(outs, list) else [outs]
-        factor = [1] * len(cfg.patch_size)
-        loss = torch.zeros((), device=device)
-        for i, out in enumerate(outs):
-            factor = [p // o for p, o in zip(cfg.patch_size, out.shape[2:])]
-            loss = loss + 0.5**i * _dice_ce(out.float(), _downsample_target(target, factor))
+        loss = loss_fn(outs, target)
     loss.backward()
     opt.step()
     params = sum(p.numel() * p.element_size() for p in model.parameters())

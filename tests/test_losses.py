@@ -465,3 +465,21 @@ def test_sampler_fed_by_the_loss():
     assert all(
         sampler.losses[c] == pytest.approx(per[i].item()) for i, c in enumerate(cases) if list(cases).count(c) == 1
     )
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_half_precision_logits_are_scored_in_fp32(name):
+    torch.manual_seed(8)
+    x = torch.randn(2, 3, 4, 6, 6)
+    t = torch.randint(0, 3, (2, 1, 4, 6, 6))
+    loss = build_loss(name)
+    reference = loss(x, t)
+    low = loss(x.bfloat16(), t)
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(reference.item(), abs=0.03)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv = torch.nn.Conv3d(3, 3, 1)
+        y = conv(x)
+        assert y.dtype == torch.bfloat16
+        value = loss(y, t)
+    assert value.dtype == torch.float32 and torch.isfinite(value)

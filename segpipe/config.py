@@ -62,7 +62,6 @@ class TrainSchema:
     iterations_per_epoch: int = MISSING
     val_every: int = MISSING
     batch_size: Optional[int] = MISSING  # noqa: UP045
-    loss: str = MISSING
     device: str = MISSING
     precision: str = MISSING
     max_time: Optional[str] = MISSING  # noqa: UP045
@@ -391,7 +390,15 @@ def setting_comments() -> dict[str, str]:
     """The trailing ``# comment`` of every setting in ``conf/`` (full key → text), for help."""
     out: dict[str, str] = {}
     root = config_dir()
-    files = [(root / "config.yaml", "")] + [(p, p.parent.name + ".") for p in sorted(root.glob("*/*.yaml"))]
+    base = _defaults()[0]
+
+    def default_last(p: Path) -> tuple[str, bool]:  # the selected option's comments win
+        group = p.parent.name
+        return group, group in base and p.stem == str(base[group].get("name", ""))
+
+    files = [(root / "config.yaml", "")] + [
+        (p, p.parent.name + ".") for p in sorted(root.glob("*/*.yaml"), key=default_last)
+    ]
     for path, prefix in files:
         for line in path.read_text(encoding="utf-8").splitlines():
             m = _COMMENT_RE.match(line)

@@ -39,8 +39,7 @@ def _value_for(key: str) -> tuple[str, Any]:
         "planner.normalization": ("{0:zscore}", {0: "zscore"}),
         "train.fold": ("3", "3"),
         "optim.schedule_interval": ("step", "step"),
-        "train.loss": ("tversky", "tversky"),
-        "loss.reduction": ("none", "none"),
+
         "train.device": ("cpu", "cpu"),
         "train.precision": ("bf16-mixed", "bf16-mixed"),
         "train.max_time": ("20m", "20m"),

@@ -3,6 +3,7 @@ every RNG state, the LightningModule and fit with exact resume."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from datetime import timedelta
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from segpipe.errors import ConfigError, StateError
+from segpipe.planning import PlanConfig
 from segpipe.training import (
     CHECKPOINT_FORMAT,
     PolyLR,
@@ -27,6 +29,8 @@ from segpipe.training import (
     restore_rng,
     save_checkpoint,
 )
+from segpipe.training.module import SegmentationModule, confusion_counts, dice_from_counts
+from segpipe.training.runner import fit, train_settings
 
 
 # ============================================================================ optimizers
@@ -283,3 +287,195 @@ def test_truncated_or_foreign_checkpoint_is_a_state_error(tmp_path: Path) -> Non
         load_checkpoint(path)
     with pytest.raises(StateError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+# ============================================================================ the LightningModule
+def _tiny_config(**kw) -> PlanConfig:
+    base = dict(
+        name="3d_fullres",
+        architecture="unet",
+        dims=3,
+        spacing=[1.0, 1.0, 1.0],
+        median_shape=[8, 16, 16],
+        patch_size=[8, 16, 16],
+        batch_size=2,
+        strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]],
+        kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]],
+        features=[4, 8, 16],
+        n_conv_encoder=[2, 2, 2],
+        n_conv_decoder=[2, 2],
+    )
+    base.update(kw)
+    return PlanConfig(**base)
+
+
+def test_confusion_counts_and_dice_by_hand() -> None:
+    # 1 sample, 3 classes, 4 voxels along x: labels [0, 1, 2, 2], prediction [1, 1, 2, 0]
+    labels = torch.tensor([0, 1, 2, 2]).view(1, 1, 1, 1, 4)
+    pred = torch.tensor([1, 1, 2, 0])
+    logits = torch.nn.functional.one_hot(pred, 3).T.reshape(1, 3, 1, 1, 4).float()
+    counts = confusion_counts(logits, labels, 3)
+    # class 1: tp 1 (voxel 1), fp 1 (voxel 0), fn 0; class 2: tp 1, fp 0, fn 1 (voxel 3)
+    assert counts.tolist() == [[1, 1], [1, 0], [0, 1]]
+    assert dice_from_counts(counts) == [2 / 3, 2 / 3]
+    # ignore label 2: voxels 2 and 3 count nowhere; class 2 is then absent → NaN
+    counts = confusion_counts(logits, labels, 3, ignore_index=2)
+    assert counts.tolist() == [[1, 0], [1, 0], [0, 0]]
+    d = dice_from_counts(counts)
+    assert d[0] == 2 / 3 and np.isnan(d[1])
+
+
+def test_module_trains_and_records_pseudo_dice() -> None:
+    torch.manual_seed(0)
+    module = SegmentationModule(_tiny_config(), 1, 3, epochs=4, iterations_per_epoch=2)
+    opt = module.configure_optimizers()
+    assert isinstance(opt, torch.optim.SGD) and module.scheduler is not None and module.scheduler.total_steps == 4
+    batch = {"image": torch.randn(2, 1, 8, 16, 16), "label": torch.randint(0, 3, (2, 1, 8, 16, 16), dtype=torch.uint8)}
+    module.train()
+    module.on_train_epoch_start()
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    module.eval()
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+        module.validation_step(batch, 1)
+    counts = module._counts
+    assert counts is not None and counts.shape == (3, 2)
+    assert counts[0].add(counts[2]).sum() == 2 * ((batch["label"] > 0).sum())  # tp + fn = foreground, twice
+    module.history["ema_fg_dice"].append(0.5)  # as if one epoch was recorded before
+    expected = dice_from_counts(counts)
+    mean = float(np.nanmean(expected))
+    opt.step()
+    module.on_train_epoch_end()
+    h = module.history
+    assert h["pseudo_dice"][-1] == expected and h["mean_fg_dice"][-1] == mean
+    assert h["ema_fg_dice"][-1] == pytest.approx(0.9 * 0.5 + 0.1 * mean)
+    assert h["lr"][-1] == 0.01 and opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.75**0.9)
+    assert module.completed_epochs == 1
+
+
+def test_module_per_iteration_schedule_and_adamw() -> None:
+    module = SegmentationModule(
+        _tiny_config(),
+        1,
+        3,
+        loss="tversky",
+        optim={"name": "adamw", "schedule_interval": "step"},
+        epochs=3,
+        iterations_per_epoch=5,
+    )
+    opt = module.configure_optimizers()
+    assert isinstance(opt, torch.optim.AdamW) and module.scheduler is not None
+    assert module.scheduler.total_steps == 15
+    opt.step()
+    module.on_train_batch_end(None, None, 0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * (14 / 15) ** 0.9)
+
+
+def test_train_settings_refuse_unknown_and_bad_values() -> None:
+    s = train_settings({"epochs": 3, "max_time": "20m", "fold": 0})
+    assert s["epochs"] == 3 and s["max_time"] == "20m" and "fold" not in s
+    with pytest.raises(ConfigError, match="unknown training setting"):
+        train_settings({"epochz": 3})
+    with pytest.raises(ConfigError, match="at least 1"):
+        train_settings({"iterations_per_epoch": 0})
+    with pytest.raises(ConfigError, match="duration"):
+        train_settings({"max_time": "soon"})
+
+
+# ============================================================================ fit and resume
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    """The demo dataset planned and preprocessed, with the plan shrunk to a tiny network and patch."""
+    import segpipe
+    from segpipe.planning import load_plan
+
+    root = tmp_path_factory.mktemp("train")
+    data = segpipe.generate_demo_data(root / "demo")
+    work = root / "work"
+    segpipe.plan(data, work_dir=work, configurations=["3d_fullres"], num_workers=1)
+    segpipe.preprocess(data, work_dir=work, num_workers=1)
+    plan = load_plan(work / "demo" / "plans.json")
+    network = ("patch_size", "batch_size", "strides", "kernel_sizes", "features", "n_conv_encoder", "n_conv_decoder")
+    small = {k: v for k, v in _tiny_config().to_dict().items() if k in network}
+    plan.configurations["3d_fullres"] = PlanConfig.from_dict({**plan.configurations["3d_fullres"].to_dict(), **small})
+    return plan, work
+
+
+SETTINGS = {"epochs": 3, "iterations_per_epoch": 2, "num_val_batches": 2, "num_workers": 0, "deterministic": True}
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_run, monkeypatch) -> None:
+    from segpipe.training import runner as fit_module
+
+    torch.set_num_threads(1)
+    plan, work = tiny_run
+    full = fit_module.fit(plan, "3d_fullres", 0, work_dir=work, settings=SETTINGS, overwrite=True)
+    assert full["finished"] and full["epochs"] == 3 and not full["already_finished"]
+    a = load_checkpoint(full["checkpoint"])
+
+    class Killed(Exception):
+        pass
+
+    original = fit_module.RunCheckpoint.on_train_epoch_end
+
+    def die_after_first_epoch(self, trainer, module):
+        original(self, trainer, module)
+        if module.completed_epochs == 1:
+            raise Killed
+
+    monkeypatch.setattr(fit_module.RunCheckpoint, "on_train_epoch_end", die_after_first_epoch)
+    with pytest.raises(Killed):
+        fit_module.fit(plan, "3d_fullres", 0, work_dir=work, settings=SETTINGS, overwrite=True)
+    monkeypatch.setattr(fit_module.RunCheckpoint, "on_train_epoch_end", original)
+    run_dir = Path(full["run_dir"])
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1 and not (run_dir / "final.pt").exists()
+
+    lines: list[str] = []
+    resumed = fit_module.fit(plan, "3d_fullres", 0, work_dir=work, settings=SETTINGS, log=lines.append)
+    assert resumed["resumed_from"] == 1 and resumed["finished"]
+    assert "resuming after epoch 1" in lines[0] and len([x for x in lines if x.startswith("epoch ")]) == 2
+    b = load_checkpoint(resumed["checkpoint"])
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["history"] == {k: v for k, v in b["history"].items() if k != "epoch_seconds"} | {
+        "epoch_seconds": a["history"]["epoch_seconds"]
+    }
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 3
+
+    # what the run folder holds
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == ["best.pt", "final.pt", "last.pt", "metrics.csv", "settings.json"]
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,val_loss,dice_") and [r.split(",")[0] for r in rows[1:]] == [
+        "0",
+        "1",
+        "2",
+    ]
+    lrs = [float(r.split(",")[-2]) for r in rows[1:]]
+    assert lrs == pytest.approx([0.01, 0.01 * (2 / 3) ** 0.9, 0.01 * (1 / 3) ** 0.9], rel=1e-5)
+    for name in ("best.pt", "final.pt"):
+        assert "model" in torch.load(run_dir / name, weights_only=True)
+    saved = json.loads((run_dir / "settings.json").read_text())
+    assert saved["settings"]["epochs"] == 3 and "torch" in saved["versions"]
+
+
+@pytest.mark.slow
+def test_finished_run_returns_at_once_and_other_settings_are_refused(tiny_run) -> None:
+    plan, work = tiny_run
+    settings = {**SETTINGS, "epochs": 1}
+    first = fit(plan, "3d_fullres", 1, work_dir=work, settings=settings, overwrite=True)
+    assert first["finished"] and first["epochs"] == 1
+    lines: list[str] = []
+    again = fit(plan, "3d_fullres", 1, work_dir=work, settings=settings, log=lines.append)
+    assert again["already_finished"] and again["epochs"] == 1 and "has finished" in lines[0]
+    with pytest.raises(StateError, match="other settings"):
+        fit(plan, "3d_fullres", 1, work_dir=work, settings={**settings, "seed": 1})
+    redo = fit(plan, "3d_fullres", 1, work_dir=work, settings={**settings, "seed": 1}, overwrite=True)
+    assert redo["finished"] and not redo["already_finished"]

@@ -1,7 +1,13 @@
 """Training: optimizers and the poly schedule, checkpoints with every RNG state, the
-``LightningModule`` and ``fit`` with exact resume."""
+``LightningModule`` and ``fit`` with exact resume.
+
+``SegmentationModule``, ``fit``, ``train_settings`` and ``RunCheckpoint`` import Lightning and
+are loaded on first use.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -23,6 +29,24 @@ from .optim import (
     parse_duration,
     poly_factor,
 )
+
+_LAZY = {
+    "SegmentationModule": "module",
+    "confusion_counts": "module",
+    "dice_from_counts": "module",
+    "RunCheckpoint": "runner",
+    "fit": "runner",
+    "train_settings": "runner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CHECKPOINT_FORMAT",

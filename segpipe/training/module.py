@@ -1,0 +1,242 @@
+"""The ``LightningModule`` of one plan configuration: :class:`SegmentationModule`.
+
+* The network comes from the plan (:func:`segpipe.networks.build_network`, deep supervision on).
+* The loss from the registry (:func:`segpipe.losses.build_loss`; the plan's ``batch_dice`` and the
+  dataset's ignore label fill what the settings leave open), wrapped in
+  :class:`segpipe.losses.DeepSupervision` (nnU-Net's weights over the decoder outputs).
+* The optimizer from :func:`segpipe.training.optim.build_optimizer` with the poly schedule. The
+  module steps the schedule itself (after each epoch, or after each iteration with
+  ``schedule_interval: step``) so that the state a checkpoint saves at an epoch's end is the state
+  the next epoch starts from.
+* Validation is nnU-Net's pseudo-Dice: true positives, false positives and false negatives of the
+  argmax prediction, per foreground class, summed over every validation batch of the epoch (and
+  over the devices), then ``Dice = 2·TP / (2·TP + FP + FN)`` per class (NaN for a class absent from
+  both), their mean over the classes present, and an exponential moving average over the epochs
+  (``ema = 0.9 · ema + 0.1 · mean``), which picks the best checkpoint.
+
+Everything the module records per epoch (losses, pseudo-Dice, learning rate, epoch time) lives in
+:attr:`SegmentationModule.history`, plain lists that a checkpoint saves and ``metrics.csv`` mirrors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+
+from ..planning import PlanConfig
+from .optim import PolyLR, build_optimizer, build_scheduler, optim_settings
+
+EMA_MOMENTUM = 0.9  # nnU-Net: ema = 0.9 · ema + 0.1 · mean pseudo-Dice
+
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "mean_fg_dice", "ema_fg_dice", "lr", "epoch_seconds")
+
+
+def confusion_counts(
+    logits: torch.Tensor, target: torch.Tensor, num_classes: int, *, ignore_index: int | None = None
+) -> torch.Tensor:
+    """``[3, K-1]`` counts of true positives, false positives and false negatives of the argmax of
+    ``logits`` ``[B, K, *S]`` against integer labels ``[B, 1, *S]`` (or ``[B, *S]``), per foreground
+    class 1..K-1, summed over the batch. Voxels labelled ``ignore_index`` count nowhere."""
+    labels = target[:, 0] if target.ndim == logits.ndim else target
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    pred = logits.argmax(1)
+    valid = None if ignore_index is None else labels != ignore_index
+    counts = torch.zeros(3, num_classes - 1, dtype=torch.float64, device=logits.device)
+    for c in range(1, num_classes):
+        p, g = pred == c, labels == c
+        if valid is not None:
+            p, g = p & valid, g & valid
+        counts[0, c - 1] = (p & g).sum()
+        counts[1, c - 1] = (p & ~g).sum()
+        counts[2, c - 1] = (~p & g).sum()
+    return counts
+
+
+def dice_from_counts(counts: torch.Tensor) -> list[float]:
+    """Dice per class from :func:`confusion_counts` sums (NaN where the class is absent in both)."""
+    tp, fp, fn = (counts[i].double().tolist() for i in range(3))
+    return [2 * t / (2 * t + p + n) if (2 * t + p + n) > 0 else math.nan for t, p, n in zip(tp, fp, fn)]
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+class SegmentationModule(L.LightningModule):
+    """Network, loss, optimizer and schedule of one plan configuration (see the module doc).
+
+    ``plan_config``: a :class:`~segpipe.planning.PlanConfig` (or its dict). ``in_channels``: the
+    dataset's channels; ``num_classes``: output classes with the background. ``loss`` and
+    ``loss_params``: a name of :data:`segpipe.losses.LOSSES` and its parameters. ``optim``: settings
+    for :func:`~segpipe.training.optim.optim_settings` (``{"name": "sgd", "lr": 0.01, ...}``).
+    ``epochs`` and ``iterations_per_epoch`` size the poly schedule. ``ignore_index``: the
+    dataset's ignore label, counted in no loss and no metric. ``class_names``: names of the
+    foreground classes for the logged metrics (default ``"1"``, ``"2"``, …).
+    """
+
+    def __init__(
+        self,
+        plan_config: PlanConfig | Mapping[str, Any],
+        in_channels: int,
+        num_classes: int,
+        *,
+        loss: str = "dice_ce",
+        loss_params: Mapping[str, Any] | None = None,
+        optim: Mapping[str, Any] | None = None,
+        epochs: int = 1000,
+        iterations_per_epoch: int = 250,
+        ignore_index: int | None = None,
+        class_names: list[str] | None = None,
+    ):
+        super().__init__()
+        from ..losses import DeepSupervision, build_loss
+        from ..networks import build_network
+
+        cfg = plan_config if isinstance(plan_config, PlanConfig) else PlanConfig.from_dict(plan_config)
+        self.plan_config = cfg
+        self.in_channels, self.num_classes = int(in_channels), int(num_classes)
+        self.network = build_network(cfg, self.in_channels, self.num_classes, deep_supervision=True)
+        context = {"batch_dice": cfg.batch_dice, "ignore_index": ignore_index}
+        self.loss_name, self.loss_params = str(loss), dict(loss_params or {})
+        self.loss = DeepSupervision(build_loss(self.loss_name, context=context, **self.loss_params))
+        optim = dict(optim or {})
+        self.optim = optim_settings(str(optim.pop("name", "sgd")), **optim)
+        self.epochs, self.iterations_per_epoch = int(epochs), int(iterations_per_epoch)
+        self.ignore_index = ignore_index
+        self.class_names = list(class_names) if class_names else [str(c) for c in range(1, self.num_classes)]
+        self.scheduler: PolyLR | None = None
+        self.completed_epochs = 0  # epochs finished over the whole run (resumes included)
+        self.planned_epochs = self.epochs  # fewer when a wall-clock budget shortens the run
+        self.history: dict[str, list[Any]] = {k: [] for k in (*HISTORY_KEYS, "pseudo_dice")}
+        self._counts: torch.Tensor | None = None
+        self._train_losses: list[float] = []
+        self._val_losses: list[float] = []
+        self._epoch_start = 0.0
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def schedule_interval(self) -> str:
+        return str(self.optim["schedule_interval"])
+
+    def schedule_steps(self, epochs: int | None = None) -> int:
+        """Steps of the poly schedule over ``epochs`` (default the run's): epochs, or iterations."""
+        e = self.epochs if epochs is None else int(epochs)
+        return e if self.schedule_interval == "epoch" else e * self.iterations_per_epoch
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.network.parameters(), self.optim)
+        self.scheduler = build_scheduler(optimizer, self.schedule_steps(), exponent=float(self.optim["poly_exponent"]))
+        return optimizer
+
+    @property
+    def ema_fg_dice(self) -> float:
+        values = self.history["ema_fg_dice"]
+        return float(values[-1]) if values else math.nan
+
+    # ------------------------------------------------------------------ forward / train
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.network(x)
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+        self._train_losses = []
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        outputs = self.network(batch["image"])
+        loss = self.loss(outputs, batch["label"])
+        self._train_losses.append(float(loss.detach()))
+        if self._trainer is not None:
+            self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.scheduler is not None and self.schedule_interval == "step":
+            self.scheduler.step()
+
+    # ------------------------------------------------------------------ validation (pseudo-Dice)
+    def on_validation_epoch_start(self) -> None:
+        self._counts = None
+        self._val_losses = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits = self.network(batch["image"])
+        if isinstance(logits, (list, tuple)):
+            logits = logits[0]
+        self._val_losses.append(float(self.loss(logits, batch["label"]).detach()))
+        counts = confusion_counts(logits, batch["label"], self.num_classes, ignore_index=self.ignore_index)
+        self._counts = counts if self._counts is None else self._counts + counts
+
+    def _reduce_counts(self) -> torch.Tensor | None:
+        counts = self._counts
+        if counts is None:
+            return None
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        return counts
+
+    # ------------------------------------------------------------------ epoch end
+    def on_train_epoch_end(self) -> None:
+        """Record the epoch (losses, pseudo-Dice and its EMA, learning rate, time) and step the
+        schedule; runs after this epoch's validation, before the checkpoint callback."""
+        counts = self._reduce_counts()
+        lr = float(self.scheduler.optimizer.param_groups[0]["lr"]) if self.scheduler is not None else math.nan
+        h = self.history
+        h["epoch"].append(self.completed_epochs)
+        h["train_loss"].append(_mean(self._train_losses))
+        h["val_loss"].append(_mean(self._val_losses))
+        h["lr"].append(lr)
+        h["epoch_seconds"].append(time.perf_counter() - self._epoch_start)
+        if counts is not None:
+            dice = dice_from_counts(counts)
+            mean = _nanmean(dice)
+            prev = self.ema_fg_dice
+            ema = mean if math.isnan(prev) else EMA_MOMENTUM * prev + (1 - EMA_MOMENTUM) * mean
+            h["pseudo_dice"].append(dice)
+            h["mean_fg_dice"].append(mean)
+            h["ema_fg_dice"].append(ema)
+            if self._trainer is not None:
+                self.log("mean_fg_dice", mean)
+                self.log("ema_fg_dice", ema)
+        else:
+            for key in ("pseudo_dice", "mean_fg_dice", "ema_fg_dice"):
+                h[key].append(math.nan if key != "pseudo_dice" else [math.nan] * (self.num_classes - 1))
+        self._counts = None
+        if self.scheduler is not None and self.schedule_interval == "epoch":
+            self.scheduler.step()
+        self.completed_epochs += 1
+
+    # ------------------------------------------------------------------ state
+    def training_state(self) -> dict[str, Any]:
+        """What resuming needs besides the RNG: weights, optimizer, schedule, counters, history."""
+        optimizer = self.optimizers().optimizer if self._trainer is not None else None  # type: ignore[union-attr]
+        return {
+            "epoch": self.completed_epochs,
+            "model": self.network.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "history": self.history,
+        }
+
+    def load_training_state(self, state: Mapping[str, Any], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Put back a :meth:`training_state` (the optimizer and schedule once they exist)."""
+        self.network.load_state_dict(state["model"])
+        self.completed_epochs = int(state["epoch"])
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        if optimizer is not None and state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+__all__ = ["EMA_MOMENTUM", "SegmentationModule", "confusion_counts", "dice_from_counts"]

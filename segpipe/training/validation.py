@@ -1,0 +1,286 @@
+"""Full-case validation of a fold: every validation case predicted whole, scored, and its softmax kept.
+
+:func:`validate_cases` runs what nnU-Net's final validation runs, on segpipe's preprocessing cache:
+
+* each case is read from the cache (image [C, Z, Y, X], label [Z, Y, X]) and predicted in full by
+  the Gaussian-weighted sliding window of its plan configuration
+  (:func:`segpipe.inference.predict_case_logits`);
+* the argmax is scored against the cached label per foreground class (:func:`segpipe.evaluation.evaluate_case`:
+  Dice NaN when reference and prediction are both empty, voxels of the ignore label count nowhere);
+* the fold's validation folder receives ``summary.json`` (nnU-Net's layout,
+  :func:`~segpipe.evaluation.write_summary`) and ``dice_per_case.csv`` (one row per case, one column
+  per class, :func:`~segpipe.evaluation.write_case_metrics`);
+* with ``save_probabilities`` the softmax of each case is kept as ``<case>.npy``: float16
+  [K, Z, Y, X] on the cache's grid (transposed, cropped and resampled as the cache holds the case;
+  the cache's ``properties.json`` records how to restore it), for ensembling and for choosing the
+  post-processing later. :func:`load_probabilities` reads one back.
+
+Scoring on the cache's grid, not on the original image, is what nnU-Net's pseudo-Dice does too; its
+final validation scores after restoring the original geometry, which differs only where resampling
+moves the boundary by a voxel.
+
+Memory: one case at a time. The logits are float32; the softmax is computed in place in float32 and
+converted to float16 on the way to the file, so a case costs its logits once plus a float16 copy;
+nothing is float64. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError, StateError
+from ..evaluation import (
+    CaseMetrics,
+    class_mean_dice,
+    evaluate_case,
+    mean_foreground_dice,
+    write_case_metrics,
+    write_summary,
+)
+from ..inference import predict_case_logits
+from ..io.atomic import save_npy
+from ..planning import Plan, PlanConfig, load_plan
+from ..preprocessing import Cache
+from ..progress import Progress
+
+__all__ = [
+    "CASE_METRICS_FILE",
+    "PROBABILITIES_DTYPE",
+    "SUMMARY_FILE",
+    "format_validation",
+    "load_probabilities",
+    "plan_classes",
+    "probabilities_path",
+    "softmax_float16",
+    "validate_cases",
+]
+
+log = logging.getLogger("segpipe")
+
+SUMMARY_FILE = "summary.json"
+CASE_METRICS_FILE = "dice_per_case.csv"
+PROBABILITIES_SUFFIX = ".npy"
+PROBABILITIES_DTYPE = np.float16
+IGNORE_LABEL_NAME = "ignore"
+
+CaseProgress = Callable[[int, int], None] | bool | None
+
+
+# ---------------------------------------------------------------------------- helpers
+def plan_classes(plan: Plan, *, ignore_index: int | None = None) -> tuple[dict[int, str], int | None]:
+    """The foreground classes of ``plan`` as ``{label: name}`` and the ignore label.
+
+    The ignore label is ``ignore_index`` when given, else the label named ``ignore`` in the plan
+    (case-insensitive), else None; it is never a class. Background (0) is not a class either.
+    """
+    labels: dict[int, str] = {}
+    for key, name in plan.labels.items():
+        try:
+            labels[int(key)] = str(name)
+        except (TypeError, ValueError):
+            raise StateError(
+                f"plan label {key!r} is not an integer", hint="re-plan the dataset with `segpipe plan DATASET`"
+            ) from None
+    if ignore_index is None:
+        named = [k for k, v in labels.items() if v.lower() == IGNORE_LABEL_NAME]
+        ignore_index = named[0] if named else None
+    classes = {k: v for k, v in sorted(labels.items()) if k != 0 and k != ignore_index}
+    if not classes:
+        raise StateError("the plan has no foreground class to validate", hint="check the dataset's labels and re-plan")
+    return classes, ignore_index
+
+
+def probabilities_path(out_dir: str | os.PathLike[str], case_id: str) -> Path:
+    """Where :func:`validate_cases` keeps the softmax of ``case_id``: ``<out_dir>/<case>.npy``."""
+    return Path(out_dir) / f"{case_id}{PROBABILITIES_SUFFIX}"
+
+
+def load_probabilities(out_dir: str | os.PathLike[str], case_id: str, *, mmap: bool = True) -> np.ndarray:
+    """The float16 softmax [K, Z, Y, X] of ``case_id`` kept by :func:`validate_cases` (memory-mapped by default)."""
+    path = probabilities_path(out_dir, case_id)
+    if not path.is_file():
+        raise StateError(
+            f"{path}: no saved probabilities for case {case_id}",
+            hint="run the fold's final validation with save_probabilities=True",
+        )
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (OSError, ValueError, EOFError) as exc:
+        raise StateError(f"{path}: unreadable probabilities ({exc})", hint="run the fold's validation again") from None
+
+
+def softmax_float16(logits: torch.Tensor) -> np.ndarray:
+    """Softmax over axis 0 of float32 ``logits`` [K, ...], computed in place (``logits`` is overwritten),
+    returned as a float16 numpy array on the CPU. Never float64; one extra array the size of a class."""
+    with torch.inference_mode():  # the sliding window's logits are inference tensors: in place only in this mode
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        peak = logits.amax(dim=0, keepdim=True)
+        logits.sub_(peak).exp_()
+        total = logits.sum(dim=0, keepdim=True)
+        logits.div_(total)
+        return logits.to(device="cpu", dtype=torch.float16).numpy()
+
+
+def _resolve_plan(plan: Plan | str | os.PathLike[str]) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return load_plan(plan)
+    raise ConfigError(f"plan must be a Plan or the path of a plans.json, got {type(plan).__name__}")
+
+
+def _resolve_cache(cache: Cache | str | os.PathLike[str]) -> Cache:
+    if isinstance(cache, Cache):
+        return cache
+    if isinstance(cache, (str, os.PathLike)):
+        return Cache(cache)
+    raise ConfigError(f"cache must be a Cache or the path of a cache folder, got {type(cache).__name__}")
+
+
+# ---------------------------------------------------------------------------- validation
+def validate_cases(
+    network: Any,
+    cache: Cache | str | os.PathLike[str],
+    case_ids: Sequence[str],
+    plan: Plan | str | os.PathLike[str],
+    configuration: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    device: torch.device | str | None = None,
+    save_probabilities: bool = True,
+    ignore_index: int | None = None,
+    progress: CaseProgress = None,
+    overlap: float = 0.5,
+    batch_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Predict every case of ``case_ids`` in full, score it, write the fold's validation folder.
+
+    ``network``: the configuration's network (a ``torch.nn.Module`` or any callable mapping a batch
+    [B, C, *patch] to logits [B, K, *patch]; put in eval mode for the call). ``cache``: the
+    preprocessing cache of ``configuration`` (a :class:`~segpipe.preprocessing.Cache` or its folder);
+    every case must be cached with its label. ``plan``: a :class:`~segpipe.planning.Plan` or its
+    ``plans.json``. ``out_dir``: the fold's ``validation/`` folder (created). ``device`` runs the
+    network (default: the network's). ``ignore_index``: the label whose voxels count nowhere
+    (default: the plan's label named ``ignore``, if any). ``progress``: True for a progress bar over
+    the cases, or a callable ``(cases_done, cases_total)``. ``overlap``, ``batch_size`` (windows per
+    forward pass; default the plan's batch) and ``autocast_dtype`` go to the sliding window.
+
+    Writes ``summary.json``, ``dice_per_case.csv`` and, with ``save_probabilities``, ``<case>.npy``
+    per case (float16 softmax [K, Z, Y, X] on the cache's grid). Returns::
+
+        {"mean_fg_dice": float,            # nnU-Net's foreground mean (NaN when no class has a value)
+         "class_dice": {label: float},     # per foreground class, mean over cases skipping NaN
+         "class_names": {label: name},
+         "case_dice": {case: {label: float}},
+         "num_cases": int, "seconds": float,
+         "summary_path": str, "case_metrics_path": str,
+         "probabilities": {case: str}}     # empty without save_probabilities
+    """
+    t0 = time.perf_counter()
+    the_plan = _resolve_plan(plan)
+    cfg: PlanConfig = the_plan.config(configuration)
+    the_cache = _resolve_cache(cache)
+    ids = [str(c) for c in case_ids]
+    if not ids:
+        raise ConfigError(
+            "no validation cases to predict",
+            hint="validate a cross-validation fold (0-4); fold=all trains on every case",
+        )
+    if len(set(ids)) != len(ids):
+        dupes = sorted({c for c in ids if ids.count(c) > 1})
+        raise ConfigError(f"validation cases listed twice: {', '.join(dupes)}")
+    classes, ignore = plan_classes(the_plan, ignore_index=ignore_index)
+    class_list = list(classes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    window_kwargs: dict[str, Any] = {"overlap": overlap, "num_classes": the_plan.num_classes}
+    if device is not None:
+        window_kwargs["device"] = device
+    if batch_size is not None:
+        window_kwargs["batch_size"] = int(batch_size)
+    if autocast_dtype is not None:
+        window_kwargs["autocast_dtype"] = autocast_dtype
+
+    bar = Progress(f"validation {configuration}", len(ids), unit="case") if progress is True else None
+    report = progress if callable(progress) else None
+    results: list[CaseMetrics] = []
+    saved: dict[str, str] = {}
+    try:
+        for i, cid in enumerate(ids):
+            image, label, _props = the_cache.load(cid, mmap=False)
+            if label is None:
+                raise DataError(
+                    f"{the_cache.case_dir(cid)}: case {cid} is cached without a label, so it cannot be validated",
+                    hint="validate labelled cases only (the fold's validation cases are labelled)",
+                )
+            if tuple(image.shape[1:]) != tuple(label.shape):
+                raise StateError(
+                    f"{the_cache.case_dir(cid)}: cached image {tuple(image.shape)} and label {tuple(label.shape)} "
+                    "differ in size",
+                    hint="run `segpipe preprocess force=true`",
+                )
+            logits = predict_case_logits(network, image, cfg, **window_kwargs)
+            del image
+            pred = logits.argmax(dim=0)
+            reference = torch.from_numpy(np.asarray(label)).to(pred.device)
+            results.append(evaluate_case(pred, reference, class_list, case=cid, ignore_index=ignore))
+            del pred, reference
+            if save_probabilities:
+                path = probabilities_path(out, cid)
+                save_npy(path, softmax_float16(logits))
+                saved[cid] = str(path)
+            del logits
+            if bar is not None:
+                bar.update(1)
+            if report is not None:
+                report(i + 1, len(ids))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    summary_path = write_summary(out / SUMMARY_FILE, results)
+    csv_path = write_case_metrics(out / CASE_METRICS_FILE, results, labels=classes)
+    means = class_mean_dice(results)
+    mean_fg = mean_foreground_dice(results)
+    seconds = time.perf_counter() - t0
+    log.info(
+        "validation %s: %d cases, mean foreground Dice %s (%s)",
+        configuration,
+        len(results),
+        "nan" if math.isnan(mean_fg) else f"{mean_fg:.4f}",
+        ", ".join(f"{classes[c]} {means.get(c, math.nan):.4f}" for c in class_list),
+    )
+    return {
+        "mean_fg_dice": float(mean_fg),
+        "class_dice": {c: float(means.get(c, math.nan)) for c in class_list},
+        "class_names": dict(classes),
+        "case_dice": {r.case: dict(r.dice) for r in results},
+        "num_cases": len(results),
+        "seconds": seconds,
+        "summary_path": str(summary_path),
+        "case_metrics_path": str(csv_path),
+        "probabilities": saved,
+    }
+
+
+def format_validation(result: Mapping[str, Any]) -> str:
+    """One line for people: ``mean foreground Dice 0.8123 (anterior 0.8011, posterior 0.8235), 42 cases``."""
+
+    def fmt(v: float) -> str:
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+
+    names = result.get("class_names", {})
+    per_class = ", ".join(f"{names.get(c, c)} {fmt(float(v))}" for c, v in result.get("class_dice", {}).items())
+    return f"mean foreground Dice {fmt(float(result['mean_fg_dice']))} ({per_class}), {result['num_cases']} cases"

@@ -469,9 +469,11 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_run, monkeypatch) -> 
 @pytest.mark.slow
 def test_finished_run_returns_at_once_and_other_settings_are_refused(tiny_run) -> None:
     plan, work = tiny_run
-    settings = {**SETTINGS, "epochs": 1}
+    # the optimizer and loss as composed config groups (conf/optim/sgd.yaml, conf/loss/dice_ce.yaml)
+    settings = {**SETTINGS, "epochs": 1, "optim": {"name": "sgd", "lr": 0.02}, "loss": {"name": "dice_ce"}}
     first = fit(plan, "3d_fullres", 1, work_dir=work, settings=settings, overwrite=True)
     assert first["finished"] and first["epochs"] == 1
+    assert load_checkpoint(first["checkpoint"])["history"]["lr"] == [0.02]
     lines: list[str] = []
     again = fit(plan, "3d_fullres", 1, work_dir=work, settings=settings, log=lines.append)
     assert again["already_finished"] and again["epochs"] == 1 and "has finished" in lines[0]
@@ -479,3 +481,23 @@ def test_finished_run_returns_at_once_and_other_settings_are_refused(tiny_run) -
         fit(plan, "3d_fullres", 1, work_dir=work, settings={**settings, "seed": 1})
     redo = fit(plan, "3d_fullres", 1, work_dir=work, settings={**settings, "seed": 1}, overwrite=True)
     assert redo["finished"] and not redo["already_finished"]
+
+
+def test_budget_respans_the_schedule(tmp_path: Path) -> None:
+    from segpipe.training.runner import RunCheckpoint
+
+    module = SegmentationModule(_tiny_config(), 1, 3, epochs=100, iterations_per_epoch=5)
+    opt = module.configure_optimizers()
+    assert module.scheduler is not None
+    for _ in range(2):  # two epochs of 10 s done
+        opt.step()
+        module.scheduler.step()
+    module.completed_epochs = 2
+    module.history["epoch_seconds"] = [10.0, 10.0]
+    cb = RunCheckpoint(tmp_path, max_time=100.0, resume={"elapsed_seconds": 40.0})
+    cb._apply_budget(None, module)  # type: ignore[arg-type]
+    # 100 s − 40 s spent = 60 s: 6 more epochs of 10 s (less whatever this test's clock took)
+    assert module.planned_epochs in (7, 8)
+    planned = module.planned_epochs
+    assert module.scheduler.total_steps == planned
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - 2 / planned) ** 0.9)

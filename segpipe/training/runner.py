@@ -327,13 +327,16 @@ def fit(
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     L.seed_everything(int(s["seed"]), workers=True, verbose=False)
     labels = sorted(the_plan.labels.items(), key=lambda kv: int(kv[0]))
-    optim = {"name": s["optim"], **dict(s["optim_params"]), **({"lr": s["lr"]} if s["lr"] is not None else {})}
+    optim = _named(s["optim"], s["optim_params"])
+    if s["lr"] is not None:
+        optim["lr"] = s["lr"]
+    loss = _named(s["loss"], s["loss_params"])
     module = SegmentationModule(
         cfg,
         the_plan.in_channels,
         the_plan.num_classes,
-        loss=str(s["loss"]),
-        loss_params=s["loss_params"],
+        loss=str(loss.pop("name")),
+        loss_params=loss,
         optim=optim,
         epochs=s["epochs"],
         iterations_per_epoch=s["iterations_per_epoch"],
@@ -399,6 +402,16 @@ def fit(
     return _result(
         run_dir, state, already_finished=False, resumed_from=done if resume else None, seconds=time.perf_counter() - t0
     )
+
+
+def _named(choice: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"name": ..., **params}`` from a name (``"sgd"``) or a composed group (``{"name": "sgd", "lr": 0.01}``)."""
+    if isinstance(choice, Mapping):
+        out = dict(choice)
+        if "name" not in out:
+            raise ConfigError(f"{out}: the option has no name", hint="give e.g. optim=sgd or loss=dice_ce")
+        return {**out, **dict(params)}
+    return {"name": str(choice), **dict(params)}
 
 
 def _check_same_settings(run_dir: Path, s: Mapping[str, Any]) -> None:

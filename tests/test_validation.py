@@ -15,6 +15,7 @@ import torch
 import segpipe.training.validation as validation
 from segpipe.errors import ConfigError, DataError, StateError
 from segpipe.training.validation import (
+    format_validation,
     load_probabilities,
     plan_classes,
     probabilities_path,
@@ -51,6 +52,16 @@ def test_plan_classes_foreground_only_and_the_ignore_label() -> None:
 
     with pytest.raises(StateError, match="no foreground class"):
         plan_classes(Q())  # type: ignore[arg-type]
+
+
+def test_format_validation_names_each_class() -> None:
+    result = {
+        "mean_fg_dice": 0.8,
+        "class_dice": {1: 0.75, 2: float("nan")},
+        "class_names": {1: "anterior", 2: "posterior"},
+        "num_cases": 42,
+    }
+    assert format_validation(result) == "mean foreground Dice 0.8000 (anterior 0.7500, posterior nan), 42 cases"
 
 
 # ---------------------------------------------------------------------------- a planned, preprocessed dataset

@@ -19,7 +19,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .api import check, demo, generate_demo_data, info, plan, preprocess  # noqa: E402
+from .api import check, demo, generate_demo_data, info, plan, preprocess, train  # noqa: E402
 from .errors import (  # noqa: E402
     ConfigError,
     DataError,
@@ -70,5 +70,6 @@ __all__ = [
     "read_case",
     "read_image",
     "restore",
+    "train",
     "write_image",
 ]

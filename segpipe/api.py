@@ -201,6 +201,60 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
     return {"dataset": dws.name, "plans_path": str(dws.plans_path), "configurations": out}
 
 
+def train(*, log: Any = None, overwrite: bool = False, **settings: Any) -> dict[str, Any]:
+    """Train one cross-validation fold of a planned dataset (``segpipe train fold=0``).
+
+    Settings are those of ``segpipe train`` (``segpipe train --help``): ``work_dir``, ``dataset``
+    (default: the workspace's only planned dataset), ``config`` (default ``3d_fullres``),
+    ``num_workers``, the ``train`` group (``fold``, ``epochs``, ``iterations_per_epoch``,
+    ``batch_size``, ``device``, ``precision``, ``max_time``, ``seed``, ``deterministic``, …),
+    ``optim=`` / ``loss=`` with their options' keys (``lr``, ``alpha``, …). Preprocesses first
+    when the configuration's cache lacks cases. Trains into ``runs/<config>/fold_<k>/`` of the
+    dataset's workspace folder and resumes a run that was interrupted; a finished run returns at
+    once (``overwrite=True`` trains it again). Returns the run's summary (``run_dir``,
+    ``epochs``, ``finished``, ``ema_fg_dice``, ``pseudo_dice``, …).
+    """
+    from .io.datasets import load_dataset
+    from .planning import load_plan
+    from .preprocessing import Cache
+    from .training.runner import fit
+    from .workspace import find_dataset
+
+    dataset = settings.pop("dataset", None)
+    config_value = settings.pop("config", settings.pop("configuration", None))
+    cfg = _settings("train", settings)
+    ws, dws = find_dataset(cfg.work_dir, dataset, "train")
+    ws.ensure_writable()
+    the_plan = load_plan(dws.plans_path)
+    if config_value is None:
+        config_value = "3d_fullres" if "3d_fullres" in the_plan.configurations else next(iter(the_plan.configurations))
+    names = _configurations(config_value, the_plan)
+    if len(names) != 1:
+        raise UsageError(f"`segpipe train` trains one configuration, got {', '.join(names)}", hint="config=NAME")
+    name = names[0]
+    fold_text = str(cfg.train.fold)
+    if fold_text != "all" and not (fold_text.isdigit() and 0 <= int(fold_text) < 5):
+        raise UsageError(f"fold={fold_text} is not a fold", hint="fold=0..4, or fold=all to train on every case")
+    fold: int | str = int(fold_text) if fold_text.isdigit() else fold_text
+    cache = Cache.for_configuration(ws.root, the_plan, name, dataset=dws.name)
+    labelled = [c.id for c in load_dataset(dws.source_dataset_path()).cases]
+    if any(case_id not in cache for case_id in labelled):
+        if log:
+            log(f"the {name} cache of {dws.name} is incomplete: preprocessing first")
+        preprocess(dws.name, work_dir=str(ws.root), config=name, num_workers=cfg.num_workers, log=log)
+    train_group = {k: v for k, v in to_container(cfg.train).items() if k != "fold"}
+    fit_settings = {
+        **train_group,
+        "optim": to_container(cfg.optim),
+        "loss": to_container(cfg.loss),
+        "num_workers": cfg.num_workers,
+    }
+    result = fit(
+        the_plan, name, fold, work_dir=ws.root, dataset=dws.name, settings=fit_settings, overwrite=overwrite, log=log
+    )
+    return {"dataset": dws.name, "configuration": name, "fold": str(fold), **result}
+
+
 def _configurations(value: Any, the_plan: Any) -> list[str]:
     """The configuration names a ``config=`` value selects: None = every planned one."""
     if value is None:

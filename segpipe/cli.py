@@ -49,7 +49,7 @@ COMMANDS: dict[str, str] = {
     "demo": "run the main job on the embedded synthetic dataset",
 }
 #: Commands this version of segpipe does not provide yet: they say so in one line and exit 2.
-NOT_AVAILABLE = ("train", "infer", "evaluate", "find-best", "export")
+NOT_AVAILABLE = ("infer", "evaluate", "find-best", "export")
 USAGE = {
     "info": "segpipe info PATH [key=value ...]",
     "check": "segpipe check DATASET [num_workers=N]",
@@ -122,6 +122,10 @@ def _parser(help_for: str | None = None) -> argparse.ArgumentParser:
         if name == "demo":
             p.add_argument("--data-only", metavar="OUT", help="only write the synthetic dataset to OUT")
             p.add_argument("--force", action="store_true", help="regenerate data and artefacts")
+        if name == "train":
+            p.add_argument(
+                "--overwrite", action="store_true", help="train a finished or interrupted run again from scratch"
+            )
         p.add_argument("args", nargs="*", metavar="ARG", help="paths, then key=value settings")
     return parser
 
@@ -359,6 +363,26 @@ def cmd_demo(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) ->
     return EXIT_OK, res, "\n".join(lines)
 
 
+def cmd_train(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
+    from . import api
+
+    if paths:
+        raise UsageError(
+            f"`segpipe train` takes no paths, got {' '.join(paths)}",
+            hint="name the planned dataset with dataset=NAME; " + USAGE["train"],
+        )
+    res = api.train(log=log.info, overwrite=ns.overwrite, **given)
+    dice = ", ".join(f"{v:.4f}" for v in res["pseudo_dice"]) or "n/a"
+    state = "already finished" if res["already_finished"] else ("finished" if res["finished"] else "stopped")
+    lines = [
+        f"{res['dataset']} {res['configuration']} fold {res['fold']}: {state} after {res['epochs']} of "
+        f"{res['planned_epochs']} epochs",
+        f"pseudo-Dice per class (validation patches): {dice}; EMA foreground mean {res['ema_fg_dice']:.4f}",
+        f"run folder: {res['run_dir']} (checkpoints last.pt / best.pt / final.pt, metrics.csv, settings.json)",
+    ]
+    return EXIT_OK, res, "\n".join(lines)
+
+
 HANDLERS: dict[str, Handler] = {
     "info": cmd_info,
     "check": cmd_check,
@@ -366,6 +390,7 @@ HANDLERS: dict[str, Handler] = {
     "preprocess": cmd_preprocess,
     "config": cmd_config,
     "demo": cmd_demo,
+    "train": cmd_train,
 }
 
 

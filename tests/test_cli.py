@@ -48,7 +48,7 @@ def test_version_and_help():
         assert cmd in r.stdout
 
 
-@pytest.mark.parametrize("cmd", ["train", "infer", "evaluate", "find-best", "export"])
+@pytest.mark.parametrize("cmd", ["infer", "evaluate", "find-best", "export"])
 def test_pending_commands_say_so_and_exit_2(cmd):
     r = run(cmd, "fold=0")
     assert r.returncode == 2

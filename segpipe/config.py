@@ -61,6 +61,7 @@ class TrainSchema:
     epochs: int = MISSING
     iterations_per_epoch: int = MISSING
     val_every: int = MISSING
+    val_batches: int = MISSING
     batch_size: Optional[int] = MISSING  # noqa: UP045
     device: str = MISSING
     precision: str = MISSING

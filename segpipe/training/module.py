@@ -16,6 +16,9 @@
 
 Everything the module records per epoch (losses, pseudo-Dice, learning rate, epoch time) lives in
 :attr:`SegmentationModule.history`, plain lists that a checkpoint saves and ``metrics.csv`` mirrors.
+The full-case validation's Dice (``val_dice``, the foreground mean, and ``val_class_dice``, per
+class) is NaN for the epochs without one; the run fills it in (:meth:`record_validation`) for those
+with one.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from .optim import PolyLR, build_optimizer, build_scheduler, optim_settings
 
 EMA_MOMENTUM = 0.9  # nnU-Net: ema = 0.9 · ema + 0.1 · mean pseudo-Dice
 
-HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "mean_fg_dice", "ema_fg_dice", "lr", "epoch_seconds")
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "mean_fg_dice", "ema_fg_dice", "lr", "epoch_seconds", "val_dice")
+#: per-epoch lists of per-class values
+CLASS_HISTORY_KEYS = ("pseudo_dice", "val_class_dice")
 
 
 def confusion_counts(
@@ -113,7 +118,7 @@ class SegmentationModule(L.LightningModule):
         self.scheduler: PolyLR | None = None
         self.completed_epochs = 0  # epochs finished over the whole run (resumes included)
         self.planned_epochs = self.epochs  # fewer when a wall-clock budget shortens the run
-        self.history: dict[str, list[Any]] = {k: [] for k in (*HISTORY_KEYS, "pseudo_dice")}
+        self.history: dict[str, list[Any]] = {k: [] for k in (*HISTORY_KEYS, *CLASS_HISTORY_KEYS)}
         self._counts: torch.Tensor | None = None
         self._train_losses: list[float] = []
         self._val_losses: list[float] = []
@@ -193,6 +198,8 @@ class SegmentationModule(L.LightningModule):
         h["val_loss"].append(_mean(self._val_losses))
         h["lr"].append(lr)
         h["epoch_seconds"].append(time.perf_counter() - self._epoch_start)
+        h["val_dice"].append(math.nan)  # filled in by record_validation when the epoch ends with one
+        h["val_class_dice"].append([math.nan] * (self.num_classes - 1))
         if counts is not None:
             dice = dice_from_counts(counts)
             mean = _nanmean(dice)
@@ -212,6 +219,13 @@ class SegmentationModule(L.LightningModule):
             self.scheduler.step()
         self.completed_epochs += 1
 
+    def record_validation(self, mean_fg_dice: float, class_dice: list[float]) -> None:
+        """Record the full-case validation of the epoch just completed (one value per foreground class)."""
+        if not self.history["epoch"]:
+            raise RuntimeError("record_validation needs a completed epoch")
+        self.history["val_dice"][-1] = float(mean_fg_dice)
+        self.history["val_class_dice"][-1] = [float(v) for v in class_dice]
+
     # ------------------------------------------------------------------ state
     def training_state(self) -> dict[str, Any]:
         """What resuming needs besides the RNG: weights, optimizer, schedule, counters, history."""
@@ -229,6 +243,11 @@ class SegmentationModule(L.LightningModule):
         self.network.load_state_dict(state["model"])
         self.completed_epochs = int(state["epoch"])
         self.history = {k: list(v) for k, v in state["history"].items()}
+        n = len(self.history.get("epoch", []))
+        for key in HISTORY_KEYS:  # a history saved before a key existed: NaN for its epochs
+            self.history.setdefault(key, [math.nan] * n)
+        for key in CLASS_HISTORY_KEYS:
+            self.history.setdefault(key, [[math.nan] * (self.num_classes - 1) for _ in range(n)])
         if optimizer is not None and state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
@@ -239,4 +258,11 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-__all__ = ["EMA_MOMENTUM", "SegmentationModule", "confusion_counts", "dice_from_counts"]
+__all__ = [
+    "CLASS_HISTORY_KEYS",
+    "EMA_MOMENTUM",
+    "HISTORY_KEYS",
+    "SegmentationModule",
+    "confusion_counts",
+    "dice_from_counts",
+]

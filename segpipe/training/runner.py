@@ -6,7 +6,18 @@ The run lives in the workspace's ``runs/<configuration>/fold_<k>/``::
     last.pt         the full training state after the last completed epoch (see checkpoint.py)
     best.pt         the network weights at the best EMA pseudo-Dice so far
     final.pt        the network weights once the run has finished
-    metrics.csv     one row per epoch: losses, pseudo-Dice per class and its EMA, learning rate, time
+    metrics.csv     one row per epoch: losses, pseudo-Dice per class and its EMA, the full-case
+                    validation Dice (epochs with one), learning rate, time
+    progress.png    the same history drawn (see plots.py), redrawn as epochs end
+    validation/     the full-case validation of the fold's validation cases (see validation.py):
+                    summary.json, dice_per_case.csv and, after the final one, ``<case>.npy``
+                    (float16 softmax on the cache's grid)
+
+Full-case validation runs every ``val_every`` epochs and at the end of the run (never for
+``fold=all``, which has no validation cases). With a wall-clock budget (``max_time``) the run keeps
+the final validation's time in reserve (measured by an earlier validation, else estimated from the
+training step's time and the number of sliding windows), so that it ends, validated, inside the
+budget.
 
 Calling :func:`fit` again on the same run folder resumes from ``last.pt`` (weights, optimizer,
 schedule, epoch, case stream, every RNG state); a finished run returns at once and says so;
@@ -21,6 +32,7 @@ import io
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -38,9 +50,26 @@ from ..io.jsonio import read_json, write_json
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint, to_plain
 from .module import SegmentationModule
 from .optim import fit_budget, parse_duration
+from .plots import PROGRESS_FILE, write_progress_png
+from .validation import format_validation
 
 LAST, BEST, FINAL = "last.pt", "best.pt", "final.pt"
 SETTINGS_FILE, METRICS_FILE = "settings.json", "metrics.csv"
+VALIDATION_DIR = "validation"
+
+#: progress.png is redrawn after every epoch at least this long (seconds); shorter epochs redraw it
+#: at most every PROGRESS_INTERVAL seconds (drawing takes about a second), and always at the end
+PROGRESS_EVERY_EPOCH_FROM = 5.0
+PROGRESS_INTERVAL = 30.0
+#: estimate of the final validation before one was measured: a window's forward pass costs at most
+#: this share of a training sample's step (forward + backward + optimizer + data: forward alone is
+#: about a third; the sliding window's blending and the softmax written to disk take the rest)
+FORWARD_SHARE = 0.5
+#: the final validation writes each case's softmax as well: its time against a measured one without
+FINAL_VALIDATION_FACTOR = 1.25
+#: budget kept free after the final validation for the last files and the exit: this share of
+#: max_time, at most BUDGET_MARGIN_MAX seconds
+BUDGET_MARGIN_SHARE, BUDGET_MARGIN_MAX = 0.02, 10.0
 
 #: training settings and their defaults; those also in ``conf/train/default.yaml`` take its values
 _BUILTIN_DEFAULTS: dict[str, Any] = {
@@ -59,7 +88,7 @@ _BUILTIN_DEFAULTS: dict[str, Any] = {
     "seed": 12345,
     "deterministic": False,
     "num_workers": None,
-    "num_val_batches": 50,
+    "val_batches": 50,
     "grad_clip": 12.0,
     "progress": False,
 }
@@ -79,7 +108,7 @@ def train_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown training setting(s) {', '.join(unknown)}", hint=f"valid: {', '.join(sorted(out))}")
     out.update(to_plain(given))
-    for key in ("epochs", "iterations_per_epoch", "val_every", "num_val_batches"):
+    for key in ("epochs", "iterations_per_epoch", "val_every", "val_batches"):
         try:
             value = int(out[key])
         except (TypeError, ValueError):
@@ -125,16 +154,37 @@ def _metrics_csv(history: Mapping[str, list[Any]], class_names: list[str]) -> st
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     dice_cols = [f"dice_{name}" for name in class_names]
-    writer.writerow(["epoch", "train_loss", "val_loss", *dice_cols, "mean_fg_dice", "ema_fg_dice", "lr", "seconds"])
+    val_cols = [f"val_dice_{name}" for name in class_names]
+    writer.writerow(
+        [
+            "epoch",
+            "train_loss",
+            "val_loss",
+            *dice_cols,
+            "mean_fg_dice",
+            "ema_fg_dice",
+            "val_dice",
+            *val_cols,
+            "lr",
+            "seconds",
+        ]
+    )
+    nan = [math.nan] * len(class_names)
+
+    def at(key: str, i: int, default: Any) -> Any:
+        values = history.get(key) or []
+        return values[i] if i < len(values) else default
+
     for i, epoch in enumerate(history["epoch"]):
-        dice = list(history["pseudo_dice"][i]) if i < len(history["pseudo_dice"]) else []
         row = [
             epoch,
             history["train_loss"][i],
             history["val_loss"][i],
-            *dice,
+            *list(at("pseudo_dice", i, nan)),
             history["mean_fg_dice"][i],
             history["ema_fg_dice"][i],
+            at("val_dice", i, math.nan),
+            *list(at("val_class_dice", i, nan)),
             history["lr"][i],
             history["epoch_seconds"][i],
         ]
@@ -144,13 +194,83 @@ def _metrics_csv(history: Mapping[str, list[Any]], class_names: list[str]) -> st
     return buf.getvalue()
 
 
+class FoldValidation:
+    """Full-case validation of one fold: its validation cases predicted whole by the sliding window,
+    scored, and written to ``out_dir`` (:func:`~segpipe.training.validation.validate_cases`).
+
+    Runs without touching the training's random streams: every RNG state is put back afterwards,
+    and deterministic algorithms only warn during it (the prediction never feeds the training).
+    """
+
+    def __init__(
+        self,
+        plan: Any,
+        configuration: str,
+        cache: Any,
+        case_ids: list[str],
+        out_dir: Path,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.plan, self.configuration, self.cache = plan, configuration, cache
+        self.case_ids, self.out_dir, self.autocast_dtype = list(case_ids), Path(out_dir), autocast_dtype
+        self.config = plan.config(configuration)
+
+    def __call__(self, network: Any, *, device: torch.device | str | None, final: bool) -> dict[str, Any]:
+        from .validation import validate_cases
+
+        rng = capture_rng()
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return validate_cases(
+                network,
+                self.cache,
+                self.case_ids,
+                self.plan,
+                self.configuration,
+                self.out_dir,
+                device=device,
+                save_probabilities=final,
+                autocast_dtype=self.autocast_dtype,
+            )
+        finally:
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+            restore_rng(rng)
+
+    def windows(self) -> int:
+        """Sliding windows over every validation case (its cached size, padded up to the patch)."""
+        from ..inference import window_starts
+
+        patch = [int(p) for p in self.config.patch_size]
+        total = 0
+        for case_id in self.case_ids:
+            image, _label, _props = self.cache.load(case_id, mmap=True)
+            spatial = [int(n) for n in image.shape[1:]]
+            slices = 1
+            if len(patch) == 2:  # a 2-D (or 2.5-D) network slides over each slice
+                slices, spatial = spatial[0], spatial[1:]
+            starts = window_starts([max(n, p) for n, p in zip(spatial, patch)], patch)
+            total += slices * math.prod(len(s) for s in starts)
+        return total
+
+    def estimate_seconds(self, seconds_per_iteration: float, batch_size: int) -> float:
+        """The validation's time estimated from a training iteration of ``batch_size`` samples: each
+        window's forward pass at :data:`FORWARD_SHARE` of a sample's training step."""
+        return self.windows() * FORWARD_SHARE * float(seconds_per_iteration) / max(1, int(batch_size))
+
+
 class RunCheckpoint(Checkpoint):
     """Saves the full training state (``last.pt``) atomically at every epoch's end, after the
     module recorded the epoch and stepped its schedule, and puts a saved state back at the start.
 
-    Also: ``best.pt`` (weights) when the EMA pseudo-Dice improves, ``metrics.csv`` from the
-    history, and, with a wall-clock budget, the schedule re-spanned over the epochs that fit (the
-    run stops when no further epoch fits).
+    Also, at each epoch's end: with a wall-clock budget, the schedule re-spanned over the epochs that
+    fit (the run stops when no further epoch fits, keeping the final validation's time in reserve);
+    the full-case validation (``validation``) every ``val_every`` epochs and at the end;
+    ``best.pt`` (weights) when the EMA pseudo-Dice improves; ``metrics.csv`` and ``progress.png``
+    from the history.
     """
 
     def __init__(
@@ -162,12 +282,22 @@ class RunCheckpoint(Checkpoint):
         max_time: float | None = None,
         log: Callable[[str], None] | None = None,
         extra: Mapping[str, Any] | None = None,
+        validation: FoldValidation | None = None,
+        val_every: int = 50,
+        batch_size: int = 1,
+        title: str | None = None,
+        started: float | None = None,
     ):
         self.run_dir, self.resume, self.datamodule = Path(run_dir), resume, datamodule
         self.max_time, self.say, self.extra = max_time, log, dict(extra or {})
+        self.validation, self.val_every, self.batch_size = validation, max(1, int(val_every)), max(1, int(batch_size))
+        self.title = title
         self.elapsed_before = float(resume.get("elapsed_seconds", 0.0)) if resume else 0.0
         self.best = float(resume.get("best_ema", -math.inf)) if resume else -math.inf
-        self._session_start = time.perf_counter()
+        #: the last full-case validation: epoch, Dice, seconds, ... (plain values, saved in last.pt)
+        self.last_validation: dict[str, Any] | None = dict(resume["validation"]) if resume and resume.get("validation") else None
+        self._session_start = time.perf_counter() if started is None else float(started)
+        self._drawn_at: float | None = None
 
     @property
     def elapsed(self) -> float:
@@ -189,6 +319,8 @@ class RunCheckpoint(Checkpoint):
         self._apply_budget(trainer, pl_module)
         done = pl_module.completed_epochs
         finished = done >= pl_module.planned_epochs
+        if self.validation is not None and (finished or done % self.val_every == 0):
+            self._validate(trainer, pl_module, final=finished)
         ema = pl_module.ema_fg_dice
         improved = not math.isnan(ema) and ema > self.best
         if improved:
@@ -200,6 +332,7 @@ class RunCheckpoint(Checkpoint):
                 "finished": finished,
                 "elapsed_seconds": self.elapsed,
                 "best_ema": self.best,
+                "validation": self.last_validation,
                 "data": {"train_stream_starts": done},
                 "rng": capture_rng(),
                 **self.extra,
@@ -212,28 +345,110 @@ class RunCheckpoint(Checkpoint):
             if finished:
                 save_checkpoint(self.run_dir / FINAL, {"model": state["model"], "epoch": done, **self.extra})
             write_text(self.run_dir / METRICS_FILE, _metrics_csv(pl_module.history, pl_module.class_names))
+            self._draw(pl_module, force=finished)
         if self.say is not None:
             self.say(_epoch_line(pl_module))
         if finished:
             trainer.should_stop = True
+
+    # ------------------------------------------------------------------ full-case validation
+    def _validate(self, trainer: L.Trainer, module: SegmentationModule, *, final: bool) -> None:
+        assert self.validation is not None
+        if trainer.is_global_zero:
+            result = self.validation(module.network, device=module.device, final=final)
+            classes = sorted(result["class_dice"])
+            module.record_validation(result["mean_fg_dice"], [result["class_dice"][c] for c in classes])
+            names = result["class_names"]
+            self.last_validation = {
+                "epoch": module.completed_epochs,
+                "final": final,
+                "mean_fg_dice": float(result["mean_fg_dice"]),
+                "class_dice": {str(names[c]): float(result["class_dice"][c]) for c in classes},
+                "num_cases": int(result["num_cases"]),
+                "seconds": float(result["seconds"]),
+                "line": format_validation(result),
+            }
+            if self.say is not None:
+                kind = "final validation" if final else "validation"
+                self.say(
+                    f"{kind} after epoch {module.completed_epochs}: {self.last_validation['line']} "
+                    f"({result['seconds']:.1f} s)"
+                )
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("segpipe-validation")
+
+    def final_validation_seconds(self, module: SegmentationModule, seconds_per_iteration: float) -> float:
+        """What the final validation will take: a measured one scaled by :data:`FINAL_VALIDATION_FACTOR`
+        (it writes the softmax too), else the estimate from the training step (0 without validation)."""
+        if self.validation is None:
+            return 0.0
+        if self.last_validation is not None:
+            seconds = float(self.last_validation["seconds"])
+            return seconds if self.last_validation.get("final") else seconds * FINAL_VALIDATION_FACTOR
+        return self.validation.estimate_seconds(seconds_per_iteration, self.batch_size) * FINAL_VALIDATION_FACTOR
 
     def _apply_budget(self, trainer: L.Trainer, module: SegmentationModule) -> None:
         if self.max_time is None or not module.history["epoch_seconds"]:
             return
         recent = module.history["epoch_seconds"][-3:]
         per_epoch = sum(recent) / len(recent)
+        spi = per_epoch / module.iterations_per_epoch
+        final_s = self.final_validation_seconds(module, spi)
+        margin = min(BUDGET_MARGIN_MAX, BUDGET_MARGIN_SHARE * self.max_time)
+        elapsed = self.elapsed
+        done = module.completed_epochs
         fit = fit_budget(
             self.max_time,
-            self.elapsed,
-            seconds_per_iteration=per_epoch / module.iterations_per_epoch,
+            elapsed,
+            seconds_per_iteration=spi,
             iterations_per_epoch=module.iterations_per_epoch,
-            max_epochs=module.epochs - module.completed_epochs,
+            final_validation_seconds=final_s,
+            margin=margin,
+            max_epochs=module.epochs - done,
         )
-        planned = min(module.epochs, module.completed_epochs + fit.epochs)
-        if planned != module.planned_epochs and planned >= module.completed_epochs:
+        more = fit.epochs
+        if self.validation is not None and more > 0:
+            # the validations every val_every epochs before the last one (which is the final one)
+            val_s = final_s / FINAL_VALIDATION_FACTOR
+            available = self.max_time - elapsed - final_s - margin
+
+            def cost(n: int) -> float:
+                between = (done + n - 1) // self.val_every - done // self.val_every
+                return n * fit.seconds_per_epoch + between * val_s
+
+            while more > 0 and cost(more) > available:
+                more -= 1
+        planned = min(module.epochs, done + more)
+        if planned != module.planned_epochs and planned >= done:
             module.planned_epochs = planned
             if module.scheduler is not None:
                 module.scheduler.set_total_steps(max(1, module.schedule_steps(planned)))
+
+    # ------------------------------------------------------------------ progress.png
+    def _draw(self, module: SegmentationModule, *, force: bool) -> None:
+        now = time.perf_counter()
+        seconds = module.history["epoch_seconds"]
+        long_epoch = bool(seconds) and seconds[-1] >= PROGRESS_EVERY_EPOCH_FROM
+        if force or long_epoch or self._drawn_at is None or now - self._drawn_at >= PROGRESS_INTERVAL:
+            write_reports(self.run_dir, module.history, module.class_names, title=self.title, metrics=False)
+            self._drawn_at = time.perf_counter()
+
+
+def write_reports(
+    run_dir: Path,
+    history: Mapping[str, list[Any]],
+    class_names: list[str],
+    *,
+    title: str | None = None,
+    metrics: bool = True,
+) -> None:
+    """Write a run's ``metrics.csv`` (unless ``metrics=False``) and ``progress.png`` from its history."""
+    if metrics:
+        write_text(run_dir / METRICS_FILE, _metrics_csv(history, class_names))
+    try:
+        write_progress_png(run_dir / PROGRESS_FILE, history, class_names=class_names, title=title)
+    except StateError as exc:  # matplotlib missing: the run goes on without its picture
+        logging.getLogger("segpipe").warning("%s", exc)
 
 
 def _epoch_line(m: SegmentationModule) -> str:

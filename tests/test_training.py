@@ -4,6 +4,7 @@ every RNG state, the LightningModule and fit with exact resume."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from datetime import timedelta
@@ -405,7 +406,12 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     return plan, work
 
 
-SETTINGS = {"epochs": 3, "iterations_per_epoch": 2, "num_val_batches": 2, "num_workers": 0, "deterministic": True}
+SETTINGS = {"epochs": 3, "iterations_per_epoch": 2, "val_batches": 2, "num_workers": 0, "deterministic": True}
+
+
+def _same(a, b) -> bool:
+    """Equal, NaN included (histories hold NaN for epochs without a value)."""
+    return repr(a) == repr(b)
 
 
 @pytest.mark.slow
@@ -414,9 +420,21 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_run, monkeypatch) -> 
 
     torch.set_num_threads(1)
     plan, work = tiny_run
-    full = fit_module.fit(plan, "3d_fullres", 0, work_dir=work, settings=SETTINGS, overwrite=True)
+    # the uninterrupted run validates the full cases after every epoch, the resumed one only at the
+    # end: the same weights show that validation leaves the training's random streams alone
+    lines_a: list[str] = []
+    full = fit_module.fit(
+        plan, "3d_fullres", 0, work_dir=work, settings={**SETTINGS, "val_every": 1}, overwrite=True, log=lines_a.append
+    )
     assert full["finished"] and full["epochs"] == 3 and not full["already_finished"]
+    assert [x.split(":")[0] for x in lines_a if "validation after" in x] == [
+        "validation after epoch 1",
+        "validation after epoch 2",
+        "final validation after epoch 3",
+    ]
     a = load_checkpoint(full["checkpoint"])
+    assert all(not math.isnan(v) for v in a["history"]["val_dice"])
+    assert a["validation"]["epoch"] == 3 and a["validation"]["final"]
 
     class Killed(Exception):
         pass
@@ -434,6 +452,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_run, monkeypatch) -> 
     monkeypatch.setattr(fit_module.RunCheckpoint, "on_train_epoch_end", original)
     run_dir = Path(full["run_dir"])
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1 and not (run_dir / "final.pt").exists()
+    assert not (run_dir / "validation").exists()  # overwrite cleared it; no validation before the end
 
     lines: list[str] = []
     resumed = fit_module.fit(plan, "3d_fullres", 0, work_dir=work, settings=SETTINGS, log=lines.append)
@@ -444,26 +463,55 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_run, monkeypatch) -> 
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    assert a["history"] == {k: v for k, v in b["history"].items() if k != "epoch_seconds"} | {
-        "epoch_seconds": a["history"]["epoch_seconds"]
-    }
+    varying = ("epoch_seconds", "val_dice", "val_class_dice")
+    assert _same(
+        {k: v for k, v in a["history"].items() if k not in varying},
+        {k: v for k, v in b["history"].items() if k not in varying},
+    )
+    # the final validation scores the same weights: the same Dice
+    assert a["history"]["val_dice"][-1] == b["history"]["val_dice"][-1] == resumed["val_dice"]
+    assert _same(b["history"]["val_dice"][:2], [math.nan, math.nan])
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 3
+
+    # the final validation: one line, the result, the files
+    (line,) = [x for x in lines if x.startswith("final validation after epoch 3: mean foreground Dice")]
+    assert resumed["validation"] in line and "cases" in line
+    class_names = [name for _, name in sorted(plan.labels.items(), key=lambda kv: int(kv[0]))[1:]]
+    assert list(resumed["val_class_dice"]) == class_names
+    assert resumed["val_class_dice"] == dict(zip(class_names, b["history"]["val_class_dice"][-1]))
+    val_dir = run_dir / "validation"
+    assert resumed["validation_dir"] == str(val_dir)
+    summary = json.loads((val_dir / "summary.json").read_text())
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(resumed["val_dice"])
+    probabilities = sorted(val_dir.glob("*.npy"))
+    assert len(probabilities) == b["validation"]["num_cases"] > 0
+    assert np.load(probabilities[0], mmap_mode="r").dtype == np.float16
 
     # what the run folder holds
     names = sorted(p.name for p in run_dir.iterdir())
-    assert names == ["best.pt", "final.pt", "last.pt", "metrics.csv", "settings.json"]
+    assert names == ["best.pt", "final.pt", "last.pt", "metrics.csv", "progress.png", "settings.json", "validation"]
+    assert (run_dir / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (run_dir / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch,train_loss,val_loss,dice_") and [r.split(",")[0] for r in rows[1:]] == [
-        "0",
-        "1",
-        "2",
-    ]
+    header = rows[0].split(",")
+    assert header[:3] == ["epoch", "train_loss", "val_loss"] and header[-2:] == ["lr", "seconds"]
+    assert header[header.index("val_dice") + 1 : -2] == [f"val_dice_{n}" for n in class_names]
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
+    assert [r.split(",")[header.index("val_dice")] for r in rows[1:3]] == ["", ""]  # no validation: empty
+    assert float(rows[3].split(",")[header.index("val_dice")]) == pytest.approx(resumed["val_dice"], rel=1e-5)
     lrs = [float(r.split(",")[-2]) for r in rows[1:]]
     assert lrs == pytest.approx([0.01, 0.01 * (2 / 3) ** 0.9, 0.01 * (1 / 3) ** 0.9], rel=1e-5)
     for name in ("best.pt", "final.pt"):
         assert "model" in torch.load(run_dir / name, weights_only=True)
     saved = json.loads((run_dir / "settings.json").read_text())
     assert saved["settings"]["epochs"] == 3 and "torch" in saved["versions"]
+
+    # finished: nothing is recomputed, a picture lost to a kill is drawn again
+    (run_dir / "progress.png").unlink()
+    stamp = (val_dir / "summary.json").stat().st_mtime_ns
+    again = fit_module.fit(plan, "3d_fullres", 0, work_dir=work, settings=SETTINGS)
+    assert again["already_finished"] and again["val_dice"] == resumed["val_dice"]
+    assert again["val_class_dice"] == resumed["val_class_dice"] and again["validation"] == resumed["validation"]
+    assert (val_dir / "summary.json").stat().st_mtime_ns == stamp and (run_dir / "progress.png").is_file()
 
 
 @pytest.mark.slow
@@ -481,6 +529,125 @@ def test_finished_run_returns_at_once_and_other_settings_are_refused(tiny_run) -
         fit(plan, "3d_fullres", 1, work_dir=work, settings={**settings, "seed": 1})
     redo = fit(plan, "3d_fullres", 1, work_dir=work, settings={**settings, "seed": 1}, overwrite=True)
     assert redo["finished"] and not redo["already_finished"]
+
+
+@pytest.mark.slow
+def test_fold_all_has_no_validation(tiny_run) -> None:
+    plan, work = tiny_run
+    lines: list[str] = []
+    res = fit(
+        plan, "3d_fullres", "all", work_dir=work, settings={**SETTINGS, "epochs": 1}, overwrite=True, log=lines.append
+    )
+    assert res["finished"] and "fold all trains on every case: no full-case validation" in lines[0]
+    assert math.isnan(res["val_dice"]) and res["val_class_dice"] == {} and res["validation"] is None
+    assert res["validation_dir"] is None and not (Path(res["run_dir"]) / "validation").exists()
+    assert (Path(res["run_dir"]) / "progress.png").is_file()
+
+
+# ============================================================================ validation pieces, by hand
+class _FakeCache:
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.shapes = shapes
+
+    def load(self, case_id: str, *, mmap: bool = True):
+        return np.zeros(self.shapes[case_id], dtype=np.float32), None, {}
+
+
+class _FakePlan:
+    def __init__(self, cfg: PlanConfig):
+        self.cfg = cfg
+
+    def config(self, name: str) -> PlanConfig:
+        return self.cfg
+
+
+def test_fold_validation_counts_windows_and_estimates_its_time(tmp_path: Path) -> None:
+    from segpipe.training.runner import FORWARD_SHARE, FoldValidation
+
+    plan = _FakePlan(_tiny_config(patch_size=[12, 24, 28]))
+    # patch 12×24×28, overlap 0.5: 12×30×28 → 1·2·1 windows (y: 30 − 24 = 6 < step 12 → 2); 10×20×20 pads to 1
+    cache = _FakeCache({"a": (1, 12, 30, 28), "b": (1, 10, 20, 20)})
+    v = FoldValidation(plan, "3d_fullres", cache, ["a", "b"], tmp_path)
+    assert v.windows() == 3
+    # 3 windows × 0.5 × (2 s per iteration / batch 2)
+    assert v.estimate_seconds(2.0, 2) == pytest.approx(3 * FORWARD_SHARE * 1.0) == 1.5
+    # a 2-D configuration slides over each slice: 5 slices × 2 windows
+    plan2d = _FakePlan(
+        _tiny_config(
+            name="2d",
+            dims=2,
+            patch_size=[24, 28],
+            strides=[[1, 1], [2, 2], [2, 2]],
+            kernel_sizes=[[3, 3]] * 3,
+            spacing=[1.0, 1.0],
+            median_shape=[30, 28],
+        )
+    )
+    v2 = FoldValidation(plan2d, "2d", _FakeCache({"a": (1, 5, 30, 28)}), ["a"], tmp_path)
+    assert v2.windows() == 10
+
+
+def test_metrics_csv_has_the_validation_columns() -> None:
+    from segpipe.training.runner import _metrics_csv
+
+    nan = float("nan")
+    history = {
+        "epoch": [0, 1],
+        "train_loss": [1.5, 1.25],
+        "val_loss": [1.4, 1.2],
+        "pseudo_dice": [[0.5, nan], [0.25, 0.75]],
+        "mean_fg_dice": [0.5, 0.5],
+        "ema_fg_dice": [0.5, 0.5],
+        "val_dice": [nan, 0.625],
+        "val_class_dice": [[nan, nan], [0.5, 0.75]],
+        "lr": [0.01, 0.005],
+        "epoch_seconds": [2.0, 3.0],
+    }
+    assert _metrics_csv(history, ["a", "b"]).splitlines() == [
+        "epoch,train_loss,val_loss,dice_a,dice_b,mean_fg_dice,ema_fg_dice,val_dice,val_dice_a,val_dice_b,lr,seconds",
+        "0,1.5,1.4,0.5,,0.5,0.5,,,,0.01,2",
+        "1,1.25,1.2,0.25,0.75,0.5,0.5,0.625,0.5,0.75,0.005,3",
+    ]
+    # a history saved before the validation columns existed: empty cells
+    old = {k: v for k, v in history.items() if not k.startswith("val_dice") and k != "val_class_dice"}
+    assert _metrics_csv(old, ["a", "b"]).splitlines()[2] == "1,1.25,1.2,0.25,0.75,0.5,0.5,,,,0.005,3"
+
+
+def test_progress_png_is_drawn_every_long_epoch_and_at_most_every_30_s_otherwise(tmp_path: Path, monkeypatch) -> None:
+    from segpipe.training import runner
+
+    drawn: list[int] = []
+    monkeypatch.setattr(
+        runner, "write_reports", lambda run_dir, history, names, **kw: drawn.append(len(history["epoch"]))
+    )
+    module = SegmentationModule(_tiny_config(), 1, 3, epochs=10, iterations_per_epoch=2)
+    cb = runner.RunCheckpoint(tmp_path)
+    module.history["epoch"], module.history["epoch_seconds"] = [0], [1.0]
+    cb._draw(module, force=False)  # the first epoch: drawn
+    module.history["epoch"], module.history["epoch_seconds"] = [0, 1], [1.0, 1.0]
+    cb._draw(module, force=False)  # a short epoch right after: not drawn
+    assert drawn == [1]
+    cb._drawn_at -= runner.PROGRESS_INTERVAL  # 30 s later: drawn
+    cb._draw(module, force=False)
+    cb._draw(module, force=True)  # the last epoch: always
+    module.history["epoch_seconds"] = [1.0, runner.PROGRESS_EVERY_EPOCH_FROM]
+    cb._draw(module, force=False)  # a long epoch: every time
+    assert drawn == [1, 2, 2, 2]
+
+
+def test_record_validation_and_old_histories() -> None:
+    module = SegmentationModule(_tiny_config(), 1, 3, epochs=4, iterations_per_epoch=2)
+    module.configure_optimizers().step()
+    module.on_train_epoch_start()
+    module.on_train_epoch_end()
+    assert _same(module.history["val_dice"], [math.nan]) and _same(module.history["val_class_dice"], [[math.nan] * 2])
+    module.record_validation(0.5, [0.25, 0.75])
+    assert module.history["val_dice"] == [0.5] and module.history["val_class_dice"] == [[0.25, 0.75]]
+    state = module.training_state()
+    state["history"] = {k: v for k, v in state["history"].items() if k not in ("val_dice", "val_class_dice")}
+    other = SegmentationModule(_tiny_config(), 1, 3, epochs=4, iterations_per_epoch=2)
+    other.load_training_state(state)  # a history from before the validation columns: NaN for its epochs
+    assert _same(other.history["val_dice"], [math.nan]) and _same(other.history["val_class_dice"], [[math.nan] * 2])
 
 
 def test_budget_respans_the_schedule(tmp_path: Path) -> None:
@@ -501,3 +668,41 @@ def test_budget_respans_the_schedule(tmp_path: Path) -> None:
     planned = module.planned_epochs
     assert module.scheduler.total_steps == planned
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - 2 / planned) ** 0.9)
+
+
+class _Estimate:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def estimate_seconds(self, seconds_per_iteration: float, batch_size: int) -> float:
+        assert (seconds_per_iteration, batch_size) == (2.0, 2)  # 10 s epochs of 5 iterations
+        return self.seconds
+
+
+@pytest.mark.parametrize(
+    ("val_every", "measured", "planned"),
+    [
+        # estimate 4 s → final 4 × 1.25 = 5 s; margin min(10, 2 % of 100 s) = 2 s;
+        # available 100 − 39 − 5 − 2 = 54 s → 5 epochs of 10 s; validations at epochs 4 and 6 (the 7th is
+        # the final one) cost 2 × 4 s: 58 s > 54 s → 4 epochs (40 s + the one at epoch 4) → 6 planned
+        (2, None, 6),
+        (100, None, 7),  # no validation before the final one: 5 epochs → 7
+        # measured 6 s (without the softmax) → final 7.5 s: 100 − 39 − 7.5 − 2 = 51.5 s → 5 epochs → 7
+        (100, {"seconds": 6.0, "final": False}, 7),
+        # … and one at epoch 4 (6 s): 5 epochs = 56 s > 51.5 s → 4 → 6
+        (4, {"seconds": 6.0, "final": False}, 6),
+    ],
+)
+def test_budget_keeps_the_final_validation_in_reserve(tmp_path: Path, val_every, measured, planned) -> None:
+    from segpipe.training.runner import RunCheckpoint
+
+    module = SegmentationModule(_tiny_config(), 1, 3, epochs=100, iterations_per_epoch=5)
+    module.configure_optimizers()
+    module.completed_epochs = 2
+    module.history["epoch_seconds"] = [10.0, 10.0]
+    resume = {"elapsed_seconds": 39.0, "validation": measured}
+    cb = RunCheckpoint(
+        tmp_path, max_time=100.0, resume=resume, validation=_Estimate(4.0), val_every=val_every, batch_size=2
+    )  # type: ignore[arg-type]
+    cb._apply_budget(None, module)  # type: ignore[arg-type]
+    assert module.planned_epochs == planned

@@ -1,8 +1,8 @@
 """Training: optimizers and the poly schedule, checkpoints with every RNG state, the
 ``LightningModule`` and ``fit`` with exact resume.
 
-``SegmentationModule``, ``fit``, ``train_settings`` and ``RunCheckpoint`` import Lightning and
-are loaded on first use.
+``SegmentationModule``, ``fit``, ``train_settings``, ``RunCheckpoint``, ``FoldValidation`` and
+``write_reports`` import Lightning and are loaded on first use.
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ _LAZY = {
     "SegmentationModule": "module",
     "confusion_counts": "module",
     "dice_from_counts": "module",
+    "FoldValidation": "runner",
     "RunCheckpoint": "runner",
     "fit": "runner",
     "train_settings": "runner",
+    "write_reports": "runner",
 }
 
 

@@ -51,7 +51,7 @@ from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoi
 from .module import SegmentationModule
 from .optim import fit_budget, parse_duration
 from .plots import PROGRESS_FILE, write_progress_png
-from .validation import format_validation
+from .validation import format_validation, validate_cases
 
 LAST, BEST, FINAL = "last.pt", "best.pt", "final.pt"
 SETTINGS_FILE, METRICS_FILE = "settings.json", "metrics.csv"
@@ -133,6 +133,10 @@ def _accelerator(device: str) -> str:
             raise ConfigError("device=cuda but no CUDA device is visible", hint="use device=cpu or device=auto")
         return "gpu"
     return "cpu"
+
+
+#: the sliding window's autocast for Lightning's mixed precisions
+_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def _precision(precision: Any, accelerator: str) -> str:
@@ -217,8 +221,6 @@ class FoldValidation:
         self.config = plan.config(configuration)
 
     def __call__(self, network: Any, *, device: torch.device | str | None, final: bool) -> dict[str, Any]:
-        from .validation import validate_cases
-
         rng = capture_rng()
         deterministic = torch.are_deterministic_algorithms_enabled()
         warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -295,7 +297,9 @@ class RunCheckpoint(Checkpoint):
         self.elapsed_before = float(resume.get("elapsed_seconds", 0.0)) if resume else 0.0
         self.best = float(resume.get("best_ema", -math.inf)) if resume else -math.inf
         #: the last full-case validation: epoch, Dice, seconds, ... (plain values, saved in last.pt)
-        self.last_validation: dict[str, Any] | None = dict(resume["validation"]) if resume and resume.get("validation") else None
+        self.last_validation: dict[str, Any] | None = (
+            dict(resume["validation"]) if resume and resume.get("validation") else None
+        )
         self._session_start = time.perf_counter() if started is None else float(started)
         self._drawn_at: float | None = None
 
@@ -502,11 +506,16 @@ def fit(
     """Train ``configuration`` of ``plan`` (a :class:`~segpipe.planning.Plan` or its ``plans.json``)
     on ``fold`` into the workspace's run folder; resume it when it holds ``last.pt``.
 
-    ``settings``: see :func:`train_settings` (``epochs``, ``iterations_per_epoch``, ``loss``,
-    ``optim``, ``lr``, ``device``, ``precision``, ``max_time``, ``seed``, ``deterministic``,
-    ``num_workers``, …). ``log``: called with one line per epoch and for resume/finish notes.
+    ``settings``: see :func:`train_settings` (``epochs``, ``iterations_per_epoch``, ``val_every``,
+    ``val_batches``, ``loss``, ``optim``, ``lr``, ``device``, ``precision``, ``max_time``, ``seed``,
+    ``deterministic``, ``num_workers``, …). ``log``: called with one line per epoch, one per full-case
+    validation and for resume/finish notes. ``overwrite``: start again (the run folder's checkpoints,
+    metrics, picture and validation are removed first).
     Returns ``{"run_dir", "checkpoint", "epochs", "planned_epochs", "finished", "already_finished",
-    "resumed_from", "ema_fg_dice", "pseudo_dice", "seconds"}``.
+    "resumed_from", "ema_fg_dice", "pseudo_dice", "val_dice", "val_class_dice", "validation",
+    "validation_dir", "seconds"}``: ``val_dice`` is the last full-case validation's mean foreground
+    Dice (NaN before any), ``val_class_dice`` its ``{class name: Dice}``, ``validation`` its one-line
+    summary (None before any) and ``validation_dir`` where its files are (None without validation cases).
     """
     from ..data.datamodule import SegDataModule
     from ..preprocessing.cache import Cache
@@ -522,13 +531,18 @@ def fit(
 
     resume: dict[str, Any] | None = None
     last = run_dir / LAST
+    labels = sorted(the_plan.labels.items(), key=lambda kv: int(kv[0]))
+    class_names = [name for _, name in labels[1:]]
+    title = f"{ds.name} {configuration} fold {fold}"
     if overwrite:
-        for name in (LAST, BEST, FINAL, METRICS_FILE, SETTINGS_FILE):
+        for name in (LAST, BEST, FINAL, METRICS_FILE, SETTINGS_FILE, PROGRESS_FILE):
             (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / VALIDATION_DIR, ignore_errors=True)
     elif last.is_file():
         resume = load_checkpoint(last)
         _check_same_settings(run_dir, s)
         if resume.get("finished"):
+            _repair_reports(run_dir, resume, class_names, title)
             say(f"{run_dir}: this run has finished ({resume['epoch']} epochs); overwrite=true trains it again")
             return _result(run_dir, resume, already_finished=True, resumed_from=None, seconds=time.perf_counter() - t0)
         say(f"{run_dir}: resuming after epoch {resume['epoch']}")
@@ -541,7 +555,6 @@ def fit(
     accelerator = _accelerator(str(s["device"]))
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     L.seed_everything(int(s["seed"]), workers=True, verbose=False)
-    labels = sorted(the_plan.labels.items(), key=lambda kv: int(kv[0]))
     optim = _named(s["optim"], s["optim_params"])
     if s["lr"] is not None:
         optim["lr"] = s["lr"]
@@ -555,7 +568,7 @@ def fit(
         optim=optim,
         epochs=s["epochs"],
         iterations_per_epoch=s["iterations_per_epoch"],
-        class_names=[name for _, name in labels[1:]],
+        class_names=class_names,
     )
     module.planned_epochs = int(s["epochs"])
     cache = Cache.for_configuration(work_dir, the_plan, configuration, dataset=dataset)
@@ -568,7 +581,7 @@ def fit(
         context_slices=cfg.context_slices,
         num_workers=s["num_workers"],
         seed=int(s["seed"]),
-        num_val_batches=int(s["num_val_batches"]),
+        num_val_batches=int(s["val_batches"]),
         augment_on_device=accelerator == "gpu",
     )
     dm.setup("fit")
@@ -576,6 +589,20 @@ def fit(
     if dm._train is not None:  # the case stream continues where the saved run left it
         dm._train._starts = int(resume["data"]["train_stream_starts"]) if resume else 0
     extra = {"configuration": configuration, "fold": str(fold), "plan_config": cfg.to_dict()}
+    precision = _precision(s["precision"], accelerator)
+    validation = None
+    every_case = str(fold).strip().lower() == "all"  # its "validation" cases are the training cases
+    if dm.val_cases and not every_case:
+        validation = FoldValidation(
+            the_plan,
+            configuration,
+            cache,
+            list(dm.val_cases),
+            run_dir / VALIDATION_DIR,
+            autocast_dtype=_AUTOCAST.get(precision),
+        )
+    elif resume is None:
+        say(f"fold {fold} trains on every case: no full-case validation (folds 0-4 keep validation cases)")
     callback = RunCheckpoint(
         run_dir,
         resume=resume,
@@ -583,16 +610,21 @@ def fit(
         max_time=parse_duration(s["max_time"]) if s["max_time"] is not None else None,
         log=log,
         extra=extra,
+        validation=validation,
+        val_every=int(s["val_every"]),
+        batch_size=dm.batch_size,
+        title=title,
+        started=t0,
     )
     planned = int(resume.get("planned_epochs", s["epochs"])) if resume else int(s["epochs"])
     with _quiet_lightning():
         trainer = L.Trainer(
             accelerator=accelerator,
             devices=1,
-            precision=_precision(s["precision"], accelerator),  # type: ignore[arg-type]
+            precision=precision,  # type: ignore[arg-type]
             max_epochs=max(1, planned - done),
             limit_train_batches=int(s["iterations_per_epoch"]),
-            limit_val_batches=int(s["num_val_batches"]) if dm.val_cases else 0,
+            limit_val_batches=int(s["val_batches"]) if dm.val_cases else 0,
             num_sanity_val_steps=0,
             logger=False,
             callbacks=[callback],
@@ -617,6 +649,17 @@ def fit(
     return _result(
         run_dir, state, already_finished=False, resumed_from=done if resume else None, seconds=time.perf_counter() - t0
     )
+
+
+def _repair_reports(run_dir: Path, state: Mapping[str, Any], class_names: list[str], title: str) -> None:
+    """Redraw metrics.csv and progress.png of a finished run when a kill left them missing or older
+    than its last checkpoint (they are written right after it)."""
+    stamp = (run_dir / LAST).stat().st_mtime
+    stale = [
+        n for n in (METRICS_FILE, PROGRESS_FILE) if not (run_dir / n).is_file() or (run_dir / n).stat().st_mtime < stamp
+    ]
+    if stale and state.get("history"):
+        write_reports(run_dir, state["history"], class_names, title=title)
 
 
 def _named(choice: Any, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -648,6 +691,7 @@ def _result(
     history = state.get("history", {})
     dice = history.get("pseudo_dice") or [[]]
     ema = history.get("ema_fg_dice") or [math.nan]
+    validation = state.get("validation") or {}
     return {
         "run_dir": str(run_dir),
         "checkpoint": str(run_dir / LAST),
@@ -658,8 +702,24 @@ def _result(
         "resumed_from": resumed_from,
         "ema_fg_dice": float(ema[-1]),
         "pseudo_dice": [float(v) for v in dice[-1]],
+        "val_dice": float(validation.get("mean_fg_dice", math.nan)),
+        "val_class_dice": {str(k): float(v) for k, v in (validation.get("class_dice") or {}).items()},
+        "validation": validation.get("line"),
+        "validation_dir": str(run_dir / VALIDATION_DIR) if (run_dir / VALIDATION_DIR).is_dir() else None,
         "seconds": seconds,
     }
 
 
-__all__ = ["BEST", "FINAL", "LAST", "METRICS_FILE", "SETTINGS_FILE", "RunCheckpoint", "fit", "train_settings"]
+__all__ = [
+    "BEST",
+    "FINAL",
+    "LAST",
+    "METRICS_FILE",
+    "SETTINGS_FILE",
+    "VALIDATION_DIR",
+    "FoldValidation",
+    "RunCheckpoint",
+    "fit",
+    "train_settings",
+    "write_reports",
+]

@@ -243,7 +243,6 @@ def train(*, log: Any = None, overwrite: bool = False, **settings: Any) -> dict[
             log(f"the {name} cache of {dws.name} is incomplete: preprocessing first")
         preprocess(dws.name, work_dir=str(ws.root), config=name, num_workers=cfg.num_workers, log=log)
     train_group = {k: v for k, v in to_container(cfg.train).items() if k != "fold"}
-    train_group["num_val_batches"] = train_group.pop("val_batches")
     fit_settings = {
         **train_group,
         "optim": to_container(cfg.optim),

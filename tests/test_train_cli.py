@@ -1,0 +1,130 @@
+"""`segpipe train` in subprocesses: `kill -9` mid-epoch, the same command again, bit-identical weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+CONFIG = "3d_fullres"
+#: tiny training: 3 epochs of 2 iterations; 20 validation patch batches make each epoch last long enough
+#: (about half a second) for the kill to land inside one
+TRAIN = ["epochs=3", "iterations_per_epoch=2", "val_batches=20", "num_workers=0", "deterministic=true", "seed=7"]
+TIMEOUT = 120  # seconds for any one command
+#: one thread each: the same arithmetic in every process, and the shared cores stay free
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train_command(work: Path) -> list[str]:
+    return [sys.executable, "-m", "segpipe", "train", f"work_dir={work}", *TRAIN]
+
+
+def train(work: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        train_command(work),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        timeout=TIMEOUT,
+    )
+
+
+def saved_epoch(last: Path) -> int | None:
+    """The completed epochs in ``last.pt`` as a reader outside the run sees them (None before the first)."""
+    if not last.is_file():
+        return None
+    return int(torch.load(last, weights_only=True)["epoch"])
+
+
+def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / "final.pt", weights_only=True)["model"]
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+    return state
+
+
+@pytest.fixture(scope="module")
+def workspaces(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The demo dataset (12 cases) planned coarsely (6×3×3 mm, 4-16 features: a 12×24×28 patch) and
+    preprocessed, in two identical workspaces."""
+    import segpipe
+
+    root = tmp_path_factory.mktemp("train_cli")
+    data = segpipe.generate_demo_data(root / "demo")
+    first = root / "work_a"
+    segpipe.plan(
+        data,
+        work_dir=first,
+        configurations=[CONFIG],
+        target_spacing=[6.0, 3.0, 3.0],
+        base_features=4,
+        max_features_3d=16,
+        num_workers=1,
+    )
+    segpipe.preprocess(data, work_dir=first, num_workers=1)
+    second = root / "work_b"
+    shutil.copytree(first, second)
+    return first, second
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_the_same_command_resumes_bit_identically(workspaces: tuple[Path, Path]) -> None:
+    uninterrupted, killed = workspaces
+    run_a = uninterrupted / "demo" / "runs" / CONFIG / "fold_0"
+    run_b = killed / "demo" / "runs" / CONFIG / "fold_0"
+
+    # the reference: one uninterrupted run
+    r = train(uninterrupted)
+    assert r.returncode == 0, r.stderr
+    assert "finished after 3 of 3 epochs" in r.stdout
+    assert "final validation after epoch 3: mean foreground Dice" in r.stderr
+
+    # the same command in the other workspace, killed with SIGKILL once epoch 1 is saved
+    output = (killed / "killed_run.log").open("w")
+    proc = subprocess.Popen(
+        train_command(killed), cwd=REPO, env={**os.environ, **ENV}, stdout=output, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while saved_epoch(run_b / "last.pt") is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # stop it at once (it is now inside epoch 2), then look again: the kill lands mid-epoch
+        proc.send_signal(signal.SIGSTOP)
+        assert saved_epoch(run_b / "last.pt") == 1, "the run did not stop inside epoch 2"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        output.close()
+    assert proc.returncode == -signal.SIGKILL, (killed / "killed_run.log").read_text()
+    assert not (run_b / "final.pt").exists()
+
+    # the same command again resumes after epoch 1 and finishes
+    r = train(killed)
+    assert r.returncode == 0, r.stderr
+    assert "resuming after epoch 1" in r.stderr
+    assert "epoch 2/3" in r.stderr and "epoch 3/3" in r.stderr and "epoch 1/3" not in r.stderr
+    assert "finished after 3 of 3 epochs" in r.stdout
+    a, b = model_state(run_a), model_state(run_b)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
+    assert (run_b / "progress.png").is_file() and (run_b / "validation" / "summary.json").is_file()
+
+    # a third time: the run has finished, nothing is trained
+    stamp = (run_b / "last.pt").stat().st_mtime_ns
+    r = train(killed)
+    assert r.returncode == 0, r.stderr
+    assert "this run has finished (3 epochs)" in r.stderr and "already finished" in r.stdout
+    assert "epoch " not in r.stderr.replace("(3 epochs)", "")
+    assert (run_b / "last.pt").stat().st_mtime_ns == stamp

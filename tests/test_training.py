@@ -544,6 +544,21 @@ def test_fold_all_has_no_validation(tiny_run) -> None:
     assert (Path(res["run_dir"]) / "progress.png").is_file()
 
 
+@pytest.mark.slow
+def test_a_budget_ends_the_run_with_its_final_validation(tiny_run) -> None:
+    plan, work = tiny_run
+    lines: list[str] = []
+    settings = {**SETTINGS, "epochs": 1000, "max_time": "4s"}
+    res = fit(plan, "3d_fullres", 2, work_dir=work, settings=settings, overwrite=True, log=lines.append)
+    # the budget shortened the run (re-spanning the schedule) and it ended finished and validated
+    assert res["finished"] and 1 <= res["epochs"] == res["planned_epochs"] < 1000
+    finals = [x for x in lines if x.startswith("final validation after epoch")]
+    assert len(finals) == 1 and finals[0].startswith(f"final validation after epoch {res['epochs']}: ")
+    assert not math.isnan(res["val_dice"]) and res["validation"] in finals[0]
+    state = load_checkpoint(res["checkpoint"])
+    assert state["scheduler"]["total_steps"] == res["epochs"]
+
+
 # ============================================================================ validation pieces, by hand
 class _FakeCache:
     def __init__(self, shapes: dict[str, tuple[int, ...]]):

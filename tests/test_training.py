@@ -628,7 +628,7 @@ def test_metrics_csv_has_the_validation_columns() -> None:
     assert _metrics_csv(old, ["a", "b"]).splitlines()[2] == "1,1.25,1.2,0.25,0.75,0.5,0.5,,,,0.005,3"
 
 
-def test_progress_png_is_drawn_every_long_epoch_and_at_most_every_30_s_otherwise(tmp_path: Path, monkeypatch) -> None:
+def test_progress_png_costs_at_most_a_twentieth_and_waits_at_most_30_s(tmp_path: Path, monkeypatch) -> None:
     from segpipe.training import runner
 
     drawn: list[int] = []
@@ -637,17 +637,24 @@ def test_progress_png_is_drawn_every_long_epoch_and_at_most_every_30_s_otherwise
     )
     module = SegmentationModule(_tiny_config(), 1, 3, epochs=10, iterations_per_epoch=2)
     cb = runner.RunCheckpoint(tmp_path)
-    module.history["epoch"], module.history["epoch_seconds"] = [0], [1.0]
-    cb._draw(module, force=False)  # the first epoch: drawn
-    module.history["epoch"], module.history["epoch_seconds"] = [0, 1], [1.0, 1.0]
-    cb._draw(module, force=False)  # a short epoch right after: not drawn
+
+    def epoch_end(force: bool = False, draw_seconds: float = 1.0) -> None:
+        module.history["epoch"].append(len(module.history["epoch"]))
+        cb._draw(module, force=force)
+        cb._draw_seconds = draw_seconds  # as if drawing took this long
+
+    epoch_end()  # the first epoch: drawn
+    epoch_end()  # right after: not drawn (a 1 s drawing waits 20 s)
     assert drawn == [1]
-    cb._drawn_at -= runner.PROGRESS_INTERVAL  # 30 s later: drawn
-    cb._draw(module, force=False)
-    cb._draw(module, force=True)  # the last epoch: always
-    module.history["epoch_seconds"] = [1.0, runner.PROGRESS_EVERY_EPOCH_FROM]
-    cb._draw(module, force=False)  # a long epoch: every time
-    assert drawn == [1, 2, 2, 2]
+    assert cb._drawn_at is not None
+    cb._drawn_at -= 19.0
+    epoch_end()  # 19 s later: not yet
+    cb._drawn_at -= 1.0
+    epoch_end(draw_seconds=2.0)  # 20 s: drawn
+    cb._drawn_at -= 30.0
+    epoch_end()  # a 2 s drawing would wait 40 s, but never more than 30 s: drawn
+    epoch_end(force=True)  # the last epoch: always
+    assert drawn == [1, 4, 5, 6]
 
 
 def test_record_validation_and_old_histories() -> None:

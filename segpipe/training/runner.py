@@ -57,9 +57,11 @@ LAST, BEST, FINAL = "last.pt", "best.pt", "final.pt"
 SETTINGS_FILE, METRICS_FILE = "settings.json", "metrics.csv"
 VALIDATION_DIR = "validation"
 
-#: progress.png is redrawn after every epoch at least this long (seconds); shorter epochs redraw it
-#: at most every PROGRESS_INTERVAL seconds (drawing takes about a second), and always at the end
-PROGRESS_EVERY_EPOCH_FROM = 5.0
+#: progress.png (about a second to draw) is redrawn at an epoch's end once PROGRESS_COST_RATIO times
+#: its last drawing time has passed since (so drawing costs at most 1/20 of the run), at least every
+#: PROGRESS_INTERVAL seconds, and always at the end: every epoch when epochs are long, every few
+#: epochs when they take a second
+PROGRESS_COST_RATIO = 20.0
 PROGRESS_INTERVAL = 30.0
 #: estimate of the final validation before one was measured: a window's forward pass costs at most
 #: this share of a training sample's step (forward + backward + optimizer + data: forward alone is
@@ -302,6 +304,11 @@ class RunCheckpoint(Checkpoint):
         )
         self._session_start = time.perf_counter() if started is None else float(started)
         self._drawn_at: float | None = None
+        self._draw_seconds = 1.0  # the last drawing's time (a first guess before one)
+        # wall time per epoch, end to end (checkpoints and drawing included, validation excluded)
+        self._epoch_walls: list[float] = []
+        self._hook_start: float | None = None
+        self._validation_spent = 0.0
 
     @property
     def elapsed(self) -> float:
@@ -320,6 +327,10 @@ class RunCheckpoint(Checkpoint):
         assert isinstance(pl_module, SegmentationModule)
         if trainer.sanity_checking:
             return
+        now = time.perf_counter()
+        if self._hook_start is not None:
+            self._epoch_walls.append(now - self._hook_start - self._validation_spent)
+        self._hook_start, self._validation_spent = now, 0.0
         self._apply_budget(trainer, pl_module)
         done = pl_module.completed_epochs
         finished = done >= pl_module.planned_epochs
@@ -360,6 +371,7 @@ class RunCheckpoint(Checkpoint):
         assert self.validation is not None
         if trainer.is_global_zero:
             result = self.validation(module.network, device=module.device, final=final)
+            self._validation_spent += float(result["seconds"])
             classes = sorted(result["class_dice"])
             module.record_validation(result["mean_fg_dice"], [result["class_dice"][c] for c in classes])
             names = result["class_names"]
@@ -394,8 +406,9 @@ class RunCheckpoint(Checkpoint):
     def _apply_budget(self, trainer: L.Trainer, module: SegmentationModule) -> None:
         if self.max_time is None or not module.history["epoch_seconds"]:
             return
-        recent = module.history["epoch_seconds"][-3:]
-        per_epoch = sum(recent) / len(recent)
+        # an epoch's wall time from one end to the next once seen, else the module's own measure
+        recent = (self._epoch_walls or module.history["epoch_seconds"])[-3:]
+        per_epoch = max(sum(recent) / len(recent), 1e-6)
         spi = per_epoch / module.iterations_per_epoch
         final_s = self.final_validation_seconds(module, spi)
         margin = min(BUDGET_MARGIN_MAX, BUDGET_MARGIN_SHARE * self.max_time)
@@ -431,11 +444,11 @@ class RunCheckpoint(Checkpoint):
     # ------------------------------------------------------------------ progress.png
     def _draw(self, module: SegmentationModule, *, force: bool) -> None:
         now = time.perf_counter()
-        seconds = module.history["epoch_seconds"]
-        long_epoch = bool(seconds) and seconds[-1] >= PROGRESS_EVERY_EPOCH_FROM
-        if force or long_epoch or self._drawn_at is None or now - self._drawn_at >= PROGRESS_INTERVAL:
+        wait = min(PROGRESS_INTERVAL, PROGRESS_COST_RATIO * self._draw_seconds)
+        if force or self._drawn_at is None or now - self._drawn_at >= wait:
             write_reports(self.run_dir, module.history, module.class_names, title=self.title, metrics=False)
             self._drawn_at = time.perf_counter()
+            self._draw_seconds = self._drawn_at - now
 
 
 def write_reports(

@@ -334,6 +334,8 @@ class RunCheckpoint(Checkpoint):
         self._apply_budget(trainer, pl_module)
         done = pl_module.completed_epochs
         finished = done >= pl_module.planned_epochs
+        if self.say is not None:
+            self.say(_epoch_line(pl_module))
         if self.validation is not None and (finished or done % self.val_every == 0):
             self._validate(trainer, pl_module, final=finished)
         ema = pl_module.ema_fg_dice
@@ -361,8 +363,6 @@ class RunCheckpoint(Checkpoint):
                 save_checkpoint(self.run_dir / FINAL, {"model": state["model"], "epoch": done, **self.extra})
             write_text(self.run_dir / METRICS_FILE, _metrics_csv(pl_module.history, pl_module.class_names))
             self._draw(pl_module, force=finished)
-        if self.say is not None:
-            self.say(_epoch_line(pl_module))
         if finished:
             trainer.should_stop = True
 

@@ -285,8 +285,13 @@ def generate_demo_data(out: PathLike, *, force: bool = False, seed: int = 0, dic
     return generate_demo_dataset(out, overwrite=force, seed=seed)
 
 
+#: The demo's training schedule: long enough to run every part of the loop (epochs, pseudo-Dice,
+#: checkpoints, full-case validation), short enough for a quick start on two CPU cores.
+DEMO_SCHEDULE = {"epochs": 2, "iterations_per_epoch": 4, "val_batches": 2, "val_every": 2, "seed": 0}
+
+
 def demo(*, force: bool = False, log: Any = None, **settings: Any) -> dict[str, Any]:
-    """Run the main job on the embedded dataset: generate → check → plan → preprocess.
+    """Run the main job on the embedded dataset: generate → check → plan → preprocess → train (short).
 
     The datasets are written to ``<work_dir>/raw/SegpipeDemo`` (NIfTI, MSD layout) and
     ``<work_dir>/raw/SegpipeDemoDICOM`` (DICOM series, case-folder layout) once (``force``
@@ -326,7 +331,21 @@ def demo(*, force: bool = False, log: Any = None, **settings: Any) -> dict[str, 
         name: {"cache_dir": r["cache_dir"], "cases": len(r["processed"]) + len(r["reused"])}
         for name, r in pre["configurations"].items()
     }
-    steps["next_steps"] = ["train", "infer", "evaluate"]
+    say("training a short 3d_fullres schedule on fold 0 (a demonstration of the loop, not a useful model)")
+    trained = train(
+        work_dir=str(ws.root),
+        dataset=planned["dataset"],
+        config="3d_fullres",
+        fold=0,
+        **DEMO_SCHEDULE,
+        overwrite=force,
+        log=say,
+    )
+    steps["train"] = {
+        key: trained.get(key)
+        for key in ("run_dir", "epochs", "finished", "already_finished", "val_dice", "validation", "validation_dir")
+    }
+    steps["next_steps"] = ["infer", "evaluate"]
     return steps
 
 

@@ -358,8 +358,14 @@ def cmd_demo(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) ->
             lines.append(f"plan summary: {res['plan']['plan_summary_path']}")
     if "preprocess" in res:
         lines += [f"preprocessed {n}: {r['cases']} cases in {r['cache_dir']}" for n, r in res["preprocess"].items()]
+    if res.get("train"):
+        t = res["train"]
+        lines.append(
+            f"trained 3d_fullres fold 0 for {t['epochs']} epochs (a short demonstration schedule) in {t['run_dir']}"
+        )
+        lines.append("full-case validation: " + (t.get("validation") or "none"))
     if res.get("next_steps"):
-        lines.append("the demo ends after preprocessing: training and prediction are not part of this version")
+        lines.append("the demo ends after training: prediction and evaluation are not part of this version")
     return EXIT_OK, res, "\n".join(lines)
 
 
@@ -378,7 +384,9 @@ def cmd_train(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -
         f"{res['dataset']} {res['configuration']} fold {res['fold']}: {state} after {res['epochs']} of "
         f"{res['planned_epochs']} epochs",
         f"pseudo-Dice per class (validation patches): {dice}; EMA foreground mean {res['ema_fg_dice']:.4f}",
-        f"run folder: {res['run_dir']} (checkpoints last.pt / best.pt / final.pt, metrics.csv, settings.json)",
+        "full-case validation: " + (res.get("validation") or "none (fold=all trains on every case)"),
+        f"run folder: {res['run_dir']} (last.pt / best.pt / final.pt, metrics.csv, progress.png, settings.json, "
+        "validation/)",
     ]
     return EXIT_OK, res, "\n".join(lines)
 

@@ -137,9 +137,14 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
         cache = Cache(step["cache_dir"])
         assert len(cache.cases()) == 12 and not cache.validate(), name
     assert (tmp_path / "SegpipeDemo" / "plan_summary.md").is_file()
-    # a second run reuses everything
+    run_dir = Path(out["train"]["run_dir"])
+    assert out["train"]["finished"] and out["train"]["epochs"] == 2
+    for name in ("last.pt", "final.pt", "metrics.csv", "progress.png", "validation/summary.json"):
+        assert (run_dir / name).is_file(), name
+    # a second run reuses everything, the finished training run included
     r = run("demo", "--json", f"work_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["train"]["already_finished"] is True
 
 
 def test_plan_on_a_generated_anisotropic_dataset_with_overrides(tmp_path):

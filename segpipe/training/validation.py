@@ -255,7 +255,7 @@ def validate_cases(
     means = class_mean_dice(results)
     mean_fg = mean_foreground_dice(results)
     seconds = time.perf_counter() - t0
-    log.info(
+    log.debug(
         "validation %s: %d cases, mean foreground Dice %s (%s)",
         configuration,
         len(results),

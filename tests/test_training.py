@@ -728,3 +728,30 @@ def test_budget_keeps_the_final_validation_in_reserve(tmp_path: Path, val_every,
     )  # type: ignore[arg-type]
     cb._apply_budget(None, module)  # type: ignore[arg-type]
     assert module.planned_epochs == planned
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "selection",
+    [f"loss={name}" for name in sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "loss").glob("*.yaml"))]
+    + [
+        f"optim={name}"
+        for name in sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "optim").glob("*.yaml"))
+    ],
+)
+def test_every_config_group_option_composes_and_trains_two_iterations(tiny_run, selection: str) -> None:
+    """Each option of conf/loss/ and conf/optim/, composed as the CLI does, trains 2 iterations to finite losses."""
+    from segpipe.config import compose_config, to_container
+
+    plan, work = tiny_run
+    cfg = compose_config([selection], command="train")
+    group, option = selection.split("=")
+    assert cfg[group]["name"] == option
+    settings = {**SETTINGS, "epochs": 1, "deterministic": False, "optim": to_container(cfg.optim)}
+    settings["loss"] = to_container(cfg.loss)
+    res = fit(plan, "3d_fullres", 0, work_dir=work, settings=settings, overwrite=True)
+    assert res["finished"] and res["epochs"] == 1
+    metrics = (Path(res["run_dir"]) / "metrics.csv").read_text().splitlines()
+    header, row = metrics[0].split(","), metrics[1].split(",")
+    train_loss = float(row[header.index("train_loss")])
+    assert math.isfinite(train_loss), (selection, train_loss)

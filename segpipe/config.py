@@ -62,6 +62,8 @@ class TrainSchema:
     iterations_per_epoch: int = MISSING
     val_every: int = MISSING
     val_batches: int = MISSING
+    grad_clip: Optional[float] = MISSING  # noqa: UP045
+    progress: bool = MISSING
     batch_size: Optional[int] = MISSING  # noqa: UP045
     device: str = MISSING
     precision: str = MISSING
@@ -155,6 +157,11 @@ def _defaults(selections: tuple[str, ...] = ()) -> tuple[Any, tuple[str, ...]]:
 def all_settings(selections: Iterable[str] = ()) -> list[str]:
     """Every setting's full key (``work_dir``, ``planner.gpu_memory_gb``, ``train.fold``, …)."""
     return list(_defaults(tuple(selections))[1])
+
+
+def default_option(group: str) -> str:
+    """The option of ``group`` the configuration selects by default (``conf/config.yaml``)."""
+    return str(_defaults()[0][group]["name"])
 
 
 def _selection(group: str, option: Any) -> str:

@@ -73,38 +73,36 @@ FINAL_VALIDATION_FACTOR = 1.25
 #: max_time, at most BUDGET_MARGIN_MAX seconds
 BUDGET_MARGIN_SHARE, BUDGET_MARGIN_MAX = 0.02, 10.0
 
-#: training settings and their defaults; those also in ``conf/train/default.yaml`` take its values
-_BUILTIN_DEFAULTS: dict[str, Any] = {
-    "epochs": 1000,
-    "iterations_per_epoch": 250,
-    "val_every": 50,
-    "batch_size": None,
-    "loss": "dice_ce",
+#: training settings beyond the ``train`` group (whose defaults are read from
+#: ``conf/train/default.yaml``): the loss and optimizer options default to the ones the
+#: configuration selects (``conf/config.yaml``), their parameters to that option's file
+_RUN_ONLY_DEFAULTS: dict[str, Any] = {
     "loss_params": {},
-    "optim": "sgd",
     "optim_params": {},
     "lr": None,
-    "device": "auto",
-    "precision": "auto",
-    "max_time": None,
-    "seed": 12345,
-    "deterministic": False,
     "num_workers": None,
-    "val_batches": 50,
-    "grad_clip": 12.0,
-    "progress": False,
 }
+
+
+def _default_settings() -> dict[str, Any]:
+    """Every training setting's default, each read from where it is written once (``conf/``)."""
+    from ..config import default_option, group_defaults
+
+    out = {k: v for k, v in group_defaults("train").items() if k != "fold"}
+    out.update(_RUN_ONLY_DEFAULTS)
+    out["loss"] = default_option("loss")
+    out["optim"] = default_option("optim")
+    return out
+
+
 #: settings that change what is trained; a resumed run must keep them
 _RESUME_KEYS = ("iterations_per_epoch", "batch_size", "loss", "loss_params", "optim", "optim_params", "lr", "seed")
 
 
 def train_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The resolved training settings: defaults (``conf/train/default.yaml`` where it has the key)
-    with ``settings`` applied; unknown keys are a :class:`ConfigError` listing the valid ones."""
-    from ..config import group_defaults
-
-    out = dict(_BUILTIN_DEFAULTS)
-    out.update({k: v for k, v in group_defaults("train").items() if k in out})
+    """The resolved training settings: the defaults from ``conf/`` (:func:`_default_settings`) with
+    ``settings`` applied; unknown keys are a :class:`ConfigError` listing the valid ones."""
+    out = _default_settings()
     given = {k: v for k, v in dict(settings or {}).items() if k != "fold"}
     unknown = sorted(set(given) - set(out))
     if unknown:

@@ -122,7 +122,6 @@ def plan(dataset: PathLike, *, log: Any = None, **settings: Any) -> dict[str, An
     rows], "plan": plan dict, ...}``. A different dataset already planned under the same name
     is refused (pass ``dataset_name=``).
     """
-    import dataclasses
 
     from .io.datasets import load_dataset
     from .planning import PlanSettings, plan_summary_rows, run_planning
@@ -132,8 +131,7 @@ def plan(dataset: PathLike, *, log: Any = None, **settings: Any) -> dict[str, An
     planner_settings = PlanSettings.from_mapping(to_container(cfg.planner))
     ds = load_dataset(dataset)
     dws = Workspace.at(cfg.work_dir).dataset(cfg.dataset_name or ds.name)
-    if dws.name != ds.name:  # the fingerprint and plan carry the workspace name
-        ds = dataclasses.replace(ds, name=dws.name)
+    ds = _named(ds, dws.name)  # the fingerprint and plan carry the workspace name
     # run_planning checks the workspace (writable, not another dataset's) before reading anything
     result = run_planning(ds, dws, planner_settings, force=cfg.force, num_workers=cfg.num_workers)
     return {
@@ -148,6 +146,27 @@ def plan(dataset: PathLike, *, log: Any = None, **settings: Any) -> dict[str, An
     }
 
 
+def _named(ds: Any, name: str) -> Any:
+    """``ds`` under its workspace name (``dataset_name=`` may differ from the folder's name)."""
+    import dataclasses
+
+    return ds if ds.name == name else dataclasses.replace(ds, name=name)
+
+
+def _planned_dataset(command: str, work_dir: Any, dataset: PathLike | None) -> tuple[Any, Any, Any, Any]:
+    """(workspace, its dataset entry, the plan, the dataset as planned) for a command after ``plan``.
+
+    The dataset is loaded from the folder that was planned (its source record), never a namesake.
+    """
+    from .io.datasets import load_dataset
+    from .planning import load_plan
+    from .workspace import find_dataset
+
+    ws, dws = find_dataset(work_dir, dataset, command)
+    ws.ensure_writable()
+    return ws, dws, load_plan(dws.plans_path), _named(load_dataset(dws.source_dataset_path()), dws.name)
+
+
 def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: Any) -> dict[str, Any]:
     """Preprocess the labelled cases of a planned dataset into the cache of each planned configuration.
 
@@ -159,10 +178,7 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
     Returns ``{"dataset", "plans_path", "configurations": {name: {"cache_dir", "processed",
     "reused", "seconds"}}}``.
     """
-    from .io.datasets import load_dataset
-    from .planning import load_plan
     from .preprocessing import cache_dir_for, preprocess_dataset, spec_from_plan
-    from .workspace import find_dataset
 
     if dataset is not None and settings.get("dataset") is not None:
         raise UsageError("give the dataset once: as a path or as dataset=NAME, not both")
@@ -170,14 +186,7 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
         dataset = settings.pop("dataset")
     config_value = settings.pop("config", settings.pop("configuration", None))
     cfg = _settings("preprocess", settings)
-    ws, dws = find_dataset(cfg.work_dir, dataset, "preprocess")
-    ws.ensure_writable()
-    the_plan = load_plan(dws.plans_path)
-    ds = load_dataset(dws.source_dataset_path())  # the folder that was planned, never a namesake
-    if ds.name != dws.name:
-        import dataclasses
-
-        ds = dataclasses.replace(ds, name=dws.name)
+    ws, dws, the_plan, ds = _planned_dataset("preprocess", cfg.work_dir, dataset)
     names = _configurations(config_value, the_plan)
     out: dict[str, Any] = {}
     done: dict[Path, dict[str, Any]] = {}
@@ -214,18 +223,13 @@ def train(*, log: Any = None, overwrite: bool = False, **settings: Any) -> dict[
     once (``overwrite=True`` trains it again). Returns the run's summary (``run_dir``,
     ``epochs``, ``finished``, ``ema_fg_dice``, ``pseudo_dice``, …).
     """
-    from .io.datasets import load_dataset
-    from .planning import load_plan
     from .preprocessing import Cache
     from .training.runner import fit
-    from .workspace import find_dataset
 
     dataset = settings.pop("dataset", None)
     config_value = settings.pop("config", settings.pop("configuration", None))
     cfg = _settings("train", settings)
-    ws, dws = find_dataset(cfg.work_dir, dataset, "train")
-    ws.ensure_writable()
-    the_plan = load_plan(dws.plans_path)
+    ws, dws, the_plan, ds = _planned_dataset("train", cfg.work_dir, dataset)
     if config_value is None:
         config_value = "3d_fullres" if "3d_fullres" in the_plan.configurations else next(iter(the_plan.configurations))
     names = _configurations(config_value, the_plan)
@@ -237,7 +241,7 @@ def train(*, log: Any = None, overwrite: bool = False, **settings: Any) -> dict[
         raise UsageError(f"fold={fold_text} is not a fold", hint="fold=0..4, or fold=all to train on every case")
     fold: int | str = int(fold_text) if fold_text.isdigit() else fold_text
     cache = Cache.for_configuration(ws.root, the_plan, name, dataset=dws.name)
-    labelled = [c.id for c in load_dataset(dws.source_dataset_path()).cases]
+    labelled = [c.id for c in ds.cases]
     if any(case_id not in cache for case_id in labelled):
         if log:
             log(f"the {name} cache of {dws.name} is incomplete: preprocessing first")

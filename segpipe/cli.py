@@ -205,13 +205,10 @@ Handler = Callable[[argparse.Namespace, list[str], dict[str, Any]], tuple[int, A
 
 
 def _series_rows(series: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    uids = [str(s.get("uid", "")) for s in series]
-    try:
-        from .io.dicom import unique_suffixes
+    from .io.dicom import unique_suffixes
 
-        shown = unique_suffixes(uids)
-    except ImportError:  # pragma: no cover - older reader
-        shown = [u[-12:] for u in uids]
+    uids = [str(s.get("uid", "")) for s in series]
+    shown = unique_suffixes(uids)
     return [
         {
             "uid": ("…" if u != full else "") + u,

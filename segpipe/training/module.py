@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 from ..planning import PlanConfig
@@ -46,26 +47,21 @@ def confusion_counts(
 ) -> torch.Tensor:
     """``[3, K-1]`` counts of true positives, false positives and false negatives of the argmax of
     ``logits`` ``[B, K, *S]`` against integer labels ``[B, 1, *S]`` (or ``[B, *S]``), per foreground
-    class 1..K-1, summed over the batch. Voxels labelled ``ignore_index`` count nowhere."""
+    class 1..K-1, summed over the batch (as float64 on ``logits``' device, ready for a cross-device
+    sum). Voxels labelled ``ignore_index`` count nowhere. The counting is
+    :func:`segpipe.evaluation.confusion_counts` (one bincount)."""
+    from ..evaluation.metrics import confusion_counts as count_classes
+
     labels = target[:, 0] if target.ndim == logits.ndim else target
-    labels = labels.to(device=logits.device, dtype=torch.long)
-    pred = logits.argmax(1)
-    valid = None if ignore_index is None else labels != ignore_index
-    counts = torch.zeros(3, num_classes - 1, dtype=torch.float64, device=logits.device)
-    for c in range(1, num_classes):
-        p, g = pred == c, labels == c
-        if valid is not None:
-            p, g = p & valid, g & valid
-        counts[0, c - 1] = (p & g).sum()
-        counts[1, c - 1] = (p & ~g).sum()
-        counts[2, c - 1] = (~p & g).sum()
-    return counts
+    counts = count_classes(logits.argmax(1), labels.to(logits.device), range(1, num_classes), ignore_index=ignore_index)
+    return torch.as_tensor(counts.T, dtype=torch.float64, device=logits.device)
 
 
 def dice_from_counts(counts: torch.Tensor) -> list[float]:
     """Dice per class from :func:`confusion_counts` sums (NaN where the class is absent in both)."""
-    tp, fp, fn = (counts[i].double().tolist() for i in range(3))
-    return [2 * t / (2 * t + p + n) if (2 * t + p + n) > 0 else math.nan for t, p, n in zip(tp, fp, fn)]
+    from ..evaluation.metrics import dice_from_counts as dice_of_rows
+
+    return [float(d) for d in dice_of_rows(counts.detach().cpu().numpy().T.round().astype(np.int64))]
 
 
 def _nanmean(values: list[float]) -> float:

@@ -210,7 +210,7 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
     return {"dataset": dws.name, "plans_path": str(dws.plans_path), "configurations": out}
 
 
-def train(*, log: Any = None, overwrite: bool = False, **settings: Any) -> dict[str, Any]:
+def train(*, log: Any = None, overwrite: bool = False, started: float | None = None, **settings: Any) -> dict[str, Any]:
     """Train one cross-validation fold of a planned dataset (``segpipe train fold=0``).
 
     Settings are those of ``segpipe train`` (``segpipe train --help``): ``work_dir``, ``dataset``
@@ -220,10 +220,15 @@ def train(*, log: Any = None, overwrite: bool = False, **settings: Any) -> dict[
     ``optim=`` / ``loss=`` with their options' keys (``lr``, ``alpha``, …). Preprocesses first
     when the configuration's cache lacks cases. Trains into ``runs/<config>/fold_<k>/`` of the
     dataset's workspace folder and resumes a run that was interrupted; a finished run returns at
-    once (``overwrite=True`` trains it again). Returns the run's summary (``run_dir``,
-    ``epochs``, ``finished``, ``ema_fg_dice``, ``pseudo_dice``, …).
+    once (``overwrite=True`` trains it again). ``max_time`` counts from ``started`` (a
+    ``time.perf_counter()`` value; default: this call; the CLI passes its own launch). Returns the
+    run's summary (``run_dir``, ``epochs``, ``finished``, ``ema_fg_dice``, ``pseudo_dice``, …).
     """
+    import time
+
     from .preprocessing import Cache
+
+    started = time.perf_counter() if started is None else float(started)
     from .training.runner import fit
 
     dataset = settings.pop("dataset", None)
@@ -251,10 +256,19 @@ def train(*, log: Any = None, overwrite: bool = False, **settings: Any) -> dict[
         **train_group,
         "optim": to_container(cfg.optim),
         "loss": to_container(cfg.loss),
+        "trainer": to_container(cfg.trainer),
         "num_workers": cfg.num_workers,
     }
     result = fit(
-        the_plan, name, fold, work_dir=ws.root, dataset=dws.name, settings=fit_settings, overwrite=overwrite, log=log
+        the_plan,
+        name,
+        fold,
+        work_dir=ws.root,
+        dataset=dws.name,
+        settings=fit_settings,
+        overwrite=overwrite,
+        log=log,
+        started=started,
     )
     return {"dataset": dws.name, "configuration": name, "fold": str(fold), **result}
 

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from .errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PREEMPTED,
     EXIT_USAGE,
     NotAvailableError,
     SegpipeError,
@@ -79,7 +81,8 @@ EXAMPLES = {
 EXIT_CODES_HELP = (
     "exit codes: 0 ok, 1 problems found (check), 2 usage (bad arguments or setting, command not "
     "available), 3 bad input data, 4 workspace state (missing plan, unwritable work_dir, disk full), "
-    "70 internal error (a bug: rerun with --debug and report it), 130 interrupted"
+    "70 internal error (a bug: rerun with --debug and report it), 75 training stopped by SIGUSR1 and saved "
+    "(the same command resumes it), 130 interrupted"
 )
 
 log = logging.getLogger("segpipe")
@@ -366,6 +369,21 @@ def cmd_demo(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) ->
     return EXIT_OK, res, "\n".join(lines)
 
 
+#: the result of a process that prints nothing (the other ranks of a distributed run)
+_QUIET: Any = object()
+
+
+def _launched() -> float:
+    """The ``time.perf_counter()`` value of this process's launch: ``max_time`` counts launch to exit."""
+    try:
+        import psutil
+
+        age = max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # no process table to read: count from now
+        age = 0.0
+    return time.perf_counter() - age
+
+
 def cmd_train(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
     from . import api
 
@@ -374,7 +392,11 @@ def cmd_train(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -
             f"`segpipe train` takes no paths, got {' '.join(paths)}",
             hint="name the planned dataset with dataset=NAME; " + USAGE["train"],
         )
-    res = api.train(log=log.info, overwrite=ns.overwrite, **given)
+    res = api.train(log=log.info, overwrite=ns.overwrite, started=_launched(), **given)
+    if res.get("rank"):  # not rank 0 of a distributed run
+        return (EXIT_PREEMPTED if res.get("preempted") else EXIT_OK), _QUIET, ""
+    if res.get("preempted"):
+        return EXIT_PREEMPTED, res, f"{res['preempted']}\nrun folder: {res['run_dir']}"
     dice = ", ".join(f"{v:.4f}" for v in res["pseudo_dice"]) or "n/a"
     state = "already finished" if res["already_finished"] else ("finished" if res["finished"] else "stopped")
     lines = [
@@ -477,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         return _print_error(command, ns, type(mapped).__name__, mapped.message, mapped.hint, mapped.exit_code)
     except Exception as exc:  # a bug: keep it to one line unless --debug
         return _internal(command, ns, exc)
+    if result is _QUIET:  # another process of a distributed run: rank 0 speaks for it
+        return code
     try:
         if ns.json:
             print(json.dumps(result, indent=2, default=str))

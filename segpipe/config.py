@@ -34,7 +34,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "check": ("num_workers",),
     "plan": ("work_dir", "dataset_name", "num_workers", "force", "planner"),
     "preprocess": ("work_dir", "dataset", "config", "num_workers", "force"),
-    "train": ("work_dir", "dataset", "config", "num_workers", "train", "optim", "loss"),
+    "train": ("work_dir", "dataset", "config", "num_workers", "train", "optim", "loss", "trainer"),
     "infer": ("work_dir", "dataset", "config", "num_workers", "dicom"),
     "evaluate": (),
     "find-best": ("work_dir", "dataset"),
@@ -63,11 +63,13 @@ class TrainSchema:
     val_every: int = MISSING
     val_batches: int = MISSING
     grad_clip: Optional[float] = MISSING  # noqa: UP045
-    progress: bool = MISSING
+    progress: Any = MISSING  # auto, true or false: validated by the trainer
+    tensorboard: Any = MISSING  # auto, true or false
     batch_size: Optional[int] = MISSING  # noqa: UP045
     device: str = MISSING
     precision: str = MISSING
     max_time: Optional[str] = MISSING  # noqa: UP045
+    checkpoint_every: Optional[str] = MISSING  # noqa: UP045
     seed: int = MISSING
     deterministic: bool = MISSING
 

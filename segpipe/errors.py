@@ -14,6 +14,7 @@ EXIT_USAGE = 2  # bad arguments, unknown or unused setting, or a command this ve
 EXIT_DATA = 3  # bad input data: unreadable file, invalid dataset description, refused DICOM
 EXIT_STATE = 4  # the workspace lacks what the command needs (no plan, no checkpoint, ...)
 EXIT_INTERNAL = 70  # a bug: an unexpected exception (rerun with --debug and report it)
+EXIT_PREEMPTED = 75  # train stopped by SIGUSR1 after saving (SLURM: requeued); the same command resumes
 EXIT_INTERRUPTED = 130
 
 

@@ -265,3 +265,51 @@ def test_device_augmentation_path_matches_worker_path(cache: Path) -> None:
     assert "region_image" in raw and "region_image" not in cooked
     done = finish_batch(raw, aug)
     assert torch.allclose(done["image"], cooked["image"]) and torch.equal(done["label"], cooked["label"])
+
+
+def _images(batches) -> list[torch.Tensor]:
+    return [b["image"] for b in batches]
+
+
+def _same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(_images(a), _images(b)))
+
+
+def test_stream_is_the_same_for_any_number_of_workers(cache: Path) -> None:
+    ids = [f"case_{i}" for i in range(5)]
+    kw = dict(patch_size=(12, 16, 12), batch_size=2, seed=3)
+    serial = _first(SegDataModule(cache, ids, ids, num_workers=0, **kw).train_dataloader(), 5)
+    workers = _first(SegDataModule(cache, ids, ids, num_workers=2, **kw).train_dataloader(), 5)
+    assert _same_batches(serial, workers)
+
+
+def test_stream_resumes_inside_an_epoch_with_the_same_batches(cache: Path) -> None:
+    sampler = PatchSampler(cache, [f"case_{i}" for i in range(4)], (10, 12, 10))
+    whole = TrainStream(sampler, 2, None, seed=5)
+    it = iter(whole)
+    epoch0 = [next(it) for _ in range(6)]
+    it = iter(whole)
+    epoch1 = [next(it) for _ in range(3)]
+    # interrupted after 4 of epoch 0's 6 batches: the resumed stream gives batches 4 and 5, ends the
+    # epoch there, and the next epoch is epoch 1 as drawn without the interruption
+    resumed = TrainStream(sampler, 2, None, seed=5)
+    resumed.resume_at(0, 4, 6)
+    assert _same_batches(list(resumed), epoch0[4:])
+    it = iter(resumed)
+    assert _same_batches([next(it) for _ in range(3)], epoch1)
+    # another process of a distributed run draws other batches
+    other = TrainStream(sampler, 2, None, seed=5, rank=1)
+    assert not torch.equal(next(iter(other))["image"], epoch0[0]["image"])
+
+
+def test_validation_patches_are_shared_out_between_processes(cache: Path) -> None:
+    from segpipe.data.datamodule import ValidationPatches
+
+    sampler = PatchSampler(cache, ["case_0", "case_1"], (10, 12, 10))
+    one = ValidationPatches(sampler, 2, 5, seed=1)
+    parts = [ValidationPatches(sampler, 2, 5, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    assert (len(one), len(parts[0]), len(parts[1])) == (5, 3, 2)
+    shared = [parts[j % 2][j // 2] for j in range(5)]
+    assert _same_batches(shared, [one[j] for j in range(5)])
+    with pytest.raises(IndexError):
+        parts[1][2]

@@ -43,6 +43,8 @@ def _value_for(key: str) -> tuple[str, Any]:
         "train.precision": ("bf16-mixed", "bf16-mixed"),
         "train.max_time": ("20m", "20m"),
         "train.batch_size": ("3", 3),
+        "train.progress": ("false", False),
+        "train.tensorboard": ("false", False),
     }
     if key in special:
         return special[key]

@@ -158,9 +158,40 @@ def test_fit_budget_by_hand() -> None:
         final_validation_seconds=120.0,
         margin=10.0,
     )
-    assert (fit.epochs, fit.iterations, fit.partial_iterations) == (13, 138, 8)
-    assert (fit.seconds_per_epoch, fit.seconds_left, fit.seconds_needed) == (70.0, 1100.0, 13 * 70.0 + 120.0)
+    assert (fit.epochs, fit.iterations, fit.partial_iterations, fit.last_epoch_iterations) == (13, 138, 8, 8)
+    # needed: 13 whole epochs, the shortened one (8 × 5 s + its 20 s validation), the final validation
+    assert (fit.seconds_per_epoch, fit.seconds_left, fit.seconds_needed) == (70.0, 1100.0, 13 * 70.0 + 60.0 + 120.0)
     assert fit.seconds_needed + 10 + 100 <= 1200
+
+
+def test_fit_budget_inside_an_epoch() -> None:
+    # 4 of 10 iterations done; 1 s each, 2 s validation per epoch; 100 s available
+    # the epoch in progress ends whole (6 + 2 = 8 s), then 7 more (84 s), then 8 s left: 6 iterations + 2 s
+    fit = fit_budget(
+        100, 0, seconds_per_iteration=1, iterations_per_epoch=10, seconds_per_validation=2, done_in_epoch=4
+    )
+    assert (fit.epochs, fit.iterations, fit.last_epoch_iterations, fit.partial_iterations) == (8, 6 + 70 + 6, 6, 6)
+    # the epoch in progress cannot end whole: shortened to 4 + 3 iterations (3 s + its 2 s validation in 5 s)
+    fit = fit_budget(5, 0, seconds_per_iteration=1, iterations_per_epoch=10, seconds_per_validation=2, done_in_epoch=4)
+    assert (fit.epochs, fit.iterations, fit.last_epoch_iterations, fit.partial_iterations) == (0, 3, 7, 3)
+    # already over budget inside an epoch: it ends with the iterations done
+    fit = fit_budget(5, 10, seconds_per_iteration=1, iterations_per_epoch=10, done_in_epoch=4)
+    assert (fit.epochs, fit.iterations, fit.last_epoch_iterations) == (0, 0, 4)
+    # max_epochs counts the epoch in progress
+    fit = fit_budget(1000, 0, seconds_per_iteration=1, iterations_per_epoch=10, done_in_epoch=4, max_epochs=2)
+    assert (fit.epochs, fit.iterations, fit.last_epoch_iterations) == (2, 16, 0)
+
+
+def test_fit_budget_keeps_the_periodic_full_validations() -> None:
+    # epochs of 10 s; a 15 s full-case validation after every 2nd epoch (epoch 3 ended: the next is after 4)
+    # 50 s: epoch 4 (10) + its validation (15) + epoch 5 (10) + epoch 6 (10) = 45 s; a 7th epoch would
+    # first owe epoch 6's validation (15 s): nothing more; epoch 6's validation is the final one
+    kw = {"seconds_per_iteration": 1, "iterations_per_epoch": 10, "completed_epochs": 3, "val_every": 2}
+    fit = fit_budget(50, 0, seconds_per_full_validation=15, **kw)
+    assert (fit.epochs, fit.iterations, fit.last_epoch_iterations, fit.seconds_needed) == (3, 30, 0, 45)
+    # 65 s: after epoch 6 its validation (15 s) and a shortened 7th epoch of 5 iterations
+    fit = fit_budget(65, 0, seconds_per_full_validation=15, **kw)
+    assert (fit.epochs, fit.iterations, fit.last_epoch_iterations, fit.seconds_needed) == (3, 35, 5, 65)
 
 
 def test_fit_budget_edges() -> None:
@@ -385,6 +416,23 @@ def test_train_settings_refuse_unknown_and_bad_values() -> None:
         train_settings({"iterations_per_epoch": 0})
     with pytest.raises(ConfigError, match="duration"):
         train_settings({"max_time": "soon"})
+    assert train_settings({})["progress"] == "auto" and train_settings({"progress": "no"})["progress"] is False
+    with pytest.raises(ConfigError, match="progress=auto, true or false"):
+        train_settings({"progress": "sometimes"})
+
+
+def test_progress_bar_and_tensorboard_follow_their_settings(tmp_path: Path, monkeypatch) -> None:
+    from segpipe.training import runner
+
+    monkeypatch.setattr("segpipe.progress.progress_mode", lambda stream=None: "bar")
+    assert runner._progress_bar("auto") is True and runner._progress_bar(False) is False
+    monkeypatch.setattr("segpipe.progress.progress_mode", lambda stream=None: "log")
+    assert runner._progress_bar("auto") is False and runner._progress_bar(True) is True
+    assert runner._loggers(tmp_path, False) is False
+    monkeypatch.setattr(runner, "_tensorboard_installed", lambda: False)
+    assert runner._loggers(tmp_path, "auto") is False
+    with pytest.raises(ConfigError, match="tensorboard=true needs the tensorboard package"):
+        train_settings({"tensorboard": True})
 
 
 # ============================================================================ fit and resume
@@ -529,6 +577,91 @@ def test_finished_run_returns_at_once_and_other_settings_are_refused(tiny_run) -
         fit(plan, "3d_fullres", 1, work_dir=work, settings={**settings, "seed": 1})
     redo = fit(plan, "3d_fullres", 1, work_dir=work, settings={**settings, "seed": 1}, overwrite=True)
     assert redo["finished"] and not redo["already_finished"]
+
+
+@pytest.mark.slow
+def test_sigusr1_saves_inside_an_epoch_requeues_under_slurm_and_resumes_bit_identical(
+    tiny_run, monkeypatch, tmp_path: Path
+) -> None:
+    """SIGUSR1 (what SLURM sends before it ends a job) in the middle of epoch 2: the state is saved
+    with the batches done, the job is requeued, the run stops; the same call resumes inside the
+    epoch and ends with the weights of a run that was never stopped."""
+    import signal
+
+    from segpipe.training import runner as fit_module
+
+    torch.set_num_threads(1)
+    plan, work = tiny_run
+    handler_before = signal.getsignal(signal.SIGUSR1)
+    settings = {**SETTINGS, "epochs": 3, "iterations_per_epoch": 4, "checkpoint_every": None}
+    full = fit_module.fit(plan, "3d_fullres", 3, work_dir=work, settings=settings, overwrite=True)
+    a = load_checkpoint(full["checkpoint"])
+
+    # a SLURM job (one task), with an scontrol that records what it is asked
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "scontrol.txt"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "segpipe", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1"}
+    slurm.update({"SLURM_NNODES": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})
+    slurm["SLURM_NODELIST"] = "localhost"
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+
+    step = fit_module.SegmentationModule.training_step
+    calls = {"n": 0}
+
+    def signal_at_step_6(self, batch, batch_idx):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2, its 2nd batch
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(fit_module.SegmentationModule, "training_step", signal_at_step_6)
+    stopped = fit_module.fit(plan, "3d_fullres", 3, work_dir=work, settings=settings, overwrite=True)
+    assert stopped["preempted"] and "epoch 2, iteration 2" in stopped["preempted"]
+    assert "SLURM job 4242 requeued" in stopped["preempted"]
+    assert record.read_text().split() == ["requeue", "4242"]
+    saved = load_checkpoint(stopped["checkpoint"])
+    assert saved["epoch"] == 1 and saved["data"] == {"train_stream_starts": 1, "in_epoch": 2}
+    assert len(saved["epoch_train_losses"]) == 2 and not saved["finished"]
+    assert signal.getsignal(signal.SIGUSR1) == handler_before  # the run's handler is gone with it
+
+    monkeypatch.setattr(fit_module.SegmentationModule, "training_step", step)
+    resumed = fit_module.fit(plan, "3d_fullres", 3, work_dir=work, settings=settings)
+    # epoch 2 ends after its 2 remaining batches (validated), epoch 3 runs whole
+    assert resumed["finished"] and resumed["resumed_from"] == 1 and resumed["epochs"] == 3
+    b = load_checkpoint(resumed["checkpoint"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    varying = ("epoch_seconds", "val_dice", "val_class_dice")
+    assert _same(
+        {k: v for k, v in a["history"].items() if k not in varying},
+        {k: v for k, v in b["history"].items() if k not in varying},
+    )
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+
+
+@pytest.mark.slow
+def test_checkpoint_every_saves_inside_epochs(tiny_run, monkeypatch) -> None:
+    from segpipe.training import runner as fit_module
+
+    plan, work = tiny_run
+    saved: list[dict] = []
+    original = fit_module.save_checkpoint
+
+    def recording(path, state):
+        saved.append({"name": Path(path).name, "data": dict(state.get("data", {}))})
+        return original(path, state)
+
+    monkeypatch.setattr(fit_module, "save_checkpoint", recording)
+    settings = {**SETTINGS, "epochs": 1, "iterations_per_epoch": 3, "checkpoint_every": "0.001s"}
+    res = fit_module.fit(plan, "3d_fullres", 3, work_dir=work, settings=settings, overwrite=True)
+    assert res["finished"]
+    inside = [x["data"]["in_epoch"] for x in saved if x["name"] == "last.pt" and x["data"].get("in_epoch")]
+    assert inside == [1, 2]  # after batches 1 and 2; batch 3 ends the epoch, saved as its end
+    assert load_checkpoint(res["checkpoint"])["data"] == {"train_stream_starts": 1, "in_epoch": 0}
 
 
 @pytest.mark.slow
@@ -702,20 +835,21 @@ class _Estimate:
 
 
 @pytest.mark.parametrize(
-    ("val_every", "measured", "planned"),
+    ("val_every", "measured", "planned", "last"),
     [
-        # estimate 4 s → final 4 × 1.25 = 5 s; margin min(10, 2 % of 100 s) = 2 s;
-        # available 100 − 39 − 5 − 2 = 54 s → 5 epochs of 10 s; validations at epochs 4 and 6 (the 7th is
-        # the final one) cost 2 × 4 s: 58 s > 54 s → 4 epochs (40 s + the one at epoch 4) → 6 planned
-        (2, None, 6),
-        (100, None, 7),  # no validation before the final one: 5 epochs → 7
-        # measured 6 s (without the softmax) → final 7.5 s: 100 − 39 − 7.5 − 2 = 51.5 s → 5 epochs → 7
-        (100, {"seconds": 6.0, "final": False}, 7),
-        # … and one at epoch 4 (6 s): 5 epochs = 56 s > 51.5 s → 4 → 6
-        (4, {"seconds": 6.0, "final": False}, 6),
+        # estimate 4 s → final 4 × 1.25 = 5 s; margin min(10, 2 % of 100 s) = 2 s; 2 s per iteration;
+        # available 100 − 39 − 5 − 2 = 54 s: epochs 3-6 (40 s) and the validations after 4 and 6 (8 s)
+        # = 48 s; 6 s left: a 7th epoch of 2 iterations (a hair under 6 s: the test's clock ran) → 7
+        (2, None, 7, 2),
+        # no validation before the final one: epochs 3-7 (50 s), then 1 iteration of an 8th
+        (100, None, 8, 1),
+        # measured 6 s (without the softmax) → final 7.5 s: 100 − 39 − 7.5 − 2 = 51.5 s → epochs 3-7, 1.5 s left
+        (100, {"seconds": 6.0, "final": False}, 7, None),
+        # … and one after epoch 4 (6 s): epochs 3-6 = 46 s, 5.5 s left → 2 iterations of a 7th
+        (4, {"seconds": 6.0, "final": False}, 7, 2),
     ],
 )
-def test_budget_keeps_the_final_validation_in_reserve(tmp_path: Path, val_every, measured, planned) -> None:
+def test_budget_keeps_the_final_validation_in_reserve(tmp_path: Path, val_every, measured, planned, last) -> None:
     from segpipe.training.runner import RunCheckpoint
 
     module = SegmentationModule(_tiny_config(), 1, 3, epochs=100, iterations_per_epoch=5)
@@ -727,7 +861,48 @@ def test_budget_keeps_the_final_validation_in_reserve(tmp_path: Path, val_every,
         tmp_path, max_time=100.0, resume=resume, validation=_Estimate(4.0), val_every=val_every, batch_size=2
     )  # type: ignore[arg-type]
     cb._apply_budget(None, module)  # type: ignore[arg-type]
-    assert module.planned_epochs == planned
+    assert (module.planned_epochs, module.final_epoch_iterations) == (planned, last)
+
+
+def test_budget_plans_inside_the_first_epoch(tmp_path: Path) -> None:
+    """Iterations timed inside an epoch plan the run before any epoch ended: a budget shorter than one
+    epoch ends the first epoch early, and the per-iteration schedule spans exactly the planned steps."""
+    from segpipe.training.runner import RunCheckpoint
+
+    module = SegmentationModule(
+        _tiny_config(), 1, 3, epochs=100, iterations_per_epoch=10, optim={"schedule_interval": "step"}
+    )
+    module.configure_optimizers()
+    cb = RunCheckpoint(tmp_path, max_time=30.0, val_batches=4)
+    cb._iteration_times = [1.0, 1.2, 0.9]  # median 1 s; validation patches estimated 4 × 0.5 × 1 s = 2 s
+    cb._apply_budget(None, module, done_in_epoch=4)  # type: ignore[arg-type]
+    # available 30 − (a hair) − 0.6 margin: epoch 1 ends whole (6 + 2 s), epoch 2 (12 s): 20 s; then
+    # 9.4 s: 7 iterations + 2 s → 3 epochs, the last of 7 iterations, 27 steps
+    assert (module.planned_epochs, module.final_epoch_iterations) == (3, 7)
+    assert module.scheduler is not None and module.scheduler.total_steps == 27
+    # the shortened last epoch ends at its 7th iteration, the others run whole
+    assert module.on_train_batch_start(None, 9) is None
+    module.completed_epochs = 2
+    assert module.on_train_batch_start(None, 6) is None and module.on_train_batch_start(None, 7) == -1
+    # a budget smaller than what is done ends the epoch in progress at once
+    cb = RunCheckpoint(tmp_path, max_time=1.0, val_batches=4)
+    cb._iteration_times = [1.0, 1.0, 1.0]
+    module.completed_epochs = 0
+    cb._apply_budget(None, module, done_in_epoch=4)  # type: ignore[arg-type]
+    assert (module.planned_epochs, module.final_epoch_iterations) == (1, 4)
+    assert module.scheduler.total_steps == 4
+
+
+@pytest.mark.slow
+def test_a_budget_shorter_than_an_epoch_ends_inside_it(tiny_run) -> None:
+    plan, work = tiny_run
+    settings = {**SETTINGS, "epochs": 50, "iterations_per_epoch": 100000, "max_time": "6s", "deterministic": False}
+    settings["optim"] = {"name": "sgd", "schedule_interval": "step"}
+    res = fit(plan, "3d_fullres", 2, work_dir=work, settings=settings, overwrite=True)
+    assert res["finished"] and res["epochs"] == res["planned_epochs"] == 1 and not math.isnan(res["val_dice"])
+    state = load_checkpoint(res["checkpoint"])
+    steps = state["scheduler"]["last_epoch"]
+    assert 3 <= steps == state["final_epoch_iterations"] == state["scheduler"]["total_steps"] < 100000
 
 
 @pytest.mark.slow

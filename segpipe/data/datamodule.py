@@ -31,10 +31,14 @@ def worker_init(_: int) -> None:
 class TrainStream(torch.utils.data.IterableDataset):
     """An endless stream of (augmented) training batches.
 
-    Worker ``w`` of an iterator started for the ``e``-th time draws batch ``k`` from
-    ``default_rng([seed, w, e, k])``: deterministic given the seed and the number of workers (the
-    loader interleaves workers in order). With ``augment_on_device`` the batches leave the worker
-    un-augmented (regions included) and :class:`SegDataModule` augments them after the transfer.
+    Batch ``j`` of the ``e``-th iterator started (an epoch) is drawn from ``default_rng([seed, e, j])``
+    (``[seed, e, j, rank]`` in process ``rank > 0`` of a distributed run, so that each process draws
+    its own batches); of ``W`` loader workers, worker ``w`` makes batches ``w, w + W, …``, which the
+    loader hands out in that order. The stream is therefore the same for any number of workers, and
+    an epoch interrupted after ``k`` batches continues exactly: :meth:`resume_at` makes the next
+    iterator start at epoch ``e`` with batch ``k`` and end that epoch after batch ``length − 1``.
+    With ``augment_on_device`` the batches leave the worker un-augmented (regions included) and
+    :class:`SegDataModule` augments them after the transfer.
     """
 
     def __init__(
@@ -45,19 +49,32 @@ class TrainStream(torch.utils.data.IterableDataset):
         *,
         seed: int = 0,
         augment_in_worker: bool = True,
+        rank: int = 0,
     ):
         super().__init__()
         self.sampler, self.batch_size, self.augmenter = sampler, int(batch_size), augmenter
-        self.seed, self.augment_in_worker = int(seed), augment_in_worker
+        self.seed, self.augment_in_worker, self.rank = int(seed), augment_in_worker, int(rank)
         self._starts = 0
+        self._resume: tuple[int, int, int] | None = None  # (epoch, first batch, epoch length)
+
+    def resume_at(self, epoch: int, batch: int = 0, length: int | None = None) -> None:
+        """Make the next iterator epoch ``epoch`` (0-based) from batch ``batch`` on; with ``batch > 0``
+        it ends after batch ``length − 1`` (the epoch's length), the later ones run endlessly."""
+        self._starts = int(epoch)
+        self._resume = (int(epoch), int(batch), int(length)) if batch and length is not None else None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        wid, _ = _worker()
+        wid, workers = _worker()
         start = self._starts
         self._starts += 1
-        for k in count():
-            rng = np.random.default_rng([self.seed, wid, start, k])
-            batch = self.sampler.sample(rng, self.batch_size, self.augmenter)
+        first, end = 0, None
+        if self._resume is not None and self._resume[0] == start:
+            first, end = self._resume[1], self._resume[2]
+        for j in count(first + wid, workers):
+            if end is not None and j >= end:
+                return
+            key = [self.seed, start, j] if self.rank == 0 else [self.seed, start, j, self.rank]
+            batch = self.sampler.sample(np.random.default_rng(key), self.batch_size, self.augmenter)
             if self.augment_in_worker:
                 batch = finish_batch(batch, self.augmenter)
                 batch.pop("flags", None)
@@ -66,18 +83,32 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 class ValidationPatches(torch.utils.data.Dataset):
     """``num_batches`` fixed batches (same every epoch, seeded, no augmentation), with the same
-    foreground oversampling as training — the patches nnU-Net's pseudo-Dice is computed on."""
+    foreground oversampling as training — the patches nnU-Net's pseudo-Dice is computed on.
 
-    def __init__(self, sampler: PatchSampler, batch_size: int, num_batches: int = 50, *, seed: int = 0):
+    In a distributed run process ``rank`` of ``world_size`` takes batches ``rank``,
+    ``rank + world_size``, …: together they score the same batches as one process.
+    """
+
+    def __init__(
+        self,
+        sampler: PatchSampler,
+        batch_size: int,
+        num_batches: int = 50,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.sampler, self.batch_size, self.num_batches, self.seed = sampler, int(batch_size), int(num_batches), seed
+        self.rank, self.world_size = int(rank), max(1, int(world_size))
 
     def __len__(self) -> int:
-        return self.num_batches
+        return max(0, -(-(self.num_batches - self.rank) // self.world_size))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        if not 0 <= i < self.num_batches:
+        if not 0 <= i < len(self):
             raise IndexError(i)
-        rng = np.random.default_rng([self.seed, 7919, i])
+        rng = np.random.default_rng([self.seed, 7919, self.rank + i * self.world_size])
         return finish_batch(self.sampler.sample(rng, self.batch_size, None), None)
 
 
@@ -96,7 +127,9 @@ class SegDataModule(_LightningDataModule):
     (default: the usable cores), ``pin_memory`` on CUDA; one batch per loader step
     (``batch_size=None``). With ``augment_on_device=True`` the workers only cut patches and the
     augmentation runs on the training device after the transfer (``on_after_batch_transfer``).
-    Validation: :class:`ValidationPatches`.
+    Validation: :class:`ValidationPatches`. ``rank`` / ``world_size``: this process's place in a
+    distributed run (each process draws its own training batches and scores its share of the
+    validation patches).
     """
 
     def __init__(
@@ -116,6 +149,8 @@ class SegDataModule(_LightningDataModule):
         augment_on_device: bool = False,
         image_pad: float = 0.0,
         label_pad: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         super().__init__()
         self.cache = cache if isinstance(cache, Cache) else Cache(cache)
@@ -127,6 +162,7 @@ class SegDataModule(_LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.seed, self.num_val_batches = int(seed), int(num_val_batches)
         self.augment_on_device, self.image_pad, self.label_pad = augment_on_device, image_pad, label_pad
+        self.rank, self.world_size = int(rank), max(1, int(world_size))
         self.augmenter = Augmenter(self.patch_size, self.augment_config)
         self._train: TrainStream | None = None
         self._val: ValidationPatches | None = None
@@ -203,10 +239,16 @@ class SegDataModule(_LightningDataModule):
                 self.augmenter,
                 seed=self.seed,
                 augment_in_worker=not self.augment_on_device,
+                rank=self.rank,
             )
         if self._val is None and self.val_cases:
             self._val = ValidationPatches(
-                self._sampler(self.val_cases), self.batch_size, self.num_val_batches, seed=self.seed
+                self._sampler(self.val_cases),
+                self.batch_size,
+                self.num_val_batches,
+                seed=self.seed,
+                rank=self.rank,
+                world_size=self.world_size,
             )
 
     def _loader(self, dataset: Any, workers: int) -> torch.utils.data.DataLoader:

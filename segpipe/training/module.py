@@ -78,7 +78,9 @@ class SegmentationModule(L.LightningModule):
     for :func:`~segpipe.training.optim.optim_settings` (``{"name": "sgd", "lr": 0.01, ...}``).
     ``epochs`` and ``iterations_per_epoch`` size the poly schedule. ``ignore_index``: the
     dataset's ignore label, counted in no loss and no metric. ``class_names``: names of the
-    foreground classes for the logged metrics (default ``"1"``, ``"2"``, …).
+    foreground classes for the logged metrics (default ``"1"``, ``"2"``, …). ``keep_unused``: give the
+    zero-weighted deep-supervision head a zero gradient (distributed training needs one for every
+    parameter).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class SegmentationModule(L.LightningModule):
         iterations_per_epoch: int = 250,
         ignore_index: int | None = None,
         class_names: list[str] | None = None,
+        keep_unused: bool = False,
     ):
         super().__init__()
         from ..losses import DeepSupervision, build_loss
@@ -105,7 +108,9 @@ class SegmentationModule(L.LightningModule):
         self.network = build_network(cfg, self.in_channels, self.num_classes, deep_supervision=True)
         context = {"batch_dice": cfg.batch_dice, "ignore_index": ignore_index}
         self.loss_name, self.loss_params = str(loss), dict(loss_params or {})
-        self.loss = DeepSupervision(build_loss(self.loss_name, context=context, **self.loss_params))
+        self.loss = DeepSupervision(
+            build_loss(self.loss_name, context=context, **self.loss_params), keep_unused=keep_unused
+        )
         optim = dict(optim or {})
         self.optim = optim_settings(str(optim.pop("name", "sgd")), **optim)
         self.epochs, self.iterations_per_epoch = int(epochs), int(iterations_per_epoch)
@@ -114,9 +119,15 @@ class SegmentationModule(L.LightningModule):
         self.scheduler: PolyLR | None = None
         self.completed_epochs = 0  # epochs finished over the whole run (resumes included)
         self.planned_epochs = self.epochs  # fewer when a wall-clock budget shortens the run
+        #: iterations of the last planned epoch when a budget shortens it (None: a whole epoch)
+        self.final_epoch_iterations: int | None = None
         self.history: dict[str, list[Any]] = {k: [] for k in (*HISTORY_KEYS, *CLASS_HISTORY_KEYS)}
         self._counts: torch.Tensor | None = None
         self._train_losses: list[float] = []
+        #: a run resumed inside an epoch: the batches that epoch had done and their losses
+        self.batch_offset = 0
+        self.resumed_losses: list[float] | None = None
+        self.stopped_for_epoch_end = False
         self._val_losses: list[float] = []
         self._epoch_start = 0.0
 
@@ -129,6 +140,21 @@ class SegmentationModule(L.LightningModule):
         """Steps of the poly schedule over ``epochs`` (default the run's): epochs, or iterations."""
         e = self.epochs if epochs is None else int(epochs)
         return e if self.schedule_interval == "epoch" else e * self.iterations_per_epoch
+
+    def set_schedule(self, planned_epochs: int, final_epoch_iterations: int | None = None) -> None:
+        """Plan the run to end after ``planned_epochs`` epochs, the last one shortened to
+        ``final_epoch_iterations`` iterations (None: whole), and re-span the poly schedule over it."""
+        self.planned_epochs = int(planned_epochs)
+        last = None if not final_epoch_iterations else int(final_epoch_iterations)
+        self.final_epoch_iterations = last if last is not None and last < self.iterations_per_epoch else None
+        if self.scheduler is None:
+            return
+        if self.schedule_interval == "epoch":
+            steps = self.planned_epochs
+        else:
+            whole = max(0, self.planned_epochs - 1) * self.iterations_per_epoch
+            steps = whole + (self.final_epoch_iterations or self.iterations_per_epoch)
+        self.scheduler.set_total_steps(max(1, steps))
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.network.parameters(), self.optim)
@@ -146,7 +172,27 @@ class SegmentationModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
-        self._train_losses = []
+        self._train_losses = list(self.resumed_losses or [])
+        self.resumed_losses = None
+
+    @property
+    def epoch_losses(self) -> list[float]:
+        """The training losses of the epoch in progress so far."""
+        return list(self._train_losses)
+
+    def epoch_iteration(self, batch_idx: int) -> int:
+        """The iteration's index in its epoch (0-based), counting what a resumed epoch had done."""
+        return int(batch_idx) + self.batch_offset
+
+    def _in_last_epoch(self) -> bool:
+        return self.final_epoch_iterations is not None and self.completed_epochs >= self.planned_epochs - 1
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        """Skip the rest of a shortened last epoch (see :meth:`set_schedule`) past its iterations."""
+        last = self.final_epoch_iterations
+        if last is not None and self._in_last_epoch() and self.epoch_iteration(batch_idx) >= last:
+            return -1
+        return None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         outputs = self.network(batch["image"])
@@ -159,6 +205,16 @@ class SegmentationModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.scheduler is not None and self.schedule_interval == "step":
             self.scheduler.step()
+        done = self.epoch_iteration(batch_idx) + 1
+        last = self.final_epoch_iterations
+        if last is not None and self._in_last_epoch() and done >= last:
+            if self._trainer is not None:  # the shortened last epoch is done: validate it and stop
+                self._trainer.should_stop = True
+        elif self.batch_offset and done >= self.iterations_per_epoch and self._trainer is not None:
+            # a resumed epoch has its batches: end it here, validated like any other (the epoch's
+            # end lifts the stop again, see RunCheckpoint)
+            self._trainer.should_stop = True
+            self.stopped_for_epoch_end = True
 
     # ------------------------------------------------------------------ validation (pseudo-Dice)
     def on_validation_epoch_start(self) -> None:
@@ -207,13 +263,16 @@ class SegmentationModule(L.LightningModule):
             if self._trainer is not None:
                 self.log("mean_fg_dice", mean)
                 self.log("ema_fg_dice", ema)
-        else:
-            for key in ("pseudo_dice", "mean_fg_dice", "ema_fg_dice"):
-                h[key].append(math.nan if key != "pseudo_dice" else [math.nan] * (self.num_classes - 1))
+                self.log("lr", lr)
+        else:  # no validation patches this epoch (a shortened last epoch): the EMA carries over
+            h["pseudo_dice"].append([math.nan] * (self.num_classes - 1))
+            h["mean_fg_dice"].append(math.nan)
+            h["ema_fg_dice"].append(self.ema_fg_dice)
         self._counts = None
         if self.scheduler is not None and self.schedule_interval == "epoch":
             self.scheduler.step()
         self.completed_epochs += 1
+        self.batch_offset = 0
 
     def record_validation(self, mean_fg_dice: float, class_dice: list[float]) -> None:
         """Record the full-case validation of the epoch just completed (one value per foreground class)."""

@@ -221,17 +221,14 @@ def _parse_text(value: str) -> float:
 class BudgetFit:
     """What still fits in a wall-clock budget (see :func:`fit_budget`)."""
 
-    epochs: int  # whole epochs (training iterations + per-epoch validation) that fit
-    iterations: int  # training iterations that fit: epochs × iterations_per_epoch, plus a shortened last epoch
+    epochs: int  # whole epochs still to end (the one in progress included when it ends whole)
+    iterations: int  # training iterations from now on: the whole epochs' plus a shortened last epoch's
     seconds_per_epoch: float
     seconds_left: float  # budget left now (may be negative when already over)
-    seconds_needed: float  # what the whole epochs and the final validation will take
+    seconds_needed: float  # what the whole epochs, their validations and the final validation will take
     iterations_per_epoch: int
-
-    @property
-    def partial_iterations(self) -> int:
-        """Iterations of a shortened epoch after the whole ones (0 when none fits)."""
-        return self.iterations - self.epochs * self.iterations_per_epoch
+    last_epoch_iterations: int = 0  # length of a shortened last epoch from its start (0: none)
+    partial_iterations: int = 0  # the shortened last epoch's iterations from now on (0: none)
 
 
 def fit_budget(
@@ -244,39 +241,63 @@ def fit_budget(
     final_validation_seconds: float = 0.0,
     margin: float = 0.0,
     max_epochs: int | None = None,
+    done_in_epoch: int = 0,
+    completed_epochs: int = 0,
+    val_every: int = 0,
+    seconds_per_full_validation: float = 0.0,
 ) -> BudgetFit:
-    """How many more epochs fit in ``max_time`` seconds when ``elapsed`` are spent.
+    """How much more training fits in ``max_time`` seconds when ``elapsed`` are spent.
 
     An epoch costs ``iterations_per_epoch × seconds_per_iteration + seconds_per_validation`` (the
-    per-epoch validation, 0 without one). The run must end with its final validation
-    (``final_validation_seconds``) and a safety ``margin`` (seconds) inside the budget, so::
+    per-epoch validation, 0 without one); ``done_in_epoch`` iterations of the epoch in progress are
+    already done (0 at an epoch's end). After every ``val_every``-th epoch (counted from
+    ``completed_epochs``, the epochs already ended) a full-case validation of
+    ``seconds_per_full_validation`` follows. The run must end with its final validation
+    (``final_validation_seconds``) and a safety ``margin`` (seconds) inside the budget, so epochs are
+    added while::
 
-        epochs = floor((max_time − elapsed − final_validation_seconds − margin) / seconds_per_epoch)
+        elapsed + their iterations, validations + final_validation_seconds + margin ≤ max_time
 
-    clipped to ``[0, max_epochs]``. ``iterations`` adds, when the time left after those epochs
-    still holds at least one iteration plus a per-epoch validation, the iterations of a shortened
-    last epoch (for a schedule stepped per iteration). Pure function: no clock is read.
+    up to ``max_epochs`` (counting the one in progress). When the time left after the whole epochs
+    still holds an iteration plus a per-epoch validation, a shortened last epoch takes it
+    (``last_epoch_iterations``, counted from that epoch's start; an epoch in progress that cannot end
+    whole is shortened to what fits, at least the iterations already done). Pure function: no clock
+    is read.
     """
     budget = parse_duration(max_time)
     spi, spv = float(seconds_per_iteration), float(seconds_per_validation)
-    ipe = int(iterations_per_epoch)
-    if not (spi > 0 and math.isfinite(spi)) or spv < 0 or ipe < 1:
+    ipe, pos = int(iterations_per_epoch), int(done_in_epoch)
+    if not (spi > 0 and math.isfinite(spi)) or spv < 0 or ipe < 1 or not 0 <= pos < ipe:
         raise ConfigError(
-            f"budget needs positive seconds per iteration and iterations per epoch (got {spi}, {ipe}) "
-            f"and non-negative validation seconds (got {spv})"
+            f"budget needs positive seconds per iteration and iterations per epoch (got {spi}, {ipe}), "
+            f"non-negative validation seconds (got {spv}) and 0 ≤ done_in_epoch < iterations_per_epoch"
         )
     per_epoch = ipe * spi + spv
     left = budget - float(elapsed)
     available = left - float(final_validation_seconds) - float(margin)
-    epochs = max(0, math.floor(available / per_epoch + 1e-9)) if available > 0 else 0
-    if max_epochs is not None:
-        epochs = min(epochs, max(0, int(max_epochs)))
-    iterations = epochs * ipe
-    capped = max_epochs is not None and epochs >= int(max_epochs)
-    rest = available - epochs * per_epoch - spv
-    if not capped and rest >= spi:
-        iterations += min(ipe - 1, math.floor(rest / spi + 1e-9))
-    needed = epochs * per_epoch + float(final_validation_seconds)
+    cap = math.inf if max_epochs is None else max(0, int(max_epochs))
+    epochs = iterations = last = 0
+    spent = pending = 0.0  # pending: the full validation owed before another epoch starts
+    while epochs < cap:
+        cost = pending + (ipe - pos) * spi + spv
+        if spent + cost <= available + 1e-9:
+            spent += cost
+            iterations += ipe - pos
+            epochs += 1
+            pos = 0
+            ended = int(completed_epochs) + epochs
+            pending = float(seconds_per_full_validation) if val_every and ended % int(val_every) == 0 else 0.0
+            continue
+        room = available - spent - pending - spv
+        more = max(0, math.floor(room / spi + 1e-9)) if room > 0 else 0
+        more = min(more, ipe - pos - 1)
+        if pos + more > 0:
+            iterations += more
+            last = pos + more
+            spent += pending
+        break
+    partial = (last - pos) if last else 0
+    needed = spent + (spv + partial * spi if last else 0.0) + float(final_validation_seconds)
     return BudgetFit(
         epochs=epochs,
         iterations=iterations,
@@ -284,6 +305,8 @@ def fit_budget(
         seconds_left=left,
         seconds_needed=needed,
         iterations_per_epoch=ipe,
+        last_epoch_iterations=last,
+        partial_iterations=partial,
     )
 
 

@@ -9,6 +9,7 @@ The run lives in the workspace's ``runs/<configuration>/fold_<k>/``::
     metrics.csv     one row per epoch: losses, pseudo-Dice per class and its EMA, the full-case
                     validation Dice (epochs with one), learning rate, time
     progress.png    the same history drawn (see plots.py), redrawn as epochs end
+    tensorboard/    TensorBoard event files (losses, pseudo-Dice, learning rate) when tensorboard is installed
     validation/     the full-case validation of the fold's validation cases (see validation.py):
                     summary.json, dice_per_case.csv and, after the final one, ``<case>.npy``
                     (float16 softmax on the cache's grid)
@@ -69,6 +70,10 @@ PROGRESS_INTERVAL = 30.0
 FORWARD_SHARE = 0.5
 #: the final validation writes each case's softmax as well: its time against a measured one without
 FINAL_VALIDATION_FACTOR = 1.25
+#: with a budget, the plan is redone inside an epoch once BUDGET_WARMUP iterations were timed, then
+#: every BUDGET_CHECK_EVERY iterations (the same iterations in every process of a distributed run,
+#: which follow rank 0's plan), from the median of the last BUDGET_WINDOW iterations' times
+BUDGET_WARMUP, BUDGET_CHECK_EVERY, BUDGET_WINDOW = 3, 10, 25
 #: budget kept free after the final validation for the last files and the exit: this share of
 #: max_time, at most BUDGET_MARGIN_MAX seconds
 BUDGET_MARGIN_SHARE, BUDGET_MARGIN_MAX = 0.02, 10.0
@@ -92,6 +97,7 @@ def _default_settings() -> dict[str, Any]:
     out.update(_RUN_ONLY_DEFAULTS)
     out["loss"] = default_option("loss")
     out["optim"] = default_option("optim")
+    out["trainer"] = default_option("trainer")
     return out
 
 
@@ -120,9 +126,68 @@ def train_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
         raise ConfigError(f"batch_size={out['batch_size']!r} must be at least 1 (or null for the plan's)")
     if out["device"] not in ("auto", "cpu", "cuda", "gpu"):
         raise ConfigError(f"device={out['device']!r} is not valid", hint="valid: cpu, cuda, auto")
-    if out["max_time"] is not None:
-        parse_duration(out["max_time"])  # a bad duration is refused before any work
+    for key in ("max_time", "checkpoint_every"):
+        if out[key] is not None:
+            parse_duration(out[key])  # a bad duration is refused before any work
+    for key in ("progress", "tensorboard"):
+        out[key] = _tristate(key, out[key])
+    out["trainer"] = _trainer_settings(out["trainer"])
+    if out["tensorboard"] is True and not _tensorboard_installed():
+        raise ConfigError(
+            "tensorboard=true needs the tensorboard package", hint="pip install tensorboard, or tensorboard=auto"
+        )
     return out
+
+
+def _trainer_settings(value: Any) -> dict[str, Any]:
+    """``{"name": "single"|"ddp", "devices": N, "num_nodes": M}`` from a name or a composed option."""
+    t = _named(value, {})
+    t.setdefault("devices", 1 if t["name"] == "single" else 2)
+    t.setdefault("num_nodes", 1)
+    if t["name"] not in ("single", "ddp"):
+        raise ConfigError(f"trainer={t['name']!r} is not a trainer", hint="trainer=single, or trainer=ddp devices=N")
+    for key in ("devices", "num_nodes"):
+        try:
+            t[key] = int(t[key])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={t[key]!r} is not a whole number") from None
+        if t[key] < 1:
+            raise ConfigError(f"{key}={t[key]} must be at least 1")
+    if t["name"] == "single" and (t["devices"], t["num_nodes"]) != (1, 1):
+        raise ConfigError(
+            f"devices={t['devices']} num_nodes={t['num_nodes']}: trainer=single trains in one process",
+            hint="trainer=ddp devices=N num_nodes=M trains in several",
+        )
+    return t
+
+
+def _tristate(key: str, value: Any) -> bool | str:
+    """``auto``, or a boolean from true/false/yes/no/1/0 (as typed on the command line)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(f"{key}={value!r} is not valid", hint=f"{key}=auto, true or false")
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def _progress_bar(setting: bool | str) -> bool:
+    """The per-iteration bar: on a terminal for ``auto`` (and only at the segpipe logger's INFO level)."""
+    if setting == "auto":
+        from ..progress import progress_mode
+
+        return progress_mode() == "bar"
+    return bool(setting)
 
 
 def _accelerator(device: str) -> str:
@@ -264,9 +329,18 @@ class FoldValidation:
         return self.windows() * FORWARD_SHARE * float(seconds_per_iteration) / max(1, int(batch_size))
 
 
+class TrainingPreempted(Exception):
+    """SIGUSR1 stopped the run inside an epoch after saving it (``last.pt``); the same command resumes it."""
+
+
 class RunCheckpoint(Checkpoint):
     """Saves the full training state (``last.pt``) atomically at every epoch's end, after the
     module recorded the epoch and stepped its schedule, and puts a saved state back at the start.
+
+    Inside an epoch it saves too (the batches done, their losses), every ``checkpoint_every``
+    seconds and on SIGUSR1, which then stops the run (:class:`TrainingPreempted`) and, under SLURM,
+    requeues the job (``scontrol requeue``): what a scheduler sends before it ends a job. A run
+    resumed from such a state continues the epoch with the very batches it would have drawn.
 
     Also, at each epoch's end: with a wall-clock budget, the schedule re-spanned over the epochs that
     fit (the run stops when no further epoch fits, keeping the final validation's time in reserve);
@@ -287,8 +361,10 @@ class RunCheckpoint(Checkpoint):
         validation: FoldValidation | None = None,
         val_every: int = 50,
         batch_size: int = 1,
+        val_batches: int = 0,
         title: str | None = None,
         started: float | None = None,
+        checkpoint_every: float | None = None,
     ):
         self.run_dir, self.resume, self.datamodule = Path(run_dir), resume, datamodule
         self.max_time, self.say, self.extra = max_time, log, dict(extra or {})
@@ -307,6 +383,16 @@ class RunCheckpoint(Checkpoint):
         self._epoch_walls: list[float] = []
         self._hook_start: float | None = None
         self._validation_spent = 0.0
+        self.val_batches = max(0, int(val_batches))
+        # per-iteration wall times (batch end to batch end, inside an epoch) and their epoch's count
+        self._iteration_times: list[float] = []
+        self._batch_mark: float | None = None
+        self._epoch_iterations = 0
+        self._epoch_records: list[tuple[float, int]] = []  # (epoch wall, its iterations)
+        self.checkpoint_every = checkpoint_every
+        self._saved_at = time.perf_counter()
+        self._preempt = False
+        self._previous_handler: Any = None
 
     @property
     def elapsed(self) -> float:
@@ -318,8 +404,95 @@ class RunCheckpoint(Checkpoint):
             return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         pl_module.load_training_state(self.resume, optimizer)
-        pl_module.planned_epochs = int(self.resume.get("planned_epochs", pl_module.epochs))
+        pl_module.set_schedule(
+            int(self.resume.get("planned_epochs", pl_module.epochs)), self.resume.get("final_epoch_iterations")
+        )
+        in_epoch = int(self.resume.get("data", {}).get("in_epoch", 0))
+        if in_epoch:  # resumed inside an epoch: its batches done and their losses
+            pl_module.batch_offset = in_epoch
+            pl_module.resumed_losses = [float(v) for v in self.resume.get("epoch_train_losses", [])]
+            self._epoch_iterations = in_epoch
         restore_rng(self.resume["rng"])
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import signal
+        import threading
+
+        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGUSR1, self._on_sigusr1)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import signal
+
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGUSR1, self._previous_handler)
+            self._previous_handler = None
+
+    def _on_sigusr1(self, signum: int, frame: Any) -> None:
+        self._preempt = True  # acted on at the next iteration's end
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, SegmentationModule)
+        self._batch_mark = time.perf_counter()
+        self._epoch_iterations = pl_module.batch_offset
+        if self._hook_start is None:
+            self._hook_start = self._batch_mark
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        assert isinstance(pl_module, SegmentationModule)
+        now = time.perf_counter()
+        if self._batch_mark is not None and self._epoch_iterations > 0:  # the first fetch of an epoch waits on workers
+            self._iteration_times = [*self._iteration_times[-(BUDGET_WINDOW - 1) :], now - self._batch_mark]
+        self._batch_mark = now
+        self._epoch_iterations += 1
+        n = self._epoch_iterations
+        self._save_inside_epoch(trainer, pl_module, n, now)
+        if self.max_time is None or len(self._iteration_times) < BUDGET_WARMUP or n >= pl_module.iterations_per_epoch:
+            return  # an epoch's end plans at its own hook
+        if (n - BUDGET_WARMUP - 1) % BUDGET_CHECK_EVERY == 0:
+            self._apply_budget(trainer, pl_module, done_in_epoch=n)
+
+    def _save_inside_epoch(self, trainer: L.Trainer, module: SegmentationModule, n: int, now: float) -> None:
+        """Save the state ``n`` batches into the epoch when ``checkpoint_every`` has passed or SIGUSR1
+        came (then stop, and requeue a SLURM job)."""
+        preempt = self._preempt
+        if trainer.world_size > 1:  # every process stops at the same batch
+            flag = torch.tensor([1.0 if preempt else 0.0])
+            preempt = bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)
+        due = self.checkpoint_every is not None and now - self._saved_at >= self.checkpoint_every
+        if not (preempt or due) or n >= module.iterations_per_epoch:
+            return  # the epoch's end saves anyway
+        if trainer.is_global_zero:
+            save_checkpoint(self.run_dir / LAST, self._state(module, finished=False, in_epoch=n))
+        self._saved_at = time.perf_counter()
+        if preempt:
+            where = f"epoch {module.completed_epochs + 1}, iteration {n}"
+            requeued = _slurm_requeue() if trainer.is_global_zero else None
+            raise TrainingPreempted(
+                f"stopped by SIGUSR1 in {where}; saved to {self.run_dir / LAST}"
+                + (f"; SLURM job {requeued} requeued" if requeued else "; the same command resumes the run")
+            )
+
+    def _state(self, module: SegmentationModule, *, finished: bool, in_epoch: int = 0) -> dict[str, Any]:
+        """The whole training state (plain types and tensors) after ``in_epoch`` batches of the epoch
+        in progress (0: at an epoch's end)."""
+        state = {
+            **module.training_state(),
+            "planned_epochs": module.planned_epochs,
+            "final_epoch_iterations": module.final_epoch_iterations,
+            "finished": finished,
+            "elapsed_seconds": self.elapsed,
+            "best_ema": self.best,
+            "validation": self.last_validation,
+            "data": {"train_stream_starts": module.completed_epochs, "in_epoch": int(in_epoch)},
+            "rng": capture_rng(),
+            **self.extra,
+        }
+        if in_epoch:
+            state["epoch_train_losses"] = [float(v) for v in module.epoch_losses]
+        return state
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert isinstance(pl_module, SegmentationModule)
@@ -327,7 +500,9 @@ class RunCheckpoint(Checkpoint):
             return
         now = time.perf_counter()
         if self._hook_start is not None:
-            self._epoch_walls.append(now - self._hook_start - self._validation_spent)
+            wall = now - self._hook_start - self._validation_spent
+            self._epoch_walls.append(wall)
+            self._epoch_records.append((wall, self._epoch_iterations))
         self._hook_start, self._validation_spent = now, 0.0
         self._apply_budget(trainer, pl_module)
         done = pl_module.completed_epochs
@@ -341,18 +516,9 @@ class RunCheckpoint(Checkpoint):
         if improved:
             self.best = ema
         if trainer.is_global_zero:
-            state = {
-                **pl_module.training_state(),
-                "planned_epochs": pl_module.planned_epochs,
-                "finished": finished,
-                "elapsed_seconds": self.elapsed,
-                "best_ema": self.best,
-                "validation": self.last_validation,
-                "data": {"train_stream_starts": done},
-                "rng": capture_rng(),
-                **self.extra,
-            }
+            state = self._state(pl_module, finished=finished)
             save_checkpoint(self.run_dir / LAST, state)
+            self._saved_at = time.perf_counter()
             if improved:
                 save_checkpoint(
                     self.run_dir / BEST, {"model": state["model"], "epoch": done, "ema_fg_dice": ema, **self.extra}
@@ -363,6 +529,9 @@ class RunCheckpoint(Checkpoint):
             self._draw(pl_module, force=finished)
         if finished:
             trainer.should_stop = True
+        elif pl_module.stopped_for_epoch_end:  # a resumed epoch ended: training goes on
+            trainer.should_stop = False
+        pl_module.stopped_for_epoch_end = False
 
     # ------------------------------------------------------------------ full-case validation
     def _validate(self, trainer: L.Trainer, module: SegmentationModule, *, final: bool) -> None:
@@ -401,43 +570,58 @@ class RunCheckpoint(Checkpoint):
             return seconds if self.last_validation.get("final") else seconds * FINAL_VALIDATION_FACTOR
         return self.validation.estimate_seconds(seconds_per_iteration, self.batch_size) * FINAL_VALIDATION_FACTOR
 
-    def _apply_budget(self, trainer: L.Trainer, module: SegmentationModule) -> None:
-        if self.max_time is None or not module.history["epoch_seconds"]:
-            return
-        # an epoch's wall time from one end to the next once seen, else the module's own measure
+    def _seconds_per_iteration(self, module: SegmentationModule) -> float | None:
+        """A training iteration's wall time: the median of the last ones timed, else from epoch walls."""
+        if self._iteration_times:
+            times = sorted(self._iteration_times)
+            return max(times[len(times) // 2], 1e-6)
         recent = (self._epoch_walls or module.history["epoch_seconds"])[-3:]
-        per_epoch = max(sum(recent) / len(recent), 1e-6)
-        spi = per_epoch / module.iterations_per_epoch
+        if not recent:
+            return None
+        return max(sum(recent) / len(recent), 1e-6) / module.iterations_per_epoch
+
+    def _seconds_per_epoch_end(self, spi: float) -> float:
+        """What an epoch costs beyond its iterations (validation patches, checkpoint, picture):
+        measured from the last whole epoch seen, else estimated from the validation batches."""
+        for wall, iterations in reversed(self._epoch_records):
+            if iterations > 0:
+                return max(0.0, wall - iterations * spi)
+        return self.val_batches * FORWARD_SHARE * spi
+
+    def _apply_budget(self, trainer: L.Trainer, module: SegmentationModule, *, done_in_epoch: int = 0) -> None:
+        """Plan the rest of the run inside ``max_time``: how many more epochs, whether the last is
+        shortened, and the schedule spanning them; at an epoch's end or ``done_in_epoch`` iterations
+        into one."""
+        if self.max_time is None:
+            return
+        shortened = module.final_epoch_iterations is not None
+        if done_in_epoch == 0 and shortened and module.completed_epochs >= module.planned_epochs:
+            return  # the shortened last epoch has ended: the run is over
+        spi = self._seconds_per_iteration(module)
+        if spi is None:
+            return
         final_s = self.final_validation_seconds(module, spi)
-        margin = min(BUDGET_MARGIN_MAX, BUDGET_MARGIN_SHARE * self.max_time)
-        elapsed = self.elapsed
         done = module.completed_epochs
         fit = fit_budget(
             self.max_time,
-            elapsed,
+            self.elapsed,
             seconds_per_iteration=spi,
             iterations_per_epoch=module.iterations_per_epoch,
+            seconds_per_validation=self._seconds_per_epoch_end(spi),
             final_validation_seconds=final_s,
-            margin=margin,
+            margin=min(BUDGET_MARGIN_MAX, BUDGET_MARGIN_SHARE * self.max_time),
             max_epochs=module.epochs - done,
+            done_in_epoch=done_in_epoch,
+            completed_epochs=done,
+            val_every=self.val_every if self.validation is not None else 0,
+            seconds_per_full_validation=final_s / FINAL_VALIDATION_FACTOR,
         )
-        more = fit.epochs
-        if self.validation is not None and more > 0:
-            # the validations every val_every epochs before the last one (which is the final one)
-            val_s = final_s / FINAL_VALIDATION_FACTOR
-            available = self.max_time - elapsed - final_s - margin
-
-            def cost(n: int) -> float:
-                between = (done + n - 1) // self.val_every - done // self.val_every
-                return n * fit.seconds_per_epoch + between * val_s
-
-            while more > 0 and cost(more) > available:
-                more -= 1
-        planned = min(module.epochs, done + more)
-        if planned != module.planned_epochs and planned >= done:
-            module.planned_epochs = planned
-            if module.scheduler is not None:
-                module.scheduler.set_total_steps(max(1, module.schedule_steps(planned)))
+        planned = done + fit.epochs + (1 if fit.last_epoch_iterations else 0)
+        last = fit.last_epoch_iterations or None
+        if trainer is not None and trainer.world_size > 1:  # every process follows rank 0's clock
+            planned, last = trainer.strategy.broadcast((planned, last), src=0)
+        if (planned, last) != (module.planned_epochs, module.final_epoch_iterations):
+            module.set_schedule(planned, last)
 
     # ------------------------------------------------------------------ progress.png
     def _draw(self, module: SegmentationModule, *, force: bool) -> None:
@@ -513,6 +697,7 @@ def fit(
     settings: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Train ``configuration`` of ``plan`` (a :class:`~segpipe.planning.Plan` or its ``plans.json``)
     on ``fold`` into the workspace's run folder; resume it when it holds ``last.pt``.
@@ -521,24 +706,84 @@ def fit(
     ``val_batches``, ``loss``, ``optim``, ``lr``, ``device``, ``precision``, ``max_time``, ``seed``,
     ``deterministic``, ``num_workers``, …). ``log``: called with one line per epoch, one per full-case
     validation and for resume/finish notes. ``overwrite``: start again (the run folder's checkpoints,
-    metrics, picture and validation are removed first).
+    metrics, picture and validation are removed first). ``started``: the ``time.perf_counter()`` value
+    ``max_time`` counts from (default: this call).
     Returns ``{"run_dir", "checkpoint", "epochs", "planned_epochs", "finished", "already_finished",
     "resumed_from", "ema_fg_dice", "pseudo_dice", "val_dice", "val_class_dice", "validation",
     "validation_dir", "seconds"}``: ``val_dice`` is the last full-case validation's mean foreground
     Dice (NaN before any), ``val_class_dice`` its ``{class name: Dice}``, ``validation`` its one-line
     summary (None before any) and ``validation_dir`` where its files are (None without validation cases).
     """
-    from ..data.datamodule import SegDataModule
-    from ..preprocessing.cache import Cache
     from ..workspace import Workspace
 
     the_plan = _load_plan(plan)
-    cfg = the_plan.config(configuration)
+    the_plan.config(configuration)  # an unknown configuration is refused before any work
     s = train_settings(settings)
     ds = Workspace.at(work_dir).dataset(dataset or the_plan.dataset)
     run_dir = ds.run_dir(configuration, fold)
+    t0 = time.perf_counter() if started is None else float(started)
+    accelerator = _accelerator(str(s["device"]))
+    precision = _precision(s["precision"], accelerator)
+    placeholder = RunCheckpoint(run_dir, started=t0)  # replaced below, once the run is known
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    # the trainer first: with trainer=ddp it knows this process's rank, and only rank 0 writes files
+    with _quiet_lightning():
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            strategy="ddp" if s["trainer"]["name"] == "ddp" else "auto",
+            devices=s["trainer"]["devices"],
+            num_nodes=s["trainer"]["num_nodes"],
+            precision=precision,  # type: ignore[arg-type]
+            max_epochs=1,  # set below from the plan of the run
+            limit_train_batches=int(s["iterations_per_epoch"]),
+            num_sanity_val_steps=0,
+            logger=_loggers(run_dir, s["tensorboard"]),
+            callbacks=[placeholder],
+            enable_checkpointing=True,
+            enable_progress_bar=_progress_bar(s["progress"]),
+            enable_model_summary=False,
+            deterministic=bool(s["deterministic"]),
+            benchmark=False,
+            gradient_clip_val=float(s["grad_clip"]) if s["grad_clip"] else None,
+            gradient_clip_algorithm="norm",
+            default_root_dir=str(run_dir),
+            use_distributed_sampler=False,
+            plugins=_slurm_plugins(),
+        )
+    try:
+        return _fit(
+            trainer, placeholder, the_plan, configuration, fold, run_dir, ds, s, t0, overwrite, log, work_dir, dataset
+        )
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic)
+
+
+def _fit(
+    trainer: L.Trainer,
+    placeholder: RunCheckpoint,
+    the_plan: Any,
+    configuration: str,
+    fold: int | str,
+    run_dir: Path,
+    ds: Any,
+    s: dict[str, Any],
+    t0: float,
+    overwrite: bool,
+    log: Callable[[str], None] | None,
+    work_dir: str | os.PathLike[str] | None,
+    dataset: str | None,
+) -> dict[str, Any]:
+    from ..data.datamodule import SegDataModule
+    from ..preprocessing.cache import Cache
+
+    cfg = the_plan.config(configuration)
+    accelerator = _accelerator(str(s["device"]))
+    precision = _precision(s["precision"], accelerator)
+    rank, world = int(trainer.global_rank), int(trainer.world_size)
+    writer = rank == 0
+    if not writer:
+        log = None  # one voice: rank 0 reports
     say = log or (lambda _line: None)
-    t0 = time.perf_counter()
 
     resume: dict[str, Any] | None = None
     last = run_dir / LAST
@@ -546,25 +791,25 @@ def fit(
     class_names = [name for _, name in labels[1:]]
     title = f"{ds.name} {configuration} fold {fold}"
     if overwrite:
-        for name in (LAST, BEST, FINAL, METRICS_FILE, SETTINGS_FILE, PROGRESS_FILE):
-            (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / VALIDATION_DIR, ignore_errors=True)
+        if writer:  # the other ranks start afresh too, whatever they find
+            for name in (LAST, BEST, FINAL, METRICS_FILE, SETTINGS_FILE, PROGRESS_FILE):
+                (run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / VALIDATION_DIR, ignore_errors=True)
     elif last.is_file():
         resume = load_checkpoint(last)
         _check_same_settings(run_dir, s)
         if resume.get("finished"):
-            _repair_reports(run_dir, resume, class_names, title)
+            if writer:
+                _repair_reports(run_dir, resume, class_names, title)
             say(f"{run_dir}: this run has finished ({resume['epoch']} epochs); overwrite=true trains it again")
             return _result(run_dir, resume, already_finished=True, resumed_from=None, seconds=time.perf_counter() - t0)
         say(f"{run_dir}: resuming after epoch {resume['epoch']}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(
-        run_dir / SETTINGS_FILE,
-        {"configuration": configuration, "fold": str(fold), "settings": s, "versions": _versions()},
-    )
-
-    accelerator = _accelerator(str(s["device"]))
-    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(
+            run_dir / SETTINGS_FILE,
+            {"configuration": configuration, "fold": str(fold), "settings": s, "versions": _versions()},
+        )
     L.seed_everything(int(s["seed"]), workers=True, verbose=False)
     optim = _named(s["optim"], s["optim_params"])
     if s["lr"] is not None:
@@ -580,6 +825,7 @@ def fit(
         epochs=s["epochs"],
         iterations_per_epoch=s["iterations_per_epoch"],
         class_names=class_names,
+        keep_unused=world > 1,  # DDP needs a gradient for every head, the zero-weighted one too
     )
     module.planned_epochs = int(s["epochs"])
     cache = Cache.for_configuration(work_dir, the_plan, configuration, dataset=dataset)
@@ -594,13 +840,17 @@ def fit(
         seed=int(s["seed"]),
         num_val_batches=int(s["val_batches"]),
         augment_on_device=accelerator == "gpu",
+        rank=rank,
+        world_size=world,
     )
     dm.setup("fit")
     done = int(resume["epoch"]) if resume else 0
-    if dm._train is not None:  # the case stream continues where the saved run left it
-        dm._train._starts = int(resume["data"]["train_stream_starts"]) if resume else 0
+    if dm._train is not None:  # the case stream continues where the saved run left it, inside an epoch too
+        saved = resume["data"] if resume else {}
+        dm._train.resume_at(
+            int(saved.get("train_stream_starts", 0)), int(saved.get("in_epoch", 0)), int(s["iterations_per_epoch"])
+        )
     extra = {"configuration": configuration, "fold": str(fold), "plan_config": cfg.to_dict()}
-    precision = _precision(s["precision"], accelerator)
     validation = None
     every_case = str(fold).strip().lower() == "all"  # its "validation" cases are the training cases
     if dm.val_cases and not every_case:
@@ -624,42 +874,70 @@ def fit(
         validation=validation,
         val_every=int(s["val_every"]),
         batch_size=dm.batch_size,
+        val_batches=int(s["val_batches"]) if dm.val_cases else 0,
         title=title,
         started=t0,
+        checkpoint_every=parse_duration(s["checkpoint_every"]) if s["checkpoint_every"] is not None else None,
     )
     planned = int(resume.get("planned_epochs", s["epochs"])) if resume else int(s["epochs"])
-    with _quiet_lightning():
-        trainer = L.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            precision=precision,  # type: ignore[arg-type]
-            max_epochs=max(1, planned - done),
-            limit_train_batches=int(s["iterations_per_epoch"]),
-            limit_val_batches=int(s["val_batches"]) if dm.val_cases else 0,
-            num_sanity_val_steps=0,
-            logger=False,
-            callbacks=[callback],
-            enable_checkpointing=True,
-            enable_progress_bar=bool(s["progress"]),
-            enable_model_summary=False,
-            deterministic=bool(s["deterministic"]),
-            benchmark=False,
-            gradient_clip_val=float(s["grad_clip"]) if s["grad_clip"] else None,
-            gradient_clip_algorithm="norm",
-            default_root_dir=str(run_dir),
-            use_distributed_sampler=False,
-        )
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    callbacks[callbacks.index(placeholder)] = callback
+    trainer.fit_loop.max_epochs = max(1, planned - done)
+    trainer.limit_val_batches = int(s["val_batches"]) if dm.val_cases else 0
     try:
         with _quiet_lightning():
             trainer.fit(module, datamodule=dm)
-    finally:
-        torch.use_deterministic_algorithms(previous_deterministic)
+    except TrainingPreempted as stop:
+        say(str(stop))
+        if not writer:
+            return {"run_dir": str(run_dir), "rank": rank, "world_size": world, "preempted": str(stop)}
+        state = load_checkpoint(last)
+        out = _result(run_dir, state, already_finished=False, resumed_from=done if resume else None, seconds=0.0)
+        return {**out, "preempted": str(stop), "seconds": time.perf_counter() - t0}
+    if not writer:  # rank 0 holds the run's record
+        return {"run_dir": str(run_dir), "rank": rank, "world_size": world}
     state = load_checkpoint(last)
     if state.get("finished"):
         say(f"{run_dir}: finished after {state['epoch']} epochs (EMA pseudo-Dice {float(state['best_ema']):.4f} best)")
     return _result(
         run_dir, state, already_finished=False, resumed_from=done if resume else None, seconds=time.perf_counter() - t0
     )
+
+
+def _slurm_requeue() -> str | None:
+    """Requeue this SLURM job (``scontrol requeue JOBID``); its id, or None outside SLURM or on failure."""
+    import subprocess
+
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+    if not job or not job.replace("_", "").isdigit():  # only a job id ever reaches the command line
+        return None
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        logging.getLogger("segpipe").warning("could not requeue SLURM job %s: %s", job, exc)
+        return None
+    if done.returncode != 0:
+        logging.getLogger("segpipe").warning("scontrol requeue %s failed: %s", job, done.stderr.strip())
+        return None
+    return job
+
+
+def _slurm_plugins() -> list[Any]:
+    """Under SLURM, Lightning's cluster environment without its own SIGUSR1 requeue (segpipe's saves
+    segpipe's state, see :class:`RunCheckpoint`)."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def _loggers(run_dir: Path, setting: bool | str) -> Any:
+    """TensorBoard event files in ``run_dir/tensorboard/`` when asked (``auto``: when installed), else none."""
+    if setting is False or (setting == "auto" and not _tensorboard_installed()):
+        return False
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
 
 
 def _repair_reports(run_dir: Path, state: Mapping[str, Any], class_names: list[str], title: str) -> None:
@@ -700,7 +978,8 @@ def _result(
     run_dir: Path, state: Mapping[str, Any], *, already_finished: bool, resumed_from: int | None, seconds: float
 ) -> dict[str, Any]:
     history = state.get("history", {})
-    dice = history.get("pseudo_dice") or [[]]
+    # the last epoch with validation patches (a shortened last epoch has none)
+    dice = [d for d in history.get("pseudo_dice") or [] if any(not math.isnan(float(v)) for v in d)] or [[]]
     ema = history.get("ema_fg_dice") or [math.nan]
     validation = state.get("validation") or {}
     return {
@@ -718,6 +997,7 @@ def _result(
         "validation": validation.get("line"),
         "validation_dir": str(run_dir / VALIDATION_DIR) if (run_dir / VALIDATION_DIR).is_dir() else None,
         "seconds": seconds,
+        "preempted": None,
     }
 
 

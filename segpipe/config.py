@@ -70,6 +70,8 @@ class TrainSchema:
     precision: str = MISSING
     max_time: Optional[str] = MISSING  # noqa: UP045
     checkpoint_every: Optional[str] = MISSING  # noqa: UP045
+    case_sampling: str = MISSING
+    hardness_beta: float = MISSING
     seed: int = MISSING
     deterministic: bool = MISSING
 

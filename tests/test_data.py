@@ -313,3 +313,11 @@ def test_validation_patches_are_shared_out_between_processes(cache: Path) -> Non
     assert _same_batches(shared, [one[j] for j in range(5)])
     with pytest.raises(IndexError):
         parts[1][2]
+
+
+def test_case_probabilities_steer_the_draw(cache: Path) -> None:
+    sampler = PatchSampler(cache, [f"case_{i}" for i in range(4)], (10, 12, 10))
+    rng = np.random.default_rng(0)
+    assert len(set(sampler.draw(rng, 64)[0].tolist())) == 4  # uniform: every case comes up
+    sampler.case_probabilities = np.array([0.0, 0.0, 1.0, 0.0])
+    assert set(sampler.draw(rng, 64)[0].tolist()) == {2}

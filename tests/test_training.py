@@ -665,6 +665,69 @@ def test_checkpoint_every_saves_inside_epochs(tiny_run, monkeypatch) -> None:
 
 
 @pytest.mark.slow
+def test_ddp_with_two_cpu_processes(tiny_run, tmp_path: Path) -> None:
+    """trainer=ddp devices=2 on the CPU (gloo): the processes train on different batches, end with the
+    same weights, and only rank 0 writes the run's files."""
+    import subprocess
+    import sys
+
+    plan, work = tiny_run
+    out = tmp_path / "ddp"
+    out.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    env["OMP_NUM_THREADS"] = "1"
+    probe = [sys.executable, str(Path(__file__).with_name("ddp_probe.py")), str(work), str(out)]
+    done = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (r0["rank"], r1["rank"]) == (0, 1)
+    # 2 epochs × 3 iterations each, every batch its own
+    assert len(r0["batches"]) == len(r1["batches"]) == 6 and not set(r0["batches"]) & set(r1["batches"])
+    assert r0["weights"] == r1["weights"]  # gradients averaged: the same model in both processes
+    assert r1["written"] == [] and {"settings.json", "last.pt", "final.pt", "metrics.csv"} <= set(r0["written"])
+    assert r0["result"]["finished"] and r0["result"]["epochs"] == 2 and r1["result"]["rank"] == 1
+    state = load_checkpoint(Path(r0["result"]["checkpoint"]))
+    # the validation patches, shared out between the processes, were all scored
+    assert all(not math.isnan(v) for v in state["history"]["mean_fg_dice"])
+
+
+@pytest.mark.slow
+def test_hardness_weighted_case_sampling_draws_the_hard_cases(tiny_run, monkeypatch) -> None:
+    """case_sampling=hardness: the losses seen per case steer the next epoch's draws (fresh loader
+    workers get the probabilities), and the loss history is part of the saved state."""
+    from segpipe.training import runner as fit_module
+
+    plan, work = tiny_run
+    drawn: list[list[str]] = []
+    step = fit_module.SegmentationModule.training_step
+
+    def recording(self, batch, batch_idx):
+        drawn.append(list(batch["case"]))
+        if self.completed_epochs == 0:  # make one case "hard" after epoch 1
+            out = step(self, batch, batch_idx)
+            sampler = self.case_sampler
+            sampler.losses[:] = 0.0
+            sampler.losses[0] = 1.0
+            return out
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(fit_module.SegmentationModule, "training_step", recording)
+    settings = {**SETTINGS, "epochs": 2, "iterations_per_epoch": 3, "num_workers": 2, "deterministic": False}
+    settings.update({"case_sampling": "hardness", "hardness_beta": 50.0})
+    res = fit_module.fit(plan, "3d_fullres", 1, work_dir=work, settings=settings, overwrite=True)
+    assert res["finished"]
+    state = load_checkpoint(res["checkpoint"])
+    sampler = state["case_sampler"]
+    hard = sorted(json.loads((work / "demo" / "splits_final.json").read_text())[1]["train"])[0]
+    # β = 50 on a loss gap of 1: the hard case is drawn with probability ≈ 1 in epoch 2
+    assert drawn[3:] == [[hard] * 2] * 3
+    assert sampler["num_cases"] > 1 and sum(sampler["updates"]) > 0
+    with pytest.raises(ConfigError, match="case_sampling"):
+        train_settings({"case_sampling": "hardest"})
+
+
+@pytest.mark.slow
 def test_fold_all_has_no_validation(tiny_run) -> None:
     plan, work = tiny_run
     lines: list[str] = []

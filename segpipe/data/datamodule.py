@@ -129,7 +129,8 @@ class SegDataModule(_LightningDataModule):
     augmentation runs on the training device after the transfer (``on_after_batch_transfer``).
     Validation: :class:`ValidationPatches`. ``rank`` / ``world_size``: this process's place in a
     distributed run (each process draws its own training batches and scores its share of the
-    validation patches).
+    validation patches). ``fresh_workers``: start the loader workers anew each epoch, so that
+    what the main process changed in the stream (hardness-weighted case probabilities) reaches them.
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class SegDataModule(_LightningDataModule):
         label_pad: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        fresh_workers: bool = False,
     ):
         super().__init__()
         self.cache = cache if isinstance(cache, Cache) else Cache(cache)
@@ -163,6 +165,7 @@ class SegDataModule(_LightningDataModule):
         self.seed, self.num_val_batches = int(seed), int(num_val_batches)
         self.augment_on_device, self.image_pad, self.label_pad = augment_on_device, image_pad, label_pad
         self.rank, self.world_size = int(rank), max(1, int(world_size))
+        self.fresh_workers = bool(fresh_workers)
         self.augmenter = Augmenter(self.patch_size, self.augment_config)
         self._train: TrainStream | None = None
         self._val: ValidationPatches | None = None
@@ -256,7 +259,7 @@ class SegDataModule(_LightningDataModule):
             dataset,
             batch_size=None,
             num_workers=workers,
-            persistent_workers=workers > 0,
+            persistent_workers=workers > 0 and not self.fresh_workers,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=worker_init if workers > 0 else None,
             prefetch_factor=2 if workers > 0 else None,

@@ -92,6 +92,8 @@ class PatchSampler:
         fits = max_classes <= 256 and 0 <= self.label_pad <= 255
         self.label_dtype = np.uint8 if fits else np.int16
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        #: the probability of drawing each case (None: uniform), e.g. hardness-weighted sampling's
+        self.case_probabilities: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -117,8 +119,12 @@ class PatchSampler:
         return np.arange(batch_size) >= n_free
 
     def draw(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(case indices [B], patch centres [B, 3]) for one batch."""
-        cases = rng.integers(len(self.case_ids), size=batch_size)
+        """(case indices [B], patch centres [B, 3]) for one batch: cases drawn uniformly, or with
+        :attr:`case_probabilities` when set."""
+        if self.case_probabilities is None:
+            cases = rng.integers(len(self.case_ids), size=batch_size)
+        else:
+            cases = rng.choice(len(self.case_ids), size=batch_size, replace=True, p=self.case_probabilities)
         centres = np.zeros((batch_size, 3), dtype=np.int64)
         p = np.asarray(self.patch3)
         for b, (i, force) in enumerate(zip(cases, self.forced(batch_size))):

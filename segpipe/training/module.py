@@ -32,6 +32,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from ..losses import HardnessWeightedSampler
 from ..planning import PlanConfig
 from .optim import PolyLR, build_optimizer, build_scheduler, optim_settings
 
@@ -80,7 +81,8 @@ class SegmentationModule(L.LightningModule):
     dataset's ignore label, counted in no loss and no metric. ``class_names``: names of the
     foreground classes for the logged metrics (default ``"1"``, ``"2"``, …). ``keep_unused``: give the
     zero-weighted deep-supervision head a zero gradient (distributed training needs one for every
-    parameter).
+    parameter). ``hardness_beta`` (with the fold's training ``case_ids``): keep each case's latest
+    per-sample loss for hardness-weighted case sampling, ``p ∝ softmax(β · loss)`` (Fidon et al.).
     """
 
     def __init__(
@@ -97,6 +99,8 @@ class SegmentationModule(L.LightningModule):
         ignore_index: int | None = None,
         class_names: list[str] | None = None,
         keep_unused: bool = False,
+        case_ids: list[str] | None = None,
+        hardness_beta: float | None = None,
     ):
         super().__init__()
         from ..losses import DeepSupervision, build_loss
@@ -128,6 +132,13 @@ class SegmentationModule(L.LightningModule):
         self.batch_offset = 0
         self.resumed_losses: list[float] | None = None
         self.stopped_for_epoch_end = False
+        #: Fidon et al.'s hardness-weighted case sampling: each training case's latest loss
+        self.case_sampler: HardnessWeightedSampler | None = None
+        self.case_index: dict[str, int] = {}
+        if hardness_beta is not None:
+            ids = list(case_ids or [])
+            self.case_sampler = HardnessWeightedSampler(len(ids), float(hardness_beta))
+            self.case_index = {c: i for i, c in enumerate(ids)}
         self._val_losses: list[float] = []
         self._epoch_start = 0.0
 
@@ -196,7 +207,11 @@ class SegmentationModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         outputs = self.network(batch["image"])
-        loss = self.loss(outputs, batch["label"])
+        if self.case_sampler is not None and "case" in batch:
+            loss, per_sample = self.loss.with_per_sample(outputs, batch["label"])
+            self.case_sampler.update([self.case_index[c] for c in batch["case"]], per_sample)
+        else:
+            loss = self.loss(outputs, batch["label"])
         self._train_losses.append(float(loss.detach()))
         if self._trainer is not None:
             self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=batch["image"].shape[0])
@@ -291,6 +306,7 @@ class SegmentationModule(L.LightningModule):
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "history": self.history,
+            "case_sampler": self.case_sampler.state_dict() if self.case_sampler is not None else None,
         }
 
     def load_training_state(self, state: Mapping[str, Any], optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -307,6 +323,8 @@ class SegmentationModule(L.LightningModule):
             optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.case_sampler is not None and state.get("case_sampler") is not None:
+            self.case_sampler.load_state_dict(state["case_sampler"])
 
 
 def _mean(values: list[float]) -> float:

@@ -102,7 +102,18 @@ def _default_settings() -> dict[str, Any]:
 
 
 #: settings that change what is trained; a resumed run must keep them
-_RESUME_KEYS = ("iterations_per_epoch", "batch_size", "loss", "loss_params", "optim", "optim_params", "lr", "seed")
+_RESUME_KEYS = (
+    "iterations_per_epoch",
+    "batch_size",
+    "loss",
+    "loss_params",
+    "optim",
+    "optim_params",
+    "lr",
+    "seed",
+    "case_sampling",
+    "hardness_beta",
+)
 
 
 def train_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -132,6 +143,13 @@ def train_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     for key in ("progress", "tensorboard"):
         out[key] = _tristate(key, out[key])
     out["trainer"] = _trainer_settings(out["trainer"])
+    if out["case_sampling"] not in ("uniform", "hardness"):
+        raise ConfigError(
+            f"case_sampling={out['case_sampling']!r} is not valid", hint="case_sampling=uniform or hardness"
+        )
+    beta = out["hardness_beta"]
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+        raise ConfigError(f"hardness_beta={beta!r} must be a number ≥ 0")
     if out["tensorboard"] is True and not _tensorboard_installed():
         raise ConfigError(
             "tensorboard=true needs the tensorboard package", hint="pip install tensorboard, or tensorboard=auto"
@@ -400,6 +418,7 @@ class RunCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert isinstance(pl_module, SegmentationModule)
+        self._install_handler()
         if self.resume is None:
             return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
@@ -414,7 +433,9 @@ class RunCheckpoint(Checkpoint):
             self._epoch_iterations = in_epoch
         restore_rng(self.resume["rng"])
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _install_handler(self) -> None:
+        """SIGUSR1 saves and stops (installed once training starts, after Lightning's own handlers,
+        and put back at its end)."""
         import signal
         import threading
 
@@ -422,6 +443,12 @@ class RunCheckpoint(Checkpoint):
             self._previous_handler = signal.signal(signal.SIGUSR1, self._on_sigusr1)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+
+    def _restore_handler(self) -> None:
         import signal
 
         if self._previous_handler is not None:
@@ -433,6 +460,11 @@ class RunCheckpoint(Checkpoint):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert isinstance(pl_module, SegmentationModule)
+        stream = getattr(self.datamodule, "_train", None)
+        if pl_module.case_sampler is not None and stream is not None:
+            # the epoch's (fresh) workers draw cases with the probabilities of the losses seen so far
+            stream.sampler.case_probabilities = pl_module.case_sampler.probabilities()
+            stream._starts = pl_module.completed_epochs
         self._batch_mark = time.perf_counter()
         self._epoch_iterations = pl_module.batch_offset
         if self._hook_start is None:
@@ -815,20 +847,8 @@ def _fit(
     if s["lr"] is not None:
         optim["lr"] = s["lr"]
     loss = _named(s["loss"], s["loss_params"])
-    module = SegmentationModule(
-        cfg,
-        the_plan.in_channels,
-        the_plan.num_classes,
-        loss=str(loss.pop("name")),
-        loss_params=loss,
-        optim=optim,
-        epochs=s["epochs"],
-        iterations_per_epoch=s["iterations_per_epoch"],
-        class_names=class_names,
-        keep_unused=world > 1,  # DDP needs a gradient for every head, the zero-weighted one too
-    )
-    module.planned_epochs = int(s["epochs"])
     cache = Cache.for_configuration(work_dir, the_plan, configuration, dataset=dataset)
+    hardness = s["case_sampling"] == "hardness"
     dm = SegDataModule.for_fold(
         cache,
         ds.splits_path,
@@ -842,7 +862,23 @@ def _fit(
         augment_on_device=accelerator == "gpu",
         rank=rank,
         world_size=world,
+        fresh_workers=hardness,  # each epoch's workers get the current case probabilities
     )
+    module = SegmentationModule(
+        cfg,
+        the_plan.in_channels,
+        the_plan.num_classes,
+        loss=str(loss.pop("name")),
+        loss_params=loss,
+        optim=optim,
+        epochs=s["epochs"],
+        iterations_per_epoch=s["iterations_per_epoch"],
+        class_names=class_names,
+        keep_unused=world > 1,  # DDP needs a gradient for every head, the zero-weighted one too
+        case_ids=list(dm.train_cases),
+        hardness_beta=float(s["hardness_beta"]) if hardness else None,
+    )
+    module.planned_epochs = int(s["epochs"])
     dm.setup("fit")
     done = int(resume["epoch"]) if resume else 0
     if dm._train is not None:  # the case stream continues where the saved run left it, inside an epoch too

@@ -75,7 +75,8 @@ def test_case_folder_layout(tmp_path):
         (lambda d: d["training"][2].update(image=5), r"training\[2\].image must be a path string"),
         (lambda d: d.update(training={"a": 1}), '"training" must be a list'),
         (lambda d: d.update(labels={"0": "background", "2": "b"}), "without gaps"),
-        (lambda d: d.update(labels={"0": "background", "1": "ignore"}), "ignore"),
+        (lambda d: d.update(labels={"0": "background", "1": "ignore"}), 'besides background and "ignore"'),
+        (lambda d: d.update(labels={"0": "background", "1": "ignore", "2": "a"}), "the highest value"),
         (lambda d: d.update(modality={"0": 3}), "must be a string"),
     ],
 )

@@ -727,6 +727,58 @@ def test_hardness_weighted_case_sampling_draws_the_hard_cases(tiny_run, monkeypa
         train_settings({"case_sampling": "hardest"})
 
 
+def test_an_ignore_label_trains_without_an_output_loss_or_metric(tmp_path: Path) -> None:
+    """A dataset.json label named "ignore" (the highest value) marks unlabelled voxels: the plan has
+    no output for it, patches are not centred on it, and training and validation skip its voxels."""
+    import nibabel as nib
+
+    import segpipe
+    from segpipe.planning import load_plan
+    from segpipe.preprocessing import Cache
+
+    data = segpipe.generate_demo_data(tmp_path / "demo")
+    desc = json.loads((data / "dataset.json").read_text())
+    desc["labels"]["4"] = "ignore"
+    (data / "dataset.json").write_text(json.dumps(desc))
+    for path in sorted((data / "labelsTr").glob("*.nii.gz")):  # half of every label map unlabelled
+        img = nib.load(path)
+        lab = np.asarray(img.dataobj).copy()
+        lab[: lab.shape[0] // 2] = 4
+        nib.save(nib.Nifti1Image(lab, img.affine, img.header), path)
+    work = tmp_path / "work"
+    segpipe.plan(data, work_dir=work, configurations=["3d_fullres"], num_workers=1)
+    segpipe.preprocess(data, work_dir=work, num_workers=1)
+    plan = load_plan(work / "demo" / "plans.json")
+    assert (plan.ignore_label, plan.num_classes) == (4, 4)  # background + 3 classes: 4 outputs
+    cache = Cache.for_configuration(work, plan, "3d_fullres")
+    props = cache.properties(cache.cases()[0])
+    assert props is not None and "4" not in props["class_locations"] and props["class_locations"]
+    network = ("patch_size", "batch_size", "strides", "kernel_sizes", "features", "n_conv_encoder", "n_conv_decoder")
+    small = {k: v for k, v in _tiny_config().to_dict().items() if k in network}
+    plan.configurations["3d_fullres"] = PlanConfig.from_dict({**plan.configurations["3d_fullres"].to_dict(), **small})
+    res = fit(plan, "3d_fullres", 0, work_dir=work, settings={**SETTINGS, "epochs": 1})
+    assert res["finished"] and list(res["val_class_dice"]) == ["organ", "vessel", "lesion"]
+    assert math.isfinite(res["ema_fg_dice"])
+    state = load_checkpoint(res["checkpoint"])
+    last_bias = [v for k, v in state["model"].items() if k.endswith("bias")][-1]
+    assert last_bias.shape == (4,)  # the full-resolution head: one output per class, none for "ignore"
+    header = (Path(res["run_dir"]) / "metrics.csv").read_text().splitlines()[0]
+    assert "ignore" not in header
+
+
+def test_an_ignore_label_must_have_the_highest_value(tmp_path: Path) -> None:
+    import segpipe
+    from segpipe.errors import DatasetError
+    from segpipe.io.datasets import load_dataset
+
+    data = segpipe.generate_demo_data(tmp_path / "demo")
+    desc = json.loads((data / "dataset.json").read_text())
+    desc["labels"] = {"0": "background", "1": "ignore", "2": "organ", "3": "vessel", "4": "lesion"}
+    (data / "dataset.json").write_text(json.dumps(desc))
+    with pytest.raises(DatasetError, match='the "ignore" label must be one label with the highest value'):
+        load_dataset(data)
+
+
 @pytest.mark.slow
 def test_fold_all_has_no_validation(tiny_run) -> None:
     plan, work = tiny_run

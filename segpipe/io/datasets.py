@@ -13,8 +13,10 @@ Layouts
   Several modalities live in one 4-D file.
 * **nnU-Net v2 raw**: ``dataset.json`` with ``channel_names``, ``labels`` (name → value),
   ``file_ending``, ``numTraining``; ``imagesTr/CASE_0000.ext`` (one file per channel),
-  ``labelsTr/CASE.ext``, optional ``imagesTs/``. Region labels (``regions_class_order``)
-  and an ``ignore`` label are refused with a clear message (not supported yet).
+  ``labelsTr/CASE.ext``, optional ``imagesTs/``. Region labels (``regions_class_order``) are
+  refused with a clear message. A label named ``ignore`` (nnU-Net's convention: the highest
+  value) marks unlabelled voxels: they count in no loss and no metric, and the network has no
+  output for them.
 * **case-folder**: ``dataset.json`` with ``"layout": "case-folder"``, ``channel_names``,
   ``labels``, ``image`` (a file name, a list of names — one per channel — or a DICOM series
   folder name) and optionally ``label`` (a NIfTI/NRRD/MHA file or a DICOM-SEG ``.dcm``),
@@ -53,6 +55,9 @@ class Case:
         return [*self.images, *([self.label] if self.label is not None else [])]
 
 
+IGNORE_LABEL = "ignore"  # the label name of unlabelled voxels (nnU-Net's convention)
+
+
 @dataclass
 class Dataset:
     """A discovered dataset: description plus labelled (``cases``) and unlabelled cases."""
@@ -76,8 +81,13 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes including background."""
+        """Number of label values including background (and the ignore label, if any)."""
         return max(self.labels) + 1
+
+    @property
+    def ignore_label(self) -> int | None:
+        """The value of the label named ``ignore`` (unlabelled voxels), or None."""
+        return next((v for v, n in self.labels.items() if n.lower() == IGNORE_LABEL), None)
 
     def all_cases(self) -> list[Case]:
         return [*self.cases, *self.test_cases]
@@ -210,11 +220,6 @@ def _labels(desc: dict[str, Any], where: Path) -> dict[int, str]:
             name = v
         else:
             raise DatasetError(f'{where}: "labels"[{k!r}] must be an integer or a name, got {v!r}')
-        if name.lower() == "ignore":
-            raise DatasetError(
-                f'{where}: an "ignore" label is not supported yet',
-                hint="relabel ignored voxels as background or drop the cases",
-            )
         if value < 0 or value in out:
             raise DatasetError(f'{where}: label value {value} ("{name}") is negative or used twice')
         out[value] = name
@@ -222,6 +227,17 @@ def _labels(desc: dict[str, Any], where: Path) -> dict[int, str]:
         raise DatasetError(
             f"{where}: label values must be 0 (background), 1, 2, … without gaps, got {sorted(out)}",
             hint="renumber the labels consecutively",
+        )
+    ignored = [v for v, n in out.items() if n.lower() == IGNORE_LABEL]
+    if ignored and (ignored[0] != max(out) or ignored[0] == 0 or len(ignored) > 1):
+        raise DatasetError(
+            f'{where}: the "ignore" label must be one label with the highest value (got {ignored[0]} of 0..{max(out)})',
+            hint=f'give "ignore" the value {max(out)} and renumber the others below it',
+        )
+    if ignored and len(out) < 3:
+        raise DatasetError(
+            f'{where}: besides background and "ignore" there is no class to segment',
+            hint="declare the foreground classes' labels",
         )
     return dict(sorted(out.items()))
 

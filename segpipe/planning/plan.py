@@ -118,9 +118,14 @@ class Plan:
         return len(self.channel_names)
 
     @property
+    def ignore_label(self) -> int | None:
+        """The value of the label named ``ignore`` (unlabelled voxels: no output, no loss, no metric)."""
+        return next((int(v) for v, n in self.labels.items() if str(n).lower() == "ignore"), None)
+
+    @property
     def num_classes(self) -> int:
-        """Output channels, background included."""
-        return len(self.labels)
+        """Output channels, background included (the ignore label has none)."""
+        return len(self.labels) - (self.ignore_label is not None)
 
     def config(self, name: str) -> PlanConfig:
         if name not in self.configurations:

@@ -266,7 +266,7 @@ def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = No
     spacings, shapes = _case_arrays(fingerprint)
     labels = {str(k): str(v) for k, v in sorted(fingerprint["labels"].items(), key=lambda kv: int(kv[0]))}
     channel_names = {str(k): str(v) for k, v in sorted(fingerprint["channel_names"].items(), key=lambda kv: int(kv[0]))}
-    num_classes = len(labels)
+    num_classes = len(labels) - any(v.lower() == "ignore" for v in labels.values())  # outputs
     in_channels = len(channel_names)
     n_cases = len(spacings)
 

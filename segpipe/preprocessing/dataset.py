@@ -29,6 +29,8 @@ def _preprocess_one(args: tuple[Any, Any, PreprocessSpec, str, str]) -> dict[str
     data = read_case(case, ds)
     img, lab, props = preprocess_arrays(data.image, data.label, data.geometry, spec, ds.num_classes)
     del data
+    if ds.ignore_label is not None:  # unlabelled voxels are no foreground to centre patches on
+        props["class_locations"].pop(str(ds.ignore_label), None)
     props.update({"key": key, "sources": source_stats(case.files())})
     Cache(cache_dir).write(case.id, img, lab, props)
     return {"case": case.id, "shape": props["shape_after_resample"], "seconds": time.perf_counter() - t0}

@@ -820,7 +820,8 @@ def _fit(
     resume: dict[str, Any] | None = None
     last = run_dir / LAST
     labels = sorted(the_plan.labels.items(), key=lambda kv: int(kv[0]))
-    class_names = [name for _, name in labels[1:]]
+    ignore = the_plan.ignore_label
+    class_names = [name for value, name in labels[1:] if int(value) != ignore]
     title = f"{ds.name} {configuration} fold {fold}"
     if overwrite:
         if writer:  # the other ranks start afresh too, whatever they find
@@ -875,6 +876,7 @@ def _fit(
         iterations_per_epoch=s["iterations_per_epoch"],
         class_names=class_names,
         keep_unused=world > 1,  # DDP needs a gradient for every head, the zero-weighted one too
+        ignore_index=ignore,
         case_ids=list(dm.train_cases),
         hardness_beta=float(s["hardness_beta"]) if hardness else None,
     )

@@ -43,6 +43,8 @@ def _value_for(key: str) -> tuple[str, Any]:
         "train.precision": ("bf16-mixed", "bf16-mixed"),
         "train.max_time": ("20m", "20m"),
         "train.batch_size": ("3", 3),
+        "train.case_sampling": ("hardness", "hardness"),
+        "train.checkpoint_every": ("10m", "10m"),
         "train.progress": ("false", False),
         "train.tensorboard": ("false", False),
     }

@@ -397,8 +397,6 @@ class RunCheckpoint(Checkpoint):
         self._session_start = time.perf_counter() if started is None else float(started)
         self._drawn_at: float | None = None
         self._draw_seconds = 1.0  # the last drawing's time (a first guess before one)
-        # wall time per epoch, end to end (checkpoints and drawing included, validation excluded)
-        self._epoch_walls: list[float] = []
         self._hook_start: float | None = None
         self._validation_spent = 0.0
         self.val_batches = max(0, int(val_batches))
@@ -406,7 +404,9 @@ class RunCheckpoint(Checkpoint):
         self._iteration_times: list[float] = []
         self._batch_mark: float | None = None
         self._epoch_iterations = 0
-        self._epoch_records: list[tuple[float, int]] = []  # (epoch wall, its iterations)
+        # per epoch: its wall time end to end (checkpoints and drawing included, validation
+        # excluded) and its iterations
+        self._epoch_records: list[tuple[float, int]] = []
         self.checkpoint_every = checkpoint_every
         self._saved_at = time.perf_counter()
         self._preempt = False
@@ -533,7 +533,6 @@ class RunCheckpoint(Checkpoint):
         now = time.perf_counter()
         if self._hook_start is not None:
             wall = now - self._hook_start - self._validation_spent
-            self._epoch_walls.append(wall)
             self._epoch_records.append((wall, self._epoch_iterations))
         self._hook_start, self._validation_spent = now, 0.0
         self._apply_budget(trainer, pl_module)
@@ -607,7 +606,7 @@ class RunCheckpoint(Checkpoint):
         if self._iteration_times:
             times = sorted(self._iteration_times)
             return max(times[len(times) // 2], 1e-6)
-        recent = (self._epoch_walls or module.history["epoch_seconds"])[-3:]
+        recent = ([wall for wall, _ in self._epoch_records] or module.history["epoch_seconds"])[-3:]
         if not recent:
             return None
         return max(sum(recent) / len(recent), 1e-6) / module.iterations_per_epoch

@@ -825,7 +825,7 @@ class _FakePlan:
 
 
 def test_fold_validation_counts_windows_and_estimates_its_time(tmp_path: Path) -> None:
-    from segpipe.training.runner import FORWARD_SHARE, FoldValidation
+    from segpipe.training.runner import FORWARD_SHARE, WINDOW_OVERHEAD, FoldValidation
 
     plan = _FakePlan(_tiny_config(patch_size=[12, 24, 28]))
     # patch 12×24×28, overlap 0.5: 12×30×28 → 1·2·1 windows (y: 30 − 24 = 6 < step 12 → 2); 10×20×20 pads to 1
@@ -834,6 +834,8 @@ def test_fold_validation_counts_windows_and_estimates_its_time(tmp_path: Path) -
     assert v.windows() == 3
     # 3 windows × 0.5 × (2 s per iteration / batch 2)
     assert v.estimate_seconds(2.0, 2) == pytest.approx(3 * FORWARD_SHARE * 1.0) == 1.5
+    # with a timed forward pass: 3 windows × 0.2 s × the window overhead, whatever the training step
+    assert v.estimate_seconds(2.0, 2, window_seconds=0.2) == pytest.approx(3 * 0.2 * WINDOW_OVERHEAD)
     # a 2-D configuration slides over each slice: 5 slices × 2 windows
     plan2d = _FakePlan(
         _tiny_config(
@@ -848,6 +850,23 @@ def test_fold_validation_counts_windows_and_estimates_its_time(tmp_path: Path) -
     )
     v2 = FoldValidation(plan2d, "2d", _FakeCache({"a": (1, 5, 30, 28)}), ["a"], tmp_path)
     assert v2.windows() == 10
+
+
+def test_fold_validation_times_a_window_without_touching_weights_or_random_streams(tmp_path: Path) -> None:
+    from segpipe.networks import build_network
+    from segpipe.training.runner import FoldValidation
+
+    cfg = _tiny_config(patch_size=[12, 24, 28])
+    v = FoldValidation(_FakePlan(cfg), "3d_fullres", _FakeCache({"a": (1, 12, 30, 28)}), ["a"], tmp_path)
+    net = build_network(cfg, 1, 3)
+    net.train()
+    before = {k: t.clone() for k, t in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    seconds = v.time_window(net, torch.device("cpu"), 1)
+    assert 0 < seconds < 60
+    assert net.training  # put back in training mode
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], t) for k, t in net.state_dict().items())
 
 
 def test_metrics_csv_has_the_validation_columns() -> None:
@@ -944,8 +963,9 @@ class _Estimate:
     def __init__(self, seconds: float):
         self.seconds = seconds
 
-    def estimate_seconds(self, seconds_per_iteration: float, batch_size: int) -> float:
+    def estimate_seconds(self, seconds_per_iteration: float, batch_size: int, *, window_seconds=None) -> float:
         assert (seconds_per_iteration, batch_size) == (2.0, 2)  # 10 s epochs of 5 iterations
+        assert window_seconds is None  # no forward pass was timed in this test
         return self.seconds
 
 

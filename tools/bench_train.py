@@ -49,6 +49,9 @@ TARGET_DICE = 0.820
 #: step costs in proportion to its samples, so batch 2 (nnU-Net's minimum) makes 3.5x more
 #: optimizer steps than the plan's batch 7 in the same time; the poly schedule is stepped per
 #: iteration so that it decays smoothly over the few epochs a budget holds
+#: peak-RSS sampling period of the timed training runs: each sample walks the process tree, which at
+#: bench_plan's 20 ms took about a tenth of a core away from the training being timed
+RSS_INTERVAL = 0.5
 DEFAULT_SEGPIPE_ARGS = ["batch_size=2", "optim.schedule_interval=step"]
 
 
@@ -131,7 +134,11 @@ def bench_nnunet(python: Path, data: Path, tmp: Path, splits: Path) -> dict[str,
         f"nnU-Net: plan and preprocess {pp['wall_s']:.0f} s; 3d_fullres patch {plans['patch_size']} "
         f"batch {plans['batch_size']}; training nnUNetTrainer_1epoch on fold 0 (timed) ..."
     )
-    tr = run_measured([str(train), "999", "3d_fullres", "0", "-tr", "nnUNetTrainer_1epoch", "-device", "cpu"], env=env)
+    tr = run_measured(
+        [str(train), "999", "3d_fullres", "0", "-tr", "nnUNetTrainer_1epoch", "-device", "cpu"],
+        env=env,
+        interval=RSS_INTERVAL,
+    )
     _check("nnUNetv2_train", tr)
     summary = next(res.glob(f"{name}/nnUNetTrainer_1epoch__nnUNetPlans__3d_fullres/fold_0/validation/summary.json"))
     out = {
@@ -153,7 +160,7 @@ def bench_nnunet(python: Path, data: Path, tmp: Path, splits: Path) -> dict[str,
 def bench_segpipe(work: Path, entry: Path, max_time_s: float, extra: list[str]) -> dict[str, Any]:
     args = ["train", "fold=0", "config=3d_fullres", f"work_dir={work}", f"max_time={max_time_s:.0f}s", *extra]
     _say(f"segpipe: {' '.join(['segpipe', *args])} (timed) ...")
-    tr = run_measured(_segpipe(*args), env=_segpipe_env(), cwd=REPO)
+    tr = run_measured(_segpipe(*args), env=_segpipe_env(), cwd=REPO, interval=RSS_INTERVAL)
     _check("segpipe train", tr)
     run = entry / "runs" / "3d_fullres" / "fold_0"
     metrics = (run / "metrics.csv").read_text().splitlines()

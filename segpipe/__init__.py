@@ -7,6 +7,8 @@ settings as keyword arguments, defaults from ``conf/``)::
     segpipe.preprocess(dataset)     segpipe.demo()                segpipe.generate_demo_data(out)
     segpipe.read_image(path)        segpipe.write_image(path, array, geometry)
     segpipe.load_dataset(path)      segpipe.Geometry              segpipe.SegpipeError
+    segpipe.train(fold=0, ...)      segpipe.infer(input, ...)     segpipe.export(output=...)
+    segpipe.Predictor.from_model(folder).predict(image)   (segment one case in Python)
     segpipe.restore(prediction, properties)   (undo preprocessing: back to the case's own geometry)
 
 No public function shares its name with a submodule (the preprocessing code lives in
@@ -19,7 +21,19 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .api import check, demo, generate_demo_data, info, plan, preprocess, train  # noqa: E402
+from .api import (  # noqa: E402
+    check,
+    demo,
+    evaluate,
+    export,
+    find_best,
+    generate_demo_data,
+    infer,
+    info,
+    plan,
+    preprocess,
+    train,
+)
 from .errors import (  # noqa: E402
     ConfigError,
     DataError,
@@ -44,6 +58,17 @@ def restore(prediction: Any, properties: dict[str, Any], *, is_label: bool | Non
     return _restore(prediction, properties, is_label=is_label)
 
 
+_LAZY = ("Prediction", "Predictor")  # need torch: imported on first use, so `import segpipe` stays light
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'segpipe' has no attribute {name!r}")
+
+
 __all__ = [
     "Case",
     "ConfigError",
@@ -54,6 +79,8 @@ __all__ = [
     "DicomError",
     "Geometry",
     "NotAvailableError",
+    "Prediction",
+    "Predictor",
     "ReadError",
     "SegpipeError",
     "StateError",
@@ -62,7 +89,11 @@ __all__ = [
     "__version__",
     "check",
     "demo",
+    "evaluate",
+    "export",
+    "find_best",
     "generate_demo_data",
+    "infer",
     "info",
     "load_dataset",
     "plan",

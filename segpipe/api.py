@@ -303,21 +303,201 @@ def generate_demo_data(out: PathLike, *, force: bool = False, seed: int = 0, dic
     return generate_demo_dataset(out, overwrite=force, seed=seed)
 
 
-#: The demo's training schedule: long enough to run every part of the loop (epochs, pseudo-Dice,
-#: checkpoints, full-case validation), short enough for a quick start on two CPU cores.
+def _predictor(model: PathLike | None, cfg: Any, config_value: Any, dataset: PathLike | None) -> Any:
+    """The predictor of a model folder (``model``) or of the workspace's trained runs."""
+    from .inference import Predictor
+
+    options = {
+        "tta": bool(cfg.infer.tta),
+        "overlap": float(cfg.infer.overlap),
+        "batch_size": cfg.infer.batch_size,
+        "device": str(cfg.infer.device),
+        "dicom": to_container(cfg.dicom),
+    }
+    folds = to_container(cfg.infer)["folds"]
+    if model is not None:
+        if dataset is not None:
+            raise UsageError("give either a model folder (-m) or dataset=NAME of the workspace, not both")
+        return Predictor.from_model(model, configs=config_value, folds=folds, **options)
+    return Predictor.from_workspace(
+        cfg.work_dir, dataset, configs=config_value, folds=folds, checkpoint=str(cfg.infer.checkpoint), **options
+    )
+
+
+def infer(
+    input: PathLike,  # noqa: A002 - the command's own word for what it segments
+    *,
+    output: PathLike | None = None,
+    model: PathLike | None = None,
+    overwrite: bool = False,
+    log: Any = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Segment the case(s) of ``input`` (``segpipe infer INPUT``): an image file, a DICOM series
+    folder, a folder of images or case folders, or a dataset folder (its test cases).
+
+    ``output``: the folder for the results (default ``<INPUT>_segpipe`` beside the input).
+    ``model``: a model folder from :func:`export` (default: the workspace's trained runs, chosen
+    with ``work_dir``/``dataset``/``config``). Settings: the ``infer`` group (``folds``,
+    ``checkpoint``, ``tta``, ``overlap``, ``batch_size``, ``device``, ``format``,
+    ``probabilities``) and the ``dicom`` reading options. Finished cases are skipped unless
+    ``overwrite``; a case that fails is reported in ``failed`` and the others go on. Returns
+    ``{"output", "written", "skipped", "failed", "cases", "model", "seconds"}``.
+    """
+    from .inference import default_output_dir, discover_inputs, infer_cases
+
+    dataset = settings.pop("dataset", None)
+    config_value = settings.pop("config", settings.pop("configuration", None))
+    cfg = _settings("infer", settings)
+    predictor = _predictor(model, cfg, config_value, dataset)
+    cases = discover_inputs(input, in_channels=predictor.plan.in_channels)
+    out = Path(output) if output is not None else default_output_dir(input)
+    say = log or (lambda msg: None)
+    say(f"segmenting {len(cases)} case(s) into {out} with {len(predictor.model.members)} network(s)")
+
+    def progress(done: int, total: int, what: str) -> None:
+        say(f"[{done}/{total}] {what}")
+
+    result = infer_cases(
+        predictor,
+        cases,
+        out,
+        fmt=str(cfg.infer.format),
+        probabilities=bool(cfg.infer.probabilities),
+        overwrite=overwrite,
+        progress=progress,
+    )
+    return {**result, "cases": [c.id for c in cases]}
+
+
+def export(
+    dataset: PathLike | None = None,
+    *,
+    output: PathLike,
+    overwrite: bool = False,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Write the trained runs of a planned dataset as a self-contained model folder (``segpipe export``).
+
+    ``dataset``: the planned dataset (folder or workspace name; default the workspace's only one).
+    Settings: ``work_dir``, ``config`` (default ``find-best``'s choice, else ``3d_fullres``),
+    ``folds`` (default every trained fold) and ``checkpoint`` (``final`` or ``best``). Returns
+    ``{"model", "members", "postprocessing"}``.
+    """
+    from .inference import export_model, workspace_model
+    from .inference.model import parse_folds
+    from .inference.predictor import _config_list
+    from .planning import load_plan
+    from .workspace import find_dataset
+
+    if dataset is not None and settings.get("dataset") is not None:
+        raise UsageError("give the dataset once: as a path or as dataset=NAME, not both")
+    if "dataset" in settings and dataset is None:
+        dataset = settings.pop("dataset")
+    config_value = settings.pop("config", settings.pop("configuration", None))
+    cfg = _settings("export", settings)
+    _ws, dws = find_dataset(cfg.work_dir, dataset, "export")
+    the_plan = load_plan(dws.plans_path)
+    model = workspace_model(
+        dws,
+        the_plan,
+        configs=_config_list(config_value),
+        folds=parse_folds(to_container(cfg.infer)["folds"]),
+        checkpoint=str(cfg.infer.checkpoint),
+    )
+    out = export_model(model, output, overwrite=overwrite)
+    return {
+        "model": str(out),
+        "dataset": dws.name,
+        "members": [
+            {"configuration": m.configuration, "fold": m.fold, "validation_dice": m.validation_dice}
+            for m in model.members
+        ],
+        "postprocessing": model.postprocessing,
+    }
+
+
+def evaluate(
+    predictions: PathLike,
+    references: PathLike,
+    *,
+    output: PathLike | None = None,
+    labels: dict[Any, Any] | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Score a folder of predicted label maps against the reference ones (``segpipe evaluate PRED GT``):
+    per case and class Dice (nnU-Net's rules), HD95 and normalised surface Dice (mm), volumes.
+
+    Files pair by case id; each prediction must lie on its reference's grid. Settings:
+    ``tolerance_mm``, ``images`` (the cases' images, for QC overlays) and ``ignore_label``.
+    ``evaluation.csv``, ``summary.json``, ``dice_boxplot.png`` (and ``qc/``) go to ``output``
+    (default: the predictions' folder). ``labels`` (``{value: name}``): the classes to score and
+    their names (default: every value the references hold). Returns the summary (``mean``,
+    ``foreground_mean``, ``metric_per_case``, …) with ``output``.
+    """
+    from .evaluation import evaluate_folders
+
+    cfg = _settings("evaluate", settings)
+    ev = cfg.evaluate
+    out = Path(output) if output is not None else Path(predictions)
+    summary = evaluate_folders(
+        predictions,
+        references,
+        labels=labels,
+        tolerance_mm=float(ev.tolerance_mm),
+        ignore_label=ev.ignore_label,
+        out_dir=out,
+        qc_image_dir=ev.images,
+    )
+    return {**summary, "output": str(out)}
+
+
+def find_best(dataset: PathLike | None = None, *, log: Any = None, **settings: Any) -> dict[str, Any]:
+    """Choose the best configuration or ensemble and its post-processing from the cross-validation
+    predictions (``segpipe find-best``); writes ``best_configuration.json``, which ``infer`` and
+    ``export`` then use. Settings: ``work_dir``, ``dataset``. Returns the decision with every
+    candidate's score (``configurations``, ``mean_fg_dice``, ``postprocessing``, ``candidates``, …).
+    """
+    from .evaluation.find_best import find_best as _find_best
+    from .planning import load_plan
+    from .workspace import find_dataset
+
+    if dataset is not None and settings.get("dataset") is not None:
+        raise UsageError("give the dataset once: as a path or as dataset=NAME, not both")
+    if "dataset" in settings and dataset is None:
+        dataset = settings.pop("dataset")
+    cfg = _settings("find-best", settings)
+    _ws, dws = find_dataset(cfg.work_dir, dataset, "find-best")
+    result = _find_best(dws, load_plan(dws.plans_path), log=log)
+    return {"dataset": dws.name, **result}
+
+
+#: The demo's training schedule: the whole loop (epochs, pseudo-Dice, checkpoints, full-case
+#: validation) on two CPU cores in a few minutes; ``epochs=`` and ``iterations_per_epoch=`` change it.
 DEMO_SCHEDULE = {"epochs": 2, "iterations_per_epoch": 4, "val_batches": 2, "val_every": 2, "seed": 0}
 
 
 def demo(*, force: bool = False, log: Any = None, **settings: Any) -> dict[str, Any]:
-    """Run the main job on the embedded dataset: generate → check → plan → preprocess → train (short).
+    """Run the main job on the embedded datasets: generate → check → plan → preprocess → train →
+    infer (the held-out NIfTI and DICOM cases) → evaluate.
 
     The datasets are written to ``<work_dir>/raw/SegpipeDemo`` (NIfTI, MSD layout) and
     ``<work_dir>/raw/SegpipeDemoDICOM`` (DICOM series, case-folder layout) once (``force``
-    regenerates them); the artefacts go to ``<work_dir>/<dataset>/``. Returns one entry per step.
+    regenerates them); the artefacts go to ``<work_dir>/<dataset>/``, the predictions of the
+    held-out cases (with a DICOM-SEG for the DICOM one) to ``<work_dir>/<dataset>/demo/predictions``
+    and their evaluation to ``…/demo/evaluation``. Settings: ``work_dir``, and ``epochs`` /
+    ``iterations_per_epoch`` for another schedule than :data:`DEMO_SCHEDULE`. Returns one entry per step.
     """
+    import shutil
+
     from .errors import DataError
+    from .io.datasets import load_dataset
     from .workspace import Workspace
 
+    schedule = dict(DEMO_SCHEDULE)
+    for key in ("epochs", "iterations_per_epoch", "train.epochs", "train.iterations_per_epoch"):
+        if key in settings:
+            schedule[key.rsplit(".", 1)[-1]] = int(settings.pop(key))
     cfg = _settings("demo", settings)
     say = log or (lambda msg: None)
     ws = Workspace.at(cfg.work_dir).ensure_writable()
@@ -349,13 +529,13 @@ def demo(*, force: bool = False, log: Any = None, **settings: Any) -> dict[str, 
         name: {"cache_dir": r["cache_dir"], "cases": len(r["processed"]) + len(r["reused"])}
         for name, r in pre["configurations"].items()
     }
-    say("training a short 3d_fullres schedule on fold 0 (a demonstration of the loop, not a useful model)")
+    say(f"training 3d_fullres on fold 0: {schedule['epochs']} epochs of {schedule['iterations_per_epoch']} iterations")
     trained = train(
         work_dir=str(ws.root),
         dataset=planned["dataset"],
         config="3d_fullres",
         fold=0,
-        **DEMO_SCHEDULE,
+        **schedule,
         overwrite=force,
         log=say,
     )
@@ -363,8 +543,51 @@ def demo(*, force: bool = False, log: Any = None, **settings: Any) -> dict[str, 
         key: trained.get(key)
         for key in ("run_dir", "epochs", "finished", "already_finished", "val_dice", "validation", "validation_dir")
     }
-    steps["next_steps"] = ["infer", "evaluate"]
+    demo_dir = ws.dataset(planned["dataset"]).root / "demo"
+    predictions, references = demo_dir / "predictions", demo_dir / "references"
+    say("segmenting the held-out cases: 2 NIfTI volumes and 1 DICOM series (flip TTA)")
+    common = {"work_dir": str(ws.root), "dataset": planned["dataset"], "output": predictions, "overwrite": force}
+    inferred = [infer(data, log=say, **common), infer(dicom_data, log=say, **common)]
+    failed = [f for r in inferred for f in r["failed"]]
+    if failed:
+        raise DataError(f"demo: segmenting {failed[0]['case']} failed: {failed[0]['error']}", hint="rerun with --force")
+    steps["infer"] = {
+        "output": str(predictions),
+        "cases": [c for r in inferred for c in r["cases"]],
+        "dicom_seg": sorted(p.name for p in predictions.glob("*_seg.dcm")),
+    }
+    # the held-out cases' reference labels side by side, named by case id
+    if references.exists():
+        shutil.rmtree(references)
+    references.mkdir(parents=True)
+    for ref in sorted((data / "labelsTs").glob("*.nii.gz")):
+        shutil.copy(ref, references / ref.name)
+    for case_dir in sorted(p for p in dicom_data.iterdir() if (p / "reference.nii.gz").is_file()):
+        shutil.copy(case_dir / "reference.nii.gz", references / f"{case_dir.name}.nii.gz")
+    say("evaluating the held-out cases against their reference labels")
+    labels = {int(k): str(v) for k, v in load_dataset(data).labels.items()}
+    evaluated = evaluate(predictions, references, output=demo_dir / "evaluation", labels=labels)
+    steps["evaluate"] = {
+        "output": evaluated["output"],
+        "foreground_dice": evaluated["foreground_mean"].get("Dice"),
+        "class_dice": {
+            evaluated.get("labels", {}).get(c, c): m.get("Dice") for c, m in evaluated["mean"].items() if c != "0"
+        },
+        "cases": evaluated["n_cases"],
+    }
     return steps
 
 
-__all__ = ["check", "demo", "generate_demo_data", "image_extension", "info", "plan", "preprocess"]
+__all__ = [
+    "check",
+    "demo",
+    "evaluate",
+    "export",
+    "find_best",
+    "generate_demo_data",
+    "image_extension",
+    "infer",
+    "info",
+    "plan",
+    "preprocess",
+]

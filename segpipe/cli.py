@@ -31,7 +31,6 @@ from .errors import (
     EXIT_OK,
     EXIT_PREEMPTED,
     EXIT_USAGE,
-    NotAvailableError,
     SegpipeError,
     StateError,
     UsageError,
@@ -50,18 +49,16 @@ COMMANDS: dict[str, str] = {
     "config": "print the composed configuration (all settings and overrides)",
     "demo": "run the main job on the embedded synthetic dataset",
 }
-#: Commands this version of segpipe does not provide yet: they say so in one line and exit 2.
-NOT_AVAILABLE = ("infer", "evaluate", "find-best", "export")
 USAGE = {
     "info": "segpipe info PATH [key=value ...]",
     "check": "segpipe check DATASET [num_workers=N]",
     "plan": "segpipe plan DATASET [key=value ...]",
     "preprocess": "segpipe preprocess [DATASET] [key=value ...]",
     "train": "segpipe train fold=0 [config=3d_fullres] [key=value ...]",
-    "infer": "segpipe infer INPUT [-o OUT] [key=value ...]",
-    "evaluate": "segpipe evaluate PRED GT",
-    "find-best": "segpipe find-best [dataset=NAME]",
-    "export": "segpipe export [DATASET] -o OUT",
+    "infer": "segpipe infer INPUT [-o OUT] [-m MODEL] [--overwrite] [key=value ...]",
+    "evaluate": "segpipe evaluate PRED GT [-o OUT] [key=value ...]",
+    "find-best": "segpipe find-best [DATASET] [key=value ...]",
+    "export": "segpipe export [DATASET] -o OUT [--overwrite] [key=value ...]",
     "config": "segpipe config [key=value ...]",
     "demo": "segpipe demo [work_dir=PATH] [--force]",
 }
@@ -71,7 +68,7 @@ EXAMPLES = {
     "plan": "segpipe plan data/Task04_Hippocampus gpu_memory_gb=24 configurations=[3d_fullres,2d] work_dir=work",
     "preprocess": "segpipe preprocess config=3d_fullres num_workers=2 work_dir=work",
     "train": "segpipe train fold=0 config=3d_fullres epochs=100 max_time=2h",
-    "infer": "segpipe infer patient_dicom/ -o out/",
+    "infer": "segpipe infer patient_dicom/ -o out/ folds=[0,1,2,3,4] tta=true",
     "evaluate": "segpipe evaluate predictions/ labelsTs/ --json",
     "find-best": "segpipe find-best dataset=Hippocampus",
     "export": "segpipe export -o model/",
@@ -79,8 +76,8 @@ EXAMPLES = {
     "demo": "segpipe demo work_dir=/tmp/segpipe_demo",
 }
 EXIT_CODES_HELP = (
-    "exit codes: 0 ok, 1 problems found (check), 2 usage (bad arguments or setting, command not "
-    "available), 3 bad input data, 4 workspace state (missing plan, unwritable work_dir, disk full), "
+    "exit codes: 0 ok, 1 problems found (check), 2 usage (bad arguments or setting), 3 bad input data "
+    "(infer: a case could not be segmented), 4 workspace state (missing plan, unwritable work_dir, disk full), "
     "70 internal error (a bug: rerun with --debug and report it), 75 training stopped by SIGUSR1 and saved "
     "(the same command resumes it), 130 interrupted"
 )
@@ -104,7 +101,7 @@ def _parser(help_for: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"segpipe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        text = help_text + (" (not available in this version)" if name in NOT_AVAILABLE else "")
+        text = help_text
         epilog = None
         if name == help_for:
             from .config import settings_help
@@ -129,6 +126,28 @@ def _parser(help_for: str | None = None) -> argparse.ArgumentParser:
             p.add_argument(
                 "--overwrite", action="store_true", help="train a finished or interrupted run again from scratch"
             )
+        if name in ("infer", "export", "evaluate"):
+            p.add_argument(
+                "-o",
+                "--output",
+                metavar="OUT",
+                help="output folder"
+                + {
+                    "infer": " (default: INPUT_segpipe beside the input)",
+                    "export": " for the model (required)",
+                    "evaluate": " for the tables and plots (default: the predictions' folder)",
+                }[name],
+            )
+        if name == "infer":
+            p.add_argument(
+                "-m",
+                "--model",
+                metavar="MODEL",
+                help="a model folder from `segpipe export` (default: the workspace's trained runs)",
+            )
+            p.add_argument("--overwrite", action="store_true", help="segment finished cases again")
+        if name == "export":
+            p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
         p.add_argument("args", nargs="*", metavar="ARG", help="paths, then key=value settings")
     return parser
 
@@ -152,14 +171,14 @@ def _one_path(command: str, paths: list[str], what: str) -> str:
     return paths[0]
 
 
-def _given(cfg: Any, overrides: list[str]) -> dict[str, Any]:
+def _given(cfg: Any, overrides: list[str], command: str | None = None) -> dict[str, Any]:
     """The settings given on the command line: full key → value as composed (lists, dicts plain)."""
     from omegaconf import OmegaConf
 
     from .config import _expand, selectable_groups
 
     out: dict[str, Any] = {}
-    for ov in _expand(overrides):
+    for ov in _expand(overrides, command=command):
         key, raw = ov.split("=", 1)
         if key in selectable_groups():  # a group selection (loss=tversky): the option's name
             out[key] = raw
@@ -360,12 +379,21 @@ def cmd_demo(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) ->
         lines += [f"preprocessed {n}: {r['cases']} cases in {r['cache_dir']}" for n, r in res["preprocess"].items()]
     if res.get("train"):
         t = res["train"]
+        lines.append(f"trained 3d_fullres fold 0 for {t['epochs']} epochs in {t['run_dir']}")
+        lines.append("full-case validation (fold 0): " + (t.get("validation") or "none"))
+    if res.get("infer"):
+        i = res["infer"]
+        seg = f" and {', '.join(i['dicom_seg'])} (DICOM-SEG)" if i["dicom_seg"] else ""
+        lines.append(f"segmented the held-out cases {', '.join(i['cases'])} into {i['output']}{seg}")
+    if res.get("evaluate"):
+        e = res["evaluate"]
+        dice = e["foreground_dice"]
+        per_class = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in e["class_dice"].items())
         lines.append(
-            f"trained 3d_fullres fold 0 for {t['epochs']} epochs (a short demonstration schedule) in {t['run_dir']}"
+            f"held-out Dice: {'n/a' if dice is None else f'{dice:.4f}'} foreground mean ({per_class}) over "
+            f"{e['cases']} cases"
         )
-        lines.append("full-case validation: " + (t.get("validation") or "none"))
-    if res.get("next_steps"):
-        lines.append("the demo ends after training: prediction and evaluation are not part of this version")
+        lines.append(f"open: {e['output']}/dice_boxplot.png, {e['output']}/summary.json")
     return EXIT_OK, res, "\n".join(lines)
 
 
@@ -410,6 +438,102 @@ def cmd_train(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -
     return EXIT_OK, res, "\n".join(lines)
 
 
+def cmd_infer(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
+    from . import api
+
+    source = _one_path("infer", paths, "input")
+    res = api.infer(source, output=ns.output, model=ns.model, overwrite=ns.overwrite, log=log.info, **given)
+    lines = [
+        f"{len(res['written'])} case(s) segmented, {len(res['skipped'])} already done, {len(res['failed'])} failed "
+        f"({res['seconds']:.1f} s)",
+    ]
+    for f in res["failed"]:
+        lines.append(f"  failed: {f['case']}: {f['error']}" + (f" (fix: {f['hint']})" if f.get("hint") else ""))
+    lines.append(f"results: {res['output']} (<case>.{res['format']} label maps, <case>.json reports)")
+    code = EXIT_DATA if res["failed"] else EXIT_OK
+    return code, res, "\n".join(lines)
+
+
+def cmd_export(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
+    from . import api
+
+    if len(paths) > 1:
+        raise UsageError(f"`segpipe export` takes at most one dataset, got {' '.join(paths)}", hint=USAGE["export"])
+    if not ns.output:
+        raise UsageError("`segpipe export` needs the model folder to write", hint=USAGE["export"])
+    res = api.export(paths[0] if paths else None, output=ns.output, overwrite=ns.overwrite, **given)
+    members = ", ".join(
+        f"{m['configuration']} fold {m['fold']}"
+        + ("" if m["validation_dice"] is None else f" (validation Dice {m['validation_dice']:.4f})")
+        for m in res["members"]
+    )
+    text = f"model of {res['dataset']} written to {res['model']}: {members}\nuse it with: segpipe infer INPUT -m {res['model']}"
+    return EXIT_OK, res, text
+
+
+def cmd_evaluate(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
+    from . import api
+
+    if len(paths) != 2:
+        raise UsageError(
+            f"`segpipe evaluate` takes the predictions' folder and the references' folder, got {len(paths)} path(s)",
+            hint=USAGE["evaluate"],
+        )
+    res = api.evaluate(paths[0], paths[1], output=ns.output, **given)
+    names = res.get("labels", {})
+    rows = [
+        {
+            "class": f"{c} {names.get(c, '')}".strip(),
+            "Dice": m.get("Dice"),
+            "HD95 (mm)": m.get("HD95"),
+            "NSD": m.get("NSD"),
+        }
+        for c, m in res["mean"].items()
+        if c != "0"
+    ]
+    fg = res["foreground_mean"]
+
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = [
+        _table(rows),
+        f"foreground mean over {res['n_cases']} cases: Dice {fmt(fg.get('Dice'))}, HD95 {fmt(fg.get('HD95'))} mm, "
+        f"NSD {fmt(fg.get('NSD'))}",
+        f"written to {res['output']}: evaluation.csv, summary.json, dice_boxplot.png",
+    ]
+    return EXIT_OK, res, "\n".join(lines)
+
+
+def cmd_find_best(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
+    from . import api
+
+    if len(paths) > 1:
+        raise UsageError(
+            f"`segpipe find-best` takes at most one dataset, got {' '.join(paths)}", hint=USAGE["find-best"]
+        )
+    res = api.find_best(paths[0] if paths else None, log=log.info, **given)
+    rows = [
+        {"candidate": " + ".join(c["configurations"]), "mean foreground Dice": c["mean_fg_dice"]}
+        for c in res["candidates"]
+    ]
+    post = res["postprocessing"]["largest_component"]
+    lines = [
+        _table(rows),
+        f"best: {' + '.join(res['configurations'])} (mean foreground Dice {res['mean_fg_dice']:.4f} on "
+        f"{res['cases']} of {res['cases_total']} cases)",
+        "post-processing: "
+        + (
+            f"largest connected component of class {', '.join(str(c) for c in post)} "
+            f"(mean foreground Dice {res['mean_fg_dice_postprocessed']:.4f})"
+            if post
+            else "none (no class gained from keeping its largest component)"
+        ),
+        f"decision: {res['path']} (used by segpipe infer and segpipe export)",
+    ]
+    return EXIT_OK, res, "\n".join(lines)
+
+
 HANDLERS: dict[str, Handler] = {
     "info": cmd_info,
     "check": cmd_check,
@@ -418,15 +542,11 @@ HANDLERS: dict[str, Handler] = {
     "config": cmd_config,
     "demo": cmd_demo,
     "train": cmd_train,
+    "infer": cmd_infer,
+    "export": cmd_export,
+    "find-best": cmd_find_best,
+    "evaluate": cmd_evaluate,
 }
-
-
-def _not_available(command: str) -> None:
-    available = ", ".join(c for c in COMMANDS if c not in NOT_AVAILABLE)
-    raise NotAvailableError(
-        f"`segpipe {command}` is not available in this version of segpipe ({__version__})",
-        hint=f"available commands: {available}",
-    )
 
 
 def _os_error(exc: OSError) -> SegpipeError | None:
@@ -477,13 +597,11 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
     command = ns.command
     try:
-        if command in NOT_AVAILABLE:
-            _not_available(command)
         from .config import compose_config
 
         paths, overrides = _split(ns.args)
         cfg = compose_config(overrides, command=command)
-        code, result, text = HANDLERS[command](ns, paths, _given(cfg, overrides))
+        code, result, text = HANDLERS[command](ns, paths, _given(cfg, overrides, command))
     except SegpipeError as exc:
         if ns.debug:
             traceback.print_exc()

@@ -35,11 +35,11 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "plan": ("work_dir", "dataset_name", "num_workers", "force", "planner"),
     "preprocess": ("work_dir", "dataset", "config", "num_workers", "force"),
     "train": ("work_dir", "dataset", "config", "num_workers", "train", "optim", "loss", "trainer"),
-    "infer": ("work_dir", "dataset", "config", "num_workers", "dicom"),
-    "evaluate": (),
+    "infer": ("work_dir", "dataset", "config", "dicom", "infer"),
+    "evaluate": ("evaluate",),
     "find-best": ("work_dir", "dataset"),
-    "export": ("work_dir", "dataset", "config"),
-    "demo": ("work_dir",),
+    "export": ("work_dir", "dataset", "config", "infer.folds", "infer.checkpoint"),
+    "demo": ("work_dir", "train.epochs", "train.iterations_per_epoch"),
     "config": ("*",),
 }
 
@@ -77,6 +77,25 @@ class TrainSchema:
 
 
 @dataclass
+class InferSchema:
+    folds: Any = MISSING  # null, a fold, a list of folds or "all": validated by the predictor
+    checkpoint: str = MISSING
+    tta: bool = MISSING
+    overlap: float = MISSING
+    batch_size: Optional[int] = MISSING  # noqa: UP045
+    device: str = MISSING
+    format: str = MISSING
+    probabilities: bool = MISSING
+
+
+@dataclass
+class EvaluateSchema:
+    tolerance_mm: float = MISSING
+    images: Optional[str] = MISSING  # noqa: UP045
+    ignore_label: Optional[int] = MISSING  # noqa: UP045
+
+
+@dataclass
 class RootSchema:
     work_dir: str = MISSING
     dataset: Optional[str] = MISSING  # noqa: UP045
@@ -86,6 +105,8 @@ class RootSchema:
     force: bool = MISSING
     dicom: DicomSchema = field(default_factory=DicomSchema)
     train: TrainSchema = field(default_factory=TrainSchema)
+    infer: InferSchema = field(default_factory=InferSchema)
+    evaluate: EvaluateSchema = field(default_factory=EvaluateSchema)
     # planner settings are typed and validated by segpipe.planning.PlanSettings
     planner: dict[str, Any] = field(default_factory=dict)
 
@@ -214,10 +235,23 @@ def expand_key(key: str, known: Iterable[str] | None = None) -> str:
     )
 
 
-def _expand(overrides: list[str], known: list[str] | None = None) -> list[str]:
+def _expand_for(key: str, known: list[str], command: str | None) -> str:
+    """:func:`expand_key`, a bare key looked up first among the settings ``command`` takes (so
+    ``device=`` is ``infer.device`` for ``infer`` and ``train.device`` for ``train``)."""
+    if command is not None:
+        mine = [k for k in known if accepts(command, k)]
+        try:
+            return expand_key(key, mine)
+        except ConfigError:
+            pass  # not one of the command's: resolved among all, and refused by check_command
+    return expand_key(key, known)
+
+
+def _expand(overrides: list[str], known: list[str] | None = None, command: str | None = None) -> list[str]:
     """Full-key Hydra overrides for ``overrides``: group selections first, then settings.
 
-    ``known`` (the valid full keys) defaults to those of the configuration the selections give.
+    ``known`` (the valid full keys) defaults to those of the configuration the selections give;
+    with ``command``, a bare key is first looked up among that command's settings.
     """
     for ov in overrides:
         if "=" not in ov:
@@ -242,7 +276,7 @@ def _expand(overrides: list[str], known: list[str] | None = None) -> list[str]:
             )
         if "," in value and value[:1] not in "[{'\"" and not value.startswith("${"):
             value = f"[{value}]"  # `configurations=3d_fullres,2d` is a list (Hydra would read a sweep)
-        full = expand_key(bare, known)
+        full = _expand_for(bare, known, command)
         group, _, leaf = full.partition(".")
         if leaf == "name" and group in selectable_groups():
             raise ConfigError(f"{full} names the selected {group} option", hint=f"select another with {group}=OPTION")
@@ -331,7 +365,7 @@ def compose_config(overrides: Iterable[str] = (), *, command: str | None = None)
     from omegaconf import OmegaConf
 
     overrides = list(overrides)
-    expanded = _expand(overrides)
+    expanded = _expand(overrides, command=command)
     if command is not None:
         check_command(command, [ov.split("=", 1)[0] for ov in expanded])
     GlobalHydra.instance().clear()
@@ -358,7 +392,7 @@ def given_settings(command: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     known = all_settings(selections)
     out: dict[str, Any] = {s.split("=", 1)[0]: s.split("=", 1)[1] for s in selections}
     for key, value in rest:
-        full = expand_key(key, known)
+        full = _expand_for(key, known, command)
         if full in out:
             raise ConfigError(f"setting {full} given twice ({key!r} and another name for it)")
         out[full] = value

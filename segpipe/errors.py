@@ -10,7 +10,7 @@ from __future__ import annotations
 # Exit codes, documented in the README.
 EXIT_OK = 0
 EXIT_FINDINGS = 1  # the command ran and found problems (check) or failed a threshold
-EXIT_USAGE = 2  # bad arguments, unknown or unused setting, or a command this version does not provide
+EXIT_USAGE = 2  # bad arguments, unknown or unused setting
 EXIT_DATA = 3  # bad input data: unreadable file, invalid dataset description, refused DICOM
 EXIT_STATE = 4  # the workspace lacks what the command needs (no plan, no checkpoint, ...)
 EXIT_INTERNAL = 70  # a bug: an unexpected exception (rerun with --debug and report it)

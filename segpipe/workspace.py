@@ -177,6 +177,11 @@ class DatasetWorkspace:
         return self.root / "runs" / configuration / f"fold_{fold}"
 
     @property
+    def best_configuration_path(self) -> Path:
+        """``segpipe find-best``'s decision: the configuration(s) and post-processing ``infer`` uses."""
+        return self.root / "best_configuration.json"
+
+    @property
     def exports_dir(self) -> Path:
         return self.root / "exports"
 

@@ -48,15 +48,6 @@ def test_version_and_help():
         assert cmd in r.stdout
 
 
-@pytest.mark.parametrize("cmd", ["infer", "evaluate", "find-best", "export"])
-def test_pending_commands_say_so_and_exit_2(cmd):
-    r = run(cmd, "fold=0")
-    assert r.returncode == 2
-    first = r.stderr.strip().splitlines()[0]
-    assert first.startswith(f"segpipe {cmd}: error: `segpipe {cmd}` is not available in this version of segpipe")
-    assert "Traceback" not in r.stderr
-
-
 def test_check_exit_codes_and_json(tmp_path):
     root = make_msd(tmp_path / "ds")
     r = run("check", str(root), "--json")
@@ -141,6 +132,13 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
     assert out["train"]["finished"] and out["train"]["epochs"] == 2
     for name in ("last.pt", "final.pt", "metrics.csv", "progress.png", "validation/summary.json"):
         assert (run_dir / name).is_file(), name
+    # the held-out cases segmented (the DICOM one with a DICOM-SEG) and evaluated
+    assert out["infer"]["cases"] == ["demo_012", "demo_013", "dicom_003"]
+    assert out["infer"]["dicom_seg"] == ["dicom_003_seg.dcm"]
+    demo_dir = tmp_path / "SegpipeDemo" / "demo"
+    for name in ("predictions/demo_012.nii.gz", "predictions/dicom_003.json", "evaluation/summary.json"):
+        assert (demo_dir / name).is_file(), name
+    assert out["evaluate"]["cases"] == 3 and set(out["evaluate"]["class_dice"]) == {"organ", "vessel", "lesion"}
     # a second run reuses everything, the finished training run included
     r = run("demo", "--json", f"work_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,5 +1,6 @@
 """Evaluation: Dice per class and case with nnU-Net's rules, summaries (JSON) and per-case tables (CSV)."""
 
+from .folder import evaluate_folders
 from .metrics import (
     CaseMetrics,
     class_mean_dice,
@@ -12,16 +13,29 @@ from .metrics import (
     write_case_metrics,
     write_summary,
 )
+from .surface import (
+    DEFAULT_TOLERANCE_MM,
+    hd95,
+    normalized_surface_dice,
+    surface_distances,
+    surface_metrics_per_class,
+)
 
 __all__ = [
+    "DEFAULT_TOLERANCE_MM",
     "CaseMetrics",
     "class_mean_dice",
     "confusion_counts",
     "dice_from_counts",
     "dice_per_class",
+    "evaluate_folders",
     "evaluate_case",
+    "hd95",
     "mean_foreground_dice",
+    "normalized_surface_dice",
     "summarize",
+    "surface_distances",
+    "surface_metrics_per_class",
     "write_case_metrics",
     "write_summary",
 ]

@@ -250,3 +250,105 @@ def _priority_order(
             hint="declare a priority order (label values or segment labels, highest first)",
         )
     return [v for v in ranked if v in planes] + [v for v in labels if v not in ranked]
+
+
+# ---------------------------------------------------------------------------- writing
+#: default codes of a segment (SNOMED CT "Anatomical Structure" as both category and type); a
+#: dataset's labels can name others in the model (``dicom_seg`` codes)
+ANATOMICAL_STRUCTURE = ("91723000", "SCT", "Anatomical Structure")
+#: the algorithm family of segpipe's segments (DICOM CID 7162 "Artificial Intelligence")
+ARTIFICIAL_INTELLIGENCE = ("123110", "DCM", "Artificial Intelligence")
+
+
+def write_dicom_seg(
+    path: str | os.PathLike[str],
+    label: np.ndarray,
+    source: str | os.PathLike[str],
+    labels: dict[int, str],
+    *,
+    dicom_options: dict[str, Any] | None = None,
+    software_version: str = "",
+    series_description: str = "segpipe segmentation",
+    series_number: int = 4242,
+) -> Path:
+    """Write ``label`` ([Z, Y, X] on the grid :func:`~segpipe.io.image.read_image` gives the DICOM
+    ``source`` with ``dicom_options``) as a binary DICOM-SEG referencing the source series.
+
+    Each foreground value of ``labels`` (1..K-1, named) is one segment with that number; empty
+    frames are left out. Slice ``z`` of ``label`` is the source frame the reader put there, so a
+    series the reader resampled (uneven spacing, gantry tilt) or a multi-frame source has no
+    frame-to-slice match and is refused (the NIfTI label map still describes it). Written
+    atomically.
+    """
+    import highdicom as hd
+    import pydicom
+
+    from .. import __version__
+    from .atomic import atomic_path
+    from .dicom import dicom_source_frames
+
+    target = Path(path)
+    frames, geometry, resampled = dicom_source_frames(source, **(dicom_options or {}))
+    if resampled:
+        raise DicomError(
+            f"{source}: the series was resampled when read (uneven spacing or gantry tilt), so its slices do not "
+            "match the source frames one to one; no DICOM-SEG is written for it",
+            hint="use the NIfTI label map, which lies on the resampled grid",
+        )
+    if any(f.index is not None for f in frames) or len({f.path for f in frames}) != len(frames):
+        raise DicomError(
+            f"{source}: a multi-frame source series; DICOM-SEG output is written for single-frame series only",
+            hint="use the NIfTI label map",
+        )
+    lab = np.asarray(label)
+    if tuple(lab.shape) != tuple(geometry.shape):
+        raise UsageError(f"label shape {lab.shape} does not match the DICOM series' grid {geometry.shape}")
+    values = sorted(int(v) for v in labels if int(v) > 0)
+    if values != list(range(1, len(values) + 1)):
+        raise UsageError(f"segment values must be 1..N without gaps, got {values}")
+    if lab.size and int(lab.max()) > len(values):
+        raise UsageError(f"the label map holds value {int(lab.max())}, beyond the {len(values)} named segments")
+    with _quiet_pydicom():
+        sources = [pydicom.dcmread(str(f.path), stop_before_pixels=True) for f in frames]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="segpipe",
+        version=software_version or __version__,
+        family=hd.sr.CodedConcept(*ARTIFICIAL_INTELLIGENCE),
+    )
+    structure = hd.sr.CodedConcept(*ANATOMICAL_STRUCTURE)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=v,
+            segment_label=str(labels[v])[:64],
+            segmented_property_category=structure,
+            segmented_property_type=structure,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for v in values
+    ]
+    dtype = np.uint8 if len(values) < 256 else np.uint16
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=lab.astype(dtype, copy=False),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=int(series_number),
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="segpipe",
+            manufacturer_model_name="segpipe",
+            software_versions=software_version or __version__,
+            device_serial_number="segpipe",
+            series_description=series_description,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise DicomError(
+            f"{source}: cannot build a DICOM-SEG for this series ({_short_error(exc)})",
+            hint="use the NIfTI label map",
+        ) from None
+    with atomic_path(target, ext=".dcm") as tmp:
+        seg.save_as(str(tmp))
+    return target

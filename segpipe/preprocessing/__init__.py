@@ -48,7 +48,7 @@ from .spec import (
     shared_configuration,
     spec_from_plan,
 )
-from .steps import preprocess_arrays, restore, sample_locations
+from .steps import preprocess_arrays, restore, restore_argmax, sample_locations
 
 __all__ = [
     "LOCATIONS_SEED",
@@ -73,6 +73,7 @@ __all__ = [
     "register_normalization",
     "resample_label",
     "restore",
+    "restore_argmax",
     "sample_locations",
     "sampled_crc32",
     "separate_z_axis",

@@ -98,3 +98,38 @@ def restore(prediction: np.ndarray, properties: dict[str, Any], *, is_label: boo
     index = (slice(None), *sl)
     out[index] = probs
     return np.ascontiguousarray(np.transpose(out, [0] + [a + 1 for a in inverse]))
+
+
+def restore_argmax(probabilities: Any, properties: dict[str, Any]) -> np.ndarray:
+    """The label map of class scores [K, Z', Y', X'] on the original grid: the same result as
+    ``restore(probabilities, properties).argmax(0)``, without ever holding K full-size maps.
+
+    Each class's map is resampled (linearly, as :func:`restore` does) on its own and compared with
+    the running maximum, so the memory is two float32 maps of the crop box and the label map, not
+    K of them. Outside the crop box the label is 0 (background), as in :func:`restore`. Ties go to
+    the lower class, as with ``argmax``. Returns uint8 labels (int16 beyond 255 classes).
+    """
+    scores = probabilities
+    crop_shape = [int(n) for n in properties["shape_after_crop"]]
+    sep = properties.get("separate_axis")
+    num = int(scores.shape[0])
+    dtype = np.uint8 if num <= 256 else np.int16
+    best = None
+    labels = np.zeros(crop_shape, dtype=dtype)
+    for c in range(num):
+        channel = np.asarray(scores[c : c + 1], dtype=np.float32)
+        score = resample(channel, crop_shape, kind="linear", separate_axis=sep)[0]
+        del channel
+        if best is None:
+            best = np.array(score, dtype=np.float32, copy=True)  # never a view of the input
+            continue
+        better = score > best
+        labels[better] = c
+        np.maximum(best, score, out=best)
+        del score, better
+    out = np.zeros(properties["shape_before_crop"], dtype=dtype)
+    box = properties["crop_box"]
+    out[tuple(slice(lo, hi) for lo, hi in box)] = labels
+    del labels, best
+    inverse = np.argsort(properties["transpose"]).tolist()
+    return np.ascontiguousarray(np.transpose(out, inverse))

@@ -112,7 +112,7 @@ from .pixels import _apply_rescale as _apply_rescale
 from .pixels import _decode as _decode
 from .pixels import _decode_failure as _decode_failure
 from .pixels import _resample as _resample
-from .reader import READ_OPTIONS, describe_dicom, dicom_geometry, read_dicom
+from .reader import READ_OPTIONS, describe_dicom, dicom_geometry, dicom_source_frames, read_dicom
 from .reader import _check_options as _check_options
 from .reader import _problem as _problem
 from .selection import REGEX_PREFIX, choose_series
@@ -159,6 +159,7 @@ __all__ = [
     "choose_series",
     "describe_dicom",
     "dicom_geometry",
+    "dicom_source_frames",
     "list_series",
     "looks_like_dicom",
     "plan_series",

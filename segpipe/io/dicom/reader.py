@@ -134,6 +134,33 @@ def dicom_geometry(
     return plan.geometry, chosen
 
 
+def dicom_source_frames(
+    path: str | os.PathLike[str],
+    *,
+    series: str | None = None,
+    modality: str | None = None,
+    allow_uneven_spacing: bool = False,
+    allow_few_slices: bool = False,
+    allow_gantry_tilt: bool = False,
+    spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+    **unknown: Any,
+) -> tuple[list[Any], Geometry, bool]:
+    """The frames :func:`read_dicom` reads with the same options, in the order of the volume's
+    first axis (slice ``z`` of the array is frame ``z``), its geometry, and whether the volume was
+    resampled (then slices no longer match frames one to one). From headers only."""
+    _check_options(unknown)
+    where, chosen = _select(path, series, modality)
+    plan = plan_series(
+        chosen,
+        where,
+        allow_uneven_spacing=allow_uneven_spacing,
+        allow_few_slices=allow_few_slices,
+        allow_gantry_tilt=allow_gantry_tilt,
+        spacing_tolerance=spacing_tolerance,
+    )
+    return list(plan.frames), plan.geometry, bool(plan.resample)
+
+
 def read_dicom(
     path: str | os.PathLike[str],
     *,

@@ -1,0 +1,284 @@
+"""Batch prediction: what ``segpipe infer INPUT`` segments, where the results go, and re-runs.
+
+**Inputs** (:func:`discover_inputs`): an image file (NIfTI, NRRD, MHA) or a DICOM file or series
+folder is one case; a dataset folder (with ``dataset.json``) gives its test cases (``imagesTs``);
+any other folder gives one case per image file in it (nnU-Net's channel naming
+``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, … groups a multi-channel case) and one case per
+subfolder (a DICOM series, or the channel files of one case).
+
+**Outputs** (:func:`infer_cases`), per case in the output folder: ``<case>.nii.gz`` (the label
+map on the input's own grid; ``format=nrrd|mha`` too), for a DICOM series also ``<case>_seg.dcm``
+(a DICOM-SEG referencing the source series, one segment per class), ``<case>.json`` (volume per class in mL,
+the model, the options, versions and timings) and, on request, ``<case>_probabilities.npy``
+(float16 [K, Z, Y, X] on the same grid). Every file is written atomically and the report last, so
+a case counts as finished only when its report exists and names the same model and options: a
+re-run (after a kill, say) skips finished cases and redoes the rest; ``overwrite`` redoes all. A
+case that cannot be read or segmented is reported and skipped; the others go on, and the result
+lists the failures (the CLI's exit code is then non-zero).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import SegpipeError, UsageError
+from ..io.atomic import save_npy
+from ..io.image import IMAGE_EXTENSIONS, image_extension, write_image
+from ..io.jsonio import read_json, write_json
+from .predictor import Prediction, Predictor, _case_id
+
+__all__ = ["OUTPUT_FORMATS", "InputCase", "default_output_dir", "discover_inputs", "infer_cases"]
+
+log = logging.getLogger("segpipe")
+
+#: ``format=`` of the label maps and the extension it writes
+OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha"}
+REPORT_FORMAT = "segpipe.prediction"
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """One case to segment: its id (the output's name) and its sources (channel files or one DICOM source)."""
+
+    id: str
+    sources: tuple[Path, ...]
+
+
+def _is_dicom_file(path: Path) -> bool:
+    from ..io.image import is_dicom_source
+
+    return path.is_file() and image_extension(path) is None and is_dicom_source(path)
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _group_images(files: list[Path], in_channels: int, where: Path) -> list[InputCase]:
+    """Image files of one folder as cases: ``<case>_0000…`` names group channels, others are one case each."""
+    groups: dict[str, list[tuple[int, Path]]] = {}
+    cases = []
+    for f in files:
+        stem = f.name[: -len(image_extension(f) or "")]
+        m = _CHANNEL.match(stem)
+        if m:
+            groups.setdefault(m["case"], []).append((int(m["channel"]), f))
+        else:
+            cases.append(InputCase(stem, (f,)))
+    for case_id, members in sorted(groups.items()):
+        members.sort()
+        channels = [c for c, _ in members]
+        if channels != list(range(len(members))):
+            raise UsageError(
+                f"{where}: case {case_id} has channel files {', '.join(p.name for _, p in members)}",
+                hint="name the channels <case>_0000, <case>_0001, … without gaps",
+            )
+        if in_channels > 1 and len(members) > 1 and len(members) != in_channels:
+            raise UsageError(
+                f"{where}: case {case_id} has {len(members)} channel files, the model expects {in_channels}",
+                hint="provide every channel as <case>_0000 … (or one multi-channel file)",
+            )
+        cases.append(InputCase(case_id, tuple(p for _, p in members)))
+    return cases
+
+
+def discover_inputs(path: str | os.PathLike[str], *, in_channels: int = 1) -> list[InputCase]:
+    """The cases of an ``infer`` input (see the module docstring), in name order."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(
+            f"{p}: no such file or folder", hint="give an image file, a DICOM folder, or a folder of cases"
+        )
+    if p.is_file():
+        if image_extension(p) is None and not _is_dicom_file(p):
+            raise UsageError(
+                f"{p}: not an image segpipe reads",
+                hint=f"give a {', '.join(IMAGE_EXTENSIONS)} file, a DICOM file or a DICOM series folder",
+            )
+        return [InputCase(_case_id(p), (p,))]
+    if (p / "dataset.json").is_file():
+        from ..io.datasets import load_dataset
+
+        ds = load_dataset(p)
+        if not ds.test_cases:
+            raise UsageError(
+                f"{p}: the dataset lists no test cases (imagesTs)",
+                hint="give the folder of images to segment instead, or add them to imagesTs",
+            )
+        return [InputCase(c.id, tuple(c.images)) for c in ds.test_cases]
+    entries = _visible(p)
+    images = [e for e in entries if e.is_file() and image_extension(e)]
+    dicom_files = [e for e in entries if e.is_file() and not image_extension(e) and _is_dicom_file(e)]
+    folders = [e for e in entries if e.is_dir()]
+    if dicom_files and not images:
+        return [InputCase(p.name, (p,))]  # one DICOM series folder (the reader picks and checks the series)
+    cases = _group_images(images, in_channels, p)
+    for folder in folders:
+        inner = [e for e in _visible(folder) if e.is_file() and image_extension(e)]
+        if inner:
+            if len(inner) > 1 and in_channels == 1:
+                raise UsageError(
+                    f"{folder}: {len(inner)} image files in one case folder, the model takes one channel",
+                    hint="put one image per case folder, or give the folder of images itself",
+                )
+            cases.append(InputCase(folder.name, tuple(sorted(inner))))
+        else:
+            cases.append(InputCase(folder.name, (folder,)))  # a DICOM series (checked when read)
+    if not cases:
+        raise UsageError(f"{p}: no image or DICOM series found", hint="give an image file or a folder of cases")
+    ids = [c.id for c in cases]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise UsageError(
+            f"{p}: several inputs would be written as {', '.join(dupes)}",
+            hint="rename them so that every case has its own name",
+        )
+    return sorted(cases, key=lambda c: c.id)
+
+
+def default_output_dir(path: str | os.PathLike[str]) -> Path:
+    """``<INPUT>_segpipe`` beside the input (``scan.nii.gz`` → ``scan_segpipe/``)."""
+    p = Path(path).expanduser().resolve()
+    name = p.name
+    ext = image_extension(p)
+    if ext and p.is_file():
+        name = name[: -len(ext)]
+    return p.parent / f"{name}_segpipe"
+
+
+def _report_matches(report_path: Path, label_path: Path, identity: dict[str, Any]) -> bool:
+    if not (report_path.is_file() and label_path.is_file()):
+        return False
+    try:
+        report = read_json(report_path, what="prediction report", hint="segment the case again", expect=None)
+    except Exception:  # noqa: BLE001 - an unreadable report means the case is redone
+        return False
+    return isinstance(report, dict) and report.get("format") == REPORT_FORMAT and report.get("identity") == identity
+
+
+def _report(
+    case: InputCase, pred: Prediction, label_path: Path, identity: dict[str, Any], extra: dict[str, Any]
+) -> dict[str, Any]:
+    from .model import _versions
+
+    return {
+        "format": REPORT_FORMAT,
+        "case": case.id,
+        "sources": [str(s) for s in case.sources],
+        "label_map": label_path.name,
+        "labels": {str(k): v for k, v in pred.labels.items()},
+        "volume_ml": pred.volumes_ml(),
+        "geometry": pred.geometry.to_dict(),
+        "identity": identity,
+        "seconds": round(pred.seconds, 3),
+        "timings": {k: round(v, 3) for k, v in pred.timings.items()},
+        "versions": _versions(),
+        **extra,
+    }
+
+
+def _is_dicom_case(case: InputCase) -> bool:
+    from ..io.image import is_dicom_source
+
+    return len(case.sources) == 1 and image_extension(case.sources[0]) is None and is_dicom_source(case.sources[0])
+
+
+def _write_seg(path: Path, pred: Prediction, case: InputCase, predictor: Predictor) -> dict[str, Any]:
+    """The DICOM-SEG of a DICOM case beside its label map; a series it cannot describe is noted, not failed."""
+    from ..errors import DicomError
+    from ..io.dicom_seg import write_dicom_seg
+
+    try:
+        write_dicom_seg(path, pred.label, case.sources[0], pred.labels, dicom_options=predictor.dicom)
+    except DicomError as exc:
+        path.unlink(missing_ok=True)
+        log.warning("%s: no DICOM-SEG: %s", case.id, exc.message)
+        return {"dicom_seg": None, "dicom_seg_skipped": exc.message}
+    return {"dicom_seg": path.name}
+
+
+def infer_cases(
+    predictor: Predictor,
+    cases: list[InputCase],
+    out_dir: str | os.PathLike[str],
+    *,
+    fmt: str = "nii.gz",
+    probabilities: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Segment ``cases`` into ``out_dir`` (see the module docstring); returns what was written,
+    skipped and what failed (``{"output", "written", "skipped", "failed": [{case, error, hint}], ...}``)."""
+    if fmt not in OUTPUT_FORMATS:
+        raise UsageError(f"format={fmt} is not an output format", hint=f"format={'|'.join(OUTPUT_FORMATS)}")
+    ext = OUTPUT_FORMATS[fmt]
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file", hint="give a folder for -o")
+    out.mkdir(parents=True, exist_ok=True)
+    identity = {**predictor.describe(), "format": fmt, "probabilities": bool(probabilities)}
+    identity.pop("device", None)  # where it ran does not change what it wrote
+    written: list[str] = []
+    skipped: list[str] = []
+    failed: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for i, case in enumerate(cases):
+        label_path = out / f"{case.id}{ext}"
+        report_path = out / f"{case.id}.json"
+        prob_path = out / f"{case.id}_probabilities.npy"
+        if not overwrite and _report_matches(report_path, label_path, identity):
+            skipped.append(case.id)
+            if progress:
+                progress(i + 1, len(cases), f"{case.id}: already done")
+            continue
+        report_path.unlink(missing_ok=True)  # the case is unfinished until its new report exists
+        try:
+            pred = predictor.predict(list(case.sources), case_id=case.id, probabilities=probabilities)
+            write_image(label_path, pred.label, pred.geometry)
+            extra: dict[str, Any] = {}
+            if _is_dicom_case(case):
+                extra.update(_write_seg(out / f"{case.id}_seg.dcm", pred, case, predictor))
+            if probabilities and pred.probabilities is not None:
+                save_npy(prob_path, np.ascontiguousarray(pred.probabilities))
+                extra["probabilities"] = prob_path.name
+            write_json(report_path, _report(case, pred, label_path, identity, extra))
+        except SegpipeError as exc:
+            failed.append({"case": case.id, "error": exc.message, "hint": exc.hint})
+            log.error("%s: %s%s", case.id, exc.message, f" (fix: {exc.hint})" if exc.hint else "")
+        except (MemoryError, OSError, RuntimeError, ValueError) as exc:
+            failed.append({"case": case.id, "error": f"{type(exc).__name__}: {exc}", "hint": None})
+            log.error("%s: %s: %s", case.id, type(exc).__name__, exc)
+            log.debug("%s", traceback.format_exc())
+        else:
+            written.append(case.id)
+            if progress:
+                progress(i + 1, len(cases), f"{case.id}: {pred.seconds:.1f} s")
+            continue
+        for stale in (
+            label_path,
+            prob_path,
+            out / f"{case.id}_seg.dcm",
+        ):  # nothing of a failed case is left to be taken as its result
+            stale.unlink(missing_ok=True)
+        if progress:
+            progress(i + 1, len(cases), f"{case.id}: failed")
+    return {
+        "output": str(out),
+        "written": written,
+        "skipped": skipped,
+        "failed": failed,
+        "format": fmt,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "model": predictor.describe(),
+    }

@@ -1,0 +1,399 @@
+"""Trained models: the networks of a workspace's runs, and self-contained model folders.
+
+A **model** is a plan plus one set of weights per (configuration, fold) — its *members* — and the
+post-processing decision. It comes either from a workspace (``runs/<config>/fold_<k>/final.pt``
+of the trained folds) or from a **model folder** written by :func:`export_model`::
+
+    model/
+      model.json          format, dataset, labels, channels, members (file, checksum, validation
+                          Dice), post-processing, versions
+      plans.json          the plan (spacing, patch, normalisation, networks)
+      postprocessing.json the classes that keep only their largest connected component
+      weights/<config>/fold_<k>.pt   network weights only (``torch.load(weights_only=True)``)
+      README.md           the model card: what it segments, from which data, how well
+
+A model folder needs nothing of the training workspace. Loading one checks the format, that every
+file it names lies inside the folder, and each weight file's SHA-256; weights load with
+``weights_only=True``, so a crafted pickle is refused instead of run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, StateError, UsageError
+from ..io.atomic import write_text
+from ..io.jsonio import read_json, write_json
+from ..planning import Plan, load_plan, save_plan
+from .postprocess import check_postprocessing
+
+__all__ = [
+    "CHECKPOINTS",
+    "MODEL_FILE",
+    "MODEL_FORMAT",
+    "Member",
+    "Model",
+    "export_model",
+    "load_model_folder",
+    "workspace_model",
+]
+
+MODEL_FORMAT = "segpipe.model"
+MODEL_VERSION = 1
+MODEL_FILE = "model.json"
+POSTPROCESSING_FILE = "postprocessing.json"
+#: which weights of a run to use: ``final.pt`` (the end of training, nnU-Net's default) or ``best.pt``
+CHECKPOINTS = ("final", "best")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One trained network of a model: its configuration, fold and weight file."""
+
+    configuration: str
+    fold: str
+    path: Path
+    validation_dice: float | None = None
+
+
+@dataclass
+class Model:
+    """A plan, its trained members and the post-processing decision (see the module docstring)."""
+
+    plan: Plan
+    members: list[Member]
+    postprocessing: dict[str, Any] = field(default_factory=lambda: {"largest_component": []})
+    origin: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def configurations(self) -> list[str]:
+        return list(dict.fromkeys(m.configuration for m in self.members))
+
+    def folds(self, configuration: str) -> list[str]:
+        return [m.fold for m in self.members if m.configuration == configuration]
+
+    def select(self, configs: Sequence[str] | None = None, folds: Sequence[str] | None = None) -> Model:
+        """The same model restricted to ``configs`` and ``folds`` (each must exist)."""
+        members = self.members
+        if configs is not None:
+            missing = [c for c in configs if c not in self.configurations]
+            if missing:
+                raise StateError(
+                    f"{self.origin}: no trained {', '.join(missing)}",
+                    hint=f"available: {', '.join(self.configurations)} (config=NAME)",
+                )
+            members = [m for m in members if m.configuration in configs]
+        if folds is not None:
+            wanted = [str(f) for f in folds]
+            for c in dict.fromkeys(m.configuration for m in members):
+                have = [m.fold for m in members if m.configuration == c]
+                missing = [f for f in wanted if f not in have]
+                if missing:
+                    raise StateError(
+                        f"{self.origin}: {c} has no trained fold {', '.join(missing)}",
+                        hint=f"trained folds of {c}: {', '.join(have)} (folds=[...])",
+                    )
+            members = [m for m in members if m.fold in wanted]
+        return Model(self.plan, members, self.postprocessing, self.origin, self.info)
+
+
+def parse_folds(value: Any) -> list[str] | None:
+    """``folds=`` as a list of fold names: None (every trained fold), ``0``, ``[0,1]``, ``all``."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, (list, tuple)) else str(value).strip("[]").split(",")
+    folds = [str(v).strip() for v in items if str(v).strip()]
+    for f in folds:
+        if f != "all" and not (f.isdigit() and 0 <= int(f) < 5):
+            raise UsageError(f"folds={value}: {f!r} is not a fold", hint="folds=[0,1,2,3,4], folds=0 or folds=all")
+    return folds or None
+
+
+# ---------------------------------------------------------------------------- from a workspace
+def _validation_dice(run_dir: Path) -> float | None:
+    summary = run_dir / "validation" / "summary.json"
+    try:
+        value = json.loads(summary.read_text(encoding="utf-8"))["foreground_mean"]["Dice"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def workspace_model(
+    dws: Any,
+    plan: Plan,
+    *,
+    configs: Sequence[str] | None = None,
+    folds: Sequence[str] | None = None,
+    checkpoint: str = "final",
+) -> Model:
+    """The trained runs of a dataset's workspace entry as a :class:`Model`.
+
+    ``configs``: default the choice of ``segpipe find-best`` when one was made, else ``3d_fullres``
+    when trained, else the first trained configuration. ``folds``: default every cross-validation
+    fold with weights (``fold_all`` only when no fold 0-4 was trained). ``checkpoint``: ``final``
+    (runs that finished) or ``best``.
+    """
+    if checkpoint not in CHECKPOINTS:
+        raise UsageError(f"checkpoint={checkpoint} is not one of {', '.join(CHECKPOINTS)}", hint="checkpoint=final")
+    runs = Path(dws.root) / "runs"
+    found: dict[str, list[Member]] = {}
+    for name in plan.configurations:
+        for fold in ["0", "1", "2", "3", "4", "all"]:
+            run_dir = runs / name / f"fold_{fold}"
+            weights = run_dir / f"{checkpoint}.pt"
+            if weights.is_file():
+                found.setdefault(name, []).append(Member(name, fold, weights, _validation_dice(run_dir)))
+    if not found:
+        unfinished = (
+            sorted(str(p.parent.relative_to(runs)) for p in runs.glob("*/fold_*/last.pt")) if runs.is_dir() else []
+        )
+        hint = (
+            f"finish training ({', '.join(unfinished)} stopped before the end: run the same `segpipe train` again) "
+            "or use checkpoint=best"
+            if unfinished and checkpoint == "final"
+            else "train first: segpipe train fold=0 (and folds 1-4 for the 5-fold ensemble)"
+        )
+        raise StateError(f"{dws.root}: no trained model ({checkpoint}.pt in runs/<config>/fold_<k>/)", hint=hint)
+    if configs is None:
+        decision = read_best(dws)
+        if decision and all(c in found for c in decision.get("configurations", [])):
+            configs = list(decision["configurations"])
+        elif "3d_fullres" in found:
+            configs = ["3d_fullres"]
+        else:
+            configs = [next(iter(found))]
+    missing = [c for c in configs if c not in found]
+    if missing:
+        raise StateError(
+            f"{dws.root}: {', '.join(missing)} has no trained fold with {checkpoint}.pt",
+            hint=f"trained: {', '.join(found)} (config=NAME), or train it: segpipe train config={missing[0]} fold=0",
+        )
+    members: list[Member] = []
+    for c in configs:
+        have = found[c]
+        if folds is None:
+            numbered = [m for m in have if m.fold != "all"]
+            members.extend(numbered or have)
+        else:
+            names = [m.fold for m in have]
+            absent = [f for f in folds if f not in names]
+            if absent:
+                raise StateError(
+                    f"{dws.root}: {c} fold {', '.join(absent)} has no {checkpoint}.pt",
+                    hint=f"trained folds of {c}: {', '.join(names)}; train the others or choose folds=[...]",
+                )
+            members.extend(m for m in have if m.fold in folds)
+    decision = read_best(dws) or {}
+    post = check_postprocessing(decision.get("postprocessing"), plan.num_classes)
+    return Model(plan, members, post, origin=str(dws.root))
+
+
+def read_best(dws: Any) -> dict[str, Any] | None:
+    """The decision ``segpipe find-best`` wrote for this dataset (configurations, post-processing), if any."""
+    path = Path(dws.best_configuration_path)
+    if not path.is_file():
+        return None
+    data = read_json(path, what="find-best decision", hint="run `segpipe find-best` again", expect=None)
+    return data if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------------------- model folders
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from .. import __version__
+
+    out = {"segpipe": __version__}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def _model_card(info: Mapping[str, Any]) -> str:
+    labels = ", ".join(f"{k} {v}" for k, v in info["labels"].items())
+    channels = ", ".join(f"{k} {v}" for k, v in info["channel_names"].items())
+    lines = [
+        f"# segpipe model: {info['dataset']}",
+        "",
+        f"Segments {labels} from {channels} images.",
+        "",
+        "Use it with `segpipe infer INPUT -m THIS_FOLDER` or, in Python,",
+        "`segpipe.Predictor.from_model('THIS_FOLDER').predict('image.nii.gz')`.",
+        "",
+        "| configuration | fold | validation Dice (foreground mean) |",
+        "| --- | --- | --- |",
+    ]
+    for m in info["members"]:
+        dice = "n/a" if m.get("validation_dice") is None else f"{m['validation_dice']:.4f}"
+        lines.append(f"| {m['configuration']} | {m['fold']} | {dice} |")
+    post = info["postprocessing"]["largest_component"]
+    lines += [
+        "",
+        "Post-processing: "
+        + (
+            "keep the largest connected component of class " + ", ".join(str(c) for c in post)
+            if post
+            else "none (the argmax of the ensemble)"
+        )
+        + ".",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write ``model`` as a self-contained folder ``out`` (see the module docstring); returns it.
+
+    The folder is built beside ``out`` under a temporary name and renamed into place at the end, so
+    ``out`` is either complete or absent. An existing ``out`` is refused unless ``overwrite``.
+    """
+    from ..training.checkpoint import load_checkpoint, save_checkpoint
+
+    target = Path(out).expanduser().resolve()
+    if target.exists() and not overwrite:
+        raise UsageError(f"{target} already exists", hint="choose another -o folder or pass --overwrite")
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{target} is a file", hint="choose a folder name for -o")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        save_plan(model.plan, tmp / "plans.json")
+        members = []
+        for m in model.members:
+            state = load_checkpoint(m.path)
+            if "model" not in state:
+                raise StateError(f"{m.path}: holds no network weights", hint="pass a run's final.pt or best.pt")
+            rel = Path("weights") / m.configuration / f"fold_{m.fold}.pt"
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(
+                tmp / rel,
+                {
+                    "model": state["model"],
+                    "configuration": m.configuration,
+                    "fold": m.fold,
+                    "plan_config": model.plan.config(m.configuration).to_dict(),
+                },
+            )
+            members.append(
+                {
+                    "configuration": m.configuration,
+                    "fold": m.fold,
+                    "file": rel.as_posix(),
+                    "sha256": _sha256(tmp / rel),
+                    "validation_dice": m.validation_dice,
+                }
+            )
+        post = check_postprocessing(model.postprocessing, model.plan.num_classes)
+        write_json(tmp / POSTPROCESSING_FILE, post)
+        info = {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_VERSION,
+            "dataset": model.plan.dataset,
+            "labels": dict(model.plan.labels),
+            "channel_names": dict(model.plan.channel_names),
+            "members": members,
+            "postprocessing": post,
+            "versions": _versions(),
+        }
+        write_json(tmp / MODEL_FILE, info)
+        write_text(tmp / "README.md", _model_card(info))
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _inside(root: Path, rel: Any, what: str) -> Path:
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
+        raise StateError(f"{root / MODEL_FILE}: {what} {rel!r} is not a relative path inside the model folder")
+    path = (root / rel).resolve()
+    if root.resolve() not in path.parents:
+        raise StateError(
+            f"{root / MODEL_FILE}: {what} {rel!r} points outside the model folder",
+            hint="use a model folder written by `segpipe export`",
+        )
+    return path
+
+
+def load_model_folder(path: str | os.PathLike[str]) -> Model:
+    """Read a model folder written by :func:`export_model` (checked: format, paths, checksums)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise StateError(f"{root}: no model folder here", hint="pass the folder `segpipe export -o` wrote")
+    info_path = root / MODEL_FILE
+    if not info_path.is_file():
+        raise StateError(
+            f"{root}: no {MODEL_FILE}, so this is not a segpipe model folder", hint="segpipe export -o DIR"
+        )
+    info = read_json(info_path, what="model description", hint="export the model again (segpipe export)")
+    if info.get("format") != MODEL_FORMAT:
+        raise StateError(f"{info_path}: not a segpipe model description", hint="export the model again")
+    if int(info.get("format_version", 0)) > MODEL_VERSION:
+        raise StateError(
+            f"{info_path}: written by a newer segpipe (format {info.get('format_version')})", hint="upgrade segpipe"
+        )
+    plan = load_plan(root / "plans.json")
+    raw_members = info.get("members")
+    if not isinstance(raw_members, list) or not raw_members:
+        raise StateError(f"{info_path}: lists no trained network", hint="export the model again")
+    members = []
+    for entry in raw_members:
+        if not isinstance(entry, dict):
+            raise StateError(f"{info_path}: a member entry is not an object")
+        config, fold = str(entry.get("configuration")), str(entry.get("fold"))
+        if config not in plan.configurations:
+            raise StateError(f"{info_path}: member {config} is not a configuration of its plans.json")
+        file = _inside(root, entry.get("file"), "weight file")
+        if not file.is_file():
+            raise StateError(f"{file}: weight file missing", hint="copy the whole model folder")
+        expected = entry.get("sha256")
+        if expected is not None and _sha256(file) != expected:
+            raise StateError(
+                f"{file}: checksum differs from {MODEL_FILE} (damaged or replaced)",
+                hint="copy the model folder again from its source",
+            )
+        dice = entry.get("validation_dice")
+        members.append(Member(config, fold, file, float(dice) if isinstance(dice, (int, float)) else None))
+    post_path = root / POSTPROCESSING_FILE
+    decision = (
+        read_json(post_path, what="post-processing decision", hint="export the model again")
+        if post_path.is_file()
+        else info.get("postprocessing")
+    )
+    try:
+        post = check_postprocessing(decision, plan.num_classes)
+    except ConfigError as exc:
+        raise StateError(f"{post_path}: {exc.message}", hint="export the model again") from None
+    return Model(plan, members, post, origin=str(root), info=info)

@@ -1,0 +1,336 @@
+"""The predictor: a trained model applied to whole cases, answered in each case's own geometry.
+
+``Predictor.from_model("model/")`` (a folder ``segpipe export`` wrote) or
+``Predictor.from_workspace(work_dir=..., dataset=...)`` (the trained runs) loads every network once;
+``predictor.predict("case.nii.gz")`` (or a DICOM series folder, a list of channel files, or an
+array with its :class:`~segpipe.geometry.Geometry`) returns a :class:`Prediction`.
+
+For each configuration of the model, the case is preprocessed exactly as in training (transpose,
+crop, normalise, resample: :func:`~segpipe.preprocessing.preprocess_arrays`), each fold's network
+slides over it (Gaussian-weighted windows, overlap 0.5 by default, windows batched), with flip
+test-time augmentation over every spatial axis unless ``tta=False``. The folds' logits are averaged
+(nnU-Net's fold ensemble) and turned into probabilities. Several configurations are averaged as
+probabilities on the case's own grid. Then the argmax, the post-processing decision (largest
+connected component of the classes chosen on cross-validation), and the label map lies on the
+input's grid: same shape, spacing, origin and direction, whatever the plan's spacing and axis order.
+
+Memory: nothing is float64; with one configuration and no probabilities asked for, the label map
+is restored one class at a time (:func:`~segpipe.preprocessing.restore_argmax`), so no K-class map
+at the original resolution is ever held.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError, UsageError
+from ..geometry import Geometry
+from .model import CHECKPOINTS, Model, load_model_folder, parse_folds, workspace_model
+from .postprocess import apply_postprocessing
+from .sliding_window import predict_case_logits
+from .tta import FlipTTA
+
+__all__ = ["Prediction", "Predictor", "resolve_device"]
+
+log = logging.getLogger("segpipe")
+
+ImageInput = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | np.ndarray | torch.Tensor
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None): CUDA when present, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as given."""
+    if isinstance(device, torch.device):
+        return device
+    name = "auto" if device is None else str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name in ("gpu", "cuda") or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device}: no CUDA device is available here", hint="device=cpu or device=auto")
+        return torch.device("cuda" if name == "gpu" else name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"device={device} is not a device", hint="device=auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class Prediction:
+    """One case's result: ``label`` [Z, Y, X] on ``geometry`` (the input's grid), class values
+    0..K-1; ``probabilities`` [K, Z, Y, X] float16 when asked for; ``seconds`` of prediction."""
+
+    label: np.ndarray
+    geometry: Geometry
+    labels: dict[int, str]
+    probabilities: np.ndarray | None = None
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def volumes_ml(self) -> dict[str, float]:
+        """Volume of each foreground class in millilitres (voxel count × voxel volume)."""
+        voxel_ml = float(np.prod(self.geometry.spacing)) / 1000.0
+        counts = np.bincount(self.label.ravel(), minlength=max(self.labels) + 1)
+        return {name: float(counts[value]) * voxel_ml for value, name in self.labels.items() if value > 0}
+
+
+class Predictor:
+    """A trained :class:`~segpipe.inference.model.Model` ready to segment cases (see the module docstring).
+
+    Options: ``tta`` (flip test-time augmentation, default on), ``overlap`` of the sliding windows
+    (0.5), ``batch_size`` (windows per forward pass; default the plan's batch), ``device``
+    (``auto``: CUDA when present), ``dicom`` (options of the DICOM reader: ``series=``, ...).
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        tta: bool = True,
+        overlap: float = 0.5,
+        batch_size: int | None = None,
+        device: str | torch.device | None = "auto",
+        dicom: Mapping[str, Any] | None = None,
+    ):
+        from ..networks import build_network
+        from ..training.checkpoint import load_checkpoint
+
+        if not model.members:
+            raise ConfigError("the model has no trained network")
+        if not 0.0 <= float(overlap) < 1.0:
+            raise ConfigError(f"overlap={overlap} must be in [0, 1)", hint="overlap=0.5 (the default)")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ConfigError(f"batch_size={batch_size} must be at least 1 (or null for the plan's)")
+        self.model = model
+        self.plan = model.plan
+        self.tta, self.overlap = bool(tta), float(overlap)
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.device = resolve_device(device)
+        self.dicom = {k: v for k, v in dict(dicom or {}).items() if v is not None}
+        self.labels = {int(k): str(v) for k, v in self.plan.labels.items() if int(k) < self.plan.num_classes}
+        self.networks: dict[str, list[torch.nn.Module]] = {}
+        for member in model.members:
+            state = load_checkpoint(member.path, map_location="cpu")
+            cfg = self.plan.config(member.configuration)
+            net = build_network(cfg, self.plan.in_channels, self.plan.num_classes, deep_supervision=True)
+            try:
+                net.load_state_dict(state["model"])
+            except (KeyError, RuntimeError) as exc:
+                raise ConfigError(
+                    f"{member.path}: the weights do not fit the {member.configuration} network of the plan "
+                    f"({str(exc).splitlines()[0][:160]})",
+                    hint="use the plans.json the model was trained with (export the model again)",
+                ) from None
+            net.eval().to(self.device)
+            self.networks.setdefault(member.configuration, []).append(net)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        configs: Sequence[str] | str | None = None,
+        folds: Any = None,
+        **options: Any,
+    ) -> Predictor:
+        """The predictor of a model folder written by ``segpipe export`` (every member by default)."""
+        model = load_model_folder(path)
+        return cls(model.select(_config_list(configs), parse_folds(folds)), **options)
+
+    @classmethod
+    def from_workspace(
+        cls,
+        work_dir: str | os.PathLike[str] | None = None,
+        dataset: str | os.PathLike[str] | None = None,
+        *,
+        configs: Sequence[str] | str | None = None,
+        folds: Any = None,
+        checkpoint: str = "final",
+        **options: Any,
+    ) -> Predictor:
+        """The predictor of a workspace's trained runs (``segpipe train``): the chosen configuration
+        (``find-best``'s, else ``3d_fullres``) and every trained fold, unless ``configs``/``folds``."""
+        from ..planning import load_plan
+        from ..workspace import find_dataset
+
+        if checkpoint not in CHECKPOINTS:
+            raise UsageError(f"checkpoint={checkpoint} is not one of {', '.join(CHECKPOINTS)}")
+        _ws, dws = find_dataset(work_dir, dataset, "infer")
+        plan = load_plan(dws.plans_path)
+        model = workspace_model(
+            dws, plan, configs=_config_list(configs), folds=parse_folds(folds), checkpoint=checkpoint
+        )
+        return cls(model, **options)
+
+    # ------------------------------------------------------------------ reading
+    def read(
+        self, source: ImageInput, geometry: Geometry | None = None, *, case_id: str | None = None
+    ) -> tuple[np.ndarray, Geometry]:
+        """The image [C, Z, Y, X] float32 and its geometry, checked as a dataset case is (channels,
+        dimensions, NaN/inf, blank images): a file, a DICOM series folder, a list of channel files,
+        or an array with ``geometry``."""
+        if isinstance(source, (np.ndarray, torch.Tensor)):
+            if geometry is None:
+                raise UsageError(
+                    "an image array needs its geometry",
+                    hint="pass geometry=segpipe.Geometry(shape=..., spacing=(z, y, x) in mm, ...), "
+                    "or the image file so its header gives it",
+                )
+            array = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else np.asarray(source)
+            if array.ndim == 3:
+                array = array[None]
+            if array.ndim != 4:
+                raise DataError(f"expected an image [C, Z, Y, X] or [Z, Y, X], got shape {array.shape}")
+            if tuple(array.shape[1:]) != tuple(geometry.shape):
+                raise DataError(f"image shape {array.shape[1:]} differs from the geometry's {geometry.shape}")
+            if array.shape[0] != self.plan.in_channels:
+                raise DataError(
+                    f"the image has {array.shape[0]} channel(s), the model expects {self.plan.in_channels} "
+                    f"({', '.join(self.plan.channel_names.values())})"
+                )
+            if not np.isfinite(array).all():
+                raise DataError("the image holds NaN/inf voxels", hint="replace them by the background value")
+            return np.asarray(array, dtype=np.float32), geometry
+        from ..io.datasets import Case, read_case
+
+        paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
+        if not paths:
+            raise UsageError("no image file given")
+        case = Case(case_id or _case_id(paths[0]), tuple(paths))
+        data = read_case(case, self._input_dataset(paths[0]))
+        return np.asarray(data.image, dtype=np.float32), data.geometry
+
+    def _input_dataset(self, first: Path) -> Any:
+        from ..io.datasets import Dataset
+
+        return Dataset(
+            name="input",
+            root=first.parent.resolve(),
+            layout="case-folder",
+            channel_names={int(k): str(v) for k, v in self.plan.channel_names.items()},
+            labels={int(k): str(v) for k, v in self.plan.labels.items()},
+            cases=[],
+            dicom_options=dict(self.dicom),
+        )
+
+    # ------------------------------------------------------------------ prediction
+    def _network(self, net: torch.nn.Module) -> torch.nn.Module:
+        return FlipTTA(net).eval() if self.tta else net
+
+    def _probabilities(self, image: np.ndarray, configuration: str) -> torch.Tensor:
+        """Softmax [K, Z', Y', X'] of one configuration's fold ensemble on its preprocessed grid."""
+        cfg = self.plan.config(configuration)
+        kwargs: dict[str, Any] = {"overlap": self.overlap, "num_classes": self.plan.num_classes, "device": self.device}
+        if self.batch_size is not None:
+            kwargs["batch_size"] = self.batch_size
+        total: torch.Tensor | None = None
+        nets = self.networks[configuration]
+        with torch.inference_mode():  # the sliding window's logits are inference tensors: summed in place here
+            for net in nets:
+                logits = predict_case_logits(self._network(net), image, cfg, output_device="cpu", **kwargs)
+                total = logits if total is None else total.add_(logits)
+            assert total is not None
+            total /= len(nets)
+            return torch.softmax(total, dim=0)
+
+    def predict(
+        self,
+        source: ImageInput,
+        geometry: Geometry | None = None,
+        *,
+        probabilities: bool = False,
+        case_id: str | None = None,
+    ) -> Prediction:
+        """Segment one case (see :meth:`read` for ``source``); the label map is on the input's grid."""
+        from ..preprocessing import preprocess_arrays, restore, restore_argmax, spec_from_plan
+
+        t0 = time.perf_counter()
+        image, geo = self.read(source, geometry, case_id=case_id)
+        timings = {"read": time.perf_counter() - t0}
+        configs = list(self.networks)
+        mean: np.ndarray | None = None
+        label: np.ndarray | None = None
+        for configuration in configs:
+            t = time.perf_counter()
+            spec = spec_from_plan(self.plan, configuration)
+            grid, _, props = preprocess_arrays(image, None, geo, spec, self.plan.num_classes)
+            timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - t
+            t = time.perf_counter()
+            probs = self._probabilities(grid, configuration).numpy()
+            del grid
+            timings["network"] = timings.get("network", 0.0) + time.perf_counter() - t
+            t = time.perf_counter()
+            if len(configs) == 1 and not probabilities:
+                label = restore_argmax(probs, props)
+            else:
+                restored = restore(probs, props, is_label=False)
+                if mean is None:
+                    mean = restored
+                else:
+                    mean += restored
+                del restored
+            del probs
+            timings["restore"] = timings.get("restore", 0.0) + time.perf_counter() - t
+        del image
+        prob_out: np.ndarray | None = None
+        if mean is not None:
+            mean /= len(configs)
+            label = mean.argmax(axis=0).astype(np.uint8 if mean.shape[0] <= 256 else np.int16)
+            if probabilities:
+                prob_out = mean.astype(np.float16)
+            del mean
+        assert label is not None
+        t = time.perf_counter()
+        label = apply_postprocessing(label, self.model.postprocessing)
+        timings["postprocess"] = time.perf_counter() - t
+        if tuple(label.shape) != tuple(geo.shape):  # the restore's contract; never write a wrong grid
+            raise RuntimeError(f"restored label shape {label.shape} differs from the input's {geo.shape}")
+        return Prediction(label, geo, self.labels, prob_out, time.perf_counter() - t0, timings)
+
+    def describe(self) -> dict[str, Any]:
+        """What this predictor runs (for reports): dataset, members, options."""
+        return {
+            "dataset": self.plan.dataset,
+            "origin": self.model.origin,
+            "members": [{"configuration": m.configuration, "fold": m.fold} for m in self.model.members],
+            "postprocessing": self.model.postprocessing,
+            "tta": self.tta,
+            "overlap": self.overlap,
+            "device": str(self.device),
+        }
+
+
+def _config_list(value: Sequence[str] | str | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        names = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    else:
+        names = [str(v) for v in value]
+    return names or None
+
+
+_CHANNEL_SUFFIX_LEN = 5  # nnU-Net's channel naming: <case>_0000.nii.gz
+
+
+def _case_id(path: Path) -> str:
+    """A case id from a file or folder name: the image extension and a ``_0000`` channel suffix removed."""
+    from ..io.image import image_extension
+
+    name = path.name
+    ext = image_extension(path)
+    if ext:
+        name = name[: -len(ext)]
+    elif name.lower().endswith((".dcm", ".dicom", ".ima")):
+        name = name.rsplit(".", 1)[0]
+    if len(name) > _CHANNEL_SUFFIX_LEN and name[-5] == "_" and name[-4:].isdigit():
+        name = name[:-_CHANNEL_SUFFIX_LEN]
+    return name

@@ -507,19 +507,22 @@ def _write_qc(
     fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.1, wspace=0.04)
     aspect = ref_geo.spacing[1] / ref_geo.spacing[2]
     ny, nx = volume.shape[1:]
+    ys, xs = np.arange(-1, ny + 1), np.arange(-1, nx + 1)
     for ax, z, plane in zip(fig.subplots(1, 3), slices, shown):
         ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, aspect=aspect, interpolation="nearest")
-        for labels, colour in ((ref, REF_COLOUR), (pred, PRED_COLOUR)):
+        # the reference drawn wider, so it shows beside the prediction where the two coincide; masks padded
+        # with background so a structure touching the image's edge gets a closed contour
+        for labels, colour, width in ((ref, REF_COLOUR, 2.2), (pred, PRED_COLOUR, 1.0)):
             for c in foreground:
-                mask = labels[z] == c
-                if 0 < int(mask.sum()) < mask.size:
-                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.0)
+                mask = np.pad(labels[z] == c, 1).astype(np.float32)
+                if mask.any():
+                    ax.contour(xs, ys, mask, levels=[0.5], colors=[colour], linewidths=width)
         ax.set_xlim(-0.5, nx - 0.5)
         ax.set_ylim(ny - 0.5, -0.5)
         ax.set_title(f"slice {z} of {volume.shape[0]}", fontsize=9)
         ax.set_axis_off()
     handles = [
-        Line2D([], [], color=REF_COLOUR, label="reference"),
+        Line2D([], [], color=REF_COLOUR, linewidth=2.2, label="reference"),
         Line2D([], [], color=PRED_COLOUR, label="prediction"),
     ]
     fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False)

@@ -1,4 +1,4 @@
-"""Evaluation: Dice per class and case with nnU-Net's rules, summaries (JSON) and per-case tables (CSV)."""
+"""Evaluation: Dice (nnU-Net's rules), HD95 and normalised surface Dice, folder evaluation with CSV, JSON and plots, and `find-best`."""
 
 from .folder import evaluate_folders
 from .metrics import (

@@ -30,6 +30,7 @@ from segpipe.inference import (
     infer_cases,
     keep_largest_component,
     load_model_folder,
+    predict_case_logits,
 )
 from segpipe.io.image import read_image, write_image
 from segpipe.preprocessing import preprocess_arrays, restore, restore_argmax
@@ -247,6 +248,17 @@ def test_predictor_ensembles_the_trained_folds_and_answers_on_the_input_grid(tra
     np.testing.assert_allclose(with_probs.probabilities.astype(np.float32).sum(0), 1.0, atol=2e-3)
     agree = (with_probs.probabilities.argmax(0) == pred.label).mean()
     assert agree > 0.999  # float16 rounding may flip a near-tie
+    # the folds averaged inside each window, rows handed over as they finish, equal the mean of
+    # each fold's whole-image logits (the blend is linear)
+    from segpipe.preprocessing import spec_from_plan
+
+    image, _ = predictor.read(image_path)
+    grid, _, _ = preprocess_arrays(image, None, geometry, spec_from_plan(predictor.plan, CONFIG), 4)
+    each = [predict_case_logits(FlipTTA(n), grid, predictor.plan.config(CONFIG)) for n in predictor.networks[CONFIG]]
+    rows: dict[int, torch.Tensor] = {}
+    predictor._slide(grid, CONFIG, lambda r, b: rows.update({r + i: b[:, i].clone() for i in range(b.shape[1])}))
+    together = torch.stack([rows[r] for r in range(grid.shape[1])], dim=1)
+    torch.testing.assert_close(together, (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-5)
     # one fold only
     single = _predictor(trained, folds=[1])
     assert [m.fold for m in single.model.members] == ["1"]

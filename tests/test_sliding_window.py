@@ -295,3 +295,51 @@ def test_errors_name_the_problem():
         sliding_window_inference(image, lambda x: x[:, :, ::2], (8, 8, 8))
     with pytest.raises(DataError, match="Z, Y, X"):
         predict_case_logits(lambda x: x, torch.zeros(1, 8, 8), {"name": "2d", "patch_size": [8, 8]})
+
+
+# ---------------------------------------------------------------------------- rolling sums and sinks
+@pytest.mark.parametrize(
+    "shape, patch, overlap",
+    [((2, 23, 13, 11), (8, 8, 8), 0.5), ((2, 5, 13, 11), (8, 8, 8), 0.5), ((2, 17, 9, 12), (6, 5, 4), 0.0)],
+)
+def test_sink_receives_every_row_once_in_order_equal_to_the_returned_logits(shape, patch, overlap):
+    """The rolling sums (one patch depth of rows) hand each row over once, in order, and the rows are
+    exactly the logits of the whole-image call: padding removed, overlap blended, weights divided."""
+    torch.manual_seed(3)
+    image = torch.randn(shape)
+    net = conv(3, 2, 3, 3, seed=1)
+    whole = sliding_window_inference(image, net, patch, overlap=overlap, batch_size=3)
+    calls: list[int] = []
+    seen: list[tuple[int, int, int]] = []  # (first row, rows, forward passes so far)
+    blocks: dict[int, torch.Tensor] = {}
+
+    def counting(batch):
+        calls.append(1)
+        return net(batch)
+
+    def sink(row, block):
+        seen.append((row, block.shape[1], len(calls)))
+        assert block.dtype == torch.float32 and tuple(block.shape[2:]) == tuple(shape[2:])
+        for i in range(block.shape[1]):
+            blocks[row + i] = block[:, i].clone()
+
+    assert sliding_window_inference(image, counting, patch, overlap=overlap, batch_size=1, sink=sink) is None
+    rows = [r for r, n, _ in seen for r in range(r, r + n)]
+    assert rows == list(range(shape[1]))  # each row once, in order
+    got = torch.stack([blocks[r] for r in range(shape[1])], dim=1)
+    torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-6)
+    if shape[1] > 2 * patch[0]:  # rows were handed over while windows further down were still to come
+        assert seen[0][2] < len(calls)
+
+
+def test_sink_on_2d_slices_hands_over_each_slice_after_its_windows():
+    torch.manual_seed(4)
+    image = torch.randn(1, 6, 12, 10)
+    net = conv(2, 3, 2, 3)  # a 2.5-D slab of 3 slices in, 2 classes out
+    whole = sliding_window_inference(image, net, (8, 8), context_slices=1, batch_size=2)
+    got: dict[int, torch.Tensor] = {}
+    sliding_window_inference(
+        image, net, (8, 8), context_slices=1, batch_size=2, sink=lambda r, b: got.update({r: b[:, 0].clone()})
+    )
+    assert sorted(got) == list(range(6))
+    torch.testing.assert_close(torch.stack([got[r] for r in range(6)], dim=1), whole)

@@ -222,24 +222,41 @@ class Predictor:
         )
 
     # ------------------------------------------------------------------ prediction
-    def _network(self, net: torch.nn.Module) -> torch.nn.Module:
-        return FlipTTA(net).eval() if self.tta else net
+    def _window_network(self, configuration: str) -> torch.nn.Module:
+        """The sliding window's predictor of one configuration: its folds' mean logits per window
+        (the same as averaging whole-image logits: the window blend is linear), each under flip TTA."""
+        nets = [FlipTTA(net).eval() if self.tta else net for net in self.networks[configuration]]
+        return nets[0] if len(nets) == 1 else _MeanOf(nets).eval()
 
-    def _probabilities(self, image: np.ndarray, configuration: str) -> torch.Tensor:
-        """Softmax [K, Z', Y', X'] of one configuration's fold ensemble on its preprocessed grid."""
+    def _slide(self, image: np.ndarray, configuration: str, sink: Any) -> None:
+        """Slide the configuration's fold ensemble over its preprocessed image, handing the
+        finished rows of logits [K, n, Y', X'] to ``sink(row, block)``."""
         cfg = self.plan.config(configuration)
         kwargs: dict[str, Any] = {"overlap": self.overlap, "num_classes": self.plan.num_classes, "device": self.device}
         if self.batch_size is not None:
             kwargs["batch_size"] = self.batch_size
-        total: torch.Tensor | None = None
-        nets = self.networks[configuration]
-        with torch.inference_mode():  # the sliding window's logits are inference tensors: summed in place here
-            for net in nets:
-                logits = predict_case_logits(self._network(net), image, cfg, output_device="cpu", **kwargs)
-                total = logits if total is None else total.add_(logits)
-            assert total is not None
-            total /= len(nets)
-            return torch.softmax(total, dim=0)
+        predict_case_logits(self._window_network(configuration), image, cfg, output_device="cpu", sink=sink, **kwargs)
+
+    def _label_grid(self, image: np.ndarray, configuration: str) -> np.ndarray:
+        """The argmax label map [Z', Y', X'] on the preprocessed grid, row block by row block."""
+        dtype = np.uint8 if self.plan.num_classes <= 256 else np.int16
+        label = np.zeros(image.shape[1:], dtype=dtype)
+
+        def sink(row: int, block: torch.Tensor) -> None:
+            label[row : row + block.shape[1]] = block.argmax(dim=0).numpy().astype(dtype, copy=False)
+
+        self._slide(image, configuration, sink)
+        return label
+
+    def _probabilities(self, image: np.ndarray, configuration: str) -> np.ndarray:
+        """Softmax [K, Z', Y', X'] float32 of the configuration's fold ensemble on its preprocessed grid."""
+        probs = np.zeros((self.plan.num_classes, *image.shape[1:]), dtype=np.float32)
+
+        def sink(row: int, block: torch.Tensor) -> None:
+            probs[:, row : row + block.shape[1]] = torch.softmax(block, dim=0).numpy()
+
+        self._slide(image, configuration, sink)
+        return probs
 
     def predict(
         self,
@@ -258,28 +275,39 @@ class Predictor:
         configs = list(self.networks)
         mean: np.ndarray | None = None
         label: np.ndarray | None = None
-        for configuration in configs:
+        for i, configuration in enumerate(configs):
             t = time.perf_counter()
             spec = spec_from_plan(self.plan, configuration)
             grid, _, props = preprocess_arrays(image, None, geo, spec, self.plan.num_classes)
+            if i == len(configs) - 1:
+                del image  # the preprocessed grid is all the last configuration needs
             timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
-            probs = self._probabilities(grid, configuration).numpy()
-            del grid
-            timings["network"] = timings.get("network", 0.0) + time.perf_counter() - t
-            t = time.perf_counter()
-            if len(configs) == 1 and not probabilities:
-                label = restore_argmax(probs, props)
+            lean = len(configs) == 1 and not probabilities
+            if lean and list(props["shape_after_resample"]) == list(props["shape_after_crop"]):
+                # no resampling back: the argmax of each finished row block is the answer
+                grid_label = self._label_grid(grid, configuration)
+                del grid
+                timings["network"] = timings.get("network", 0.0) + time.perf_counter() - t
+                t = time.perf_counter()
+                label = restore(grid_label, props, is_label=True)
+                del grid_label
             else:
-                restored = restore(probs, props, is_label=False)
-                if mean is None:
-                    mean = restored
+                probs = self._probabilities(grid, configuration)
+                del grid
+                timings["network"] = timings.get("network", 0.0) + time.perf_counter() - t
+                t = time.perf_counter()
+                if lean:
+                    label = restore_argmax(probs, props)
                 else:
-                    mean += restored
-                del restored
-            del probs
+                    restored = restore(probs, props, is_label=False)
+                    if mean is None:
+                        mean = restored
+                    else:
+                        mean += restored
+                    del restored
+                del probs
             timings["restore"] = timings.get("restore", 0.0) + time.perf_counter() - t
-        del image
         prob_out: np.ndarray | None = None
         if mean is not None:
             mean /= len(configs)
@@ -306,6 +334,23 @@ class Predictor:
             "overlap": self.overlap,
             "device": str(self.device),
         }
+
+
+class _MeanOf(torch.nn.Module):
+    """The mean of several networks' full-resolution logits (a fold ensemble inside each window)."""
+
+    def __init__(self, networks: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(networks)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for net in self.members:
+            out = net(batch)
+            out = (out[0] if isinstance(out, (list, tuple)) else out).float()
+            total = out if total is None else total.add_(out)
+        assert total is not None
+        return total.div_(len(self.members))
 
 
 def _config_list(value: Sequence[str] | str | None) -> list[str] | None:

@@ -65,6 +65,7 @@ GAUSSIAN_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default: zero beyond 
 FLOAT16_WEIGHT_FLOOR = 2.0**-10
 
 Predictor = Callable[[torch.Tensor], Any]
+Sink = Callable[[int, torch.Tensor], None]
 ProgressArg = Callable[[int, int], None] | bool | None
 
 
@@ -191,7 +192,8 @@ def sliding_window_inference(
     autocast_dtype: torch.dtype | None = None,
     weight_floor: float | None = None,
     progress: ProgressArg = None,
-) -> torch.Tensor:
+    sink: Sink | None = None,
+) -> torch.Tensor | None:
     """Logits [K, *spatial] (float32) of ``predictor`` slid over ``image`` [C, *spatial].
 
     ``image``: [C, Y, X] or [C, Z, Y, X], numpy or torch. ``patch_size``: one entry per spatial axis,
@@ -208,6 +210,13 @@ def sliding_window_inference(
     :data:`FLOAT16_WEIGHT_FLOOR`; ``weight_floor`` sets another floor, 0 for nnU-Net's exact map). ``autocast_dtype``
     (e.g. ``torch.bfloat16``) runs the predictor under autocast. ``progress``: ``True`` shows
     segpipe's progress bar, or a callable ``(windows_done, windows_total)``.
+
+    ``sink``: instead of returning the logits, hand them over block by block as they become final,
+    ``sink(row, block)`` with ``block`` [K, n, *rest] float32 = rows ``row .. row + n`` of the first
+    spatial axis (the image's own rows, padding removed); the call then returns None. The sums
+    are then held for one patch depth of rows only (one slice for 2-D networks on a volume), so
+    the memory does not grow with the image. After a CUDA retry a sink sees rows again: write
+    blocks by position.
     """
     dev = torch.device(device) if device is not None else None
     out_dev = torch.device(output_device) if output_device is not None else None
@@ -220,6 +229,7 @@ def sliding_window_inference(
         autocast_dtype=autocast_dtype,
         weight_floor=weight_floor,
         progress=progress,
+        sink=sink,
     )
     module = predictor if isinstance(predictor, nn.Module) else None
     was_training = module.training if module is not None else False
@@ -258,7 +268,8 @@ def _slide(
     autocast_dtype: torch.dtype | None,
     weight_floor: float | None,
     progress: ProgressArg,
-) -> torch.Tensor:
+    sink: Sink | None,
+) -> torch.Tensor | None:
     _check_overlap(overlap)
     if accumulate_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ConfigError(f"accumulate_dtype must be float32, float16 or bfloat16, got {accumulate_dtype}")
@@ -309,20 +320,53 @@ def _slide(
         floor = float(weight_floor)
     gauss = gaussian_importance_map(patch, dtype=accumulate_dtype, device=output_device, floor=floor)
     gauss32 = gauss.float()
-    # the sum of weights depends only on the window grid: in slice mode one 2-D map serves every slice
-    weights = torch.zeros(plane, dtype=accumulate_dtype, device=output_device)
-    for pos in positions:
-        weights[_box(pos, patch)] += gauss
+
+    # The sums live in a rolling buffer of `depth` rows along the first output axis: windows come in
+    # order of their first row, so when a window starting at row r arrives no later window reaches
+    # the rows before r; those are divided by their weights, handed to the sink and dropped.
+    depth = 1 if slice_mode else patch[0]
+    rows_total = out_shape[0]
+    first_kept = 0 if slice_mode else lower[0]  # the unpadded rows [first_kept, first_kept + spatial[0])
+    rest_crop = _box(lower[1:], spatial[1:])
+    rest_shape = tuple(out_shape[1:])
+    state: dict[str, Any] = {"base": 0, "buf": None}
+    out_full: list[torch.Tensor] = []
+
+    def deliver(row0: int, block: torch.Tensor) -> None:
+        if sink is not None:
+            sink(row0, block)
+            return
+        if not out_full:
+            out_full.append(torch.empty((block.shape[0], *spatial), dtype=torch.float32, device=output_device))
+        out_full[0][:, row0 : row0 + block.shape[1]] = block
+
+    def flush(upto: int) -> None:
+        """Finalise rows [base, upto) of the buffer and shift it so that it starts at ``upto``."""
+        buf, base = state["buf"], state["base"]
+        upto = min(upto, rows_total)
+        if buf is None or upto <= base:
+            return
+        lo, hi = max(base, first_kept), min(upto, first_kept + spatial[0])
+        if hi > lo:
+            rows = slice(lo - base, hi - base)
+            block = buf[(slice(None, -1), rows) + rest_crop].float()
+            block /= buf[(slice(-1, None), rows) + rest_crop].float()
+            deliver(lo - first_kept, block)
+        shift = upto - base
+        keep = depth - shift
+        for i in range(max(keep, 0)):  # rows move down in order: a source row is read before it is overwritten
+            buf[:, i].copy_(buf[:, i + shift])
+        buf[:, max(keep, 0) :].zero_()
+        state["base"] = upto
 
     total = len(windows)
     bar = Progress("sliding window", total, unit="window") if progress is True else None
     report = progress if callable(progress) else None
-    logits: torch.Tensor | None = None
-    if num_classes is not None:
-        logits = torch.zeros((int(num_classes), *out_shape), dtype=accumulate_dtype, device=output_device)
+    classes = None if num_classes is None else int(num_classes)
     slab = 2 * k + 1
     channels = image.shape[0]
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else None
+    weight_block = gauss[None] if slice_mode else gauss
     try:
         for first in range(0, total, int(batch_size)):
             chunk = windows[first : first + int(batch_size)]
@@ -344,31 +388,37 @@ def _slide(
                     f"the predictor returned shape {tuple(out.shape)} for a batch of shape {tuple(batch.shape)}",
                     hint="the network must keep the patch size (use a patch the planner chose)",
                 )
-            if logits is None:
-                logits = torch.zeros((out.shape[1],) + out_shape, dtype=accumulate_dtype, device=output_device)
-            elif out.shape[1] != logits.shape[0]:
-                raise ConfigError(f"the predictor returned {out.shape[1]} classes, expected {logits.shape[0]}")
+            if classes is None:
+                classes = int(out.shape[1])
+            elif out.shape[1] != classes:
+                raise ConfigError(f"the predictor returned {out.shape[1]} classes, expected {classes}")
+            if state["buf"] is None:  # K class sums and, last, the sum of weights
+                state["buf"] = torch.zeros(
+                    (classes + 1, depth, *rest_shape), dtype=accumulate_dtype, device=output_device
+                )
+            buf = state["buf"]
             out = out.to(output_device).float() * gauss32
             if accumulate_dtype != torch.float32:
                 out = out.to(accumulate_dtype)
             for (z, pos), pred in zip(chunk, out):
-                lead: tuple[slice | int, ...] = (slice(None), z) if slice_mode else (slice(None),)
-                logits[lead + _box(pos, patch)] += pred
+                row = z if slice_mode else pos[0]
+                flush(row)
+                rows = slice(row - state["base"], row - state["base"] + depth)
+                rest = _box(pos, patch) if slice_mode else _box(pos[1:], patch[1:])
+                if slice_mode:
+                    buf[(slice(None, -1), rows) + rest] += pred[:, None]
+                else:
+                    buf[(slice(None, -1), rows) + rest] += pred
+                buf[(slice(-1, None), rows) + rest] += weight_block
             if bar is not None:
                 bar.update(len(chunk))
             if report is not None:
                 report(min(first + len(chunk), total), total)
+        flush(rows_total)
     finally:
         if bar is not None:
             bar.close()
-    assert logits is not None  # at least one window always exists
-    result = logits.float() if accumulate_dtype != torch.float32 else logits
-    result /= weights.float()  # [*plane] broadcasts over the classes (and, slice by slice, over Z)
-    crop_axes = spatial[1:] if slice_mode else spatial
-    crop_lower = lower[1:] if slice_mode else lower
-    crop = _box(crop_lower, crop_axes)
-    lead = (slice(None), slice(None)) if slice_mode else (slice(None),)
-    return result[lead + crop].contiguous()
+    return out_full[0] if sink is None else None
 
 
 # ---------------------------------------------------------------------------- thin class and plan glue
@@ -421,7 +471,9 @@ class SlidingWindowPredictor:
         context = int(cfg.context_slices) if cfg.dims == 2 else 0
         return cls(network, cfg.patch_size, context_slices=context, **kwargs)
 
-    def __call__(self, image: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor | np.ndarray, sink: Sink | None = None) -> torch.Tensor | None:
+        """The logits [K, *spatial] of ``image`` (or None, the rows handed to ``sink``: see
+        :func:`sliding_window_inference`)."""
         return sliding_window_inference(
             image,
             self.network,
@@ -435,6 +487,7 @@ class SlidingWindowPredictor:
             accumulate_dtype=self.accumulate_dtype,
             autocast_dtype=self.autocast_dtype,
             progress=self.progress,
+            sink=sink,
         )
 
     def __repr__(self) -> str:
@@ -448,12 +501,15 @@ def predict_case_logits(
     network: Predictor,
     image: torch.Tensor | np.ndarray,
     plan_config: PlanConfig | Mapping[str, Any],
+    *,
+    sink: Sink | None = None,
     **kwargs: Any,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Logits [K, Z, Y, X] (float32) of one preprocessed case [C, Z, Y, X] (as the cache holds it), on the
     cache's grid: a 3-D configuration slides its 3-D patch, a 2-D one its slices (2.5-D: its slabs).
 
-    ``kwargs`` go to :func:`sliding_window_inference` (``overlap``, ``batch_size``, ``device``, ...).
+    ``kwargs`` go to :func:`sliding_window_inference` (``overlap``, ``batch_size``, ``device``, ...);
+    with ``sink`` the rows of logits go there as they are finished and None is returned.
     """
     img = _as_image(image)
     if img.ndim != 4:
@@ -461,4 +517,4 @@ def predict_case_logits(
             f"a preprocessed case is [C, Z, Y, X], got shape {tuple(img.shape)}",
             hint="load it with Cache.load (2-D cases keep a slice axis of 1)",
         )
-    return SlidingWindowPredictor.from_plan(network, plan_config, **kwargs)(img)
+    return SlidingWindowPredictor.from_plan(network, plan_config, **kwargs)(img, sink=sink)

@@ -232,6 +232,7 @@ def validate_cases(
                     hint="run `segpipe preprocess force=true`",
                 )
             logits = predict_case_logits(network, image, cfg, **window_kwargs)
+            assert logits is not None  # no sink: the whole case's logits
             del image
             pred = logits.argmax(dim=0)
             reference = torch.from_numpy(np.asarray(label)).to(pred.device)

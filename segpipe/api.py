@@ -340,33 +340,54 @@ def infer(
     ``model``: a model folder from :func:`export` (default: the workspace's trained runs, chosen
     with ``work_dir``/``dataset``/``config``). Settings: the ``infer`` group (``folds``,
     ``checkpoint``, ``tta``, ``overlap``, ``batch_size``, ``device``, ``format``,
-    ``probabilities``) and the ``dicom`` reading options. Finished cases are skipped unless
+    ``probabilities``), the ``dicom`` reading options and ``trainer`` (``trainer="ddp"``,
+    ``devices``, ``num_nodes``: the cases shared out among one process per device, see
+    :mod:`segpipe.inference.distributed`; a script using it is run again in each process, so its
+    top level belongs under ``if __name__ == "__main__":``). Finished cases are skipped unless
     ``overwrite``; a case that fails is reported in ``failed`` and the others go on. Returns
-    ``{"output", "written", "skipped", "failed", "cases", "model", "seconds"}``.
+    ``{"output", "written", "skipped", "failed", "cases", "model", "seconds"}`` (the same in every
+    process of a distributed batch, with its ``rank`` and the number of ``processes``).
     """
     from .inference import default_output_dir, discover_inputs, infer_cases
+    from .inference.distributed import infer_cases_ddp, predict_trainer, process_settings, rank_device
 
     dataset = settings.pop("dataset", None)
     config_value = settings.pop("config", settings.pop("configuration", None))
     cfg = _settings("infer", settings)
+    processes = process_settings(to_container(cfg.trainer))
+    out = Path(output) if output is not None else default_output_dir(input)
+    trainer = None
+    if processes["name"] == "ddp":  # the trainer first: it knows this process's rank and device
+        trainer = predict_trainer(
+            device=str(cfg.infer.device),
+            devices=processes["devices"],
+            num_nodes=processes["num_nodes"],
+            root=out,
+        )
+        cfg.infer.device = rank_device(trainer)
     predictor = _predictor(model, cfg, config_value, dataset)
     cases = discover_inputs(input, in_channels=predictor.plan.in_channels)
-    out = Path(output) if output is not None else default_output_dir(input)
-    say = log or (lambda msg: None)
-    say(f"segmenting {len(cases)} case(s) into {out} with {len(predictor.model.members)} network(s)")
+    first = trainer is None or trainer.global_rank == 0
+    say = (log if first else None) or (lambda msg: None)
+    where = "" if trainer is None else f" on {trainer.world_size} processes"
+    say(f"segmenting {len(cases)} case(s) into {out} with {len(predictor.model.members)} network(s){where}")
 
     def progress(done: int, total: int, what: str) -> None:
-        say(f"[{done}/{total}] {what}")
+        say(
+            f"[{done}/{total}] {what}"
+            if trainer is None
+            else f"[{done}/{total}, process 0 of {trainer.world_size}] {what}"
+        )
 
-    result = infer_cases(
-        predictor,
-        cases,
-        out,
-        fmt=str(cfg.infer.format),
-        probabilities=bool(cfg.infer.probabilities),
-        overwrite=overwrite,
-        progress=progress,
-    )
+    fmt, probabilities = str(cfg.infer.format), bool(cfg.infer.probabilities)
+    if trainer is None:
+        result = infer_cases(
+            predictor, cases, out, fmt=fmt, probabilities=probabilities, overwrite=overwrite, progress=progress
+        )
+    else:
+        result = infer_cases_ddp(
+            trainer, predictor, cases, out, fmt=fmt, probabilities=probabilities, overwrite=overwrite, progress=progress
+        )
     return {**result, "cases": [c.id for c in cases]}
 
 

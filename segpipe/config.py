@@ -35,7 +35,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "plan": ("work_dir", "dataset_name", "num_workers", "force", "planner"),
     "preprocess": ("work_dir", "dataset", "config", "num_workers", "force"),
     "train": ("work_dir", "dataset", "config", "num_workers", "train", "optim", "loss", "trainer"),
-    "infer": ("work_dir", "dataset", "config", "dicom", "infer"),
+    "infer": ("work_dir", "dataset", "config", "dicom", "infer", "trainer"),
     "evaluate": ("evaluate",),
     "find-best": ("work_dir", "dataset"),
     "export": ("work_dir", "dataset", "config", "infer.folds", "infer.checkpoint"),

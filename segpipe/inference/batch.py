@@ -14,7 +14,9 @@ the model, the options, versions and timings) and, on request, ``<case>_probabil
 a case counts as finished only when its report exists and names the same model and options: a
 re-run (after a kill, say) skips finished cases and redoes the rest; ``overwrite`` redoes all. A
 case that cannot be read or segmented is reported and skipped; the others go on, and the result
-lists the failures (the CLI's exit code is then non-zero).
+lists the failures (the CLI's exit code is then non-zero). With ``trainer=ddp devices=N`` the
+cases are shared out among several processes, each written by one of them
+(:mod:`segpipe.inference.distributed`); the files and the summary are the same.
 """
 
 from __future__ import annotations
@@ -37,7 +39,17 @@ from ..io.image import IMAGE_EXTENSIONS, image_extension, write_image
 from ..io.jsonio import read_json, write_json
 from .predictor import Prediction, Predictor, _case_id
 
-__all__ = ["OUTPUT_FORMATS", "InputCase", "default_output_dir", "discover_inputs", "infer_cases"]
+__all__ = [
+    "OUTPUT_FORMATS",
+    "CaseOutcome",
+    "InputCase",
+    "default_output_dir",
+    "discover_inputs",
+    "infer_cases",
+    "prediction_identity",
+    "prepare_output",
+    "segment_case",
+]
 
 log = logging.getLogger("segpipe")
 
@@ -208,6 +220,85 @@ def _write_seg(path: Path, pred: Prediction, case: InputCase, predictor: Predict
     return {"dicom_seg": path.name}
 
 
+@dataclass(frozen=True)
+class CaseOutcome:
+    """What became of one case: ``written``, ``skipped`` (already done) or ``failed`` (``failure``:
+    ``{case, error, hint}``); ``note`` is its progress line (``"1.2 s"``, ``"already done"``, ``"failed"``)."""
+
+    case: str
+    status: str
+    note: str
+    failure: dict[str, Any] | None = None
+
+
+def prepare_output(out_dir: str | os.PathLike[str], fmt: str) -> Path:
+    """The output folder (created), after checking ``format=``; a file in its place is refused."""
+    if fmt not in OUTPUT_FORMATS:
+        raise UsageError(f"format={fmt} is not an output format", hint=f"format={'|'.join(OUTPUT_FORMATS)}")
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file", hint="give a folder for -o")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def prediction_identity(predictor: Predictor, fmt: str, probabilities: bool) -> dict[str, Any]:
+    """What a finished case's report must name for a re-run to skip it: the model and the options."""
+    identity = {**predictor.describe(), "format": fmt, "probabilities": bool(probabilities)}
+    identity.pop("device", None)  # where it ran does not change what it wrote
+    return identity
+
+
+def segment_case(
+    predictor: Predictor,
+    case: InputCase,
+    out: Path,
+    *,
+    fmt: str,
+    identity: dict[str, Any],
+    probabilities: bool = False,
+    overwrite: bool = False,
+    report_extra: dict[str, Any] | None = None,
+) -> CaseOutcome:
+    """Segment one case into ``out`` (a :func:`prepare_output` folder): skip it when its report
+    already names ``identity``; otherwise write its files atomically, the report (with
+    ``report_extra``) last. A case that cannot be read or segmented leaves no file behind."""
+    ext = OUTPUT_FORMATS[fmt]
+    label_path = out / f"{case.id}{ext}"
+    report_path = out / f"{case.id}.json"
+    prob_path = out / f"{case.id}_probabilities.npy"
+    if not overwrite and _report_matches(report_path, label_path, identity):
+        return CaseOutcome(case.id, "skipped", "already done")
+    report_path.unlink(missing_ok=True)  # the case is unfinished until its new report exists
+    failure: dict[str, Any]
+    try:
+        pred = predictor.predict(list(case.sources), case_id=case.id, probabilities=probabilities)
+        write_image(label_path, pred.label, pred.geometry)
+        extra: dict[str, Any] = dict(report_extra or {})
+        if _is_dicom_case(case):
+            extra.update(_write_seg(out / f"{case.id}_seg.dcm", pred, case, predictor))
+        if probabilities and pred.probabilities is not None:
+            save_npy(prob_path, np.ascontiguousarray(pred.probabilities))
+            extra["probabilities"] = prob_path.name
+        write_json(report_path, _report(case, pred, label_path, identity, extra))
+    except SegpipeError as exc:
+        failure = {"case": case.id, "error": exc.message, "hint": exc.hint}
+        log.error("%s: %s%s", case.id, exc.message, f" (fix: {exc.hint})" if exc.hint else "")
+    except (MemoryError, OSError, RuntimeError, ValueError) as exc:
+        failure = {"case": case.id, "error": f"{type(exc).__name__}: {exc}", "hint": None}
+        log.error("%s: %s: %s", case.id, type(exc).__name__, exc)
+        log.debug("%s", traceback.format_exc())
+    else:
+        return CaseOutcome(case.id, "written", f"{pred.seconds:.1f} s")
+    for stale in (
+        label_path,
+        prob_path,
+        out / f"{case.id}_seg.dcm",
+    ):  # nothing of a failed case is left to be taken as its result
+        stale.unlink(missing_ok=True)
+    return CaseOutcome(case.id, "failed", "failed", failure)
+
+
 def infer_cases(
     predictor: Predictor,
     cases: list[InputCase],
@@ -220,59 +311,24 @@ def infer_cases(
 ) -> dict[str, Any]:
     """Segment ``cases`` into ``out_dir`` (see the module docstring); returns what was written,
     skipped and what failed (``{"output", "written", "skipped", "failed": [{case, error, hint}], ...}``)."""
-    if fmt not in OUTPUT_FORMATS:
-        raise UsageError(f"format={fmt} is not an output format", hint=f"format={'|'.join(OUTPUT_FORMATS)}")
-    ext = OUTPUT_FORMATS[fmt]
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} is a file", hint="give a folder for -o")
-    out.mkdir(parents=True, exist_ok=True)
-    identity = {**predictor.describe(), "format": fmt, "probabilities": bool(probabilities)}
-    identity.pop("device", None)  # where it ran does not change what it wrote
+    out = prepare_output(out_dir, fmt)
+    identity = prediction_identity(predictor, fmt, probabilities)
     written: list[str] = []
     skipped: list[str] = []
     failed: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for i, case in enumerate(cases):
-        label_path = out / f"{case.id}{ext}"
-        report_path = out / f"{case.id}.json"
-        prob_path = out / f"{case.id}_probabilities.npy"
-        if not overwrite and _report_matches(report_path, label_path, identity):
-            skipped.append(case.id)
-            if progress:
-                progress(i + 1, len(cases), f"{case.id}: already done")
-            continue
-        report_path.unlink(missing_ok=True)  # the case is unfinished until its new report exists
-        try:
-            pred = predictor.predict(list(case.sources), case_id=case.id, probabilities=probabilities)
-            write_image(label_path, pred.label, pred.geometry)
-            extra: dict[str, Any] = {}
-            if _is_dicom_case(case):
-                extra.update(_write_seg(out / f"{case.id}_seg.dcm", pred, case, predictor))
-            if probabilities and pred.probabilities is not None:
-                save_npy(prob_path, np.ascontiguousarray(pred.probabilities))
-                extra["probabilities"] = prob_path.name
-            write_json(report_path, _report(case, pred, label_path, identity, extra))
-        except SegpipeError as exc:
-            failed.append({"case": case.id, "error": exc.message, "hint": exc.hint})
-            log.error("%s: %s%s", case.id, exc.message, f" (fix: {exc.hint})" if exc.hint else "")
-        except (MemoryError, OSError, RuntimeError, ValueError) as exc:
-            failed.append({"case": case.id, "error": f"{type(exc).__name__}: {exc}", "hint": None})
-            log.error("%s: %s: %s", case.id, type(exc).__name__, exc)
-            log.debug("%s", traceback.format_exc())
-        else:
+        outcome = segment_case(
+            predictor, case, out, fmt=fmt, identity=identity, probabilities=probabilities, overwrite=overwrite
+        )
+        if outcome.status == "written":
             written.append(case.id)
-            if progress:
-                progress(i + 1, len(cases), f"{case.id}: {pred.seconds:.1f} s")
-            continue
-        for stale in (
-            label_path,
-            prob_path,
-            out / f"{case.id}_seg.dcm",
-        ):  # nothing of a failed case is left to be taken as its result
-            stale.unlink(missing_ok=True)
+        elif outcome.status == "skipped":
+            skipped.append(case.id)
+        else:
+            failed.append(outcome.failure or {"case": case.id, "error": "failed", "hint": None})
         if progress:
-            progress(i + 1, len(cases), f"{case.id}: failed")
+            progress(i + 1, len(cases), f"{case.id}: {outcome.note}")
     return {
         "output": str(out),
         "written": written,

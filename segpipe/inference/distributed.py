@@ -1,0 +1,244 @@
+"""Batch prediction on several processes: ``segpipe infer INPUT trainer=ddp devices=N num_nodes=M``.
+
+The cases of a batch are shared out through Lightning's predict loop with the ``ddp`` strategy:
+one process per device (a GPU, or a share of the CPU cores with the gloo backend) on each of
+``num_nodes`` machines. Process ``r`` of ``W`` segments cases ``r, r + W, r + 2W, …`` of the
+batch (in name order), so every case is segmented and written by exactly one process, with no
+case repeated to even out the shares. Each process loads the model once, onto its own device,
+and writes each of its cases exactly as a single-process run does (:func:`~.batch.segment_case`:
+atomic files, the report last and naming the process's ``rank``), so a re-run, with any number of
+processes, skips the finished cases. At the end every process holds the same summary of the whole
+batch (what was written, skipped and what failed); the first process reports progress.
+
+``segpipe infer`` starts the other processes of a machine itself (it runs the same command again
+in each). A Python script calling :func:`segpipe.infer` with ``trainer="ddp"`` is run again the
+same way, so its top level belongs under ``if __name__ == "__main__":``. Under SLURM, launch one
+task per device with ``srun`` and give ``devices=`` and ``num_nodes=`` that match the job; the
+output folder must be one that every machine sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..errors import ConfigError
+from .batch import CaseOutcome, InputCase, prediction_identity, prepare_output, segment_case
+from .predictor import Predictor
+
+__all__ = ["RankSampler", "infer_cases_ddp", "predict_trainer", "process_settings", "rank_device"]
+
+#: devices a distributed batch can run on (``cuda:N`` picks one GPU: each process gets its own)
+_DEVICES = ("auto", "cpu", "cuda", "gpu")
+
+
+def process_settings(value: Any) -> dict[str, Any]:
+    """``{"name": "single"|"ddp", "devices": N, "num_nodes": M}`` from the composed ``trainer`` option."""
+    t: dict[str, Any] = dict(value) if isinstance(value, Mapping) else {"name": str(value)}
+    t.setdefault("name", "single")
+    t.setdefault("devices", 1 if t["name"] == "single" else 2)
+    t.setdefault("num_nodes", 1)
+    if t["name"] not in ("single", "ddp"):
+        raise ConfigError(f"trainer={t['name']!r} is not a trainer", hint="trainer=single, or trainer=ddp devices=N")
+    for key in ("devices", "num_nodes"):
+        try:
+            t[key] = int(t[key])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={t[key]!r} is not a whole number") from None
+        if t[key] < 1:
+            raise ConfigError(f"{key}={t[key]} must be at least 1")
+    if t["name"] == "single" and (t["devices"], t["num_nodes"]) != (1, 1):
+        raise ConfigError(
+            f"devices={t['devices']} num_nodes={t['num_nodes']}: trainer=single segments in one process",
+            hint="trainer=ddp devices=N num_nodes=M shares the cases out among N × M processes",
+        )
+    return t
+
+
+def _accelerator(device: str) -> str:
+    name = str(device).strip().lower()
+    if name not in _DEVICES:
+        raise ConfigError(
+            f"device={device} with trainer=ddp: each process takes its own device",
+            hint="device=auto, cpu or cuda (process r of a machine uses its GPU r)",
+        )
+    if name == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if name in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: no CUDA device is available here", hint="device=cpu or device=auto")
+    return "cpu" if name == "cpu" else "gpu"
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's start-up notes (accelerators found, tips about loader workers) stay out of the
+    output; segpipe reports the batch itself. Errors still show."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _slurm_plugins() -> list[Any]:
+    """Under SLURM, Lightning's cluster environment without its requeue on SIGUSR1 (a requeued
+    batch needs nothing saved: its re-run skips the finished cases)."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def predict_trainer(*, device: str, devices: int, num_nodes: int, root: str | os.PathLike[str]) -> Any:
+    """The Lightning trainer of a distributed batch (``ddp``: one process per device on each of
+    ``num_nodes`` machines). Made before the model is loaded, it knows this process's rank."""
+    accelerator = _accelerator(device)  # checked before Lightning is loaded
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        with _quiet_lightning():
+            return L.Trainer(
+                accelerator=accelerator,
+                strategy="ddp",
+                devices=int(devices),
+                num_nodes=int(num_nodes),
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                use_distributed_sampler=False,  # RankSampler shares the cases out, none twice
+                default_root_dir=str(root),
+                plugins=_slurm_plugins(),
+            )
+    except MisconfigurationException as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"trainer=ddp devices={devices} num_nodes={num_nodes} on {accelerator}: {text}",
+            hint="give devices= no more than the GPUs of one machine, and run trainer=ddp from a script or the CLI",
+        ) from None
+
+
+def rank_device(trainer: Any) -> str:
+    """The device this process of ``trainer`` segments on: ``cpu``, or its own GPU ``cuda:<local rank>``."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    return "cpu" if isinstance(trainer.accelerator, CPUAccelerator) else f"cuda:{int(trainer.local_rank)}"
+
+
+class RankSampler(Sampler[int]):
+    """Case indices ``rank, rank + world, …`` of ``n``: every index on exactly one process, none
+    repeated (unlike Lightning's distributed sampler, which pads the shares to equal length)."""
+
+    def __init__(self, n: int, *, rank: int, world: int):
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not a process of {world}")
+        self.n, self.rank, self.world = int(n), int(rank), int(world)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def _module(segment: Callable[[int], None]) -> Any:
+    import lightning as L
+
+    class CaseWriter(L.LightningModule):
+        """Lightning's view of a batch: each predict step segments and writes one case."""
+
+        def predict_step(self, batch: Any, batch_idx: int = 0) -> None:
+            segment(int(batch))
+
+    return CaseWriter()
+
+
+def _gather(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every process's ``payload``, in rank order (this one's alone outside a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [payload]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, payload)
+    return parts
+
+
+def infer_cases_ddp(
+    trainer: Any,
+    predictor: Predictor,
+    cases: list[InputCase],
+    out_dir: str | os.PathLike[str],
+    *,
+    fmt: str = "nii.gz",
+    probabilities: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`~.batch.infer_cases` with the cases shared out among the processes of ``trainer``
+    (:func:`predict_trainer`; see the module docstring). ``progress`` is called by the first process
+    for its own cases (``done`` and ``total`` count its share). Returns the same summary on every
+    process, with ``rank`` (this process) and ``processes`` (how many shared the batch) added."""
+    out = prepare_output(out_dir, fmt)
+    identity = prediction_identity(predictor, fmt, probabilities)
+    rank, world = int(trainer.global_rank), int(trainer.world_size)
+    sampler = RankSampler(len(cases), rank=rank, world=world)
+    share = len(sampler)
+    outcomes: list[tuple[int, CaseOutcome]] = []
+    t0 = time.perf_counter()
+
+    def segment(index: int) -> None:
+        case = cases[index]
+        outcome = segment_case(
+            predictor,
+            case,
+            out,
+            fmt=fmt,
+            identity=identity,
+            probabilities=probabilities,
+            overwrite=overwrite,
+            report_extra={"rank": rank},
+        )
+        outcomes.append((index, outcome))
+        if progress and rank == 0:
+            progress(len(outcomes), share, f"{case.id}: {outcome.note}")
+
+    indices: Any = list(range(len(cases)))  # a map-style dataset: item i is case index i
+    loader: DataLoader[int] = DataLoader(indices, batch_size=None, sampler=sampler, num_workers=0)
+    with _quiet_lightning():
+        trainer.predict(_module(segment), dataloaders=loader, return_predictions=False)
+    mine = {
+        "outcomes": [(i, o.status, o.failure) for i, o in outcomes],
+        "seconds": time.perf_counter() - t0,
+        "model": predictor.describe(),
+    }
+    parts = _gather(mine)
+    merged = sorted((item for part in parts for item in part["outcomes"]), key=lambda item: item[0])
+    if [i for i, _, _ in merged] != list(range(len(cases))):  # the sampler's promise, checked
+        raise RuntimeError(f"the processes reported {len(merged)} outcomes for {len(cases)} cases")
+    return {
+        "output": str(out),
+        "written": [cases[i].id for i, status, _ in merged if status == "written"],
+        "skipped": [cases[i].id for i, status, _ in merged if status == "skipped"],
+        "failed": [failure for _, status, failure in merged if status == "failed"],
+        "format": fmt,
+        "seconds": round(max(part["seconds"] for part in parts), 3),
+        "model": parts[0]["model"],
+        "rank": rank,
+        "processes": world,
+    }

@@ -16,8 +16,20 @@ overlap 0.5, Gaussian weighting, all 8 flips, 2 threads each, on the CPU, in the
 Each side reports the seconds of prediction (model loaded, imports done) per case and its peak
 RSS (process tree, sampled every 20 ms); the label maps of both are compared voxel by voxel.
 
+With ``--memory`` it measures memory instead: one synthetic CT-like volume of 512×512×600 voxels
+(int16, 0.8×0.8×1 mm), a small real network of 10 classes (3 stages of width 8, 16, 32 — segpipe's
+U-Net has at least 3 — patch 128³, random weights) as segpipe's plan and, for nnU-Net, the same network as TorchScript with a hand-made plan
+of the same patch, spacing and CT normalisation; no TTA, 2 threads each, windows side by side
+(``--memory-overlap 0``, nnU-Net's ``tile_step_size=1``) by default: such a thin network runs ~5 s
+per 128³ window on 2 CPU cores, so overlap 0.5 (441 windows) would take over half an hour per
+side, and neither tool's memory depends on the overlap (nnU-Net sums into whole-volume arrays,
+segpipe into one patch depth of rows). Ten float32
+class maps of that volume alone are 6.3 GB; each side's peak RSS is its whole process tree's,
+sampled every 20 ms.
+
     python tools/bench_infer.py --nnunet-python ../nnunet-venv/bin/python --json out.json
     python tools/bench_infer.py --cases 5          # segpipe only (nnU-Net skipped without its Python)
+    python tools/bench_infer.py --memory --nnunet-python ../nnunet-venv/bin/python --json mem.json
 """
 
 from __future__ import annotations
@@ -29,6 +41,11 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+MEMORY_SHAPE = (600, 512, 512)  # z, y, x
+MEMORY_SPACING = (1.0, 0.8, 0.8)  # z, y, x in mm
+MEMORY_CLASSES = 10
+MEMORY_PATCH = (128, 128, 128)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,6 +95,43 @@ predictor.predict_from_files([[f] for f in files], out, save_probabilities=False
 wall = time.perf_counter() - t1
 print("RESULT " + json.dumps({"load_s": load, "predict_s": wall, "cases": len(files),
                               "patch_size": list(conf.patch_size)}))
+"""
+
+
+SEGPIPE_MEMORY_SNIPPET = r"""
+import json, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[4]))
+from segpipe.inference import Predictor, discover_inputs, infer_cases
+model, images, out = sys.argv[1], sys.argv[2], sys.argv[3]
+predictor = Predictor.from_model(model, device="cpu", tta=False, overlap=float(sys.argv[5]))
+cases = discover_inputs(images)
+t1 = time.perf_counter()
+res = infer_cases(predictor, cases, out, overwrite=True)
+wall = time.perf_counter() - t1
+assert not res["failed"], res["failed"]
+print("RESULT " + json.dumps({"load_s": 0.0, "predict_s": wall, "cases": len(cases)}))
+"""
+
+NNUNET_MEMORY_SNIPPET = r"""
+import json, sys, time
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+ts, plans_path, dataset_json, image, out, threads, overlap = sys.argv[1:8]
+torch.set_num_threads(int(threads))
+net = torch.jit.load(ts, map_location="cpu").eval()
+plans = PlansManager(load_json(plans_path))
+conf = plans.get_configuration("3d_fullres")
+predictor = nnUNetPredictor(tile_step_size=1.0 - float(overlap), use_gaussian=True, use_mirroring=False,
+                            perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+predictor.manual_initialization(net, plans, conf, [net.state_dict()], load_json(dataset_json), "nnUNetTrainer", None)
+t1 = time.perf_counter()
+predictor.predict_from_files([[image]], out, save_probabilities=False, overwrite=True,
+                             num_processes_preprocessing=1, num_processes_segmentation_export=1)
+wall = time.perf_counter() - t1
+print("RESULT " + json.dumps({"load_s": 0.0, "predict_s": wall, "cases": 1}))
 """
 
 
@@ -183,6 +237,216 @@ def bench_nnunet(python: Path, data: Path, work: Path, ts: Path, images: Path, o
     return _result(run_measured(cmd, env=env), "nnU-Net")
 
 
+def setup_memory(work: Path) -> dict[str, Path]:
+    """The CT-like volume, segpipe's 10-class plan and model folder, the TorchScript network, and
+    nnU-Net's plan and dataset.json for it (not timed)."""
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+    import torch
+
+    from segpipe.geometry import Geometry
+    from segpipe.inference.model import Member, Model, export_model
+    from segpipe.io.image import write_image
+    from segpipe.networks import build_network
+    from segpipe.planning import Plan
+    from segpipe.training.checkpoint import save_checkpoint
+
+    work.mkdir(parents=True, exist_ok=True)
+    images = work / "memory_images"
+    images.mkdir(exist_ok=True)
+    image = images / "ct_0000.nii.gz"
+    if not image.is_file():
+        rng = np.random.default_rng(0)
+        z, y, x = MEMORY_SHAPE
+        yy, xx = np.ogrid[:y, :x]
+        body = ((yy - y / 2) / (0.42 * y)) ** 2 + ((xx - x / 2) / (0.47 * x)) ** 2 <= 1.0
+        vol = np.full(MEMORY_SHAPE, -1000, dtype=np.int16)
+        for k in range(z):  # soft tissue inside the body, a brighter "organ" that drifts with z, noise
+            sl = np.where(body, 40, -1000).astype(np.int16)
+            cy, cx = int(y * (0.4 + 0.2 * k / z)), int(x * 0.55)
+            sl[cy - 40 : cy + 40, cx - 50 : cx + 50] = 180
+            sl += rng.normal(0, 20, size=(y, x)).astype(np.int16)
+            vol[k] = sl
+        write_image(image, vol, Geometry(shape=MEMORY_SHAPE, spacing=MEMORY_SPACING))
+        del vol
+    labels = {str(i): ("background" if i == 0 else f"structure_{i}") for i in range(MEMORY_CLASSES)}
+    spacing = list(MEMORY_SPACING)
+    plan_dict: dict[str, Any] = {
+        "schema_version": 1,
+        "dataset": "ctmemory",
+        "fingerprint_sha256": "0" * 64,
+        "anisotropic": False,
+        "anisotropic_axis": None,
+        "channel_names": {"0": "CT"},
+        "in_channels": 1,
+        "labels": labels,
+        "num_classes": MEMORY_CLASSES,
+        "median_shape": list(MEMORY_SHAPE),
+        "median_spacing": spacing,
+        "target_spacing": spacing,
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "normalization": [
+            {"channel": 0, "name": "CT", "scheme": "ct", "mean": 60.0, "std": 80.0, "clip": [-200.0, 400.0]}
+        ],
+        "configurations": {
+            "3d_fullres": {
+                "name": "3d_fullres",
+                "architecture": "unet",
+                "attention": False,
+                "batch_dice": False,
+                "batch_size": 2,
+                "context_slices": 0,
+                "data_identifier": "3d_memory",
+                "deep_supervision_outputs": 1,
+                "dims": 3,
+                "features": [8, 16, 32],
+                "kernel_sizes": [[3, 3, 3], [3, 3, 3], [3, 3, 3]],
+                "median_shape": list(MEMORY_SHAPE),
+                "n_conv_decoder": [2, 2],
+                "n_conv_encoder": [2, 2, 2],
+                "num_stages": 3,
+                "patch_size": list(MEMORY_PATCH),
+                "resample_slices": True,
+                "spacing": spacing,
+                "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+            }
+        },
+    }
+    plan = Plan.from_dict(plan_dict)
+    cfg = plan.config("3d_fullres")
+    torch.manual_seed(0)
+    net = build_network(cfg, 1, MEMORY_CLASSES, deep_supervision=True).eval()
+    weights = work / "memory_fold_0.pt"
+    save_checkpoint(weights, {"model": net.state_dict()})
+    model = export_model(Model(plan, [Member("3d_fullres", "0", weights)]), work / "memory_model", overwrite=True)
+    with torch.no_grad():
+        scripted = torch.jit.trace(net, torch.zeros((1, 1, *MEMORY_PATCH)), check_trace=False)
+    ts = work / "memory_network.ts"
+    scripted.save(str(ts))
+    # nnU-Net's plan: the same patch, spacing and CT normalisation (its own clip and statistics)
+    nn_plans = {
+        "dataset_name": "Dataset998_ctmemory",
+        "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": spacing,
+        "original_median_shape_after_transp": list(MEMORY_SHAPE),
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {
+            "3d_fullres": {
+                "data_identifier": "nnUNetPlans_3d_fullres",
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": 2,
+                "patch_size": list(MEMORY_PATCH),
+                "median_image_size_in_voxels": list(MEMORY_SHAPE),
+                "spacing": spacing,
+                "normalization_schemes": ["CTNormalization"],
+                "use_mask_for_norm": [False],
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities_kwargs": {
+                    "is_seg": False,
+                    "order": 1,
+                    "order_z": 0,
+                    "force_separate_z": None,
+                },
+                "architecture": {
+                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                    "arch_kwargs": {},
+                    "_kw_requires_import": [],
+                },
+                "batch_dice": False,
+            }
+        },
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {
+                "max": 400.0,
+                "mean": 60.0,
+                "median": 40.0,
+                "min": -200.0,
+                "percentile_00_5": -200.0,
+                "percentile_99_5": 400.0,
+                "std": 80.0,
+            }
+        },
+    }
+    nn_plans_path = work / "memory_nnUNetPlans.json"
+    nn_plans_path.write_text(json.dumps(nn_plans, indent=1))
+    dataset_json = work / "memory_dataset.json"
+    dataset_json.write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "CT"},
+                "labels": {v: int(k) for k, v in labels.items()},
+                "numTraining": 1,
+                "file_ending": ".nii.gz",
+            },
+            indent=1,
+        )
+    )
+    return {
+        "model": model,
+        "images": images,
+        "image": image,
+        "ts": ts,
+        "nn_plans": nn_plans_path,
+        "dataset_json": dataset_json,
+    }
+
+
+def bench_memory(a: argparse.Namespace, work: Path, result: dict[str, Any]) -> None:
+    _say(
+        f"setup (not timed): a CT-like volume of {MEMORY_SHAPE[2]}x{MEMORY_SHAPE[1]}x{MEMORY_SHAPE[0]} voxels, "
+        f"a {MEMORY_CLASSES}-class network (3 stages, width 8, patch {MEMORY_PATCH})"
+    )
+    setup = setup_memory(work)
+    result.update(
+        {
+            "memory_shape_zyx": list(MEMORY_SHAPE),
+            "classes": MEMORY_CLASSES,
+            "patch_size": list(MEMORY_PATCH),
+            "overlap": a.memory_overlap,
+        }
+    )
+    _say(f"segpipe: Predictor.from_model + infer_cases, no TTA, overlap {a.memory_overlap} ...")
+    cmd = [sys.executable, "-c", SEGPIPE_MEMORY_SNIPPET, str(setup["model"]), str(setup["images"])]
+    cmd += [str(work / "memory_out_segpipe"), str(THREADS), str(a.memory_overlap)]
+    seg = _result(run_measured(cmd, env=_segpipe_env(), cwd=REPO), "segpipe")
+    result["segpipe"] = seg
+    _say(f"segpipe: peak RSS {seg['peak_rss_mb']:.0f} MB, {seg['predict_s']:.0f} s")
+    if a.nnunet_python is None:
+        _say("nnU-Net: skipped (no --nnunet-python)")
+        return
+    _say(f"nnU-Net: nnUNetPredictor.predict_from_files with the same network, no TTA, overlap {a.memory_overlap} ...")
+    env = {
+        **os.environ,
+        "nnUNet_raw": str(work / "nnUNet_raw"),
+        "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"),
+        "nnUNet_results": str(work / "nnUNet_results"),
+        "nnUNet_compile": "False",
+        "nnUNet_def_n_proc": str(THREADS),
+        "OMP_NUM_THREADS": str(THREADS),
+    }
+    cmd = [str(a.nnunet_python), "-c", NNUNET_MEMORY_SNIPPET, str(setup["ts"]), str(setup["nn_plans"])]
+    cmd += [str(setup["dataset_json"]), str(setup["image"]), str(work / "memory_out_nnunet"), str(THREADS)]
+    cmd += [str(a.memory_overlap)]
+    nn = _result(run_measured(cmd, env=env), "nnU-Net")
+    result["nnunet"] = nn
+    _say(f"nnU-Net: peak RSS {nn['peak_rss_mb']:.0f} MB, {nn['predict_s']:.0f} s")
+    result["rss_ratio"] = seg["peak_rss_mb"] / nn["peak_rss_mb"]
+    result["label_agreement"] = agreement(work / "memory_out_segpipe", work / "memory_out_nnunet")
+    _say(
+        f"segpipe's peak is {100 * result['rss_ratio']:.0f} % of nnU-Net's (target ≤ 50 %, and ≤ 4096 MB); "
+        f"label maps agree on {100 * result['label_agreement']:.3f} % of voxels"
+    )
+
+
 def agreement(a_dir: Path, b_dir: Path) -> float:
     """Share of voxels where the two tools' label maps agree, over every case both wrote."""
     sys.path.insert(0, str(REPO))
@@ -211,12 +475,22 @@ def main() -> int:
     ap.add_argument("--cases", type=int, default=20, help="test images to predict (default 20)")
     ap.add_argument("--work", type=Path, default=None, help="keep the work folder here (default: a temp folder)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    ap.add_argument(
+        "--memory", action="store_true", help="measure peak memory on one 512x512x600 CT-like volume instead"
+    )
+    ap.add_argument(
+        "--memory-overlap", type=float, default=0.0, help="window overlap of --memory (default 0: windows side by side)"
+    )
     a = ap.parse_args()
     tmp_ctx = tempfile.TemporaryDirectory(prefix="segpipe-bench-infer-") if a.work is None else None
     work = Path(tmp_ctx.name) if tmp_ctx is not None else a.work
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"data": str(a.data), "cases": a.cases, "threads": THREADS}
     try:
+        if a.memory:
+            result = {"threads": THREADS}
+            bench_memory(a, work, result)
+            return 0
         _say(f"setup (not timed): plan, network, model folder, TorchScript; {a.cases} images of {a.data / 'imagesTs'}")
         model, ts, images, patch = setup_segpipe(a.data, work, a.cases)
         result["patch_size"] = patch

@@ -443,6 +443,9 @@ def cmd_infer(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -
 
     source = _one_path("infer", paths, "input")
     res = api.infer(source, output=ns.output, model=ns.model, overwrite=ns.overwrite, log=log.info, **given)
+    code = EXIT_DATA if res["failed"] else EXIT_OK
+    if res.get("rank"):  # another process of a distributed batch: process 0 speaks for the whole batch
+        return code, _QUIET, ""
     lines = [
         f"{len(res['written'])} case(s) segmented, {len(res['skipped'])} already done, {len(res['failed'])} failed "
         f"({res['seconds']:.1f} s)",
@@ -450,7 +453,6 @@ def cmd_infer(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -
     for f in res["failed"]:
         lines.append(f"  failed: {f['case']}: {f['error']}" + (f" (fix: {f['hint']})" if f.get("hint") else ""))
     lines.append(f"results: {res['output']} (<case>.{res['format']} label maps, <case>.json reports)")
-    code = EXIT_DATA if res["failed"] else EXIT_OK
     return code, res, "\n".join(lines)
 
 

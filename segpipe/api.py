@@ -438,6 +438,23 @@ def export(
     }
 
 
+def _tolerance_setting(value: Any) -> float | dict[Any, Any]:
+    """``tolerance_mm`` as composed: one number, or ``{class: mm}`` (``tolerance_mm={1:2,2:0.5}``)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(value, DictConfig):
+        return dict(OmegaConf.to_container(value))  # type: ignore[arg-type]
+    if isinstance(value, dict):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UsageError(
+            f"tolerance_mm={value!r} is neither a number of mm nor a {{class: mm}} mapping",
+            hint="tolerance_mm=1.0, or tolerance_mm={1:2.0,2:0.5}",
+        ) from None
+
+
 def evaluate(
     predictions: PathLike,
     references: PathLike,
@@ -465,7 +482,7 @@ def evaluate(
         predictions,
         references,
         labels=labels,
-        tolerance_mm=float(ev.tolerance_mm),
+        tolerance_mm=_tolerance_setting(ev.tolerance_mm),
         ignore_label=ev.ignore_label,
         out_dir=out,
         qc_image_dir=ev.images,

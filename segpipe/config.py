@@ -90,7 +90,7 @@ class InferSchema:
 
 @dataclass
 class EvaluateSchema:
-    tolerance_mm: float = MISSING
+    tolerance_mm: Any = MISSING  # mm for every class, or {class: mm}
     images: Optional[str] = MISSING  # noqa: UP045
     ignore_label: Optional[int] = MISSING  # noqa: UP045
 

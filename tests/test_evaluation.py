@@ -277,6 +277,20 @@ def test_folder_tolerances_labels_and_out_dir(tmp_path):
         evaluate_folders(pred_dir, ref_dir, labels={1: "liver"}, tolerance_mm={2: 1.0}, out_dir=out)
 
 
+def test_per_class_tolerances_on_the_command_line(tmp_path, capsys):
+    from segpipe import cli
+
+    pred_dir, ref_dir = make_folders(tmp_path)
+    out = tmp_path / "eval_cli"
+    code = cli.main(["evaluate", str(pred_dir), str(ref_dir), "-o", str(out), "tolerance_mm={1:0.25}", "--json"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tolerance_mm"] == {"1": 0.25, "2": 1.0}
+    assert summary["metric_per_case"][0]["metrics"]["1"]["NSD"] == pytest.approx(36 / 42)
+    assert cli.main(["evaluate", str(pred_dir), str(ref_dir), "-o", str(out), "tolerance_mm=wide"]) != 0
+    assert "tolerance_mm" in capsys.readouterr().err
+
+
 def test_folder_one_empty_side_and_whole_valued_float_labels(tmp_path):
     pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
     ref, pred = labels_a()

@@ -180,10 +180,7 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
     """
     from .preprocessing import cache_dir_for, preprocess_dataset, spec_from_plan
 
-    if dataset is not None and settings.get("dataset") is not None:
-        raise UsageError("give the dataset once: as a path or as dataset=NAME, not both")
-    if "dataset" in settings and dataset is None:
-        dataset = settings.pop("dataset")
+    dataset = _dataset_once(dataset, settings)
     config_value = settings.pop("config", settings.pop("configuration", None))
     cfg = _settings("preprocess", settings)
     ws, dws, the_plan, ds = _planned_dataset("preprocess", cfg.work_dir, dataset)
@@ -273,14 +270,21 @@ def train(*, log: Any = None, overwrite: bool = False, started: float | None = N
     return {"dataset": dws.name, "configuration": name, "fold": str(fold), **result}
 
 
+def _dataset_once(dataset: PathLike | None, settings: dict[str, Any]) -> PathLike | None:
+    """The dataset named as a path or as ``dataset=NAME`` (popped from ``settings``), never both."""
+    if dataset is not None and settings.get("dataset") is not None:
+        raise UsageError("give the dataset once: as a path or as dataset=NAME, not both")
+    named = settings.pop("dataset", None)
+    return dataset if dataset is not None else named
+
+
 def _configurations(value: Any, the_plan: Any) -> list[str]:
     """The configuration names a ``config=`` value selects: None = every planned one."""
-    if value is None:
+    from .inference.model import parse_configs
+
+    names = parse_configs(value)
+    if names is None:
         return list(the_plan.configurations)
-    if isinstance(value, str):
-        names = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-    else:
-        names = [str(v) for v in value]
     unknown = [n for n in names if n not in the_plan.configurations]
     if unknown or not names:
         raise UsageError(
@@ -406,15 +410,11 @@ def export(
     ``{"model", "members", "postprocessing"}``.
     """
     from .inference import export_model, workspace_model
-    from .inference.model import parse_folds
-    from .inference.predictor import _config_list
+    from .inference.model import parse_configs, parse_folds
     from .planning import load_plan
     from .workspace import find_dataset
 
-    if dataset is not None and settings.get("dataset") is not None:
-        raise UsageError("give the dataset once: as a path or as dataset=NAME, not both")
-    if "dataset" in settings and dataset is None:
-        dataset = settings.pop("dataset")
+    dataset = _dataset_once(dataset, settings)
     config_value = settings.pop("config", settings.pop("configuration", None))
     cfg = _settings("export", settings)
     _ws, dws = find_dataset(cfg.work_dir, dataset, "export")
@@ -422,7 +422,7 @@ def export(
     model = workspace_model(
         dws,
         the_plan,
-        configs=_config_list(config_value),
+        configs=parse_configs(config_value),
         folds=parse_folds(to_container(cfg.infer)["folds"]),
         checkpoint=str(cfg.infer.checkpoint),
     )
@@ -500,10 +500,7 @@ def find_best(dataset: PathLike | None = None, *, log: Any = None, **settings: A
     from .planning import load_plan
     from .workspace import find_dataset
 
-    if dataset is not None and settings.get("dataset") is not None:
-        raise UsageError("give the dataset once: as a path or as dataset=NAME, not both")
-    if "dataset" in settings and dataset is None:
-        dataset = settings.pop("dataset")
+    dataset = _dataset_once(dataset, settings)
     cfg = _settings("find-best", settings)
     _ws, dws = find_dataset(cfg.work_dir, dataset, "find-best")
     result = _find_best(dws, load_plan(dws.plans_path), log=log)

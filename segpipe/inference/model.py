@@ -106,6 +106,17 @@ class Model:
         return Model(self.plan, members, self.postprocessing, self.origin, self.info)
 
 
+def parse_configs(value: Any) -> list[str] | None:
+    """``config=`` as a list of configuration names: None (the default choice), ``2d``, ``[3d_fullres,2d]``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        names = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    else:
+        names = [str(v) for v in value]
+    return names or None
+
+
 def parse_folds(value: Any) -> list[str] | None:
     """``folds=`` as a list of fold names: None (every trained fold), ``0``, ``[0,1]``, ``all``."""
     if value is None:

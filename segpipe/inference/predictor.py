@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ConfigError, DataError, UsageError
 from ..geometry import Geometry
-from .model import CHECKPOINTS, Model, load_model_folder, parse_folds, workspace_model
+from .model import CHECKPOINTS, Model, load_model_folder, parse_configs, parse_folds, workspace_model
 from .postprocess import apply_postprocessing
 from .sliding_window import predict_case_logits
 from .tta import FlipTTA
@@ -143,7 +143,7 @@ class Predictor:
     ) -> Predictor:
         """The predictor of a model folder written by ``segpipe export`` (every member by default)."""
         model = load_model_folder(path)
-        return cls(model.select(_config_list(configs), parse_folds(folds)), **options)
+        return cls(model.select(parse_configs(configs), parse_folds(folds)), **options)
 
     @classmethod
     def from_workspace(
@@ -166,7 +166,7 @@ class Predictor:
         _ws, dws = find_dataset(work_dir, dataset, "infer")
         plan = load_plan(dws.plans_path)
         model = workspace_model(
-            dws, plan, configs=_config_list(configs), folds=parse_folds(folds), checkpoint=checkpoint
+            dws, plan, configs=parse_configs(configs), folds=parse_folds(folds), checkpoint=checkpoint
         )
         return cls(model, **options)
 
@@ -351,16 +351,6 @@ class _MeanOf(torch.nn.Module):
             total = out if total is None else total.add_(out)
         assert total is not None
         return total.div_(len(self.members))
-
-
-def _config_list(value: Sequence[str] | str | None) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        names = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-    else:
-        names = [str(v) for v in value]
-    return names or None
 
 
 _CHANNEL_SUFFIX_LEN = 5  # nnU-Net's channel naming: <case>_0000.nii.gz

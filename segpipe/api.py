@@ -507,9 +507,21 @@ def find_best(dataset: PathLike | None = None, *, log: Any = None, **settings: A
     return {"dataset": dws.name, **result}
 
 
-#: The demo's training schedule: the whole loop (epochs, pseudo-Dice, checkpoints, full-case
-#: validation) on two CPU cores in a few minutes; ``epochs=`` and ``iterations_per_epoch=`` change it.
-DEMO_SCHEDULE = {"epochs": 2, "iterations_per_epoch": 4, "val_batches": 2, "val_every": 2, "seed": 0}
+#: The demo's plan: a U-Net of half the default width (16 features at full resolution, at most
+#: 128), which trains ~3× faster on a CPU and is ample for the demo's three structures.
+DEMO_PLAN = {"base_features": 16, "max_features_3d": 128}
+#: The demo's training schedule: 300 steps of AdamW (lr 0.003, poly decay; on so short a schedule it
+#: learns the small lesion far sooner than nnU-Net's SGD), full-case validation every 4 epochs;
+#: about 7 minutes on two CPU cores. ``epochs=`` and ``iterations_per_epoch=`` change it.
+DEMO_SCHEDULE: dict[str, Any] = {
+    "epochs": 12,
+    "iterations_per_epoch": 25,
+    "val_batches": 2,
+    "val_every": 4,
+    "seed": 0,
+    "optim": "adamw",
+    "optim.lr": 0.003,
+}
 
 
 def demo(*, force: bool = False, log: Any = None, **settings: Any) -> dict[str, Any]:
@@ -552,7 +564,7 @@ def demo(*, force: bool = False, log: Any = None, **settings: Any) -> dict[str, 
         if not report.ok:
             raise DataError(f"{folder}: the demo dataset failed its check", hint="rerun with --force to regenerate it")
     say("planning")
-    planned = plan(data, work_dir=str(ws.root), force=force)
+    planned = plan(data, work_dir=str(ws.root), force=force, **DEMO_PLAN)
     steps["plan"] = {
         "plans_path": planned["plans_path"],
         "configurations": planned["configurations"],

@@ -114,7 +114,8 @@ def test_demo_data_only(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_the_pipeline_end_to_end(tmp_path):
-    r = run("demo", "--json", f"work_dir={tmp_path}")
+    short = ("epochs=2", "iterations_per_epoch=4")  # the default schedule's 300 steps take minutes
+    r = run("demo", "--json", f"work_dir={tmp_path}", *short)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["check"]["ok"] and out["check_dicom"]["ok"] and out["check_dicom"]["cases_checked"] == 4
@@ -139,8 +140,9 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
     for name in ("predictions/demo_012.nii.gz", "predictions/dicom_003.json", "evaluation/summary.json"):
         assert (demo_dir / name).is_file(), name
     assert out["evaluate"]["cases"] == 3 and set(out["evaluate"]["class_dice"]) == {"organ", "vessel", "lesion"}
+    assert plans["configurations"]["3d_fullres"]["features"][0] == 16  # the demo's narrower network
     # a second run reuses everything, the finished training run included
-    r = run("demo", "--json", f"work_dir={tmp_path}")
+    r = run("demo", "--json", f"work_dir={tmp_path}", *short)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["train"]["already_finished"] is True
 

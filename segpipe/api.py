@@ -114,7 +114,8 @@ def plan(dataset: PathLike, *, log: Any = None, **settings: Any) -> dict[str, An
     """Fingerprint ``dataset`` (cached; ``force=True`` recomputes) and plan its configurations.
 
     Settings are those of ``segpipe plan`` (``segpipe plan --help``): ``work_dir``,
-    ``dataset_name`` (the dataset's folder in the workspace; default: the dataset folder's name),
+    ``dataset_name`` (the dataset's folder in the workspace; default: the dataset folder's name,
+    in ASCII letters, digits, '.', '_' and '-'),
     ``num_workers``, ``force`` and every planner setting (``gpu_memory_gb``, ``configurations``,
     ``target_spacing``, …; :class:`segpipe.planning.PlanSettings`). Writes ``fingerprint.json``,
     ``plans.json``, ``plan_summary.md`` and ``dataset_report.png`` into the dataset's workspace
@@ -125,12 +126,12 @@ def plan(dataset: PathLike, *, log: Any = None, **settings: Any) -> dict[str, An
 
     from .io.datasets import load_dataset
     from .planning import PlanSettings, plan_summary_rows, run_planning
-    from .workspace import Workspace
+    from .workspace import Workspace, default_dataset_name
 
     cfg = _settings("plan", settings)
     planner_settings = PlanSettings.from_mapping(to_container(cfg.planner))
     ds = load_dataset(dataset)
-    dws = Workspace.at(cfg.work_dir).dataset(cfg.dataset_name or ds.name)
+    dws = Workspace.at(cfg.work_dir).dataset(cfg.dataset_name or default_dataset_name(ds.name))
     ds = _named(ds, dws.name)  # the fingerprint and plan carry the workspace name
     # run_planning checks the workspace (writable, not another dataset's) before reading anything
     result = run_planning(ds, dws, planner_settings, force=cfg.force, num_workers=cfg.num_workers)

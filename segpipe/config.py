@@ -247,6 +247,22 @@ def _expand_for(key: str, known: list[str], command: str | None) -> str:
     return expand_key(key, known)
 
 
+#: settings whose value is a file-system path or a dataset name: taken verbatim from the command
+#: line (spaces, accents, commas, brackets and quotes included), never parsed as Hydra syntax
+PATH_SETTINGS = frozenset({"work_dir", "dataset", "dataset_name", "evaluate.images"})
+
+
+def _quoted_path(value: str) -> str:
+    """A path as one quoted Hydra string (``a b/ü`` → ``'a b/ü'``), unless already quoted, null or
+    an interpolation (``${oc.env:HOME}/work``)."""
+    if value[:1] in ("'", '"') or value in ("null", "") or "${" in value:
+        return value
+    # Hydra's quoted strings: a backslash is literal except in a run just before a quote (or the
+    # closing quote), which must be doubled; a quote inside is escaped
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+    return "'" + escaped + "'"
+
+
 def _expand(overrides: list[str], known: list[str] | None = None, command: str | None = None) -> list[str]:
     """Full-key Hydra overrides for ``overrides``: group selections first, then settings.
 
@@ -274,9 +290,11 @@ def _expand(overrides: list[str], known: list[str] | None = None, command: str |
                 f"override {ov!r}: config group selection is not available here",
                 hint="`segpipe config` lists every setting",
             )
-        if "," in value and value[:1] not in "[{'\"" and not value.startswith("${"):
-            value = f"[{value}]"  # `configurations=3d_fullres,2d` is a list (Hydra would read a sweep)
         full = _expand_for(bare, known, command)
+        if full in PATH_SETTINGS:
+            value = _quoted_path(value)
+        elif "," in value and value[:1] not in "[{'\"" and not value.startswith("${"):
+            value = f"[{value}]"  # `configurations=3d_fullres,2d` is a list (Hydra would read a sweep)
         group, _, leaf = full.partition(".")
         if leaf == "name" and group in selectable_groups():
             raise ConfigError(f"{full} names the selected {group} option", hint=f"select another with {group}=OPTION")

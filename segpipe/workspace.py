@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,19 @@ def resolve_work_dir(work_dir: str | os.PathLike[str] | None) -> Path:
     if work_dir is None or str(work_dir) == "":
         work_dir = os.environ.get(ENV_WORK_DIR) or DEFAULT_WORK_DIR
     return Path(work_dir).expanduser().resolve()
+
+
+def default_dataset_name(name: str) -> str:
+    """The workspace folder of a dataset known by its folder's ``name``: the name itself when it
+    can name a folder, else spelled in ASCII letters, digits, '.', '_' and '-' (accents dropped,
+    anything else a '_': ``Dätensatz mit Leerzeichen`` → ``Datensatz_mit_Leerzeichen``)."""
+    if _NAME_RE.match(name) and name not in RESERVED_NAMES:
+        return name
+    plain = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", plain).strip("._-")
+    if not safe:
+        return "dataset"
+    return safe if safe not in RESERVED_NAMES else f"{safe}_dataset"
 
 
 def check_dataset_name(name: str) -> str:

@@ -33,10 +33,29 @@ def _ct(ch: np.ndarray, n: ChannelNorm, mask: np.ndarray | None) -> dict[str, An
     return {"scheme": "ct", "mean": n.mean, "std": n.std, "clip": list(n.clip)}
 
 
+#: beyond this magnitude the squares of a float32 variance overflow (float32 ends at 3.4e38)
+_SQUARE_SAFE = 1e18
+
+
+def mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of float32 ``values``, finite whatever their magnitude.
+
+    Values beyond 1e18 have squares that overflow float32 to inf (and a z-score by inf would turn
+    the image into zeros): those are scaled by their peak magnitude first.
+    """
+    if values.size == 0:
+        return 0.0, 0.0
+    peak = max(abs(float(values.max())), abs(float(values.min())))
+    if peak <= _SQUARE_SAFE:
+        return float(values.mean()), float(values.std())
+    scaled = values / np.float32(peak)
+    return float(scaled.mean()) * peak, float(scaled.std()) * peak
+
+
 def _zscore(ch: np.ndarray, n: ChannelNorm, mask: np.ndarray | None) -> dict[str, Any]:
     """Per image; with ``use_mask`` the statistics come from the nonzero mask and outside is zero."""
     values = ch[mask] if n.use_mask and mask is not None and mask.any() else ch
-    mean, std = float(values.mean()), float(values.std())
+    mean, std = mean_std(values)
     ch -= mean
     ch /= max(std, 1e-8)
     if n.use_mask and mask is not None:

@@ -500,6 +500,81 @@ class PlanningResult:
         return iter((self.plan, self.plans_path))
 
 
+#: preprocessing holds a case's resampled image about this many times over (input, output, the
+#: resampler's working copy)
+RESAMPLE_MEMORY_FACTOR = 3
+
+
+def preprocessed_sizes(plan: Plan, fp: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """Bytes of each configuration's cache (float32 image channels + uint8 label, every case at the
+    configuration's spacing) and of its largest case, from the fingerprint's per-case crops."""
+    tr = list(plan.transpose_forward)
+    per_voxel = 4 * plan.in_channels + 1
+    out: dict[str, dict[str, int]] = {}
+    for name, cfg in plan.configurations.items():
+        total = largest = 0
+        for case in fp.get("cases", []):
+            shape = [int(case["shape_after_crop"][a]) for a in tr]
+            spacing = [float(case["spacing"][a]) for a in tr]
+            target = [float(t) for t in cfg.spacing]
+            if not cfg.resample_slices:
+                target[0] = spacing[0]
+            voxels = int(np.prod([max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target)]))
+            total += voxels * per_voxel
+            largest = max(largest, voxels * per_voxel)
+        out[name] = {"cache_bytes": total, "largest_case_bytes": largest}
+    return out
+
+
+def check_preprocessed_size(plan: Plan, fp: Mapping[str, Any], where: Path) -> dict[str, dict[str, int]]:
+    """Refuse a plan with a case that could not be resampled in the available memory at its
+    configuration's spacing; warn when all its caches together exceed the free disk of the
+    workspace (``where``: preprocessing only some configurations may still fit)."""
+    import shutil
+
+    from ..io.image import available_memory
+
+    sizes = preprocessed_sizes(plan, fp)
+    memory = available_memory()
+    folder = where
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    shared: dict[str, int] = {}  # configurations on one grid share a cache
+    for name, size in sizes.items():
+        cfg = plan.configurations[name]
+        need = size["largest_case_bytes"] * RESAMPLE_MEMORY_FACTOR
+        if need > memory:
+            raise ConfigError(
+                f"{plan.dataset} {name}: at spacing {_mm(cfg.spacing)} mm the largest case would take "
+                f"{_gb(size['largest_case_bytes'])} preprocessed, about {_gb(need)} of memory to resample, "
+                f"and {_gb(memory)} is available (all cases: {_gb(size['cache_bytes'])} of cache)",
+                hint="plan a coarser target_spacing=[z,y,x] (mm), or leave target_spacing unset",
+            )
+        shared[cfg.data_identifier or name] = size["cache_bytes"]
+    total = sum(shared.values())
+    if total > free:
+        import logging
+
+        logging.getLogger("segpipe").warning(
+            "%s: preprocessing every configuration of this plan would write about %s of caches into %s, "
+            "which has %s free (preprocess config=NAME for fewer, or plan a coarser target_spacing)",
+            plan.dataset,
+            _gb(total),
+            folder,
+            _gb(free),
+        )
+    return sizes
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _mm(spacing: Sequence[float]) -> str:
+    return "×".join(f"{float(s):.3g}" for s in spacing)
+
+
 def run_planning(
     dataset: Any,
     workspace: DatasetWorkspace | Workspace | str | os.PathLike[str],
@@ -532,6 +607,7 @@ def run_planning(
     entry.claim(dataset.root, layout=getattr(dataset, "layout", None))
     fp = fingerprint_dataset(dataset, entry.fingerprint_path, force=force, num_workers=num_workers)
     plan = make_plan(fp, settings)
+    check_preprocessed_size(plan, fp, entry.root)  # before anything of the plan is written
     plans_path = save_plan(plan, entry.plans_path)
     summary_path = write_plan_summary(entry.plan_summary_path, plan, fp, dataset_path=dataset.root)
     report_path = write_dataset_report(entry.dataset_report_path, fp, plan)

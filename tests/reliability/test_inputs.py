@@ -81,3 +81,29 @@ def test_intensities_near_1e33_normalise_to_unit_variance() -> None:
     # ordinary magnitudes: exactly the float32 statistics as before
     small = rng.random(1000, dtype=np.float32)
     assert mean_std(small) == (float(small.mean()), float(small.std()))
+
+
+def test_a_target_spacing_too_fine_to_preprocess_is_refused_at_plan_time(tmp_path: Path) -> None:
+    """A target_spacing whose caches could not fit is refused by `plan` with the estimate, writing no plan."""
+    data = generate_demo_dataset(tmp_path / "Fine", num_cases=3, num_test=0)
+    work = tmp_path / "work"
+    r = segpipe_cli("plan", str(data), f"work_dir={work}", "target_spacing=[0.01,0.01,0.01]")
+    assert r.returncode != 0
+    message = r.stderr.strip().splitlines()
+    assert any("largest case would take" in line and "GB" in line for line in message), r.stderr
+    assert any("target_spacing" in line for line in message)
+    assert not (work / "Fine" / "plans.json").exists() and not (work / "Fine" / "plan_summary.md").exists()
+    # the estimate itself, by hand: every case at 1 mm isotropic, float32 image + uint8 label
+    from segpipe.fingerprint import load_fingerprint
+    from segpipe.planning import PlanSettings, make_plan
+    from segpipe.planning.planner import preprocessed_sizes
+
+    fp = load_fingerprint(work / "Fine" / "fingerprint.json")
+    plan = make_plan(fp, PlanSettings(target_spacing=[1.0, 1.0, 1.0], configurations=["3d_fullres"]))
+    expected = []
+    for case in fp["cases"]:
+        shape = [case["shape_after_crop"][a] for a in plan.transpose_forward]
+        spacing = [case["spacing"][a] for a in plan.transpose_forward]
+        expected.append(int(np.prod([max(1, round(n * s)) for n, s in zip(shape, spacing)])) * 5)
+    size = preprocessed_sizes(plan, fp)["3d_fullres"]
+    assert size == {"cache_bytes": sum(expected), "largest_case_bytes": max(expected)}

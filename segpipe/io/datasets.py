@@ -679,6 +679,8 @@ def read_case(case: Case, ds: Dataset) -> CaseData:
     if errors:
         f = errors[0]
         more = f" (+{len(errors) - 1} more; run `segpipe check`)" if len(errors) > 1 else ""
-        raise DataError(f"case {f.case}: {f.file}: {f.message}{more}", hint=f.fix)
+        lead = f.message.split(": ", 1)[0]
+        where = "" if lead.endswith(str(f.file)) else f"{f.file}: "  # the reader's message may name the file
+        raise DataError(f"case {f.case}: {where}{f.message}{more}", hint=f.fix)
     assert data is not None
     return data

@@ -1,0 +1,108 @@
+"""Reliability: faults, hostile values and determinism around the workspace.
+
+Each test is one case; its docstring's first line says the behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segpipe import cli
+from segpipe.demo_data import generate_demo_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_demo_dataset(tmp_path_factory.mktemp("ds") / "Faults", num_cases=4, num_test=0)
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _cache_files(work: Path) -> dict[str, bytes]:
+    root = work / "Faults" / "cache"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_work_dir_that_is_a_file_is_refused(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A work_dir that is a file is refused with one line naming it, before any reading."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    code, _, err = _run(capsys, "plan", str(dataset), f"work_dir={blocker}")
+    assert code != 0 and str(blocker) in err and "Traceback" not in err
+    assert blocker.read_text() == "x"
+
+
+def test_a_truncated_cache_file_is_detected_and_rebuilt(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cache file truncated by hand is found by the next `preprocess`, rebuilt, and equals the original."""
+    work = tmp_path / "work"
+    assert _run(capsys, "plan", str(dataset), f"work_dir={work}", "configurations=[3d_fullres]")[0] == 0
+    assert _run(capsys, "preprocess", f"work_dir={work}")[0] == 0
+    before = _cache_files(work)
+    victim = next(p for p in (work / "Faults" / "cache").rglob("image.npy"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    code, out, err = _run(capsys, "preprocess", f"work_dir={work}", "--json")
+    assert code == 0, err
+    step = json.loads(out)["configurations"]["3d_fullres"]
+    case = victim.parent.name
+    assert step["processed"] == [case] and case not in step["reused"] and len(step["reused"]) == 3
+    assert "truncated" in step["rebuilt"][case]
+    assert _cache_files(work) == before
+
+
+def test_plan_and_preprocess_are_byte_identical_across_runs_and_worker_counts(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """plans.json and every cache file are byte-identical between a 1-worker and a 2-worker run."""
+    outputs = []
+    for workers in (1, 2):
+        work = tmp_path / f"w{workers}"
+        assert _run(capsys, "plan", str(dataset), f"work_dir={work}", f"num_workers={workers}")[0] == 0
+        assert _run(capsys, "preprocess", f"work_dir={work}", f"num_workers={workers}")[0] == 0
+        plans = (work / "Faults" / "plans.json").read_bytes()
+        outputs.append((plans, _cache_files(work)))
+    assert outputs[0][0] == outputs[1][0]
+    assert outputs[0][1].keys() == outputs[1][1].keys() and outputs[0][1] == outputs[1][1]
+
+
+def test_config_interpolations_in_a_dataset_json_are_kept_as_text(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `${oc.env:…}` in a dataset.json label name stays text: nothing of a dataset is resolved as configuration."""
+    root = tmp_path / "Hostile"
+    shutil.copytree(dataset, root)
+    desc = json.loads((root / "dataset.json").read_text())
+    desc["labels"]["1"] = "${oc.env:HOME}"
+    desc["modality"]["0"] = "${oc.decode:'1+1'}"
+    (root / "dataset.json").write_text(json.dumps(desc))
+    work = tmp_path / "work"
+    code, _, err = _run(capsys, "plan", str(root), f"work_dir={work}", "configurations=[3d_fullres]")
+    assert code == 0, err
+    plans = json.loads((work / "Hostile" / "plans.json").read_text())
+    assert plans["labels"]["1"] == "${oc.env:HOME}" and plans["channel_names"]["0"] == "${oc.decode:'1+1'}"
+
+
+def test_prediction_is_identical_across_window_batch_sizes(tmp_path: Path) -> None:
+    """The sliding window gives the same logits whether 1, 3 or all windows go through the network at once."""
+    import torch
+
+    from segpipe.inference import sliding_window_inference
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.InstanceNorm3d(4), torch.nn.Conv3d(4, 3, 1))
+    image = torch.randn(1, 19, 23, 17)
+    runs = [sliding_window_inference(image, net.eval(), (8, 8, 8), batch_size=b) for b in (1, 3, 1000)]
+    for other in runs[1:]:
+        assert other is not None and runs[0] is not None
+        np.testing.assert_array_equal(other.argmax(0).numpy(), runs[0].argmax(0).numpy())
+        torch.testing.assert_close(other, runs[0], rtol=1e-5, atol=1e-5)

@@ -215,11 +215,16 @@ class SegDataModule(_LightningDataModule):
     def for_fold(
         cls, cache: Cache | str | os.PathLike[str], splits_path: str | os.PathLike[str], fold: int | str, **kwargs: Any
     ) -> SegDataModule:
-        """Cases of ``fold`` from ``splits_path`` (created over the cached cases when missing)."""
+        """Cases of ``fold`` from ``splits_path`` (created over the cached cases when missing);
+        ``fold="all"`` trains and validates on every cached case and needs no folds (so works with
+        fewer than 5 cases)."""
         cache = cache if isinstance(cache, Cache) else Cache(cache)
         ids = cache.cases()
         if not ids:
             raise StateError(f"{cache.root}: no preprocessed cases", hint="run `segpipe preprocess` first")
+        if isinstance(fold, str) and fold.strip().lower() == "all":
+            every = sorted(ids)
+            return cls(cache, every, list(every), **kwargs)
         train, val = fold_cases(load_or_create_splits(splits_path, ids), fold)
         return cls(cache, train, val, **kwargs)
 

@@ -106,3 +106,38 @@ def test_prediction_is_identical_across_window_batch_sizes(tmp_path: Path) -> No
         assert other is not None and runs[0] is not None
         np.testing.assert_array_equal(other.argmax(0).numpy(), runs[0].argmax(0).numpy())
         torch.testing.assert_close(other, runs[0], rtol=1e-5, atol=1e-5)
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, "w")``: what a crafted checkpoint would do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_pickle_as_a_runs_checkpoint_is_refused_not_run(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train` resuming from a checkpoint that holds pickled code refuses it and never runs the code
+    (and, before that, 4 cases for 5 folds are refused with the fix fold=all)."""
+    import pickle
+
+    work = tmp_path / "work"
+    plan = ("plan", str(dataset), f"work_dir={work}", "configurations=[3d_fullres]", "base_features=4")
+    assert _run(capsys, *plan, "max_features_3d=16")[0] == 0
+    assert _run(capsys, "preprocess", f"work_dir={work}")[0] == 0
+    # 4 cases make no 5 folds: said with the fix, then trained on all of them
+    code, _, err = _run(capsys, "train", f"work_dir={work}", "fold=0", "epochs=1")
+    assert code != 0 and "cannot make 5 folds from 4 case(s)" in err and "fold=all" in err, err
+    train = ("train", f"work_dir={work}", "fold=all", "epochs=1", "iterations_per_epoch=1", "val_batches=1")
+    assert _run(capsys, *train)[0] == 0
+    run_dir = next((work / "Faults" / "runs" / "3d_fullres").iterdir())
+    marker = tmp_path / "pwned"
+    with open(run_dir / "last.pt", "wb") as f:
+        pickle.dump({"model": _Payload(str(marker))}, f)
+    code, _, err = _run(capsys, *train[:-3], "epochs=2", "iterations_per_epoch=1", "val_batches=1")
+    assert code != 0 and "last.pt" in err and "could run code" in err and "Traceback" not in err, err
+    assert not marker.exists()

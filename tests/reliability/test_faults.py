@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,74 @@ def test_a_crafted_pickle_as_a_runs_checkpoint_is_refused_not_run(
     code, _, err = _run(capsys, *train[:-3], "epochs=2", "iterations_per_epoch=1", "val_batches=1")
     assert code != 0 and "last.pt" in err and "could run code" in err and "Traceback" not in err, err
     assert not marker.exists()
+
+
+def test_disk_full_while_preprocessing_leaves_only_complete_cases(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while writing the cache is one clear error (exit ≠ 0), and no partial case or temporary is left."""
+    import errno
+
+    from segpipe.preprocessing import Cache
+
+    work = tmp_path / "work"
+    assert _run(capsys, "plan", str(dataset), f"work_dir={work}", "configurations=[3d_fullres]")[0] == 0
+    real_save = np.save
+    calls = {"n": 0}
+
+    def filling_up(file, arr, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second case's image
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_save(file, arr, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", filling_up)
+    code, _, err = _run(capsys, "preprocess", f"work_dir={work}", "num_workers=1")
+    assert code != 0 and "space" in err.lower() and "Traceback" not in err, err
+    monkeypatch.setattr(np, "save", real_save)
+    cache_dir = next((work / "Faults" / "cache").iterdir())
+    cache = Cache(cache_dir)
+    assert not cache.validate()  # what is there is complete
+    assert not [p for p in cache_dir.rglob("*") if ".tmp-" in p.name]
+    assert _run(capsys, "preprocess", f"work_dir={work}")[0] == 0  # and the next run completes it
+    assert len(Cache(cache_dir).cases()) == 4
+
+
+@pytest.mark.slow
+def test_kill_9_during_fingerprinting_and_preprocessing_then_the_same_commands_finish_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kill -9` of `plan` and of `preprocess` mid-way, then the same commands: outputs byte-identical to an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = generate_demo_dataset(tmp_path / "Faults", num_cases=8, num_test=0)
+    ref, work = tmp_path / "ref", tmp_path / "work"
+    for command in (("plan", str(data)), ("preprocess",)):
+        assert _run(capsys, *command, f"work_dir={ref}", "num_workers=1")[0] == 0
+
+    def killed(command: tuple[str, ...], ready: Callable[[], bool]) -> None:
+        argv = [sys.executable, "-m", "segpipe", *command, f"work_dir={work}", "num_workers=1"]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    ds = work / "Faults"
+    killed(("plan", str(data)), lambda: (ds / "source.json").is_file())  # claimed: fingerprinting under way
+    assert not (ds / "plans.json").exists()
+    assert _run(capsys, "plan", str(data), f"work_dir={work}", "num_workers=1")[0] == 0
+    killed(("preprocess",), lambda: len(list((ds / "cache").glob("*/*/properties.json"))) >= 2)
+    done_at_kill = len(list((ds / "cache").glob("*/*/properties.json")))
+    assert done_at_kill < 8  # killed mid-way (polled every 50 ms; a case takes far longer)
+    assert _run(capsys, "preprocess", f"work_dir={work}", "num_workers=1")[0] == 0
+    for name in ("fingerprint.json", "plans.json"):
+        assert (ds / name).read_bytes() == (ref / "Faults" / name).read_bytes(), name
+    assert _cache_files(work) == _cache_files(ref)
+    assert not [p.name for p in ds.rglob("*") if ".tmp-" in p.name or p.name.endswith(".old")]

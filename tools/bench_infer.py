@@ -30,6 +30,12 @@ sampled every 20 ms.
     python tools/bench_infer.py --nnunet-python ../nnunet-venv/bin/python --json out.json
     python tools/bench_infer.py --cases 5          # segpipe only (nnU-Net skipped without its Python)
     python tools/bench_infer.py --memory --nnunet-python ../nnunet-venv/bin/python --json mem.json
+    python tools/bench_infer.py --soak             # RSS over 200 cases in one run (segpipe only)
+
+With ``--soak`` it checks that a long batch holds its memory flat: one ``infer_cases`` run over
+200 hippocampus test images (the 130 of ``imagesTs``, then again under other names), the same
+random-weight network, no TTA; the process's RSS is read after every case, and the growth from
+case 20 (after warm-up) to the largest later reading must stay under ``SOAK_BOUND_MB``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+SOAK_CASES = 200
+SOAK_WARMUP = 20
+SOAK_BOUND_MB = 50.0  # RSS growth allowed after warm-up over the whole soak
 MEMORY_SHAPE = (600, 512, 512)  # z, y, x
 MEMORY_SPACING = (1.0, 0.8, 0.8)  # z, y, x in mm
 MEMORY_CLASSES = 10
@@ -111,6 +120,22 @@ res = infer_cases(predictor, cases, out, overwrite=True)
 wall = time.perf_counter() - t1
 assert not res["failed"], res["failed"]
 print("RESULT " + json.dumps({"load_s": 0.0, "predict_s": wall, "cases": len(cases)}))
+"""
+
+SEGPIPE_SOAK_SNIPPET = r"""
+import json, sys, time
+import psutil, torch
+torch.set_num_threads(int(sys.argv[4]))
+from segpipe.inference import Predictor, discover_inputs, infer_cases
+model, images, out = sys.argv[1], sys.argv[2], sys.argv[3]
+predictor = Predictor.from_model(model, device="cpu", tta=False, overlap=0.5)
+cases = discover_inputs(images)
+me, rss = psutil.Process(), []
+t1 = time.perf_counter()
+res = infer_cases(predictor, cases, out, overwrite=True, progress=lambda i, n, what: rss.append(me.memory_info().rss >> 20))
+wall = time.perf_counter() - t1
+assert not res["failed"], res["failed"]
+print("RESULT " + json.dumps({"load_s": 0.0, "predict_s": wall, "cases": len(cases), "rss_after_case": rss}))
 """
 
 NNUNET_MEMORY_SNIPPET = r"""
@@ -447,6 +472,42 @@ def bench_memory(a: argparse.Namespace, work: Path, result: dict[str, Any]) -> N
     )
 
 
+def bench_soak(a: argparse.Namespace, work: Path, result: dict[str, Any]) -> None:
+    _say(f"setup (not timed): plan, network, model folder; {SOAK_CASES} inputs from {a.data / 'imagesTs'}")
+    model, _ts, _images, _patch = setup_segpipe(a.data, work, 1)
+    soak = work / "soak_images"
+    soak.mkdir(exist_ok=True)
+    sources = sorted((a.data / "imagesTs").glob("*.nii.gz"))
+    if not sources:
+        raise RuntimeError(f"no images in {a.data / 'imagesTs'}")
+    for i in range(SOAK_CASES):
+        src = sources[i % len(sources)]
+        link = soak / f"soak{i:03d}_{src.name[: -len('.nii.gz')]}_0000.nii.gz"
+        if not link.exists():
+            os.symlink(src.resolve(), link)
+    _say(f"segpipe: one infer_cases run over {SOAK_CASES} cases, no TTA, RSS after every case ...")
+    cmd = [sys.executable, "-c", SEGPIPE_SOAK_SNIPPET, str(model), str(soak), str(work / "soak_out"), str(THREADS)]
+    seg = _result(run_measured(cmd, env=_segpipe_env(), cwd=REPO), "segpipe")
+    rss = [float(r) for r in seg.pop("rss_after_case")]  # MB
+    base = rss[SOAK_WARMUP - 1]
+    growth = max(rss[SOAK_WARMUP - 1 :]) - base
+    result["segpipe"] = seg
+    result["soak"] = {
+        "cases": len(rss),
+        "rss_mb_first_case": round(rss[0], 1),
+        "rss_mb_after_warmup": round(base, 1),
+        "rss_mb_last_case": round(rss[-1], 1),
+        "growth_after_warmup_mb": round(growth, 1),
+        "bound_mb": SOAK_BOUND_MB,
+        "held": growth <= SOAK_BOUND_MB,
+    }
+    _say(
+        f"segpipe: RSS {rss[0]:.0f} MB after case 1, {base:.0f} MB after case {SOAK_WARMUP}, {rss[-1]:.0f} MB after "
+        f"case {len(rss)}; growth after warm-up {growth:.1f} MB (bound {SOAK_BOUND_MB:.0f} MB): "
+        f"{'held' if growth <= SOAK_BOUND_MB else 'EXCEEDED'}; {seg['seconds_per_case']:.2f} s per case"
+    )
+
+
 def agreement(a_dir: Path, b_dir: Path) -> float:
     """Share of voxels where the two tools' label maps agree, over every case both wrote."""
     sys.path.insert(0, str(REPO))
@@ -481,6 +542,7 @@ def main() -> int:
     ap.add_argument(
         "--memory-overlap", type=float, default=0.0, help="window overlap of --memory (default 0: windows side by side)"
     )
+    ap.add_argument("--soak", action="store_true", help=f"RSS over {SOAK_CASES} cases in one run (segpipe only)")
     a = ap.parse_args()
     tmp_ctx = tempfile.TemporaryDirectory(prefix="segpipe-bench-infer-") if a.work is None else None
     work = Path(tmp_ctx.name) if tmp_ctx is not None else a.work
@@ -491,6 +553,10 @@ def main() -> int:
             result = {"threads": THREADS}
             bench_memory(a, work, result)
             return 0
+        if a.soak:
+            result = {"threads": THREADS}
+            bench_soak(a, work, result)
+            return 0 if result["soak"]["held"] else 1
         _say(f"setup (not timed): plan, network, model folder, TorchScript; {a.cases} images of {a.data / 'imagesTs'}")
         model, ts, images, patch = setup_segpipe(a.data, work, a.cases)
         result["patch_size"] = patch

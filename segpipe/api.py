@@ -12,6 +12,8 @@ Errors are raised as :class:`segpipe.SegpipeError` subclasses (see :mod:`segpipe
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -168,6 +170,25 @@ def _planned_dataset(command: str, work_dir: Any, dataset: PathLike | None) -> t
     return ws, dws, load_plan(dws.plans_path), _named(load_dataset(dws.source_dataset_path()), dws.name)
 
 
+def _changed_since_planning(dws: Any, ds: Any) -> str | None:
+    """A warning when the dataset's files are not those the plan was made from, else None."""
+    from .fingerprint import dataset_signature
+
+    try:
+        planned = json.loads(Path(dws.fingerprint_path).read_text(encoding="utf-8")).get("source") or {}
+    except (OSError, ValueError):
+        return None
+    now = dataset_signature(ds)
+    if not planned or planned.get("sha256") == now["sha256"]:
+        return None
+    return (
+        f"{ds.root}: the dataset changed since {dws.name} was planned ({planned.get('files')} files of "
+        f"{planned.get('bytes')} bytes then, {now['files']} of {now['bytes']} now, or their modification "
+        f"times); its plan's spacing and intensity statistics come from the earlier files — run "
+        f"`segpipe plan {ds.root}` again to refresh them"
+    )
+
+
 def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: Any) -> dict[str, Any]:
     """Preprocess the labelled cases of a planned dataset into the cache of each planned configuration.
 
@@ -186,6 +207,9 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
     cfg = _settings("preprocess", settings)
     ws, dws, the_plan, ds = _planned_dataset("preprocess", cfg.work_dir, dataset)
     names = _configurations(config_value, the_plan)
+    changed = _changed_since_planning(dws, ds)
+    if changed:
+        logging.getLogger("segpipe").warning(changed)
     out: dict[str, Any] = {}
     done: dict[Path, dict[str, Any]] = {}
     for name in names:
@@ -205,7 +229,8 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
         )
         done[cache] = {"configuration": name, **res.to_dict()}
         out[name] = res.to_dict()
-    return {"dataset": dws.name, "plans_path": str(dws.plans_path), "configurations": out}
+    result = {"dataset": dws.name, "plans_path": str(dws.plans_path), "configurations": out}
+    return {**result, "dataset_changed_since_plan": changed} if changed else result
 
 
 def train(*, log: Any = None, overwrite: bool = False, started: float | None = None, **settings: Any) -> dict[str, Any]:

@@ -213,3 +213,27 @@ def test_kill_9_during_fingerprinting_and_preprocessing_then_the_same_commands_f
         assert (ds / name).read_bytes() == (ref / "Faults" / name).read_bytes(), name
     assert _cache_files(work) == _cache_files(ref)
     assert not [p.name for p in ds.rglob("*") if ".tmp-" in p.name or p.name.endswith(".old")]
+
+
+def test_a_source_changed_after_planning_is_not_used_silently(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`preprocess` of a dataset whose files changed since `plan` says so (warning and JSON), and a fresh `plan` clears it."""
+    import nibabel as nib
+
+    root = tmp_path / "Faults"
+    shutil.copytree(dataset, root)
+    work = tmp_path / "work"
+    assert _run(capsys, "plan", str(root), f"work_dir={work}", "configurations=[3d_fullres]")[0] == 0
+    code, out, _ = _run(capsys, "preprocess", f"work_dir={work}", "--json")
+    assert code == 0 and "dataset_changed_since_plan" not in json.loads(out)
+    image = next((root / "imagesTr").glob("*.nii.gz"))
+    nii = nib.load(str(image))
+    nib.save(nib.Nifti1Image(np.asarray(nii.dataobj).astype(np.float32) * 3, nii.affine), str(image))
+    code, out, err = _run(capsys, "preprocess", f"work_dir={work}", "--json")
+    assert code == 0
+    said = json.loads(out)["dataset_changed_since_plan"]
+    assert "changed since" in said and "segpipe plan" in said  # also logged as a warning
+    assert _run(capsys, "plan", str(root), f"work_dir={work}", "configurations=[3d_fullres]")[0] == 0
+    code, out, err = _run(capsys, "preprocess", f"work_dir={work}", "--json")
+    assert code == 0 and "dataset_changed_since_plan" not in json.loads(out)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SegpipeError, UsageError
-from ..io.atomic import save_npy
+from ..io.atomic import save_npy, sweep_temporaries
 from ..io.image import IMAGE_EXTENSIONS, image_extension, write_image
 from ..io.jsonio import read_json, write_json
 from .predictor import Prediction, Predictor, _case_id
@@ -239,6 +239,7 @@ def prepare_output(out_dir: str | os.PathLike[str], fmt: str) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} is a file", hint="give a folder for -o")
     out.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out)  # what a killed batch left half-written
     return out
 
 

@@ -44,6 +44,36 @@ def atomic_path(path: str | os.PathLike[str], *, ext: str | None = None) -> Iter
         raise
 
 
+#: a temporary older than this belongs to a writer that was killed (segpipe's writes take seconds)
+STALE_TEMPORARY_S = 3600.0
+
+
+def sweep_temporaries(folder: str | os.PathLike[str], *, older_than_s: float = STALE_TEMPORARY_S) -> list[str]:
+    """Remove the temporaries (``.<name>.tmp-…``) a killed writer left in ``folder`` (not below it),
+    if older than ``older_than_s``: a live writer's own temporaries are younger. Returns their names."""
+    import time
+
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    now = time.time()
+    removed = []
+    for p in sorted(root.iterdir()):
+        if not (p.name.startswith(".") and ".tmp-" in p.name):
+            continue
+        try:
+            if now - p.lstat().st_mtime < older_than_s:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p.name)
+        except OSError:
+            continue
+    return removed
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..io.atomic import sweep_temporaries
 from ..workspace import DatasetWorkspace, Workspace
 from .memory import estimate_gpu_bytes, estimate_training_bytes, topology
 from .plan import ChannelNormalization, Plan, PlanConfig, save_plan
@@ -605,6 +606,7 @@ def run_planning(
     settings.validate()  # a bad setting fails before the (long) fingerprint, not after it
     entry.workspace.ensure_writable()
     entry.claim(dataset.root, layout=getattr(dataset, "layout", None))
+    sweep_temporaries(entry.root)  # a fingerprint or plan a killed run left half-written
     fp = fingerprint_dataset(dataset, entry.fingerprint_path, force=force, num_workers=num_workers)
     plan = make_plan(fp, settings)
     check_preprocessed_size(plan, fp, entry.root)  # before anything of the plan is written

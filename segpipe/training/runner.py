@@ -46,7 +46,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from ..errors import ConfigError, StateError
-from ..io.atomic import write_text
+from ..io.atomic import sweep_temporaries, write_text
 from ..io.jsonio import read_json, write_json
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint, to_plain
 from .module import SegmentationModule
@@ -878,6 +878,7 @@ def _fit(
         say(f"{run_dir}: resuming after epoch {resume['epoch']}")
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(run_dir)  # checkpoints a killed run left half-written
         write_json(
             run_dir / SETTINGS_FILE,
             {"configuration": configuration, "fold": str(fold), "settings": s, "versions": _versions()},

@@ -237,3 +237,38 @@ def test_a_source_changed_after_planning_is_not_used_silently(
     assert _run(capsys, "plan", str(root), f"work_dir={work}", "configurations=[3d_fullres]")[0] == 0
     code, out, err = _run(capsys, "preprocess", f"work_dir={work}", "--json")
     assert code == 0 and "dataset_changed_since_plan" not in json.loads(out)
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next_one(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Half-written temporaries a killed run left (over an hour old) are removed by the next `plan` / `infer`; a live writer's are kept."""
+    import os
+    import time
+
+    from segpipe.inference.batch import prepare_output
+
+    def plant(folder: Path, name: str, age_s: float, is_dir: bool = False) -> Path:
+        p = folder / name
+        if is_dir:
+            p.mkdir(parents=True)
+            (p / "image.npy").write_bytes(b"half")
+        else:
+            p.write_bytes(b"half")
+        t = time.time() - age_s
+        os.utime(p, (t, t))
+        return p
+
+    work = tmp_path / "work"
+    assert _run(capsys, "plan", str(dataset), f"work_dir={work}", "configurations=[3d_fullres]")[0] == 0
+    entry = work / "Faults"
+    stale = [plant(entry, ".plans.tmp-0badf00d.json", 7200), plant(entry, ".fingerprint.tmp-0c0ffee0.json", 7200)]
+    live = plant(entry, ".plans.tmp-12345678.json", 5)
+    assert _run(capsys, "plan", str(dataset), f"work_dir={work}", "configurations=[3d_fullres]")[0] == 0
+    assert not any(p.exists() for p in stale) and live.exists()
+    out = tmp_path / "predictions"
+    out.mkdir()
+    stale = [plant(out, ".c0.tmp-aaaaaaaa.nii.gz", 7200), plant(out, ".c1.tmp-bbbbbbbb", 7200, is_dir=True)]
+    keep = [plant(out, ".c2.tmp-cccccccc.nii.gz", 1), plant(out, "c3.nii.gz", 7200)]  # a finished case stays
+    prepare_output(out, "nii.gz")
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)

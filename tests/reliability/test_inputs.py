@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,40 @@ def test_a_target_spacing_too_fine_to_preprocess_is_refused_at_plan_time(tmp_pat
         expected.append(int(np.prod([max(1, round(n * s)) for n, s in zip(shape, spacing)])) * 5)
     size = preprocessed_sizes(plan, fp)["3d_fullres"]
     assert size == {"cache_bytes": sum(expected), "largest_case_bytes": max(expected)}
+
+
+@pytest.mark.slow
+def test_accents_and_spaces_in_case_ids_through_every_stage(tmp_path: Path) -> None:
+    """Case ids with accents and spaces go through check, plan, preprocess, train, infer and evaluate as they are."""
+    data = generate_demo_dataset(tmp_path / "Cases", num_cases=3, num_test=1)
+    case = "patiënt 01"
+    for folder in ("imagesTr", "labelsTr"):
+        (data / folder / "demo_001.nii.gz").rename(data / folder / f"{case}.nii.gz")
+    desc = json.loads((data / "dataset.json").read_text())
+    desc["training"][1] = {"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"}
+    (data / "dataset.json").write_text(json.dumps(desc, ensure_ascii=False), encoding="utf-8")
+    work = tmp_path / "wörk"
+    steps = [
+        ("check", str(data)),
+        ("plan", str(data), f"work_dir={work}", "configurations=[3d_fullres]", "base_features=4", "max_features_3d=16"),
+        ("preprocess", f"work_dir={work}"),
+        ("train", f"work_dir={work}", "fold=all", "epochs=1", "iterations_per_epoch=1", "val_batches=1"),
+    ]
+    for step in steps:
+        r = segpipe_cli(*step)
+        assert r.returncode == 0, (step[0], r.stderr[-2000:])
+    assert (work / "Cases" / "cache").is_dir() and list((work / "Cases" / "cache").glob(f"*/{case}/image.npy"))
+    images = tmp_path / "zu segmentieren"
+    images.mkdir()
+    shutil.copy(data / "labelsTr" / f"{case}.nii.gz", tmp_path / "ref.nii.gz")
+    shutil.copy(data / "imagesTr" / f"{case}.nii.gz", images / f"{case}.nii.gz")
+    out = tmp_path / "Ergebnis"
+    r = segpipe_cli("infer", str(images), "-o", str(out), f"work_dir={work}", "tta=false", "folds=all")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / f"{case}.nii.gz").is_file() and json.loads((out / f"{case}.json").read_text())["case"] == case
+    refs = tmp_path / "Referenz"
+    refs.mkdir()
+    shutil.copy(tmp_path / "ref.nii.gz", refs / f"{case}.nii.gz")
+    r = segpipe_cli("evaluate", str(out), str(refs), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["metric_per_case"][0]["case"] == case

@@ -85,3 +85,24 @@ def test_a_batch_reports_and_skips_every_bad_series_and_writes_the_good_case(
         assert words in failed[name].lower() or words in failed[name], (name, failed[name])
         assert "\n" not in failed[name]
     assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.nii.gz"]
+
+
+DCMQI = DICOM / "dcmqi_seg"
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not DCMQI.is_dir(), reason=f"no DICOM-SEG corpus at {DCMQI}")
+def test_a_dicom_seg_whose_references_do_not_match_is_refused() -> None:
+    """A DICOM-SEG read against another series, or onto a grid its voxels miss, is one error naming the SEG, never a wrong mask."""
+    from segpipe.errors import DicomError
+    from segpipe.geometry import Geometry
+    from segpipe.io.dicom_seg import read_dicom_seg
+
+    seg = DCMQI / "liver.dcm"
+    with pytest.raises(DicomError) as other_series:
+        read_dicom_seg(seg, DCMQI / "24x38x3" / "image")
+    assert str(other_series.value.message).startswith(str(seg)) and "references series" in other_series.value.message
+    far_away = Geometry(shape=(3, 16, 16), spacing=(1.0, 1.0, 1.0), origin=(5000.0, 5000.0, 5000.0))
+    with pytest.raises(DicomError) as off_grid:
+        read_dicom_seg(seg, far_away)
+    assert "\n" not in off_grid.value.message and off_grid.value.hint

@@ -201,6 +201,7 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
     "reused", "seconds"}}}``.
     """
     from .preprocessing import cache_dir_for, preprocess_dataset, spec_from_plan
+    from .workspace import dataset_lock
 
     dataset = _dataset_once(dataset, settings)
     config_value = settings.pop("config", settings.pop("configuration", None))
@@ -212,23 +213,24 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
         logging.getLogger("segpipe").warning(changed)
     out: dict[str, Any] = {}
     done: dict[Path, dict[str, Any]] = {}
-    for name in names:
-        cache = cache_dir_for(ws.root, the_plan, name, dataset=dws.name)  # a clear error for an unknown name
-        if cache in done:
-            out[name] = {**done[cache], "shared_with": done[cache]["configuration"]}
-            continue
-        if log:
-            log(f"preprocessing {dws.name} for {name} into {cache}")
-        res = preprocess_dataset(
-            ds,
-            spec_from_plan(the_plan, name),
-            cache,
-            num_workers=cfg.num_workers,
-            force=cfg.force,
-            desc=f"preprocess {name}",
-        )
-        done[cache] = {"configuration": name, **res.to_dict()}
-        out[name] = res.to_dict()
+    with dataset_lock(dws, "preprocess"):
+        for name in names:
+            cache = cache_dir_for(ws.root, the_plan, name, dataset=dws.name)  # a clear error for an unknown name
+            if cache in done:
+                out[name] = {**done[cache], "shared_with": done[cache]["configuration"]}
+                continue
+            if log:
+                log(f"preprocessing {dws.name} for {name} into {cache}")
+            res = preprocess_dataset(
+                ds,
+                spec_from_plan(the_plan, name),
+                cache,
+                num_workers=cfg.num_workers,
+                force=cfg.force,
+                desc=f"preprocess {name}",
+            )
+            done[cache] = {"configuration": name, **res.to_dict()}
+            out[name] = res.to_dict()
     result = {"dataset": dws.name, "plans_path": str(dws.plans_path), "configurations": out}
     return {**result, "dataset_changed_since_plan": changed} if changed else result
 
@@ -250,6 +252,7 @@ def train(*, log: Any = None, overwrite: bool = False, started: float | None = N
     import time
 
     from .preprocessing import Cache
+    from .workspace import dataset_lock
 
     started = time.perf_counter() if started is None else float(started)
     from .training.runner import fit
@@ -282,17 +285,18 @@ def train(*, log: Any = None, overwrite: bool = False, started: float | None = N
         "trainer": to_container(cfg.trainer),
         "num_workers": cfg.num_workers,
     }
-    result = fit(
-        the_plan,
-        name,
-        fold,
-        work_dir=ws.root,
-        dataset=dws.name,
-        settings=fit_settings,
-        overwrite=overwrite,
-        log=log,
-        started=started,
-    )
+    with dataset_lock(dws, "train", shared=True):
+        result = fit(
+            the_plan,
+            name,
+            fold,
+            work_dir=ws.root,
+            dataset=dws.name,
+            settings=fit_settings,
+            overwrite=overwrite,
+            log=log,
+            started=started,
+        )
     return {"dataset": dws.name, "configuration": name, "fold": str(fold), **result}
 
 

@@ -26,6 +26,8 @@ import json
 import os
 import re
 import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,3 +266,43 @@ def find_dataset(
         + (f" (planned: {', '.join(planned)})" if planned else ""),
         hint=f"run `segpipe plan {text} work_dir={ws.root}` first",
     )
+
+
+LOCK_FILE = ".segpipe.lock"
+
+
+@contextmanager
+def dataset_lock(entry: DatasetWorkspace, command: str, *, shared: bool = False) -> Iterator[None]:
+    """Hold the dataset's workspace folder for ``command`` while the block runs.
+
+    ``plan`` and ``preprocess`` hold it alone (they rewrite the fingerprint, plan and caches);
+    ``train`` shares it with other trainings (folds train side by side) but not with those. A
+    second command that cannot have it fails at once with a :class:`StateError` saying which
+    command holds it; the lock dies with its process, so a killed command never leaves it held.
+    Where the platform has no ``fcntl`` (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield
+        return
+    import time
+
+    entry.root.mkdir(parents=True, exist_ok=True)
+    path = entry.root / LOCK_FILE
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another segpipe command"
+            raise StateError(
+                f"{entry.root}: {holder} is using this dataset; `segpipe {command}` cannot run beside it",
+                hint="wait for that command to finish (or stop it), then run this one again",
+            ) from None
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        f.seek(0)
+        f.truncate()
+        f.write(f"`segpipe {command}` (process {os.getpid()}, since {stamp})")
+        f.flush()
+        yield

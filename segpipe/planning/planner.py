@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..io.atomic import sweep_temporaries
-from ..workspace import DatasetWorkspace, Workspace
+from ..workspace import DatasetWorkspace, Workspace, dataset_lock
 from .memory import estimate_gpu_bytes, estimate_training_bytes, topology
 from .plan import ChannelNormalization, Plan, PlanConfig, save_plan
 from .settings import (
@@ -606,13 +606,14 @@ def run_planning(
     settings.validate()  # a bad setting fails before the (long) fingerprint, not after it
     entry.workspace.ensure_writable()
     entry.claim(dataset.root, layout=getattr(dataset, "layout", None))
-    sweep_temporaries(entry.root)  # a fingerprint or plan a killed run left half-written
-    fp = fingerprint_dataset(dataset, entry.fingerprint_path, force=force, num_workers=num_workers)
-    plan = make_plan(fp, settings)
-    check_preprocessed_size(plan, fp, entry.root)  # before anything of the plan is written
-    plans_path = save_plan(plan, entry.plans_path)
-    summary_path = write_plan_summary(entry.plan_summary_path, plan, fp, dataset_path=dataset.root)
-    report_path = write_dataset_report(entry.dataset_report_path, fp, plan)
+    with dataset_lock(entry, "plan"):
+        sweep_temporaries(entry.root)  # a fingerprint or plan a killed run left half-written
+        fp = fingerprint_dataset(dataset, entry.fingerprint_path, force=force, num_workers=num_workers)
+        plan = make_plan(fp, settings)
+        check_preprocessed_size(plan, fp, entry.root)  # before anything of the plan is written
+        plans_path = save_plan(plan, entry.plans_path)
+        summary_path = write_plan_summary(entry.plan_summary_path, plan, fp, dataset_path=dataset.root)
+        report_path = write_dataset_report(entry.dataset_report_path, fp, plan)
     return PlanningResult(
         plan=plan,
         fingerprint=fp,

@@ -272,3 +272,32 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next_one(
     keep = [plant(out, ".c2.tmp-cccccccc.nii.gz", 1), plant(out, "c3.nii.gz", 7200)]  # a finished case stays
     prepare_output(out, "nii.gz")
     assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
+
+
+def test_two_commands_racing_on_one_workspace_are_told_apart_by_its_lock(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While `preprocess` holds a dataset, a second `plan`/`preprocess`/`train` on it fails at once naming the holder; trainings share it."""
+    import subprocess
+    import sys
+
+    from segpipe.workspace import Workspace, dataset_lock
+
+    work = tmp_path / "work"
+    assert _run(capsys, "plan", str(dataset), f"work_dir={work}", "configurations=[3d_fullres]")[0] == 0
+    entry = Workspace.at(work).dataset("Faults")
+
+    def second(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "segpipe", *argv, f"work_dir={work}"], capture_output=True, text=True, timeout=300
+        )
+
+    with dataset_lock(entry, "preprocess"):
+        for argv in (("plan", str(dataset)), ("preprocess",), ("train", "fold=all", "epochs=1")):
+            r = second(*argv)
+            assert r.returncode == 4 and "`segpipe preprocess` (process" in r.stderr, (argv, r.stderr)
+            assert "is using this dataset" in r.stderr and "Traceback" not in r.stderr
+    with dataset_lock(entry, "train", shared=True), dataset_lock(entry, "train", shared=True):
+        r = second("preprocess")
+        assert r.returncode != 0 and "`segpipe train`" in r.stderr, r.stderr
+    assert _run(capsys, "preprocess", f"work_dir={work}")[0] == 0  # free again once the holders are gone

@@ -499,3 +499,28 @@ def settings_help(command: str) -> str:
         return "  (no settings)"
     width = min(max(len(a) for a, _ in rows), 40)
     return "\n".join(f"  {a.ljust(width)}  {b}".rstrip() for a, b in rows)
+
+
+def process_settings(value: Any, *, single: str, several: str) -> dict[str, Any]:
+    """The ``trainer`` group checked: ``{"name": "single"|"ddp", "devices": N, "num_nodes": M}`` from a
+    name or a composed option. ``single``/``several`` word the refusal of several devices with
+    ``trainer=single`` for the command (``"trains in one process"``, ``"trains in several"``)."""
+    t: dict[str, Any] = dict(value) if isinstance(value, Mapping) else {"name": str(value)}
+    t.setdefault("name", "single")
+    t.setdefault("devices", 1 if t["name"] == "single" else 2)
+    t.setdefault("num_nodes", 1)
+    if t["name"] not in ("single", "ddp"):
+        raise ConfigError(f"trainer={t['name']!r} is not a trainer", hint="trainer=single, or trainer=ddp devices=N")
+    for key in ("devices", "num_nodes"):
+        try:
+            t[key] = int(t[key])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={t[key]!r} is not a whole number") from None
+        if t[key] < 1:
+            raise ConfigError(f"{key}={t[key]} must be at least 1")
+    if t["name"] == "single" and (t["devices"], t["num_nodes"]) != (1, 1):
+        raise ConfigError(
+            f"devices={t['devices']} num_nodes={t['num_nodes']}: trainer=single {single}",
+            hint=f"trainer=ddp devices=N num_nodes=M {several}",
+        )
+    return t

@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -42,25 +42,9 @@ _DEVICES = ("auto", "cpu", "cuda", "gpu")
 
 def process_settings(value: Any) -> dict[str, Any]:
     """``{"name": "single"|"ddp", "devices": N, "num_nodes": M}`` from the composed ``trainer`` option."""
-    t: dict[str, Any] = dict(value) if isinstance(value, Mapping) else {"name": str(value)}
-    t.setdefault("name", "single")
-    t.setdefault("devices", 1 if t["name"] == "single" else 2)
-    t.setdefault("num_nodes", 1)
-    if t["name"] not in ("single", "ddp"):
-        raise ConfigError(f"trainer={t['name']!r} is not a trainer", hint="trainer=single, or trainer=ddp devices=N")
-    for key in ("devices", "num_nodes"):
-        try:
-            t[key] = int(t[key])
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={t[key]!r} is not a whole number") from None
-        if t[key] < 1:
-            raise ConfigError(f"{key}={t[key]} must be at least 1")
-    if t["name"] == "single" and (t["devices"], t["num_nodes"]) != (1, 1):
-        raise ConfigError(
-            f"devices={t['devices']} num_nodes={t['num_nodes']}: trainer=single segments in one process",
-            hint="trainer=ddp devices=N num_nodes=M shares the cases out among N × M processes",
-        )
-    return t
+    from ..config import process_settings as checked
+
+    return checked(value, single="segments in one process", several="shares the cases out among N × M processes")
 
 
 def _accelerator(device: str) -> str:

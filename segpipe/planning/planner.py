@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..io.atomic import sweep_temporaries
-from ..workspace import DatasetWorkspace, Workspace, dataset_lock
+from ..workspace import DatasetWorkspace, Workspace, dataset_lock, default_dataset_name
 from .memory import estimate_gpu_bytes, estimate_training_bytes, topology
 from .plan import ChannelNormalization, Plan, PlanConfig, save_plan
 from .settings import (
@@ -589,7 +589,7 @@ def run_planning(
 
     ``workspace`` is the dataset's :class:`~segpipe.workspace.DatasetWorkspace`, or a
     :class:`~segpipe.workspace.Workspace` / work_dir path, in which case the entry is named
-    ``name`` (default ``dataset.name``). Before any reading, the workspace is checked writable
+    ``name`` (default: ``dataset.name`` in ASCII, :func:`~segpipe.workspace.default_dataset_name`). Before any reading, the workspace is checked writable
     and claimed for this dataset (a different dataset under the same name is refused). Writes,
     each atomically: ``fingerprint.json`` (reused while the dataset is unchanged, unless
     ``force``), ``plans.json``, ``plan_summary.md`` and ``dataset_report.png``.
@@ -601,7 +601,7 @@ def run_planning(
         entry = workspace
     else:
         ws = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
-        entry = ws.dataset(name or str(dataset.name))
+        entry = ws.dataset(name or default_dataset_name(str(dataset.name)))
     settings = settings or PlanSettings()
     settings.validate()  # a bad setting fails before the (long) fingerprint, not after it
     entry.workspace.ensure_writable()

@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import DataError, StateError
 from ..io import jsonio
-from ..io.atomic import atomic_folder
+from ..io.atomic import atomic_folder, sweep_temporaries
 from .spec import PREPROCESS_VERSION, PreprocessSpec
 
 IMAGE_FILE = "image.npy"
@@ -231,13 +231,11 @@ class Cache:
             return []
         wanted = set(keep)
         removed = []
+        sweep_temporaries(self.root, older_than_s=0)  # no other process writes it: every one is stale
         for p in sorted(self.root.iterdir()):
             if p.name.startswith("."):
-                if ".tmp-" in p.name and p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                elif ".tmp-" in p.name:
-                    p.unlink(missing_ok=True)
-            elif p.is_dir():
+                continue
+            if p.is_dir():
                 if p.name not in wanted:
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p.name)

@@ -164,24 +164,9 @@ def train_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
 
 def _trainer_settings(value: Any) -> dict[str, Any]:
     """``{"name": "single"|"ddp", "devices": N, "num_nodes": M}`` from a name or a composed option."""
-    t = _named(value, {})
-    t.setdefault("devices", 1 if t["name"] == "single" else 2)
-    t.setdefault("num_nodes", 1)
-    if t["name"] not in ("single", "ddp"):
-        raise ConfigError(f"trainer={t['name']!r} is not a trainer", hint="trainer=single, or trainer=ddp devices=N")
-    for key in ("devices", "num_nodes"):
-        try:
-            t[key] = int(t[key])
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={t[key]!r} is not a whole number") from None
-        if t[key] < 1:
-            raise ConfigError(f"{key}={t[key]} must be at least 1")
-    if t["name"] == "single" and (t["devices"], t["num_nodes"]) != (1, 1):
-        raise ConfigError(
-            f"devices={t['devices']} num_nodes={t['num_nodes']}: trainer=single trains in one process",
-            hint="trainer=ddp devices=N num_nodes=M trains in several",
-        )
-    return t
+    from ..config import process_settings
+
+    return process_settings(value, single="trains in one process", several="trains in several")
 
 
 def _tristate(key: str, value: Any) -> bool | str:

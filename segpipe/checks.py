@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from .data.splits import too_few_for_folds
 from .io.datasets import Dataset, Finding, check_case_ids, inspect_case, load_dataset
+
+#: the ``case`` of a finding about the whole dataset rather than one case
+DATASET_WIDE = "(dataset)"
 
 
 @dataclass
@@ -26,7 +30,7 @@ class CheckReport:
 
     @property
     def cases_with_errors(self) -> list[str]:
-        return sorted({f.case for f in self.errors})
+        return sorted({f.case for f in self.errors if f.case != DATASET_WIDE})
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,4 +71,16 @@ def check_dataset(
     )
     for result in per_case:  # input order: deterministic report
         findings.extend(result)
+    few = too_few_for_folds(len(ds.cases))
+    if few:
+        findings.append(
+            Finding(
+                DATASET_WIDE,
+                "dataset.json",
+                "too_few_cases",
+                few,
+                "add labelled cases" + (" (or train with fold=all)" if ds.cases else ""),
+                "warning" if ds.cases else "error",
+            )
+        )
     return CheckReport(ds.summary(), len(cases), findings)

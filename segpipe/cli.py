@@ -574,6 +574,20 @@ def _print_error(command: str, ns: argparse.Namespace, etype: str, message: str,
     return code
 
 
+class _Formatter(logging.Formatter):
+    """Progress and information as they are; a warning or error as ``segpipe COMMAND: warning: …``."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__("%(message)s")
+        self.command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"segpipe {self.command}: {record.levelname.lower()}: {text}"
+        return text
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     wants_help = any(a in ("-h", "--help") for a in argv)
@@ -590,11 +604,14 @@ def main(argv: list[str] | None = None) -> int:
     if not ns.command:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(ns.command))
     logging.basicConfig(
-        level=logging.DEBUG if ns.debug else logging.WARNING if ns.quiet else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
+        level=logging.DEBUG if ns.debug else logging.WARNING if ns.quiet else logging.INFO, handlers=[handler]
     )
+    for h in logging.getLogger().handlers:  # a second command in one process (the API, tests): its name
+        if isinstance(h.formatter, _Formatter):
+            h.formatter.command = ns.command
     if not ns.debug:
         warnings.filterwarnings("ignore")
     command = ns.command

@@ -272,13 +272,15 @@ def compute_fingerprint(dataset: Any, *, num_workers: int | None = None) -> dict
     ``dataset`` is a :class:`segpipe.io.datasets.Dataset`. Deterministic: the same data gives the
     same dict whatever ``num_workers`` is.
     """
+    from .data.splits import N_FOLDS
     from .errors import DatasetError
     from .parallel import resolve_num_workers
 
     if not dataset.cases:
         raise DatasetError(
             f"{dataset.root}: no labelled training cases to fingerprint",
-            hint="add cases with labels (imagesTr/labelsTr) to the dataset",
+            hint=f"add cases with labels to the dataset (training needs at least one; {N_FOLDS}-fold "
+            f"cross-validation at least {N_FOLDS})",
         )
     workers = resolve_num_workers(num_workers)
     n_cases = len(dataset.cases)

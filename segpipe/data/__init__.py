@@ -32,10 +32,35 @@ patch area on padding near the upper border; the voxel stays inside the patch ei
 The package: :mod:`.splits`, :mod:`.sampler`, :mod:`.augment`, :mod:`.datamodule`.
 """
 
-from .augment import AugmentConfig, Augmenter
-from .datamodule import SegDataModule, TrainStream, ValidationPatches, worker_init
-from .sampler import OVERSAMPLE_FOREGROUND, PatchSampler, finish_batch
-from .splits import SPLIT_SEED, SPLITS_FILE, fold_cases, load_or_create_splits, make_splits, validate_splits
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .augment import AugmentConfig, Augmenter
+    from .datamodule import SegDataModule, TrainStream, ValidationPatches, worker_init
+    from .sampler import OVERSAMPLE_FOREGROUND, PatchSampler, finish_batch
+    from .splits import SPLIT_SEED, SPLITS_FILE, fold_cases, load_or_create_splits, make_splits, validate_splits
+
+# each name's module, imported on first use: `segpipe.data.splits` stays light for `check` and
+# `plan` (the data module pulls in Lightning, which takes seconds to import)
+_HOME = {
+    **dict.fromkeys(("AugmentConfig", "Augmenter"), ".augment"),
+    **dict.fromkeys(("SegDataModule", "TrainStream", "ValidationPatches", "worker_init"), ".datamodule"),
+    **dict.fromkeys(("OVERSAMPLE_FOREGROUND", "PatchSampler", "finish_batch"), ".sampler"),
+    **dict.fromkeys(
+        ("SPLIT_SEED", "SPLITS_FILE", "fold_cases", "load_or_create_splits", "make_splits", "validate_splits"),
+        ".splits",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "OVERSAMPLE_FOREGROUND",

@@ -15,9 +15,21 @@ from ..io.jsonio import write_json
 
 SPLITS_FILE = "splits_final.json"
 SPLIT_SEED = 12345
+N_FOLDS = 5  # nnU-Net's cross-validation: five folds, each needing at least one validation case
 
 
-def make_splits(case_ids: Sequence[str], n_folds: int = 5, seed: int = SPLIT_SEED) -> list[dict[str, list[str]]]:
+def too_few_for_folds(num_cases: int, n_folds: int = N_FOLDS) -> str | None:
+    """What ``num_cases`` labelled cases lack for ``n_folds``-fold cross-validation, or None."""
+    if num_cases >= n_folds:
+        return None
+    return (
+        f"{num_cases} labelled case(s): {n_folds}-fold cross-validation needs at least {n_folds} "
+        "(one validation case per fold)"
+        + ("" if num_cases == 0 else "; with fewer, only fold=all trains (on every case, without validation)")
+    )
+
+
+def make_splits(case_ids: Sequence[str], n_folds: int = N_FOLDS, seed: int = SPLIT_SEED) -> list[dict[str, list[str]]]:
     """nnU-Net's cross-validation folds: ``KFold(n_folds, shuffle=True, random_state=seed)`` over the
     sorted ids. sklearn shuffles ``arange(n)`` with ``RandomState(seed)``; fold k's validation set is
     the k-th consecutive chunk, the first ``n % n_folds`` chunks one longer; both lists sorted."""
@@ -70,7 +82,7 @@ def validate_splits(splits: Any, case_ids: Sequence[str] | None = None, *, where
 
 
 def load_or_create_splits(
-    path: str | os.PathLike[str], case_ids: Sequence[str], *, n_folds: int = 5, seed: int = SPLIT_SEED
+    path: str | os.PathLike[str], case_ids: Sequence[str], *, n_folds: int = N_FOLDS, seed: int = SPLIT_SEED
 ) -> list[dict[str, list[str]]]:
     """The splits in ``path`` (``splits_final.json``) when it exists — validated against
     ``case_ids`` — else nnU-Net's folds over ``case_ids`` (the current case list), written there atomically.

@@ -24,6 +24,10 @@ Layouts
   :mod:`segpipe.io.dicom`), ``seg_mapping``/``seg_priority`` for DICOM-SEG labels. Each
   case is ``DATASET/<case>/`` holding those files; a case folder without the label file is
   an unlabelled (test) case.
+
+Every path stays inside the dataset folder: ``../`` and absolute paths in a description are
+refused, and so is a file or folder that is a link leading outside it, unless the description
+says ``"external_links": true`` (datasets assembled from links into shared storage).
 """
 
 from __future__ import annotations
@@ -175,8 +179,32 @@ def load_dataset(path: str | os.PathLike[str]) -> Dataset:
             )
     loader = {"msd": _load_msd, "nnunet": _load_nnunet, "case-folder": _load_case_folder}[layout]
     ds = loader(root, desc, desc_path)
+    external = desc.get("external_links", False)
+    if not isinstance(external, bool):
+        raise DatasetError(f'{desc_path}: "external_links" must be true or false, got {external!r}')
+    if not external:
+        _check_links(ds, desc_path)
     check_case_ids(ds.all_cases(), desc_path)
     return ds
+
+
+def _check_links(ds: Dataset, where: Path) -> None:
+    """Refuse a case file (or folder) that is a link leading outside the dataset folder.
+
+    A dataset folder that is itself a link is fine (its root is resolved first); a link inside it
+    that leaves it would make segpipe read files the dataset does not hold, so it takes the
+    dataset's own ``"external_links": true`` to read linked files from shared storage.
+    """
+    root = str(ds.root)
+    for case in ds.all_cases():
+        for path in case.files():
+            target = os.path.realpath(path)
+            if target != root and os.path.commonpath([target, root]) != root:
+                raise DatasetError(
+                    f"{path}: case {case.id}: this path is a link to {target}, outside the dataset folder",
+                    hint='copy the file into the dataset folder, or add "external_links": true to dataset.json '
+                    "to read linked files from elsewhere (shared storage)",
+                )
 
 
 def _channels(desc: dict[str, Any], key: str, where: Path) -> dict[int, str]:

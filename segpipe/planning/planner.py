@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -594,6 +595,7 @@ def run_planning(
     each atomically: ``fingerprint.json`` (reused while the dataset is unchanged, unless
     ``force``), ``plans.json``, ``plan_summary.md`` and ``dataset_report.png``.
     """
+    from ..data.splits import too_few_for_folds
     from ..fingerprint import fingerprint_dataset
     from .report import write_dataset_report, write_plan_summary
 
@@ -606,6 +608,9 @@ def run_planning(
     settings.validate()  # a bad setting fails before the (long) fingerprint, not after it
     entry.workspace.ensure_writable()
     entry.claim(dataset.root, layout=getattr(dataset, "layout", None))
+    few = too_few_for_folds(len(dataset.cases)) if dataset.cases else None
+    if few:
+        logging.getLogger("segpipe").warning(f"{dataset.root}: {few}")
     with dataset_lock(entry, "plan"):
         sweep_temporaries(entry.root)  # a fingerprint or plan a killed run left half-written
         fp = fingerprint_dataset(dataset, entry.fingerprint_path, force=force, num_workers=num_workers)

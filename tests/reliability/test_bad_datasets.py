@@ -113,6 +113,34 @@ def huge_header(root: Path) -> None:
     _img(root).write_bytes(gzip.compress(bytes(hdr) + b"\0" * 64))
 
 
+def empty_image(root: Path) -> None:
+    nii = nib.load(str(_img(root)))
+    nib.save(nib.Nifti1Image(np.zeros((0, 10, 10), np.int16), nii.affine), str(_img(root)))
+
+
+def missing_channel_file(root: Path) -> None:
+    """The dataset declares two channels; every case has one."""
+    _desc(root, lambda d: d.update(modality={"0": "CT", "1": "MR"}))
+
+
+def file_link_leaves_dataset(root: Path) -> None:
+    outside = root.parent / "elsewhere" / f"{CASE}.nii.gz"
+    outside.parent.mkdir()
+    shutil.copy(_img(root), outside)
+    _img(root).unlink()
+    _img(root).symlink_to(outside)
+
+
+def folder_link_leaves_dataset(root: Path) -> None:
+    outside = root.parent / "shared_labels"
+    shutil.move(str(root / "labelsTr"), outside)
+    (root / "labelsTr").symlink_to(outside, target_is_directory=True)
+
+
+def no_training_cases(root: Path) -> None:
+    _desc(root, lambda d: d.update(training=[], numTraining=0))
+
+
 def labels_wrong_type(root: Path) -> None:
     _desc(root, lambda d: d.update(labels=["background", "organ"]))
 
@@ -160,6 +188,8 @@ BAD_DATASETS = [
     Bad("constant_image", "refused: a blank (constant) image", constant_image, (CASE,)),
     Bad("image_2d", "refused: a 2-D image in a 3-D dataset", image_2d, (CASE,)),
     Bad("image_4d_single_channel", "refused: a 4-D image for one declared channel", image_4d, (CASE,)),
+    Bad("empty_image", "refused: an image with an empty axis (no voxels)", empty_image, (CASE, "empty")),
+    Bad("missing_channel_file", "refused: a declared channel missing", missing_channel_file, ("channel",)),
     Bad("missing_image_file", "refused: an image named in dataset.json is missing", missing_image_file, (CASE,)),
     Bad("truncated_gzip", "refused: a truncated compressed file", truncated_gzip, (CASE,)),
     Bad("zero_byte_file", "refused: an empty file", zero_byte_file, (CASE,)),
@@ -168,6 +198,21 @@ BAD_DATASETS = [
     Bad("training_wrong_type", "refused: dataset.json training is not a list", training_wrong_type, ("training",)),
     Bad("duplicate_case_ids", "refused: two training entries with one case id", duplicate_case_ids, (CASE,)),
     Bad("path_escapes_dataset", "refused: a `../` path leaving the dataset", path_escapes_dataset, ("outside",)),
+    Bad(
+        "file_link_leaves_dataset",
+        'refused: a case file that is a link outside the dataset (unless `"external_links": true`)',
+        file_link_leaves_dataset,
+        (CASE, "outside the dataset", "external_links"),
+    ),
+    Bad(
+        "folder_link_leaves_dataset",
+        "refused: a dataset sub-folder that is a link outside it",
+        folder_link_leaves_dataset,
+        ("labelsTr", "shared_labels", "outside the dataset"),
+    ),
+    Bad(
+        "no_training_cases", "refused: no labelled case; the message says what 5 folds need", no_training_cases, ("5",)
+    ),
     Bad("absolute_path", "refused: an absolute path in dataset.json", absolute_path, (CASE,)),
     Bad("no_dataset_json", "refused: no dataset.json and no known layout", no_dataset_json, ("dataset",)),
     Bad("dataset_json_not_json", "refused: dataset.json is not valid JSON", dataset_json_not_json, ("dataset.json",)),

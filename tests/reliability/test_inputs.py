@@ -145,3 +145,43 @@ def test_accents_and_spaces_in_case_ids_through_every_stage(tmp_path: Path) -> N
     r = segpipe_cli("evaluate", str(out), str(refs), "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["metric_per_case"][0]["case"] == case
+
+
+def test_one_training_case_is_planned_with_a_warning_and_fold_0_says_what_5_folds_need(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One labelled case: `check` and `plan` warn that 5 folds need 5 cases; `train fold=0` refuses, naming fold=all."""
+    from segpipe import cli
+
+    data = generate_demo_dataset(tmp_path / "One", num_cases=1, num_test=0)
+    work = tmp_path / "work"
+    assert cli.main(["check", str(data), "--json"]) == 0  # a warning, not an error
+    finding = json.loads(capsys.readouterr().out)["findings"][0]
+    assert finding["problem"] == "too_few_cases" and finding["severity"] == "warning"
+    assert "5-fold cross-validation needs at least 5" in finding["message"] and "fold=all" in finding["message"]
+    assert cli.main(["plan", str(data), f"work_dir={work}", "configurations=[3d_fullres]", "-q"]) == 0
+    assert cli.main(["preprocess", f"work_dir={work}", "-q"]) == 0
+    capsys.readouterr()
+    code = cli.main(["train", f"work_dir={work}", "fold=0", "epochs=1", "iterations_per_epoch=1", "num_workers=0"])
+    err = capsys.readouterr().err
+    assert code != 0 and "cannot make 5 folds from 1 case" in err and "fold=all" in err, err
+    assert not (work / "One" / "runs").exists() or not any((work / "One" / "runs").rglob("*.pt"))
+
+
+def test_a_dataset_that_declares_external_links_reads_files_linked_from_shared_storage(tmp_path: Path) -> None:
+    """With `"external_links": true` in dataset.json, case files linked from outside the folder are read as usual."""
+    import segpipe
+
+    data = generate_demo_dataset(tmp_path / "Linked", num_cases=3, num_test=0)
+    shared = tmp_path / "pacs_export"
+    shutil.move(str(data / "imagesTr"), shared)
+    (data / "imagesTr").mkdir()
+    for f in sorted(shared.iterdir()):
+        (data / "imagesTr" / f.name).symlink_to(f)
+    desc = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**desc, "external_links": True}))
+    report = segpipe.check(data, num_workers=1)
+    assert report.ok and report.cases_checked == 3, report.findings
+    (data / "dataset.json").write_text(json.dumps(desc))  # without the declaration: refused
+    with pytest.raises(segpipe.SegpipeError, match="outside the dataset folder"):
+        segpipe.check(data, num_workers=1)

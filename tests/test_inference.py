@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -419,41 +417,6 @@ def test_infer_and_export_on_the_command_line(trained: dict[str, Path], tmp_path
     assert r.returncode == 2 and "needs the model folder" in r.stderr
     r = _cli("infer", str(single), "-m", str(tmp_path / "model"), "overlap=1.5")
     assert r.returncode == 2 and "overlap" in r.stderr
-
-
-@pytest.mark.slow
-def test_a_batch_killed_halfway_finishes_the_rest_on_the_same_command(trained: dict[str, Path], tmp_path: Path) -> None:
-    inputs = tmp_path / "many"
-    inputs.mkdir()
-    for i in range(8):
-        shutil.copy(trained["data"] / "imagesTs" / "demo_012.nii.gz", inputs / f"case_{i}.nii.gz")
-    out = tmp_path / "many_out"
-    command = [sys.executable, "-m", "segpipe", "infer", str(inputs), f"work_dir={trained['work']}", "-o", str(out)]
-    proc = subprocess.Popen(
-        command, cwd=REPO, env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while len(list(out.glob("case_*.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    done = sorted(p.stem for p in out.glob("case_*.json"))
-    assert 2 <= len(done) < 8, f"the kill did not land halfway: {done}"
-    stamps = {c: (out / f"{c}.nii.gz").stat().st_mtime_ns for c in done}
-    r = _cli("infer", str(inputs), f"work_dir={trained['work']}", "-o", str(out), "--json")
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
-    assert sorted(res["skipped"]) == done
-    assert sorted(res["written"]) == sorted(set(f"case_{i}" for i in range(8)) - set(done))
-    assert {c: (out / f"{c}.nii.gz").stat().st_mtime_ns for c in done} == stamps
-    for i in range(8):
-        label, _ = read_image(out / f"case_{i}.nii.gz")
-        assert label.shape[1:] == read_image(inputs / f"case_{i}.nii.gz")[0].shape[1:]
-    assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
 
 def test_export_model_refuses_an_existing_target(tmp_path: Path) -> None:

@@ -537,7 +537,16 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_run, monkeypatch) -> 
 
     # what the run folder holds
     names = sorted(p.name for p in run_dir.iterdir())
-    assert names == ["best.pt", "final.pt", "last.pt", "metrics.csv", "progress.png", "settings.json", "validation"]
+    assert names == [
+        "best.pt",
+        "final.pt",
+        "last.prev.pt",
+        "last.pt",
+        "metrics.csv",
+        "progress.png",
+        "settings.json",
+        "validation",
+    ]
     assert (run_dir / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")

@@ -167,8 +167,24 @@ def _plain_key(key: Any, where: str) -> Any:
 
 
 # ============================================================================ save / load
-def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
-    """Write ``state`` (converted by :func:`to_plain`, stamped with the format) to ``path`` atomically."""
+class DamagedCheckpointError(StateError):
+    """A checkpoint file that cannot be read back (truncated, overwritten, not a zip archive)."""
+
+
+def previous_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Where :func:`save_checkpoint` with ``keep_previous`` keeps the file it replaces:
+    ``last.pt`` → ``last.prev.pt``."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.prev{p.suffix}")
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any], *, keep_previous: bool = False) -> Path:
+    """Write ``state`` (converted by :func:`to_plain`, stamped with the format) to ``path`` atomically.
+
+    With ``keep_previous`` the file it replaces becomes :func:`previous_checkpoint` (renamed, once
+    the new one is complete on disk), so one damaged file never loses the run: at every moment
+    one of the two is complete.
+    """
     payload = to_plain(dict(state))
     payload["format"] = CHECKPOINT_FORMAT
     payload["format_version"] = CHECKPOINT_VERSION
@@ -178,6 +194,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> P
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and target.is_file():
+            os.replace(target, previous_checkpoint(target))
     try:  # make the rename itself durable
         fd = os.open(target.parent, os.O_RDONLY)
         try:
@@ -211,7 +229,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StateError(f"checkpoint {p} is truncated or damaged ({reason})", hint=fix) from None
+        raise DamagedCheckpointError(f"checkpoint {p} is truncated or damaged ({reason})", hint=fix) from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise StateError(f"{p} is not a segpipe training checkpoint", hint=fix)
     if data.get("format_version") != CHECKPOINT_VERSION:
@@ -225,8 +243,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "DamagedCheckpointError",
     "capture_rng",
     "load_checkpoint",
+    "previous_checkpoint",
     "restore_rng",
     "save_checkpoint",
     "to_plain",

@@ -4,6 +4,7 @@ The run lives in the workspace's ``runs/<configuration>/fold_<k>/``::
 
     settings.json   the resolved training settings and the library versions
     last.pt         the full training state after the last completed epoch (see checkpoint.py)
+    last.prev.pt    the one before it: resumed from, with a warning, when last.pt is damaged
     best.pt         the network weights at the best EMA pseudo-Dice so far
     final.pt        the network weights once the run has finished
     metrics.csv     one row per epoch: losses, pseudo-Dice per class and its EMA, the full-case
@@ -48,7 +49,15 @@ from lightning.pytorch.callbacks import Checkpoint
 from ..errors import ConfigError, StateError
 from ..io.atomic import sweep_temporaries, write_text
 from ..io.jsonio import read_json, write_json
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint, to_plain
+from .checkpoint import (
+    DamagedCheckpointError,
+    capture_rng,
+    load_checkpoint,
+    previous_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    to_plain,
+)
 from .module import SegmentationModule
 from .optim import fit_budget, parse_duration
 from .plots import PROGRESS_FILE, write_progress_png
@@ -519,7 +528,7 @@ class RunCheckpoint(Checkpoint):
         if not (preempt or due) or n >= module.iterations_per_epoch:
             return  # the epoch's end saves anyway
         if trainer.is_global_zero:
-            save_checkpoint(self.run_dir / LAST, self._state(module, finished=False, in_epoch=n))
+            save_checkpoint(self.run_dir / LAST, self._state(module, finished=False, in_epoch=n), keep_previous=True)
         self._saved_at = time.perf_counter()
         if preempt:
             where = f"epoch {module.completed_epochs + 1}, iteration {n}"
@@ -570,7 +579,7 @@ class RunCheckpoint(Checkpoint):
             self.best = ema
         if trainer.is_global_zero:
             state = self._state(pl_module, finished=finished)
-            save_checkpoint(self.run_dir / LAST, state)
+            save_checkpoint(self.run_dir / LAST, state, keep_previous=True)
             self._saved_at = time.perf_counter()
             if improved:
                 save_checkpoint(
@@ -849,11 +858,11 @@ def _fit(
     title = f"{ds.name} {configuration} fold {fold}"
     if overwrite:
         if writer:  # the other ranks start afresh too, whatever they find
-            for name in (LAST, BEST, FINAL, METRICS_FILE, SETTINGS_FILE, PROGRESS_FILE):
+            for name in (LAST, previous_checkpoint(LAST).name, BEST, FINAL, METRICS_FILE, SETTINGS_FILE, PROGRESS_FILE):
                 (run_dir / name).unlink(missing_ok=True)
             shutil.rmtree(run_dir / VALIDATION_DIR, ignore_errors=True)
-    elif last.is_file():
-        resume = load_checkpoint(last)
+    elif last.is_file() or previous_checkpoint(last).is_file():
+        resume = _load_resume_state(run_dir, writer)
         _check_same_settings(run_dir, s)
         if resume.get("finished"):
             if writer:
@@ -965,6 +974,34 @@ def _fit(
     return _result(
         run_dir, state, already_finished=False, resumed_from=done if resume else None, seconds=time.perf_counter() - t0
     )
+
+
+def _load_resume_state(run_dir: Path, writer: bool) -> dict[str, Any]:
+    """The run's ``last.pt``; when it is damaged (or was lost between two renames), the one before
+    it (``last.prev.pt``), with a warning: the epochs after that are trained again, as they were.
+
+    A damaged ``last.pt`` is removed (by the writing process), so it is never loaded and the next
+    save does not keep it as the previous one. A checkpoint refused for holding objects is not
+    replaced silently: that error stands.
+    """
+    last, prev = run_dir / LAST, previous_checkpoint(run_dir / LAST)
+    if last.is_file():
+        try:
+            return load_checkpoint(last)
+        except DamagedCheckpointError as exc:
+            if not prev.is_file():
+                raise
+            problem = exc.message
+    else:
+        problem = f"{last} is missing (the run was stopped while replacing it)"
+    state = load_checkpoint(prev)
+    if writer:
+        last.unlink(missing_ok=True)
+    logging.getLogger("segpipe").warning(
+        f"{problem}; resuming from {prev.name} (epoch {state.get('epoch')}) instead: "
+        "the epoch after it is trained again"
+    )
+    return state
 
 
 def _slurm_requeue() -> str | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,12 +104,17 @@ def zero_byte_file(root: Path) -> None:
     _img(root).write_bytes(b"")
 
 
+def huge_nifti2(path: Path) -> None:
+    """A valid NIfTI-2 header declaring 100000³ int16 voxels (2 PB) over 64 bytes of data."""
+    header = nib.Nifti2Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape((100000, 100000, 100000))
+    header["vox_offset"] = 548
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * (4 + 64)))
+
+
 def huge_header(root: Path) -> None:
-    """A valid NIfTI-1 header that declares 100000³ int16 voxels over a few bytes of data."""
-    hdr = bytearray(gzip.decompress(_img(root).read_bytes())[:352])
-    struct.pack_into("<8h", hdr, 40, 3, 100000 % 32768, 100000 % 32768, 100000 % 32768, 1, 1, 1, 1)
-    struct.pack_into("<hh", hdr, 70, 4, 16)  # int16
-    _img(root).write_bytes(gzip.compress(bytes(hdr) + b"\0" * 64))
+    huge_nifti2(_img(root))
 
 
 def empty_image(root: Path) -> None:
@@ -193,7 +197,12 @@ BAD_DATASETS = [
     Bad("missing_image_file", "refused: an image named in dataset.json is missing", missing_image_file, (CASE,)),
     Bad("truncated_gzip", "refused: a truncated compressed file", truncated_gzip, (CASE,)),
     Bad("zero_byte_file", "refused: an empty file", zero_byte_file, (CASE,)),
-    Bad("huge_header", "refused before allocation: a header claiming ~10^14 voxels", huge_header, (CASE,)),
+    Bad(
+        "huge_header",
+        "refused before allocation: a header claiming 100000³ voxels",
+        huge_header,
+        (CASE, "100000, 100000, 100000"),
+    ),
     Bad("labels_wrong_type", "refused: dataset.json labels is not a mapping", labels_wrong_type, ("labels",)),
     Bad("training_wrong_type", "refused: dataset.json training is not a list", training_wrong_type, ("training",)),
     Bad("duplicate_case_ids", "refused: two training entries with one case id", duplicate_case_ids, (CASE,)),

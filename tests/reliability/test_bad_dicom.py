@@ -14,11 +14,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-import segpipe
 from segpipe import cli
-from segpipe.demo_data import generate_demo_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 DICOM = Path(os.environ.get("SEGPIPE_TEST_DATA") or REPO.parent / "shared" / "data") / "dicom"
@@ -37,34 +34,14 @@ BAD_SERIES = {
 }
 
 
-def _tiny_model(tmp: Path) -> tuple[Path, Path]:
-    """A model folder with a small random-weight 3d_fullres network of the demo plan, and a good test image."""
-    from segpipe.inference.model import Member, Model, export_model
-    from segpipe.networks import build_network
-    from segpipe.planning import load_plan
-    from segpipe.training.checkpoint import save_checkpoint
-
-    data = generate_demo_dataset(tmp / "Demo", num_cases=3, num_test=1)
-    planned = segpipe.plan(
-        data, work_dir=tmp / "work", configurations=["3d_fullres"], base_features=4, max_features_3d=16
-    )
-    plan = load_plan(planned["plans_path"])
-    torch.manual_seed(0)
-    net = build_network(plan.config("3d_fullres"), plan.in_channels, plan.num_classes, deep_supervision=True)
-    weights = tmp / "fold_0.pt"
-    save_checkpoint(weights, {"model": net.state_dict()})
-    model = export_model(Model(plan, [Member("3d_fullres", "0", weights)]), tmp / "model")
-    return model, next((data / "imagesTs").glob("*.nii.gz"))
-
-
 @pytest.mark.realdata
 @pytest.mark.slow
 @pytest.mark.skipif(not FAILING.is_dir() or not DICOMDIRTESTS.is_dir(), reason=f"no DICOM corpus at {DICOM}")
 def test_a_batch_reports_and_skips_every_bad_series_and_writes_the_good_case(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each bad DICOM case of a batch `infer` is reported with its reason and skipped; the good one is written (exit 3)."""
-    model, good = _tiny_model(tmp_path)
+    model, good = tiny_model
     batch = tmp_path / "batch"
     batch.mkdir()
     for name, (source, _) in BAD_SERIES.items():

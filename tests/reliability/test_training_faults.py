@@ -1,4 +1,9 @@
-"""`segpipe train` in subprocesses: `kill -9` mid-epoch, the same command again, bit-identical weights."""
+"""Reliability: faults during `segpipe train`, run as subprocesses like a pipeline runs them.
+
+`kill -9` mid-epoch and a damaged last checkpoint, each followed by the same command again: the
+run ends with the epoch count and the weights, bit for bit, of a run that met no fault
+(``deterministic=true`` on the CPU).
+"""
 
 from __future__ import annotations
 
@@ -75,17 +80,32 @@ def workspaces(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return first, second
 
 
-@pytest.mark.slow
-def test_kill_9_mid_epoch_then_the_same_command_resumes_bit_identically(workspaces: tuple[Path, Path]) -> None:
-    uninterrupted, killed = workspaces
-    run_a = uninterrupted / "demo" / "runs" / CONFIG / "fold_0"
-    run_b = killed / "demo" / "runs" / CONFIG / "fold_0"
-
-    # the reference: one uninterrupted run
-    r = train(uninterrupted)
+@pytest.fixture(scope="module")
+def uninterrupted(workspaces: tuple[Path, Path]) -> Path:
+    """The reference: the first workspace's fold 0 trained once without a fault (its run folder)."""
+    r = train(workspaces[0])
     assert r.returncode == 0, r.stderr
     assert "finished after 3 of 3 epochs" in r.stdout
     assert "final validation after epoch 3: mean foreground Dice" in r.stderr
+    return workspaces[0] / "demo" / "runs" / CONFIG / "fold_0"
+
+
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    a, b = model_state(run_a), model_state(run_b)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_the_same_command_resumes_bit_identically(
+    workspaces: tuple[Path, Path], uninterrupted: Path
+) -> None:
+    """`kill -9` of `train` inside epoch 2 of 3, then the same command: it resumes after epoch 1 and ends bit-identical
+    to a run never interrupted (`deterministic=true`, CPU); a third call trains nothing."""
+    killed = workspaces[1]
+    run_a = uninterrupted
+    run_b = killed / "demo" / "runs" / CONFIG / "fold_0"
 
     # the same command in the other workspace, killed with SIGKILL once epoch 1 is saved
     output = (killed / "killed_run.log").open("w")
@@ -115,10 +135,7 @@ def test_kill_9_mid_epoch_then_the_same_command_resumes_bit_identically(workspac
     assert "resuming after epoch 1" in r.stderr
     assert "epoch 2/3" in r.stderr and "epoch 3/3" in r.stderr and "epoch 1/3" not in r.stderr
     assert "finished after 3 of 3 epochs" in r.stdout
-    a, b = model_state(run_a), model_state(run_b)
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
+    assert_same_weights(run_a, run_b)
     assert (run_b / "progress.png").is_file() and (run_b / "validation" / "summary.json").is_file()
 
     # a third time: the run has finished, nothing is trained
@@ -128,3 +145,29 @@ def test_kill_9_mid_epoch_then_the_same_command_resumes_bit_identically(workspac
     assert "this run has finished (3 epochs)" in r.stderr and "already finished" in r.stdout
     assert "epoch " not in r.stderr.replace("(3 epochs)", "")
     assert (run_b / "last.pt").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_a_truncated_last_checkpoint_is_never_loaded_and_the_run_is_rebuilt_from_the_one_before(
+    uninterrupted: Path, tmp_path: Path
+) -> None:
+    """A `last.pt` truncated by hand is refused as damaged, never loaded: `train` resumes from `last.prev.pt`,
+    trains the lost epoch again and ends bit-identical to the run before the damage."""
+    work = tmp_path / "work_c"
+    shutil.copytree(uninterrupted.parents[3], work)
+    run = work / "demo" / "runs" / CONFIG / "fold_0"
+    last = run / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+    (run / "final.pt").unlink()
+    r = train(work)
+    assert r.returncode == 0, r.stderr
+    assert "truncated or damaged" in r.stderr and "resuming from last.prev.pt (epoch 2)" in r.stderr, r.stderr
+    assert "epoch 3/3" in r.stderr and "epoch 2/3" not in r.stderr
+    assert saved_epoch(last) == 3 and saved_epoch(run / "last.prev.pt") == 2
+    assert_same_weights(uninterrupted, run)
+    # both checkpoints damaged: one clear error, nothing trained from scratch behind the user's back
+    for name in ("last.pt", "last.prev.pt"):
+        (run / name).write_bytes(b"PK\x03\x04 damaged")
+    r = train(work)
+    assert r.returncode != 0 and "last.prev.pt is truncated or damaged" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "overwrite=true" in r.stderr

@@ -261,6 +261,9 @@ def train(*, log: Any = None, overwrite: bool = False, started: float | None = N
     config_value = settings.pop("config", settings.pop("configuration", None))
     cfg = _settings("train", settings)
     ws, dws, the_plan, ds = _planned_dataset("train", cfg.work_dir, dataset)
+    changed = _changed_since_planning(dws, ds)
+    if changed:  # the cache holds what was preprocessed; the warning says the sources moved on
+        logging.getLogger("segpipe").warning(changed)
     if config_value is None:
         config_value = "3d_fullres" if "3d_fullres" in the_plan.configurations else next(iter(the_plan.configurations))
     names = _configurations(config_value, the_plan)
@@ -297,7 +300,8 @@ def train(*, log: Any = None, overwrite: bool = False, started: float | None = N
             log=log,
             started=started,
         )
-    return {"dataset": dws.name, "configuration": name, "fold": str(fold), **result}
+    out = {"dataset": dws.name, "configuration": name, "fold": str(fold), **result}
+    return {**out, "dataset_changed_since_plan": changed} if changed else out
 
 
 def _dataset_once(dataset: PathLike | None, settings: dict[str, Any]) -> PathLike | None:

@@ -562,7 +562,7 @@ def _os_error(exc: OSError) -> SegpipeError | None:
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return StateError(
             f"cannot write {where}: {exc.strerror}".rstrip(),
-            hint="pass a writable work_dir=PATH (or fix the folder's permissions)",
+            hint="write to a writable place (work_dir=PATH, or -o OUT for infer and evaluate), or fix the folder's permissions",
         )
     return None
 

@@ -305,18 +305,22 @@ def compute_fingerprint(dataset: Any, *, num_workers: int | None = None) -> dict
 
 # ---------------------------------------------------------------------------- cache
 def dataset_signature(dataset: Any) -> dict[str, Any]:
-    """Digest of what the fingerprint depends on: files (path, size, mtime), channels, labels."""
+    """Digest of what the fingerprint depends on: files (path, size, mtime), channels, labels.
+
+    A DICOM series folder counts as every file below it (a slice replaced or truncated changes
+    the digest; the folder's own times do not see that)."""
     entries = []
     root = Path(dataset.root)
     for case in dataset.cases:
         for path in case.files():
             p = Path(path)
-            st = p.stat()
-            try:
-                rel = str(p.relative_to(root))
-            except ValueError:
-                rel = str(p)
-            entries.append([case.id, rel, st.st_size, st.st_mtime_ns])
+            for f in sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]:
+                st = f.stat()
+                try:
+                    rel = str(f.relative_to(root))
+                except ValueError:
+                    rel = str(f)
+                entries.append([case.id, rel, st.st_size, st.st_mtime_ns])
     payload = {
         "version": FINGERPRINT_VERSION,
         "samples_per_case": MAX_SAMPLES_PER_CASE,

@@ -6,7 +6,9 @@ Each test is one case; its docstring's first line says the behaviour.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import pytest
 
 from segpipe import cli
 from segpipe.demo_data import generate_demo_dataset
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +243,34 @@ def test_a_source_changed_after_planning_is_not_used_silently(
     assert code == 0 and "dataset_changed_since_plan" not in json.loads(out)
 
 
+def test_a_source_deleted_or_damaged_after_planning_stops_preprocess_and_train_naming_it(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A case file deleted after `plan` stops `preprocess` and `train` naming it; one truncated stops `preprocess` naming
+    the case, keeping only complete cases."""
+    from segpipe.preprocessing import Cache
+
+    root = tmp_path / "Faults"
+    shutil.copytree(dataset, root)
+    work = tmp_path / "work"
+    assert _run(capsys, "plan", str(root), f"work_dir={work}", "configurations=[3d_fullres]")[0] == 0
+    image = root / "imagesTr" / "demo_001.nii.gz"
+    kept = image.read_bytes()
+    image.unlink()
+    for command in (("preprocess",), ("train", "fold=all")):
+        code, _, err = _run(capsys, *command, f"work_dir={work}")
+        assert code == 3 and f"{image} does not exist" in err and "Traceback" not in err, err
+    assert not (work / "Faults" / "cache").exists() or not any((work / "Faults" / "cache").rglob("*.npy"))
+    image.write_bytes(kept[: len(kept) // 2])
+    code, out, err = _run(capsys, "preprocess", f"work_dir={work}", "num_workers=1")
+    assert code == 3 and "case demo_001" in err and str(image) in err and "cannot read" in err, err
+    assert "changed since" in caplog.text  # the warning came first
+    cache_dir = next((work / "Faults" / "cache").iterdir())
+    cache = Cache(cache_dir)
+    assert not cache.validate() and "demo_001" not in cache.cases()
+    assert not [p for p in cache_dir.rglob("*") if ".tmp-" in p.name]
+
+
 def test_temporaries_of_a_killed_run_are_removed_by_the_next_one(
     dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -301,3 +333,52 @@ def test_two_commands_racing_on_one_workspace_are_told_apart_by_its_lock(
         r = second("preprocess")
         assert r.returncode != 0 and "`segpipe train`" in r.stderr, r.stderr
     assert _run(capsys, "preprocess", f"work_dir={work}")[0] == 0  # free again once the holders are gone
+
+
+def _namespaces_work() -> bool:
+    """Whether this machine lets a process mount read-only in its own user and mount namespace."""
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _namespaces_work(), reason="needs unshare (user and mount namespaces) for a read-only mount")
+def test_a_read_only_work_dir_is_refused_at_once_and_a_read_only_model_still_segments(
+    tiny_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """On a read-only mount, `plan` and `preprocess` fail at once (exit 4) naming the folder; `infer` reads a model from one, writes elsewhere."""
+    import sys
+
+    model, image = tiny_model
+    mounted = tmp_path / "mounted"
+    shutil.copytree(model.parent / "work", mounted / "work")  # a planned workspace
+    shutil.copytree(model, mounted / "model")
+    before = sorted(str(p.relative_to(mounted)) for p in mounted.rglob("*"))
+    data = image.parents[1]
+    py = shlex.quote(sys.executable)
+    script = f"""
+mount --bind {mounted} {mounted} && mount -o remount,ro,bind {mounted} {mounted} || exit 99
+run() {{ name=$1; shift; "$@" > {tmp_path}/$name.out 2> {tmp_path}/$name.err; echo $? > {tmp_path}/$name.rc; }}
+run plan {py} -m segpipe plan {data} work_dir={mounted}/new configurations=[3d_fullres]
+run preprocess {py} -m segpipe preprocess {data} work_dir={mounted}/work
+run infer {py} -m segpipe infer {image} -m {mounted}/model -o {tmp_path}/out tta=false
+run infer_into {py} -m segpipe infer {image} -m {mounted}/model -o {mounted}/out tta=false
+"""
+    done = subprocess.run(
+        ["unshare", "-rm", "bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+
+    def said(name: str) -> tuple[int, str]:
+        return int((tmp_path / f"{name}.rc").read_text()), (tmp_path / f"{name}.err").read_text()
+
+    for name, folder in (("plan", mounted / "new"), ("preprocess", mounted / "work")):
+        code, err = said(name)
+        assert code == 4 and "not writable (Read-only file system)" in err and str(folder) in err, err
+        assert "Traceback" not in err
+    code, err = said("infer")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{image.name[:-7]}.json", image.name]
+    code, err = said("infer_into")
+    assert code == 4 and "Read-only file system" in err and "-o OUT" in err and "Traceback" not in err, err
+    assert sorted(str(p.relative_to(mounted)) for p in mounted.rglob("*")) == before

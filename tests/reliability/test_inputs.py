@@ -111,8 +111,10 @@ def test_a_target_spacing_too_fine_to_preprocess_is_refused_at_plan_time(tmp_pat
 
 
 @pytest.mark.slow
-def test_accents_and_spaces_in_case_ids_through_every_stage(tmp_path: Path) -> None:
+def test_accents_and_spaces_in_case_ids_through_every_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Case ids with accents and spaces go through check, plan, preprocess, train, infer and evaluate as they are."""
+    from segpipe import cli
+
     data = generate_demo_dataset(tmp_path / "Cases", num_cases=3, num_test=1)
     case = "patiënt 01"
     for folder in ("imagesTr", "labelsTr"):
@@ -127,9 +129,9 @@ def test_accents_and_spaces_in_case_ids_through_every_stage(tmp_path: Path) -> N
         ("preprocess", f"work_dir={work}"),
         ("train", f"work_dir={work}", "fold=all", "epochs=1", "iterations_per_epoch=1", "val_batches=1"),
     ]
-    for step in steps:
-        r = segpipe_cli(*step)
-        assert r.returncode == 0, (step[0], r.stderr[-2000:])
+    for step in steps:  # in this process; `infer` below runs as a command of its own (argv, stdout encoding)
+        code = cli.main(list(step))
+        assert code == 0, (step[0], capsys.readouterr().err[-2000:])
     assert (work / "Cases" / "cache").is_dir() and list((work / "Cases" / "cache").glob(f"*/{case}/image.npy"))
     images = tmp_path / "zu segmentieren"
     images.mkdir()
@@ -142,9 +144,9 @@ def test_accents_and_spaces_in_case_ids_through_every_stage(tmp_path: Path) -> N
     refs = tmp_path / "Referenz"
     refs.mkdir()
     shutil.copy(tmp_path / "ref.nii.gz", refs / f"{case}.nii.gz")
-    r = segpipe_cli("evaluate", str(out), str(refs), "--json")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout)["metric_per_case"][0]["case"] == case
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(out), str(refs), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metric_per_case"][0]["case"] == case
 
 
 def test_one_training_case_is_planned_with_a_warning_and_fold_0_says_what_5_folds_need(

@@ -557,7 +557,8 @@ def _os_error(exc: OSError) -> SegpipeError | None:
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return StateError(
             f"no space left on the device writing {where}".rstrip(),
-            hint="free some disk space or pass another work_dir=PATH; finished work is kept",
+            hint="free some disk space or write elsewhere (work_dir=PATH, or -o OUT for infer and evaluate); "
+            "finished work is kept",
         )
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return StateError(

@@ -36,6 +36,36 @@ def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_demo_dataset(tmp_path_factory.mktemp("demo") / "SegpipeDemo")
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A model folder with a small random-weight 3d_fullres network of the demo plan, and a good test image.
+
+    Random weights are enough where the question is what happens around the network (files,
+    failures, faults), and they cost no training.
+    """
+    import torch
+
+    import segpipe
+    from segpipe.demo_data import generate_demo_dataset
+    from segpipe.inference.model import Member, Model, export_model
+    from segpipe.networks import build_network
+    from segpipe.planning import load_plan
+    from segpipe.training.checkpoint import save_checkpoint
+
+    tmp = tmp_path_factory.mktemp("tiny_model")
+    data = generate_demo_dataset(tmp / "Demo", num_cases=3, num_test=1)
+    planned = segpipe.plan(
+        data, work_dir=tmp / "work", configurations=["3d_fullres"], base_features=4, max_features_3d=16
+    )
+    plan = load_plan(planned["plans_path"])
+    torch.manual_seed(0)
+    net = build_network(plan.config("3d_fullres"), plan.in_channels, plan.num_classes, deep_supervision=True)
+    weights = tmp / "fold_0.pt"
+    save_checkpoint(weights, {"model": net.state_dict()})
+    model = export_model(Model(plan, [Member("3d_fullres", "0", weights)]), tmp / "model")
+    return model, next((data / "imagesTs").glob("*.nii.gz"))
+
+
 def tiny_case(
     seed: int = 0, shape: tuple[int, int, int] = (6, 10, 12), spacing=(2.5, 0.8, 0.8), labels: int = 2
 ) -> tuple[np.ndarray, np.ndarray, Geometry]:

@@ -21,6 +21,7 @@ cases are shared out among several processes, each written by one of them
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -272,6 +273,11 @@ def segment_case(
         return CaseOutcome(case.id, "skipped", "already done")
     report_path.unlink(missing_ok=True)  # the case is unfinished until its new report exists
     failure: dict[str, Any]
+
+    def remove_partial() -> None:  # nothing of a failed case is left to be taken as its result
+        for stale in (label_path, prob_path, out / f"{case.id}_seg.dcm"):
+            stale.unlink(missing_ok=True)
+
     try:
         pred = predictor.predict(list(case.sources), case_id=case.id, probabilities=probabilities)
         write_image(label_path, pred.label, pred.geometry)
@@ -285,19 +291,25 @@ def segment_case(
     except SegpipeError as exc:
         failure = {"case": case.id, "error": exc.message, "hint": exc.hint}
         log.error("%s: %s%s", case.id, exc.message, f" (fix: {exc.hint})" if exc.hint else "")
-    except (MemoryError, OSError, RuntimeError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno in STOP_ERRNOS:  # a full or read-only disk fails every later case too: stop the batch
+            remove_partial()
+            raise
+        failure = {"case": case.id, "error": f"{type(exc).__name__}: {exc}", "hint": None}
+        log.error("%s: %s: %s", case.id, type(exc).__name__, exc)
+        log.debug("%s", traceback.format_exc())
+    except (MemoryError, RuntimeError, ValueError) as exc:
         failure = {"case": case.id, "error": f"{type(exc).__name__}: {exc}", "hint": None}
         log.error("%s: %s: %s", case.id, type(exc).__name__, exc)
         log.debug("%s", traceback.format_exc())
     else:
         return CaseOutcome(case.id, "written", f"{pred.seconds:.1f} s")
-    for stale in (
-        label_path,
-        prob_path,
-        out / f"{case.id}_seg.dcm",
-    ):  # nothing of a failed case is left to be taken as its result
-        stale.unlink(missing_ok=True)
+    remove_partial()
     return CaseOutcome(case.id, "failed", "failed", failure)
+
+
+#: write errors that no later case escapes: the batch stops (exit 4) instead of failing case after case
+STOP_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
 def infer_cases(

@@ -12,6 +12,7 @@ refusal is a :class:`~segpipe.errors.ReadError` naming the file and the fix.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -738,7 +739,41 @@ def write_image(
         geometry.apply_to_sitk(image)
     with atomic_path(target, ext=ext) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress and ext != ".nii")
+        _check_written(tmp, target, ext, int(arr.nbytes))
     return target
+
+
+def _check_written(tmp: Path, target: Path, ext: str, data_bytes: int) -> None:
+    """Raise ``OSError`` unless ``tmp`` holds the whole image.
+
+    SimpleITK's NIfTI writer reports a failed write (a full disk, a quota) only on stderr and
+    returns normally, leaving a short file that would be renamed into place as a finished result:
+    a compressed file is read to its end (a truncated gzip stream fails), an uncompressed one must
+    hold at least the voxel bytes.
+    """
+    import gzip
+    import shutil
+
+    problem = None
+    if ext.endswith(".gz"):
+        try:
+            with gzip.open(tmp, "rb") as f:
+                total = 0
+                while chunk := f.read(1 << 22):
+                    total += len(chunk)
+            if total < data_bytes:
+                problem = f"holds {total} of at least {data_bytes} bytes"
+        except (OSError, EOFError) as exc:
+            problem = f"is incomplete ({exc})"
+    elif ext == ".nii" or not tmp.stat().st_size:
+        size = tmp.stat().st_size
+        if size < data_bytes:
+            problem = f"holds {size} of at least {data_bytes} bytes"
+    if problem is None:
+        return
+    if shutil.disk_usage(tmp.parent).free < data_bytes:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+    raise OSError(errno.EIO, f"the image written {problem}", str(target))
 
 
 def _short(exc: BaseException) -> str:

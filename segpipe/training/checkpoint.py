@@ -19,7 +19,7 @@ import random
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -178,6 +178,25 @@ def previous_checkpoint(path: str | os.PathLike[str]) -> Path:
     return p.with_name(f"{p.stem}.prev{p.suffix}")
 
 
+class _Writes:
+    """A file for ``torch.save`` that keeps the first ``OSError`` of its writes (a full disk): torch
+    turns it into a RuntimeError that no longer says why."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self.f.write(data))
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any], *, keep_previous: bool = False) -> Path:
     """Write ``state`` (converted by :func:`to_plain`, stamped with the format) to ``path`` atomically.
 
@@ -191,7 +210,13 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any], *, k
     target = Path(path)
     with atomic_path(target, ext=".pt") as tmp:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            writer = _Writes(f)
+            try:
+                torch.save(payload, cast(IO[bytes], writer))
+            except RuntimeError:
+                if writer.error is not None:  # torch reports a failed write as a RuntimeError: give the cause
+                    raise writer.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and target.is_file():

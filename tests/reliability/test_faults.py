@@ -382,3 +382,79 @@ run infer_into {py} -m segpipe infer {image} -m {mounted}/model -o {mounted}/out
     code, err = said("infer_into")
     assert code == 4 and "Read-only file system" in err and "-o OUT" in err and "Traceback" not in err, err
     assert sorted(str(p.relative_to(mounted)) for p in mounted.rglob("*")) == before
+
+
+#: run inside a private mount namespace: a 64 kB tmpfs as the output folder, `infer` into it,
+#: look at what is there, grow it, `infer` again; then a checkpoint saved onto a full disk
+FULL_DISK_DRIVER = r"""
+import json, subprocess, sys
+from pathlib import Path
+disk, model, images, report = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+out = disk / "out"
+infer = [sys.executable, "-m", "segpipe", "infer", images, "-o", str(out), "-m", model, "tta=false"]
+first = subprocess.run(infer, capture_output=True, text=True)
+from segpipe.io.image import read_image
+listing = sorted(p.name for p in out.iterdir())
+readable = {}
+for p in out.glob("*.nii.gz"):
+    try:
+        readable[p.name] = read_image(p)[0].shape[1:] == read_image(Path(images) / p.name)[0].shape[1:]
+    except Exception as exc:
+        readable[p.name] = repr(exc)
+subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+second = subprocess.run([*infer, "--json"], capture_output=True, text=True)
+import torch
+from segpipe.training.checkpoint import load_checkpoint, save_checkpoint
+run = disk / "run"
+run.mkdir()
+save_checkpoint(run / "last.pt", {"epoch": 1, "model": {"w": torch.zeros(10)}})
+subprocess.run(["mount", "-o", "remount,size=" + str(4096 * (len(list(disk.rglob("*"))) + 8)), str(disk)])
+try:
+    save_checkpoint(run / "last.pt", {"epoch": 2, "model": {"w": torch.randn(3_000_000)}}, keep_previous=True)
+    saved = "no error"
+except OSError as exc:
+    saved = f"OSError {exc.errno}"
+report.write_text(json.dumps({
+    "first": [first.returncode, first.stderr[-3000:]], "listing": listing, "readable": readable,
+    "second": [second.returncode, second.stdout, second.stderr[-3000:]],
+    "checkpoint": saved, "epoch_kept": int(load_checkpoint(run / "last.pt")["epoch"]),
+    "run_files": sorted(p.name for p in run.iterdir()),
+}))
+"""
+
+
+@pytest.mark.skipif(not _namespaces_work(), reason="needs unshare (user and mount namespaces) for a small tmpfs")
+def test_a_full_disk_stops_a_batch_infer_and_a_checkpoint_save_with_a_clear_error_and_no_corrupt_file(
+    tiny_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """On a real full disk (a 64 kB tmpfs) `infer` stops (exit 4, "no space left") keeping only complete cases, and a
+    later run finishes; a checkpoint save fails with ENOSPC, leaving the last one intact."""
+    import sys
+
+    model, image = tiny_model
+    images = tmp_path / "images"
+    images.mkdir()
+    sources = sorted(image.parents[1].glob("images*/*.nii.gz"))
+    for i in range(12):
+        shutil.copy(sources[i % len(sources)], images / f"case_{i:02d}.nii.gz")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    report = tmp_path / "report.json"
+    argv = [sys.executable, "-c", FULL_DISK_DRIVER, str(disk), str(model), str(images), str(report)]
+    done = subprocess.run(["unshare", "-rm", *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(report.read_text())
+    code, err = r["first"]
+    assert code == 4 and "no space left on the device writing" in err and "Traceback" not in err, err
+    assert "finished work is kept" in err
+    written = sorted(n[: -len(".json")] for n in r["listing"] if n.endswith(".json"))
+    assert 0 < len(written) < 12, r["listing"]
+    # every case there is complete (its report and a readable label map on the input's grid), nothing else
+    assert r["listing"] == sorted([*(f"{c}.json" for c in written), *(f"{c}.nii.gz" for c in written)]), r["listing"]
+    assert r["readable"] == {f"{c}.nii.gz": True for c in written}, r["readable"]
+    code, out, err = r["second"]
+    assert code == 0, err
+    second = json.loads(out)
+    assert sorted(second["skipped"]) == written and len(second["written"]) == 12 - len(written)
+    assert r["checkpoint"] == "OSError 28" and r["epoch_kept"] == 1 and r["run_files"] == ["last.pt"], r

@@ -63,8 +63,8 @@ def test_spaces_accents_quotes_and_commas_in_the_dataset_path_and_work_dir(tmp_p
     assert default_dataset_name("raw") == "raw_dataset" and default_dataset_name("日本") == "dataset"
 
 
-def test_intensities_near_1e33_normalise_to_unit_variance() -> None:
-    """A z-score of an image with values near 1e33 is finite (float32 squares would overflow to inf)."""
+def test_intensities_near_1e33_normalise_to_unit_variance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Images with values near 1e33 plan and preprocess (z-score and CT) into finite caches of unit scale, not zeros."""
     rng = np.random.default_rng(0)
     image = (rng.random((1, 6, 7, 8), dtype=np.float32) * 2e33).astype(np.float32)
     mean, std = mean_std(image)
@@ -82,6 +82,26 @@ def test_intensities_near_1e33_normalise_to_unit_variance() -> None:
     # ordinary magnitudes: exactly the float32 statistics as before
     small = rng.random(1000, dtype=np.float32)
     assert mean_std(small) == (float(small.mean()), float(small.std()))
+    # through the commands, with the MR-like z-score and with CT's clipping to the fingerprint's statistics
+    import nibabel as nib
+
+    from segpipe import cli
+
+    data = generate_demo_dataset(tmp_path / "Huge", num_cases=3, num_test=0)
+    for f in sorted((data / "imagesTr").glob("*.nii.gz")):
+        nii = nib.load(str(f))
+        a = np.asarray(nii.dataobj).astype(np.float64)
+        scaled = (a - a.min()) / (a.max() - a.min() + 1.0) * 2e33 + 1e33
+        nib.save(nib.Nifti1Image(scaled.astype(np.float32), nii.affine), str(f))
+    for modality in ("MR", "CT"):
+        desc = json.loads((data / "dataset.json").read_text())
+        (data / "dataset.json").write_text(json.dumps({**desc, "modality": {"0": modality}}))
+        work = tmp_path / f"work_{modality}"
+        assert cli.main(["plan", str(data), f"work_dir={work}", "configurations=[3d_fullres]", "-q"]) == 0
+        assert cli.main(["preprocess", f"work_dir={work}", "-q"]) == 0, capsys.readouterr().err
+        for cached in sorted((work / "Huge" / "cache").glob("*/*/image.npy")):
+            x = np.load(cached)
+            assert np.isfinite(x).all() and 0.5 < float(x.std()) < 1.5 and np.abs(x).max() < 10, (modality, cached)
 
 
 def test_a_target_spacing_too_fine_to_preprocess_is_refused_at_plan_time(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 
 Every case of ``tests/reliability/`` becomes a row: the parametrized bad datasets of
 ``test_bad_datasets.BAD_DATASETS`` (name and behaviour), and every other test by its name and
-the first line of its docstring. ``--write`` replaces the table between the README's markers;
+the first paragraph of its docstring. ``--write`` replaces the table between the README's markers;
 without it the table is printed. ``tests/reliability/test_table.py`` fails when the README's
 table differs from what this generates.
 
@@ -25,14 +25,15 @@ START, END = "<!-- reliability-table:start -->", "<!-- reliability-table:end -->
 
 
 def _doc_rows(path: Path) -> list[tuple[str, str]]:
-    """(test name, first docstring line) of each test function of a suite file, in file order."""
+    """(test name, first docstring paragraph) of each test function of a suite file, in file order."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     rows = []
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
             doc = ast.get_docstring(node)
             if doc:  # a parametrized test lists its cases itself
-                rows.append((node.name[len("test_") :], doc.strip().splitlines()[0]))
+                first = doc.strip().split("\n\n")[0]  # the first paragraph, on one line
+                rows.append((node.name[len("test_") :], " ".join(line.strip() for line in first.splitlines())))
     return rows
 
 

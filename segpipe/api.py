@@ -181,6 +181,11 @@ def _changed_since_planning(dws: Any, ds: Any) -> str | None:
     now = dataset_signature(ds)
     if not planned or planned.get("sha256") == now["sha256"]:
         return None
+    if planned.get("scheme", 1) != now["scheme"]:
+        return (
+            f"{ds.root}: {dws.name} was planned by an earlier segpipe, which recorded the dataset's files "
+            f"differently, so changes since then cannot be told — run `segpipe plan {ds.root}` again to record them"
+        )
     return (
         f"{ds.root}: the dataset changed since {dws.name} was planned ({planned.get('files')} files of "
         f"{planned.get('bytes')} bytes then, {now['files']} of {now['bytes']} now, or their modification "

@@ -308,7 +308,8 @@ def dataset_signature(dataset: Any) -> dict[str, Any]:
     """Digest of what the fingerprint depends on: files (path, size, mtime), channels, labels.
 
     A DICOM series folder counts as every file below it (a slice replaced or truncated changes
-    the digest; the folder's own times do not see that)."""
+    the digest; the folder's own times do not see that): ``scheme`` 2. Scheme 1 (no ``scheme``)
+    counted the folder's own size and time."""
     entries = []
     root = Path(dataset.root)
     for case in dataset.cases:
@@ -329,7 +330,7 @@ def dataset_signature(dataset: Any) -> dict[str, Any]:
         "files": entries,
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    return {"files": len(entries), "bytes": int(sum(e[2] for e in entries)), "sha256": digest}
+    return {"files": len(entries), "bytes": int(sum(e[2] for e in entries)), "sha256": digest, "scheme": 2}
 
 
 def dumps(data: dict[str, Any]) -> str:

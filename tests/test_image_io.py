@@ -267,3 +267,20 @@ def test_geometry_errors_are_data_errors():
         Geometry(shape=(2, 2, 2), spacing=(0.0, 1.0, 1.0))
     assert isinstance(info.value, ValueError)  # callers that caught ValueError keep working
     assert info.value.exit_code == EXIT_DATA
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_a_short_written_image_is_an_os_error_not_a_result(tmp_path, ext):
+    """SimpleITK reports a failed NIfTI write only on stderr: the written file is checked instead."""
+    import errno
+    import os
+
+    arr = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    path = image_io.write_image(tmp_path / f"ok{ext}", arr, Geometry((4, 5, 6), (1.0, 1.0, 1.0)))
+    image_io._check_written(path, path, ext, arr.nbytes)  # complete: no error
+    full = path.stat().st_size
+    # 200 bytes short: less than the 352-byte header, so the voxel bytes alone would still "fit"
+    os.truncate(path, full - (200 if ext == ".nii" else 20))
+    with pytest.raises(OSError) as info:
+        image_io._check_written(path, path, ext, arr.nbytes)
+    assert info.value.errno == errno.EIO and info.value.filename == str(path)  # the disk is not full here

@@ -321,6 +321,35 @@ def test_truncated_or_foreign_checkpoint_is_a_state_error(tmp_path: Path) -> Non
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_resume_state_falls_back_to_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from segpipe.training import runner
+
+    run = tmp_path / "run"
+    save_checkpoint(run / "last.pt", {"epoch": 1})
+    save_checkpoint(run / "last.pt", {"epoch": 2}, keep_previous=True)
+    assert load_checkpoint(run / "last.prev.pt")["epoch"] == 1
+    assert runner._load_resume_state(run, writer=True)["epoch"] == 2  # the newest when it is sound
+    # another process of a distributed run removed a damaged last.pt between the look and the read
+    real = runner.load_checkpoint
+
+    def vanishing(path: Path, **kw: object) -> dict:
+        if Path(path).name == "last.pt":
+            Path(path).unlink()
+        return real(path)
+
+    monkeypatch.setattr(runner, "load_checkpoint", vanishing)
+    assert runner._load_resume_state(run, writer=False)["epoch"] == 1
+    monkeypatch.setattr(runner, "load_checkpoint", real)
+    # damaged: the previous one, and the damaged file is gone (never kept as "previous" by the next save)
+    save_checkpoint(run / "last.pt", {"epoch": 2})
+    (run / "last.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert runner._load_resume_state(run, writer=True)["epoch"] == 1 and not (run / "last.pt").exists()
+    # a pickled object in last.pt is refused outright, not stepped around
+    torch.save({"x": _Payload()}, run / "last.pt")
+    with pytest.raises(StateError, match="could run code"):
+        runner._load_resume_state(run, writer=True)
+
+
 # ============================================================================ the LightningModule
 def _tiny_config(**kw) -> PlanConfig:
     base = dict(

@@ -261,10 +261,13 @@ def segment_case(
     probabilities: bool = False,
     overwrite: bool = False,
     report_extra: dict[str, Any] | None = None,
+    stop_on: frozenset[int] | None = None,
 ) -> CaseOutcome:
     """Segment one case into ``out`` (a :func:`prepare_output` folder): skip it when its report
     already names ``identity``; otherwise write its files atomically, the report (with
-    ``report_extra``) last. A case that cannot be read or segmented leaves no file behind."""
+    ``report_extra``) last. A case that cannot be read or segmented leaves no file behind; a write
+    error whose errno is in ``stop_on`` (default :data:`STOP_ERRNOS`: a full or read-only disk) is
+    raised, naming the file, instead of failing this case alone."""
     ext = OUTPUT_FORMATS[fmt]
     label_path = out / f"{case.id}{ext}"
     report_path = out / f"{case.id}.json"
@@ -292,8 +295,10 @@ def segment_case(
         failure = {"case": case.id, "error": exc.message, "hint": exc.hint}
         log.error("%s: %s%s", case.id, exc.message, f" (fix: {exc.hint})" if exc.hint else "")
     except OSError as exc:
-        if exc.errno in STOP_ERRNOS:  # a full or read-only disk fails every later case too: stop the batch
+        if exc.errno in (STOP_ERRNOS if stop_on is None else stop_on):  # every later case would fail too
             remove_partial()
+            if exc.filename is None:  # numpy, json and torch writers leave it out
+                exc.filename = str(out / case.id)
             raise
         failure = {"case": case.id, "error": f"{type(exc).__name__}: {exc}", "hint": None}
         log.error("%s: %s: %s", case.id, type(exc).__name__, exc)

@@ -197,6 +197,7 @@ def infer_cases_ddp(
             probabilities=probabilities,
             overwrite=overwrite,
             report_extra={"rank": rank},
+            stop_on=frozenset(),  # one process stopping alone would leave the others waiting: report the case
         )
         outcomes.append((index, outcome))
         if progress and rank == 0:

@@ -166,7 +166,7 @@ def workspace_model(
                 found.setdefault(name, []).append(Member(name, fold, weights, _validation_dice(run_dir)))
     if not found:
         unfinished = (
-            sorted(str(p.parent.relative_to(runs)) for p in runs.glob("*/fold_*/last.pt")) if runs.is_dir() else []
+            sorted({str(p.parent.relative_to(runs)) for p in runs.glob("*/fold_*/last*.pt")}) if runs.is_dir() else []
         )
         hint = (
             f"finish training ({', '.join(unfinished)} stopped before the end: run the same `segpipe train` again) "

@@ -198,10 +198,14 @@ def _check_links(ds: Dataset, where: Path) -> None:
     root = str(ds.root)
     for case in ds.all_cases():
         for path in case.files():
-            target = os.path.realpath(path)
-            if target != root and os.path.commonpath([target, root]) != root:
+            # a DICOM series folder: each file below it too (a slice may link elsewhere)
+            below = sorted(p for p in path.rglob("*") if p.is_symlink()) if path.is_dir() else []
+            for entry in [path, *below]:
+                target = os.path.realpath(entry)
+                if target == root or os.path.commonpath([target, root]) == root:
+                    continue
                 raise DatasetError(
-                    f"{path}: case {case.id}: this path is a link to {target}, outside the dataset folder",
+                    f"{entry}: case {case.id}: this path resolves to {target}, outside the dataset folder",
                     hint='copy the file into the dataset folder, or add "external_links": true to dataset.json '
                     "to read linked files from elsewhere (shared storage)",
                 )

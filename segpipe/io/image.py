@@ -766,9 +766,17 @@ def _check_written(tmp: Path, target: Path, ext: str, data_bytes: int) -> None:
         except (OSError, EOFError) as exc:
             problem = f"is incomplete ({exc})"
     elif ext == ".nii" or not tmp.stat().st_size:
-        size = tmp.stat().st_size
-        if size < data_bytes:
-            problem = f"holds {size} of at least {data_bytes} bytes"
+        size, need = tmp.stat().st_size, data_bytes
+        if ext == ".nii" and size >= 4:  # the voxels start at the header's vox_offset
+            with open(tmp, "rb") as f:
+                head = f.read(176)
+            sizeof_hdr = struct.unpack("<i", head[:4])[0]
+            if sizeof_hdr == 348 and len(head) >= 112:
+                need += int(struct.unpack("<f", head[108:112])[0])
+            elif sizeof_hdr == 540 and len(head) >= 176:
+                need += int(struct.unpack("<q", head[168:176])[0])
+        if size < need:
+            problem = f"holds {size} of at least {need} bytes"
     if problem is None:
         return
     if shutil.disk_usage(tmp.parent).free < data_bytes:

@@ -215,6 +215,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any], *, k
                 torch.save(payload, cast(IO[bytes], writer))
             except RuntimeError:
                 if writer.error is not None:  # torch reports a failed write as a RuntimeError: give the cause
+                    if writer.error.filename is None:
+                        writer.error.filename = str(target)
                     raise writer.error from None
                 raise
             f.flush()

@@ -985,22 +985,23 @@ def _load_resume_state(run_dir: Path, writer: bool) -> dict[str, Any]:
     replaced silently: that error stands.
     """
     last, prev = run_dir / LAST, previous_checkpoint(run_dir / LAST)
+    problem = f"{last} is missing (the run was stopped while replacing it)"
     if last.is_file():
         try:
             return load_checkpoint(last)
-        except DamagedCheckpointError as exc:
-            if not prev.is_file():
+        except StateError as exc:
+            # damaged, or removed meanwhile by the writing process of a distributed run (which fell back)
+            if not prev.is_file() or not (isinstance(exc, DamagedCheckpointError) or not last.is_file()):
                 raise
-            problem = exc.message
-    else:
-        problem = f"{last} is missing (the run was stopped while replacing it)"
+            if isinstance(exc, DamagedCheckpointError):
+                problem = exc.message
     state = load_checkpoint(prev)
     if writer:
         last.unlink(missing_ok=True)
-    logging.getLogger("segpipe").warning(
-        f"{problem}; resuming from {prev.name} (epoch {state.get('epoch')}) instead: "
-        "the epoch after it is trained again"
-    )
+        logging.getLogger("segpipe").warning(
+            f"{problem}; resuming from {prev.name} (epoch {state.get('epoch')}) instead: "
+            "the epoch after it is trained again"
+        )
     return state
 
 

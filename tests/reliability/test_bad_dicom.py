@@ -181,6 +181,25 @@ def test_a_bad_series_in_a_dicom_dataset_stops_check_and_plan_naming_the_case(
     assert not (work / "Scans" / "plans.json").exists() and not (work / "Scans" / "fingerprint.json").exists()
 
 
+def test_a_slice_linking_outside_a_dicom_dataset_is_refused_unless_declared(
+    dicom_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A slice of a series folder that is a link leading outside the dataset is refused by `check`, unless `"external_links": true`."""
+    root = tmp_path / "Scans"
+    shutil.copytree(dicom_dataset, root)
+    victim = _slices(root / "dicom_001" / "image")[4]
+    outside = tmp_path / "pacs" / victim.name
+    outside.parent.mkdir()
+    shutil.move(str(victim), outside)
+    victim.symlink_to(outside)
+    code = cli.main(["check", str(root)])
+    err = capsys.readouterr().err
+    assert code == 3 and str(victim) in err and "outside the dataset folder" in err and "external_links" in err, err
+    desc = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**desc, "external_links": True}))
+    assert cli.main(["check", str(root), "--json"]) == 0, capsys.readouterr().err
+
+
 def test_a_batch_infer_reports_and_skips_every_synthetic_bad_series_and_writes_the_good_one(
     tiny_model: tuple[Path, Path], dicom_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

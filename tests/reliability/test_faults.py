@@ -241,6 +241,13 @@ def test_a_source_changed_after_planning_is_not_used_silently(
     assert _run(capsys, "plan", str(root), f"work_dir={work}", "configurations=[3d_fullres]")[0] == 0
     code, out, err = _run(capsys, "preprocess", f"work_dir={work}", "--json")
     assert code == 0 and "dataset_changed_since_plan" not in json.loads(out)
+    # a plan recorded by an earlier segpipe (another record of the files): said as such, not as a change
+    fingerprint = work / "Faults" / "fingerprint.json"
+    record = json.loads(fingerprint.read_text())
+    record["source"] = {k: v for k, v in record["source"].items() if k != "scheme"} | {"sha256": "0" * 64}
+    fingerprint.write_text(json.dumps(record))
+    code, out, err = _run(capsys, "preprocess", f"work_dir={work}", "--json")
+    assert code == 0 and "planned by an earlier segpipe" in json.loads(out)["dataset_changed_since_plan"]
 
 
 def test_a_source_deleted_or_damaged_after_planning_stops_preprocess_and_train_naming_it(

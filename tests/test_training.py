@@ -689,9 +689,9 @@ def test_checkpoint_every_saves_inside_epochs(tiny_run, monkeypatch) -> None:
     saved: list[dict] = []
     original = fit_module.save_checkpoint
 
-    def recording(path, state):
+    def recording(path, state, **kw):
         saved.append({"name": Path(path).name, "data": dict(state.get("data", {}))})
-        return original(path, state)
+        return original(path, state, **kw)
 
     monkeypatch.setattr(fit_module, "save_checkpoint", recording)
     settings = {**SETTINGS, "epochs": 1, "iterations_per_epoch": 3, "checkpoint_every": "0.001s"}

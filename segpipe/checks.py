@@ -80,7 +80,8 @@ def check_dataset(
                 "too_few_cases",
                 few,
                 "add labelled cases" + (" (or train with fold=all)" if ds.cases else ""),
-                "warning" if ds.cases else "error",
+                # nothing at all is an error; unlabelled cases alone can still be segmented
+                "warning" if ds.all_cases() else "error",
             )
         )
     return CheckReport(ds.summary(), len(cases), findings)

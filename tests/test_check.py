@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import make_msd, tiny_case
+from conftest import make_case_folder, make_msd, tiny_case
 
 from segpipe import check, read_image, write_image
 
@@ -92,3 +92,11 @@ def test_refused_dicom_series_is_reported_with_its_gap(tmp_path):
     (f,) = report.errors
     assert f.problem == "dicom_refused" and f.file == "dicom_001/image" and "missing slice" in f.message
     assert "allow_uneven_spacing" in f.fix
+
+
+def test_a_dataset_of_unlabelled_cases_only_is_checked_with_a_warning(tmp_path):
+    root = make_case_folder(tmp_path / "cf", n=0, unlabelled=2)
+    report = check(root)
+    assert report.ok and report.cases_checked == 2
+    assert [(f.problem, f.severity) for f in report.findings] == [("too_few_cases", "warning")]
+    assert report.findings[0].message.startswith("0 labelled case(s)")

@@ -12,7 +12,6 @@ Errors are raised as :class:`segpipe.SegpipeError` subclasses (see :mod:`segpipe
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -172,15 +171,12 @@ def _planned_dataset(command: str, work_dir: Any, dataset: PathLike | None) -> t
 
 def _changed_since_planning(dws: Any, ds: Any) -> str | None:
     """A warning when the dataset's files are not those the plan was made from, else None."""
-    from .fingerprint import dataset_signature
+    from .fingerprint import source_change
 
-    try:
-        planned = json.loads(Path(dws.fingerprint_path).read_text(encoding="utf-8")).get("source") or {}
-    except (OSError, ValueError):
+    change = source_change(dws.fingerprint_path, ds)
+    if change is None:
         return None
-    now = dataset_signature(ds)
-    if not planned or planned.get("sha256") == now["sha256"]:
-        return None
+    planned, now = change
     if planned.get("scheme", 1) != now["scheme"]:
         return (
             f"{ds.root}: {dws.name} was planned by an earlier segpipe, which recorded the dataset's files "
@@ -266,9 +262,6 @@ def train(*, log: Any = None, overwrite: bool = False, started: float | None = N
     config_value = settings.pop("config", settings.pop("configuration", None))
     cfg = _settings("train", settings)
     ws, dws, the_plan, ds = _planned_dataset("train", cfg.work_dir, dataset)
-    changed = _changed_since_planning(dws, ds)
-    if changed:  # the cache holds what was preprocessed; the warning says the sources moved on
-        logging.getLogger("segpipe").warning(changed)
     if config_value is None:
         config_value = "3d_fullres" if "3d_fullres" in the_plan.configurations else next(iter(the_plan.configurations))
     names = _configurations(config_value, the_plan)
@@ -284,7 +277,12 @@ def train(*, log: Any = None, overwrite: bool = False, started: float | None = N
     if any(case_id not in cache for case_id in labelled):
         if log:
             log(f"the {name} cache of {dws.name} is incomplete: preprocessing first")
-        preprocess(dws.name, work_dir=str(ws.root), config=name, num_workers=cfg.num_workers, log=log)
+        prep = preprocess(dws.name, work_dir=str(ws.root), config=name, num_workers=cfg.num_workers, log=log)
+        changed = prep.get("dataset_changed_since_plan")  # said by preprocess
+    else:
+        changed = _changed_since_planning(dws, ds)
+        if changed:  # the cache holds what was preprocessed; the warning says the sources moved on
+            logging.getLogger("segpipe").warning(changed)
     train_group = {k: v for k, v in to_container(cfg.train).items() if k != "fold"}
     fit_settings = {
         **train_group,

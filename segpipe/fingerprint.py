@@ -55,6 +55,7 @@ __all__ = [
     "MAX_SAMPLES_PER_CASE",
     "compute_fingerprint",
     "dataset_signature",
+    "source_change",
     "default_num_workers",
     "fingerprint_dataset",
     "load_fingerprint",
@@ -310,12 +311,14 @@ def dataset_signature(dataset: Any) -> dict[str, Any]:
     A DICOM series folder counts as every file below it (a slice replaced or truncated changes
     the digest; the folder's own times do not see that): ``scheme`` 2. Scheme 1 (no ``scheme``)
     counted the folder's own size and time."""
+    from .io.datasets import source_files
+
     entries = []
     root = Path(dataset.root)
     for case in dataset.cases:
         for path in case.files():
             p = Path(path)
-            for f in sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]:
+            for f in source_files(p):
                 st = f.stat()
                 try:
                     rel = str(f.relative_to(root))
@@ -331,6 +334,25 @@ def dataset_signature(dataset: Any) -> dict[str, Any]:
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return {"files": len(entries), "bytes": int(sum(e[2] for e in entries)), "sha256": digest, "scheme": 2}
+
+
+def _cached(path: Path) -> dict[str, Any] | None:
+    """The fingerprint stored at ``path``, or None when there is none or it cannot be read."""
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return cached if isinstance(cached, dict) else None
+
+
+def source_change(path: str | os.PathLike[str], dataset: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(then, now)``: the dataset's file record in the fingerprint at ``path`` and its record
+    today, when they differ (the dataset changed since it was fingerprinted); else None."""
+    planned = (_cached(Path(path)) or {}).get("source") or {}
+    if not planned:
+        return None
+    now = dataset_signature(dataset)
+    return None if planned.get("sha256") == now["sha256"] else (planned, now)
 
 
 def dumps(data: dict[str, Any]) -> str:
@@ -372,12 +394,9 @@ def fingerprint_dataset(
     if path.suffix != ".json":
         path = path / FINGERPRINT_FILE
     signature = dataset_signature(dataset)
-    if not force and path.is_file():
-        try:
-            cached = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            cached = None
-        if isinstance(cached, dict) and cached.get("source") == signature:
+    if not force:
+        cached = _cached(path)
+        if cached is not None and cached.get("source") == signature:
             return cached
     fingerprint = compute_fingerprint(dataset, num_workers=num_workers)
     fingerprint["source"] = signature

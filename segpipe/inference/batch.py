@@ -294,16 +294,12 @@ def segment_case(
     except SegpipeError as exc:
         failure = {"case": case.id, "error": exc.message, "hint": exc.hint}
         log.error("%s: %s%s", case.id, exc.message, f" (fix: {exc.hint})" if exc.hint else "")
-    except OSError as exc:
-        if exc.errno in (STOP_ERRNOS if stop_on is None else stop_on):  # every later case would fail too
-            remove_partial()
+    except (MemoryError, OSError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (STOP_ERRNOS if stop_on is None else stop_on):
+            remove_partial()  # every later case would fail too: stop here
             if exc.filename is None:  # numpy, json and torch writers leave it out
                 exc.filename = str(out / case.id)
             raise
-        failure = {"case": case.id, "error": f"{type(exc).__name__}: {exc}", "hint": None}
-        log.error("%s: %s: %s", case.id, type(exc).__name__, exc)
-        log.debug("%s", traceback.format_exc())
-    except (MemoryError, RuntimeError, ValueError) as exc:
         failure = {"case": case.id, "error": f"{type(exc).__name__}: {exc}", "hint": None}
         log.error("%s: %s: %s", case.id, type(exc).__name__, exc)
         log.debug("%s", traceback.format_exc())

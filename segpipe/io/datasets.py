@@ -188,6 +188,11 @@ def load_dataset(path: str | os.PathLike[str]) -> Dataset:
     return ds
 
 
+def source_files(path: Path) -> list[Path]:
+    """The files a case source consists of: the file itself, or every file below a DICOM series folder."""
+    return sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+
+
 def _check_links(ds: Dataset, where: Path) -> None:
     """Refuse a case file (or folder) that is a link leading outside the dataset folder.
 

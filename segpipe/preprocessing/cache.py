@@ -41,6 +41,7 @@ import numpy as np
 from ..errors import DataError, StateError
 from ..io import jsonio
 from ..io.atomic import atomic_folder, sweep_temporaries
+from ..io.datasets import source_files
 from .spec import PREPROCESS_VERSION, PreprocessSpec
 
 IMAGE_FILE = "image.npy"
@@ -56,8 +57,8 @@ def source_stats(paths: Iterable[Path]) -> list[dict[str, Any]]:
     out = []
     for p in paths:
         if p.is_dir():  # a DICOM series folder: every file counts
-            files = sorted(f for f in p.rglob("*") if f.is_file())
-            st = [(f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+            files = source_files(p)
+            st = [(s.st_size, s.st_mtime_ns) for s in (f.stat() for f in files)]
             out.append(
                 {
                     "path": str(p),

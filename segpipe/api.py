@@ -389,8 +389,9 @@ def infer(
     ``{"output", "written", "skipped", "failed", "cases", "model", "seconds"}`` (the same in every
     process of a distributed batch, with its ``rank`` and the number of ``processes``).
     """
-    from .inference import default_output_dir, discover_inputs, infer_cases
+    from .inference import OUTPUT_FORMATS, default_output_dir, discover_inputs, infer_cases
     from .inference.distributed import infer_cases_ddp, predict_trainer, process_settings, rank_device
+    from .inference.outputs import check_output_apart
 
     dataset = settings.pop("dataset", None)
     config_value = settings.pop("config", settings.pop("configuration", None))
@@ -408,6 +409,7 @@ def infer(
         cfg.infer.device = rank_device(trainer)
     predictor = _predictor(model, cfg, config_value, dataset)
     cases = discover_inputs(input, in_channels=predictor.plan.in_channels)
+    check_output_apart(out, input, cases, OUTPUT_FORMATS.get(str(cfg.infer.format), ".nii.gz"))
     first = trainer is None or trainer.global_rank == 0
     say = (log if first else None) or (lambda msg: None)
     where = "" if trainer is None else f" on {trainer.world_size} processes"

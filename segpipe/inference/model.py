@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -35,6 +36,8 @@ from ..io.jsonio import read_json, write_json
 from ..planning import Plan, load_plan, save_plan
 from .postprocess import check_postprocessing
 
+log = logging.getLogger("segpipe")
+
 __all__ = [
     "CHECKPOINTS",
     "MODEL_FILE",
@@ -47,9 +50,11 @@ __all__ = [
 ]
 
 MODEL_FORMAT = "segpipe.model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: model.json checksums plans.json and postprocessing.json too
 MODEL_FILE = "model.json"
 POSTPROCESSING_FILE = "postprocessing.json"
+#: the files besides the weights that a model folder's ``model.json`` checksums
+CHECKSUMMED_FILES = ("plans.json", POSTPROCESSING_FILE)
 #: which weights of a run to use: ``final.pt`` (the end of training, nnU-Net's default) or ``best.pt``
 CHECKPOINTS = ("final", "best")
 
@@ -62,6 +67,8 @@ class Member:
     fold: str
     path: Path
     validation_dice: float | None = None
+    #: SHA-256 of the weight file when already known (a model folder's record); else computed on load
+    sha256: str | None = None
 
 
 @dataclass
@@ -73,6 +80,11 @@ class Model:
     postprocessing: dict[str, Any] = field(default_factory=lambda: {"largest_component": []})
     origin: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+
+    def plan_sha256(self) -> str:
+        """SHA-256 of the plan as canonical JSON: any change of spacing, patch or normalisation changes it."""
+        text = json.dumps(self.plan.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     @property
     def configurations(self) -> list[str]:
@@ -219,7 +231,7 @@ def read_best(dws: Any) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------- model folders
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -287,6 +299,12 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
         raise UsageError(f"{target} already exists", hint="choose another -o folder or pass --overwrite")
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target} is a file", hint="choose a folder name for -o")
+    if target.exists() and any(target.iterdir()) and not _is_model_folder(target):
+        # --overwrite replaces a model folder, never a folder of other things (a dataset, a workspace)
+        raise UsageError(
+            f"{target} exists and is not a segpipe model folder: --overwrite replaces only an earlier export",
+            hint="choose a new or empty -o folder",
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -315,7 +333,7 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
                     "configuration": m.configuration,
                     "fold": m.fold,
                     "file": rel.as_posix(),
-                    "sha256": _sha256(tmp / rel),
+                    "sha256": file_sha256(tmp / rel),
                     "validation_dice": m.validation_dice,
                 }
             )
@@ -329,6 +347,8 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
             "channel_names": dict(model.plan.channel_names),
             "members": members,
             "postprocessing": post,
+            # every other file the model reads, checksummed as the weights are
+            "files": {name: file_sha256(tmp / name) for name in CHECKSUMMED_FILES},
             "versions": _versions(),
         }
         write_json(tmp / MODEL_FILE, info)
@@ -346,6 +366,14 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
     return target
 
 
+def _is_model_folder(path: Path) -> bool:
+    try:
+        info = json.loads((path / MODEL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("format") == MODEL_FORMAT
+
+
 def _inside(root: Path, rel: Any, what: str) -> Path:
     if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
         raise StateError(f"{root / MODEL_FILE}: {what} {rel!r} is not a relative path inside the model folder")
@@ -358,6 +386,43 @@ def _inside(root: Path, rel: Any, what: str) -> Path:
     return path
 
 
+def _checked_files(root: Path, info_path: Path, info: Mapping[str, Any]) -> dict[str, Path]:
+    """The model folder's plans.json and postprocessing.json: inside the folder (a link leading out
+    is refused) and, as ``model.json`` records them, unchanged. A folder written before these
+    checksums were recorded is read with a warning."""
+    recorded = info.get("files")
+    found: dict[str, Path] = {}
+    for name in CHECKSUMMED_FILES:
+        if not (root / name).exists() and not (root / name).is_symlink():
+            if name == "plans.json" or recorded is not None:
+                raise StateError(f"{root / name}: missing from the model folder", hint="copy the whole model folder")
+            continue  # an early model folder kept its post-processing in model.json only
+        found[name] = _inside(root, name, "file")
+    if recorded is None:
+        log.warning(
+            "%s: %s records no checksum of %s (an older model folder): their integrity is not checked; "
+            "export the model again to record them",
+            root,
+            MODEL_FILE,
+            " and ".join(found),
+        )
+        return found
+    if not isinstance(recorded, dict):
+        raise StateError(
+            f"{info_path}: 'files' is not a mapping of file names to checksums", hint="export the model again"
+        )
+    for name, path in found.items():
+        expected = recorded.get(name)
+        if not isinstance(expected, str):
+            raise StateError(f"{info_path}: records no checksum of {name}", hint="export the model again")
+        if file_sha256(path) != expected:
+            raise StateError(
+                f"{path}: checksum differs from {MODEL_FILE} (edited, damaged or replaced)",
+                hint="copy the model folder again from its source, or export the model again",
+            )
+    return found
+
+
 def load_model_folder(path: str | os.PathLike[str]) -> Model:
     """Read a model folder written by :func:`export_model` (checked: format, paths, checksums)."""
     root = Path(path).expanduser()
@@ -368,6 +433,7 @@ def load_model_folder(path: str | os.PathLike[str]) -> Model:
         raise StateError(
             f"{root}: no {MODEL_FILE}, so this is not a segpipe model folder", hint="segpipe export -o DIR"
         )
+    _inside(root, MODEL_FILE, "file")  # a model.json linking out of the folder is not this model's
     info = read_json(info_path, what="model description", hint="export the model again (segpipe export)")
     if info.get("format") != MODEL_FORMAT:
         raise StateError(f"{info_path}: not a segpipe model description", hint="export the model again")
@@ -375,7 +441,8 @@ def load_model_folder(path: str | os.PathLike[str]) -> Model:
         raise StateError(
             f"{info_path}: written by a newer segpipe (format {info.get('format_version')})", hint="upgrade segpipe"
         )
-    plan = load_plan(root / "plans.json")
+    files = _checked_files(root, info_path, info)
+    plan = load_plan(files["plans.json"])
     raw_members = info.get("members")
     if not isinstance(raw_members, list) or not raw_members:
         raise StateError(f"{info_path}: lists no trained network", hint="export the model again")
@@ -390,21 +457,26 @@ def load_model_folder(path: str | os.PathLike[str]) -> Model:
         if not file.is_file():
             raise StateError(f"{file}: weight file missing", hint="copy the whole model folder")
         expected = entry.get("sha256")
-        if expected is not None and _sha256(file) != expected:
+        if expected is None and "files" in info:
+            raise StateError(
+                f"{info_path}: weight file {entry.get('file')} has no checksum", hint="export the model again"
+            )
+        digest = file_sha256(file)
+        if expected is not None and digest != expected:
             raise StateError(
                 f"{file}: checksum differs from {MODEL_FILE} (damaged or replaced)",
                 hint="copy the model folder again from its source",
             )
         dice = entry.get("validation_dice")
-        members.append(Member(config, fold, file, float(dice) if isinstance(dice, (int, float)) else None))
-    post_path = root / POSTPROCESSING_FILE
+        members.append(Member(config, fold, file, float(dice) if isinstance(dice, (int, float)) else None, digest))
+    post_path = files.get(POSTPROCESSING_FILE)
     decision = (
         read_json(post_path, what="post-processing decision", hint="export the model again")
-        if post_path.is_file()
+        if post_path is not None
         else info.get("postprocessing")
     )
     try:
         post = check_postprocessing(decision, plan.num_classes)
     except ConfigError as exc:
-        raise StateError(f"{post_path}: {exc.message}", hint="export the model again") from None
+        raise StateError(f"{post_path or info_path}: {exc.message}", hint="export the model again") from None
     return Model(plan, members, post, origin=str(root), info=info)

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ConfigError, DataError, UsageError
 from ..geometry import Geometry
-from .model import CHECKPOINTS, Model, load_model_folder, parse_configs, parse_folds, workspace_model
+from .model import CHECKPOINTS, Model, file_sha256, load_model_folder, parse_configs, parse_folds, workspace_model
 from .postprocess import apply_postprocessing
 from .sliding_window import predict_case_logits
 from .tta import FlipTTA
@@ -116,6 +116,9 @@ class Predictor:
         self.dicom = {k: v for k, v in dict(dicom or {}).items() if v is not None}
         self.labels = {int(k): str(v) for k, v in self.plan.labels.items() if int(k) < self.plan.num_classes}
         self.networks: dict[str, list[torch.nn.Module]] = {}
+        # what the networks are, for reports: a retrained fold or an edited plan is another model
+        self.member_sha256 = [m.sha256 or file_sha256(m.path) for m in model.members]
+        self.plan_sha256 = model.plan_sha256()
         for member in model.members:
             state = load_checkpoint(member.path, map_location="cpu")
             cfg = self.plan.config(member.configuration)
@@ -328,7 +331,11 @@ class Predictor:
         return {
             "dataset": self.plan.dataset,
             "origin": self.model.origin,
-            "members": [{"configuration": m.configuration, "fold": m.fold} for m in self.model.members],
+            "members": [
+                {"configuration": m.configuration, "fold": m.fold, "sha256": digest}
+                for m, digest in zip(self.model.members, self.member_sha256, strict=True)
+            ],
+            "plan_sha256": self.plan_sha256,
             "postprocessing": self.model.postprocessing,
             "tta": self.tta,
             "overlap": self.overlap,

@@ -577,6 +577,25 @@ def _mm(spacing: Sequence[float]) -> str:
     return "×".join(f"{float(s):.3g}" for s in spacing)
 
 
+def _check_learnable(fp: dict[str, Any], root: Any) -> None:
+    """No foreground in any label map is an error (nothing to learn); a declared class found in no
+    case is a warning (the network gets an output it never sees trained)."""
+    from ..errors import DatasetError
+
+    classes = {k: v for k, v in fp.get("classes", {}).items() if str(v.get("name", "")).lower() != "ignore"}
+    if classes and not any(v.get("voxels") for v in classes.values()):
+        raise DatasetError(
+            f"{root}: none of the {fp.get('num_cases')} label maps holds any foreground: there is nothing to learn",
+            hint="check the label files (exported empty? the wrong files?) with `segpipe check`",
+        )
+    absent = [f"{k} ({v.get('name')})" for k, v in classes.items() if not v.get("voxels")]
+    if absent:
+        logging.getLogger("segpipe").warning(
+            f"{root}: declared class {', '.join(absent)} is in no label map: the network cannot learn it "
+            "(add cases that contain it, or remove it from dataset.json's labels)"
+        )
+
+
 def run_planning(
     dataset: Any,
     workspace: DatasetWorkspace | Workspace | str | os.PathLike[str],
@@ -614,6 +633,7 @@ def run_planning(
     with dataset_lock(entry, "plan"):
         sweep_temporaries(entry.root)  # a fingerprint or plan a killed run left half-written
         fp = fingerprint_dataset(dataset, entry.fingerprint_path, force=force, num_workers=num_workers)
+        _check_learnable(fp, dataset.root)
         plan = make_plan(fp, settings)
         check_preprocessed_size(plan, fp, entry.root)  # before anything of the plan is written
         plans_path = save_plan(plan, entry.plans_path)

@@ -12,19 +12,45 @@ Errors are raised as :class:`segpipe.SegpipeError` subclasses (see :mod:`segpipe
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .checks import CheckReport, check_dataset
-from .config import to_container
+from .config import DEMO_SCHEDULE, to_container
 from .errors import SegpipeError, UsageError
-from .io.image import image_extension, is_dicom_source, read_header, read_image
+from .io.image import image_extension, is_dicom_source, no_orientation_warning, read_header, read_image
 
 PathLike = str | os.PathLike[str]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _paths_checked(fn: _F) -> _F:
+    """Refuse a path argument no file system takes (a NUL byte, a name too long) as a
+    :class:`~segpipe.errors.UsageError` naming the argument, instead of the OS's raw ValueError."""
+    from .config import check_path_text
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind_partial(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            values = value.values() if isinstance(value, dict) else [value]
+            for v in values:
+                if isinstance(v, (str, os.PathLike)) and not isinstance(v, bool):
+                    text = os.fspath(v)
+                    if isinstance(text, str):
+                        check_path_text(text, f"{name} ")
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _settings(command: str, settings: dict[str, Any]) -> Any:
@@ -34,6 +60,7 @@ def _settings(command: str, settings: dict[str, Any]) -> Any:
     return settings_config(command, settings)
 
 
+@_paths_checked
 def info(path: PathLike, **settings: Any) -> dict[str, Any]:
     """What a reader sees in ``path``: format, shape, spacing, origin, direction, dtype, value range.
 
@@ -82,6 +109,9 @@ def info(path: PathLike, **settings: Any) -> dict[str, Any]:
     array, geometry = read_image(p)
     out.update({"format": header.format, "dimension": header.dimension, "stored_dtype": header.dtype})
     out.update(_volume_info(array, geometry))
+    unoriented = no_orientation_warning(p)
+    if unoriented:
+        out["warnings"] = [unoriented]
     return out
 
 
@@ -102,6 +132,7 @@ def _volume_info(array: np.ndarray, geometry: Any) -> dict[str, Any]:
     }
 
 
+@_paths_checked
 def check(dataset: PathLike, **settings: Any) -> CheckReport:
     """Read every case of ``dataset`` once and report each problem (see :mod:`segpipe.checks`).
 
@@ -111,6 +142,7 @@ def check(dataset: PathLike, **settings: Any) -> CheckReport:
     return check_dataset(dataset, num_workers=cfg.num_workers)
 
 
+@_paths_checked
 def plan(dataset: PathLike, *, log: Any = None, **settings: Any) -> dict[str, Any]:
     """Fingerprint ``dataset`` (cached; ``force=True`` recomputes) and plan its configurations.
 
@@ -190,6 +222,7 @@ def _changed_since_planning(dws: Any, ds: Any) -> str | None:
     )
 
 
+@_paths_checked
 def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: Any) -> dict[str, Any]:
     """Preprocess the labelled cases of a planned dataset into the cache of each planned configuration.
 
@@ -236,6 +269,7 @@ def preprocess(dataset: PathLike | None = None, *, log: Any = None, **settings: 
     return {**result, "dataset_changed_since_plan": changed} if changed else result
 
 
+@_paths_checked
 def train(*, log: Any = None, overwrite: bool = False, started: float | None = None, **settings: Any) -> dict[str, Any]:
     """Train one cross-validation fold of a planned dataset (``segpipe train fold=0``).
 
@@ -331,6 +365,7 @@ def _configurations(value: Any, the_plan: Any) -> list[str]:
     return names
 
 
+@_paths_checked
 def generate_demo_data(out: PathLike, *, force: bool = False, seed: int = 0, dicom: bool = False) -> Path:
     """Write the embedded synthetic demo dataset to ``out``.
 
@@ -365,6 +400,7 @@ def _predictor(model: PathLike | None, cfg: Any, config_value: Any, dataset: Pat
     )
 
 
+@_paths_checked
 def infer(
     input: PathLike,  # noqa: A002 - the command's own word for what it segments
     *,
@@ -434,6 +470,7 @@ def infer(
     return {**result, "cases": [c.id for c in cases]}
 
 
+@_paths_checked
 def export(
     dataset: PathLike | None = None,
     *,
@@ -494,6 +531,7 @@ def _tolerance_setting(value: Any) -> float | dict[Any, Any]:
         ) from None
 
 
+@_paths_checked
 def evaluate(
     predictions: PathLike,
     references: PathLike,
@@ -506,7 +544,9 @@ def evaluate(
     per case and class Dice (nnU-Net's rules), HD95 and normalised surface Dice (mm), volumes.
 
     Files pair by case id; each prediction must lie on its reference's grid. Settings:
-    ``tolerance_mm``, ``images`` (the cases' images, for QC overlays) and ``ignore_label``.
+    ``tolerance_mm``, ``images`` (the cases' images, for QC overlays), ``ignore_label`` and
+    ``strict`` (refuse references without a prediction; by default the predicted cases are scored,
+    with a warning, and ``missing_predictions`` lists the others).
     ``evaluation.csv``, ``summary.json``, ``dice_boxplot.png`` (and ``qc/``) go to ``output``
     (default: the predictions' folder). ``labels`` (``{value: name}``): the classes to score and
     their names (default: every value the references hold). Returns the summary (``mean``,
@@ -525,10 +565,12 @@ def evaluate(
         ignore_label=ev.ignore_label,
         out_dir=out,
         qc_image_dir=ev.images,
+        strict=ev.strict,
     )
     return {**summary, "output": str(out)}
 
 
+@_paths_checked
 def find_best(dataset: PathLike | None = None, *, log: Any = None, **settings: Any) -> dict[str, Any]:
     """Choose the best configuration or ensemble and its post-processing from the cross-validation
     predictions (``segpipe find-best``); writes ``best_configuration.json``, which ``infer`` and
@@ -549,20 +591,9 @@ def find_best(dataset: PathLike | None = None, *, log: Any = None, **settings: A
 #: The demo's plan: a U-Net of half the default width (16 features at full resolution, at most
 #: 128), which trains ~3× faster on a CPU and is ample for the demo's three structures.
 DEMO_PLAN = {"base_features": 16, "max_features_3d": 128}
-#: The demo's training schedule: 300 steps of AdamW (lr 0.003, poly decay; on so short a schedule it
-#: learns the small lesion far sooner than nnU-Net's SGD), full-case validation every 4 epochs;
-#: about 7 minutes on two CPU cores. ``epochs=`` and ``iterations_per_epoch=`` change it.
-DEMO_SCHEDULE: dict[str, Any] = {
-    "epochs": 12,
-    "iterations_per_epoch": 25,
-    "val_batches": 2,
-    "val_every": 4,
-    "seed": 0,
-    "optim": "adamw",
-    "optim.lr": 0.003,
-}
 
 
+@_paths_checked
 def demo(*, force: bool = False, log: Any = None, **settings: Any) -> dict[str, Any]:
     """Run the main job on the embedded datasets: generate → check → plan → preprocess → train →
     infer (the held-out NIfTI and DICOM cases) → evaluate.

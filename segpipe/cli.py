@@ -162,6 +162,25 @@ def _split(args: list[str]) -> tuple[list[str], list[str]]:
     return paths, overrides
 
 
+#: commands with an ``--overwrite`` flag, which also take it as ``overwrite=true`` (the Python API's spelling)
+OVERWRITE_COMMANDS = ("train", "infer", "export")
+
+
+def _flag_overrides(ns: argparse.Namespace, command: str, overrides: list[str]) -> list[str]:
+    """``overwrite=true|false`` as the ``--overwrite`` flag, for the commands that have it."""
+    rest = []
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        if key == "overwrite" and command in OVERWRITE_COMMANDS:
+            word = value.strip().lower()
+            if word not in ("true", "false", "1", "0", "yes", "no"):
+                raise UsageError(f"overwrite={value}: expected true or false", hint="--overwrite (or overwrite=true)")
+            ns.overwrite = ns.overwrite or word in ("true", "1", "yes")
+            continue
+        rest.append(ov)
+    return rest
+
+
 def _one_path(command: str, paths: list[str], what: str) -> str:
     if len(paths) != 1:
         raise UsageError(
@@ -351,7 +370,31 @@ def cmd_config(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) 
     if paths:
         raise UsageError(f"`segpipe config` takes only key=value settings, got {' '.join(paths)}")
     cfg = settings_config("config", given)
-    return EXIT_OK, to_container(cfg), OmegaConf.to_yaml(cfg).rstrip()
+    return EXIT_OK, to_container(cfg), _commented_yaml(OmegaConf.to_yaml(cfg).rstrip())
+
+
+def _commented_yaml(text: str) -> str:
+    """The composed YAML with each setting's comment from conf/ beside it, so that two settings of
+    one name in different groups (``train.batch_size``, ``infer.batch_size``) say what each is."""
+    import re
+
+    from .config import setting_comments
+
+    comments = setting_comments()
+    path: list[tuple[int, str]] = []  # (indent, key) of the enclosing mappings
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^( *)([A-Za-z_][\w-]*):(.*)$", line)
+        if not m:
+            out.append(line)
+            continue
+        indent, key, rest = len(m.group(1)), m.group(2), m.group(3)
+        path = [(i, k) for i, k in path if i < indent]
+        full = ".".join([k for _, k in path] + [key])
+        path.append((indent, key))
+        comment = comments.get(full)
+        out.append(f"{line}  # {comment}" if comment and rest.strip() else line)
+    return "\n".join(out)
 
 
 def cmd_demo(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -> tuple[int, Any, str]:
@@ -568,6 +611,34 @@ def _os_error(exc: OSError) -> SegpipeError | None:
     return None
 
 
+#: what frees memory, per command
+MEMORY_FIXES = {
+    "infer": "segment with fewer windows per pass (batch_size=1), without probabilities=true, "
+    "or on a machine with more memory",
+    "train": "a smaller batch_size=, fewer num_workers=, or a machine with more memory",
+    "plan": "fewer num_workers= (each worker holds one case), or a machine with more memory",
+    "preprocess": "fewer num_workers= (each worker holds one case), or a machine with more memory",
+    "check": "fewer num_workers= (each worker holds one case), or a machine with more memory",
+}
+
+
+def out_of_memory(command: str, exc: BaseException) -> StateError:
+    """An allocation that failed, as an exit-4 error: what was asked for, what is free, and the fix."""
+    import resource
+
+    from .io.image import available_memory
+
+    detail = str(exc).strip().split(" for an array")[0] or "an allocation failed"
+    free = f"{available_memory() / 2**30:.1f} GiB free on the machine"
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        free += f", the process limited to {limit / 2**30:.1f} GiB of address space"
+    return StateError(
+        f"out of memory ({detail}; {free})",
+        hint=MEMORY_FIXES.get(command, "free memory or use a machine with more memory"),
+    )
+
+
 def _print_error(command: str, ns: argparse.Namespace, etype: str, message: str, fix: str | None, code: int) -> int:
     print(f"segpipe {command}: error: {message}" + (f"\n  fix: {fix}" if fix else ""), file=sys.stderr)
     if getattr(ns, "json", False):
@@ -620,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         from .config import compose_config
 
         paths, overrides = _split(ns.args)
+        overrides = _flag_overrides(ns, command, overrides)
         cfg = compose_config(overrides, command=command)
         code, result, text = HANDLERS[command](ns, paths, _given(cfg, overrides, command))
     except SegpipeError as exc:
@@ -628,6 +700,11 @@ def main(argv: list[str] | None = None) -> int:
         return _print_error(command, ns, type(exc).__name__, exc.message, exc.hint, exc.exit_code)
     except KeyboardInterrupt:
         return _print_error(command, ns, "KeyboardInterrupt", "interrupted", None, EXIT_INTERRUPTED)
+    except MemoryError as exc:
+        if ns.debug:
+            traceback.print_exc()
+        oom = out_of_memory(command, exc)
+        return _print_error(command, ns, "MemoryError", oom.message, oom.hint, oom.exit_code)
     except OSError as exc:
         mapped = _os_error(exc)
         if mapped is None:

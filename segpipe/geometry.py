@@ -11,12 +11,17 @@ Conventions, used everywhere in segpipe:
   unit world vector of ITK index axis ``j`` (``j = 0`` is x, the *last* array axis).
 
 2-D images are treated as volumes with one slice (``shape[0] == 1``, spacing 1 mm along z).
+
+``oriented`` is False for a grid whose file declared no orientation (a NIfTI with qform and
+sform codes 0): origin and direction are then nibabel's default placement, which other readers
+(ITK, SimpleITK) do not share, and a NIfTI written on that same grid is written without
+orientation too, so that each reader places it where it places the source.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -54,6 +59,7 @@ class Geometry:
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
     direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    oriented: bool = field(default=True, compare=False)  # False: the file gave no orientation (module docstring)
 
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.shape)
@@ -67,6 +73,7 @@ class Geometry:
         object.__setattr__(self, "spacing", spacing)
         object.__setattr__(self, "origin", _tuple(self.origin, 3, "origin"))
         object.__setattr__(self, "direction", direction)
+        object.__setattr__(self, "oriented", bool(self.oriented))
 
     # ------------------------------------------------------------------ SimpleITK
     @classmethod
@@ -231,12 +238,15 @@ class Geometry:
         return tuple(float(n * s) for n, s in zip(self.shape, self.spacing))  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "shape": list(self.shape),
             "spacing": list(self.spacing),
             "origin": list(self.origin),
             "direction": list(self.direction),
         }
+        if not self.oriented:  # only then: the records of oriented grids stay as they were
+            out["oriented"] = False
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Geometry":
@@ -245,6 +255,7 @@ class Geometry:
             spacing=tuple(data["spacing"]),
             origin=tuple(data["origin"]),
             direction=tuple(data["direction"]),
+            oriented=bool(data.get("oriented", True)),
         )
 
 

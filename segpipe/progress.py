@@ -1,8 +1,9 @@
 """Progress of a long stage: a bar on a terminal, periodic log lines otherwise, nothing when quiet.
 
 * **quiet** — the ``segpipe`` logger's level is above INFO (``-q``): nothing is shown;
-* **bar** — stderr is a terminal: one line redrawn in place (at most ~10 times a second),
-  ``fingerprint  [#######.......]  12/24 cases  0:05 < 0:05``, ended with a newline;
+* **bar** — stderr is a terminal: one line redrawn in place (at most ~10 times a second, or once
+  per ``refresh`` seconds), ``fingerprint  [#######.......]  12/24 cases  0:05 < 0:05``, ended with
+  a newline; with ``delay``, drawn only once the stage has run that long (a short one stays silent);
 * **log lines** — stderr is a file or a pipe (CI, ``2> log``): an INFO line on the ``segpipe``
   logger each time another ~10 % is done (at most one per ``min_interval`` seconds) or
   ``max_interval`` seconds passed, and a last line when any was written (a stage that ends
@@ -52,7 +53,9 @@ class Progress:
     """Progress of ``total`` units of work named ``desc``; call :meth:`update` per unit, :meth:`close` at the end.
 
     Usable as a context manager. ``mode`` overrides the automatic choice (``"bar"``, ``"log"``,
-    ``"quiet"``); ``enabled=False`` is quiet.
+    ``"quiet"``); ``enabled=False`` is quiet. ``min_interval``/``max_interval`` bound the log lines'
+    spacing (default :data:`LOG_MIN_INTERVAL`/:data:`LOG_MAX_INTERVAL`), ``refresh`` the bar's
+    (:data:`BAR_REFRESH`); ``delay`` seconds pass before the bar is first drawn.
     """
 
     def __init__(
@@ -64,8 +67,10 @@ class Progress:
         enabled: bool = True,
         mode: str | None = None,
         stream: IO[str] | None = None,
-        min_interval: float = LOG_MIN_INTERVAL,
-        max_interval: float = LOG_MAX_INTERVAL,
+        min_interval: float | None = None,
+        max_interval: float | None = None,
+        refresh: float | None = None,
+        delay: float = 0.0,
     ):
         self.desc = desc
         self.total = max(0, int(total))
@@ -73,16 +78,19 @@ class Progress:
         self.n = 0
         self.stream = sys.stderr if stream is None else stream
         self.mode = "quiet" if not enabled else (mode or progress_mode(self.stream))
-        self.min_interval = min_interval
-        self.max_interval = max_interval
+        self.min_interval = LOG_MIN_INTERVAL if min_interval is None else float(min_interval)
+        self.max_interval = LOG_MAX_INTERVAL if max_interval is None else float(max_interval)
+        self.refresh = BAR_REFRESH if refresh is None else float(refresh)
+        self.delay = float(delay)
         self._t0 = time.monotonic()
         self._last_draw = 0.0
         self._last_log = self._t0
         self._logged_step = 0
         self._logged = False
+        self._drawn = False
         self._closed = False
         self._width = 0
-        if self.mode == "bar" and self.total:
+        if self.mode == "bar" and self.total and self.delay <= 0:
             self._draw()
 
     # -------------------------------------------------------------- public
@@ -90,7 +98,8 @@ class Progress:
         self.n += n
         now = time.monotonic()
         if self.mode == "bar":
-            if now - self._last_draw >= BAR_REFRESH or self.n >= self.total:
+            due = now - self._last_draw >= self.refresh or (self._drawn and self.n >= self.total)
+            if due and now - self._t0 >= self.delay:
                 self._draw(now)
         elif self.mode == "log":
             self._maybe_log(now)
@@ -99,7 +108,7 @@ class Progress:
         if self._closed:
             return
         self._closed = True
-        if self.mode == "bar" and self.total:
+        if self.mode == "bar" and self.total and self._drawn:
             self._draw()
             self._write("\n")
         elif self.mode == "log" and self._logged:
@@ -133,7 +142,7 @@ class Progress:
 
     def _draw(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        self._last_draw = now
+        self._last_draw, self._drawn = now, True
         frac = min(1.0, self.n / self.total) if self.total else 1.0
         filled = int(round(frac * BAR_WIDTH))
         line = f"{self.desc}  [{'#' * filled}{'.' * (BAR_WIDTH - filled)}]  {self._count()}  {self._eta(now)}"

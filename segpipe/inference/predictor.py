@@ -231,16 +231,19 @@ class Predictor:
         nets = [FlipTTA(net).eval() if self.tta else net for net in self.networks[configuration]]
         return nets[0] if len(nets) == 1 else _MeanOf(nets).eval()
 
-    def _slide(self, image: np.ndarray, configuration: str, sink: Any) -> None:
+    def _slide(self, image: np.ndarray, configuration: str, sink: Any, name: str = "sliding window") -> None:
         """Slide the configuration's fold ensemble over its preprocessed image, handing the
-        finished rows of logits [K, n, Y', X'] to ``sink(row, block)``."""
+        finished rows of logits [K, n, Y', X'] to ``sink(row, block)``; the progress of its
+        windows is shown under ``name``."""
         cfg = self.plan.config(configuration)
         kwargs: dict[str, Any] = {"overlap": self.overlap, "num_classes": self.plan.num_classes, "device": self.device}
         if self.batch_size is not None:
             kwargs["batch_size"] = self.batch_size
-        predict_case_logits(self._window_network(configuration), image, cfg, output_device="cpu", sink=sink, **kwargs)
+        predict_case_logits(
+            self._window_network(configuration), image, cfg, output_device="cpu", sink=sink, progress=name, **kwargs
+        )
 
-    def _label_grid(self, image: np.ndarray, configuration: str) -> np.ndarray:
+    def _label_grid(self, image: np.ndarray, configuration: str, name: str) -> np.ndarray:
         """The argmax label map [Z', Y', X'] on the preprocessed grid, row block by row block."""
         dtype = np.uint8 if self.plan.num_classes <= 256 else np.int16
         label = np.zeros(image.shape[1:], dtype=dtype)
@@ -248,17 +251,17 @@ class Predictor:
         def sink(row: int, block: torch.Tensor) -> None:
             label[row : row + block.shape[1]] = block.argmax(dim=0).numpy().astype(dtype, copy=False)
 
-        self._slide(image, configuration, sink)
+        self._slide(image, configuration, sink, name)
         return label
 
-    def _probabilities(self, image: np.ndarray, configuration: str) -> np.ndarray:
+    def _probabilities(self, image: np.ndarray, configuration: str, name: str) -> np.ndarray:
         """Softmax [K, Z', Y', X'] float32 of the configuration's fold ensemble on its preprocessed grid."""
         probs = np.zeros((self.plan.num_classes, *image.shape[1:]), dtype=np.float32)
 
         def sink(row: int, block: torch.Tensor) -> None:
             probs[:, row : row + block.shape[1]] = torch.softmax(block, dim=0).numpy()
 
-        self._slide(image, configuration, sink)
+        self._slide(image, configuration, sink, name)
         return probs
 
     def predict(
@@ -269,13 +272,17 @@ class Predictor:
         probabilities: bool = False,
         case_id: str | None = None,
     ) -> Prediction:
-        """Segment one case (see :meth:`read` for ``source``); the label map is on the input's grid."""
+        """Segment one case (see :meth:`read` for ``source``); the label map is on the input's grid.
+
+        While the windows run, their progress is shown under ``case_id`` (or the file's name) on
+        stderr when the ``segpipe`` logger shows INFO (see :mod:`segpipe.progress`)."""
         from ..preprocessing import preprocess_arrays, restore, restore_argmax, spec_from_plan
 
         t0 = time.perf_counter()
         image, geo = self.read(source, geometry, case_id=case_id)
         timings = {"read": time.perf_counter() - t0}
         configs = list(self.networks)
+        name = case_id or _source_name(source)
         mean: np.ndarray | None = None
         label: np.ndarray | None = None
         for i, configuration in enumerate(configs):
@@ -287,16 +294,17 @@ class Predictor:
             timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
             lean = len(configs) == 1 and not probabilities
+            what = f"{name}: sliding window" + (f" ({configuration})" if len(configs) > 1 else "")
             if lean and list(props["shape_after_resample"]) == list(props["shape_after_crop"]):
                 # no resampling back: the argmax of each finished row block is the answer
-                grid_label = self._label_grid(grid, configuration)
+                grid_label = self._label_grid(grid, configuration, what)
                 del grid
                 timings["network"] = timings.get("network", 0.0) + time.perf_counter() - t
                 t = time.perf_counter()
                 label = restore(grid_label, props, is_label=True)
                 del grid_label
             else:
-                probs = self._probabilities(grid, configuration)
+                probs = self._probabilities(grid, configuration, what)
                 del grid
                 timings["network"] = timings.get("network", 0.0) + time.perf_counter() - t
                 t = time.perf_counter()
@@ -361,6 +369,15 @@ class _MeanOf(torch.nn.Module):
 
 
 _CHANNEL_SUFFIX_LEN = 5  # nnU-Net's channel naming: <case>_0000.nii.gz
+
+
+def _source_name(source: ImageInput) -> str:
+    """The case's name in progress lines: its file's or folder's, ``case`` for an array."""
+    if isinstance(source, (str, os.PathLike)):
+        return _case_id(Path(source))
+    if isinstance(source, (np.ndarray, torch.Tensor)) or not source:
+        return "case"
+    return _case_id(Path(source[0]))
 
 
 def _case_id(path: Path) -> str:

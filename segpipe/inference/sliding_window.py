@@ -8,8 +8,11 @@ What it does, as nnU-Net v2 does it:
 
 * **Windows.** Per axis, the step is at most ``(1 - overlap) × patch`` and the positions are
   spread evenly so that the first window starts at 0 and the last ends at the image's edge
-  (:func:`window_starts`). An image smaller than the patch along an axis is padded with zeros,
-  half on each side, and the result cropped back.
+  (:func:`window_starts`). A step under one voxel (``overlap`` near 1) gives every start once:
+  rounded starts that coincide are one window. An image smaller than the patch along an axis
+  (a volume of one or two slices, say) is padded with zeros, half on each side, and the result
+  cropped back. A case is refused (:class:`~segpipe.errors.ConfigError`, naming the count and a
+  lower ``overlap``) before any window runs when it needs more than :data:`MAX_WINDOWS` windows.
 * **Weights.** Each window's logits are multiplied by a Gaussian importance map (σ = patch/8 per
   axis, truncated at 4σ like ``scipy.ndimage.gaussian_filter``, scaled to a maximum of 10, zeros
   raised to the smallest non-zero value in the accumulation dtype so no voxel ends with weight 0);
@@ -24,10 +27,16 @@ Networks in training mode return a list (deep supervision); a ``torch.nn.Module`
 eval mode for the call (segpipe's networks then return one tensor) and restored afterwards, and a
 list or tuple output is reduced to its first (full-resolution) entry either way. Everything runs
 under ``torch.inference_mode()`` in float32 (or the ``accumulate_dtype``), never float64.
+
+Progress (``progress=True`` or a case name): the windows done out of the case's total, through
+:class:`segpipe.progress.Progress` — a bar redrawn at most once a second on a terminal, shown once
+the case has run :data:`WINDOW_PROGRESS_DELAY` seconds; otherwise a log line every ~10 % (at most
+one per 5 s) or every 30 s; nothing when the ``segpipe`` logger is quieter than INFO (``-q``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +55,7 @@ __all__ = [
     "GAUSSIAN_SIGMA_SCALE",
     "GAUSSIAN_VALUE_SCALE",
     "FLOAT16_WEIGHT_FLOOR",
+    "MAX_WINDOWS",
     "SlidingWindowPredictor",
     "gaussian_importance_map",
     "predict_case_logits",
@@ -63,10 +73,17 @@ GAUSSIAN_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default: zero beyond 
 # image's own corners) came out wrong by up to tens of percent. Flooring the map at 2^-10 (1e-4 of its
 # maximum) keeps those products normal; where windows overlap, the blend is unchanged in practice.
 FLOAT16_WEIGHT_FLOOR = 2.0**-10
+# The most windows one case may take. A 512 × 512 × 1000-voxel CT with a 128³ patch needs 31 × 31 × 70 ≈ 67 000
+# at overlap 0.9 (735 at the default 0.5), so this is far beyond any useful overlap; a million windows of that
+# patch take hours even on a GPU. Above it the case is refused before any window runs, with the count and a
+# lower overlap=, instead of running for days. Windows are generated as they run, so none of this costs memory.
+MAX_WINDOWS = 1_000_000
+WINDOW_PROGRESS_DELAY = 3.0  # seconds a case runs before its bar appears on a terminal (short cases stay quiet)
+WINDOW_BAR_REFRESH = 1.0  # seconds between redraws of that bar
 
 Predictor = Callable[[torch.Tensor], Any]
 Sink = Callable[[int, torch.Tensor], None]
-ProgressArg = Callable[[int, int], None] | bool | None
+ProgressArg = Callable[[int, int], None] | bool | str | None
 
 
 # ---------------------------------------------------------------------------- window geometry
@@ -76,6 +93,9 @@ def window_starts(image_size: Sequence[int], patch_size: Sequence[int], overlap:
     ``overlap`` is the fraction of the patch shared by neighbouring windows at most (0.5: step
     half a patch). Windows are spread evenly: the first starts at 0, the last ends at the edge.
     E.g. image 110, patch 64, overlap 0.5 → ``[0, 23, 46]``. Each image size must be ≥ the patch.
+    Each start is listed once: where the step falls under one voxel (overlap 0.99 on a 64-voxel
+    patch, say), the starts are every voxel, ``range(size - patch + 1)`` — the distinct values of
+    nnU-Net's rounded positions, computed without listing their duplicates.
     """
     _check_overlap(overlap)
     if len(image_size) != len(patch_size):
@@ -86,7 +106,8 @@ def window_starts(image_size: Sequence[int], patch_size: Sequence[int], overlap:
         if size < patch:
             raise ConfigError(f"image size {size} is smaller than the patch {patch}", hint="pad the image first")
         step = patch * (1.0 - overlap)
-        n = int(math.ceil((size - patch) / step)) + 1
+        # at most one window per voxel: n - 1 = size - patch steps of exactly one voxel are every distinct start
+        n = min(int(math.ceil((size - patch) / step)), size - patch) + 1
         actual = (size - patch) / (n - 1) if n > 1 else 0.0
         starts.append([int(round(actual * i)) for i in range(n)])  # banker's rounding, as np.round
     return starts
@@ -135,8 +156,32 @@ def gaussian_importance_map(
 
 # ---------------------------------------------------------------------------- checks
 def _check_overlap(overlap: float) -> None:
-    if not 0.0 <= float(overlap) < 1.0:
+    try:
+        ok = 0.0 <= float(overlap) < 1.0  # False for NaN too
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ConfigError(f"overlap must be in [0, 1), got {overlap}", hint="0.5 (nnU-Net's default) is a good value")
+
+
+def _check_window_count(
+    plane: Sequence[int], patch: Sequence[int], overlap: float, starts: Sequence[Sequence[int]], slices: int
+) -> int:
+    """The number of windows of a case (``slices`` × those of one plane), refused above :data:`MAX_WINDOWS`."""
+    total = slices * math.prod(len(axis) for axis in starts)
+    if total > MAX_WINDOWS:
+        usual = slices * math.prod(len(axis) for axis in window_starts(plane, patch, 0.5))
+        grid = " × ".join(str(s) for s in ((slices,) if slices > 1 else ()) + tuple(plane))
+        if usual <= MAX_WINDOWS:
+            hint = f"a lower overlap=, e.g. the default overlap=0.5: {usual:,} windows here"
+        else:
+            hint = f"crop the image to the region to segment (even overlap=0.5 needs {usual:,} windows)"
+        raise ConfigError(
+            f"overlap={overlap} needs {total:,} windows of {' × '.join(map(str, patch))} voxels to cover this case "
+            f"({grid} voxels on the network's grid); segpipe slides at most {MAX_WINDOWS:,} per case",
+            hint=hint,
+        )
+    return total
 
 
 def _as_image(image: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -209,7 +254,9 @@ def sliding_window_inference(
     float32 (default) or float16 (half the memory on a GPU; nnU-Net's choice; its Gaussian is floored at
     :data:`FLOAT16_WEIGHT_FLOOR`; ``weight_floor`` sets another floor, 0 for nnU-Net's exact map). ``autocast_dtype``
     (e.g. ``torch.bfloat16``) runs the predictor under autocast. ``progress``: ``True`` shows
-    segpipe's progress bar, or a callable ``(windows_done, windows_total)``.
+    segpipe's progress of the windows (see the module docstring), a string the same under that name
+    (a case's, say), or a callable ``(windows_done, windows_total)``. A case needing more than
+    :data:`MAX_WINDOWS` windows is refused (:class:`~segpipe.errors.ConfigError`) before any runs.
 
     ``sink``: instead of returning the logits, hand them over block by block as they become final,
     ``sink(row, block)`` with ``block`` [K, n, *rest] float32 = rows ``row .. row + n`` of the first
@@ -297,22 +344,19 @@ def _slide(
     upper = [max(p - s, 0) - lo for p, s, lo in zip(patch, window_axes, lower)]
     if slice_mode:
         lower, upper = [k, *lower], [k, *upper]
+    padded = tuple(s + lo + up for s, lo, up in zip(spatial, lower, upper))
+    out_shape = (spatial[0], *padded[1:]) if slice_mode else padded  # slab padding is input only
+    plane = padded[1:] if slice_mode else padded
+    starts = window_starts(plane, patch, overlap)
+    total = _check_window_count(plane, patch, overlap, starts, spatial[0] if slice_mode else 1)
     pad: list[int] = []
     for lo, up in zip(reversed(lower), reversed(upper)):
         pad.extend((lo, up))
     image = image.to(output_device)
     if any(pad):
         image = F.pad(image, pad, mode="constant", value=0.0)
-    padded = tuple(int(s) for s in image.shape[1:])
-    out_shape = (spatial[0], *padded[1:]) if slice_mode else padded  # slab padding is input only
-    plane = padded[1:] if slice_mode else padded
-    starts = window_starts(plane, patch, overlap)
-    positions: list[tuple[int, ...]] = [()]
-    for axis_starts in starts:
-        positions = [(*p, s) for p in positions for s in axis_starts]
-    windows: list[tuple[int, tuple[int, ...]]] = (
-        [(z, pos) for z in range(spatial[0]) for pos in positions] if slice_mode else [(0, pos) for pos in positions]
-    )
+    # (slice, start) of every window, in order of their first row, generated as they are needed
+    windows = itertools.product(range(spatial[0]) if slice_mode else (0,), itertools.product(*starts))
 
     if weight_floor is None:
         floor = FLOAT16_WEIGHT_FLOOR if accumulate_dtype == torch.float16 else 0.0
@@ -359,8 +403,10 @@ def _slide(
         buf[:, max(keep, 0) :].zero_()
         state["base"] = upto
 
-    total = len(windows)
-    bar = Progress("sliding window", total, unit="window") if progress is True else None
+    bar = None
+    if progress is True or isinstance(progress, str):
+        desc = progress if isinstance(progress, str) else "sliding window"
+        bar = Progress(desc, total, unit="window", refresh=WINDOW_BAR_REFRESH, delay=WINDOW_PROGRESS_DELAY)
     report = progress if callable(progress) else None
     classes = None if num_classes is None else int(num_classes)
     slab = 2 * k + 1
@@ -369,7 +415,7 @@ def _slide(
     weight_block = gauss[None] if slice_mode else gauss
     try:
         for first in range(0, total, int(batch_size)):
-            chunk = windows[first : first + int(batch_size)]
+            chunk = list(itertools.islice(windows, int(batch_size)))
             crops = []
             for z, pos in chunk:
                 box = _box(pos, patch)

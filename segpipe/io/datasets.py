@@ -42,7 +42,7 @@ import numpy as np
 
 from ..errors import DataError, DatasetError, DicomError, SegpipeError
 from ..geometry import Geometry
-from .image import IMAGE_EXTENSIONS, header_warnings, image_extension, is_dicom_source, read_image
+from .image import IMAGE_EXTENSIONS, header_warnings, image_extension, is_dicom_source, read_header, read_image
 
 LAYOUTS = ("msd", "nnunet", "case-folder")
 
@@ -567,6 +567,16 @@ def _read_source(
     return read_image(path)
 
 
+def _stored_2d(path: Path) -> bool:
+    """A file of two dimensions, or a DICOM image: not a volume of one slice."""
+    if is_dicom_source(path):
+        return True
+    try:
+        return read_header(path).dimension < 3
+    except SegpipeError:
+        return True
+
+
 def _rel(path: Path, ds: Dataset) -> str:
     try:
         return str(path.relative_to(ds.root))
@@ -601,9 +611,15 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
             add(path, problem, exc.message, exc.hint or "re-export or replace the file")
             continue
         if geo.shape[0] == 1 and ds.dimension == 3:
-            add(
-                path, "wrong_dimension", f"2-D image (shape {geo.shape[1:]}) in a 3-D dataset", "provide the 3-D volume"
-            )
+            if _stored_2d(path):
+                add(
+                    path,
+                    "wrong_dimension",
+                    f"2-D image (shape {geo.shape[1:]}) in a 3-D dataset",
+                    "provide the 3-D volume",
+                )
+            elif case.label is not None:  # a volume of one slice segments (padded), but is no 3-D training case
+                add(path, "wrong_dimension", f"1 slice (shape {geo.shape}) in a 3-D dataset", "provide the 3-D volume")
         if geometry is None:
             geometry = geo
         else:

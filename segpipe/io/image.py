@@ -447,21 +447,28 @@ def _inspect_nifti_header(p: Path, ext: str) -> _NiftiInfo:
         stream = ("deflate", max(0, DEFLATE_MAX_RATIO * file_size - int(vox_offset)))
     else:
         stream = ("raw", max(0, file_size - int(vox_offset)))
-    geometry = _nifti_geometry(p, _nifti_affine(p, hdr), shape[:3])
+    affine, oriented = _nifti_affine(p, hdr)
+    geometry = _nifti_geometry(p, affine, shape[:3])
+    if not oriented:
+        geometry = geometry.replace(oriented=False)
     return _NiftiInfo(shape, layout, channels, vector, dtype, geometry, memory, stream)
 
 
-def _nifti_affine(p: Path, hdr: Any) -> np.ndarray:
-    """The affine ``nib.load(...).affine`` gives (sform when set, else qform, else pixdim).
+def _nifti_affine(p: Path, hdr: Any) -> tuple[np.ndarray, bool]:
+    """The affine ``nib.load(...).affine`` gives (sform when set, else qform, else pixdim), and
+    whether the header declares an orientation at all (a valid sform or qform code).
 
     Computed from the header with nibabel's load-time repairs applied (invalid xform codes
     dropped; what is left of pixdim, after :func:`_inspect_nifti`'s checks, is a zero along a
-    one-voxel axis, which becomes 1).
+    one-voxel axis, which becomes 1). Without an orientation the affine is nibabel's default
+    placement (the grid centred on the origin, x mirrored), not the one ITK gives the same file
+    (origin 0, identity directions).
     """
     with _quiet_nibabel():
         fixed = type(hdr)(hdr.binaryblock, check=True)
+        oriented = int(fixed["sform_code"]) > 0 or int(fixed["qform_code"]) > 0
         try:
-            return np.asarray(fixed.get_best_affine(), dtype=float)
+            return np.asarray(fixed.get_best_affine(), dtype=float), oriented
         except ValueError as exc:  # e.g. a quaternion that is not a rotation
             raise ReadError(
                 f"{p}: the header's orientation cannot be computed ({exc})",
@@ -530,6 +537,35 @@ def header_warnings(path: str | os.PathLike[str]) -> list[str]:
         f"sform and qform describe different grids ({'; '.join(diff)}); segpipe uses the sform, "
         "tools that prefer the qform (ITK, SimpleITK) place the image elsewhere"
     ]
+
+
+#: what `segpipe check` advises for a NIfTI without orientation
+NO_ORIENTATION_FIX = (
+    "if the image must line up with other scans, write the scanner orientation into its header "
+    "(convert the original DICOM again, e.g. with dcm2niix)"
+)
+
+
+def no_orientation_warning(path: str | os.PathLike[str]) -> str | None:
+    """A warning when ``path`` is a NIfTI whose header declares no orientation (qform and sform codes 0).
+
+    None for other files, for oriented headers and for headers that cannot be read (reading
+    reports those).
+    """
+    p = Path(path)
+    ext = image_extension(p)
+    if ext not in (".nii", ".nii.gz") or not p.is_file():
+        return None
+    try:
+        info = _inspect_nifti(p, ext)
+    except SegpipeError:
+        return None
+    if info.geometry.oriented:
+        return None
+    return (
+        "no orientation in the header (qform and sform codes 0): nibabel centres the image with x mirrored, "
+        "ITK puts it at the origin; segpipe writes results the same way, so each tool overlays them on the image"
+    )
 
 
 def _itk_type_name(dtype: np.dtype, *, vector: bool) -> str:
@@ -705,7 +741,10 @@ def write_image(
     """Write ``array`` ([C, Z, Y, X] or [Z, Y, X]) with ``geometry`` atomically; returns the path.
 
     One channel gives a 3-D image; several give a 4-D NIfTI or a vector NRRD/MHA. Booleans are
-    stored as uint8.
+    stored as uint8. The grid of a NIfTI read without orientation (``geometry.oriented`` False)
+    is written as a NIfTI without orientation too (qform and sform codes 0, through nibabel), so
+    that nibabel and ITK each place the result where they place the source; any other grid is
+    written with its orientation (SimpleITK).
     """
     target = Path(path)
     ext = image_extension(target)
@@ -723,6 +762,11 @@ def write_image(
         raise UsageError(f"{target}: expected an array [C, Z, Y, X] or [Z, Y, X], got shape {arr.shape}")
     if tuple(arr.shape[1:]) != geometry.shape:
         raise UsageError(f"{target}: array shape {arr.shape[1:]} does not match geometry shape {geometry.shape}")
+    if ext in (".nii", ".nii.gz") and not geometry.oriented:
+        header = _unoriented_nifti_header(arr, geometry)
+        if header is not None:  # the source's own grid: written as the source was, without orientation
+            _write_unoriented_nifti(target, ext, arr, header)
+            return target
     sitk = _sitk()
     if arr.shape[0] == 1:
         image = geometry.to_sitk(arr[0])
@@ -741,6 +785,45 @@ def write_image(
         sitk.WriteImage(image, str(tmp), useCompression=compress and ext != ".nii")
         _check_written(tmp, target, ext, int(arr.nbytes))
     return target
+
+
+def _unoriented_nifti_header(arr: np.ndarray, geometry: Geometry) -> Any | None:
+    """The NIfTI header (qform and sform codes 0) of ``arr`` [C, Z, Y, X] when ``geometry`` is the
+    grid every reader gives such a header (nibabel's default placement of its shape and voxel
+    size); None when the grid lies elsewhere (cropped, resampled) and needs an orientation."""
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(arr.dtype)
+    shape_xyz = tuple(reversed(arr.shape[1:]))
+    header.set_data_shape(shape_xyz if arr.shape[0] == 1 else (*shape_xyz, arr.shape[0]))
+    header.set_zooms(geometry.sitk_spacing if arr.shape[0] == 1 else (*geometry.sitk_spacing, 1.0))
+    header.set_xyzt_units("mm")
+    header.set_qform(None, code=0)
+    header.set_sform(None, code=0)
+    with _quiet_nibabel():
+        base = Geometry.from_nifti_affine(header.get_base_affine(), shape_xyz)
+    same = (
+        np.allclose(base.spacing, geometry.spacing, rtol=1e-6, atol=0)
+        and np.allclose(base.origin, geometry.origin, rtol=0, atol=1e-4)
+        and np.allclose(base.direction, geometry.direction, rtol=0, atol=1e-6)
+    )
+    return header if same else None
+
+
+def _write_unoriented_nifti(target: Path, ext: str, arr: np.ndarray, header: Any) -> None:
+    """Write ``arr`` [C, Z, Y, X] atomically with ``header`` (no orientation) through nibabel
+    (SimpleITK always writes an orientation)."""
+    import nibabel as nib
+
+    data = arr[0].transpose(2, 1, 0) if arr.shape[0] == 1 else arr.transpose(3, 2, 1, 0)  # -> (x, y, z[, c])
+    image = nib.Nifti1Image(np.ascontiguousarray(data), None, header=header, dtype=arr.dtype)
+    image.header.set_qform(None, code=0)  # nibabel fills both from the affine unless told
+    image.header.set_sform(None, code=0)
+    with atomic_path(target, ext=ext) as tmp:
+        with _quiet_nibabel():
+            nib.save(image, str(tmp))
+        _check_written(tmp, target, ext, int(arr.nbytes))
 
 
 def _check_written(tmp: Path, target: Path, ext: str, data_bytes: int) -> None:

@@ -3,8 +3,12 @@
 ``plans.json`` is for segpipe; these two are for whoever reads the workspace. The summary holds
 the dataset facts the planner used and the configuration table ``segpipe plan`` prints (the
 same rows, :func:`segpipe.planning.plan_summary_rows`), plus what was not planned and why. The
-report draws the fingerprint: spacing and size distributions, the foreground intensity
-histogram of each channel and the class volume fractions.
+report draws the fingerprint: spacing and size distributions, the class volume fractions and,
+per channel, each case's foreground intensity range (0.5-99.5 percentiles, min-max and median),
+the cases sorted by their median on a scale where every case shows: a logarithmic one when the
+cases' ranges differ by orders of magnitude (images of 0-255 beside images of hundreds of
+thousands, as in the MSD hippocampus data), where a pooled histogram would be a single bar. A
+fingerprint without per-case intensities (older or hand-written) gets the pooled histogram.
 
 Both are written atomically. matplotlib is imported only when a report is drawn, and only its
 object-oriented API is used (a :class:`matplotlib.figure.Figure` rendered by Agg), so planning
@@ -26,14 +30,26 @@ import numpy as np
 from ..errors import StateError
 from .plan import Plan
 
-__all__ = ["plan_summary_markdown", "png_text", "report_key", "write_dataset_report", "write_plan_summary"]
+__all__ = [
+    "dataset_report_figure",
+    "plan_summary_markdown",
+    "png_text",
+    "report_key",
+    "write_dataset_report",
+    "write_plan_summary",
+]
 
 AXIS_NAMES = ("z", "y", "x")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-REPORT_VERSION = 1  # bump when the picture changes, so existing reports are redrawn
+REPORT_VERSION = 2  # bump when the picture changes, so existing reports are redrawn (2: per-case intensities)
 REPORT_KEY_FIELD = "segpipe-report-key"
 MAX_CHANNEL_PANELS = 9
 REPORT_DPI = 100
+#: inches: the dataset row's panels, the channel rows' panels, the gap after the dataset row and the gap
+#: between channel rows (the names of the cases, the key to the marks and a two-line title)
+DATASET_ROW_IN, CHANNEL_ROW_IN, FIRST_GAP_IN, ROW_GAP_IN = 3.0, 3.2, 1.3, 2.1
+CASE_LABELS_UP_TO = 40  # intensity panels name the cases on the axis up to this many cases
+LOG_SCALE_RATIO = 100.0  # cases' intensity ranges this many times apart are drawn on a log scale
 
 
 # ============================================================================ text
@@ -250,7 +266,98 @@ def _class_panel(ax: Any, fp: Mapping[str, Any], rng: np.random.Generator) -> No
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
 
 
+def _case_intensities(fp: Mapping[str, Any], channel: str) -> list[tuple[str, Mapping[str, float]]]:
+    """(case id, foreground intensity statistics) of every case with foreground in ``channel``."""
+    out = []
+    for i, case in enumerate(fp.get("cases") or []):
+        if not isinstance(case, Mapping):
+            continue
+        per_channel = case.get("foreground_intensity") or []
+        index = int(channel) if channel.isdigit() else -1
+        stats = per_channel[index] if 0 <= index < len(per_channel) else None
+        if isinstance(stats, Mapping) and stats.get("n") and "percentile_00_5" in stats and "median" in stats:
+            out.append((str(case.get("id") or f"case {i}"), stats))
+    return out
+
+
+def _intensity_scale(ax: Any, lows: np.ndarray, highs: np.ndarray) -> str:
+    """A y scale on which every case's range shows: linear, unless the ranges lie orders of magnitude
+    apart (log; symlog when some are ≤ 0). Returns the scale's name."""
+    widths = highs - lows
+    span = float(highs.max() - lows.min())
+    narrowest = float(widths[widths > 0].min()) if (widths > 0).any() else 0.0
+    if span <= 0 or narrowest * LOG_SCALE_RATIO >= span:
+        return "linear"
+    if lows.min() > 0:
+        ax.set_yscale("log")
+        return "log"
+    # zero or negative values too: linear within the smallest magnitude that matters, log beyond
+    magnitudes = np.abs(np.concatenate([lows, highs]))
+    threshold = max(float(magnitudes[magnitudes > 0].min()) if (magnitudes > 0).any() else 1.0, narrowest, 1e-6)
+    ax.set_yscale("symlog", linthresh=threshold)
+    return "symlog"
+
+
 def _intensity_panel(ax: Any, fp: Mapping[str, Any], channel: str, name: str) -> None:
+    """Each case's foreground intensities, sorted by median: 0.5-99.5 % bar, min-max line, median dot."""
+    cases = _case_intensities(fp, channel)
+    if not cases:
+        _pooled_intensity_panel(ax, fp, channel, name)
+        return
+    cases.sort(key=lambda item: (float(item[1]["median"]), item[0]))
+    x = np.arange(1, len(cases) + 1)
+    low = np.array([float(s["percentile_00_5"]) for _, s in cases])
+    high = np.array([float(s["percentile_99_5"]) for _, s in cases])
+    median = np.array([float(s["median"]) for _, s in cases])
+    lo_all = np.array([float(s.get("min", s["percentile_00_5"])) for _, s in cases])
+    hi_all = np.array([float(s.get("max", s["percentile_99_5"])) for _, s in cases])
+    scale = _intensity_scale(ax, low, high)
+    width = float(np.clip(200.0 / len(cases), 1.0, 8.0))  # points: bars thin out for many cases
+    ax.vlines(x, lo_all, hi_all, color="0.55", linewidth=max(width / 4, 0.6))
+    ax.vlines(x, low, high, color="tab:blue", linewidth=width)
+    ax.scatter(x, median, s=max(width, 3.0) ** 2 / 2, color="tab:red", zorder=3)
+    # the limits hold every case's 0.5-99.5 % bar; a far outlying voxel's min-max line may leave them
+    if scale == "linear":
+        margin = 0.05 * float(high.max() - low.min()) or 1.0
+        ax.set_ylim(float(low.min()) - margin, float(high.max()) + margin)
+    elif scale == "log":
+        ax.set_ylim(float(low.min()) / 1.5, float(high.max()) * 1.5)
+    limits = ax.get_ylim()
+    stats = (fp.get("foreground_intensity_per_channel") or {}).get(channel) or {}
+    pooled = False
+    for key in ("percentile_00_5", "percentile_99_5"):
+        if key in stats and (scale != "log" or float(stats[key]) > 0):
+            ax.axhline(float(stats[key]), color="0.3", linestyle=":", linewidth=1)
+            pooled = True
+    ax.set_ylim(limits)  # the pooled percentiles never stretch the axis
+    ax.set_xlim(0.4, len(cases) + 0.6)
+    # what the marks mean, under the axis (a legend inside it would cover cases)
+    key_text = "blue bar: 0.5-99.5 %, grey line: min-max, red dot: median"
+    if pooled:
+        key_text += "\ndotted: 0.5 / 99.5 % of all cases' voxels"
+    if len(cases) <= CASE_LABELS_UP_TO:
+        ax.set_xticks(x, [case for case, _ in cases], rotation=90, fontsize=7)
+        ax.set_xlabel(f"case, sorted by median intensity\n{key_text}", fontsize=8)
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{len(cases)} cases, sorted by median intensity\n{key_text}", fontsize=8)
+    ax.set_ylabel("foreground intensity" + {"log": " (log scale)", "symlog": " (symmetric log scale)"}.get(scale, ""))
+    ax.grid(axis="y", alpha=0.3)
+    title = f"channel {channel} ({name}): foreground intensity per case"
+    if median.min() > 0 and median.max() / median.min() >= 10:
+        title += (
+            f"\nmedians from {_intensity(median.min())} to {_intensity(median.max())}"
+            f" (×{median.max() / median.min():,.0f})"
+        )
+    ax.set_title(title)
+
+
+def _intensity(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def _pooled_intensity_panel(ax: Any, fp: Mapping[str, Any], channel: str, name: str) -> None:
+    """The pooled foreground histogram of a fingerprint without per-case intensities."""
     stats = (fp.get("foreground_intensity_per_channel") or {}).get(channel) or {}
     title = f"channel {channel} ({name}): foreground intensity"
     hist = stats.get("histogram")
@@ -331,6 +438,24 @@ def write_dataset_report(
     key = report_key(fingerprint, plan)
     if not force and png_text(target).get(REPORT_KEY_FIELD) == key:
         return target
+    from ..io.atomic import atomic_path
+
+    fig = dataset_report_figure(fingerprint, plan)
+    with atomic_path(target, ext=".png") as tmp:
+        fig.savefig(
+            tmp,
+            format="png",
+            metadata={
+                "Software": None,
+                "Title": f"segpipe dataset report: {fingerprint.get('dataset', '')}",
+                REPORT_KEY_FIELD: key,
+            },
+        )
+    return target
+
+
+def dataset_report_figure(fingerprint: Mapping[str, Any], plan: Plan | None = None) -> Any:
+    """The :class:`matplotlib.figure.Figure` of ``dataset_report.png`` (see :func:`write_dataset_report`)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -338,7 +463,6 @@ def write_dataset_report(
             "matplotlib is not installed, so dataset_report.png cannot be drawn",
             hint="install it (`pip install matplotlib`, a segpipe dependency) and rerun `segpipe plan`",
         ) from None
-    from ..io.atomic import atomic_path
 
     fp = fingerprint
     channels = [
@@ -349,42 +473,46 @@ def write_dataset_report(
     ]
     shown = channels[:MAX_CHANNEL_PANELS]
     ncols = 3
-    rows = 1 + max(1, -(-len(shown) // ncols))
-    width, height = 5.2 * ncols, 4.3 * rows
+    channel_rows = max(1, -(-len(shown) // ncols))
+    # inches: margins 0.85 (top) and 1.6 (bottom); the dataset row's panels 3.0 high, then a gap of
+    # FIRST_GAP_IN; the channel rows' panels 3.2 high with ROW_GAP_IN between them (room for the names
+    # of the cases and the key to the marks)
+    channel_block = CHANNEL_ROW_IN * channel_rows + ROW_GAP_IN * (channel_rows - 1)
+    width, height = 5.2 * ncols, 0.85 + DATASET_ROW_IN + FIRST_GAP_IN + channel_block + 1.6
     fig = Figure(figsize=(width, height), dpi=REPORT_DPI)
-    # fixed margins in inches (a layout engine costs more than the drawing itself)
-    fig.subplots_adjust(
-        left=0.8 / width,
+    # fixed margins in inches (a layout engine costs more than the drawing itself); gaps are given as
+    # fractions of the mean panel height, as matplotlib takes them
+    outer = fig.add_gridspec(
+        2,
+        1,
+        height_ratios=[DATASET_ROW_IN, channel_block],
+        left=1.0 / width,
         right=1 - 0.2 / width,
-        bottom=0.75 / height,
+        bottom=1.6 / height,
         top=1 - 0.85 / height,
-        wspace=0.3,
-        hspace=0.75 / 4.3 * 2,
+        hspace=FIRST_GAP_IN / ((DATASET_ROW_IN + channel_block) / 2),
     )
-    axes = fig.subplots(rows, ncols, squeeze=False)
+    # six columns: the dataset row holds 3 panels; a row of k channel panels gives each 6 / k of them
+    wspace = 0.9  # of a column's width: about 1.3 inches between panels
+    first = outer[0].subgridspec(1, 2 * ncols, wspace=wspace)
+    grid = outer[1].subgridspec(channel_rows, 2 * ncols, wspace=wspace, hspace=ROW_GAP_IN / CHANNEL_ROW_IN)
+    top = [fig.add_subplot(first[0, 2 * i : 2 * i + 2]) for i in range(ncols)]
     rng = np.random.default_rng(0)  # fixed jitter: the same fingerprint draws the same picture
-    _spacing_panel(axes[0][0], fp, plan, rng)
-    _size_panel(axes[0][1], fp, rng)
-    _class_panel(axes[0][2], fp, rng)
-    flat = [ax for row in axes[1:] for ax in row]
-    for ax, (channel, name) in zip(flat, shown):
-        _intensity_panel(ax, fp, channel, name)
-    if not shown:
-        _empty(flat[0], "foreground intensity", "no channels in the fingerprint")
-        shown = [("", "")]
-    for ax in flat[len(shown) :]:
-        ax.set_axis_off()
+    _spacing_panel(top[0], fp, plan, rng)
+    _size_panel(top[1], fp, rng)
+    _class_panel(top[2], fp, rng)
+    panels = [(channel, name) for channel, name in shown] or [("", "")]
+    for r in range(channel_rows):
+        row = panels[r * ncols : (r + 1) * ncols]
+        span = 2 * ncols // len(row)
+        for i, (channel, name) in enumerate(row):
+            ax = fig.add_subplot(grid[r, i * span : (i + 1) * span])
+            if shown:
+                _intensity_panel(ax, fp, channel, name)
+                ax.title.set_fontsize(10 if span < 3 else 12)  # three to a row: long titles fit
+            else:
+                _empty(ax, "foreground intensity", "no channels in the fingerprint")
     n = fp.get("num_cases", len(fp.get("cases") or []))
     more = f" (first {len(shown)} of {len(channels)} channels shown)" if len(channels) > len(shown) else ""
     fig.suptitle(f"{fp.get('dataset', 'dataset')}: {n} labelled cases{more}", fontsize=13, y=1 - 0.15 / height)
-    with atomic_path(target, ext=".png") as tmp:
-        fig.savefig(
-            tmp,
-            format="png",
-            metadata={
-                "Software": None,
-                "Title": f"segpipe dataset report: {fp.get('dataset', '')}",
-                REPORT_KEY_FIELD: key,
-            },
-        )
-    return target
+    return fig

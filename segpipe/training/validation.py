@@ -110,7 +110,7 @@ def load_probabilities(out_dir: str | os.PathLike[str], case_id: str, *, mmap: b
     if not path.is_file():
         raise StateError(
             f"{path}: no saved probabilities for case {case_id}",
-            hint="run the fold's final validation with save_probabilities=True",
+            hint="train the fold to its end (its final validation keeps them): segpipe train fold=K",
         )
     try:
         return np.load(path, mmap_mode="r" if mmap else None)

@@ -19,8 +19,8 @@ Choosing the series (:func:`read_dicom` options):
   case-insensitive regular expression searched in the SeriesDescription (``"re:^t1(?!.*reg)"``);
   ``modality``: e.g. ``"CT"`` (case-insensitive glob).
 * Without a selector the only image series present is read; several candidates are an error
-  that lists them (UID, modality, description, size, files). :func:`describe_dicom` shows the
-  same list (``segpipe info FOLDER``).
+  in one line naming how many, their descriptions and how to choose (``series=``);
+  :func:`describe_dicom` lists them (UID, modality, description, size, files: ``segpipe info FOLDER``).
 
 Validation, computed from ImagePositionPatient / ImageOrientationPatient / PixelSpacing (the
 per-frame and shared functional groups for enhanced and legacy-converted multi-frame objects),
@@ -31,7 +31,8 @@ never from optional tags alone. Slices are sorted by their position along the sl
    (cosines within 1e-3) and the same pixel spacing (0.1 %); the pixel spacing is positive and
    the orientation is two unit vectors at a right angle;
 2. slice positions are unique (else *duplicate positions*: several volumes in one series);
-3. one slice is a single-slice volume; two slices are refused unless ``allow_few_slices=True``;
+3. one slice is a single-slice volume (one without position and PixelSpacing, an ultrasound
+   image say, gets 1 mm pixels and a warning); two slices are refused unless ``allow_few_slices=True``;
 4. every slice origin lies on the line through the first one along ``n``: an in-plane offset of
    more than 0.1 pixel between slices is a *gantry tilt* (detected geometrically; the tilt tag
    is not needed). Refused unless ``allow_gantry_tilt=True``, which resamples (linearly) onto a
@@ -46,7 +47,8 @@ never from optional tags alone. Slices are sorted by their position along the sl
 Pixel data are decoded by pydicom's handlers (GDCM / pylibjpeg / pyjpegls: JPEG baseline and
 lossless, JPEG-LS, JPEG 2000, RLE; 12-bit JPEG Extended needs pylibjpeg-libjpeg). pydicom's log
 messages and warnings are silenced while reading; a decoding failure is one
-:class:`~segpipe.errors.DicomError` naming the file, the transfer syntax and the decoder to install.
+:class:`~segpipe.errors.DicomError` naming the file, the transfer syntax and the decoder to install
+(a vendor's private syntax, which no decoder reads: how to convert the series).
 Rescale slope/intercept (per file or per frame) is applied:
 float32 output when any slope/intercept is not integral, else an integer dtype wide enough
 (the stored dtype, int16, int32 or int64, the first that holds the data). RGB data give three

@@ -27,10 +27,38 @@ _DECODER_ADVICE: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+#: roots of the vendors' own UIDs, to say whose private transfer syntax a file uses
+_VENDOR_UID_ROOTS = {"1.3.46.670589.": "Philips", "1.2.840.113619.": "GE", "1.3.12.2.1107.5.": "Siemens"}
+
+
+def _is_transfer_syntax(ts: Any) -> bool:
+    """Whether ``ts`` is a transfer syntax of the DICOM standard (pydicom's UID dictionary)."""
+    from pydicom.uid import UID
+
+    try:
+        return bool(UID(str(ts)).is_transfer_syntax)
+    except Exception:  # noqa: BLE001 - a malformed UID is no transfer syntax either
+        return False
+
+
+def _private_syntax_failure(path: Path, ts: Any) -> DicomError:
+    """One-line error for pixel data in a transfer syntax outside the DICOM standard (a vendor's own)."""
+    uid = str(ts)
+    vendor = next((name for root, name in _VENDOR_UID_ROOTS.items() if uid.startswith(root)), None)
+    what = f"a private {vendor} syntax" if vendor else "not a transfer syntax of the DICOM standard"
+    return DicomError(
+        f"{path}: cannot decode pixel data stored in transfer syntax {uid} ({what})",
+        hint="convert the series to a standard transfer syntax with the vendor's DICOM tools, or export it "
+        "uncompressed (explicit VR little endian) from the scanner or PACS",
+    )
+
+
 def _decode_failure(path: Path, ds: Any, exc: BaseException) -> DicomError:
     """One-line error for pixel data that cannot be decoded: the file, the syntax, why, and what to do."""
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is not None and not _is_transfer_syntax(ts):
+        return _private_syntax_failure(path, ts)
     bits = ds.get("BitsStored") if ds is not None else None
     plugins, packages = _DECODER_ADVICE.get(str(ts), ((), "")) if ts is not None else ((), "")
     text = str(exc)

@@ -13,7 +13,7 @@ from ...geometry import Geometry
 from .discovery import _REPORTED, DicomSeries, _scan
 from .headers import _short_error
 from .pixels import _apply_rescale, _decode, _resample
-from .selection import _select, choose_series
+from .selection import _select, choose_series, log
 from .validation import DEFAULT_SPACING_TOLERANCE, plan_series
 
 READ_OPTIONS = (
@@ -26,17 +26,23 @@ READ_OPTIONS = (
 )
 
 
-def _problem(series: DicomSeries) -> str | None:
-    """Why the series cannot be read as it is (None when it can); never raises."""
+def _assess(series: DicomSeries) -> tuple[str | None, list[str]]:
+    """Why the series cannot be read as it is (None when it can), and what reading it would
+    assume (warnings); never raises."""
     try:
-        plan_series(
+        plan = plan_series(
             series, Path(series.folder), allow_uneven_spacing=False, allow_few_slices=False, allow_gantry_tilt=False
         )
     except DicomError as exc:
-        return exc.message.split(": ", 1)[-1]
+        return exc.message.split(": ", 1)[-1], []
     except Exception as exc:  # a listing describes every series it can and reports the others
-        return f"cannot be described ({_short_error(exc)})"
-    return None
+        return f"cannot be described ({_short_error(exc)})", []
+    return None, list(plan.warnings)
+
+
+def _problem(series: DicomSeries) -> str | None:
+    """Why the series cannot be read as it is (None when it can); never raises."""
+    return _assess(series)[0]
 
 
 def describe_dicom(
@@ -52,7 +58,8 @@ def describe_dicom(
       remaining tags) and warnings (list of strings);
     * ``skipped``: counts of skipped files by category; ``skipped_reasons``: one human-readable
       line per category with examples (file and why), for printing;
-    * ``warnings``: human-readable warnings about the listing (synthetic series);
+    * ``warnings``: human-readable warnings about the listing (synthetic series) and about what
+      reading a series would assume (no PixelSpacing: 1 mm);
     * ``chosen``: the UID that :func:`read_dicom` would read with this ``series``/``modality``
       selection, or None, and ``choice_problem``: why none can be chosen.
 
@@ -63,7 +70,7 @@ def describe_dicom(
     items = []
     warnings_: list[str] = []
     for s in scan.series:
-        problem = _problem(s) if s.kind in ("image", "secondary-capture") else None
+        problem, assumed = _assess(s) if s.kind in ("image", "secondary-capture") else (None, [])
         sizes = sorted({(f.rows, f.cols) for f in s.frames})
         items.append(
             {
@@ -81,10 +88,10 @@ def describe_dicom(
                 "readable": s.kind in ("image", "secondary-capture") and problem is None,
                 "problem": problem,
                 "synthetic": s.synthetic,
-                "warnings": list(s.warnings),
+                "warnings": [*s.warnings, *assumed],
             }
         )
-        warnings_.extend(s.warnings)
+        warnings_.extend([*s.warnings, *assumed])
     _REPORTED.update(warnings_)  # shown in the listing: reading the series does not log them again
     chosen, reason = None, None
     try:
@@ -185,6 +192,10 @@ def read_dicom(
         allow_gantry_tilt=allow_gantry_tilt,
         spacing_tolerance=spacing_tolerance,
     )
+    for warning in plan.warnings:  # what the grid assumes, said once per process (or by the listing)
+        if warning not in _REPORTED:
+            _REPORTED.add(warning)
+            log.warning("%s", warning)
     data = _apply_rescale(_decode(plan, where), plan.frames)
     data = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
     if plan.resample:

@@ -15,6 +15,8 @@ log = logging.getLogger("segpipe.io.dicom")  # one logger for the package, as na
 
 
 REGEX_PREFIX = "re:"
+#: descriptions named in the one-line refusal of several series (more are elided)
+MAX_NAMED_SERIES = 4
 
 
 def _matches(pattern: str, text: str) -> bool:
@@ -72,10 +74,22 @@ def choose_series(
         if series is not None and not series.startswith(REGEX_PREFIX) and not any(ch in series for ch in "*?["):
             hint += f" (a glob matches the whole description: try series='*{series}*', or 're:{series}' for a regex)"
         raise DicomError(f"{where}: {what} (found: {listing}{skipped})", hint=hint)
-    names = "; ".join(s.label() for s in pool)
+    # One short line: the count, their descriptions (the words series= takes) and how to choose;
+    # the full listing (UIDs, sizes, folders) is a table of its own, `segpipe info`'s.
+    descriptions = list(dict.fromkeys(s.description for s in pool if s.description))
+    shown = ", ".join(f"'{d}'" for d in descriptions[:MAX_NAMED_SERIES])
+    if len(descriptions) > MAX_NAMED_SERIES:
+        shown += ", …"
+    example = (
+        f"series='{descriptions[0]}'"
+        if descriptions and sum(s.description == descriptions[0] for s in pool) == 1
+        else f"series={pool[0].uid}"
+    )
     raise DicomError(
-        f"{where}: {len(pool)} image series{' match ' + wanted if wanted else ''}: {names}",
-        hint="select one with series=UID, a description glob or 're:REGEX' (and/or modality=...)",
+        f"{where}: {len(pool)} image series{' match ' + wanted if wanted else ''}"
+        f"{f' ({shown})' if shown else ''}; choose one with series=",
+        hint=f"e.g. {example}: series= takes a SeriesInstanceUID, a description glob or 're:REGEX' "
+        f"(modality=... narrows the choice); `segpipe info {where}` lists them",
     )
 
 

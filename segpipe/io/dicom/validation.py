@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ class ReadPlan:
     t: np.ndarray  # positions along the normal (mm), ascending
     uv: np.ndarray  # in-plane offsets of each slice from the first (columns, rows) in pixels
     resample: bool
+    warnings: list[str] = field(default_factory=list)  # what the grid assumes that the headers do not say
 
 
 def _fmt(values: Any) -> str:
@@ -102,6 +103,12 @@ def plan_series(
     if len(frames) == 1 and frames[0].position is None:
         f = frames[0]
         ps = f.pixel_spacing or (1.0, 1.0)
+        assumed = []
+        if f.pixel_spacing is None:  # ultrasound and screen captures often have none
+            assumed.append(
+                f"{f.path}: no PixelSpacing ({series.modality or 'unknown modality'}): the pixel spacing is unknown "
+                "and 1 mm is assumed, so sizes and volumes are in pixels, not millimetres"
+            )
         iop = f.orientation if f.orientation is not None else np.array([1.0, 0, 0, 0, 1.0, 0])
         r, c = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
         geometry = grid(
@@ -110,7 +117,7 @@ def plan_series(
             (0.0, 0.0, 0.0),
             tuple(np.column_stack([r, c, np.cross(r, c)]).ravel()),
         )
-        return ReadPlan(frames, geometry, np.zeros(1), np.zeros((1, 2)), False)
+        return ReadPlan(frames, geometry, np.zeros(1), np.zeros((1, 2)), False, assumed)
     missing = [f.path.name for f in frames if f.position is None or f.orientation is None]
     if missing:
         raise fail(

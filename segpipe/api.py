@@ -486,7 +486,7 @@ def export(
     ``{"model", "members", "postprocessing"}``.
     """
     from .inference import export_model, workspace_model
-    from .inference.model import parse_configs, parse_folds
+    from .inference.model import export_warnings, parse_configs, parse_folds
     from .planning import load_plan
     from .workspace import find_dataset
 
@@ -503,7 +503,11 @@ def export(
         checkpoint=str(cfg.infer.checkpoint),
     )
     out = export_model(model, output, overwrite=overwrite)
+    warnings = export_warnings(model)
+    for warning in warnings:  # also in the model card, under "Before use"
+        logging.getLogger("segpipe").warning(f"{out}: {warning}")
     return {
+        "warnings": warnings,
         "model": str(out),
         "dataset": dws.name,
         "members": [

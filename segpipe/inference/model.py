@@ -19,6 +19,7 @@ file it names lies inside the folder, and each weight file's SHA-256; weights lo
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -45,6 +46,7 @@ __all__ = [
     "Member",
     "Model",
     "export_model",
+    "export_warnings",
     "load_model_folder",
     "workspace_model",
 ]
@@ -69,6 +71,8 @@ class Member:
     validation_dice: float | None = None
     #: SHA-256 of the weight file when already known (a model folder's record); else computed on load
     sha256: str | None = None
+    #: how the network was trained (see :func:`training_record`), when known
+    training: dict[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -151,6 +155,62 @@ def _validation_dice(run_dir: Path) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+#: a member whose cross-validation Dice is below this is exported with a warning: it may not be trained enough
+LOW_VALIDATION_DICE = 0.5
+
+
+def training_record(run_dir: Path, plan: Plan, configuration: str, fold: str, dws: Any) -> dict[str, Any]:
+    """What a model card says of one trained run: epochs done and planned (and whether the schedule
+    ended), the budget, the training and validation cases, the spacing and the training time."""
+    record: dict[str, Any] = {"spacing_mm": list(plan.config(configuration).spacing)}
+    try:
+        settings = json.loads((run_dir / "settings.json").read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        settings = {}
+    record["epochs_planned"] = settings.get("epochs")
+    record["iterations_per_epoch"] = settings.get("iterations_per_epoch")
+    record["max_time"] = settings.get("max_time")
+    try:
+        with open(run_dir / "metrics.csv", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        rows = []
+    record["epochs_done"] = len(rows)
+    seconds = [float(r["seconds"]) for r in rows if r.get("seconds") not in (None, "")]
+    record["training_seconds"] = round(sum(seconds), 1) if seconds else None
+    record["finished"] = (run_dir / "final.pt").is_file()
+    try:
+        from ..data.splits import fold_cases
+
+        splits = json.loads(Path(dws.splits_path).read_text(encoding="utf-8"))
+        train, val = fold_cases(splits, fold)
+        record["training_cases"], record["validation_cases"] = len(train), len(val)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        pass
+    return record
+
+
+def export_warnings(model: Model) -> list[str]:
+    """What a user should know before sharing ``model``: members with a low cross-validation Dice,
+    or whose training stopped before its schedule's end."""
+    out = []
+    for m in model.members:
+        name = f"{m.configuration} fold {m.fold}"
+        if m.validation_dice is not None and m.validation_dice < LOW_VALIDATION_DICE:
+            out.append(
+                f"{name}: validation Dice {m.validation_dice:.3f} (below {LOW_VALIDATION_DICE}): "
+                "it may be trained too little for use"
+            )
+        t = m.training or {}
+        if t and not t.get("finished"):
+            out.append(
+                f"{name}: its training did not reach the end of its schedule ({t.get('epochs_done')} epochs done)"
+            )
+        elif t.get("epochs_planned") and not t.get("max_time") and (t.get("epochs_done") or 0) < t["epochs_planned"]:
+            out.append(f"{name}: trained {t.get('epochs_done')} of {t['epochs_planned']} planned epochs")
+    return out
+
+
 def workspace_model(
     dws: Any,
     plan: Plan,
@@ -175,7 +235,15 @@ def workspace_model(
             run_dir = runs / name / f"fold_{fold}"
             weights = run_dir / f"{checkpoint}.pt"
             if weights.is_file():
-                found.setdefault(name, []).append(Member(name, fold, weights, _validation_dice(run_dir)))
+                found.setdefault(name, []).append(
+                    Member(
+                        name,
+                        fold,
+                        weights,
+                        _validation_dice(run_dir),
+                        training=training_record(run_dir, plan, name, fold, dws),
+                    )
+                )
     if not found:
         unfinished = (
             sorted({str(p.parent.relative_to(runs)) for p in runs.glob("*/fold_*/last*.pt")}) if runs.is_dir() else []
@@ -252,6 +320,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
 def _model_card(info: Mapping[str, Any]) -> str:
     labels = ", ".join(f"{k} {v}" for k, v in info["labels"].items())
     channels = ", ".join(f"{k} {v}" for k, v in info["channel_names"].items())
@@ -263,12 +337,29 @@ def _model_card(info: Mapping[str, Any]) -> str:
         "Use it with `segpipe infer INPUT -m THIS_FOLDER` or, in Python,",
         "`segpipe.Predictor.from_model('THIS_FOLDER').predict('image.nii.gz')`.",
         "",
-        "| configuration | fold | validation Dice (foreground mean) |",
-        "| --- | --- | --- |",
+        "| configuration | fold | validation Dice (foreground mean) | epochs | training / validation cases "
+        "| spacing (mm) | training time |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m in info["members"]:
         dice = "n/a" if m.get("validation_dice") is None else f"{m['validation_dice']:.4f}"
-        lines.append(f"| {m['configuration']} | {m['fold']} | {dice} |")
+        t = m.get("training") or {}
+        epochs = "n/a"
+        if t.get("epochs_done") is not None:
+            epochs = f"{t['epochs_done']} of {t.get('epochs_planned', '?')}" + (
+                f" × {t['iterations_per_epoch']} iterations" if t.get("iterations_per_epoch") else ""
+            )
+            if t.get("max_time"):
+                epochs += f" (budget {t['max_time']})"
+            if not t.get("finished", True):
+                epochs += ", unfinished"
+        cases = f"{t['training_cases']} / {t['validation_cases']}" if t.get("training_cases") is not None else "n/a"
+        spacing = " × ".join(f"{v:g}" for v in t["spacing_mm"]) if t.get("spacing_mm") else "n/a"
+        took = _duration(t["training_seconds"]) if t.get("training_seconds") else "n/a"
+        lines.append(f"| {m['configuration']} | {m['fold']} | {dice} | {epochs} | {cases} | {spacing} | {took} |")
+    warnings = info.get("warnings") or []
+    if warnings:
+        lines += ["", "**Before use:**", "", *(f"- {w}" for w in warnings)]
     post = info["postprocessing"]["largest_component"]
     lines += [
         "",
@@ -335,6 +426,7 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
                     "file": rel.as_posix(),
                     "sha256": file_sha256(tmp / rel),
                     "validation_dice": m.validation_dice,
+                    **({"training": m.training} if m.training else {}),
                 }
             )
         post = check_postprocessing(model.postprocessing, model.plan.num_classes)
@@ -349,6 +441,7 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
             "postprocessing": post,
             # every other file the model reads, checksummed as the weights are
             "files": {name: file_sha256(tmp / name) for name in CHECKSUMMED_FILES},
+            "warnings": export_warnings(model),
             "versions": _versions(),
         }
         write_json(tmp / MODEL_FILE, info)
@@ -468,7 +561,10 @@ def load_model_folder(path: str | os.PathLike[str]) -> Model:
                 hint="copy the model folder again from its source",
             )
         dice = entry.get("validation_dice")
-        members.append(Member(config, fold, file, float(dice) if isinstance(dice, (int, float)) else None, digest))
+        training = entry.get("training") if isinstance(entry.get("training"), dict) else None
+        members.append(
+            Member(config, fold, file, float(dice) if isinstance(dice, (int, float)) else None, digest, training)
+        )
     post_path = files.get(POSTPROCESSING_FILE)
     decision = (
         read_json(post_path, what="post-processing decision", hint="export the model again")

@@ -276,3 +276,27 @@ def test_infer_export_and_evaluate_never_change_an_input_file(
         for path in [data, work, *data.rglob("*"), *work.rglob("*")]:
             path.chmod(path.stat().st_mode | 0o200)
     capsys.readouterr()
+
+
+def test_export_records_how_each_network_was_trained_and_warns_of_a_weak_or_unfinished_one(
+    trained: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`export` writes each network's epochs, training and validation cases, spacing and training time into `model.json` and the model card, and warns (terminal and card) when its validation Dice is low or its training stopped before the end."""
+    work = tmp_path / "work"
+    shutil.copytree(trained["work"], work)
+    with caplog.at_level(logging.WARNING, logger="segpipe"):
+        result = segpipe.export(output=tmp_path / "model", work_dir=work)
+    info = json.loads((tmp_path / "model" / "model.json").read_text())
+    record = info["members"][0]["training"]
+    assert record["epochs_done"] == 1 and record["epochs_planned"] == 1 and record["finished"] is True
+    assert (record["training_cases"], record["validation_cases"]) == (4, 1)
+    assert record["spacing_mm"] == [6.0, 3.0, 3.0] and record["training_seconds"] > 0
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "| 1 of 1 × 2 iterations | 4 / 1 | 6 × 3 × 3 |" in card, card
+    # two iterations of training: a low validation Dice, said on the terminal and in the card
+    assert any("validation Dice" in w and "trained too little" in w for w in result["warnings"]), result
+    assert "trained too little" in caplog.text and "Before use" in card
+    # an unfinished run exported from its best weights: said too
+    next(work.glob("*/runs/3d_fullres/fold_0/final.pt")).unlink()
+    result = segpipe.export(output=tmp_path / "unfinished", work_dir=work, checkpoint="best")
+    assert any("did not reach the end of its schedule" in w for w in result["warnings"]), result

@@ -286,7 +286,9 @@ def train(*, log: Any = None, overwrite: bool = False, started: float | None = N
     """
     import time
 
+    from .config import given_settings
     from .preprocessing import Cache
+    from .training.optim import budget_defaults
     from .workspace import dataset_lock
 
     started = time.perf_counter() if started is None else float(started)
@@ -318,9 +320,21 @@ def train(*, log: Any = None, overwrite: bool = False, started: float | None = N
         if changed:  # the cache holds what was preprocessed; the warning says the sources moved on
             logging.getLogger("segpipe").warning(changed)
     train_group = {k: v for k, v in to_container(cfg.train).items() if k != "fold"}
+    optim = to_container(cfg.optim)
+    changes, line = budget_defaults(
+        max_time=cfg.train.max_time,
+        device=str(cfg.train.device),
+        given=given_settings("train", settings),
+        plan_batch=the_plan.config(name).batch_size,
+    )
+    if line:
+        train_group["batch_size"] = changes.get("batch_size", train_group["batch_size"])
+        optim["schedule_interval"] = changes.get("schedule_interval", optim["schedule_interval"])
+        if log:
+            log(line)
     fit_settings = {
         **train_group,
-        "optim": to_container(cfg.optim),
+        "optim": optim,
         "loss": to_container(cfg.loss),
         "trainer": to_container(cfg.trainer),
         "num_workers": cfg.num_workers,

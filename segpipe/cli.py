@@ -30,6 +30,7 @@ from .errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PREEMPTED,
+    EXIT_STATE,
     EXIT_USAGE,
     SegpipeError,
     StateError,
@@ -487,6 +488,8 @@ def cmd_infer(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -
     source = _one_path("infer", paths, "input")
     res = api.infer(source, output=ns.output, model=ns.model, overwrite=ns.overwrite, log=log.info, **given)
     code = EXIT_DATA if res["failed"] else EXIT_OK
+    if any(f.get("out_of_memory") for f in res["failed"]):
+        code = EXIT_STATE  # out of memory: the machine, not the data
     if res.get("rank"):  # another process of a distributed batch: process 0 speaks for the whole batch
         return code, _QUIET, ""
     lines = [

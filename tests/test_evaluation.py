@@ -334,7 +334,7 @@ def test_folder_refusals(tmp_path):
     # a missing prediction
     bad.unlink()
     with pytest.raises(DataError, match=r"no prediction for 1 of 2 reference case\(s\): case_b"):
-        evaluate_folders(pred_dir, ref_dir)
+        evaluate_folders(pred_dir, ref_dir, strict=True)
     # a prediction without a reference
     write_image(bad, pred_b, GEO)
     write_image(pred_dir / "case_c.nii.gz", pred_b, GEO)

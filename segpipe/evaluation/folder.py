@@ -2,7 +2,8 @@
 
 :func:`evaluate_folders` pairs the files by case id (the file name without ``.nii.gz``, ``.nii``,
 ``.nrrd``, ``.nhdr``, ``.mha`` or ``.mhd``), refuses predictions that are not on their reference's
-voxel grid, and scores every case and class:
+voxel grid or have no reference, and scores every case predicted and class (references without a
+prediction are named in a warning and in ``summary.json``, or refused with ``strict``):
 
 * **Dice** with nnU-Net's rules (:mod:`segpipe.evaluation.metrics`): NaN when reference and
   prediction are both empty, left out of the means;
@@ -15,7 +16,11 @@ voxel grid, and scores every case and class:
 
 Voxels whose reference holds ``ignore_label`` count for no class. The classes are the keys of
 ``labels`` when given, else every value found in the references (predicted values no reference
-holds are not scored).
+holds are not scored). The classes' names come from ``labels``; without it, from the
+``dataset.json`` of the references' dataset (in the references' folder or the one above it, as for
+an MSD or nnU-Net dataset's ``labelsTr/`` and ``labelsTs/``), else from the reports ``segpipe infer``
+wrote beside the predictions (``<case>.json``). Names found so only name the classes; they never
+change which classes are scored.
 
 Written into ``out_dir`` (default: the prediction folder), each file atomically:
 
@@ -26,9 +31,12 @@ Written into ``out_dir`` (default: the prediction folder), each file atomically:
   ``null`` for NaN;
 * ``dice_boxplot.png``: per foreground class, a box plot of the cases' Dice and, below, of HD95;
 * on request (``qc_image_dir``, the cases' images), ``qc/<case>.png``: three slices along the
-  slowest array axis through the reference's foreground (the prediction's when the reference is
-  empty), the image in grey, reference and prediction contours in two colours. Slices are shown in
-  array order (rows y, columns x), with their physical aspect ratio, without reorientation.
+  slowest array axis (axis 0, z) through the reference's foreground (the prediction's when the
+  reference is empty), each titled with its axis and index (from 0), the image in grey, and per
+  class its own colour (the same class keeps its colour in every case): the reference's contour
+  wide and translucent, the prediction's dashed. A legend names the classes; the title gives the case's
+  Dice per class. Slices are shown in array order (rows y, columns x), with their physical aspect
+  ratio, without reorientation.
 
 An HD95 of a case where exactly one of reference and prediction is empty is the diagonal of the
 image's extent, so a missed structure weighs on the HD95 mean instead of vanishing from it.
@@ -76,8 +84,23 @@ VOLUMES = ("volume_ref_ml", "volume_pred_ml")
 FIELDS = METRICS + COUNTS + VOLUMES
 LISTED = 5  # case ids named in a message before "and N more"
 IMAGE_CHANNEL_SUFFIX = "_0000"  # nnU-Net's name of a case's first image channel
-REF_COLOUR, PRED_COLOUR = "#33dd55", "#ff3355"
+#: QC contour colours, class 1 first (class c gets entry (c - 1) mod 10): bright on a grey image
+CLASS_COLOURS = (
+    "#ff3355",
+    "#33dd55",
+    "#3399ff",
+    "#ffcc00",
+    "#ff66ff",
+    "#00e5e5",
+    "#ff8800",
+    "#aa77ff",
+    "#aaff33",
+    "#ffaaaa",
+)
+#: QC contours: the reference wide and translucent, the prediction thin and dashed on top of it
+REF_WIDTH, REF_ALPHA, PRED_WIDTH = 3.4, 0.45, 1.4
 PNG_DPI = 100
+DATASET_JSON = "dataset.json"
 
 Record = dict[str, float]
 
@@ -202,6 +225,40 @@ def _label_names(labels: Mapping[Any, Any] | None) -> dict[int, str] | None:
     return out
 
 
+def _names_beside(ref_folder: Path, pred_folder: Path, cases: Sequence[str]) -> dict[int, str]:
+    """Class names when none were given: the ``dataset.json`` of the references' dataset (in their folder
+    or the one above it), else a ``segpipe infer`` report beside a prediction; ``{}`` when neither names
+    them. Only names: what is scored does not depend on them."""
+    for folder in (ref_folder, ref_folder.parent):
+        path = folder / DATASET_JSON
+        names = _names_in(path, "labels")
+        if names:
+            log.debug("class names from %s", path)
+            return names
+    for case in cases[:LISTED]:
+        names = _names_in(pred_folder / f"{case}.json", "labels")
+        if names:
+            return names
+    return {}
+
+
+def _names_in(path: Path, key: str) -> dict[int, str]:
+    """``{class: name}`` from the ``key`` mapping of a JSON file; ``{}`` when it has none or is unreadable."""
+    import json
+
+    try:
+        content = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    labels = content.get(key) if isinstance(content, dict) else None
+    if not isinstance(labels, dict):
+        return {}
+    try:
+        return _label_names(labels) or {}
+    except UsageError:  # not a plain {value: name} mapping (e.g. region labels): no names from it
+        return {}
+
+
 # ============================================================================ metrics
 def _empty_record() -> Record:
     rec: Record = {k: math.nan for k in METRICS}
@@ -266,18 +323,23 @@ def evaluate_folders(
     tolerance_mm: float | Mapping[int, float] = DEFAULT_TOLERANCE_MM,
     out_dir: str | os.PathLike[str] | None = None,
     qc_image_dir: str | os.PathLike[str] | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Score every prediction in ``pred_dir`` against its reference in ``ref_dir``; returns the summary.
 
     ``labels``: ``{class: name}`` (or dataset.json's ``{name: class}``), the classes to score (default:
-    every value found in the references). ``ignore_label``: the reference value of unlabelled voxels.
+    every value found in the references, named after the references' ``dataset.json`` when one is found,
+    see the module's docstring). ``ignore_label``: the reference value of unlabelled voxels.
     ``tolerance_mm``: the NSD tolerance, 1 mm by default, one number or ``{class: mm}`` (classes not
     named keep 1 mm). ``out_dir``: where ``evaluation.csv``, ``summary.json`` and ``dice_boxplot.png``
     go (default ``pred_dir``). ``qc_image_dir``: the cases' images, to draw ``qc/<case>.png`` overlays.
 
-    Refused, naming the case and the files: a reference without a prediction, a prediction without a
-    reference, a prediction off its reference's voxel grid, a label map that is not integer-valued.
-    See the module's docstring for the files and the rules.
+    Refused, naming the case and the files: a prediction without a reference, a prediction off its
+    reference's voxel grid, a label map that is not integer-valued, and with ``strict`` a reference
+    without a prediction. Without ``strict`` (``segpipe evaluate``'s default, nnU-Net's ``-chill``)
+    the cases predicted are scored, with a warning naming how many references have no prediction;
+    the summary lists them (``missing_predictions``). See the module's docstring for the files and
+    the rules.
     """
     pred_folder = _folder(pred_dir, "prediction")
     ref_folder = _folder(ref_dir, "reference")
@@ -289,17 +351,28 @@ def evaluate_folders(
             hint="give the folder of the reference label maps (e.g. the dataset's labelsTr)",
         )
     missing = [c for c in refs if c not in preds]
-    if missing:
+    if missing and (strict or len(missing) == len(refs)):
         raise DataError(
             f"{pred_folder}: no prediction for {len(missing)} of {len(refs)} reference case(s): {_listing(missing)}",
             hint=f"predict every case (a file named after the case id, e.g. {missing[0]}.nii.gz), or evaluate "
-            "against a reference folder holding only the predicted cases",
+            "against a reference folder holding only the predicted cases"
+            + ("" if len(missing) == len(refs) else " (or without strict=true, to score the cases predicted)"),
         )
     extra = [c for c in preds if c not in refs]
     if extra:
         raise DataError(
             f"{pred_folder}: {len(extra)} prediction(s) have no reference in {ref_folder}: {_listing(extra)}",
             hint="name predictions after their reference files' case ids, or remove the extra predictions",
+        )
+    if missing:
+        log.warning(
+            "%s: no prediction for %d of %d reference case(s): %s; scoring the %d predicted case(s) "
+            "(strict=true refuses instead)",
+            pred_folder,
+            len(missing),
+            len(refs),
+            _listing(missing),
+            len(refs) - len(missing),
         )
     names = _label_names(labels)
     ignore = None if ignore_label is None else int(ignore_label)
@@ -316,7 +389,8 @@ def evaluate_folders(
                 f"tolerance_mm names class(es) {unknown} that labels does not list ({sorted(names)})",
                 hint="give tolerances for the listed classes only",
             )
-    cases = sorted(refs)
+    cases = sorted(c for c in refs if c in preds)
+    shown_names = names if names is not None else _names_beside(ref_folder, pred_folder, cases)
     out = Path(out_dir) if out_dir is not None else pred_folder
     images = _image_files(_folder(qc_image_dir, "image"), cases) if qc_image_dir is not None else {}
 
@@ -342,7 +416,8 @@ def evaluate_folders(
         tolerances = {c: overrides.get(c, default_tol) for c in case_classes}
         results[case] = _score_case(pred, ref, ref_geo.spacing, case_classes, tolerances, ignore)
         if case in images:
-            _write_qc(out / QC_FOLDER / f"{case}.png", case, images[case], ref, pred, ref_geo, case_classes, ignore)
+            qc = out / QC_FOLDER / f"{case}.png"
+            _write_qc(qc, case, images[case], ref, pred, ref_geo, results[case], shown_names, ignore)
     classes = sorted(names) if names is not None else sorted(found)
     if names is None:
         unknown = sorted(set(overrides) - set(classes))
@@ -351,10 +426,10 @@ def evaluate_folders(
     for case in cases:
         results[case] = {c: results[case].get(c) or _empty_record() for c in classes}
 
-    summary = _summary(cases, classes, names or {}, results, refs, preds, overrides, default_tol, ignore)
-    _write_csv(out / CSV_FILE, cases, classes, names or {}, results)
+    summary = _summary(cases, classes, shown_names, results, refs, preds, overrides, default_tol, ignore, missing)
+    _write_csv(out / CSV_FILE, cases, classes, shown_names, results)
     write_json(out / SUMMARY_FILE, summary)
-    _write_boxplot(out / BOXPLOT_FILE, cases, classes, names or {}, results)
+    _write_boxplot(out / BOXPLOT_FILE, cases, classes, shown_names, results)
     return summary
 
 
@@ -368,6 +443,7 @@ def _summary(
     overrides: Mapping[int, float],
     default_tol: float,
     ignore_label: int | None,
+    missing: Sequence[str] = (),
 ) -> dict[str, Any]:
     means = {c: {k: _nanmean([results[case][c][k] for case in cases]) for k in FIELDS} for c in classes}
     foreground = [c for c in classes if c != BACKGROUND]
@@ -387,6 +463,7 @@ def _summary(
         "ignore_label": ignore_label,
         "tolerance_mm": {str(c): overrides.get(c, default_tol) for c in foreground},
         "n_cases": len(cases),
+        "missing_predictions": [{"case": case, "reference_file": str(refs[case])} for case in missing],
     }
 
 
@@ -477,6 +554,15 @@ def _qc_slices(mask: np.ndarray) -> list[int]:
     return [(lo + centre) // 2, centre, (centre + hi + 1) // 2]
 
 
+def _class_colour(c: int) -> str:
+    return CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]
+
+
+def _dice_text(c: int, record: Record | None, names: Mapping[int, str]) -> str:
+    dice = math.nan if record is None else record["Dice"]
+    return f"{_class_name(c, names)} {'n/a' if math.isnan(dice) else f'{dice:.3f}'}"
+
+
 def _write_qc(
     path: Path,
     case: str,
@@ -484,12 +570,11 @@ def _write_qc(
     ref: np.ndarray,
     pred: np.ndarray,
     ref_geo: Geometry,
-    classes: Sequence[int],
+    records: Mapping[int, Record],
+    names: Mapping[int, str],
     ignore_label: int | None,
 ) -> Path:
-    """``qc/<case>.png``: three slices of the image with the reference's and the prediction's contours."""
-    from matplotlib.lines import Line2D
-
+    """``qc/<case>.png``: three slices of the image with each class's reference and prediction contours."""
     image, geo = read_image(image_path)
     diffs = geo.differences(ref_geo, names=("image", "reference"))
     if diffs:
@@ -497,34 +582,69 @@ def _write_qc(
             f"case {case}: the image {image_path} is not on the voxel grid of its reference ({'; '.join(diffs)})",
             hint="give the images the references were drawn on (qc_image_dir)",
         )
-    volume = image[0]
-    foreground = [c for c in classes if c not in (BACKGROUND, ignore_label)]
+    fig = _qc_figure(case, image[0], ref, pred, ref_geo.spacing, records, names, ignore_label)
+    return _save(fig, path, f"segpipe QC {case}")
+
+
+def _qc_figure(
+    case: str,
+    volume: np.ndarray,
+    ref: np.ndarray,
+    pred: np.ndarray,
+    spacing: Sequence[float],
+    records: Mapping[int, Record],
+    names: Mapping[int, str],
+    ignore_label: int | None,
+) -> Any:
+    """The QC figure of one case (see the module's docstring); ``records`` are its scores per class."""
+    from matplotlib.lines import Line2D
+
+    foreground = [c for c in sorted(records) if c not in (BACKGROUND, ignore_label)]
     ref_fg = np.isin(ref, foreground)
     slices = _qc_slices(ref_fg if ref_fg.any() else np.isin(pred, foreground))
     shown = volume[slices].astype(np.float32)
     lo, hi = (float(v) for v in np.percentile(shown, [0.5, 99.5]))
-    fig = _figure(12.0, 4.6)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.1, wspace=0.04)
-    aspect = ref_geo.spacing[1] / ref_geo.spacing[2]
+    fig = _figure(12.0, 4.9)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.84, bottom=0.15, wspace=0.04)
+    aspect = spacing[1] / spacing[2]
     ny, nx = volume.shape[1:]
     ys, xs = np.arange(-1, ny + 1), np.arange(-1, nx + 1)
     for ax, z, plane in zip(fig.subplots(1, 3), slices, shown):
         ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, aspect=aspect, interpolation="nearest")
-        # the reference drawn wider, so it shows beside the prediction where the two coincide; masks padded
-        # with background so a structure touching the image's edge gets a closed contour
-        for labels, colour, width in ((ref, REF_COLOUR, 2.2), (pred, PRED_COLOUR, 1.0)):
+        # each class in its colour: the reference wide and translucent, so it shows beside the dashed
+        # prediction where the two coincide; masks padded with background so a structure touching the
+        # image's edge gets a closed contour
+        for labels, style in (
+            (ref, {"linewidths": REF_WIDTH, "alpha": REF_ALPHA}),
+            (pred, {"linewidths": PRED_WIDTH, "linestyles": "--"}),
+        ):
             for c in foreground:
                 mask = np.pad(labels[z] == c, 1).astype(np.float32)
                 if mask.any():
-                    ax.contour(xs, ys, mask, levels=[0.5], colors=[colour], linewidths=width)
+                    ax.contour(xs, ys, mask, levels=[0.5], colors=[_class_colour(c)], **style)
         ax.set_xlim(-0.5, nx - 0.5)
         ax.set_ylim(ny - 0.5, -0.5)
-        ax.set_title(f"slice {z} of {volume.shape[0]}", fontsize=9)
+        ax.set_title(f"axis 0 (z), slice {z} of {volume.shape[0]}", fontsize=9)
         ax.set_axis_off()
     handles = [
-        Line2D([], [], color=REF_COLOUR, linewidth=2.2, label="reference"),
-        Line2D([], [], color=PRED_COLOUR, label="prediction"),
+        Line2D([], [], color=_class_colour(c), linewidth=REF_WIDTH, label=_class_name(c, names)) for c in foreground
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False)
-    fig.suptitle(case)
-    return _save(fig, path, f"segpipe QC {case}")
+    handles += [
+        Line2D([], [], color="0.55", linewidth=REF_WIDTH, alpha=REF_ALPHA, label="reference"),
+        Line2D([], [], color="0.55", linewidth=PRED_WIDTH, linestyle="--", label="prediction"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False, fontsize=9)
+    fig.text(
+        0.99,
+        0.005,
+        "slices of array axis 0 (z), indices from 0; rows y, columns x",
+        ha="right",
+        va="bottom",
+        fontsize=7,
+        color="0.4",
+    )
+    dice = ", ".join(_dice_text(c, records.get(c), names) for c in foreground)
+    foreground_dice = [records[c]["Dice"] for c in foreground if not math.isnan(records[c]["Dice"])]
+    mean = f" (mean {sum(foreground_dice) / len(foreground_dice):.3f})" if len(foreground_dice) > 1 else ""
+    fig.suptitle(f"{case}\nDice {dice}{mean}" if foreground else case, fontsize=11)
+    return fig

@@ -11,12 +11,14 @@ map on the input's own grid; ``format=nrrd|mha`` too), for a DICOM series also `
 (a DICOM-SEG referencing the source series, one segment per class), ``<case>.json`` (volume per class in mL,
 the model, the options, versions and timings) and, on request, ``<case>_probabilities.npy``
 (float16 [K, Z, Y, X] on the same grid). Every file is written atomically and the report last, so
-a case counts as finished only when its report exists and names the same model and options: a
-re-run (after a kill, say) skips finished cases and redoes the rest; ``overwrite`` redoes all. A
-case that cannot be read or segmented is reported and skipped; the others go on, and the result
-lists the failures (the CLI's exit code is then non-zero). With ``trainer=ddp devices=N`` the
-cases are shared out among several processes, each written by one of them
-(:mod:`segpipe.inference.distributed`); the files and the summary are the same.
+a case counts as finished only when its report exists, names the same model and options, and every
+file it names is there: a re-run (after a kill, say) skips finished cases and redoes the rest;
+``overwrite`` redoes all. A case's outputs are all or nothing: a case that cannot be read, segmented
+or written (a DICOM-SEG its series' headers cannot give, say) is reported with its fix and leaves
+none of its files; the others go on, and the result lists the failures (the CLI's exit code is then
+non-zero). A full or read-only disk stops a one-process batch instead, since every later case would fail
+too. With ``trainer=ddp devices=N`` the cases are shared out among several processes, each written
+by one of them (:mod:`segpipe.inference.distributed`); the files and the summary are the same.
 """
 
 from __future__ import annotations
@@ -171,13 +173,17 @@ def default_output_dir(path: str | os.PathLike[str]) -> Path:
 
 
 def _report_matches(report_path: Path, label_path: Path, identity: dict[str, Any]) -> bool:
+    """Whether a case is finished: its report names ``identity`` and every file it names is there."""
     if not (report_path.is_file() and label_path.is_file()):
         return False
     try:
         report = read_json(report_path, what="prediction report", hint="segment the case again", expect=None)
     except Exception:  # noqa: BLE001 - an unreadable report means the case is redone
         return False
-    return isinstance(report, dict) and report.get("format") == REPORT_FORMAT and report.get("identity") == identity
+    if not (isinstance(report, dict) and report.get("format") == REPORT_FORMAT and report.get("identity") == identity):
+        return False
+    named = [report.get(key) for key in ("label_map", "dicom_seg", "probabilities")]
+    return all((report_path.parent / name).is_file() for name in named if isinstance(name, str) and name)
 
 
 def _report(
@@ -208,16 +214,18 @@ def _is_dicom_case(case: InputCase) -> bool:
 
 
 def _write_seg(path: Path, pred: Prediction, case: InputCase, predictor: Predictor) -> dict[str, Any]:
-    """The DICOM-SEG of a DICOM case beside its label map; a series it cannot describe is noted, not failed."""
-    from ..errors import DicomError
-    from ..io.dicom_seg import write_dicom_seg
+    """The DICOM-SEG of a DICOM case beside its label map. A series segpipe writes no DICOM-SEG for
+    (resampled when read, multi-frame, without SeriesInstanceUID or FrameOfReferenceUID) is noted in
+    the report and in a warning with its fix; any other error (headers a DICOM-SEG cannot be made
+    from) is raised: the case fails."""
+    from ..io.dicom_seg import SegNotSupported, write_dicom_seg
 
     try:
         write_dicom_seg(path, pred.label, case.sources[0], pred.labels, dicom_options=predictor.dicom)
-    except DicomError as exc:
+    except SegNotSupported as exc:
         path.unlink(missing_ok=True)
-        log.warning("%s: no DICOM-SEG: %s", case.id, exc.message)
-        return {"dicom_seg": None, "dicom_seg_skipped": exc.message}
+        log.warning("%s: no DICOM-SEG: %s%s", case.id, exc.message, f" (fix: {exc.hint})" if exc.hint else "")
+        return {"dicom_seg": None, "dicom_seg_skipped": exc.message, "dicom_seg_fix": exc.hint}
     return {"dicom_seg": path.name}
 
 
@@ -264,10 +272,12 @@ def segment_case(
     stop_on: frozenset[int] | None = None,
 ) -> CaseOutcome:
     """Segment one case into ``out`` (a :func:`prepare_output` folder): skip it when its report
-    already names ``identity``; otherwise write its files atomically, the report (with
-    ``report_extra``) last. A case that cannot be read or segmented leaves no file behind; a write
-    error whose errno is in ``stop_on`` (default :data:`STOP_ERRNOS`: a full or read-only disk) is
-    raised, naming the file, instead of failing this case alone."""
+    already names ``identity`` (and the files it names are there); otherwise write its files
+    atomically, the report (with ``report_extra``) last. Its outputs are all or nothing: any error
+    while reading, segmenting or writing it fails this case alone (reported with a fix) and leaves
+    none of its files, and so does an interruption (then raised); a write error whose errno is in
+    ``stop_on`` (default :data:`STOP_ERRNOS`: a full or read-only disk) is raised, naming the file,
+    instead of failing this case alone."""
     ext = OUTPUT_FORMATS[fmt]
     label_path = out / f"{case.id}{ext}"
     report_path = out / f"{case.id}.json"
@@ -293,20 +303,39 @@ def segment_case(
         write_json(report_path, _report(case, pred, label_path, identity, extra))
     except SegpipeError as exc:
         failure = {"case": case.id, "error": exc.message, "hint": exc.hint}
-        log.error("%s: %s%s", case.id, exc.message, f" (fix: {exc.hint})" if exc.hint else "")
-    except (MemoryError, OSError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # whatever else goes wrong with this case is its failure alone; the batch goes on
         if isinstance(exc, OSError) and exc.errno in (STOP_ERRNOS if stop_on is None else stop_on):
             remove_partial()  # every later case would fail too: stop here
             if exc.filename is None:  # numpy, json and torch writers leave it out
                 exc.filename = str(out / case.id)
             raise
-        failure = {"case": case.id, "error": f"{type(exc).__name__}: {exc}", "hint": None}
-        log.error("%s: %s: %s", case.id, type(exc).__name__, exc)
+        failure = {"case": case.id, "error": _one_line(exc), "hint": _unexpected_hint(exc)}
+        if isinstance(exc, MemoryError):  # the machine's state, not the data: the batch ends with exit 4
+            failure["out_of_memory"] = True
         log.debug("%s", traceback.format_exc())
+    except BaseException:  # Ctrl-C, a termination: none of the case's files stays to be taken as its result
+        remove_partial()
+        raise
     else:
         return CaseOutcome(case.id, "written", f"{pred.seconds:.1f} s")
     remove_partial()
+    log.error("%s: %s%s", case.id, failure["error"], f" (fix: {failure['hint']})" if failure["hint"] else "")
     return CaseOutcome(case.id, "failed", "failed", failure)
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an error segpipe did not foresee."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _unexpected_hint(exc: BaseException) -> str:
+    """What to do about an error segpipe did not foresee, by its kind."""
+    if isinstance(exc, MemoryError):
+        return "free memory, or pass fewer windows at a time (batch_size=1), and run the same command again"
+    if isinstance(exc, OSError):
+        return "check the file it names (permissions, the disk) and run the same command again"
+    return "rerun this case with --debug and report the traceback; the other cases are not affected"
 
 
 #: write errors that no later case escapes: the batch stops (exit 4) instead of failing case after case

@@ -1,4 +1,4 @@
-"""DICOM-SEG (binary, fractional and label-map SEG) as a label source.
+"""DICOM-SEG (binary, fractional and label-map SEG) as a label source, and segpipe's own as output.
 
 :func:`read_dicom_seg` turns the segments of a SEG object into one label map on the grid of
 the image it belongs to:
@@ -18,12 +18,21 @@ the image it belongs to:
   must name a segment (typos are errors, not silently empty labels).
 * Voxels claimed by segments mapped to different labels are an error unless ``priority`` orders
   them: a list of label values or segment labels, highest priority first.
+
+:func:`write_dicom_seg` writes a label map on a DICOM series' grid as a binary SEG referencing that
+series (highdicom). Type 2 patient and study attributes an anonymised series lacks are written
+empty; headers a SEG cannot be made from are a :class:`~segpipe.errors.DicomError` naming the
+series and the attribute; a series whose slices do not match its frames one to one, or without
+SeriesInstanceUID or FrameOfReferenceUID, gets no SEG (:class:`SegNotSupported`: its label map
+describes it alone).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +267,122 @@ def _priority_order(
 ANATOMICAL_STRUCTURE = ("91723000", "SCT", "Anatomical Structure")
 #: the algorithm family of segpipe's segments (DICOM CID 7162 "Artificial Intelligence")
 ARTIFICIAL_INTELLIGENCE = ("123110", "DCM", "Artificial Intelligence")
+#: attributes of each source slice that a DICOM-SEG copies or references and that must hold a value
+#: (type 1). A series whose slices all lack SeriesInstanceUID (read as a synthetic series) or
+#: FrameOfReferenceUID (both often removed by anonymisation) gets no SEG but is segmented as usual.
+REQUIRED_SOURCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "Modality")
+#: type 2 attributes of the Patient and General Study modules that a DICOM-SEG copies from its source:
+#: anonymised series often lack them, and the standard lets them be present with an empty value, which
+#: is how the SEG holds them then
+TYPE_2_PATIENT_STUDY_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+    "StudyID",
+)
+#: the other way to a segmentation of a series whose headers a DICOM-SEG cannot be made from
+_NIFTI_INSTEAD = "or convert the series to NIfTI and segment that"
+
+
+class SegNotSupported(DicomError):
+    """A source series segpipe writes no DICOM-SEG for (slices resampled when read, a multi-frame
+    series, no SeriesInstanceUID or FrameOfReferenceUID): its label map describes it alone."""
+
+
+@contextlib.contextmanager
+def _quiet_highdicom() -> Iterator[None]:
+    """highdicom's progress messages (each copied module) stay out of segpipe's log; its warnings stay in."""
+    logger = logging.getLogger("highdicom")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _slices_without(sources: list[Any], frames: list[Any], attribute: str) -> list[str]:
+    """Names of the source files whose ``attribute`` is missing or empty."""
+    return [Path(f.path).name for ds, f in zip(sources, frames) if not str(ds.get(attribute, "") or "").strip()]
+
+
+def _which(names: list[str], total: int) -> str:
+    return f"all {total} slices" if len(names) == total else f"{len(names)} of {total} slices ({names[0]}, …)"
+
+
+def _check_sources(source: str | os.PathLike[str], sources: list[Any], frames: list[Any], slice_step_mm: float) -> None:
+    """Refuse source headers a DICOM-SEG cannot be made from, naming the attribute, the slices and the fix.
+    Fill in, in memory only (the source files stay as they are), what an anonymised or stripped series
+    may lack: its type 2 patient and study attributes, empty; its SliceThickness (type 2 too, but the
+    SEG's pixel measures need a value), the step between its slices, which is what a voxel of the
+    label map spans."""
+    if _slices_without(sources, frames, "SeriesInstanceUID"):
+        raise SegNotSupported(
+            f"{source}: the slices have no SeriesInstanceUID (read as a synthetic series), which a DICOM-SEG "
+            "must reference; no DICOM-SEG is written for it",
+            hint="use the label map, or give the series' files one SeriesInstanceUID to get a DICOM-SEG",
+        )
+    if len(_slices_without(sources, frames, "FrameOfReferenceUID")) == len(sources):
+        raise SegNotSupported(
+            f"{source}: the slices have no FrameOfReferenceUID (anonymisation often removes it), which a "
+            "DICOM-SEG must share with the images it segments; no DICOM-SEG is written for it",
+            hint="use the label map, or give the series' files one FrameOfReferenceUID to get a DICOM-SEG",
+        )
+    for attribute in REQUIRED_SOURCE_ATTRIBUTES:
+        lacking = _slices_without(sources, frames, attribute)
+        if lacking:
+            raise DicomError(
+                f"{source}: {_which(lacking, len(sources))} have no {attribute} (missing or empty), which a "
+                "DICOM-SEG needs from the series it segments",
+                hint=f"give the series' files their {attribute}, {_NIFTI_INSTEAD}",
+            )
+    try:
+        from highdicom._standard_utils import get_sop_class_iod_map
+    except ImportError:  # pragma: no cover - another highdicom layout: its own error names the class
+        known = None
+    else:
+        known = get_sop_class_iod_map()
+    if known is not None:
+        for sop_class in sorted({str(ds.SOPClassUID) for ds in sources}):
+            if sop_class not in known:
+                lacking = [Path(f.path).name for ds, f in zip(sources, frames) if str(ds.SOPClassUID) == sop_class]
+                raise DicomError(
+                    f"{source}: {_which(lacking, len(sources))} have SOPClassUID {sop_class}, not a standard "
+                    "image storage class a DICOM-SEG can reference",
+                    hint=f"give the series' files the SOPClassUID of their image type (CT Image Storage is "
+                    f"1.2.840.10008.5.1.4.1.1.2, MR Image Storage 1.2.840.10008.5.1.4.1.1.4), {_NIFTI_INSTEAD}",
+                )
+    for ds in sources:
+        for attribute in TYPE_2_PATIENT_STUDY_ATTRIBUTES:
+            if attribute not in ds:
+                setattr(ds, attribute, None)  # present and empty, as a type 2 attribute may be
+        if not str(ds.get("SliceThickness", "") or "").strip():
+            ds.SliceThickness = f"{slice_step_mm:.6g}"
+
+
+def _character_set(sources: list[Any]) -> Any:
+    """The DICOM-SEG's SpecificCharacterSet: the source's, except that one code-extension term alone
+    (``ISO 2022 IR 13``, which some scanners write) becomes its plain equivalent (``ISO_IR 13``): with
+    a single value no escape sequence may switch sets, so both encode the same bytes, and highdicom
+    takes code-extension terms only among several values."""
+    from highdicom.enum import SpecificCharacterSetValues
+
+    value = sources[0].get("SpecificCharacterSet")
+    values = [value] if isinstance(value, str) else list(value or [])
+    prefix = "ISO 2022 IR "
+    if len(values) == 1 and str(values[0]).startswith(prefix):
+        number = str(values[0])[len(prefix) :]
+        if number == "6":
+            return None  # the default repertoire (ASCII): no SpecificCharacterSet
+        plain = f"ISO_IR {number}"
+        if plain in {v.value for v in SpecificCharacterSetValues}:
+            return plain
+    return value
 
 
 def write_dicom_seg(
@@ -276,9 +401,13 @@ def write_dicom_seg(
 
     Each foreground value of ``labels`` (1..K-1, named) is one segment with that number; empty
     frames are left out. Slice ``z`` of ``label`` is the source frame the reader put there, so a
-    series the reader resampled (uneven spacing, gantry tilt) or a multi-frame source has no
-    frame-to-slice match and is refused (the NIfTI label map still describes it). Written
-    atomically.
+    series the reader resampled (uneven spacing, gantry tilt), a multi-frame source or a series
+    without SeriesInstanceUID or FrameOfReferenceUID has no DICOM-SEG (:class:`SegNotSupported`; the
+    label map still describes it). Type 2 patient and study attributes the source lacks (an anonymised
+    series without PatientBirthDate, say) are written empty, as the standard allows, and a missing
+    SliceThickness is taken as the step between slices; source headers a DICOM-SEG
+    cannot be made from (an empty SOPClassUID, no StudyInstanceUID, a value highdicom refuses) are a
+    :class:`~segpipe.errors.DicomError` naming the series and the attribute. Written atomically.
     """
     import highdicom as hd
     import pydicom
@@ -290,15 +419,15 @@ def write_dicom_seg(
     target = Path(path)
     frames, geometry, resampled = dicom_source_frames(source, **(dicom_options or {}))
     if resampled:
-        raise DicomError(
+        raise SegNotSupported(
             f"{source}: the series was resampled when read (uneven spacing or gantry tilt), so its slices do not "
             "match the source frames one to one; no DICOM-SEG is written for it",
-            hint="use the NIfTI label map, which lies on the resampled grid",
+            hint="use the label map, which lies on the resampled grid",
         )
     if any(f.index is not None for f in frames) or len({f.path for f in frames}) != len(frames):
-        raise DicomError(
+        raise SegNotSupported(
             f"{source}: a multi-frame source series; DICOM-SEG output is written for single-frame series only",
-            hint="use the NIfTI label map",
+            hint="use the label map",
         )
     lab = np.asarray(label)
     if tuple(lab.shape) != tuple(geometry.shape):
@@ -308,47 +437,67 @@ def write_dicom_seg(
         raise UsageError(f"segment values must be 1..N without gaps, got {values}")
     if lab.size and int(lab.max()) > len(values):
         raise UsageError(f"the label map holds value {int(lab.max())}, beyond the {len(values)} named segments")
+    sources = []
     with _quiet_pydicom():
-        sources = [pydicom.dcmread(str(f.path), stop_before_pixels=True) for f in frames]
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="segpipe",
-        version=software_version or __version__,
-        family=hd.sr.CodedConcept(*ARTIFICIAL_INTELLIGENCE),
-    )
-    structure = hd.sr.CodedConcept(*ANATOMICAL_STRUCTURE)
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=v,
-            segment_label=str(labels[v])[:64],
-            segmented_property_category=structure,
-            segmented_property_type=structure,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-        )
-        for v in values
-    ]
-    dtype = np.uint8 if len(values) < 256 else np.uint16
+        for f in frames:
+            try:
+                sources.append(pydicom.dcmread(str(f.path), stop_before_pixels=True))
+            except Exception as exc:  # anything pydicom raises: the file changed since it was read
+                raise DicomError(
+                    f"{source}: cannot read the header of {f.path} again to write the DICOM-SEG ({_short_error(exc)})",
+                    hint="leave the series' files unchanged while segpipe runs, and run the same command again",
+                ) from None
+    _check_sources(source, sources, frames, float(geometry.spacing[0]))
     try:
-        seg = hd.seg.Segmentation(
-            source_images=sources,
-            pixel_array=lab.astype(dtype, copy=False),
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(),
-            series_number=int(series_number),
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="segpipe",
-            manufacturer_model_name="segpipe",
-            software_versions=software_version or __version__,
-            device_serial_number="segpipe",
-            series_description=series_description,
-        )
-    except (ValueError, TypeError, AttributeError) as exc:
+        with _quiet_pydicom(), _quiet_highdicom():
+            algorithm = hd.AlgorithmIdentificationSequence(
+                name="segpipe",
+                version=software_version or __version__,
+                family=hd.sr.CodedConcept(*ARTIFICIAL_INTELLIGENCE),
+            )
+            structure = hd.sr.CodedConcept(*ANATOMICAL_STRUCTURE)
+            descriptions = [
+                hd.seg.SegmentDescription(
+                    segment_number=v,
+                    segment_label=str(labels[v])[:64],
+                    segmented_property_category=structure,
+                    segmented_property_type=structure,
+                    algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                    algorithm_identification=algorithm,
+                )
+                for v in values
+            ]
+            dtype = np.uint8 if len(values) < 256 else np.uint16
+            seg = hd.seg.Segmentation(
+                source_images=sources,
+                pixel_array=lab.astype(dtype, copy=False),
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions,
+                series_instance_uid=hd.UID(),
+                series_number=int(series_number),
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                manufacturer="segpipe",
+                manufacturer_model_name="segpipe",
+                software_versions=software_version or __version__,
+                device_serial_number="segpipe",
+                series_description=series_description,
+                specific_character_set=_character_set(sources),
+            )
+    except Exception as exc:  # whatever highdicom raises about a header value it refuses
         raise DicomError(
-            f"{source}: cannot build a DICOM-SEG for this series ({_short_error(exc)})",
-            hint="use the NIfTI label map",
+            f"{source}: cannot make a DICOM-SEG from the series' headers ({_short_error(exc)})",
+            hint=f"correct that value in the series' files, {_NIFTI_INSTEAD}",
         ) from None
     with atomic_path(target, ext=".dcm") as tmp:
-        seg.save_as(str(tmp))
+        try:
+            with _quiet_pydicom():
+                seg.save_as(str(tmp))
+        except OSError:
+            raise  # a full or read-only disk is the batch's concern, not this series'
+        except Exception as exc:  # pydicom refusing to encode a value copied from the source
+            raise DicomError(
+                f"{source}: cannot write the DICOM-SEG of this series ({_short_error(exc)})",
+                hint=f"correct that value in the series' files, {_NIFTI_INSTEAD}",
+            ) from None
     return target

@@ -322,3 +322,46 @@ __all__ = [
     "parse_duration",
     "poly_factor",
 ]
+
+
+# ============================================================================ budget defaults
+#: the batch size a wall-clock budget on a CPU trains with (nnU-Net's minimum batch)
+CPU_BUDGET_BATCH = 2
+
+
+def budget_defaults(
+    *, max_time: Any, device: str, given: Iterable[str], plan_batch: int
+) -> tuple[dict[str, Any], str | None]:
+    """What a wall-clock budget on a CPU changes when the user did not choose it.
+
+    On a CPU a training step costs in proportion to its samples, so under ``max_time`` the plan's
+    batch buys few optimizer steps: with neither ``batch_size`` nor ``schedule_interval`` given
+    the run trains with batch :data:`CPU_BUDGET_BATCH` (when the plan's is larger) and steps the
+    poly schedule per iteration, so that it decays smoothly over the few epochs the budget holds.
+    A GPU, where a step's cost hardly depends on the batch, keeps the plan's settings; so does a
+    run without a budget. Returns ``(settings to change, the line that says so)``.
+    """
+    given = set(given)
+    if max_time is None:
+        return {}, None
+    name = str(device).lower()
+    on_cpu = name == "cpu" or (name == "auto" and not torch.cuda.is_available())
+    if not on_cpu:
+        return {}, None
+    changes: dict[str, Any] = {}
+    said = []
+    if not given & {"batch_size", "train.batch_size"} and int(plan_batch) > CPU_BUDGET_BATCH:
+        changes["batch_size"] = CPU_BUDGET_BATCH
+        said.append(
+            f"batch {CPU_BUDGET_BATCH} (the plan's {plan_batch}: {plan_batch / CPU_BUDGET_BATCH:.1f}x more steps)"
+        )
+    if not given & {"schedule_interval", "optim.schedule_interval"}:
+        changes["schedule_interval"] = "step"
+        said.append("the learning rate decayed per iteration")
+    if not changes:
+        return {}, None
+    line = (
+        f"a {max_time} budget on the CPU: " + " and ".join(said) + " (a CPU step costs in proportion to its batch; "
+        "batch_size= or schedule_interval= choose otherwise)"
+    )
+    return changes, line

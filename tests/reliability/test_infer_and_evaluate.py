@@ -149,7 +149,7 @@ def _rewrite(path: Path, fn: Callable[[np.ndarray], np.ndarray], dtype: type | N
 
 
 #: a bad prediction or reference folder: name -> (how it breaks (prediction folder, reference folder, case file),
-#: words of the error)
+#: words of the error); a missing prediction is refused with strict=true (without it the others are scored)
 BAD_EVALUATIONS: dict[str, tuple[Callable[[Path, Path, str], None], str]] = {
     "missing_prediction": (lambda p, r, c: (p / c).unlink(), "no prediction for 1 of 2"),
     "prediction_without_reference": (lambda p, r, c: shutil.copy(p / c, p / "stray.nii.gz"), "stray"),
@@ -168,7 +168,7 @@ BAD_EVALUATIONS: dict[str, tuple[Callable[[Path, Path, str], None], str]] = {
 def test_evaluate_refuses_a_bad_prediction_or_reference_naming_the_case_and_file(
     name: str, tiny_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A missing, stray, off-grid, non-integer, NaN or truncated prediction, or an empty reference file: one error, no tables."""
+    """A missing (with `strict=true`), stray, off-grid, non-integer, NaN or truncated prediction, or an empty reference file: one error, no tables."""
     breaks, words = BAD_EVALUATIONS[name]
     labels = sorted((tiny_model[1].parents[1] / "labelsTr").glob("*.nii.gz"))[:2]
     pred, ref = tmp_path / "pred", tmp_path / "ref"
@@ -177,7 +177,7 @@ def test_evaluate_refuses_a_bad_prediction_or_reference_naming_the_case_and_file
         for f in labels:
             shutil.copy(f, folder / f.name)
     breaks(pred, ref, labels[0].name)
-    code = cli.main(["evaluate", str(pred), str(ref)])
+    code = cli.main(["evaluate", str(pred), str(ref), *(["strict=true"] if name == "missing_prediction" else [])])
     err = capsys.readouterr().err
     assert code == 3, err
     line = err.strip().splitlines()[0]

@@ -226,3 +226,104 @@ def _command_keys(command: str) -> list[str]:
     from segpipe.config import command_settings
 
     return command_settings(command)
+
+
+def test_a_cpu_budget_chooses_a_small_batch_and_a_per_step_schedule_unless_told_otherwise(
+    planned: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train max_time=…` on a CPU trains with batch 2 and the learning rate decayed per iteration (said in the run's first line, recorded in settings.json); an explicit `batch_size=` or `schedule_interval=` wins, and without a budget the plan's batch stays."""
+    import shutil
+
+    from segpipe.planning import load_plan
+    from segpipe.training.optim import budget_defaults
+
+    data, _work = planned
+    mine = tmp_path / "work"
+    segpipe.plan(
+        data,
+        work_dir=mine,
+        configurations=["3d_fullres"],
+        target_spacing=[6.0, 3.0, 3.0],
+        base_features=4,
+        max_features_3d=16,
+        max_dataset_fraction=1.0,  # a batch above 2 on five cases
+        num_workers=1,
+    )
+    plan_batch = load_plan(next(mine.glob("*/plans.json"))).config("3d_fullres").batch_size
+    assert plan_batch > 2
+    # the rule itself
+    assert budget_defaults(max_time="20m", device="cpu", given=[], plan_batch=7)[0] == {
+        "batch_size": 2,
+        "schedule_interval": "step",
+    }
+    assert budget_defaults(max_time="20m", device="cpu", given=["train.batch_size"], plan_batch=7)[0] == {
+        "schedule_interval": "step"
+    }
+    assert (
+        budget_defaults(max_time="20m", device="cpu", given=["batch_size", "schedule_interval"], plan_batch=7)[0] == {}
+    )
+    assert budget_defaults(max_time=None, device="cpu", given=[], plan_batch=7)[0] == {}
+    # a real run under a budget
+    lines: list[str] = []
+    segpipe.train(
+        work_dir=mine,
+        fold=0,
+        epochs=1,
+        iterations_per_epoch=2,
+        val_batches=1,
+        num_workers=0,
+        max_time="10m",
+        device="cpu",
+        log=lines.append,
+    )
+    assert any("budget on the CPU: batch 2" in line and "per iteration" in line for line in lines), lines
+    saved = json.loads(next(mine.glob("*/runs/3d_fullres/fold_0/settings.json")).read_text())["settings"]
+    assert saved["batch_size"] == 2 and saved["optim"]["schedule_interval"] == "step"
+    # an explicit batch size is kept
+    shutil.rmtree(next(mine.glob("*/runs")))
+    lines.clear()
+    segpipe.train(
+        work_dir=mine,
+        fold=0,
+        epochs=1,
+        iterations_per_epoch=2,
+        val_batches=1,
+        num_workers=0,
+        max_time="10m",
+        device="cpu",
+        batch_size=3,
+        log=lines.append,
+    )
+    saved = json.loads(next(mine.glob("*/runs/3d_fullres/fold_0/settings.json")).read_text())["settings"]
+    assert saved["batch_size"] == 3 and saved["optim"]["schedule_interval"] == "step"
+
+
+def test_a_case_that_runs_out_of_memory_in_infer_ends_the_batch_with_exit_4_and_the_others_written(
+    tiny_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a batch `infer`, a case whose prediction runs out of memory is listed with the allocation and a fix (`batch_size=1`), the other cases are written, and the batch exits 4 (memory), not 3 (bad data)."""
+    import shutil
+
+    from segpipe.inference.predictor import Predictor
+
+    model, good = tiny_model
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    shutil.copy(good, cases / "big.nii.gz")
+    shutil.copy(good, cases / "small.nii.gz")
+    real = Predictor.predict
+
+    def predict(self, source, *args, **kwargs):
+        if kwargs.get("case_id") == "big":
+            raise MemoryError(
+                "Unable to allocate 748. MiB for an array with shape (1, 700, 700, 400) and data type float32"
+            )
+        return real(self, source, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict", predict)
+    code = cli.main(["infer", str(cases), "-o", str(tmp_path / "out"), "-m", str(model), "tta=false", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 4, result
+    assert result["written"] == ["small"] and [f["case"] for f in result["failed"]] == ["big"]
+    assert "748" in result["failed"][0]["error"] and "batch_size=1" in result["failed"][0]["hint"]
+    assert not (tmp_path / "out" / "big.nii.gz").exists()

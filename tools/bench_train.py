@@ -10,7 +10,8 @@ cases of the hippocampus data are the same), on the CPU, in the same run on the 
    ``nnUNet_compile=False nnUNet_n_proc_DA=2``, timed launch to exit (its final full-case
    validation included); its Dice from ``fold_0/validation/summary.json``.
 2. segpipe: ``segpipe plan`` + ``segpipe preprocess`` (not timed), then
-   ``segpipe train fold=0 config=3d_fullres max_time=<nnU-Net's wall seconds> <--segpipe-args>``,
+   ``segpipe train fold=0 config=3d_fullres max_time=<nnU-Net's wall seconds>`` with segpipe's
+   defaults (``--segpipe-args`` adds settings),
    timed launch to exit (its final full-case validation included); its Dice from
    ``runs/3d_fullres/fold_0/validation/summary.json`` (the same summary format as nnU-Net's:
    per-class Dice averaged over the cases, then over the foreground classes).
@@ -45,14 +46,13 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
 REFERENCE_NNUNET = {"wall_s": 1411.0, "foreground_dice": 0.820}
 #: the Dice segpipe must exceed in any case (besides the same-run nnU-Net figure)
 TARGET_DICE = 0.820
-#: segpipe's training settings for this benchmark besides fold, config and max_time: on a CPU a
-#: step costs in proportion to its samples, so batch 2 (nnU-Net's minimum) makes 3.5x more
-#: optimizer steps than the plan's batch 7 in the same time; the poly schedule is stepped per
-#: iteration so that it decays smoothly over the few epochs a budget holds
+#: segpipe's training settings for this benchmark besides fold, config and max_time: none. segpipe's
+#: defaults decide (on a CPU a budget trains with batch 2 and a per-iteration schedule: see
+#: segpipe.training.optim.budget_defaults); --segpipe-args adds settings to compare against them
 #: peak-RSS sampling period of the timed training runs: each sample walks the process tree, which at
 #: bench_plan's 20 ms took about a tenth of a core away from the training being timed
 RSS_INTERVAL = 0.5
-DEFAULT_SEGPIPE_ARGS = ["batch_size=2", "optim.schedule_interval=step"]
+DEFAULT_SEGPIPE_ARGS: list[str] = []
 
 
 def _segpipe_env() -> dict[str, str]:
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--segpipe-args",
         default=" ".join(DEFAULT_SEGPIPE_ARGS),
-        help=f"further segpipe train settings (default: {' '.join(DEFAULT_SEGPIPE_ARGS)!r})",
+        help="further segpipe train settings (default: none, segpipe's defaults)",
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     a = ap.parse_args(argv)

@@ -396,6 +396,7 @@ def generate_demo_data(out: PathLike, *, force: bool = False, seed: int = 0, dic
 def _predictor(model: PathLike | None, cfg: Any, config_value: Any, dataset: PathLike | None) -> Any:
     """The predictor of a model folder (``model``) or of the workspace's trained runs."""
     from .inference import Predictor
+    from .inference.model import CHECKPOINTS
 
     options = {
         "tta": bool(cfg.infer.tta),
@@ -405,6 +406,10 @@ def _predictor(model: PathLike | None, cfg: Any, config_value: Any, dataset: Pat
         "dicom": to_container(cfg.dicom),
     }
     folds = to_container(cfg.infer)["folds"]
+    if str(cfg.infer.checkpoint) not in CHECKPOINTS:  # checked with -m too, where the folder fixed it at export
+        raise UsageError(
+            f"checkpoint={cfg.infer.checkpoint} is not one of {', '.join(CHECKPOINTS)}", hint="checkpoint=final"
+        )
     if model is not None:
         if dataset is not None:
             raise UsageError("give either a model folder (-m) or dataset=NAME of the workspace, not both")

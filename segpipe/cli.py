@@ -80,7 +80,8 @@ EXIT_CODES_HELP = (
     "exit codes: 0 ok, 1 problems found (check), 2 usage (bad arguments or setting), 3 bad input data "
     "(infer: a case could not be segmented), 4 workspace state (missing plan, unwritable work_dir, disk full), "
     "70 internal error (a bug: rerun with --debug and report it), 75 training stopped by SIGUSR1 and saved "
-    "(the same command resumes it), 130 interrupted"
+    "(the same command resumes it), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM (train saves the run first; "
+    "the same command resumes it)"
 )
 
 log = logging.getLogger("segpipe")

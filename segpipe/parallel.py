@@ -10,10 +10,16 @@ each worker and its pipe directly:
 * **A dead worker is an error, at once.** The parent waits on the workers' pipes *and* their
   process sentinels, so a worker that dies (SIGKILL, segfault) raises a one-line
   :class:`~segpipe.errors.StateError` naming the case it was on, with the fix (fewer workers).
-* **Interrupts.** Workers ignore SIGINT (Ctrl-C reaches the whole process group; the parent
-  alone turns it into ``KeyboardInterrupt``), so no worker prints a traceback. On interrupt,
-  error or worker death the parent SIGKILLs the remaining workers explicitly and joins them
-  with a timeout: nothing waits on a worker that will not answer.
+* **Interrupts.** Signals are the parent's to handle (:func:`worker_signals`): workers ignore
+  SIGINT and SIGUSR1 (Ctrl-C reaches the whole process group; the parent alone turns it into
+  ``KeyboardInterrupt``), and a SIGTERM sent to the whole group or job ends a worker only when it
+  comes from its parent, so no worker dies first or prints a traceback. On interrupt, SIGTERM,
+  error or worker death the parent SIGKILLs the remaining workers explicitly and joins them with
+  a timeout: nothing waits on a worker that will not answer. Both signals are blocked only while
+  one worker is forked, so either stops the spawning of a large pool at once.
+* **At most one worker per usable core** (:func:`cap_num_workers`): a larger ``num_workers`` is
+  lowered to the core count with one warning line, since more processes than cores add only
+  memory (each holds its own cases or batches).
 * **Workers die with their parent**: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` on Linux, plus a
   watchdog thread that exits when the parent pid changes (other systems, and the window
   before ``prctl`` took effect).
@@ -56,10 +62,12 @@ R = TypeVar("R")
 __all__ = [
     "DEFAULT_HINT",
     "RemoteTraceback",
+    "cap_num_workers",
     "default_num_workers",
     "parallel_list",
     "parallel_map",
     "resolve_num_workers",
+    "worker_signals",
 ]
 
 log = logging.getLogger("segpipe")
@@ -116,6 +124,25 @@ def resolve_num_workers(num_workers: int | None, n_tasks: int | None = None) -> 
     return workers
 
 
+_capped: set[tuple[int, int]] = set()  # (asked, cores) already said in this process
+
+
+def cap_num_workers(num_workers: int) -> int:
+    """``num_workers`` processes, at most the usable cores (:func:`default_num_workers`).
+
+    Each worker holds its own cases or batches in memory and the cores are all busy already, so
+    more workers than cores only cost memory. A larger number is lowered with one warning line
+    (said once per process for each number asked)."""
+    cores = default_num_workers()
+    asked = int(num_workers)
+    if asked <= cores:
+        return asked
+    if (asked, cores) not in _capped:
+        _capped.add((asked, cores))
+        log.warning(f"num_workers={asked} is more than the {cores} usable CPU cores: using {cores} workers")
+    return cores
+
+
 # ---------------------------------------------------------------------------- worker side
 class RemoteTraceback(Exception):
     """The formatted traceback of an exception raised in a worker (set as its ``__cause__``)."""
@@ -148,6 +175,42 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watchdog, name="segpipe-parent-watchdog", daemon=True).start()
 
 
+def worker_signals(parent_pid: int) -> None:
+    """Signals in a worker process of one of segpipe's pools (this module's, the training loader's),
+    called first thing in the worker.
+
+    The parent handles every signal and stops its pool itself: SIGINT (Ctrl-C reaches the whole
+    process group) and SIGUSR1 (a scheduler's warning, sent to every process of a job) are ignored
+    here. SIGTERM ends the worker at once when the parent sends it (a pool shutting down a worker);
+    sent by anyone else (``kill -TERM -PGID``, a scheduler ending the job) it is left to the parent,
+    which saves what it must and then stops its workers. Where the system cannot tell who sent a
+    signal (no ``sigwaitinfo``), SIGTERM ends the worker. The worker dies with its parent
+    (``PR_SET_PDEATHSIG``, and a watchdog thread).
+    """
+    for name in ("SIGINT", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask"):
+        # blocked in this thread before any other starts, so that every thread of the worker has it
+        # blocked and only sigwaitinfo below receives it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+        def sigterm() -> None:
+            while True:
+                info = signal.sigwaitinfo({signal.SIGTERM})
+                if info.si_pid == parent_pid or os.getppid() != parent_pid:
+                    os._exit(0)
+
+        threading.Thread(target=sigterm, name="segpipe-worker-sigterm", daemon=True).start()
+    else:  # pragma: no cover - not Linux
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _die_with_parent(parent_pid)
+
+
 def _single_threaded() -> None:
     for name in _THREAD_ENV:  # libraries loaded from now on
         os.environ[name] = "1"
@@ -178,10 +241,7 @@ def _worker_main(
     initargs: tuple[Any, ...],
     parent_pid: int,
 ) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    _die_with_parent(parent_pid)
+    worker_signals(parent_pid)  # the parent handles Ctrl-C and SIGTERM; the worker dies with it
     _single_threaded()
     try:
         if initializer is not None:
@@ -219,12 +279,13 @@ def _context() -> Any:
 
 
 @contextlib.contextmanager
-def _sigint_blocked() -> Iterator[None]:
-    """Block SIGINT while forking: a child must not get Ctrl-C before it has set SIG_IGN."""
+def _signals_blocked() -> Iterator[None]:
+    """Block SIGINT and SIGTERM while forking one worker (a child must not get them before it has
+    set its own handling, see :func:`worker_signals`) and while killing the pool."""
     if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
@@ -296,8 +357,8 @@ def _run_pool(
     ctx = _context()
     pool: list[_Worker] = []
     try:
-        with _sigint_blocked():
-            for _ in range(workers):
+        for _ in range(workers):  # a signal between two forks stops the spawning (the finally kills the rest)
+            with _signals_blocked():
                 pool.append(_Worker(ctx, fn, initializer, initargs))
         queue = iter(zip(indices, items, strict=True))
 
@@ -344,7 +405,7 @@ def _run_pool(
         for worker in pool:
             worker.reap(max(0.0, deadline - time.monotonic()))
     finally:  # interrupt, error, dead worker or an abandoned generator: kill, never wait on a worker
-        with _sigint_blocked():  # a second Ctrl-C must not cut the cleanup short (it is delivered after)
+        with _signals_blocked():  # a second Ctrl-C or SIGTERM must not cut the cleanup short (delivered after)
             for worker in pool:
                 worker.kill()
             for worker in pool:
@@ -384,7 +445,7 @@ def parallel_map(
     """
     tasks = list(items)
     name_of = names or (lambda i: f"{unit} {i}")
-    workers = resolve_num_workers(num_workers, len(tasks))
+    workers = cap_num_workers(resolve_num_workers(num_workers, len(tasks)))
     bar = Progress(desc, total=len(tasks), unit=unit, enabled=progress and bool(desc))
     try:
         start = 0

@@ -22,11 +22,12 @@ No other module builds a workspace path: they ask a :class:`Workspace` or a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,8 @@ class Workspace:
             probe.unlink()
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
+            if root.is_dir() and exc.errno == errno.ENOENT:  # /proc and the like: a folder that takes no files
+                reason = "the file system there takes no new files"
             raise StateError(
                 f"work_dir {root} is not writable ({reason})", hint="pass a writable work_dir=PATH or set $SEGPIPE_WORK"
             ) from None
@@ -281,6 +284,47 @@ def dataset_lock(entry: DatasetWorkspace, command: str, *, shared: bool = False)
     command holds it; the lock dies with its process, so a killed command never leaves it held.
     Where the platform has no ``fcntl`` (Windows) nothing is locked.
     """
+    entry.root.mkdir(parents=True, exist_ok=True)
+    with _flock(
+        entry.root / LOCK_FILE,
+        command,
+        shared=shared,
+        busy=lambda holder: StateError(
+            f"{entry.root}: {holder} is using this dataset; `segpipe {command}` cannot run beside it",
+            hint="wait for that command to finish (or stop it), then run this one again",
+        ),
+    ):
+        yield
+
+
+@contextmanager
+def run_lock(run_dir: str | os.PathLike[str], command: str = "train") -> Iterator[None]:
+    """Hold one training run (``runs/<config>/fold_<k>/``) for ``command`` while the block runs.
+
+    One process trains a run at a time: a second one fails at once with a :class:`StateError`
+    naming the command and process that holds it, before it reads or writes anything of the run.
+    The lock file sits beside the run folder (``runs/<config>/.fold_<k>.lock``) and, like the
+    dataset's, dies with its process however it ends.
+    """
+    folder = Path(run_dir)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _flock(
+        folder.parent / f".{folder.name}.lock",
+        command,
+        shared=False,
+        busy=lambda holder: StateError(
+            f"{folder}: {holder} is training this run; a second `segpipe {command}` of it cannot run beside it",
+            hint="wait for that training to finish (or stop it), then run this one again; another fold or "
+            "config= can train meanwhile",
+        ),
+    ):
+        yield
+
+
+@contextmanager
+def _flock(path: Path, command: str, *, shared: bool, busy: Callable[[str], Exception]) -> Iterator[None]:
+    """``flock`` ``path`` (shared or exclusive, never waiting) and record ``command`` and this process
+    in it; ``busy(holder)`` is raised when another process holds it."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on Linux or macOS
@@ -288,18 +332,13 @@ def dataset_lock(entry: DatasetWorkspace, command: str, *, shared: bool = False)
         return
     import time
 
-    entry.root.mkdir(parents=True, exist_ok=True)
-    path = entry.root / LOCK_FILE
     with open(path, "a+", encoding="utf-8") as f:
         try:
             fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another segpipe command"
-            raise StateError(
-                f"{entry.root}: {holder} is using this dataset; `segpipe {command}` cannot run beside it",
-                hint="wait for that command to finish (or stop it), then run this one again",
-            ) from None
+            raise busy(holder) from None
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         f.seek(0)
         f.truncate()

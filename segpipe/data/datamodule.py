@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import StateError, UsageError
-from ..parallel import default_num_workers
+from ..parallel import cap_num_workers, default_num_workers, worker_signals
 from ..preprocessing.cache import Cache
 from .augment import AugmentConfig, Augmenter
 from .sampler import OVERSAMPLE_FOREGROUND, PatchSampler, finish_batch
@@ -24,7 +24,11 @@ def _worker() -> tuple[int, int]:
 
 
 def worker_init(_: int) -> None:
-    """One intra-op thread per loader worker (the workers are the parallelism), as nnU-Net."""
+    """One intra-op thread per loader worker (the workers are the parallelism), as nnU-Net. Signals
+    are the training process's to handle (:func:`~segpipe.parallel.worker_signals`): Ctrl-C or
+    SIGTERM sent to the whole process group lets it save and stop its workers itself, and a worker
+    dies with it."""
+    worker_signals(os.getppid())
     torch.set_num_threads(1)
 
 
@@ -124,7 +128,8 @@ class SegDataModule(_LightningDataModule):
     """Training and validation batches for one configuration and fold.
 
     Training: :class:`TrainStream` through a ``DataLoader`` with ``num_workers`` persistent workers
-    (default: the usable cores), ``pin_memory`` on CUDA; one batch per loader step
+    (default and most: the usable cores, see :func:`~segpipe.parallel.cap_num_workers`; 0 loads in
+    this process), ``pin_memory`` on CUDA; one batch per loader step
     (``batch_size=None``). With ``augment_on_device=True`` the workers only cut patches and the
     augmentation runs on the training device after the transfer (``on_after_batch_transfer``).
     Validation: :class:`ValidationPatches`. ``rank`` / ``world_size``: this process's place in a
@@ -161,7 +166,7 @@ class SegDataModule(_LightningDataModule):
         self.patch_size, self.batch_size = tuple(int(p) for p in patch_size), int(batch_size)
         self.context_slices, self.oversample_foreground = int(context_slices), float(oversample_foreground)
         self.augment_config = augment if augment is not None else AugmentConfig()
-        self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
+        self.num_workers = default_num_workers() if num_workers is None else cap_num_workers(max(0, int(num_workers)))
         self.seed, self.num_val_batches = int(seed), int(num_val_batches)
         self.augment_on_device, self.image_pad, self.label_pad = augment_on_device, image_pad, label_pad
         self.rank, self.world_size = int(rank), max(1, int(world_size))

@@ -20,6 +20,7 @@ file it names lies inside the folder, and each weight file's SHA-256; weights lo
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import logging
@@ -396,12 +397,20 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
             f"{target} exists and is not a segpipe model folder: --overwrite replaces only an earlier export",
             hint="choose a new or empty -o folder",
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
         tmp.mkdir()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise  # said as a full, read-only or forbidden place by the command line
+        raise StateError(
+            f"-o {target}: cannot create the model folder there ({exc.strerror or exc})",
+            hint="choose a writable -o folder",
+        ) from None
+    try:
         save_plan(model.plan, tmp / "plans.json")
         members = []
         for m in model.members:

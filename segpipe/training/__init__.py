@@ -36,6 +36,8 @@ _LAZY = {
     "dice_from_counts": "module",
     "FoldValidation": "runner",
     "RunCheckpoint": "runner",
+    "StopSignals": "runner",
+    "TrainingInterrupted": "runner",
     "fit": "runner",
     "train_settings": "runner",
     "write_reports": "runner",

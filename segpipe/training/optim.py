@@ -84,6 +84,10 @@ def optim_settings(name: str = "sgd", **overrides: Any) -> dict[str, Any]:
                     f"optimizer setting {key}={out[key]!r} is out of range",
                     hint=f"use a finite {'positive' if key == 'lr' else 'non-negative'} number",
                 )
+            if key == "momentum" and value >= 1:  # a momentum of 1 or more makes the steps grow without end
+                raise ConfigError(
+                    f"optimizer setting momentum={out[key]!r} is out of range", hint="a number in [0, 1), e.g. 0.99"
+                )
             out[key] = value
     if str(out["schedule_interval"]) not in SCHEDULE_INTERVALS:
         raise ConfigError(

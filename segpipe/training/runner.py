@@ -25,6 +25,14 @@ Calling :func:`fit` again on the same run folder resumes from ``last.pt`` (weigh
 schedule, epoch, case stream, every RNG state); a finished run returns at once and says so;
 ``overwrite=True`` starts again. With ``deterministic=True`` on the CPU a run interrupted between
 epochs and resumed ends with the same weights, bit for bit, as one that was never interrupted.
+Asked for another number of epochs, a run continues from where it is to that number, the poly
+schedule re-spanned over it from there on; fewer epochs than it has trained are refused.
+
+One process trains a run at a time (:func:`~segpipe.workspace.run_lock`). SIGTERM, Ctrl-C (SIGINT)
+and SIGUSR1 stop it at the end of the iteration in progress (or of the epoch, when they come during
+its validation) after saving it (:class:`StopSignals`): SIGUSR1 returns the run's summary with
+``preempted`` (the CLI exits 75), SIGTERM and SIGINT raise :class:`TrainingInterrupted` (exit 143
+and 130).
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -45,10 +55,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..errors import ConfigError, StateError
+from ..errors import ConfigError, SegpipeError, StateError
 from ..io.atomic import sweep_temporaries, write_text
 from ..io.jsonio import read_json, write_json
+from ..parallel import cap_num_workers, default_num_workers
 from .checkpoint import (
     DamagedCheckpointError,
     capture_rng,
@@ -91,6 +103,10 @@ BUDGET_WARMUP, BUDGET_CHECK_EVERY, BUDGET_WINDOW = 3, 10, 25
 #: budget kept free after the final validation for the last files and the exit: this share of
 #: max_time, at most BUDGET_MARGIN_MAX seconds
 BUDGET_MARGIN_SHARE, BUDGET_MARGIN_MAX = 0.02, 10.0
+
+#: ``val_batches`` left unset (null): one validation patch batch per ITERATIONS_PER_VAL_BATCH training
+#: iterations, rounded up, at most MAX_VAL_BATCHES (nnU-Net validates on 50 batches after 250 iterations)
+ITERATIONS_PER_VAL_BATCH, MAX_VAL_BATCHES = 5, 50
 
 #: training settings beyond the ``train`` group (whose defaults are read from
 #: ``conf/train/default.yaml``): the loss and optimizer options default to the ones the
@@ -140,6 +156,8 @@ def train_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
         raise ConfigError(f"unknown training setting(s) {', '.join(unknown)}", hint=f"valid: {', '.join(sorted(out))}")
     out.update(to_plain(given))
     for key in ("epochs", "iterations_per_epoch", "val_every", "val_batches"):
+        if key == "val_batches" and out[key] is None:
+            continue  # scaled with the epoch's length below
         try:
             value = int(out[key])
         except (TypeError, ValueError):
@@ -147,10 +165,14 @@ def train_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if value < 1:
             raise ConfigError(f"{key}={out[key]!r} must be at least 1")
         out[key] = value
+    if out["val_batches"] is None:
+        out["val_batches"] = scaled_val_batches(out["iterations_per_epoch"])
     if out["batch_size"] is not None and int(out["batch_size"]) < 1:
         raise ConfigError(f"batch_size={out['batch_size']!r} must be at least 1 (or null for the plan's)")
     if out["device"] not in ("auto", "cpu", "cuda", "gpu"):
         raise ConfigError(f"device={out['device']!r} is not valid", hint="valid: cpu, cuda, auto")
+    if str(out["precision"]) not in PRECISIONS:
+        raise ConfigError(f"precision={out['precision']!r} is not valid", hint=f"valid: {', '.join(PRECISIONS)}")
     for key in ("max_time", "checkpoint_every"):
         if out[key] is not None:
             parse_duration(out[key])  # a bad duration is refused before any work
@@ -169,6 +191,13 @@ def train_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
             "tensorboard=true needs the tensorboard package", hint="pip install tensorboard, or tensorboard=auto"
         )
     return out
+
+
+def scaled_val_batches(iterations_per_epoch: int) -> int:
+    """Validation patch batches per epoch when ``val_batches`` is not set: one per
+    :data:`ITERATIONS_PER_VAL_BATCH` training iterations, rounded up, at most :data:`MAX_VAL_BATCHES`
+    (nnU-Net's 50 for its 250 iterations), so that a short epoch is not mostly validation."""
+    return max(1, min(MAX_VAL_BATCHES, -(-int(iterations_per_epoch) // ITERATIONS_PER_VAL_BATCH)))
 
 
 def _trainer_settings(value: Any) -> dict[str, Any]:
@@ -217,6 +246,8 @@ def _accelerator(device: str) -> str:
     return "cpu"
 
 
+#: the precisions ``train`` takes: ``auto`` and the names Lightning knows for full and mixed precision
+PRECISIONS = ("auto", "32", "32-true", "16", "16-mixed", "bf16", "bf16-mixed")
 #: the sliding window's autocast for Lightning's mixed precisions
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -376,14 +407,89 @@ class TrainingPreempted(Exception):
     """SIGUSR1 stopped the run inside an epoch after saving it (``last.pt``); the same command resumes it."""
 
 
+class TrainingInterrupted(SegpipeError):
+    """SIGTERM or Ctrl-C (SIGINT) stopped the run, after saving it unless it was a second such signal;
+    the same command resumes it. The exit code is the shell's for the signal: 128 + its number (143
+    for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, message: str, *, signum: int = signal.SIGTERM, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+    def __reduce__(self) -> Any:
+        return (_interrupted, (self.message, self.signum, self.hint))
+
+
+def _interrupted(message: str, signum: int, hint: str | None) -> TrainingInterrupted:
+    return TrainingInterrupted(message, signum=signum, hint=hint)
+
+
+def _signal_name(signum: int) -> str:
+    return "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+class StopSignals:
+    """SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 while a run trains.
+
+    :func:`fit` installs it for its whole call (in the main thread) and puts the previous handlers
+    back at its end. The first signal asks the run to stop: :class:`RunCheckpoint` saves the state
+    at the end of the iteration in progress, or of the epoch when the signal came during the epoch's
+    validation, and stops (a run that has just finished ends as usual). A second SIGTERM or SIGINT
+    stops it at once, without saving: the same command then resumes from the last save. Lightning,
+    whose own SIGTERM handler would end the run at once with exit code 0, gets SIGTERM taken back
+    when training starts (:meth:`reclaim`).
+    """
+
+    NAMES = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.signum = 0  #: the signal that asked the run to stop (0: none)
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                if hasattr(signal, name):
+                    number = int(getattr(signal, name))
+                    self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def reclaim(self) -> None:
+        """Handle SIGTERM here again (after Lightning put its own handler in front of this one)."""
+        if int(signal.SIGTERM) in self._previous and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == getattr(signal, "SIGUSR1", None):
+            self.signum = self.signum or signum  # a scheduler's warning: the stop it asks for is pending
+            return
+        if self.signum in (0, getattr(signal, "SIGUSR1", None)):
+            self.signum = signum  # acted on at the next iteration's (or epoch's) end
+            return
+        raise TrainingInterrupted(
+            f"stopped at once by a second {_signal_name(signum)}, without saving; "
+            "the same command resumes the run from its last save",
+            signum=signum,
+        )
+
+
 class RunCheckpoint(Checkpoint):
     """Saves the full training state (``last.pt``) atomically at every epoch's end, after the
     module recorded the epoch and stepped its schedule, and puts a saved state back at the start.
 
     Inside an epoch it saves too (the batches done, their losses), every ``checkpoint_every``
-    seconds and on SIGUSR1, which then stops the run (:class:`TrainingPreempted`) and, under SLURM,
-    requeues the job (``scontrol requeue``): what a scheduler sends before it ends a job. A run
-    resumed from such a state continues the epoch with the very batches it would have drawn.
+    seconds and when a signal asks the run to stop (``stop``, see :class:`StopSignals`): SIGUSR1,
+    what a scheduler sends before it ends a job, then stops the run (:class:`TrainingPreempted`) and,
+    under SLURM, requeues the job (``scontrol requeue``); SIGTERM and Ctrl-C stop it with
+    :class:`TrainingInterrupted`. A signal that comes during an epoch's validation stops the run
+    once that epoch is saved. A run resumed from a state saved inside an epoch continues the epoch
+    with the very batches it would have drawn.
 
     Also, at each epoch's end: with a wall-clock budget, the schedule re-spanned over the epochs that
     fit (the run stops when no further epoch fits, keeping the final validation's time in reserve);
@@ -408,8 +514,10 @@ class RunCheckpoint(Checkpoint):
         title: str | None = None,
         started: float | None = None,
         checkpoint_every: float | None = None,
+        stop: StopSignals | None = None,
     ):
         self.run_dir, self.resume, self.datamodule = Path(run_dir), resume, datamodule
+        self.stop = stop if stop is not None else StopSignals()
         self.max_time, self.say, self.extra = max_time, log, dict(extra or {})
         self.validation, self.val_every, self.batch_size = validation, max(1, int(val_every)), max(1, int(batch_size))
         self.title = title
@@ -434,8 +542,6 @@ class RunCheckpoint(Checkpoint):
         self._epoch_records: list[tuple[float, int]] = []
         self.checkpoint_every = checkpoint_every
         self._saved_at = time.perf_counter()
-        self._preempt = False
-        self._previous_handler: Any = None
         self._window_seconds: float | None = None  # a sliding window's forward pass, timed at the start
 
     @property
@@ -444,7 +550,7 @@ class RunCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert isinstance(pl_module, SegmentationModule)
-        self._install_handler()
+        self.stop.reclaim()
         if self.max_time is not None and self.validation is not None and self.last_validation is None:
             # the final validation's reserve, before any validation ran: a timed forward pass
             self._window_seconds = self.validation.time_window(
@@ -463,31 +569,6 @@ class RunCheckpoint(Checkpoint):
             pl_module.resumed_losses = [float(v) for v in self.resume.get("epoch_train_losses", [])]
             self._epoch_iterations = in_epoch
         restore_rng(self.resume["rng"])
-
-    def _install_handler(self) -> None:
-        """SIGUSR1 saves and stops (installed once training starts, after Lightning's own handlers,
-        and put back at its end)."""
-        import signal
-        import threading
-
-        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGUSR1, self._on_sigusr1)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore_handler()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_handler()
-
-    def _restore_handler(self) -> None:
-        import signal
-
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGUSR1, self._previous_handler)
-            self._previous_handler = None
-
-    def _on_sigusr1(self, signum: int, frame: Any) -> None:
-        self._preempt = True  # acted on at the next iteration's end
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert isinstance(pl_module, SegmentationModule)
@@ -518,31 +599,47 @@ class RunCheckpoint(Checkpoint):
             self._apply_budget(trainer, pl_module, done_in_epoch=n)
 
     def _save_inside_epoch(self, trainer: L.Trainer, module: SegmentationModule, n: int, now: float) -> None:
-        """Save the state ``n`` batches into the epoch when ``checkpoint_every`` has passed or SIGUSR1
-        came (then stop, and requeue a SLURM job)."""
-        preempt = self._preempt
-        if trainer.world_size > 1:  # every process stops at the same batch
-            flag = torch.tensor([1.0 if preempt else 0.0])
-            preempt = bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)
+        """Save the state ``n`` batches into the epoch when ``checkpoint_every`` has passed or a signal
+        asked the run to stop (then stop; SIGUSR1 requeues a SLURM job)."""
+        signum = self._stop_requested(trainer)
         due = self.checkpoint_every is not None and now - self._saved_at >= self.checkpoint_every
-        if not (preempt or due) or n >= module.iterations_per_epoch:
+        if not (signum or due) or n >= module.iterations_per_epoch:
             return  # the epoch's end saves anyway
         if trainer.is_global_zero:
             save_checkpoint(self.run_dir / LAST, self._state(module, finished=False, in_epoch=n), keep_previous=True)
         self._saved_at = time.perf_counter()
-        if preempt:
-            where = f"epoch {module.completed_epochs + 1}, iteration {n}"
+        if signum:
+            self._stop_run(trainer, signum, f"in epoch {module.completed_epochs + 1}, iteration {n}")
+
+    def _stop_requested(self, trainer: L.Trainer) -> int:
+        """The signal that asked the run to stop (0: none); in a distributed run the one of any process
+        (all of them stop at the same point)."""
+        signum = int(self.stop.signum)
+        if trainer.world_size > 1:
+            flag = torch.tensor([float(signum)])
+            signum = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        return signum
+
+    def _stop_run(self, trainer: L.Trainer, signum: int, where: str) -> None:
+        """Stop the run, saved ``where``: SIGUSR1 requeues a SLURM job (:class:`TrainingPreempted`),
+        SIGTERM and SIGINT end with :class:`TrainingInterrupted`."""
+        saved = f"saved to {self.run_dir / LAST}"
+        if signum == getattr(signal, "SIGUSR1", None):
             requeued = _slurm_requeue() if trainer.is_global_zero else None
             raise TrainingPreempted(
-                f"stopped by SIGUSR1 in {where}; saved to {self.run_dir / LAST}"
+                f"stopped by SIGUSR1 {where}; {saved}"
                 + (f"; SLURM job {requeued} requeued" if requeued else "; the same command resumes the run")
             )
+        raise TrainingInterrupted(
+            f"stopped by {_signal_name(signum)} {where}; {saved}; the same command resumes the run", signum=signum
+        )
 
     def _state(self, module: SegmentationModule, *, finished: bool, in_epoch: int = 0) -> dict[str, Any]:
         """The whole training state (plain types and tensors) after ``in_epoch`` batches of the epoch
         in progress (0: at an epoch's end)."""
         state = {
             **module.training_state(),
+            "epochs": module.epochs,
             "planned_epochs": module.planned_epochs,
             "final_epoch_iterations": module.final_epoch_iterations,
             "finished": finished,
@@ -588,6 +685,10 @@ class RunCheckpoint(Checkpoint):
             if finished:
                 save_checkpoint(self.run_dir / FINAL, {"model": state["model"], "epoch": done, **self.extra})
             write_text(self.run_dir / METRICS_FILE, _metrics_csv(pl_module.history, pl_module.class_names))
+        signum = 0 if finished else self._stop_requested(trainer)
+        if signum:  # came during the epoch's validation: the epoch is saved
+            self._stop_run(trainer, signum, f"after epoch {done}")
+        if trainer.is_global_zero:
             self._draw(pl_module, force=finished)
         if finished:
             trainer.should_stop = True
@@ -772,14 +873,17 @@ def fit(
     ``deterministic``, ``num_workers``, …). ``log``: called with one line per epoch, one per full-case
     validation and for resume/finish notes. ``overwrite``: start again (the run folder's checkpoints,
     metrics, picture and validation are removed first). ``started``: the ``time.perf_counter()`` value
-    ``max_time`` counts from (default: this call).
+    ``max_time`` counts from (default: this call). Another ``epochs`` than the saved run's continues
+    it to that count (see :func:`_other_epochs`). A second process training the same run meanwhile
+    is refused (:class:`~segpipe.errors.StateError`); SIGTERM and Ctrl-C save the run and raise
+    :class:`TrainingInterrupted`, SIGUSR1 saves it and returns with ``preempted`` (:class:`StopSignals`).
     Returns ``{"run_dir", "checkpoint", "epochs", "planned_epochs", "finished", "already_finished",
     "resumed_from", "ema_fg_dice", "pseudo_dice", "val_dice", "val_class_dice", "validation",
     "validation_dir", "seconds"}``: ``val_dice`` is the last full-case validation's mean foreground
     Dice (NaN before any), ``val_class_dice`` its ``{class name: Dice}``, ``validation`` its one-line
     summary (None before any) and ``validation_dir`` where its files are (None without validation cases).
     """
-    from ..workspace import Workspace
+    from ..workspace import Workspace, run_lock
 
     the_plan = _load_plan(plan)
     the_plan.config(configuration)  # an unknown configuration is refused before any work
@@ -789,38 +893,68 @@ def fit(
     t0 = time.perf_counter() if started is None else float(started)
     accelerator = _accelerator(str(s["device"]))
     precision = _precision(s["precision"], accelerator)
-    placeholder = RunCheckpoint(run_dir, started=t0)  # replaced below, once the run is known
+    stop = StopSignals().install()  # for the whole call: a signal while the run is prepared counts too
+    placeholder = RunCheckpoint(run_dir, started=t0, stop=stop)  # replaced below, once the run is known
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
-    # the trainer first: with trainer=ddp it knows this process's rank, and only rank 0 writes files
-    with _quiet_lightning():
-        trainer = L.Trainer(
-            accelerator=accelerator,
-            strategy="ddp" if s["trainer"]["name"] == "ddp" else "auto",
-            devices=s["trainer"]["devices"],
-            num_nodes=s["trainer"]["num_nodes"],
-            precision=precision,  # type: ignore[arg-type]
-            max_epochs=1,  # set below from the plan of the run
-            limit_train_batches=int(s["iterations_per_epoch"]),
-            num_sanity_val_steps=0,
-            logger=_loggers(run_dir, s["tensorboard"]),
-            callbacks=[placeholder],
-            enable_checkpointing=True,
-            enable_progress_bar=_progress_bar(s["progress"]),
-            enable_model_summary=False,
-            deterministic=bool(s["deterministic"]),
-            benchmark=False,
-            gradient_clip_val=float(s["grad_clip"]) if s["grad_clip"] else None,
-            gradient_clip_algorithm="norm",
-            default_root_dir=str(run_dir),
-            use_distributed_sampler=False,
-            plugins=_slurm_plugins(),
-        )
     try:
-        return _fit(
-            trainer, placeholder, the_plan, configuration, fold, run_dir, ds, s, t0, overwrite, log, work_dir, dataset
-        )
+        # the trainer first: with trainer=ddp it knows this process's rank, and only rank 0 writes files
+        with _quiet_lightning():
+            trainer = L.Trainer(
+                accelerator=accelerator,
+                strategy="ddp" if s["trainer"]["name"] == "ddp" else "auto",
+                devices=s["trainer"]["devices"],
+                num_nodes=s["trainer"]["num_nodes"],
+                precision=precision,  # type: ignore[arg-type]
+                max_epochs=1,  # set below from the plan of the run
+                limit_train_batches=int(s["iterations_per_epoch"]),
+                num_sanity_val_steps=0,
+                logger=_loggers(run_dir, s["tensorboard"]),
+                callbacks=[placeholder],
+                enable_checkpointing=True,
+                enable_progress_bar=_progress_bar(s["progress"]),
+                enable_model_summary=False,
+                deterministic=bool(s["deterministic"]),
+                benchmark=False,
+                gradient_clip_val=float(s["grad_clip"]) if s["grad_clip"] else None,
+                gradient_clip_algorithm="norm",
+                default_root_dir=str(run_dir),
+                use_distributed_sampler=False,
+                plugins=_slurm_plugins(),
+            )
+        # one training of a run at a time: its writing process holds the run
+        with run_lock(run_dir) if trainer.global_rank == 0 else nullcontext():
+            return _fit(
+                trainer,
+                placeholder,
+                the_plan,
+                configuration,
+                fold,
+                run_dir,
+                ds,
+                s,
+                t0,
+                overwrite,
+                log,
+                work_dir,
+                dataset,
+            )
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
+        stop.restore()
+
+
+def _check_optim_and_loss(s: Mapping[str, Any], cfg: Any, ignore: Any) -> None:
+    """Build the optimizer settings and the loss once, as the run will, so that a value neither takes
+    (``momentum=2``, ``alpha=-1``) is refused before anything of the run is written."""
+    from ..losses import build_loss
+    from .optim import optim_settings
+
+    optim = _named(s["optim"], s["optim_params"])
+    if s["lr"] is not None:
+        optim["lr"] = s["lr"]
+    optim_settings(str(optim.pop("name", "sgd")), **optim)
+    loss = _named(s["loss"], s["loss_params"])
+    build_loss(str(loss.pop("name")), context={"batch_dice": cfg.batch_dice, "ignore_index": ignore}, **loss)
 
 
 def _fit(
@@ -864,12 +998,26 @@ def _fit(
     elif last.is_file() or previous_checkpoint(last).is_file():
         resume = _load_resume_state(run_dir, writer)
         _check_same_settings(run_dir, s)
+        resume = _other_epochs(run_dir, resume, int(s["epochs"]), say, writer)
         if resume.get("finished"):
             if writer:
                 _repair_reports(run_dir, resume, class_names, title)
-            say(f"{run_dir}: this run has finished ({resume['epoch']} epochs); overwrite=true trains it again")
+            say(f"{run_dir}: this run has finished ({resume['epoch']} epochs); --overwrite trains it again")
             return _result(run_dir, resume, already_finished=True, resumed_from=None, seconds=time.perf_counter() - t0)
-        say(f"{run_dir}: resuming after epoch {resume['epoch']}")
+        if not resume.get("epochs_changed"):
+            say(f"{run_dir}: resuming after epoch {resume['epoch']}{_inside(resume)}")
+    # the loader's workers as they will run (at most the usable cores): settings.json records them
+    workers = default_num_workers() if s["num_workers"] is None else cap_num_workers(max(0, int(s["num_workers"])))
+    s = {**s, "num_workers": workers}
+    early = placeholder.stop.signum
+    if world == 1 and early and early != getattr(signal, "SIGUSR1", None):
+        # came while the run was being prepared: nothing new to save (SIGUSR1 saves inside the first epoch)
+        raise TrainingInterrupted(
+            f"stopped by {_signal_name(early)} before training started"
+            + ("; the same command resumes the run" if resume else ""),
+            signum=early,
+        )
+    _check_optim_and_loss(s, cfg, ignore)  # a value no optimizer or loss takes fails before settings.json
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         sweep_temporaries(run_dir)  # checkpoints a killed run left half-written
@@ -891,7 +1039,7 @@ def _fit(
         patch_size=cfg.patch_size,
         batch_size=int(s["batch_size"] or cfg.batch_size),
         context_slices=cfg.context_slices,
-        num_workers=s["num_workers"],
+        num_workers=int(s["num_workers"]),
         seed=int(s["seed"]),
         num_val_batches=int(s["val_batches"]),
         augment_on_device=accelerator == "gpu",
@@ -950,6 +1098,7 @@ def _fit(
         title=title,
         started=t0,
         checkpoint_every=parse_duration(s["checkpoint_every"]) if s["checkpoint_every"] is not None else None,
+        stop=placeholder.stop,
     )
     planned = int(resume.get("planned_epochs", s["epochs"])) if resume else int(s["epochs"])
     callbacks = trainer.callbacks  # type: ignore[attr-defined]
@@ -959,6 +1108,11 @@ def _fit(
     try:
         with _quiet_lightning():
             trainer.fit(module, datamodule=dm)
+    except SIGTERMException:  # Lightning's own SIGTERM handler, before training started
+        raise TrainingInterrupted(
+            f"stopped by SIGTERM before training started{'; the same command resumes the run' if resume else ''}",
+            signum=signal.SIGTERM,
+        ) from None
     except TrainingPreempted as stop:
         say(str(stop))
         if not writer:
@@ -974,6 +1128,62 @@ def _fit(
     return _result(
         run_dir, state, already_finished=False, resumed_from=done if resume else None, seconds=time.perf_counter() - t0
     )
+
+
+def _inside(state: Mapping[str, Any]) -> str:
+    """``", inside epoch 3 at iteration 12"`` for a state saved inside an epoch, else ``""``."""
+    in_epoch = int(state.get("data", {}).get("in_epoch", 0))
+    return f", inside epoch {int(state['epoch']) + 1} at iteration {in_epoch}" if in_epoch else ""
+
+
+def _saved_epochs(run_dir: Path, state: Mapping[str, Any]) -> int:
+    """The ``epochs`` a saved run was training for (its checkpoint's record; for checkpoints older
+    than that record, its settings.json's, else the epochs it planned)."""
+    if state.get("epochs") is not None:
+        return int(state["epochs"])
+    path = run_dir / SETTINGS_FILE
+    if path.is_file():
+        saved = read_json(path, what="run settings", hint="start again with --overwrite").get("settings", {})
+        if isinstance(saved.get("epochs"), int):
+            return int(saved["epochs"])
+    return int(state.get("planned_epochs", state["epoch"]))
+
+
+def _other_epochs(
+    run_dir: Path, state: dict[str, Any], epochs: int, say: Callable[[str], None], writer: bool
+) -> dict[str, Any]:
+    """The saved run ``state`` to resume when ``epochs`` are asked for.
+
+    The epochs it was training for: ``state`` as it is (an exact resume, or a finished run). More
+    (or fewer, but more than it has completed): the run continues from where it is to ``epochs``,
+    the poly schedule re-spanned over ``epochs`` from the current epoch on (the learning rate of
+    epoch ``e`` is then ``lr0 · (1 − e/epochs)^0.9``), as nnU-Net does when its epochs are raised
+    and training continues; a finished run loses its ``final.pt`` until it finishes again. No more
+    than it has completed: refused (exit 2), with ``--overwrite`` to train it again from scratch.
+    """
+    saved, done = _saved_epochs(run_dir, state), int(state["epoch"])
+    if epochs == saved or (state.get("finished") and epochs == done):
+        return state
+    if epochs <= done:
+        raise ConfigError(
+            f"epochs={epochs}, but the run in {run_dir} has already trained {done} epochs",
+            hint=f"ask for more epochs (epochs={done + 1} or more) to continue it, "
+            "or train it again from scratch with --overwrite",
+        )
+    if writer and state.get("finished"):
+        (run_dir / FINAL).unlink(missing_ok=True)  # the weights of the shorter run, which goes on
+    say(
+        f"{run_dir}: continuing after epoch {done} to {epochs} epochs (it was to train {saved}){_inside(state)}; "
+        f"the poly schedule now spans {epochs} epochs from here"
+    )
+    return {
+        **state,
+        "epochs": epochs,
+        "planned_epochs": epochs,
+        "final_epoch_iterations": None,
+        "finished": False,
+        "epochs_changed": True,
+    }
 
 
 def _load_resume_state(run_dir: Path, writer: bool) -> dict[str, Any]:
@@ -1111,7 +1321,10 @@ __all__ = [
     "VALIDATION_DIR",
     "FoldValidation",
     "RunCheckpoint",
+    "StopSignals",
+    "TrainingInterrupted",
     "fit",
+    "scaled_val_batches",
     "train_settings",
     "write_reports",
 ]

@@ -327,3 +327,27 @@ def test_a_case_that_runs_out_of_memory_in_infer_ends_the_batch_with_exit_4_and_
     assert result["written"] == ["small"] and [f["case"] for f in result["failed"]] == ["big"]
     assert "748" in result["failed"][0]["error"] and "batch_size=1" in result["failed"][0]["hint"]
     assert not (tmp_path / "out" / "big.nii.gz").exists()
+
+
+def test_settings_a_run_cannot_use_are_refused_before_it_starts(
+    planned: tuple[Path, Path], tiny_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train momentum=2` or `precision=abc`, `infer checkpoint=worst` with a model folder, `export -o` under a folder that takes no files: each a one-line error naming what to change (exit 2, or 4 for the place), never a run that diverges or an internal error."""
+    data, work = planned
+    model, good = tiny_model
+    attempts = [
+        (["train", f"work_dir={work}", "epochs=1", "momentum=2"], 2, "momentum"),
+        (["train", f"work_dir={work}", "epochs=1", "precision=abc"], 2, "precision"),
+        (["infer", str(good), "-o", str(tmp_path / "o"), "-m", str(model), "checkpoint=worst"], 2, "checkpoint"),
+    ]
+    for argv, expected, words in attempts:
+        code = cli.main([*argv, "--json"])
+        error = _error(capsys)
+        assert code == expected and words in error["message"] and "internal error" not in error["message"], error
+    assert not [p.name for p in (work / "Lim" / "runs").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert not (tmp_path / "o").exists()
+    from segpipe.inference.model import export_model, load_model_folder
+
+    with pytest.raises(segpipe.SegpipeError, match="cannot create the model folder") as info:
+        export_model(load_model_folder(model), "/proc/segpipe_model")
+    assert info.value.exit_code == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from .data.splits import too_few_for_folds
@@ -71,6 +72,35 @@ def _orientation_findings(ds: Dataset, case: Any) -> list[Finding]:
     return out
 
 
+def _dicom_assumptions(ds: Dataset, case: Any) -> list[tuple[Any, str]]:
+    """What reading each DICOM image source of ``case`` assumes (1 mm for a missing PixelSpacing, …):
+    (source, warning) for the series the dataset's selection reads."""
+    from .errors import SegpipeError
+    from .io.dicom import describe_dicom
+    from .io.image import is_dicom_source
+
+    out = []
+    options = dict(ds.dicom_options or {})
+    for source in case.images:
+        if not is_dicom_source(source):
+            continue
+        try:
+            listing = describe_dicom(source, series=options.get("series"), modality=options.get("modality"))
+        except SegpipeError:
+            continue  # reading it reports the problem
+        for item in listing["series"]:
+            if item["uid"] == listing["chosen"]:
+                out += [(source, text) for text in item["warnings"]]
+    return out
+
+
+def _relative(path: Any, ds: Dataset) -> str:
+    try:
+        return str(Path(path).relative_to(ds.root))
+    except ValueError:
+        return str(path)
+
+
 def _inspect_findings(ds: Dataset, case: Any) -> tuple[list[Finding], dict[str, Any] | None]:
     """One case's findings, and what the dataset-wide checks need of it: the classes its label
     holds, each channel's 0.5-99.5 % intensity range and the stored voxel type (None after an error)."""
@@ -78,6 +108,17 @@ def _inspect_findings(ds: Dataset, case: Any) -> tuple[list[Finding], dict[str, 
 
     data, findings = inspect_case(case, ds)
     findings += _orientation_findings(ds, case)
+    findings += [  # what a reader assumed is a finding too: the geometry segpipe uses rests on it
+        Finding(
+            case.id,
+            _relative(source, ds),
+            "reader_assumption",
+            text,
+            "check the header; the geometry segpipe uses is what this says",
+            "warning",
+        )
+        for source, text in _dicom_assumptions(ds, case)
+    ]
     if data is None:
         return findings, None
     ranges = []

@@ -548,7 +548,12 @@ def cmd_evaluate(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]
     lines = [
         _table(rows),
         f"foreground mean over {res['n_cases']} cases: Dice {fmt(fg.get('Dice'))}, HD95 {fmt(fg.get('HD95'))} mm, "
-        f"NSD {fmt(fg.get('NSD'))}",
+        f"NSD {fmt(fg.get('NSD'))}"
+        + (
+            f" ({len(res['missing_predictions'])} reference case(s) without a prediction left out)"
+            if res.get("missing_predictions")
+            else ""
+        ),
         f"written to {res['output']}: evaluation.csv, summary.json, dice_boxplot.png",
     ]
     return EXIT_OK, res, "\n".join(lines)

@@ -492,7 +492,21 @@ def build_loss(name: str, /, *, context: Mapping[str, Any] | None = None, **para
     if missing:
         params_needed = ", ".join(missing)
         raise ConfigError(f"loss {name}: no value for {params_needed}", hint=f"give {params_needed}")
+    for key in NON_NEGATIVE & set(merged):
+        values = merged[key] if isinstance(merged[key], (list, tuple)) else [merged[key]]
+        for v in values:
+            if v is None and key == "alpha":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(
+                    f"loss {name}: {key}={merged[key]!r} must be a finite number ≥ 0",
+                    hint=f"`segpipe train --help` shows {key}'s default",
+                )
     return builder(**merged)
+
+
+#: loss parameters that are weights or exponents: a negative one turns the loss against its target
+NON_NEGATIVE = frozenset({"alpha", "beta", "gamma", "lam", "smooth", "ce_weight", "region_weight", "focal_weight"})
 
 
 def _plain(value: Any) -> Any:

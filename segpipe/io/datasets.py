@@ -611,7 +611,14 @@ def inspect_case(case: Case, ds: Dataset) -> tuple[CaseData | None, list[Finding
             add(path, problem, exc.message, exc.hint or "re-export or replace the file")
             continue
         if geo.shape[0] == 1 and ds.dimension == 3:
-            if _stored_2d(path):
+            if is_dicom_source(path):  # one DICOM image: most often a series with its other slices missing
+                add(
+                    path,
+                    "wrong_dimension",
+                    f"1 slice (shape {geo.shape[1:]}): a single DICOM image, where the 3-D model needs a volume",
+                    "provide the whole series (every slice of it)",
+                )
+            elif _stored_2d(path):
                 add(
                     path,
                     "wrong_dimension",

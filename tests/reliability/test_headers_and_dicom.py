@@ -205,7 +205,7 @@ def _ultrasound(source_slice: Path, target: Path) -> Path:
 def test_an_ultrasound_image_without_pixel_spacing_is_read_with_a_warning_that_1_mm_is_assumed(
     dicom_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A DICOM ultrasound image without PixelSpacing is read with 1 mm pixels, and `info` and the reader warn that its spacing is unknown and 1 mm is assumed."""
+    """A DICOM ultrasound image without PixelSpacing is read with 1 mm pixels; `info`, the reader and `check` (a warning of its case) say that its spacing is unknown and 1 mm is assumed."""
     from segpipe.io.image import read_image
 
     us = _ultrasound(sorted((dicom_dataset / "dicom_000" / "image").glob("*.dcm"))[3], tmp_path / "us" / "echo.dcm")
@@ -222,6 +222,26 @@ def test_an_ultrasound_image_without_pixel_spacing_is_read_with_a_warning_that_1
     assert cli.main(["info", str(us.parent), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["spacing"][1:] == [1.0, 1.0] and any("1 mm" in w for w in info["warnings"]), info
+    # `check` lists the assumption as a warning of the case that holds the image
+    data = tmp_path / "echo_data"
+    (data / "patient1").mkdir(parents=True)
+    shutil.copytree(us.parent, data / "patient1" / "image")
+    (data / "dataset.json").write_text(
+        json.dumps(
+            {
+                "layout": "case-folder",
+                "channel_names": {"0": "US"},
+                "labels": {"background": 0, "heart": 1},
+                "image": "image",
+                "label": "label.nii.gz",
+            }
+        )
+    )
+    cli.main(["check", str(data), "--json"])
+    findings = json.loads(capsys.readouterr().out)["findings"]
+    assumed = [f for f in findings if f["problem"] == "reader_assumption"]
+    assert len(assumed) == 1 and assumed[0]["severity"] == "warning" and "1 mm" in assumed[0]["message"], findings
+    assert assumed[0]["case"] == "patient1"
 
 
 def _two_series_in_one_folder(folder: Path, tmp_path: Path) -> dict[str, str]:

@@ -305,6 +305,9 @@ def test_evaluate_scores_the_predicted_cases_with_a_warning_and_strict_refuses(
             {"case": m, "reference_file": str(ref / f"{m}.nii.gz")} for m in missing
         ]
         assert scored["foreground_mean"]["Dice"] == 1.0
+    # the text summary says how many references were left out
+    assert cli.main(["evaluate", str(pred), str(ref), "-q"]) == 0
+    assert "2 reference case(s) without a prediction left out" in capsys.readouterr().out
     # strict=true: refused as before, no tables written
     for name in ("evaluation.csv", "summary.json", "dice_boxplot.png"):
         (pred / name).unlink()

@@ -332,12 +332,13 @@ def test_a_case_that_runs_out_of_memory_in_infer_ends_the_batch_with_exit_4_and_
 def test_settings_a_run_cannot_use_are_refused_before_it_starts(
     planned: tuple[Path, Path], tiny_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`train momentum=2` or `precision=abc`, `infer checkpoint=worst` with a model folder, `export -o` under a folder that takes no files: each a one-line error naming what to change (exit 2, or 4 for the place), never a run that diverges or an internal error."""
+    """`train momentum=2`, `precision=abc` or `loss=tversky alpha=-1`, `infer checkpoint=worst` with a model folder, `export -o` under a folder that takes no files: each a one-line error naming what to change (exit 2, or 4 for the place), never a run that diverges or an internal error."""
     data, work = planned
     model, good = tiny_model
     attempts = [
         (["train", f"work_dir={work}", "epochs=1", "momentum=2"], 2, "momentum"),
         (["train", f"work_dir={work}", "epochs=1", "precision=abc"], 2, "precision"),
+        (["train", f"work_dir={work}", "epochs=1", "loss=tversky", "alpha=-1"], 2, "alpha"),
         (["infer", str(good), "-o", str(tmp_path / "o"), "-m", str(model), "checkpoint=worst"], 2, "checkpoint"),
     ]
     for argv, expected, words in attempts:

@@ -69,8 +69,17 @@ def choose_series(
     )
     if not pool:
         what = f"no image series matches {wanted}" if wanted else "no image series found"
-        skipped = f"; {'; '.join(skipped_reasons)}" if skipped_reasons else ""
-        hint = "pass a folder holding an image series, or select one of those listed by UID or description"
+        if len(found) > MAX_NAMED_SERIES:  # one line however many series: `segpipe info` has the table
+            names = list(dict.fromkeys(s.description or s.kind for s in found))
+            listing = f"{len(found)} series: " + ", ".join(f"'{n}'" for n in names[:MAX_NAMED_SERIES]) + ", …"
+        reasons = list(skipped_reasons or [])
+        skipped = f"; {'; '.join(reasons[:2])}" if reasons else ""
+        if len(reasons) > 2:
+            skipped += f"; {len(reasons) - 2} more skipped"
+        hint = (
+            "pass a folder holding an image series, or select one of those listed by UID or description "
+            f"(`segpipe info {where}` lists them)"
+        )
         if series is not None and not series.startswith(REGEX_PREFIX) and not any(ch in series for ch in "*?["):
             hint += f" (a glob matches the whole description: try series='*{series}*', or 're:{series}' for a regex)"
         raise DicomError(f"{where}: {what} (found: {listing}{skipped})", hint=hint)

@@ -213,7 +213,9 @@ def test_dicomdirtests_read_by_selector() -> None:
         read_dicom(DICOMDIRTESTS, series="FAST LOCALIZER")
     with pytest.raises(DicomError, match="no image series matches"):  # a glob matches the whole description
         read_dicom(DICOMDIRTESTS, series="Gated 0.5")
-    with pytest.raises(DicomError, match=r"(?s)no image series matches series='nothing' \(found: 14 series: .*segpipe info"):
+    with pytest.raises(
+        DicomError, match=r"(?s)no image series matches series='nothing' \(found: 14 series: .*segpipe info"
+    ):
         read_dicom(DICOMDIRTESTS, series="nothing")
     with pytest.raises(DicomError, match="missing slice"):
         read_dicom(DICOMDIRTESTS, series="Routine Brain")

@@ -374,6 +374,8 @@ def _character_set(sources: list[Any]) -> Any:
 
     value = sources[0].get("SpecificCharacterSet")
     values = [value] if isinstance(value, str) else list(value or [])
+    if not any(str(v).strip() for v in values):
+        return None  # present but empty (a type 1C attribute left blank): the default repertoire, ASCII
     prefix = "ISO 2022 IR "
     if len(values) == 1 and str(values[0]).startswith(prefix):
         number = str(values[0])[len(prefix) :]

@@ -34,6 +34,8 @@ DICOM = Path(os.environ.get("SEGPIPE_TEST_DATA") or REPO.parent / "shared" / "da
 #: a real anonymised MR series (4 slices) without PatientBirthDate, PatientSex, ReferringPhysicianName,
 #: AccessionNumber and FrameOfReferenceUID
 ANONYMISED = DICOM / "dicom2nifti" / "generic" / "anatomical" / "002_non_isotropic"
+#: a real CT whose SpecificCharacterSet is present but empty
+EMPTY_CHARSET = DICOM / "dcmqi_seg" / "ct-3slice"
 #: the type 2 attributes of the Patient and General Study modules a DICOM-SEG copies from its source
 TYPE_2 = (
     "PatientName",
@@ -208,6 +210,23 @@ def test_a_series_without_type_2_patient_and_study_attributes_gets_its_dicom_seg
     _check_seg(out / "anonymised_seg.dcm", series, out / "anonymised.nii.gz")
     ds = pydicom.dcmread(str(out / "anonymised_seg.dcm"))
     assert all(str(ds[key].value or "") == "" for key in TYPE_2), {key: ds[key].value for key in TYPE_2}
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not EMPTY_CHARSET.is_dir(), reason=f"no DICOM corpus at {EMPTY_CHARSET}")
+def test_a_real_ct_with_an_empty_character_set_gets_its_dicom_seg(
+    tiny_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real CT series whose SpecificCharacterSet is present but empty (the default repertoire) is segmented with its DICOM-SEG, which references the series."""
+    model, _ = tiny_model
+    source = pydicom.dcmread(str(next(EMPTY_CHARSET.glob("*.dcm"))), stop_before_pixels=True)
+    assert "SpecificCharacterSet" in source and not str(source.SpecificCharacterSet).strip()  # this case
+    out = tmp_path / "out"
+    code, result, err = _infer(capsys, str(EMPTY_CHARSET), "-o", str(out), "-m", str(model))
+    assert code == 0 and result["written"] == [EMPTY_CHARSET.name], err[-3000:]
+    seg = pydicom.dcmread(str(out / f"{EMPTY_CHARSET.name}_seg.dcm"))
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
 
 
 @pytest.mark.realdata

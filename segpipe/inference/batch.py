@@ -302,7 +302,8 @@ def segment_case(
             extra["probabilities"] = prob_path.name
         write_json(report_path, _report(case, pred, label_path, identity, extra))
     except SegpipeError as exc:
-        failure = {"case": case.id, "error": exc.message, "hint": exc.hint}
+        message = exc.message.removeprefix(f"case {case.id}: ")  # the failure names its case already
+        failure = {"case": case.id, "error": message, "hint": exc.hint}
     except Exception as exc:  # whatever else goes wrong with this case is its failure alone; the batch goes on
         if isinstance(exc, OSError) and exc.errno in (STOP_ERRNOS if stop_on is None else stop_on):
             remove_partial()  # every later case would fail too: stop here

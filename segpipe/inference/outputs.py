@@ -37,12 +37,9 @@ def _real(path: str | os.PathLike[str]) -> Path:
 
 
 def _is_dicom_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
+    from ..io.image import image_extension, is_dicom_source
+
+    return path.is_file() and image_extension(path) is None and is_dicom_source(path)
 
 
 def check_output_apart(

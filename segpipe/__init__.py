@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .api import (  # noqa: E402
     check,
     demo,
@@ -79,8 +78,8 @@ __all__ = [
     "DicomError",
     "Geometry",
     "NotAvailableError",
-    "Prediction",
-    "Predictor",
+    "Prediction",  # noqa: F822 - provided on first use by __getattr__
+    "Predictor",  # noqa: F822 - provided on first use by __getattr__
     "ReadError",
     "SegpipeError",
     "StateError",

@@ -25,7 +25,11 @@ import numpy as np
 from .checks import CheckReport, check_dataset
 from .config import DEMO_SCHEDULE, to_container
 from .errors import SegpipeError, UsageError
-from .io.image import image_extension, is_dicom_source, no_orientation_warning, read_header, read_image
+from .io.formats import image_extension
+from .io.image import is_dicom_source, read_header, read_image
+from .io.nifti import no_orientation_warning
+from .settings import configured
+from .splits import N_FOLDS
 
 PathLike = str | os.PathLike[str]
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -292,7 +296,7 @@ def train(*, log: Any = None, overwrite: bool = False, started: float | None = N
     from .workspace import dataset_lock
 
     started = time.perf_counter() if started is None else float(started)
-    from .training.runner import fit
+    from .training.fit import fit
 
     dataset = settings.pop("dataset", None)
     config_value = settings.pop("config", settings.pop("configuration", None))
@@ -305,8 +309,10 @@ def train(*, log: Any = None, overwrite: bool = False, started: float | None = N
         raise UsageError(f"`segpipe train` trains one configuration, got {', '.join(names)}", hint="config=NAME")
     name = names[0]
     fold_text = str(cfg.train.fold)
-    if fold_text != "all" and not (fold_text.isdigit() and 0 <= int(fold_text) < 5):
-        raise UsageError(f"fold={fold_text} is not a fold", hint="fold=0..4, or fold=all to train on every case")
+    if fold_text != "all" and not (fold_text.isdigit() and 0 <= int(fold_text) < N_FOLDS):
+        raise UsageError(
+            f"fold={fold_text} is not a fold", hint=f"fold=0..{N_FOLDS - 1}, or fold=all to train on every case"
+        )
     fold: int | str = int(fold_text) if fold_text.isdigit() else fold_text
     cache = Cache.for_configuration(ws.root, the_plan, name, dataset=dws.name)
     labelled = [c.id for c in ds.cases]
@@ -380,12 +386,13 @@ def _configurations(value: Any, the_plan: Any) -> list[str]:
 
 
 @_paths_checked
-def generate_demo_data(out: PathLike, *, force: bool = False, seed: int = 0, dicom: bool = False) -> Path:
+def generate_demo_data(out: PathLike, *, force: bool | None = None, seed: int = 0, dicom: bool = False) -> Path:
     """Write the embedded synthetic demo dataset to ``out``.
 
     ``dicom=False``: 12 labelled + 2 test NIfTI cases in MSD layout; ``dicom=True``: 3 labelled
     + 1 test case as DICOM series in the case-folder layout.
     """
+    force = configured(force, "force")
     from .demo_data import generate_demo_dataset, generate_dicom_demo_dataset
 
     if dicom:
@@ -575,7 +582,7 @@ def evaluate(
     their names (default: every value the references hold). Returns the summary (``mean``,
     ``foreground_mean``, ``metric_per_case``, …) with ``output``.
     """
-    from .evaluation import evaluate_folders
+    from .workflows.evaluate import evaluate_folders
 
     cfg = _settings("evaluate", settings)
     ev = cfg.evaluate
@@ -600,8 +607,8 @@ def find_best(dataset: PathLike | None = None, *, log: Any = None, **settings: A
     ``export`` then use. Settings: ``work_dir``, ``dataset``. Returns the decision with every
     candidate's score (``configurations``, ``mean_fg_dice``, ``postprocessing``, ``candidates``, …).
     """
-    from .evaluation.find_best import find_best as _find_best
     from .planning import load_plan
+    from .workflows.find_best import find_best as _find_best
     from .workspace import find_dataset
 
     dataset = _dataset_once(dataset, settings)
@@ -617,7 +624,7 @@ DEMO_PLAN = {"base_features": 16, "max_features_3d": 128}
 
 
 @_paths_checked
-def demo(*, force: bool = False, log: Any = None, **settings: Any) -> dict[str, Any]:
+def demo(*, force: bool | None = None, log: Any = None, **settings: Any) -> dict[str, Any]:
     """Run the main job on the embedded datasets: generate → check → plan → preprocess → train →
     infer (the held-out NIfTI and DICOM cases) → evaluate.
 
@@ -628,6 +635,7 @@ def demo(*, force: bool = False, log: Any = None, **settings: Any) -> dict[str, 
     and their evaluation to ``…/demo/evaluation``. Settings: ``work_dir``, and ``epochs`` /
     ``iterations_per_epoch`` for another schedule than :data:`DEMO_SCHEDULE`. Returns one entry per step.
     """
+    force = configured(force, "force")
     import shutil
 
     from .errors import DataError

@@ -8,8 +8,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .data.splits import too_few_for_folds
 from .io.datasets import Dataset, Finding, check_case_ids, inspect_case, load_dataset
+from .splits import too_few_for_folds
 
 #: the ``case`` of a finding about the whole dataset rather than one case
 DATASET_WIDE = "(dataset)"
@@ -46,7 +46,8 @@ class CheckReport:
 def _image_dtype(path: Any) -> str | None:
     """The stored voxel type of an image file (None for a DICOM series or an unreadable header)."""
     from .errors import SegpipeError
-    from .io.image import image_extension, read_header
+    from .io.formats import image_extension
+    from .io.image import read_header
 
     if image_extension(path) is None:
         return None
@@ -58,7 +59,7 @@ def _image_dtype(path: Any) -> str | None:
 
 def _orientation_findings(ds: Dataset, case: Any) -> list[Finding]:
     """A warning for each NIfTI file of the case whose header declares no orientation."""
-    from .io.image import NO_ORIENTATION_FIX, no_orientation_warning
+    from .io.nifti import NO_ORIENTATION_FIX, no_orientation_warning
 
     out = []
     for path in case.files():

@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .errors import (
     EXIT_DATA,
     EXIT_FINDINGS,
@@ -196,10 +196,11 @@ def _given(cfg: Any, overrides: list[str], command: str | None = None) -> dict[s
     """The settings given on the command line: full key → value as composed (lists, dicts plain)."""
     from omegaconf import OmegaConf
 
-    from .config import _expand, selectable_groups
+    from .config import expand_overrides
+    from .settings import selectable_groups
 
     out: dict[str, Any] = {}
-    for ov in _expand(overrides, command=command):
+    for ov in expand_overrides(overrides, command=command):
         key, raw = ov.split("=", 1)
         if key in selectable_groups():  # a group selection (loss=tversky): the option's name
             out[key] = raw
@@ -380,7 +381,7 @@ def _commented_yaml(text: str) -> str:
     one name in different groups (``train.batch_size``, ``infer.batch_size``) say what each is."""
     import re
 
-    from .config import setting_comments
+    from .settings import setting_comments
 
     comments = setting_comments()
     path: list[tuple[int, str]] = []  # (indent, key) of the enclosing mappings
@@ -635,7 +636,7 @@ def out_of_memory(command: str, exc: BaseException) -> StateError:
     """An allocation that failed, as an exit-4 error: what was asked for, what is free, and the fix."""
     import resource
 
-    from .io.image import available_memory
+    from .io.limits import available_memory
 
     detail = str(exc).strip().split(" for an array")[0] or "an allocation failed"
     free = f"{available_memory() / 2**30:.1f} GiB free on the machine"
@@ -648,7 +649,7 @@ def out_of_memory(command: str, exc: BaseException) -> StateError:
     )
 
 
-def _print_error(command: str, ns: argparse.Namespace, etype: str, message: str, fix: str | None, code: int) -> int:
+def _print_error(command: str, ns: argparse.Namespace, etype: str, message: str, *, fix: str | None, code: int) -> int:
     print(f"segpipe {command}: error: {message}" + (f"\n  fix: {fix}" if fix else ""), file=sys.stderr)
     if getattr(ns, "json", False):
         print(json.dumps({"ok": False, "error": {"type": etype, "message": message, "fix": fix, "exit_code": code}}))
@@ -706,21 +707,21 @@ def main(argv: list[str] | None = None) -> int:
     except SegpipeError as exc:
         if ns.debug:
             traceback.print_exc()
-        return _print_error(command, ns, type(exc).__name__, exc.message, exc.hint, exc.exit_code)
+        return _print_error(command, ns, type(exc).__name__, exc.message, fix=exc.hint, code=exc.exit_code)
     except KeyboardInterrupt:
-        return _print_error(command, ns, "KeyboardInterrupt", "interrupted", None, EXIT_INTERRUPTED)
+        return _print_error(command, ns, "KeyboardInterrupt", "interrupted", fix=None, code=EXIT_INTERRUPTED)
     except MemoryError as exc:
         if ns.debug:
             traceback.print_exc()
         oom = out_of_memory(command, exc)
-        return _print_error(command, ns, "MemoryError", oom.message, oom.hint, oom.exit_code)
+        return _print_error(command, ns, "MemoryError", oom.message, fix=oom.hint, code=oom.exit_code)
     except OSError as exc:
         mapped = _os_error(exc)
         if mapped is None:
             return _internal(command, ns, exc)
         if ns.debug:
             traceback.print_exc()
-        return _print_error(command, ns, type(mapped).__name__, mapped.message, mapped.hint, mapped.exit_code)
+        return _print_error(command, ns, type(mapped).__name__, mapped.message, fix=mapped.hint, code=mapped.exit_code)
     except Exception as exc:  # a bug: keep it to one line unless --debug
         return _internal(command, ns, exc)
     if result is _QUIET:  # another process of a distributed run: rank 0 speaks for it
@@ -744,8 +745,8 @@ def _internal(command: str, ns: argparse.Namespace, exc: BaseException) -> int:
         ns,
         type(exc).__name__,
         f"internal error: {type(exc).__name__}: {exc}",
-        "rerun with --debug and report the traceback",
-        EXIT_INTERNAL,
+        fix="rerun with --debug and report the traceback",
+        code=EXIT_INTERNAL,
     )
 
 

@@ -15,14 +15,12 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cache, lru_cache
-from importlib import resources
-from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING
 
 from .errors import ConfigError, UsageError
+from .settings.conf import all_settings, compose, composed_defaults, selectable_groups, setting_comments
 from .workspace import DEFAULT_WORK_DIR, resolve_work_dir  # noqa: F401  (re-exported)
 
 #: Aliases accepted on the command line and in the Python API: alias → canonical key.
@@ -147,84 +145,6 @@ class RootSchema:
     planner: dict[str, Any] = field(default_factory=dict)
 
 
-def config_dir() -> Path:
-    """The folder holding ``config.yaml`` (inside the installed package, or the repo's ``conf/``)."""
-    path = Path(str(resources.files("segpipe.conf")))
-    if not (path / "config.yaml").is_file():  # pragma: no cover - broken installation
-        raise ConfigError(f"{path}: config.yaml missing; the installation is broken", hint="reinstall segpipe")
-    return path
-
-
-@cache
-def group_defaults(group: str) -> dict[str, Any]:
-    """The defaults of one config group as written in ``conf/<group>/default.yaml``.
-
-    Library code that needs a default (``PlanSettings``, the DICOM reader) reads it from here, so
-    each default is written once, in ``conf/``.
-    """
-    from omegaconf import OmegaConf
-
-    data = OmegaConf.to_container(OmegaConf.load(config_dir() / group / "default.yaml"), resolve=True)
-    if not isinstance(data, dict):  # pragma: no cover - broken installation
-        raise ConfigError(f"{config_dir() / group / 'default.yaml'}: not a mapping", hint="reinstall segpipe")
-    return {str(k): v for k, v in data.items()}
-
-
-def _flatten(cfg: Any, prefix: str = "") -> list[str]:
-    from omegaconf import DictConfig
-
-    keys = []
-    for k in cfg:
-        full = f"{prefix}{k}"
-        v = cfg._get_node(k)
-        if isinstance(v, DictConfig):
-            keys.extend(_flatten(v, full + "."))
-        else:
-            keys.append(full)
-    return keys
-
-
-@lru_cache(maxsize=1)
-def selectable_groups() -> dict[str, tuple[str, ...]]:
-    """Config groups with several options (``conf/loss/tversky.yaml`` …): group → option names.
-
-    ``loss=tversky`` selects an option; its keys (``alpha=0.3``) are then settings like any other.
-    Groups with one ``default.yaml`` (planner, dicom, train) only hold settings.
-    """
-    out: dict[str, tuple[str, ...]] = {}
-    for folder in sorted(p for p in config_dir().iterdir() if p.is_dir() and not p.name.startswith("_")):
-        options = tuple(sorted(p.stem for p in folder.glob("*.yaml")))
-        if options and options != ("default",):
-            out[folder.name] = options
-    return out
-
-
-@lru_cache(maxsize=16)
-def _defaults(selections: tuple[str, ...] = ()) -> tuple[Any, tuple[str, ...]]:
-    """The composed defaults (unresolved) with group ``selections`` (``("loss=tversky",)``), and
-    every setting's full key."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="segpipe"):
-            base = compose(config_name="config", overrides=list(selections))
-    finally:
-        GlobalHydra.instance().clear()
-    return base, tuple(_flatten(base))
-
-
-def all_settings(selections: Iterable[str] = ()) -> list[str]:
-    """Every setting's full key (``work_dir``, ``planner.gpu_memory_gb``, ``train.fold``, …)."""
-    return list(_defaults(tuple(selections))[1])
-
-
-def default_option(group: str) -> str:
-    """The option of ``group`` the configuration selects by default (``conf/config.yaml``)."""
-    return str(_defaults()[0][group]["name"])
-
-
 def _selection(group: str, option: Any) -> str:
     """``group=option`` for a selectable group, refusing an unknown option with the valid list."""
     options = selectable_groups()[group]
@@ -299,7 +219,7 @@ def _quoted_path(value: str) -> str:
     return "'" + escaped + "'"
 
 
-def _expand(overrides: list[str], known: list[str] | None = None, command: str | None = None) -> list[str]:
+def expand_overrides(overrides: list[str], known: list[str] | None = None, command: str | None = None) -> list[str]:
     """Full-key Hydra overrides for ``overrides``: group selections first, then settings.
 
     ``known`` (the valid full keys) defaults to those of the configuration the selections give;
@@ -454,25 +374,19 @@ def compose_config(overrides: Iterable[str] = (), *, command: str | None = None)
 
     With ``command``, settings that command does not use are refused.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     overrides = list(overrides)
-    expanded = _expand(overrides, command=command)
+    expanded = expand_overrides(overrides, command=command)
     if command is not None:
         check_command(command, [ov.split("=", 1)[0] for ov in expanded])
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="segpipe"):
-            cfg = compose(config_name="config", overrides=expanded)
+        cfg = compose(expanded)
     except Exception as exc:  # Hydra's errors: override grammar, missing group options, ...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
             f"invalid override(s) {' '.join(overrides)}: {msg}", hint="`segpipe config` lists every setting"
         ) from None
-    finally:
-        GlobalHydra.instance().clear()
     try:
         OmegaConf.resolve(cfg)
     except Exception as exc:
@@ -501,7 +415,7 @@ def settings_config(command: str, settings: Mapping[str, Any]) -> Any:
     full = given_settings(command, settings)
     groups = selectable_groups()
     selections = tuple(f"{k}={v}" for k, v in full.items() if k in groups)
-    base = OmegaConf.create(OmegaConf.to_container(_defaults(selections)[0], resolve=False))
+    base = OmegaConf.create(OmegaConf.to_container(composed_defaults(selections)[0], resolve=False))
     for key, value in full.items():
         if key in groups:
             continue
@@ -522,36 +436,11 @@ def to_container(cfg: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- help text
-_COMMENT_RE = re.compile(r"^(\s*)([A-Za-z0-9_]+):\s*(.*?)\s*(?:#\s*(.*))?$")
-
-
-@lru_cache(maxsize=1)
-def setting_comments() -> dict[str, str]:
-    """The trailing ``# comment`` of every setting in ``conf/`` (full key → text), for help."""
-    out: dict[str, str] = {}
-    root = config_dir()
-    base = _defaults()[0]
-
-    def default_last(p: Path) -> tuple[str, bool]:  # the selected option's comments win
-        group = p.parent.name
-        return group, group in base and p.stem == str(base[group].get("name", ""))
-
-    files = [(root / "config.yaml", "")] + [
-        (p, p.parent.name + ".") for p in sorted(root.glob("*/*.yaml"), key=default_last)
-    ]
-    for path, prefix in files:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            m = _COMMENT_RE.match(line)
-            if m and not m.group(1) and m.group(2) != "defaults" and m.group(4):
-                out[prefix + m.group(2)] = m.group(4).strip()
-    return out
-
-
 def settings_help(command: str) -> str:
     """Lines ``key=default  comment`` for each setting ``command`` takes (generated from conf/)."""
     from omegaconf import OmegaConf
 
-    base = _defaults()[0]
+    base = composed_defaults()[0]
     comments = setting_comments()
     rows = []
     groups = selectable_groups()
@@ -579,28 +468,3 @@ def settings_help(command: str) -> str:
         return "  (no settings)"
     width = min(max(len(a) for a, _ in rows), 40)
     return "\n".join(f"  {a.ljust(width)}  {b}".rstrip() for a, b in rows)
-
-
-def process_settings(value: Any, *, single: str, several: str) -> dict[str, Any]:
-    """The ``trainer`` group checked: ``{"name": "single"|"ddp", "devices": N, "num_nodes": M}`` from a
-    name or a composed option. ``single``/``several`` word the refusal of several devices with
-    ``trainer=single`` for the command (``"trains in one process"``, ``"trains in several"``)."""
-    t: dict[str, Any] = dict(value) if isinstance(value, Mapping) else {"name": str(value)}
-    t.setdefault("name", "single")
-    t.setdefault("devices", 1 if t["name"] == "single" else 2)
-    t.setdefault("num_nodes", 1)
-    if t["name"] not in ("single", "ddp"):
-        raise ConfigError(f"trainer={t['name']!r} is not a trainer", hint="trainer=single, or trainer=ddp devices=N")
-    for key in ("devices", "num_nodes"):
-        try:
-            t[key] = int(t[key])
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={t[key]!r} is not a whole number") from None
-        if t[key] < 1:
-            raise ConfigError(f"{key}={t[key]} must be at least 1")
-    if t["name"] == "single" and (t["devices"], t["num_nodes"]) != (1, 1):
-        raise ConfigError(
-            f"devices={t['devices']} num_nodes={t['num_nodes']}: trainer=single {single}",
-            hint=f"trainer=ddp devices=N num_nodes=M {several}",
-        )
-    return t

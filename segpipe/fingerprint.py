@@ -37,8 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import crop_box
 from .parallel import default_num_workers  # noqa: F401  (re-exported from its old home)
-from .preprocessing import crop_box
+from .settings import configured
 
 FINGERPRINT_VERSION = 2  # 2: per-channel foreground intensity histogram
 SAMPLE_SEED = 1234
@@ -273,9 +274,9 @@ def compute_fingerprint(dataset: Any, *, num_workers: int | None = None) -> dict
     ``dataset`` is a :class:`segpipe.io.datasets.Dataset`. Deterministic: the same data gives the
     same dict whatever ``num_workers`` is.
     """
-    from .data.splits import N_FOLDS
     from .errors import DatasetError
     from .parallel import resolve_num_workers
+    from .splits import N_FOLDS
 
     if not dataset.cases:
         raise DatasetError(
@@ -378,7 +379,7 @@ def load_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def fingerprint_dataset(
-    dataset: Any, path: str | os.PathLike[str], *, force: bool = False, num_workers: int | None = None
+    dataset: Any, path: str | os.PathLike[str], *, force: bool | None = None, num_workers: int | None = None
 ) -> dict[str, Any]:
     """Fingerprint ``dataset`` into the JSON file ``path``, reusing it when the dataset is unchanged.
 
@@ -387,6 +388,7 @@ def fingerprint_dataset(
     the signature (file list, sizes, modification times, channels, labels, fingerprint version)
     matches; ``force=True`` recomputes regardless. A corrupt cache file is recomputed.
     """
+    force = configured(force, "force")
     from .io.atomic import write_text
     from .io.jsonio import dumps as canonical
 

@@ -64,7 +64,7 @@ class RegionTerm(nn.Module):
     """Soft-Dice-like term from per-class statistics. Subclasses define :meth:`class_loss`
     (and :class:`HardnessDice` its own :meth:`statistics`)."""
 
-    def __init__(self, *, smooth: float = 1e-5, include_background: bool = False, batch_dice: bool = False):
+    def __init__(self, *, smooth: float, include_background: bool, batch_dice: bool):
         super().__init__()
         self.smooth, self.include_background, self.batch_dice = (
             float(smooth),
@@ -120,7 +120,7 @@ class Tversky(RegionTerm):
     exactly, smoothing included.
     """
 
-    def __init__(self, *, alpha: float = 0.3, beta: float = 0.7, **kwargs: Any):
+    def __init__(self, *, alpha: float, beta: float, **kwargs: Any):
         super().__init__(**kwargs)
         self.alpha, self.beta = float(alpha), float(beta)
 
@@ -137,7 +137,7 @@ class FocalTversky(Tversky):
     """Focal Tversky (Abraham & Khan 2019): ``(1 − TI)^γ`` per class. The base is floored at 1e-7 so
     that γ < 1 keeps a finite gradient at a perfect prediction."""
 
-    def __init__(self, *, gamma: float = 0.75, **kwargs: Any):
+    def __init__(self, *, gamma: float, **kwargs: Any):
         super().__init__(**kwargs)
         self.gamma = float(gamma)
 
@@ -150,7 +150,7 @@ class HardnessDice(RegionTerm):
     weighted by ``w = λ·|p − g| + (1 − λ)`` in numerator and denominator; ``−dc`` per class.
     λ = 0 is :class:`SoftDice`. ``detach_weight`` (default) treats w as a constant."""
 
-    def __init__(self, *, lam: float = 0.6, detach_weight: bool = True, **kwargs: Any):
+    def __init__(self, *, lam: float, detach_weight: bool, **kwargs: Any):
         super().__init__(**kwargs)
         self.lam, self.detach_weight = float(lam), bool(detach_weight)
 
@@ -183,7 +183,7 @@ class Focal(nn.Module):
 
     alpha: torch.Tensor
 
-    def __init__(self, *, gamma: float = 2.0, alpha: float | Sequence[float] = 1.0):
+    def __init__(self, *, gamma: float, alpha: float | Sequence[float]):
         super().__init__()
         self.gamma = float(gamma)
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32).reshape(-1), persistent=False)
@@ -222,8 +222,8 @@ class SegLoss(nn.Module):
         region: RegionTerm | None,
         voxel: nn.Module | None,
         *,
-        region_weight: float = 1.0,
-        ce_weight: float = 1.0,
+        region_weight: float,
+        ce_weight: float,
         ignore_index: int | None = None,
     ):
         super().__init__()
@@ -455,17 +455,9 @@ def register_loss(name: str, builder: LossBuilder) -> None:
 
 def loss_defaults(name: str) -> dict[str, Any]:
     """The parameters of ``conf/loss/<name>.yaml`` without ``name`` (empty when there is no such file)."""
-    from omegaconf import OmegaConf
+    from .settings import option_defaults
 
-    from .config import config_dir
-
-    path = config_dir() / "loss" / f"{name}.yaml"
-    if not path.is_file():
-        return {}
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if not isinstance(data, dict):  # pragma: no cover - broken installation
-        raise ConfigError(f"{path}: not a mapping", hint="reinstall segpipe")
-    return {str(k): v for k, v in data.items() if k != "name"}
+    return {k: v for k, v in option_defaults("loss", str(name)).items() if k != "name"}
 
 
 def build_loss(name: str, /, *, context: Mapping[str, Any] | None = None, **params: Any) -> SegLoss:

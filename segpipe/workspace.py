@@ -44,6 +44,12 @@ PLAN_SUMMARY_FILE = "plan_summary.md"
 DATASET_REPORT_FILE = "dataset_report.png"
 SPLITS_FILE = "splits_final.json"
 RESERVED_NAMES = ("raw",)
+
+# A training run's folder, runs/<configuration>/fold_<k>/ (see RunFolder)
+LAST, BEST, FINAL = "last.pt", "best.pt", "final.pt"
+SETTINGS_FILE, METRICS_FILE, PROGRESS_FILE = "settings.json", "metrics.csv", "progress.png"
+VALIDATION_DIR, TENSORBOARD_DIR = "validation", "tensorboard"
+VALIDATION_SUMMARY_FILE = "summary.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -195,6 +201,10 @@ class DatasetWorkspace:
     def run_dir(self, configuration: str, fold: int | str) -> Path:
         return self.root / "runs" / configuration / f"fold_{fold}"
 
+    def run_folder(self, configuration: str, fold: int | str) -> RunFolder:
+        """The run of ``configuration`` on ``fold`` (:class:`RunFolder`)."""
+        return RunFolder(self.run_dir(configuration, fold))
+
     @property
     def best_configuration_path(self) -> Path:
         """``segpipe find-best``'s decision: the configuration(s) and post-processing ``infer`` uses."""
@@ -345,3 +355,51 @@ def _flock(path: Path, command: str, *, shared: bool, busy: Callable[[str], Exce
         f.write(f"`segpipe {command}` (process {os.getpid()}, since {stamp})")
         f.flush()
         yield
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One training run, ``runs/<configuration>/fold_<k>/``, and the files it holds::
+
+    settings.json   the resolved training settings and the library versions
+    last.pt         the full training state after the last save (last.prev.pt: the one before)
+    best.pt         the network weights at the best EMA pseudo-Dice so far
+    final.pt        the network weights once the run has finished
+    metrics.csv     one row per epoch; progress.png: the same history drawn
+    tensorboard/    TensorBoard event files, when asked for
+    validation/     the full-case validation: summary.json, dice_per_case.csv, <case>.npy
+    """
+
+    root: Path
+
+    @property
+    def last(self) -> Path:
+        return self.root / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.root / BEST
+
+    @property
+    def final(self) -> Path:
+        return self.root / FINAL
+
+    @property
+    def settings(self) -> Path:
+        return self.root / SETTINGS_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def progress(self) -> Path:
+        return self.root / PROGRESS_FILE
+
+    @property
+    def validation_dir(self) -> Path:
+        return self.root / VALIDATION_DIR
+
+    @property
+    def validation_summary(self) -> Path:
+        return self.root / VALIDATION_DIR / VALIDATION_SUMMARY_FILE

@@ -46,11 +46,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     import torch
 
     import segpipe
+    from segpipe.checkpoint import save_checkpoint
     from segpipe.demo_data import generate_demo_dataset
     from segpipe.inference.model import Member, Model, export_model
     from segpipe.networks import build_network
     from segpipe.planning import load_plan
-    from segpipe.training.checkpoint import save_checkpoint
 
     tmp = tmp_path_factory.mktemp("tiny_model")
     data = generate_demo_dataset(tmp / "Demo", num_cases=3, num_test=1)

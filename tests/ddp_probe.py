@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from segpipe.planning import PlanConfig, load_plan
-from segpipe.training import runner
+from segpipe.training import callbacks, fit
 from segpipe.training.module import SegmentationModule
 
 TINY = {
@@ -47,15 +47,15 @@ def main() -> None:
         return step(self, batch, batch_idx)
 
     SegmentationModule.training_step = recording_step  # type: ignore[method-assign]
-    for name in ("save_checkpoint", "write_json", "write_text"):
-        original = getattr(runner, name)
+    for module, name in ((callbacks, "save_checkpoint"), (fit, "write_json"), (callbacks, "write_text")):
+        original = getattr(module, name)
 
         def recording(path, *args, _original=original, **kwargs):  # type: ignore[no-untyped-def]
             written.append(Path(path).name)
             return _original(path, *args, **kwargs)
 
-        setattr(runner, name, recording)
-    end = runner.RunCheckpoint.on_train_end
+        setattr(module, name, recording)
+    end = callbacks.RunCheckpoint.on_train_end
 
     def weights_at_end(self, trainer, module):  # type: ignore[no-untyped-def]
         state = module.network.state_dict()
@@ -63,7 +63,7 @@ def main() -> None:
         digest["global_rank"] = str(trainer.global_rank)
         return end(self, trainer, module)
 
-    runner.RunCheckpoint.on_train_end = weights_at_end  # type: ignore[method-assign]
+    callbacks.RunCheckpoint.on_train_end = weights_at_end  # type: ignore[method-assign]
     settings = {
         "epochs": 2,
         "iterations_per_epoch": 3,
@@ -74,7 +74,7 @@ def main() -> None:
         "progress": False,
         "tensorboard": False,
     }
-    result = runner.fit(plan, "3d_fullres", 4, work_dir=work, settings=settings, overwrite=True)
+    result = fit.fit(plan, "3d_fullres", 4, work_dir=work, settings=settings, overwrite=True)
     record = {"rank": rank, "batches": batches, "written": written, **digest, "result": result}
     (out / f"rank{rank}.json").write_text(json.dumps(record, default=str))
 

@@ -165,17 +165,17 @@ def test_intensity_transforms_keep_their_invariants() -> None:
 def test_blur_matches_scipy_and_keeps_constants() -> None:
     from scipy.ndimage import gaussian_filter1d
 
-    from segpipe.data.augment import _gaussian_1d, _kernel_size
+    from segpipe.data.augment import gaussian_1d, kernel_size
 
     x = torch.randn(3, 9, 10, 11)
     sig = np.array([0.5, 0.8, 1.0])  # kernels of 3, 5 and 7 taps (batchgeneratorsv2's 6σ rule)
-    assert [_kernel_size(s) for s in sig] == [3, 5, 7]
-    out = _gaussian_1d(x, sig, 2)
+    assert [kernel_size(s) for s in sig] == [3, 5, 7]
+    out = gaussian_1d(x, sig, 2)
     for i, s in enumerate(sig):  # torch's "reflect" padding is scipy's "mirror"
-        ref = gaussian_filter1d(x[i].numpy().astype(np.float64), s, axis=1, mode="mirror", radius=_kernel_size(s) // 2)
+        ref = gaussian_filter1d(x[i].numpy().astype(np.float64), s, axis=1, mode="mirror", radius=kernel_size(s) // 2)
         assert np.allclose(out[i].numpy(), ref, atol=1e-5)
     c = torch.full((2, 5, 6, 7), 4.0)
-    assert torch.allclose(_gaussian_1d(c, np.array([0.7, 1.0]), 3), c)
+    assert torch.allclose(gaussian_1d(c, np.array([0.7, 1.0]), 3), c)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

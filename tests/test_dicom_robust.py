@@ -347,14 +347,14 @@ def test_missing_decoder_hint_names_the_package(tmp_path: Path, monkeypatch: pyt
     shutil.copy(src, tmp_path / "nm.dcm")
     import pydicom.pixels
 
-    from segpipe.io import dicom
+    from segpipe.io.dicom import pixels
 
     class _NoLibjpeg:
         available_plugins = ("gdcm", "pillow")
 
     monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda ts: _NoLibjpeg())
     ds = pydicom.dcmread(str(tmp_path / "nm.dcm"))
-    error = dicom._decode_failure(
+    error = pixels.decode_failure(
         tmp_path / "nm.dcm",
         ds,
         RuntimeError(

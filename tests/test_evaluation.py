@@ -14,15 +14,15 @@ import pytest
 from segpipe.errors import DataError, UsageError
 from segpipe.evaluation import (
     DEFAULT_TOLERANCE_MM,
-    evaluate_folders,
     hd95,
     normalized_surface_dice,
     surface_distances,
     surface_metrics_per_class,
 )
-from segpipe.evaluation.folder import _qc_slices
 from segpipe.geometry import Geometry
 from segpipe.io.image import write_image
+from segpipe.workflows.evaluate import evaluate_folders
+from segpipe.workflows.evaluation_plots import qc_slices
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SP = (2.0, 0.7, 1.5)  # mm along z, y, x
@@ -361,5 +361,5 @@ def test_qc_overlays(tmp_path):
 def test_qc_slices_centre_on_the_foreground():
     mask = np.zeros((10, 3, 3), dtype=bool)
     mask[2:7, 1, 1] = True  # slices 2..6, centre 4
-    assert _qc_slices(mask) == [3, 4, 5]
-    assert _qc_slices(np.zeros((8, 2, 2), dtype=bool)) == [2, 4, 6]
+    assert qc_slices(mask) == [3, 4, 5]
+    assert qc_slices(np.zeros((8, 2, 2), dtype=bool)) == [2, 4, 6]

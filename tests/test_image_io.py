@@ -21,7 +21,9 @@ from segpipe import read_image
 from segpipe.errors import EXIT_DATA, ReadError, SegpipeError
 from segpipe.geometry import Geometry
 from segpipe.io import image as image_io
-from segpipe.io.image import header_warnings, read_header
+from segpipe.io import limits
+from segpipe.io.image import read_header
+from segpipe.io.nifti import header_warnings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -243,7 +245,7 @@ def test_compressed_nrrd_claiming_more_than_deflate_can_hold_is_refused(tmp_path
 
 def test_image_larger_than_available_memory_is_refused(tmp_path, monkeypatch):
     path = craft_nifti(tmp_path / "fine.nii.gz", shape=(20, 20, 20))
-    monkeypatch.setattr(image_io, "available_memory", lambda: 10_000)
+    monkeypatch.setattr(limits, "available_memory", lambda: 10_000)
     with pytest.raises(ReadError, match=r"fine\.nii\.gz.*\(20, 20, 20\).*memory") as info:
         read_image(path)
     assert "memory" in (info.value.hint or "")
@@ -277,10 +279,10 @@ def test_a_short_written_image_is_an_os_error_not_a_result(tmp_path, ext):
 
     arr = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
     path = image_io.write_image(tmp_path / f"ok{ext}", arr, Geometry((4, 5, 6), (1.0, 1.0, 1.0)))
-    image_io._check_written(path, path, ext, arr.nbytes)  # complete: no error
+    limits.check_written(path, path, ext, arr.nbytes)  # complete: no error
     full = path.stat().st_size
     # 200 bytes short: less than the 352-byte header, so the voxel bytes alone would still "fit"
     os.truncate(path, full - (200 if ext == ".nii" else 20))
     with pytest.raises(OSError) as info:
-        image_io._check_written(path, path, ext, arr.nbytes)
+        limits.check_written(path, path, ext, arr.nbytes)
     assert info.value.errno == errno.EIO and info.value.filename == str(path)  # the disk is not full here

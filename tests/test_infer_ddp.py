@@ -17,6 +17,7 @@ from conftest import REPO, make_msd, tiny_case
 
 import segpipe
 from segpipe import cli
+from segpipe.checkpoint import save_checkpoint
 from segpipe.errors import ConfigError
 from segpipe.geometry import Geometry
 from segpipe.inference import Member, Model, Predictor, discover_inputs, export_model, infer_cases
@@ -24,7 +25,6 @@ from segpipe.inference.distributed import RankSampler, process_settings
 from segpipe.io.image import read_image, write_image
 from segpipe.networks import build_network
 from segpipe.planning import load_plan
-from segpipe.training.checkpoint import save_checkpoint
 
 CONFIG = "3d_fullres"
 GOOD = ["c0", "c1", "c2", "c3", "c4"]

@@ -19,7 +19,8 @@ from conftest import REPO, make_msd
 
 import segpipe
 from segpipe import api, cli
-from segpipe.config import COMMAND_SETTINGS, accepts, all_settings, compose_config, settings_config
+from segpipe.config import COMMAND_SETTINGS, accepts, compose_config, settings_config
+from segpipe.settings import all_settings
 
 AVAILABLE = [c for c in COMMAND_SETTINGS if c != "config"]
 
@@ -172,7 +173,7 @@ def test_every_setting_is_honoured_or_refused(command, monkeypatch, capsys, tmp_
         "evaluate": [str(tmp_path), str(tmp_path)],
     }[command]
     checked = 0
-    from segpipe.config import selectable_groups
+    from segpipe.settings import selectable_groups
 
     for key in all_settings():
         if key.partition(".")[0] in selectable_groups() and key.endswith(".name"):

@@ -30,8 +30,8 @@ from segpipe.training import (
     restore_rng,
     save_checkpoint,
 )
+from segpipe.training.fit import fit, train_settings
 from segpipe.training.module import SegmentationModule, confusion_counts, dice_from_counts
-from segpipe.training.runner import fit, train_settings
 
 
 # ============================================================================ optimizers
@@ -322,13 +322,13 @@ def test_truncated_or_foreign_checkpoint_is_a_state_error(tmp_path: Path) -> Non
 
 
 def test_resume_state_falls_back_to_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from segpipe.training import runner
+    from segpipe.training import resume as runner
 
     run = tmp_path / "run"
     save_checkpoint(run / "last.pt", {"epoch": 1})
     save_checkpoint(run / "last.pt", {"epoch": 2}, keep_previous=True)
     assert load_checkpoint(run / "last.prev.pt")["epoch"] == 1
-    assert runner._load_resume_state(run, writer=True)["epoch"] == 2  # the newest when it is sound
+    assert runner.load_resume_state(run, writer=True)["epoch"] == 2  # the newest when it is sound
     # another process of a distributed run removed a damaged last.pt between the look and the read
     real = runner.load_checkpoint
 
@@ -338,16 +338,16 @@ def test_resume_state_falls_back_to_the_previous_checkpoint(tmp_path: Path, monk
         return real(path)
 
     monkeypatch.setattr(runner, "load_checkpoint", vanishing)
-    assert runner._load_resume_state(run, writer=False)["epoch"] == 1
+    assert runner.load_resume_state(run, writer=False)["epoch"] == 1
     monkeypatch.setattr(runner, "load_checkpoint", real)
     # damaged: the previous one, and the damaged file is gone (never kept as "previous" by the next save)
     save_checkpoint(run / "last.pt", {"epoch": 2})
     (run / "last.pt").write_bytes(b"PK\x03\x04 cut short")
-    assert runner._load_resume_state(run, writer=True)["epoch"] == 1 and not (run / "last.pt").exists()
+    assert runner.load_resume_state(run, writer=True)["epoch"] == 1 and not (run / "last.pt").exists()
     # a pickled object in last.pt is refused outright, not stepped around
     torch.save({"x": _Payload()}, run / "last.pt")
     with pytest.raises(StateError, match="could run code"):
-        runner._load_resume_state(run, writer=True)
+        runner.load_resume_state(run, writer=True)
 
 
 # ============================================================================ the LightningModule
@@ -451,14 +451,14 @@ def test_train_settings_refuse_unknown_and_bad_values() -> None:
 
 
 def test_progress_bar_and_tensorboard_follow_their_settings(tmp_path: Path, monkeypatch) -> None:
-    from segpipe.training import runner
+    from segpipe.training import fit as runner
 
     monkeypatch.setattr("segpipe.progress.progress_mode", lambda stream=None: "bar")
     assert runner._progress_bar("auto") is True and runner._progress_bar(False) is False
     monkeypatch.setattr("segpipe.progress.progress_mode", lambda stream=None: "log")
     assert runner._progress_bar("auto") is False and runner._progress_bar(True) is True
     assert runner._loggers(tmp_path, False) is False
-    monkeypatch.setattr(runner, "_tensorboard_installed", lambda: False)
+    monkeypatch.setattr(runner.run_settings, "tensorboard_installed", lambda: False)
     assert runner._loggers(tmp_path, "auto") is False
     with pytest.raises(ConfigError, match="tensorboard=true needs the tensorboard package"):
         train_settings({"tensorboard": True})
@@ -493,7 +493,7 @@ def _same(a, b) -> bool:
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_is_bit_identical(tiny_run, monkeypatch) -> None:
-    from segpipe.training import runner as fit_module
+    from segpipe.training import fit as fit_module
 
     torch.set_num_threads(1)
     plan, work = tiny_run
@@ -626,7 +626,7 @@ def test_sigusr1_saves_inside_an_epoch_requeues_under_slurm_and_resumes_bit_iden
     epoch and ends with the weights of a run that was never stopped."""
     import signal
 
-    from segpipe.training import runner as fit_module
+    from segpipe.training import fit as fit_module
 
     torch.set_num_threads(1)
     plan, work = tiny_run
@@ -683,17 +683,18 @@ def test_sigusr1_saves_inside_an_epoch_requeues_under_slurm_and_resumes_bit_iden
 
 @pytest.mark.slow
 def test_checkpoint_every_saves_inside_epochs(tiny_run, monkeypatch) -> None:
-    from segpipe.training import runner as fit_module
+    from segpipe.training import callbacks
+    from segpipe.training import fit as fit_module
 
     plan, work = tiny_run
     saved: list[dict] = []
-    original = fit_module.save_checkpoint
+    original = callbacks.save_checkpoint
 
     def recording(path, state, **kw):
         saved.append({"name": Path(path).name, "data": dict(state.get("data", {}))})
         return original(path, state, **kw)
 
-    monkeypatch.setattr(fit_module, "save_checkpoint", recording)
+    monkeypatch.setattr(callbacks, "save_checkpoint", recording)
     settings = {**SETTINGS, "epochs": 1, "iterations_per_epoch": 3, "checkpoint_every": "0.001s"}
     res = fit_module.fit(plan, "3d_fullres", 3, work_dir=work, settings=settings, overwrite=True)
     assert res["finished"]
@@ -734,7 +735,7 @@ def test_ddp_with_two_cpu_processes(tiny_run, tmp_path: Path) -> None:
 def test_hardness_weighted_case_sampling_draws_the_hard_cases(tiny_run, monkeypatch) -> None:
     """case_sampling=hardness: the losses seen per case steer the next epoch's draws (fresh loader
     workers get the probabilities), and the loss history is part of the saved state."""
-    from segpipe.training import runner as fit_module
+    from segpipe.training import fit as fit_module
 
     plan, work = tiny_run
     drawn: list[list[str]] = []
@@ -863,7 +864,8 @@ class _FakePlan:
 
 
 def test_fold_validation_counts_windows_and_estimates_its_time(tmp_path: Path) -> None:
-    from segpipe.training.runner import FORWARD_SHARE, WINDOW_OVERHEAD, FoldValidation
+    from segpipe.training.budget import FORWARD_SHARE, WINDOW_OVERHEAD
+    from segpipe.training.validation import FoldValidation
 
     plan = _FakePlan(_tiny_config(patch_size=[12, 24, 28]))
     # patch 12×24×28, overlap 0.5: 12×30×28 → 1·2·1 windows (y: 30 − 24 = 6 < step 12 → 2); 10×20×20 pads to 1
@@ -892,7 +894,7 @@ def test_fold_validation_counts_windows_and_estimates_its_time(tmp_path: Path) -
 
 def test_fold_validation_times_a_window_without_touching_weights_or_random_streams(tmp_path: Path) -> None:
     from segpipe.networks import build_network
-    from segpipe.training.runner import FoldValidation
+    from segpipe.training.validation import FoldValidation
 
     cfg = _tiny_config(patch_size=[12, 24, 28])
     v = FoldValidation(_FakePlan(cfg), "3d_fullres", _FakeCache({"a": (1, 12, 30, 28)}), ["a"], tmp_path)
@@ -908,7 +910,7 @@ def test_fold_validation_times_a_window_without_touching_weights_or_random_strea
 
 
 def test_metrics_csv_has_the_validation_columns() -> None:
-    from segpipe.training.runner import _metrics_csv
+    from segpipe.training.reports import metrics_csv as _metrics_csv
 
     nan = float("nan")
     history = {
@@ -934,29 +936,29 @@ def test_metrics_csv_has_the_validation_columns() -> None:
 
 
 def test_progress_png_costs_at_most_a_twentieth_and_waits_at_most_30_s(tmp_path: Path, monkeypatch) -> None:
-    from segpipe.training import runner
+    from segpipe.training import reports
 
     drawn: list[int] = []
     monkeypatch.setattr(
-        runner, "write_reports", lambda run_dir, history, names, **kw: drawn.append(len(history["epoch"]))
+        reports, "write_reports", lambda run_dir, history, names, **kw: drawn.append(len(history["epoch"]))
     )
     module = SegmentationModule(_tiny_config(), 1, 3, epochs=10, iterations_per_epoch=2)
-    cb = runner.RunCheckpoint(tmp_path)
+    cb = reports.ProgressDrawer(tmp_path)
 
     def epoch_end(force: bool = False, draw_seconds: float = 1.0) -> None:
         module.history["epoch"].append(len(module.history["epoch"]))
-        cb._draw(module, force=force)
-        cb._draw_seconds = draw_seconds  # as if drawing took this long
+        cb.draw(module, force=force)
+        cb.draw_seconds = draw_seconds  # as if drawing took this long
 
     epoch_end()  # the first epoch: drawn
     epoch_end()  # right after: not drawn (a 1 s drawing waits 20 s)
     assert drawn == [1]
-    assert cb._drawn_at is not None
-    cb._drawn_at -= 19.0
+    assert cb.drawn_at is not None
+    cb.drawn_at -= 19.0
     epoch_end()  # 19 s later: not yet
-    cb._drawn_at -= 1.0
+    cb.drawn_at -= 1.0
     epoch_end(draw_seconds=2.0)  # 20 s: drawn
-    cb._drawn_at -= 30.0
+    cb.drawn_at -= 30.0
     epoch_end()  # a 2 s drawing would wait 40 s, but never more than 30 s: drawn
     epoch_end(force=True)  # the last epoch: always
     assert drawn == [1, 4, 5, 6]
@@ -978,7 +980,7 @@ def test_record_validation_and_old_histories() -> None:
 
 
 def test_budget_respans_the_schedule(tmp_path: Path) -> None:
-    from segpipe.training.runner import RunCheckpoint
+    from segpipe.training.callbacks import RunCheckpoint
 
     module = SegmentationModule(_tiny_config(), 1, 3, epochs=100, iterations_per_epoch=5)
     opt = module.configure_optimizers()
@@ -989,7 +991,7 @@ def test_budget_respans_the_schedule(tmp_path: Path) -> None:
     module.completed_epochs = 2
     module.history["epoch_seconds"] = [10.0, 10.0]
     cb = RunCheckpoint(tmp_path, max_time=100.0, resume={"elapsed_seconds": 40.0})
-    cb._apply_budget(None, module)  # type: ignore[arg-type]
+    cb.apply_budget(None, module)  # type: ignore[arg-type]
     # 100 s − 40 s spent = 60 s: 6 more epochs of 10 s (less whatever this test's clock took)
     assert module.planned_epochs in (7, 8)
     planned = module.planned_epochs
@@ -1023,7 +1025,7 @@ class _Estimate:
     ],
 )
 def test_budget_keeps_the_final_validation_in_reserve(tmp_path: Path, val_every, measured, planned, last) -> None:
-    from segpipe.training.runner import RunCheckpoint
+    from segpipe.training.callbacks import RunCheckpoint
 
     module = SegmentationModule(_tiny_config(), 1, 3, epochs=100, iterations_per_epoch=5)
     module.configure_optimizers()
@@ -1033,22 +1035,22 @@ def test_budget_keeps_the_final_validation_in_reserve(tmp_path: Path, val_every,
     cb = RunCheckpoint(
         tmp_path, max_time=100.0, resume=resume, validation=_Estimate(4.0), val_every=val_every, batch_size=2
     )  # type: ignore[arg-type]
-    cb._apply_budget(None, module)  # type: ignore[arg-type]
+    cb.apply_budget(None, module)  # type: ignore[arg-type]
     assert (module.planned_epochs, module.final_epoch_iterations) == (planned, last)
 
 
 def test_budget_plans_inside_the_first_epoch(tmp_path: Path) -> None:
     """Iterations timed inside an epoch plan the run before any epoch ended: a budget shorter than one
     epoch ends the first epoch early, and the per-iteration schedule spans exactly the planned steps."""
-    from segpipe.training.runner import RunCheckpoint
+    from segpipe.training.callbacks import RunCheckpoint
 
     module = SegmentationModule(
         _tiny_config(), 1, 3, epochs=100, iterations_per_epoch=10, optim={"schedule_interval": "step"}
     )
     module.configure_optimizers()
     cb = RunCheckpoint(tmp_path, max_time=30.0, val_batches=4)
-    cb._iteration_times = [1.0, 1.2, 0.9]  # median 1 s; validation patches estimated 4 × 0.5 × 1 s = 2 s
-    cb._apply_budget(None, module, done_in_epoch=4)  # type: ignore[arg-type]
+    cb.budget.iteration_times = [1.0, 1.2, 0.9]  # median 1 s; validation patches estimated 4 × 0.5 × 1 s = 2 s
+    cb.apply_budget(None, module, done_in_epoch=4)  # type: ignore[arg-type]
     # available 30 − (a hair) − 0.6 margin: epoch 1 ends whole (6 + 2 s), epoch 2 (12 s): 20 s; then
     # 9.4 s: 7 iterations + 2 s → 3 epochs, the last of 7 iterations, 27 steps
     assert (module.planned_epochs, module.final_epoch_iterations) == (3, 7)
@@ -1059,9 +1061,9 @@ def test_budget_plans_inside_the_first_epoch(tmp_path: Path) -> None:
     assert module.on_train_batch_start(None, 6) is None and module.on_train_batch_start(None, 7) == -1
     # a budget smaller than what is done ends the epoch in progress at once
     cb = RunCheckpoint(tmp_path, max_time=1.0, val_batches=4)
-    cb._iteration_times = [1.0, 1.0, 1.0]
+    cb.budget.iteration_times = [1.0, 1.0, 1.0]
     module.completed_epochs = 0
-    cb._apply_budget(None, module, done_in_epoch=4)  # type: ignore[arg-type]
+    cb.apply_budget(None, module, done_in_epoch=4)  # type: ignore[arg-type]
     assert (module.planned_epochs, module.final_epoch_iterations) == (1, 4)
     assert module.scheduler.total_steps == 4
 

@@ -115,7 +115,7 @@ def test_oracle_network_gives_dice_one_and_writes_every_file(prepared, monkeypat
     calls = _oracle(monkeypatch, cache, cases, plan.num_classes)
     seen: list[tuple[int, int]] = []
     out = tmp_path / "fold_0" / "validation"
-    result = validate_cases(None, cache, cases, plan, CONFIG, out, progress=lambda d, t: seen.append((d, t)))
+    result = validate_cases(None, cache, cases, plan, CONFIG, out_dir=out, progress=lambda d, t: seen.append((d, t)))
     assert calls == cases and seen == [(1, 3), (2, 3), (3, 3)]
 
     labels = _labels(cache, cases)
@@ -162,7 +162,7 @@ def test_wrong_voxels_by_hand_and_the_ignore_label(prepared, monkeypatch, tmp_pa
         return torch.where(t == 3, torch.ones_like(t), t)
 
     _oracle(monkeypatch, cache, cases, plan.num_classes, remap=lesion_as_organ)
-    result = validate_cases(None, cache, cases, plan, CONFIG, tmp_path / "a", save_probabilities=False)
+    result = validate_cases(None, cache, cases, plan, CONFIG, out_dir=tmp_path / "a", save_probabilities=False)
     assert result["probabilities"] == {} and not list((tmp_path / "a").glob("*.npy"))
     for cid, lab in labels.items():
         n1, n3 = int((lab == 1).sum()), int((lab == 3).sum())
@@ -171,7 +171,9 @@ def test_wrong_voxels_by_hand_and_the_ignore_label(prepared, monkeypatch, tmp_pa
         assert d[3] == 0.0 if n3 else math.isnan(d[3])
 
     _oracle(monkeypatch, cache, cases, plan.num_classes, remap=lesion_as_organ)
-    ignored = validate_cases(None, cache, cases, plan, CONFIG, tmp_path / "b", ignore_index=3, save_probabilities=False)
+    ignored = validate_cases(
+        None, cache, cases, plan, CONFIG, out_dir=tmp_path / "b", ignore_index=3, save_probabilities=False
+    )
     assert set(ignored["class_dice"]) == {1, 2} and ignored["class_dice"][1] == 1.0
     assert ignored["mean_fg_dice"] == 1.0
 
@@ -185,7 +187,7 @@ def test_random_network_end_to_end(prepared, tmp_path: Path) -> None:
     network = build_network(plan.config(CONFIG), plan.in_channels, plan.num_classes)
     network.train()
     out = tmp_path / "validation"
-    result = validate_cases(network, cache, cases, plan, CONFIG, out, device="cpu")
+    result = validate_cases(network, cache, cases, plan, CONFIG, out_dir=out, device="cpu")
     assert network.training  # the sliding window restores the mode
     labels = _labels(cache, cases)
     for cid, dice in result["case_dice"].items():
@@ -211,16 +213,16 @@ def test_refusals(prepared, tmp_path: Path) -> None:
 
     plan, cache, cases = prepared["plan"], prepared["cache"], prepared["cases"]
     with pytest.raises(ConfigError, match="no validation cases"):
-        validate_cases(None, cache, [], plan, CONFIG, tmp_path / "v")
+        validate_cases(None, cache, [], plan, CONFIG, out_dir=tmp_path / "v")
     with pytest.raises(ConfigError, match="twice"):
-        validate_cases(None, cache, [cases[0], cases[0]], plan, CONFIG, tmp_path / "v")
+        validate_cases(None, cache, [cases[0], cases[0]], plan, CONFIG, out_dir=tmp_path / "v")
     with pytest.raises(ConfigError, match="not in the plan"):
-        validate_cases(None, cache, cases, plan, "2d", tmp_path / "v")
+        validate_cases(None, cache, cases, plan, "2d", out_dir=tmp_path / "v")
     with pytest.raises(StateError, match="not in the cache"):
-        validate_cases(None, cache, ["nope"], plan, CONFIG, tmp_path / "v")
+        validate_cases(None, cache, ["nope"], plan, CONFIG, out_dir=tmp_path / "v")
     image, _, props = cache.load(cases[0], mmap=False)
     unlabelled = Cache(tmp_path / "cache")
     unlabelled.write("u", np.array(image), None, {k: v for k, v in props.items() if k != "arrays"})
     with pytest.raises(DataError, match="without a label"):
-        validate_cases(None, unlabelled, ["u"], plan, CONFIG, tmp_path / "v")
+        validate_cases(None, unlabelled, ["u"], plan, CONFIG, out_dir=tmp_path / "v")
     assert not (tmp_path / "v" / "summary.json").exists()

@@ -65,7 +65,7 @@ def test_wheel_install_composes_config_outside_the_repo(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     code = (
-        "import json, segpipe; from segpipe.config import compose_config, to_container, config_dir;"
+        "import json, segpipe; from segpipe.config import compose_config, to_container; from segpipe.settings import config_dir;"
         "cfg = compose_config(['gpu_memory_gb=12']);"
         "print(json.dumps({'file': segpipe.__file__, 'conf': str(config_dir()), 'cfg': to_container(cfg)}))"
     )

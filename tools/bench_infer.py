@@ -58,7 +58,7 @@ MEMORY_PATCH = (128, 128, 128)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_plan import _nnunet_raw, run_measured  # noqa: E402
+from bench_plan import nnunet_raw, run_measured  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
 THREADS = 2
@@ -189,10 +189,10 @@ def setup_segpipe(data: Path, work: Path, n_cases: int) -> tuple[Path, Path, Pat
     import torch
 
     import segpipe
+    from segpipe.checkpoint import save_checkpoint
     from segpipe.inference.model import Member, Model, export_model
     from segpipe.networks import build_network
     from segpipe.planning import load_plan
-    from segpipe.training.checkpoint import save_checkpoint
 
     planned = segpipe.plan(data, work_dir=work / "ws", configurations=["3d_fullres"])
     plan = load_plan(planned["plans_path"])
@@ -229,7 +229,7 @@ def bench_nnunet(python: Path, data: Path, work: Path, ts: Path, images: Path, o
     raw, pre = work / "nnUNet_raw", work / "nnUNet_preprocessed"
     raw.mkdir(parents=True, exist_ok=True)
     pre.mkdir(parents=True, exist_ok=True)
-    name, _ = _nnunet_raw(data, raw) if not any(raw.iterdir()) else (next(raw.iterdir()).name, 0)
+    name, _ = nnunet_raw(data, raw) if not any(raw.iterdir()) else (next(raw.iterdir()).name, 0)
     env = {
         **os.environ,
         "nnUNet_raw": str(raw),
@@ -269,12 +269,12 @@ def setup_memory(work: Path) -> dict[str, Path]:
     import numpy as np
     import torch
 
+    from segpipe.checkpoint import save_checkpoint
     from segpipe.geometry import Geometry
     from segpipe.inference.model import Member, Model, export_model
     from segpipe.io.image import write_image
     from segpipe.networks import build_network
     from segpipe.planning import Plan
-    from segpipe.training.checkpoint import save_checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
     images = work / "memory_images"

@@ -79,7 +79,7 @@ def bench_segpipe(data: Path, work: Path, num_workers: str, interval: float) -> 
     return {"fresh": fresh, "cached": cached}
 
 
-def _nnunet_raw(data: Path, raw: Path) -> tuple[str, int]:
+def nnunet_raw(data: Path, raw: Path) -> tuple[str, int]:
     """Link an MSD/nnU-Net/case-folder dataset into ``raw/Dataset999_<name>``; returns (name, n_cases)."""
     sys.path.insert(0, str(REPO))
     from segpipe.io.datasets import load_dataset
@@ -120,7 +120,7 @@ def bench_nnunet(python: Path, data: Path, tmp: Path, interval: float) -> dict[s
     raw, pre, res = tmp / "nnUNet_raw", tmp / "nnUNet_preprocessed", tmp / "nnUNet_results"
     for d in (raw, pre, res):
         d.mkdir(parents=True)
-    _nnunet_raw(data, raw)
+    nnunet_raw(data, raw)
     env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(res)}
     fp = run_measured([str(extract), "-d", "999", "-np", "2"], env=env, interval=interval)
     pl = run_measured([str(plan), "-d", "999"], env=env, interval=interval)

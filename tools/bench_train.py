@@ -39,7 +39,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_plan import _nnunet_raw, run_measured  # noqa: E402
+from bench_plan import nnunet_raw, run_measured  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
 #: REFERENCE.md, one machine of this kind: nnUNetTrainer_1epoch 1411 s, Dice 0.820 (0.818 / 0.822)
@@ -116,7 +116,7 @@ def bench_nnunet(python: Path, data: Path, tmp: Path, splits: Path) -> dict[str,
     raw, pre, res = tmp / "nnUNet_raw", tmp / "nnUNet_preprocessed", tmp / "nnUNet_results"
     for d in (raw, pre, res):
         d.mkdir(parents=True)
-    name, _ = _nnunet_raw(data, raw)
+    name, _ = nnunet_raw(data, raw)
     env = {
         **os.environ,
         "nnUNet_raw": str(raw),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command to set up segpipe from a fresh clone and run something:
 #   bash tools/quickstart.sh demo   # venv + install, then plan → … on the embedded dataset
-#   bash tools/quickstart.sh test   # venv + install, then ruff (format + lint), mypy and the test suite
+#   bash tools/quickstart.sh test   # venv + install, then ruff (format + lint), mypy, the import contract and the test suite
 # Extra arguments go to `segpipe demo` or pytest. Needs only python3 (>= 3.10) with venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,9 +28,10 @@ pip_install -e ".[dev]"
 if [ "$mode" = demo ]; then
   exec "$VENV/bin/segpipe" demo "$@"
 fi
-echo "[quickstart] ruff format --check, ruff check, mypy" >&2
+echo "[quickstart] ruff format --check, ruff check, mypy, lint-imports" >&2
 "$VENV/bin/ruff" format --check .
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy"
+"$VENV/bin/lint-imports"
 echo "[quickstart] pytest" >&2
 exec "$VENV/bin/python" -m pytest "$@"

@@ -38,12 +38,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ..splits import SPLIT_SEED, SPLITS_FILE, fold_cases, load_or_create_splits, make_splits, validate_splits
     from .augment import AugmentConfig, Augmenter
     from .datamodule import SegDataModule, TrainStream, ValidationPatches, worker_init
     from .sampler import OVERSAMPLE_FOREGROUND, PatchSampler, finish_batch
-    from .splits import SPLIT_SEED, SPLITS_FILE, fold_cases, load_or_create_splits, make_splits, validate_splits
 
-# each name's module, imported on first use: `segpipe.data.splits` stays light for `check` and
+# each name's module, imported on first use: `segpipe.splits` stays light for `check` and
 # `plan` (the data module pulls in Lightning, which takes seconds to import)
 _HOME = {
     **dict.fromkeys(("AugmentConfig", "Augmenter"), ".augment"),
@@ -51,7 +51,7 @@ _HOME = {
     **dict.fromkeys(("OVERSAMPLE_FOREGROUND", "PatchSampler", "finish_batch"), ".sampler"),
     **dict.fromkeys(
         ("SPLIT_SEED", "SPLITS_FILE", "fold_cases", "load_or_create_splits", "make_splits", "validate_splits"),
-        ".splits",
+        "..splits",
     ),
 }
 

@@ -286,7 +286,7 @@ class Augmenter:
             tb, tc = torch.as_tensor(bi, device=img.device), torch.as_tensor(ci, device=img.device)
             x = img[tb, tc]  # [N, *S]
             for axis in range(img.ndim - 2):
-                x = _gaussian_1d(x, sigmas[:, axis], axis + 1)
+                x = gaussian_1d(x, sigmas[:, axis], axis + 1)
             img[tb, tc] = x
         return fired
 
@@ -431,14 +431,14 @@ class Augmenter:
         return rates
 
 
-def _gaussian_1d(x: torch.Tensor, sigma: np.ndarray, dim: int) -> torch.Tensor:
+def gaussian_1d(x: torch.Tensor, sigma: np.ndarray, dim: int) -> torch.Tensor:
     """Blur ``x`` [N, *S] along ``dim`` with one Gaussian per row (σ ``sigma[N]``), reflect padding.
 
     Kernel size as batchgeneratorsv2 (odd, ≈ 6σ); all rows share the longest kernel, shorter ones
     zero-padded. A weighted sum of shifted views: at ≤ 7 taps this beats a grouped ``conv3d``
     (which has no fast depthwise CPU path) and runs unchanged on the GPU.
     """
-    sizes = [_kernel_size(s) for s in sigma]
+    sizes = [kernel_size(s) for s in sigma]
     k = max(sizes)
     half = k // 2
     if x.shape[dim] <= half:  # too thin to reflect: leave that axis alone
@@ -488,7 +488,7 @@ def _affine_grid(theta: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return grid
 
 
-def _kernel_size(sigma: float, truncate: float = 6.0) -> int:
+def kernel_size(sigma: float, truncate: float = 6.0) -> int:
     n = sigma * truncate + 0.5
     r = round(n)
     if r % 2 == 1:

@@ -13,9 +13,10 @@ import torch
 from ..errors import StateError, UsageError
 from ..parallel import cap_num_workers, default_num_workers, worker_signals
 from ..preprocessing.cache import Cache
+from ..settings import configured
+from ..splits import fold_cases, load_or_create_splits
 from .augment import AugmentConfig, Augmenter
 from .sampler import OVERSAMPLE_FOREGROUND, PatchSampler, finish_batch
-from .splits import fold_cases, load_or_create_splits
 
 
 def _worker() -> tuple[int, int]:
@@ -66,6 +67,10 @@ class TrainStream(torch.utils.data.IterableDataset):
         it ends after batch ``length − 1`` (the epoch's length), the later ones run endlessly."""
         self._starts = int(epoch)
         self._resume = (int(epoch), int(batch), int(length)) if batch and length is not None else None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iterator epoch ``epoch`` (0-based), keeping a pending :meth:`resume_at`."""
+        self._starts = int(epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, workers = _worker()
@@ -150,7 +155,7 @@ class SegDataModule(_LightningDataModule):
         oversample_foreground: float = OVERSAMPLE_FOREGROUND,
         augment: AugmentConfig | None = None,
         num_workers: int | None = None,
-        seed: int = 12345,
+        seed: int | None = None,
         num_val_batches: int = 50,
         augment_on_device: bool = False,
         image_pad: float = 0.0,
@@ -159,6 +164,7 @@ class SegDataModule(_LightningDataModule):
         world_size: int = 1,
         fresh_workers: bool = False,
     ):
+        seed = configured(seed, "train.seed")
         super().__init__()
         self.cache = cache if isinstance(cache, Cache) else Cache(cache)
         self.cache_dir = self.cache.root
@@ -243,6 +249,12 @@ class SegDataModule(_LightningDataModule):
             image_pad=self.image_pad,
             label_pad=self.label_pad,
         )
+
+    @property
+    def train_stream(self) -> TrainStream | None:
+        """The training batches' stream once :meth:`setup` made it (a resumed run continues it with
+        :meth:`TrainStream.resume_at`)."""
+        return self._train
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is None:

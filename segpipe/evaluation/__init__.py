@@ -1,6 +1,6 @@
-"""Evaluation: Dice (nnU-Net's rules), HD95 and normalised surface Dice, folder evaluation with CSV, JSON and plots, and `find-best`."""
+"""Evaluation metrics: Dice (nnU-Net's rules), HD95 and normalised surface Dice, per case and summarised
+(folder evaluation and ``find-best`` are workflows: :mod:`segpipe.workflows`)."""
 
-from .folder import evaluate_folders
 from .metrics import (
     CaseMetrics,
     class_mean_dice,
@@ -28,7 +28,6 @@ __all__ = [
     "confusion_counts",
     "dice_from_counts",
     "dice_per_class",
-    "evaluate_folders",
     "evaluate_case",
     "hd95",
     "mean_foreground_dice",

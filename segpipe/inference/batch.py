@@ -26,7 +26,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import time
 import traceback
 from collections.abc import Callable
@@ -38,9 +37,11 @@ import numpy as np
 
 from ..errors import SegpipeError, UsageError
 from ..io.atomic import save_npy, sweep_temporaries
-from ..io.image import IMAGE_EXTENSIONS, image_extension, write_image
+from ..io.formats import CHANNEL_NAME, IMAGE_EXTENSIONS, case_id_of, image_extension
+from ..io.image import write_image
 from ..io.jsonio import read_json, write_json
-from .predictor import Prediction, Predictor, _case_id
+from ..settings import configured
+from .predictor import Prediction, Predictor
 
 __all__ = [
     "OUTPUT_FORMATS",
@@ -59,7 +60,6 @@ log = logging.getLogger("segpipe")
 #: ``format=`` of the label maps and the extension it writes
 OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha"}
 REPORT_FORMAT = "segpipe.prediction"
-_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def _group_images(files: list[Path], in_channels: int, where: Path) -> list[Inpu
     cases = []
     for f in files:
         stem = f.name[: -len(image_extension(f) or "")]
-        m = _CHANNEL.match(stem)
+        m = CHANNEL_NAME.match(stem)
         if m:
             groups.setdefault(m["case"], []).append((int(m["channel"]), f))
         else:
@@ -121,7 +121,7 @@ def discover_inputs(path: str | os.PathLike[str], *, in_channels: int = 1) -> li
                 f"{p}: not an image segpipe reads",
                 hint=f"give a {', '.join(IMAGE_EXTENSIONS)} file, a DICOM file or a DICOM series folder",
             )
-        return [InputCase(_case_id(p), (p,))]
+        return [InputCase(case_id_of(p), (p,))]
     if (p / "dataset.json").is_file():
         from ..io.datasets import load_dataset
 
@@ -189,7 +189,7 @@ def _report_matches(report_path: Path, label_path: Path, identity: dict[str, Any
 def _report(
     case: InputCase, pred: Prediction, label_path: Path, identity: dict[str, Any], extra: dict[str, Any]
 ) -> dict[str, Any]:
-    from .model import _versions
+    from .._version import versions
 
     return {
         "format": REPORT_FORMAT,
@@ -202,7 +202,7 @@ def _report(
         "identity": identity,
         "seconds": round(pred.seconds, 3),
         "timings": {k: round(v, 3) for k, v in pred.timings.items()},
-        "versions": _versions(),
+        "versions": versions(),
         **extra,
     }
 
@@ -266,7 +266,7 @@ def segment_case(
     *,
     fmt: str,
     identity: dict[str, Any],
-    probabilities: bool = False,
+    probabilities: bool | None = None,
     overwrite: bool = False,
     report_extra: dict[str, Any] | None = None,
     stop_on: frozenset[int] | None = None,
@@ -278,6 +278,7 @@ def segment_case(
     none of its files, and so does an interruption (then raised); a write error whose errno is in
     ``stop_on`` (default :data:`STOP_ERRNOS`: a full or read-only disk) is raised, naming the file,
     instead of failing this case alone."""
+    probabilities = configured(probabilities, "infer.probabilities")
     ext = OUTPUT_FORMATS[fmt]
     label_path = out / f"{case.id}{ext}"
     report_path = out / f"{case.id}.json"
@@ -349,12 +350,13 @@ def infer_cases(
     out_dir: str | os.PathLike[str],
     *,
     fmt: str = "nii.gz",
-    probabilities: bool = False,
+    probabilities: bool | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
     """Segment ``cases`` into ``out_dir`` (see the module docstring); returns what was written,
     skipped and what failed (``{"output", "written", "skipped", "failed": [{case, error, hint}], ...}``)."""
+    probabilities = configured(probabilities, "infer.probabilities")
     out = prepare_output(out_dir, fmt)
     identity = prediction_identity(predictor, fmt, probabilities)
     written: list[str] = []

@@ -19,72 +19,40 @@ output folder must be one that every machine sees.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, Sampler
 
+from .. import runtime
 from ..errors import ConfigError
+from ..settings import configured
 from .batch import CaseOutcome, InputCase, prediction_identity, prepare_output, segment_case
 from .predictor import Predictor
 
 __all__ = ["RankSampler", "infer_cases_ddp", "predict_trainer", "process_settings", "rank_device"]
 
 #: devices a distributed batch can run on (``cuda:N`` picks one GPU: each process gets its own)
-_DEVICES = ("auto", "cpu", "cuda", "gpu")
 
 
 def process_settings(value: Any) -> dict[str, Any]:
     """``{"name": "single"|"ddp", "devices": N, "num_nodes": M}`` from the composed ``trainer`` option."""
-    from ..config import process_settings as checked
+    from ..settings import process_settings as checked
 
     return checked(value, single="segments in one process", several="shares the cases out among N × M processes")
 
 
 def _accelerator(device: str) -> str:
-    name = str(device).strip().lower()
-    if name not in _DEVICES:
+    """Each process of a distributed batch takes its own device (process r of a machine its GPU r):
+    a device index is refused, the rest is :func:`segpipe.runtime.accelerator`."""
+    if str(device).strip().lower() not in runtime.DEVICES:
         raise ConfigError(
             f"device={device} with trainer=ddp: each process takes its own device",
             hint="device=auto, cpu or cuda (process r of a machine uses its GPU r)",
         )
-    if name == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if name in ("cuda", "gpu") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device}: no CUDA device is available here", hint="device=cpu or device=auto")
-    return "cpu" if name == "cpu" else "gpu"
-
-
-@contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Lightning's start-up notes (accelerators found, tips about loader workers) stay out of the
-    output; segpipe reports the batch itself. Errors still show."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def _slurm_plugins() -> list[Any]:
-    """Under SLURM, Lightning's cluster environment without its requeue on SIGUSR1 (a requeued
-    batch needs nothing saved: its re-run skips the finished cases)."""
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    return runtime.accelerator(device)
 
 
 def predict_trainer(*, device: str, devices: int, num_nodes: int, root: str | os.PathLike[str]) -> Any:
@@ -95,7 +63,7 @@ def predict_trainer(*, device: str, devices: int, num_nodes: int, root: str | os
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
-        with _quiet_lightning():
+        with runtime.quiet_lightning():
             return L.Trainer(
                 accelerator=accelerator,
                 strategy="ddp",
@@ -107,7 +75,7 @@ def predict_trainer(*, device: str, devices: int, num_nodes: int, root: str | os
                 enable_model_summary=False,
                 use_distributed_sampler=False,  # RankSampler shares the cases out, none twice
                 default_root_dir=str(root),
-                plugins=_slurm_plugins(),
+                plugins=runtime.slurm_plugins(),
             )
     except MisconfigurationException as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -170,7 +138,7 @@ def infer_cases_ddp(
     out_dir: str | os.PathLike[str],
     *,
     fmt: str = "nii.gz",
-    probabilities: bool = False,
+    probabilities: bool | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
@@ -178,6 +146,7 @@ def infer_cases_ddp(
     (:func:`predict_trainer`; see the module docstring). ``progress`` is called by the first process
     for its own cases (``done`` and ``total`` count its share). Returns the same summary on every
     process, with ``rank`` (this process) and ``processes`` (how many shared the batch) added."""
+    probabilities = configured(probabilities, "infer.probabilities")
     out = prepare_output(out_dir, fmt)
     identity = prediction_identity(predictor, fmt, probabilities)
     rank, world = int(trainer.global_rank), int(trainer.world_size)
@@ -205,7 +174,7 @@ def infer_cases_ddp(
 
     indices: Any = list(range(len(cases)))  # a map-style dataset: item i is case index i
     loader: DataLoader[int] = DataLoader(indices, batch_size=None, sampler=sampler, num_workers=0)
-    with _quiet_lightning():
+    with runtime.quiet_lightning():
         trainer.predict(_module(segment), dataloaders=loader, return_predictions=False)
     mine = {
         "outcomes": [(i, o.status, o.failure) for i, o in outcomes],

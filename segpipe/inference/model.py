@@ -32,10 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._version import versions
 from ..errors import ConfigError, StateError, UsageError
 from ..io.atomic import write_text
 from ..io.jsonio import read_json, write_json
 from ..planning import Plan, load_plan, save_plan
+from ..settings import configured
+from ..splits import N_FOLDS
+from ..workspace import RunFolder
 from .postprocess import check_postprocessing
 
 log = logging.getLogger("segpipe")
@@ -141,14 +145,14 @@ def parse_folds(value: Any) -> list[str] | None:
     items = list(value) if isinstance(value, (list, tuple)) else str(value).strip("[]").split(",")
     folds = [str(v).strip() for v in items if str(v).strip()]
     for f in folds:
-        if f != "all" and not (f.isdigit() and 0 <= int(f) < 5):
+        if f != "all" and not (f.isdigit() and 0 <= int(f) < N_FOLDS):
             raise UsageError(f"folds={value}: {f!r} is not a fold", hint="folds=[0,1,2,3,4], folds=0 or folds=all")
     return folds or None
 
 
 # ---------------------------------------------------------------------------- from a workspace
 def _validation_dice(run_dir: Path) -> float | None:
-    summary = run_dir / "validation" / "summary.json"
+    summary = RunFolder(run_dir).validation_summary
     try:
         value = json.loads(summary.read_text(encoding="utf-8"))["foreground_mean"]["Dice"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -165,23 +169,23 @@ def training_record(run_dir: Path, plan: Plan, configuration: str, fold: str, dw
     ended), the budget, the training and validation cases, the spacing and the training time."""
     record: dict[str, Any] = {"spacing_mm": list(plan.config(configuration).spacing)}
     try:
-        settings = json.loads((run_dir / "settings.json").read_text(encoding="utf-8")).get("settings", {})
+        settings = json.loads(RunFolder(run_dir).settings.read_text(encoding="utf-8")).get("settings", {})
     except (OSError, ValueError, AttributeError):
         settings = {}
     record["epochs_planned"] = settings.get("epochs")
     record["iterations_per_epoch"] = settings.get("iterations_per_epoch")
     record["max_time"] = settings.get("max_time")
     try:
-        with open(run_dir / "metrics.csv", encoding="utf-8") as f:
+        with open(RunFolder(run_dir).metrics, encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except OSError:
         rows = []
     record["epochs_done"] = len(rows)
     seconds = [float(r["seconds"]) for r in rows if r.get("seconds") not in (None, "")]
-    record["training_seconds"] = round(sum(seconds), 1) if seconds else None
-    record["finished"] = (run_dir / "final.pt").is_file()
+    record["training_seconds"] = round(sum(seconds), 3) if seconds else None
+    record["finished"] = RunFolder(run_dir).final.is_file()
     try:
-        from ..data.splits import fold_cases
+        from ..splits import fold_cases
 
         splits = json.loads(Path(dws.splits_path).read_text(encoding="utf-8"))
         train, val = fold_cases(splits, fold)
@@ -218,7 +222,7 @@ def workspace_model(
     *,
     configs: Sequence[str] | None = None,
     folds: Sequence[str] | None = None,
-    checkpoint: str = "final",
+    checkpoint: str | None = None,
 ) -> Model:
     """The trained runs of a dataset's workspace entry as a :class:`Model`.
 
@@ -227,6 +231,7 @@ def workspace_model(
     fold with weights (``fold_all`` only when no fold 0-4 was trained). ``checkpoint``: ``final``
     (runs that finished) or ``best``.
     """
+    checkpoint = configured(checkpoint, "infer.checkpoint")
     if checkpoint not in CHECKPOINTS:
         raise UsageError(f"checkpoint={checkpoint} is not one of {', '.join(CHECKPOINTS)}", hint="checkpoint=final")
     runs = Path(dws.root) / "runs"
@@ -308,19 +313,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _versions() -> dict[str, str]:
-    from .. import __version__
-
-    out = {"segpipe": __version__}
-    try:
-        import torch
-
-        out["torch"] = torch.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return out
-
-
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -384,7 +376,7 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
     The folder is built beside ``out`` under a temporary name and renamed into place at the end, so
     ``out`` is either complete or absent. An existing ``out`` is refused unless ``overwrite``.
     """
-    from ..training.checkpoint import load_checkpoint, save_checkpoint
+    from ..checkpoint import load_checkpoint, save_checkpoint
 
     target = Path(out).expanduser().resolve()
     if target.exists() and not overwrite:
@@ -451,7 +443,7 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
             # every other file the model reads, checksummed as the weights are
             "files": {name: file_sha256(tmp / name) for name in CHECKSUMMED_FILES},
             "warnings": export_warnings(model),
-            "versions": _versions(),
+            "versions": versions(),
         }
         write_json(tmp / MODEL_FILE, info)
         write_text(tmp / "README.md", _model_card(info))

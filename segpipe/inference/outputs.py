@@ -37,7 +37,8 @@ def _real(path: str | os.PathLike[str]) -> Path:
 
 
 def _is_dicom_file(path: Path) -> bool:
-    from ..io.image import image_extension, is_dicom_source
+    from ..io.formats import image_extension
+    from ..io.image import is_dicom_source
 
     return path.is_file() and image_extension(path) is None and is_dicom_source(path)
 

@@ -34,6 +34,8 @@ import torch
 
 from ..errors import ConfigError, DataError, UsageError
 from ..geometry import Geometry
+from ..io.formats import case_id_of
+from ..settings import configured
 from .model import CHECKPOINTS, Model, file_sha256, load_model_folder, parse_configs, parse_folds, workspace_model
 from .postprocess import apply_postprocessing
 from .sliding_window import predict_case_logits
@@ -93,14 +95,17 @@ class Predictor:
         self,
         model: Model,
         *,
-        tta: bool = True,
-        overlap: float = 0.5,
+        tta: bool | None = None,
+        overlap: float | None = None,
         batch_size: int | None = None,
-        device: str | torch.device | None = "auto",
+        device: str | torch.device | None = None,
         dicom: Mapping[str, Any] | None = None,
     ):
+        device = configured(device, "infer.device")
+        tta = configured(tta, "infer.tta")
+        overlap = configured(overlap, "infer.overlap")
+        from ..checkpoint import load_checkpoint
         from ..networks import build_network
-        from ..training.checkpoint import load_checkpoint
 
         if not model.members:
             raise ConfigError("the model has no trained network")
@@ -156,11 +161,12 @@ class Predictor:
         *,
         configs: Sequence[str] | str | None = None,
         folds: Any = None,
-        checkpoint: str = "final",
+        checkpoint: str | None = None,
         **options: Any,
     ) -> Predictor:
         """The predictor of a workspace's trained runs (``segpipe train``): the chosen configuration
         (``find-best``'s, else ``3d_fullres``) and every trained fold, unless ``configs``/``folds``."""
+        checkpoint = configured(checkpoint, "infer.checkpoint")
         from ..planning import load_plan
         from ..workspace import find_dataset
 
@@ -207,7 +213,7 @@ class Predictor:
         paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
         if not paths:
             raise UsageError("no image file given")
-        case = Case(case_id or _case_id(paths[0]), tuple(paths))
+        case = Case(case_id or case_id_of(paths[0]), tuple(paths))
         data = read_case(case, self._input_dataset(paths[0]))
         return np.asarray(data.image, dtype=np.float32), data.geometry
 
@@ -269,13 +275,14 @@ class Predictor:
         source: ImageInput,
         geometry: Geometry | None = None,
         *,
-        probabilities: bool = False,
+        probabilities: bool | None = None,
         case_id: str | None = None,
     ) -> Prediction:
         """Segment one case (see :meth:`read` for ``source``); the label map is on the input's grid.
 
         While the windows run, their progress is shown under ``case_id`` (or the file's name) on
         stderr when the ``segpipe`` logger shows INFO (see :mod:`segpipe.progress`)."""
+        probabilities = configured(probabilities, "infer.probabilities")
         from ..preprocessing import preprocess_arrays, restore, restore_argmax, spec_from_plan
 
         t0 = time.perf_counter()
@@ -368,28 +375,10 @@ class _MeanOf(torch.nn.Module):
         return total.div_(len(self.members))
 
 
-_CHANNEL_SUFFIX_LEN = 5  # nnU-Net's channel naming: <case>_0000.nii.gz
-
-
 def _source_name(source: ImageInput) -> str:
     """The case's name in progress lines: its file's or folder's, ``case`` for an array."""
     if isinstance(source, (str, os.PathLike)):
-        return _case_id(Path(source))
+        return case_id_of(Path(source))
     if isinstance(source, (np.ndarray, torch.Tensor)) or not source:
         return "case"
-    return _case_id(Path(source[0]))
-
-
-def _case_id(path: Path) -> str:
-    """A case id from a file or folder name: the image extension and a ``_0000`` channel suffix removed."""
-    from ..io.image import image_extension
-
-    name = path.name
-    ext = image_extension(path)
-    if ext:
-        name = name[: -len(ext)]
-    elif name.lower().endswith((".dcm", ".dicom", ".ima")):
-        name = name.rsplit(".", 1)[0]
-    if len(name) > _CHANNEL_SUFFIX_LEN and name[-5] == "_" and name[-4:].isdigit():
-        name = name[:-_CHANNEL_SUFFIX_LEN]
-    return name
+    return case_id_of(Path(source[0]))

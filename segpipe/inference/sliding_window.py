@@ -50,6 +50,7 @@ from torch.nn import functional as F
 from ..errors import ConfigError, DataError
 from ..planning import PlanConfig
 from ..progress import Progress
+from ..settings import configured
 
 __all__ = [
     "GAUSSIAN_SIGMA_SCALE",
@@ -87,7 +88,9 @@ ProgressArg = Callable[[int, int], None] | bool | str | None
 
 
 # ---------------------------------------------------------------------------- window geometry
-def window_starts(image_size: Sequence[int], patch_size: Sequence[int], overlap: float = 0.5) -> list[list[int]]:
+def window_starts(
+    image_size: Sequence[int], patch_size: Sequence[int], overlap: float | None = None
+) -> list[list[int]]:
     """Start index of every window, per axis (nnU-Net's ``compute_steps_for_sliding_window``).
 
     ``overlap`` is the fraction of the patch shared by neighbouring windows at most (0.5: step
@@ -97,6 +100,7 @@ def window_starts(image_size: Sequence[int], patch_size: Sequence[int], overlap:
     patch, say), the starts are every voxel, ``range(size - patch + 1)`` — the distinct values of
     nnU-Net's rounded positions, computed without listing their duplicates.
     """
+    overlap = configured(overlap, "infer.overlap")
     _check_overlap(overlap)
     if len(image_size) != len(patch_size):
         raise ConfigError(f"image size {tuple(image_size)} and patch size {tuple(patch_size)} differ in length")
@@ -227,7 +231,7 @@ def sliding_window_inference(
     predictor: Predictor,
     patch_size: Sequence[int],
     *,
-    overlap: float = 0.5,
+    overlap: float | None = None,
     batch_size: int = 4,
     num_classes: int | None = None,
     context_slices: int = 0,
@@ -265,6 +269,7 @@ def sliding_window_inference(
     the memory does not grow with the image. After a CUDA retry a sink sees rows again: write
     blocks by position.
     """
+    overlap = configured(overlap, "infer.overlap")
     dev = torch.device(device) if device is not None else None
     out_dev = torch.device(output_device) if output_device is not None else None
     kwargs: dict[str, Any] = dict(
@@ -481,7 +486,7 @@ class SlidingWindowPredictor:
         network: Predictor,
         patch_size: Sequence[int],
         *,
-        overlap: float = 0.5,
+        overlap: float | None = None,
         batch_size: int = 4,
         num_classes: int | None = None,
         context_slices: int = 0,
@@ -491,6 +496,7 @@ class SlidingWindowPredictor:
         autocast_dtype: torch.dtype | None = None,
         progress: ProgressArg = None,
     ):
+        overlap = configured(overlap, "infer.overlap")
         _check_overlap(overlap)
         self.network = network
         self.patch_size = tuple(int(p) for p in patch_size)

@@ -1,7 +1,8 @@
 """Readers, writers and dataset discovery."""
 
 from .atomic import atomic_folder, atomic_path, save_npy, write_text
-from .image import IMAGE_EXTENSIONS, ImageHeader, read_header, read_image, write_image
+from .formats import IMAGE_EXTENSIONS
+from .image import ImageHeader, read_header, read_image, write_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import DicomError, UsageError
 from ..geometry import Geometry
-from .dicom import _quiet_pydicom, _short_error
+from .dicom.headers import quiet_pydicom, short_error
 
 
 def _load(seg_path: Path) -> Any:
@@ -49,12 +49,12 @@ def _load(seg_path: Path) -> Any:
 
     if not seg_path.is_file():
         raise DicomError(f"{seg_path}: no such file", hint="check the path of the DICOM-SEG file")
-    with _quiet_pydicom():
+    with quiet_pydicom():
         try:
             ds = pydicom.dcmread(str(seg_path))
         except Exception as exc:  # anything pydicom raises
             raise DicomError(
-                f"{seg_path}: not a readable DICOM file ({_short_error(exc)})",
+                f"{seg_path}: not a readable DICOM file ({short_error(exc)})",
                 hint="check the file (it may be truncated or not DICOM)",
             ) from None
         if str(ds.get("Modality", "")) != "SEG":
@@ -66,7 +66,7 @@ def _load(seg_path: Path) -> Any:
             return hd.seg.Segmentation.from_dataset(ds, copy=False), ds
         except Exception as exc:  # highdicom validation errors (a truncated file lacks required attributes)
             raise DicomError(
-                f"{seg_path}: invalid or truncated DICOM-SEG ({_short_error(exc)})", hint="re-export the segmentation"
+                f"{seg_path}: invalid or truncated DICOM-SEG ({short_error(exc)})", hint="re-export the segmentation"
             ) from None
 
 
@@ -77,7 +77,7 @@ def _segments(seg_path: Path, seg: Any) -> dict[int, str]:
             out[int(n)] = str(seg.get_segment_description(n).segment_label or "")
     except Exception as exc:  # highdicom: a segment description it cannot parse
         raise DicomError(
-            f"{seg_path}: invalid segment descriptions ({_short_error(exc)})", hint="re-export the segmentation"
+            f"{seg_path}: invalid segment descriptions ({short_error(exc)})", hint="re-export the segmentation"
         ) from None
     return out
 
@@ -168,14 +168,14 @@ def read_dicom_seg(
     labelmap = str(ds.get("SegmentationType", "")) == "LABELMAP"
     values = _resolve_mapping(seg_path, segments, labelmap, mapping)
     try:
-        with _quiet_pydicom():
+        with quiet_pydicom():
             volume = seg.get_volume(combine_segments=False, segment_numbers=list(segments))
         seg_affine = np.asarray(volume.affine, dtype=float)
         to_seg = np.linalg.inv(seg_affine) @ geometry.index_to_world_matrix
         to_ref = np.linalg.inv(to_seg)
     except Exception as exc:  # highdicom raises ValueError/RuntimeError for odd geometry, numpy LinAlgError
         raise DicomError(
-            f"{seg_path}: the SEG frames do not form a regular volume ({_short_error(exc)})",
+            f"{seg_path}: the SEG frames do not form a regular volume ({short_error(exc)})",
             hint="re-export the SEG with frames on a regular grid",
         ) from None
     arr = np.asarray(volume.array)
@@ -342,7 +342,8 @@ def _check_sources(source: str | os.PathLike[str], sources: list[Any], frames: l
                 hint=f"give the series' files their {attribute}, {_NIFTI_INSTEAD}",
             )
     try:
-        from highdicom._standard_utils import get_sop_class_iod_map
+        # highdicom keeps its table of SOP classes private; without it, its own error names the class
+        from highdicom._standard_utils import get_sop_class_iod_map  # noqa: PLC2701
     except ImportError:  # pragma: no cover - another highdicom layout: its own error names the class
         known = None
     else:
@@ -414,7 +415,7 @@ def write_dicom_seg(
     import highdicom as hd
     import pydicom
 
-    from .. import __version__
+    from .._version import __version__
     from .atomic import atomic_path
     from .dicom import dicom_source_frames
 
@@ -440,18 +441,18 @@ def write_dicom_seg(
     if lab.size and int(lab.max()) > len(values):
         raise UsageError(f"the label map holds value {int(lab.max())}, beyond the {len(values)} named segments")
     sources = []
-    with _quiet_pydicom():
+    with quiet_pydicom():
         for f in frames:
             try:
                 sources.append(pydicom.dcmread(str(f.path), stop_before_pixels=True))
             except Exception as exc:  # anything pydicom raises: the file changed since it was read
                 raise DicomError(
-                    f"{source}: cannot read the header of {f.path} again to write the DICOM-SEG ({_short_error(exc)})",
+                    f"{source}: cannot read the header of {f.path} again to write the DICOM-SEG ({short_error(exc)})",
                     hint="leave the series' files unchanged while segpipe runs, and run the same command again",
                 ) from None
     _check_sources(source, sources, frames, float(geometry.spacing[0]))
     try:
-        with _quiet_pydicom(), _quiet_highdicom():
+        with quiet_pydicom(), _quiet_highdicom():
             algorithm = hd.AlgorithmIdentificationSequence(
                 name="segpipe",
                 version=software_version or __version__,
@@ -488,18 +489,18 @@ def write_dicom_seg(
             )
     except Exception as exc:  # whatever highdicom raises about a header value it refuses
         raise DicomError(
-            f"{source}: cannot make a DICOM-SEG from the series' headers ({_short_error(exc)})",
+            f"{source}: cannot make a DICOM-SEG from the series' headers ({short_error(exc)})",
             hint=f"correct that value in the series' files, {_NIFTI_INSTEAD}",
         ) from None
     with atomic_path(target, ext=".dcm") as tmp:
         try:
-            with _quiet_pydicom():
+            with quiet_pydicom():
                 seg.save_as(str(tmp))
         except OSError:
             raise  # a full or read-only disk is the batch's concern, not this series'
         except Exception as exc:  # pydicom refusing to encode a value copied from the source
             raise DicomError(
-                f"{source}: cannot write the DICOM-SEG of this series ({_short_error(exc)})",
+                f"{source}: cannot write the DICOM-SEG of this series ({short_error(exc)})",
                 hint=f"correct that value in the series' files, {_NIFTI_INSTEAD}",
             ) from None
     return target

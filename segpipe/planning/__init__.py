@@ -40,8 +40,9 @@ entry), :mod:`.report` (``plan_summary.md`` and ``dataset_report.png``, for peop
 
 from .memory import attention_hidden, estimate_gpu_bytes, estimate_training_bytes, memory_breakdown, topology
 from .plan import ChannelNormalization, Plan, PlanConfig, load_plan, plans_json, save_plan
-from .planner import PlanningResult, fingerprint_digest, make_plan, plan_summary_rows, run_planning, target_spacing
+from .planner import fingerprint_digest, make_plan, plan_summary_rows, target_spacing
 from .report import plan_summary_markdown, write_dataset_report, write_plan_summary
+from .run import PlanningResult, run_planning
 from .settings import (
     AMP_ACTIVATION_FACTOR,
     ANISOTROPY_THRESHOLD,

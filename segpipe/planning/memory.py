@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from ..settings import configured
 from .plan import PlanConfig
 from .settings import (
     AMP_ACTIVATION_FACTOR,
@@ -186,9 +187,10 @@ def estimate_training_bytes(plan_config: PlanConfig, in_channels: int, num_class
 
 
 def estimate_gpu_bytes(
-    plan_config: PlanConfig, in_channels: int, num_classes: int, batch_size: int, *, amp: bool = True
+    plan_config: PlanConfig, in_channels: int, num_classes: int, batch_size: int, *, amp: bool | None = None
 ) -> int:
     """Predicted peak GPU memory (as nvidia-smi shows it) of a training step; see :data:`GPU_SLACK`."""
+    amp = configured(amp, "planner.amp")
     b = memory_breakdown(plan_config, in_channels, num_classes, batch_size)
     factor = AMP_ACTIVATION_FACTOR if amp else 1.0
     return int(GPU_FIXED_BYTES + b["weight_state"] + GPU_SLACK * factor * b["activations"])

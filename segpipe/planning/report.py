@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StateError
+from ..settings import configured
 from .plan import Plan
 
 __all__ = [
@@ -424,7 +425,7 @@ def png_text(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def write_dataset_report(
-    path: str | os.PathLike[str], fingerprint: Mapping[str, Any], plan: Plan | None = None, *, force: bool = False
+    path: str | os.PathLike[str], fingerprint: Mapping[str, Any], plan: Plan | None = None, *, force: bool | None = None
 ) -> Path:
     """Draw ``dataset_report.png`` from a fingerprint (``plan`` adds its target spacing); atomic write.
 
@@ -434,6 +435,7 @@ def write_dataset_report(
     was drawn from (:func:`report_key`); an existing report drawn from the same data is kept
     (drawing takes a second or two) unless ``force``.
     """
+    force = configured(force, "force")
     target = Path(path)
     key = report_key(fingerprint, plan)
     if not force and png_text(target).get(REPORT_KEY_FIELD) == key:

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import group_defaults
 from ..errors import ConfigError
+from ..settings import group_defaults
 from ..workspace import PLANS_FILE as PLANS_FILE  # re-exported: the name lives in workspace.py
 
 SCHEMA_VERSION = 1

@@ -33,8 +33,8 @@ The package: :mod:`.spec` (settings), :mod:`.crop`, :mod:`.normalization`, :mod:
 :mod:`.dataset` (a whole dataset, in worker processes).
 """
 
+from ..arrays import crop_box
 from .cache import Cache, array_record, cache_key, cached_properties, load_cached_case, sampled_crc32, source_stats
-from .crop import crop_box
 from .dataset import PreprocessResult, preprocess_dataset
 from .normalization import NORMALIZERS, get_normalizer, normalize, register_normalization
 from .resampling import resample, resample_label, separate_z_axis

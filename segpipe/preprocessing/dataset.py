@@ -10,14 +10,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..settings import configured
 from .cache import Cache, cache_key, source_stats
-from .resampling import _torch
+from .resampling import torch_module
 from .spec import PreprocessSpec
 from .steps import preprocess_arrays
 
 
 def _worker_init() -> None:
-    torch = _torch()
+    torch = torch_module()
     torch.set_num_threads(1)
 
 
@@ -81,7 +82,7 @@ def preprocess_dataset(
     *,
     cases: Sequence[Any] | None = None,
     num_workers: int | None = None,
-    force: bool = False,
+    force: bool | None = None,
     log: Callable[[str], None] | None = None,
     desc: str | None = None,
 ) -> PreprocessResult:
@@ -94,6 +95,7 @@ def preprocess_dataset(
     Work runs in worker processes with at most ``num_workers`` cases in flight, so at most that
     many cases are in RAM at once.
     """
+    force = configured(force, "force")
     t0 = time.perf_counter()
     cache = Cache(cache_dir)
     cdir = cache.root

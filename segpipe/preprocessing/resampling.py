@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ..arrays import crop_box
 from ..planning.settings import ANISOTROPY_THRESHOLD
-from .crop import crop_box
 
 
 def separate_z_axis(spacing: Sequence[float], ratio: float = ANISOTROPY_THRESHOLD) -> int | None:
@@ -19,7 +19,7 @@ def separate_z_axis(spacing: Sequence[float], ratio: float = ANISOTROPY_THRESHOL
     return int(np.argmax(sp))
 
 
-def _torch() -> Any:
+def torch_module() -> Any:
     import torch
 
     return torch
@@ -40,7 +40,7 @@ def _cubic_weights(x: Any) -> list[Any]:
 
 def _axis_matrix(n_in: int, size: int, kind: str, device: Any) -> Any:
     """The [n_in, size] interpolation matrix of one axis (pixel-centre aligned, border replicated)."""
-    torch = _torch()
+    torch = torch_module()
     pos = (torch.arange(size, dtype=torch.float64) + 0.5) * (n_in / size) - 0.5
     i0 = torch.floor(pos)
     frac = pos - i0
@@ -66,7 +66,7 @@ def _axis_resize(t: Any, size: int, axis: int, kind: str) -> Any:
     Cubic and linear are one matrix product with the axis's small [n_in, size] weight matrix —
     a BLAS call, ~10× faster on CPU than gathering the four taps of a non-contiguous axis.
     """
-    torch = _torch()
+    torch = torch_module()
     dim = axis + 1
     n_in = t.shape[dim]
     if n_in == size:
@@ -88,7 +88,7 @@ def resample(
     ``separate_axis`` (nnU-Net's "separate z") that axis uses nearest neighbour and the other two
     ``kind``. Axes that shrink go first so the intermediate arrays stay small.
     """
-    torch = _torch()
+    torch = torch_module()
     new_shape = tuple(int(s) for s in new_shape)
     if tuple(array.shape[1:]) == new_shape:
         return array.astype(np.float32, copy=False)
@@ -118,7 +118,7 @@ def resample_label(
     less work than interpolating every class over the whole volume, for the identical result
     (ties go to the lower class, as argmax does).
     """
-    torch = _torch()
+    torch = torch_module()
     new_shape = tuple(int(s) for s in new_shape)
     if tuple(label.shape) == new_shape:
         return label

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from ..arrays import crop_box
 from ..geometry import Geometry
-from .crop import crop_box
 from .normalization import normalize
 from .resampling import resample, resample_label, separate_z_axis
 from .spec import LOCATIONS_SEED, MAX_LOCATIONS_PER_CLASS, PREPROCESS_VERSION, PreprocessSpec

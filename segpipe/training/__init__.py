@@ -1,5 +1,9 @@
-"""Training: optimizers and the poly schedule, checkpoints with every RNG state, the
-``LightningModule`` and ``fit`` with exact resume.
+"""Training: optimizers and the poly schedule, the ``LightningModule`` and ``fit`` with exact resume.
+
+Modules: ``run_settings`` (a run's settings, checked), ``fit`` (the run), ``callbacks``
+(``RunCheckpoint``: saving, resuming, stopping, validation), ``budget`` (the wall-clock budget),
+``resume`` (saved states), ``signals`` (SIGTERM, Ctrl-C, SIGUSR1), ``reports`` (metrics.csv and
+progress.png), ``validation`` (full-case validation of a fold), ``module``, ``optim``, ``plots``.
 
 ``SegmentationModule``, ``fit``, ``train_settings``, ``RunCheckpoint``, ``FoldValidation`` and
 ``write_reports`` import Lightning and are loaded on first use.
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checkpoint import (
+from ..checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng,
     load_checkpoint,
@@ -34,13 +38,15 @@ _LAZY = {
     "SegmentationModule": "module",
     "confusion_counts": "module",
     "dice_from_counts": "module",
-    "FoldValidation": "runner",
-    "RunCheckpoint": "runner",
-    "StopSignals": "runner",
-    "TrainingInterrupted": "runner",
-    "fit": "runner",
-    "train_settings": "runner",
-    "write_reports": "runner",
+    "FoldValidation": "validation",
+    "RunCheckpoint": "callbacks",
+    "StopSignals": "signals",
+    "TrainingInterrupted": "signals",
+    "TrainingPreempted": "signals",
+    "TimeBudget": "budget",
+    "fit": "fit",
+    "train_settings": "run_settings",
+    "write_reports": "reports",
 }
 
 

@@ -34,6 +34,7 @@ import torch
 
 from ..losses import HardnessWeightedSampler
 from ..planning import PlanConfig
+from ..settings import configured, default_option
 from .optim import PolyLR, build_optimizer, build_scheduler, optim_settings
 
 EMA_MOMENTUM = 0.9  # nnU-Net: ema = 0.9 · ema + 0.1 · mean pseudo-Dice
@@ -91,17 +92,19 @@ class SegmentationModule(L.LightningModule):
         in_channels: int,
         num_classes: int,
         *,
-        loss: str = "dice_ce",
+        loss: str | None = None,
         loss_params: Mapping[str, Any] | None = None,
         optim: Mapping[str, Any] | None = None,
-        epochs: int = 1000,
-        iterations_per_epoch: int = 250,
+        epochs: int | None = None,
+        iterations_per_epoch: int | None = None,
         ignore_index: int | None = None,
         class_names: list[str] | None = None,
         keep_unused: bool = False,
         case_ids: list[str] | None = None,
         hardness_beta: float | None = None,
     ):
+        iterations_per_epoch = configured(iterations_per_epoch, "train.iterations_per_epoch")
+        epochs = configured(epochs, "train.epochs")
         super().__init__()
         from ..losses import DeepSupervision, build_loss
         from ..networks import build_network
@@ -111,12 +114,15 @@ class SegmentationModule(L.LightningModule):
         self.in_channels, self.num_classes = int(in_channels), int(num_classes)
         self.network = build_network(cfg, self.in_channels, self.num_classes, deep_supervision=True)
         context = {"batch_dice": cfg.batch_dice, "ignore_index": ignore_index}
-        self.loss_name, self.loss_params = str(loss), dict(loss_params or {})
+        self.loss_name, self.loss_params = (
+            str(default_option("loss") if loss is None else loss),
+            dict(loss_params or {}),
+        )
         self.loss = DeepSupervision(
             build_loss(self.loss_name, context=context, **self.loss_params), keep_unused=keep_unused
         )
         optim = dict(optim or {})
-        self.optim = optim_settings(str(optim.pop("name", "sgd")), **optim)
+        self.optim = optim_settings(optim.pop("name", None), **optim)
         self.epochs, self.iterations_per_epoch = int(epochs), int(iterations_per_epoch)
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names else [str(c) for c in range(1, self.num_classes)]

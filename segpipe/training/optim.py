@@ -19,7 +19,6 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import cache
 from typing import Any
 
 import torch
@@ -41,26 +40,23 @@ def _check_name(name: str) -> str:
     return name
 
 
-@cache
 def _defaults(name: str) -> dict[str, Any]:
-    from omegaconf import OmegaConf
+    from ..settings import option_defaults
 
-    from ..config import config_dir
-
-    path = config_dir() / "optim" / f"{name}.yaml"
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if not isinstance(data, dict):  # pragma: no cover - broken installation
-        raise ConfigError(f"{path}: not a mapping", hint="reinstall segpipe")
-    return {str(k): v for k, v in data.items()}
+    return option_defaults("optim", name)
 
 
-def optim_defaults(name: str = "sgd") -> dict[str, Any]:
-    """The settings of optimizer ``name`` as written in ``conf/optim/<name>.yaml`` (a copy)."""
-    return dict(_defaults(_check_name(name)))
+def optim_defaults(name: str | None = None) -> dict[str, Any]:
+    """The settings of optimizer ``name`` as written in ``conf/optim/<name>.yaml`` (a copy); None: the
+    optimizer ``conf/config.yaml`` selects."""
+    from ..settings import default_option
+
+    return dict(_defaults(_check_name(default_option("optim") if name is None else name)))
 
 
-def optim_settings(name: str = "sgd", **overrides: Any) -> dict[str, Any]:
-    """The resolved settings of optimizer ``name``: its defaults with ``overrides`` applied.
+def optim_settings(name: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """The resolved settings of optimizer ``name`` (None: the one ``conf/config.yaml`` selects): its
+    defaults with ``overrides`` applied.
 
     An override of ``None`` keeps the default (``lr=None`` means the optimizer's own initial rate).
     An unknown key is a :class:`ConfigError` listing the optimizer's settings; values are checked.
@@ -102,12 +98,13 @@ def build_optimizer(
     settings: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> torch.optim.Optimizer:
-    """The torch optimizer of ``settings`` (from :func:`optim_settings`; default SGD as nnU-Net).
+    """The torch optimizer of ``settings`` (from :func:`optim_settings`; default: the optimizer
+    ``conf/config.yaml`` selects, SGD as nnU-Net).
 
     ``overrides`` are applied on top (``build_optimizer(model.parameters(), lr=0.02)``).
     """
     merged = dict(settings or {})
-    name = str(merged.pop("name", overrides.pop("name", "sgd")))
+    name = merged.pop("name", overrides.pop("name", None))
     cfg = optim_settings(name, **{**merged, **overrides})
     if cfg["name"] == "sgd":
         return torch.optim.SGD(

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, StateError
+from ..workspace import PROGRESS_FILE
 
 __all__ = ["PROGRESS_FILE", "history_rows", "progress_figure", "read_metrics_csv", "write_progress_png"]
 
-PROGRESS_FILE = "progress.png"
 PROGRESS_DPI = 100
 FIG_WIDTH, FIG_HEIGHT = 12.0, 11.0  # inches
 #: margins in inches: the right one holds the Dice axis's labels and, beside them, the legend

@@ -31,12 +31,14 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..checkpoint import capture_rng, restore_rng
 from ..errors import ConfigError, DataError, StateError
 from ..evaluation import (
     CaseMetrics,
@@ -51,8 +53,12 @@ from ..io.atomic import save_npy
 from ..planning import Plan, PlanConfig, load_plan
 from ..preprocessing import Cache
 from ..progress import Progress
+from ..settings import configured
+from ..workspace import VALIDATION_SUMMARY_FILE
+from .budget import FORWARD_SHARE, WINDOW_OVERHEAD
 
 __all__ = [
+    "FoldValidation",
     "CASE_METRICS_FILE",
     "PROBABILITIES_DTYPE",
     "SUMMARY_FILE",
@@ -66,7 +72,7 @@ __all__ = [
 
 log = logging.getLogger("segpipe")
 
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = VALIDATION_SUMMARY_FILE
 CASE_METRICS_FILE = "dice_per_case.csv"
 PROBABILITIES_SUFFIX = ".npy"
 PROBABILITIES_DTYPE = np.float16
@@ -154,13 +160,13 @@ def validate_cases(
     case_ids: Sequence[str],
     plan: Plan | str | os.PathLike[str],
     configuration: str,
-    out_dir: str | os.PathLike[str],
     *,
+    out_dir: str | os.PathLike[str],
     device: torch.device | str | None = None,
     save_probabilities: bool = True,
     ignore_index: int | None = None,
     progress: CaseProgress = None,
-    overlap: float = 0.5,
+    overlap: float | None = None,
     batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
@@ -187,6 +193,7 @@ def validate_cases(
          "summary_path": str, "case_metrics_path": str,
          "probabilities": {case: str}}     # empty without save_probabilities
     """
+    overlap = configured(overlap, "infer.overlap")
     t0 = time.perf_counter()
     the_plan = _resolve_plan(plan)
     cfg: PlanConfig = the_plan.config(configuration)
@@ -285,3 +292,95 @@ def format_validation(result: Mapping[str, Any]) -> str:
     names = result.get("class_names", {})
     per_class = ", ".join(f"{names.get(c, c)} {fmt(float(v))}" for c, v in result.get("class_dice", {}).items())
     return f"mean foreground Dice {fmt(float(result['mean_fg_dice']))} ({per_class}), {result['num_cases']} cases"
+
+
+class FoldValidation:
+    """Full-case validation of one fold: its validation cases predicted whole by the sliding window,
+    scored, and written to ``out_dir`` (:func:`~segpipe.training.validation.validate_cases`).
+
+    Runs without touching the training's random streams: every RNG state is put back afterwards,
+    and deterministic algorithms only warn during it (the prediction never feeds the training).
+    """
+
+    def __init__(
+        self,
+        plan: Any,
+        configuration: str,
+        cache: Any,
+        case_ids: list[str],
+        out_dir: Path,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.plan, self.configuration, self.cache = plan, configuration, cache
+        self.case_ids, self.out_dir, self.autocast_dtype = list(case_ids), Path(out_dir), autocast_dtype
+        self.config = plan.config(configuration)
+
+    def __call__(self, network: Any, *, device: torch.device | str | None, final: bool) -> dict[str, Any]:
+        rng = capture_rng()
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return validate_cases(
+                network,
+                self.cache,
+                self.case_ids,
+                self.plan,
+                self.configuration,
+                out_dir=self.out_dir,
+                device=device,
+                save_probabilities=final,
+                autocast_dtype=self.autocast_dtype,
+            )
+        finally:
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+            restore_rng(rng)
+
+    def windows(self) -> int:
+        """Sliding windows over every validation case (its cached size, padded up to the patch)."""
+        from ..inference import window_starts
+
+        patch = [int(p) for p in self.config.patch_size]
+        total = 0
+        for case_id in self.case_ids:
+            image, _label, _props = self.cache.load(case_id, mmap=True)
+            spatial = [int(n) for n in image.shape[1:]]
+            slices = 1
+            if len(patch) == 2:  # a 2-D (or 2.5-D) network slides over each slice
+                slices, spatial = spatial[0], spatial[1:]
+            starts = window_starts([max(n, p) for n, p in zip(spatial, patch)], patch)
+            total += slices * math.prod(len(s) for s in starts)
+        return total
+
+    def estimate_seconds(
+        self, seconds_per_iteration: float, batch_size: int, *, window_seconds: float | None = None
+    ) -> float:
+        """The validation's time: ``window_seconds`` (a timed forward pass per window, see
+        :meth:`time_window`) times :data:`WINDOW_OVERHEAD` per window; without it, each window's
+        forward pass at :data:`FORWARD_SHARE` of a sample's step in a training iteration of
+        ``batch_size`` samples."""
+        if window_seconds is not None:
+            return self.windows() * WINDOW_OVERHEAD * float(window_seconds)
+        return self.windows() * FORWARD_SHARE * float(seconds_per_iteration) / max(1, int(batch_size))
+
+    def time_window(self, network: torch.nn.Module, device: torch.device, in_channels: int) -> float:
+        """Seconds per window of the sliding window's forward pass: one batch of the plan's size
+        (the sliding window's), timed after a first warm-up pass, in eval mode without gradients.
+        Touches neither the weights nor any random stream (the input is zeros)."""
+        batch = max(1, int(self.config.batch_size))
+        x = torch.zeros((batch, int(in_channels), *[int(p) for p in self.config.patch_size]), device=device)
+        was_training = network.training
+        network.eval()
+        try:
+            amp = torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+            with torch.inference_mode(), amp:
+                network(x)
+                start = time.perf_counter()
+                network(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                return (time.perf_counter() - start) / batch
+        finally:
+            network.train(was_training)

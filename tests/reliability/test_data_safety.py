@@ -19,9 +19,9 @@ import torch
 
 import segpipe
 from segpipe import cli
+from segpipe.checkpoint import save_checkpoint
 from segpipe.inference.model import Member, Model, export_model, load_model_folder
 from segpipe.networks import build_network
-from segpipe.training.checkpoint import save_checkpoint
 
 TRAIN = {"epochs": 1, "iterations_per_epoch": 2, "val_batches": 1, "num_workers": 0}
 

@@ -412,7 +412,7 @@ for p in out.glob("*.nii.gz"):
 subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
 second = subprocess.run([*infer, "--json"], capture_output=True, text=True)
 import torch
-from segpipe.training.checkpoint import load_checkpoint, save_checkpoint
+from segpipe.checkpoint import load_checkpoint, save_checkpoint
 run = disk / "run"
 run.mkdir()
 save_checkpoint(run / "last.pt", {"epoch": 1, "model": {"w": torch.zeros(10)}})

@@ -117,7 +117,7 @@ def test_a_target_spacing_too_fine_to_preprocess_is_refused_at_plan_time(tmp_pat
     # the estimate itself, by hand: every case at 1 mm isotropic, float32 image + uint8 label
     from segpipe.fingerprint import load_fingerprint
     from segpipe.planning import PlanSettings, make_plan
-    from segpipe.planning.planner import preprocessed_sizes
+    from segpipe.planning.run import preprocessed_sizes
 
     fp = load_fingerprint(work / "Fine" / "fingerprint.json")
     plan = make_plan(fp, PlanSettings(target_spacing=[1.0, 1.0, 1.0], configurations=["3d_fullres"]))

@@ -95,7 +95,8 @@ def test_progress_png_shows_the_full_case_validation_dice_numbers_epochs_from_1_
     Drawn from the training module's history and again from the run's `metrics.csv` alone.
     """
     from segpipe.training.plots import progress_figure, read_metrics_csv
-    from segpipe.training.runner import METRICS_FILE, write_reports
+    from segpipe.training.reports import write_reports
+    from segpipe.workspace import METRICS_FILE
 
     # validated after the 2nd, 4th and 6th epoch (the log's "epoch 2/6", "epoch 4/6", "epoch 6/6")
     history = training_history(6, {1: (0.6, 0.62), 3: (0.7, 0.72), 5: (0.8, 0.84)})
@@ -138,7 +139,7 @@ def test_progress_png_shows_the_full_case_validation_dice_numbers_epochs_from_1_
 def evaluated(hippocampus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """`segpipe evaluate` of predictions against a real dataset's labelsTr, with QC overlays: the CLI's
     output, the summary and the QC figures as drawn (captured before they are written)."""
-    from segpipe.evaluation import folder
+    from segpipe.workflows import evaluation_plots as folder
 
     tmp = tmp_path_factory.mktemp("evaluate_names")
     data = linked_dataset(hippocampus, tmp / "Hippocampus", list(QC_CASES))

@@ -16,8 +16,9 @@ import pytest
 
 import segpipe
 from segpipe import cli
-from segpipe.config import COMMAND_SETTINGS, DEMO_SCHEDULE, expand_key, selectable_groups, settings_config
+from segpipe.config import COMMAND_SETTINGS, DEMO_SCHEDULE, expand_key, settings_config
 from segpipe.demo_data import generate_demo_dataset
+from segpipe.settings import selectable_groups
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -345,7 +345,7 @@ def test_a_short_epoch_validates_on_a_fifth_as_many_patch_batches_unless_val_bat
     """Without `val_batches`, an epoch validates on one patch batch per 5 training iterations (rounded up, at most
     nnU-Net's 50): 10 iterations validate on 2 batches; an explicit `val_batches` still wins."""
     from segpipe.config import compose_config
-    from segpipe.training.runner import train_settings
+    from segpipe.training.run_settings import train_settings
 
     assert compose_config([], command="train").train.val_batches is None
     scaled = {n: train_settings({"iterations_per_epoch": n})["val_batches"] for n in (1, 5, 10, 12, 250, 1000)}

@@ -72,10 +72,6 @@ Parts (everything is importable from ``segpipe.io.dicom``):
 
 from __future__ import annotations
 
-# Public names are listed in __all__; private helpers are re-exported with ``as`` so that
-# segpipe.io.dicom_seg and the tests import them from here, as before the split.
-from .discovery import _RAW_GROUPS as _RAW_GROUPS
-from .discovery import _REPORTED as _REPORTED
 from .discovery import (
     DICOM_SUFFIXES,
     DICOMDIR_SOP_CLASS,
@@ -96,45 +92,19 @@ from .discovery import (
     looks_like_dicom,
     unique_suffixes,
 )
-from .discovery import _Scan as _Scan
-from .discovery import _scan as _scan
-from .discovery import _sniff as _sniff
-from .discovery import _split_copies as _split_copies
 from .headers import Frame
-from .headers import _dcmread as _dcmread
-from .headers import _floats as _floats
-from .headers import _frames_of as _frames_of
-from .headers import _item as _item
-from .headers import _number as _number
-from .headers import _quiet_pydicom as _quiet_pydicom
-from .headers import _short_error as _short_error
-from .pixels import _DECODER_ADVICE as _DECODER_ADVICE
-from .pixels import _JPEG_LIBJPEG as _JPEG_LIBJPEG
-from .pixels import _apply_rescale as _apply_rescale
-from .pixels import _decode as _decode
-from .pixels import _decode_failure as _decode_failure
-from .pixels import _resample as _resample
 from .reader import READ_OPTIONS, describe_dicom, dicom_geometry, dicom_source_frames, read_dicom
-from .reader import _check_options as _check_options
-from .reader import _problem as _problem
 from .selection import REGEX_PREFIX, choose_series
-from .selection import _matches as _matches
-from .selection import _select as _select
-from .selection import log as log
 from .validation import (
-    DEFAULT_SPACING_TOLERANCE,
     ORIENTATION_ATOL,
     PIXEL_SPACING_RTOL,
     TILT_PIXEL_FRACTION,
     ReadPlan,
     plan_series,
 )
-from .validation import _fmt as _fmt
 from .writer import SOP_CLASSES, write_dicom_series
-from .writer import _stored_values as _stored_values
 
 __all__ = [
-    "DEFAULT_SPACING_TOLERANCE",
     "DICOMDIR_SOP_CLASS",
     "DICOM_SUFFIXES",
     "DicomSeries",

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from ...errors import DicomError
-from .headers import Frame, _dcmread, _frames_of, _number, _short_error
+from ..formats import image_extension
+from .headers import Frame, as_number, dcmread, frames_of, short_error
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "SR", "PR", "KO", "DOC", "REG", "FID", "RWV"}
@@ -85,7 +86,7 @@ class DicomSeries:
 
 
 @dataclass
-class _Scan:
+class FolderScan:
     """Everything a scan found: series, skipped files by category, and examples of why."""
 
     series: list[DicomSeries]
@@ -115,11 +116,11 @@ SKIP_EXPLANATIONS = {
     SKIP_BAD_HEADER: "skipped: DICOM header with unusable image values (Rows/Columns/frames)",
 }
 MAX_SKIP_EXAMPLES = 3
-_REPORTED: set[str] = set()  # series warnings already shown to the user (logged or listed)
+REPORTED: set[str] = set()  # series warnings already shown to the user (logged or listed)
 SYNTHETIC_PREFIX = "synthetic-"
 
 
-def _scan(path: str | os.PathLike[str]) -> _Scan:
+def scan_folder(path: str | os.PathLike[str]) -> FolderScan:
     root = Path(path)
     if not root.exists():
         raise DicomError(f"{root}: no such file or folder", hint="check the path")
@@ -152,10 +153,10 @@ def _scan(path: str | os.PathLike[str]) -> _Scan:
             skip(SKIP_BY_NAME, f)
             continue
         try:
-            ds = _dcmread(f, stop_before_pixels=True)
+            ds = dcmread(f, stop_before_pixels=True)
         except Exception as exc:  # anything pydicom raises means "not a readable DICOM file"
             invalid = type(exc).__name__ == "InvalidDicomError"
-            skip(SKIP_UNREADABLE, f, "no DICOM header" if invalid else _short_error(exc))
+            skip(SKIP_UNREADABLE, f, "no DICOM header" if invalid else short_error(exc))
             continue
         try:
             meta = getattr(ds, "file_meta", None)
@@ -163,17 +164,17 @@ def _scan(path: str | os.PathLike[str]) -> _Scan:
             if sop == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
                 skip(SKIP_DICOMDIR, f)
                 continue
-            frames, no_geometry = _frames_of(ds, f)
+            frames, no_geometry = frames_of(ds, f)
             uid = str(ds.get("SeriesInstanceUID") or "").strip()
             sop_name = str(getattr(ds.get("SOPClassUID"), "name", sop) if ds.get("SOPClassUID") else sop)
-            number = _number(ds.get("SeriesNumber"), float("nan"))
+            number = as_number(ds.get("SeriesNumber"), float("nan"))
             modality = str(ds.get("Modality") or "")
             description = str(ds.get("SeriesDescription") or "").strip()
             frame_of_reference = str(ds.get("FrameOfReferenceUID") or "")
             sop_instance = str(ds.get("SOPInstanceUID") or f)
             study = str(ds.get("StudyInstanceUID") or "")
         except Exception as exc:  # malformed values in a parsed header
-            skip(SKIP_BAD_HEADER, f, _short_error(exc))
+            skip(SKIP_BAD_HEADER, f, short_error(exc))
             continue
         series_number = int(number) if np.isfinite(number) else None
         key: tuple[Any, ...] | None = None
@@ -229,7 +230,7 @@ def _scan(path: str | os.PathLike[str]) -> _Scan:
                 "check that they form one series"
             )
     found.sort(key=lambda s: (s.kind != "image", str(s.folder), s.series_number or 0, s.uid))
-    return _Scan(found, skipped, dict(examples))
+    return FolderScan(found, skipped, dict(examples))
 
 
 def list_series(path: str | os.PathLike[str]) -> tuple[list[DicomSeries], Counter[str]]:
@@ -238,7 +239,7 @@ def list_series(path: str | os.PathLike[str]) -> tuple[list[DicomSeries], Counte
     Returns the series found (image series first) and a count of skipped files by reason
     (``describe_dicom`` adds examples of each reason).
     """
-    scan = _scan(path)
+    scan = scan_folder(path)
     return scan.series, scan.skipped
 
 
@@ -313,8 +314,6 @@ def looks_like_dicom(path: str | os.PathLike[str]) -> bool:
     (NIfTI/NRRD/MHA) at all (an empty folder then reports "no image series found" with what it
     skipped); a folder of image files without DICOM is not a DICOM source.
     """
-    from ..image import image_extension
-
     p = Path(path)
     if p.is_file():
         name = p.name.lower()

@@ -31,7 +31,7 @@ class Frame:
 
 
 @contextlib.contextmanager
-def _quiet_pydicom() -> Iterator[None]:
+def quiet_pydicom() -> Iterator[None]:
     """Silence pydicom's loggers and warnings (a decoder that fails before another succeeds logs a traceback)."""
     try:  # create pydicom's per-module loggers (pydicom.pixels.*) so that they can be silenced too
         import pydicom.pixels  # noqa: F401
@@ -55,10 +55,10 @@ def _quiet_pydicom() -> Iterator[None]:
             lg.disabled = was
 
 
-def _dcmread(path: Path, **kwargs: Any) -> Any:
+def dcmread(path: Path, **kwargs: Any) -> Any:
     import pydicom
 
-    with _quiet_pydicom():
+    with quiet_pydicom():
         try:
             return pydicom.dcmread(str(path), **kwargs)
         except pydicom.errors.InvalidDicomError:
@@ -76,7 +76,7 @@ def _floats(value: Any, n: int) -> np.ndarray | None:
     return arr if arr.size == n and np.all(np.isfinite(arr)) else None
 
 
-def _number(value: Any, default: float) -> float:
+def as_number(value: Any, default: float) -> float:
     """A numeric header value (DS/IS, possibly empty or malformed) as float, ``default`` when unusable."""
     if value is None or value == "":
         return default
@@ -92,7 +92,7 @@ def _item(ds: Any, keyword: str) -> Any:
     return seq[0] if seq else None
 
 
-def _frames_of(ds: Any, path: Path) -> tuple[list[Frame], bool]:
+def frames_of(ds: Any, path: Path) -> tuple[list[Frame], bool]:
     """Frames of one dataset (header only) and whether it is a multi-frame without per-frame geometry."""
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if rows is None or cols is None:
@@ -115,7 +115,7 @@ def _frames_of(ds: Any, path: Path) -> tuple[list[Frame], bool]:
         frames = []
         for i, item in enumerate(per_frame):
             ps = _floats(get(item, "PixelMeasuresSequence", "PixelSpacing") or (), 2)
-            thick = _number(get(item, "PixelMeasuresSequence", "SliceThickness"), 0.0)
+            thick = as_number(get(item, "PixelMeasuresSequence", "SliceThickness"), 0.0)
             frames.append(
                 Frame(
                     path,
@@ -126,14 +126,14 @@ def _frames_of(ds: Any, path: Path) -> tuple[list[Frame], bool]:
                     _floats(get(item, "PlanePositionSequence", "ImagePositionPatient") or (), 3),
                     _floats(get(item, "PlaneOrientationSequence", "ImageOrientationPatient") or (), 6),
                     None if ps is None else (float(ps[0]), float(ps[1])),
-                    _number(get(item, "PixelValueTransformationSequence", "RescaleSlope"), 1.0) or 1.0,
-                    _number(get(item, "PixelValueTransformationSequence", "RescaleIntercept"), 0.0),
+                    as_number(get(item, "PixelValueTransformationSequence", "RescaleSlope"), 1.0) or 1.0,
+                    as_number(get(item, "PixelValueTransformationSequence", "RescaleIntercept"), 0.0),
                     thick if thick > 0 else None,
                 )
             )
         return frames, False
     ps = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or (), 2)
-    thick = abs(_number(ds.get("SpacingBetweenSlices"), 0.0)) or _number(ds.get("SliceThickness"), 0.0)
+    thick = abs(as_number(ds.get("SpacingBetweenSlices"), 0.0)) or as_number(ds.get("SliceThickness"), 0.0)
     frame = Frame(
         path,
         None,
@@ -143,14 +143,14 @@ def _frames_of(ds: Any, path: Path) -> tuple[list[Frame], bool]:
         _floats(ds.get("ImagePositionPatient") or (), 3),
         _floats(ds.get("ImageOrientationPatient") or (), 6),
         None if ps is None else (float(ps[0]), float(ps[1])),
-        _number(ds.get("RescaleSlope"), 1.0) or 1.0,
-        _number(ds.get("RescaleIntercept"), 0.0),
+        as_number(ds.get("RescaleSlope"), 1.0) or 1.0,
+        as_number(ds.get("RescaleIntercept"), 0.0),
         thick if thick > 0 else None,
     )
     return [frame], nframes > 1
 
 
-def _short_error(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     """First informative line of an exception, for one-line messages."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = lines[0] if lines else ""

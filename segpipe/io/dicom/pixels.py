@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import DicomError
-from .headers import Frame, _dcmread, _quiet_pydicom, _short_error
+from .headers import Frame, dcmread, quiet_pydicom, short_error
 from .validation import ReadPlan
 
 # Decoding plugins of pydicom (its names) that handle a transfer syntax, and what to install.
@@ -53,7 +53,7 @@ def _private_syntax_failure(path: Path, ts: Any) -> DicomError:
     )
 
 
-def _decode_failure(path: Path, ds: Any, exc: BaseException) -> DicomError:
+def decode_failure(path: Path, ds: Any, exc: BaseException) -> DicomError:
     """One-line error for pixel data that cannot be decoded: the file, the syntax, why, and what to do."""
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -69,7 +69,7 @@ def _decode_failure(path: Path, ds: Any, exc: BaseException) -> DicomError:
         lines.sort(key=lambda ln: rank.get(ln.split(":", 1)[0], len(rank)))
         why = "every installed decoder failed (" + "; ".join(lines)[:300] + ")"
     else:
-        why = _short_error(exc)
+        why = short_error(exc)
     syntax = f" ({ts.name}{f', {bits}-bit' if bits else ''})" if ts is not None else ""
     message = f"{path}: cannot decode pixel data{syntax}: {why}"
     if ts is None or not getattr(ts, "is_compressed", False):
@@ -92,7 +92,7 @@ def _decode_failure(path: Path, ds: Any, exc: BaseException) -> DicomError:
     return DicomError(message, hint=hint)
 
 
-def _decode(plan: ReadPlan, where: Path) -> np.ndarray:
+def decode_frames(plan: ReadPlan, where: Path) -> np.ndarray:
     """Stored values of every frame in plan order: (Z, Y, X) or (Z, Y, X, samples)."""
     f0 = plan.frames[0]
     by_file: dict[Path, list[tuple[int, Frame]]] = defaultdict(list)
@@ -102,11 +102,11 @@ def _decode(plan: ReadPlan, where: Path) -> np.ndarray:
     for path, items in by_file.items():
         ds = None
         try:
-            ds = _dcmread(path)
-            with _quiet_pydicom():
+            ds = dcmread(path)
+            with quiet_pydicom():
                 pixels = ds.pixel_array
         except Exception as exc:  # decoder errors come from many libraries
-            raise _decode_failure(path, ds, exc) from None
+            raise decode_failure(path, ds, exc) from None
         single = f0.samples == 1
         nframes = int(ds.get("NumberOfFrames", 1) or 1)
         if nframes > 1 and pixels.ndim == (3 if single else 4):
@@ -134,7 +134,7 @@ def _decode(plan: ReadPlan, where: Path) -> np.ndarray:
     return out
 
 
-def _apply_rescale(stored: np.ndarray, frames: list[Frame]) -> np.ndarray:
+def apply_rescale(stored: np.ndarray, frames: list[Frame]) -> np.ndarray:
     slopes = np.array([f.slope for f in frames], dtype=float)
     inters = np.array([f.intercept for f in frames], dtype=float)
     shape = (-1,) + (1,) * (stored.ndim - 1)
@@ -152,7 +152,7 @@ def _apply_rescale(stored: np.ndarray, frames: list[Frame]) -> np.ndarray:
     )
 
 
-def _resample(data: np.ndarray, plan: ReadPlan) -> np.ndarray:
+def resample_to_plan(data: np.ndarray, plan: ReadPlan) -> np.ndarray:
     """Resample (C, Z, Y, X) slices at positions ``plan.t`` with in-plane offsets onto ``plan.geometry``."""
     from scipy import ndimage
 

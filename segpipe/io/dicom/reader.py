@@ -10,11 +10,12 @@ import numpy as np
 
 from ...errors import DicomError, UsageError
 from ...geometry import Geometry
-from .discovery import _REPORTED, DicomSeries, _scan
-from .headers import _short_error
-from .pixels import _apply_rescale, _decode, _resample
-from .selection import _select, choose_series, log
-from .validation import DEFAULT_SPACING_TOLERANCE, plan_series
+from ...settings import DicomOptions
+from .discovery import REPORTED, DicomSeries, scan_folder
+from .headers import short_error
+from .pixels import apply_rescale, decode_frames, resample_to_plan
+from .selection import choose_series, log, select_series
+from .validation import ReadPlan, plan_series
 
 READ_OPTIONS = (
     "series",
@@ -30,13 +31,12 @@ def _assess(series: DicomSeries) -> tuple[str | None, list[str]]:
     """Why the series cannot be read as it is (None when it can), and what reading it would
     assume (warnings); never raises."""
     try:
-        plan = plan_series(
-            series, Path(series.folder), allow_uneven_spacing=False, allow_few_slices=False, allow_gantry_tilt=False
-        )
+        strict = DicomOptions.from_conf(allow_uneven_spacing=False, allow_few_slices=False, allow_gantry_tilt=False)
+        plan = plan_series(series, Path(series.folder), options=strict)
     except DicomError as exc:
         return exc.message.split(": ", 1)[-1], []
     except Exception as exc:  # a listing describes every series it can and reports the others
-        return f"cannot be described ({_short_error(exc)})", []
+        return f"cannot be described ({short_error(exc)})", []
     return None, list(plan.warnings)
 
 
@@ -66,7 +66,7 @@ def describe_dicom(
     A file or series that cannot be described is reported (skipped or with its ``problem``);
     it never aborts the listing. A malformed ``re:`` selector is a :class:`UsageError`.
     """
-    scan = _scan(path)
+    scan = scan_folder(path)
     items = []
     warnings_: list[str] = []
     for s in scan.series:
@@ -92,7 +92,7 @@ def describe_dicom(
             }
         )
         warnings_.extend([*s.warnings, *assumed])
-    _REPORTED.update(warnings_)  # shown in the listing: reading the series does not log them again
+    REPORTED.update(warnings_)  # shown in the listing: reading the series does not log them again
     chosen, reason = None, None
     try:
         chosen = choose_series(
@@ -116,88 +116,45 @@ def _check_options(unknown: dict[str, Any]) -> None:
         raise UsageError(f"unknown DICOM option(s) {sorted(unknown)}", hint=f"valid options: {', '.join(READ_OPTIONS)}")
 
 
-def dicom_geometry(
-    path: str | os.PathLike[str],
-    *,
-    series: str | None = None,
-    modality: str | None = None,
-    allow_uneven_spacing: bool = False,
-    allow_few_slices: bool = False,
-    allow_gantry_tilt: bool = False,
-    spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
-    **unknown: Any,
-) -> tuple[Geometry, DicomSeries]:
-    """Geometry that :func:`read_dicom` would return, from headers only, and the chosen series."""
+def _read_plan(path: str | os.PathLike[str], options: dict[str, Any]) -> tuple[Path, ReadPlan, DicomSeries]:
+    """The series ``options`` choose in ``path`` (options: :data:`READ_OPTIONS`, each None or absent
+    for ``conf/dicom``'s default), where it lies, and how it is read (from headers only)."""
+    unknown = {k: v for k, v in options.items() if k not in READ_OPTIONS}
     _check_options(unknown)
-    where, chosen = _select(path, series, modality)
-    plan = plan_series(
-        chosen,
-        where,
-        allow_uneven_spacing=allow_uneven_spacing,
-        allow_few_slices=allow_few_slices,
-        allow_gantry_tilt=allow_gantry_tilt,
-        spacing_tolerance=spacing_tolerance,
-    )
+    opts = DicomOptions.from_conf(**options)
+    where, chosen = select_series(path, opts.series, opts.modality)
+    return where, plan_series(chosen, where, options=opts), chosen
+
+
+def dicom_geometry(path: str | os.PathLike[str], **options: Any) -> tuple[Geometry, DicomSeries]:
+    """Geometry that :func:`read_dicom` would return with the same ``options``, from headers only,
+    and the chosen series."""
+    _where, plan, chosen = _read_plan(path, options)
     return plan.geometry, chosen
 
 
-def dicom_source_frames(
-    path: str | os.PathLike[str],
-    *,
-    series: str | None = None,
-    modality: str | None = None,
-    allow_uneven_spacing: bool = False,
-    allow_few_slices: bool = False,
-    allow_gantry_tilt: bool = False,
-    spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
-    **unknown: Any,
-) -> tuple[list[Any], Geometry, bool]:
-    """The frames :func:`read_dicom` reads with the same options, in the order of the volume's
+def dicom_source_frames(path: str | os.PathLike[str], **options: Any) -> tuple[list[Any], Geometry, bool]:
+    """The frames :func:`read_dicom` reads with the same ``options``, in the order of the volume's
     first axis (slice ``z`` of the array is frame ``z``), its geometry, and whether the volume was
     resampled (then slices no longer match frames one to one). From headers only."""
-    _check_options(unknown)
-    where, chosen = _select(path, series, modality)
-    plan = plan_series(
-        chosen,
-        where,
-        allow_uneven_spacing=allow_uneven_spacing,
-        allow_few_slices=allow_few_slices,
-        allow_gantry_tilt=allow_gantry_tilt,
-        spacing_tolerance=spacing_tolerance,
-    )
+    _where, plan, _chosen = _read_plan(path, options)
     return list(plan.frames), plan.geometry, bool(plan.resample)
 
 
-def read_dicom(
-    path: str | os.PathLike[str],
-    *,
-    series: str | None = None,
-    modality: str | None = None,
-    allow_uneven_spacing: bool = False,
-    allow_few_slices: bool = False,
-    allow_gantry_tilt: bool = False,
-    spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
-    **unknown: Any,
-) -> tuple[np.ndarray, Geometry]:
-    """Read a DICOM series (folder) or file as ``(array[C, Z, Y, X], Geometry)``; options: :mod:`segpipe.io.dicom`."""
-    _check_options(unknown)
-    if not 0 < spacing_tolerance < 1:
-        raise UsageError(f"spacing_tolerance must be in (0, 1), got {spacing_tolerance}")
-    where, chosen = _select(path, series, modality)
-    plan = plan_series(
-        chosen,
-        where,
-        allow_uneven_spacing=allow_uneven_spacing,
-        allow_few_slices=allow_few_slices,
-        allow_gantry_tilt=allow_gantry_tilt,
-        spacing_tolerance=spacing_tolerance,
-    )
+def read_dicom(path: str | os.PathLike[str], **options: Any) -> tuple[np.ndarray, Geometry]:
+    """Read a DICOM series (folder) or file as ``(array[C, Z, Y, X], Geometry)``. ``options``:
+    ``series``, ``modality``, ``allow_uneven_spacing``, ``allow_few_slices``, ``allow_gantry_tilt``,
+    ``spacing_tolerance`` (:mod:`segpipe.io.dicom`; an option left out or None takes ``conf/dicom``'s default)."""
+    tolerance = options.get("spacing_tolerance")
+    if tolerance is not None and not 0 < tolerance < 1:
+        raise UsageError(f"spacing_tolerance must be in (0, 1), got {tolerance}")
+    where, plan, _chosen = _read_plan(path, options)
     for warning in plan.warnings:  # what the grid assumes, said once per process (or by the listing)
-        if warning not in _REPORTED:
-            _REPORTED.add(warning)
+        if warning not in REPORTED:
+            REPORTED.add(warning)
             log.warning("%s", warning)
-    data = _apply_rescale(_decode(plan, where), plan.frames)
+    data = apply_rescale(decode_frames(plan, where), plan.frames)
     data = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
     if plan.resample:
-        data = _resample(data, plan)
+        data = resample_to_plan(data, plan)
     return np.ascontiguousarray(data), plan.geometry

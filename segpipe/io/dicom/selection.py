@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from ...errors import DicomError, UsageError
-from .discovery import _REPORTED, SKIP_DICOMDIR, DicomSeries, _scan
+from .discovery import REPORTED, SKIP_DICOMDIR, DicomSeries, scan_folder
 
 log = logging.getLogger("segpipe.io.dicom")  # one logger for the package, as named before the split
 
@@ -102,9 +102,9 @@ def choose_series(
     )
 
 
-def _select(path: str | os.PathLike[str], series: str | None, modality: str | None) -> tuple[Path, DicomSeries]:
+def select_series(path: str | os.PathLike[str], series: str | None, modality: str | None) -> tuple[Path, DicomSeries]:
     where = Path(path)
-    scan = _scan(where)
+    scan = scan_folder(where)
     if where.is_file() and not scan.series:
         if scan.skipped.get(SKIP_DICOMDIR):
             raise DicomError(
@@ -117,7 +117,7 @@ def _select(path: str | os.PathLike[str], series: str | None, modality: str | No
         )
     chosen = choose_series(scan.series, where, series=series, modality=modality, skipped_reasons=scan.reasons())
     for warning in chosen.warnings:
-        if warning not in _REPORTED:  # once per process; describe_dicom's listing counts as reported
-            _REPORTED.add(warning)
+        if warning not in REPORTED:  # once per process; describe_dicom's listing counts as reported
+            REPORTED.add(warning)
             log.warning("%s: %s", where, warning)
     return where, chosen

@@ -9,16 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from ...config import group_defaults
 from ...errors import DicomError
 from ...geometry import Geometry
+from ...settings import DicomOptions
 from .discovery import DicomSeries
 from .headers import Frame
 
 ORIENTATION_ATOL = 1e-3
 PIXEL_SPACING_RTOL = 1e-3
 TILT_PIXEL_FRACTION = 0.1
-DEFAULT_SPACING_TOLERANCE = float(group_defaults("dicom")["spacing_tolerance"])  # written once, in conf/dicom/
 
 
 @dataclass
@@ -41,12 +40,13 @@ def plan_series(
     series: DicomSeries,
     where: Path,
     *,
-    allow_uneven_spacing: bool = False,
-    allow_few_slices: bool = False,
-    allow_gantry_tilt: bool = False,
-    spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+    options: DicomOptions | None = None,
 ) -> ReadPlan:
-    """Validate a series from its headers and compute the output grid (checks: :mod:`segpipe.io.dicom`)."""
+    """Validate a series from its headers and compute the output grid (checks: :mod:`segpipe.io.dicom`),
+    with the read ``options`` (``conf/dicom``'s defaults when None)."""
+    opts = options if options is not None else DicomOptions.from_conf()
+    allow_uneven_spacing, allow_few_slices = opts.allow_uneven_spacing, opts.allow_few_slices
+    allow_gantry_tilt, spacing_tolerance = opts.allow_gantry_tilt, opts.spacing_tolerance
     name = f"series '{series.description}'" if series.description else f"series {series.uid}"
     where_s = f"{where} ({name})" if where.is_dir() and series.folder != where else f"{where}"
 

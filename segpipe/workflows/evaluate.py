@@ -50,18 +50,22 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, StateError, UsageError
+from ..errors import DataError, UsageError
+from ..evaluation.metrics import confusion_counts, dice_from_counts
+from ..evaluation.surface import DEFAULT_TOLERANCE_MM, class_tolerances, surface_metrics_per_class, tolerance_overrides
 from ..geometry import Geometry
-from ..io.atomic import atomic_path, write_text
-from ..io.image import image_extension, read_image
+from ..io.atomic import write_text
+from ..io.formats import channel_suffix, image_extension
+from ..io.image import read_image
 from ..io.jsonio import write_json
-from .metrics import confusion_counts, dice_from_counts
-from .surface import DEFAULT_TOLERANCE_MM, class_tolerances, surface_metrics_per_class, tolerance_overrides
+from ..settings import configured
+from .evaluation_plots import BACKGROUND, QC_FOLDER, CaseLabels, write_boxplot, write_qc
 
 __all__ = [
     "BOXPLOT_FILE",
@@ -76,33 +80,33 @@ log = logging.getLogger("segpipe")
 CSV_FILE = "evaluation.csv"
 SUMMARY_FILE = "summary.json"
 BOXPLOT_FILE = "dice_boxplot.png"
-QC_FOLDER = "qc"
-BACKGROUND = 0
 METRICS = ("Dice", "HD95", "NSD")
 COUNTS = ("TP", "FP", "FN", "n_ref", "n_pred")
 VOLUMES = ("volume_ref_ml", "volume_pred_ml")
 FIELDS = METRICS + COUNTS + VOLUMES
 LISTED = 5  # case ids named in a message before "and N more"
-IMAGE_CHANNEL_SUFFIX = "_0000"  # nnU-Net's name of a case's first image channel
-#: QC contour colours, class 1 first (class c gets entry (c - 1) mod 10): bright on a grey image
-CLASS_COLOURS = (
-    "#ff3355",
-    "#33dd55",
-    "#3399ff",
-    "#ffcc00",
-    "#ff66ff",
-    "#00e5e5",
-    "#ff8800",
-    "#aa77ff",
-    "#aaff33",
-    "#ffaaaa",
-)
-#: QC contours: the reference wide and translucent, the prediction thin and dashed on top of it
-REF_WIDTH, REF_ALPHA, PRED_WIDTH = 3.4, 0.45, 1.4
-PNG_DPI = 100
+IMAGE_CHANNEL_SUFFIX = channel_suffix(0)  # nnU-Net's name of a case's first image channel
 DATASET_JSON = "dataset.json"
 
 Record = dict[str, float]
+
+
+@dataclass
+class Evaluation:
+    """What a folder evaluation scored: the cases and classes (with the classes' names), each case's
+    files and its metrics per class, the NSD tolerances (``overrides`` per class, else
+    ``default_tol``), the ignore label, and the references left without a prediction."""
+
+    cases: list[str]
+    classes: list[int]
+    names: Mapping[int, str]
+    results: dict[str, dict[int, Record]]
+    refs: Mapping[str, Path]
+    preds: Mapping[str, Path]
+    overrides: Mapping[int, float]
+    default_tol: float
+    ignore_label: int | None
+    missing: Sequence[str] = ()
 
 
 # ============================================================================ files
@@ -271,6 +275,7 @@ def _score_case(
     pred: np.ndarray,
     ref: np.ndarray,
     spacing: tuple[float, float, float],
+    *,
     classes: Sequence[int],
     tolerances: Mapping[int, float],
     ignore_label: int | None,
@@ -313,36 +318,9 @@ def _clean(value: float) -> float | int | None:
     return None if math.isnan(value) else float(value)
 
 
-# ============================================================================ the entry point
-def evaluate_folders(
-    pred_dir: str | os.PathLike[str],
-    ref_dir: str | os.PathLike[str],
-    *,
-    labels: Mapping[int, str] | None = None,
-    ignore_label: int | None = None,
-    tolerance_mm: float | Mapping[int, float] = DEFAULT_TOLERANCE_MM,
-    out_dir: str | os.PathLike[str] | None = None,
-    qc_image_dir: str | os.PathLike[str] | None = None,
-    strict: bool = False,
-) -> dict[str, Any]:
-    """Score every prediction in ``pred_dir`` against its reference in ``ref_dir``; returns the summary.
-
-    ``labels``: ``{class: name}`` (or dataset.json's ``{name: class}``), the classes to score (default:
-    every value found in the references, named after the references' ``dataset.json`` when one is found,
-    see the module's docstring). ``ignore_label``: the reference value of unlabelled voxels.
-    ``tolerance_mm``: the NSD tolerance, 1 mm by default, one number or ``{class: mm}`` (classes not
-    named keep 1 mm). ``out_dir``: where ``evaluation.csv``, ``summary.json`` and ``dice_boxplot.png``
-    go (default ``pred_dir``). ``qc_image_dir``: the cases' images, to draw ``qc/<case>.png`` overlays.
-
-    Refused, naming the case and the files: a prediction without a reference, a prediction off its
-    reference's voxel grid, a label map that is not integer-valued, and with ``strict`` a reference
-    without a prediction. Without ``strict`` (``segpipe evaluate``'s default, nnU-Net's ``-chill``)
-    the cases predicted are scored, with a warning naming how many references have no prediction;
-    the summary lists them (``missing_predictions``). See the module's docstring for the files and
-    the rules.
-    """
-    pred_folder = _folder(pred_dir, "prediction")
-    ref_folder = _folder(ref_dir, "reference")
+def _pair(pred_folder: Path, ref_folder: Path, *, strict: bool) -> tuple[dict[str, Path], dict[str, Path], list[str]]:
+    """The reference and prediction files by case id, and the references without a prediction
+    (refused with ``strict``, or when none has one); a prediction without a reference is refused."""
     refs = _case_files(ref_folder, "reference")
     preds = _case_files(pred_folder, "prediction")
     if not refs:
@@ -374,10 +352,13 @@ def evaluate_folders(
             _listing(missing),
             len(refs) - len(missing),
         )
-    names = _label_names(labels)
-    ignore = None if ignore_label is None else int(ignore_label)
-    if names is not None and ignore is not None:
-        names.pop(ignore, None)
+    return refs, preds, missing
+
+
+def _tolerances(
+    tolerance_mm: float | Mapping[int, float], names: Mapping[int, str] | None
+) -> tuple[dict[int, float], float]:
+    """The NSD tolerance per class named (``overrides``) and for the others (``default_tol``)."""
     if isinstance(tolerance_mm, Mapping):
         overrides, default_tol = tolerance_overrides(tolerance_mm), DEFAULT_TOLERANCE_MM
     else:
@@ -389,6 +370,46 @@ def evaluate_folders(
                 f"tolerance_mm names class(es) {unknown} that labels does not list ({sorted(names)})",
                 hint="give tolerances for the listed classes only",
             )
+    return overrides, default_tol
+
+
+# ============================================================================ the entry point
+def evaluate_folders(
+    pred_dir: str | os.PathLike[str],
+    ref_dir: str | os.PathLike[str],
+    *,
+    labels: Mapping[int, str] | None = None,
+    ignore_label: int | None = None,
+    tolerance_mm: float | Mapping[int, float] = DEFAULT_TOLERANCE_MM,
+    out_dir: str | os.PathLike[str] | None = None,
+    qc_image_dir: str | os.PathLike[str] | None = None,
+    strict: bool | None = None,
+) -> dict[str, Any]:
+    """Score every prediction in ``pred_dir`` against its reference in ``ref_dir``; returns the summary.
+
+    ``labels``: ``{class: name}`` (or dataset.json's ``{name: class}``), the classes to score (default:
+    every value found in the references, named after the references' ``dataset.json`` when one is found,
+    see the module's docstring). ``ignore_label``: the reference value of unlabelled voxels.
+    ``tolerance_mm``: the NSD tolerance, 1 mm by default, one number or ``{class: mm}`` (classes not
+    named keep 1 mm). ``out_dir``: where ``evaluation.csv``, ``summary.json`` and ``dice_boxplot.png``
+    go (default ``pred_dir``). ``qc_image_dir``: the cases' images, to draw ``qc/<case>.png`` overlays.
+
+    Refused, naming the case and the files: a prediction without a reference, a prediction off its
+    reference's voxel grid, a label map that is not integer-valued, and with ``strict`` a reference
+    without a prediction. Without ``strict`` (``segpipe evaluate``'s default, nnU-Net's ``-chill``)
+    the cases predicted are scored, with a warning naming how many references have no prediction;
+    the summary lists them (``missing_predictions``). See the module's docstring for the files and
+    the rules.
+    """
+    strict = configured(strict, "evaluate.strict")
+    pred_folder = _folder(pred_dir, "prediction")
+    ref_folder = _folder(ref_dir, "reference")
+    refs, preds, missing = _pair(pred_folder, ref_folder, strict=strict)
+    names = _label_names(labels)
+    ignore = None if ignore_label is None else int(ignore_label)
+    if names is not None and ignore is not None:
+        names.pop(ignore, None)
+    overrides, default_tol = _tolerances(tolerance_mm, names)
     cases = sorted(c for c in refs if c in preds)
     shown_names = names if names is not None else _names_beside(ref_folder, pred_folder, cases)
     out = Path(out_dir) if out_dir is not None else pred_folder
@@ -414,10 +435,13 @@ def evaluate_folders(
             found |= ref_values
             case_classes = sorted(ref_values | (_values(pred) - ({ignore} if ignore is not None else set())))
         tolerances = {c: overrides.get(c, default_tol) for c in case_classes}
-        results[case] = _score_case(pred, ref, ref_geo.spacing, case_classes, tolerances, ignore)
+        results[case] = _score_case(
+            pred, ref, ref_geo.spacing, classes=case_classes, tolerances=tolerances, ignore_label=ignore
+        )
         if case in images:
             qc = out / QC_FOLDER / f"{case}.png"
-            _write_qc(qc, case, images[case], ref, pred, ref_geo, results[case], shown_names, ignore)
+            case_labels = CaseLabels(case, ref, pred, ref_geo, results[case])
+            write_qc(qc, case_labels, images[case], names=shown_names, ignore_label=ignore)
     classes = sorted(names) if names is not None else sorted(found)
     if names is None:
         unknown = sorted(set(overrides) - set(classes))
@@ -426,25 +450,18 @@ def evaluate_folders(
     for case in cases:
         results[case] = {c: results[case].get(c) or _empty_record() for c in classes}
 
-    summary = _summary(cases, classes, shown_names, results, refs, preds, overrides, default_tol, ignore, missing)
-    _write_csv(out / CSV_FILE, cases, classes, shown_names, results)
+    ev = Evaluation(cases, classes, shown_names, results, refs, preds, overrides, default_tol, ignore, missing)
+    summary = _summary(ev)
+    _write_csv(out / CSV_FILE, ev)
     write_json(out / SUMMARY_FILE, summary)
-    _write_boxplot(out / BOXPLOT_FILE, cases, classes, shown_names, results)
+    write_boxplot(out / BOXPLOT_FILE, ev)
     return summary
 
 
-def _summary(
-    cases: Sequence[str],
-    classes: Sequence[int],
-    names: Mapping[int, str],
-    results: Mapping[str, Mapping[int, Record]],
-    refs: Mapping[str, Path],
-    preds: Mapping[str, Path],
-    overrides: Mapping[int, float],
-    default_tol: float,
-    ignore_label: int | None,
-    missing: Sequence[str] = (),
-) -> dict[str, Any]:
+def _summary(ev: Evaluation) -> dict[str, Any]:
+    """``summary.json`` in nnU-Net's layout (see the module's docstring)."""
+    cases, classes, names, results, refs, preds = ev.cases, ev.classes, ev.names, ev.results, ev.refs, ev.preds
+    overrides, default_tol, ignore_label, missing = ev.overrides, ev.default_tol, ev.ignore_label, ev.missing
     means = {c: {k: _nanmean([results[case][c][k] for case in cases]) for k in FIELDS} for c in classes}
     foreground = [c for c in classes if c != BACKGROUND]
     return {
@@ -467,13 +484,10 @@ def _summary(
     }
 
 
-def _write_csv(
-    path: Path,
-    cases: Sequence[str],
-    classes: Sequence[int],
-    names: Mapping[int, str],
-    results: Mapping[str, Mapping[int, Record]],
-) -> Path:
+def _write_csv(path: Path, ev: Evaluation) -> Path:
+    """``evaluation.csv``: one row per case and class."""
+    cases, classes, names, results = ev.cases, ev.classes, ev.names, ev.results
+
     def fmt(value: float) -> str | int:
         if isinstance(value, (int, np.integer)):
             return int(value)
@@ -486,165 +500,3 @@ def _write_csv(
         for c in classes:
             writer.writerow([case, c, names.get(c, ""), *(fmt(results[case][c][k]) for k in FIELDS)])
     return write_text(path, buf.getvalue())
-
-
-# ============================================================================ pictures
-def _figure(width: float, height: float) -> Any:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise StateError(
-            "matplotlib is not installed, so the evaluation plots cannot be drawn",
-            hint="install it (`pip install matplotlib`, a segpipe dependency)",
-        ) from None
-    return Figure(figsize=(width, height), dpi=PNG_DPI)
-
-
-def _save(fig: Any, path: Path, title: str) -> Path:
-    with atomic_path(path, ext=".png") as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None, "Title": title})
-    return path
-
-
-def _class_name(c: int, names: Mapping[int, str]) -> str:
-    return f"{c} {names[c]}" if c in names else str(c)
-
-
-def _write_boxplot(
-    path: Path,
-    cases: Sequence[str],
-    classes: Sequence[int],
-    names: Mapping[int, str],
-    results: Mapping[str, Mapping[int, Record]],
-) -> Path:
-    """Per foreground class, a box plot (with the cases as points) of Dice and, below, of HD95."""
-    foreground = [c for c in classes if c != BACKGROUND]
-    fig = _figure(max(6.0, 1.5 + 0.9 * len(foreground)), 7.0)
-    fig.subplots_adjust(left=0.12, right=0.97, top=0.92, bottom=0.14, hspace=0.12)
-    ax_dice, ax_hd = fig.subplots(2, 1, sharex=True)
-    positions = list(range(1, len(foreground) + 1))
-    for ax, key, ylabel in ((ax_dice, "Dice", "Dice"), (ax_hd, "HD95", "HD95 (mm)")):
-        data = [[v for v in (results[case][c][key] for case in cases) if math.isfinite(v)] for c in foreground]
-        drawn = [(x, d) for x, d in zip(positions, data) if d]
-        if drawn:
-            ax.boxplot([d for _, d in drawn], positions=[x for x, _ in drawn], widths=0.5, showfliers=False)
-            for x, d in drawn:
-                offsets = np.linspace(-0.12, 0.12, len(d)) if len(d) > 1 else np.zeros(1)
-                ax.scatter(x + offsets, d, s=10, color="tab:blue", alpha=0.6, zorder=3)
-        else:
-            ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", va="center", color="0.4")
-        ax.set_ylabel(ylabel)
-        ax.grid(axis="y", alpha=0.3)
-    ax_dice.set_ylim(-0.02, 1.02)
-    ax_hd.set_xlim(0.4, len(foreground) + 0.6)
-    ax_hd.set_xticks(positions, [_class_name(c, names) for c in foreground], rotation=20, ha="right")
-    fig.suptitle(f"per-case Dice and HD95 of {len(cases)} case(s)")
-    return _save(fig, path, "segpipe evaluation")
-
-
-def _qc_slices(mask: np.ndarray) -> list[int]:
-    """Three indices along axis 0: the foreground's centre and halfway from it to its first and last slice."""
-    per_slice = mask.reshape(mask.shape[0], -1).sum(axis=1)
-    n = mask.shape[0]
-    if not per_slice.any():
-        return [n // 4, n // 2, (3 * n) // 4]
-    hit = np.flatnonzero(per_slice)
-    lo, hi = int(hit[0]), int(hit[-1])
-    centre = int(round(float(np.dot(np.arange(n), per_slice)) / float(per_slice.sum())))
-    return [(lo + centre) // 2, centre, (centre + hi + 1) // 2]
-
-
-def _class_colour(c: int) -> str:
-    return CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]
-
-
-def _dice_text(c: int, record: Record | None, names: Mapping[int, str]) -> str:
-    dice = math.nan if record is None else record["Dice"]
-    return f"{_class_name(c, names)} {'n/a' if math.isnan(dice) else f'{dice:.3f}'}"
-
-
-def _write_qc(
-    path: Path,
-    case: str,
-    image_path: Path,
-    ref: np.ndarray,
-    pred: np.ndarray,
-    ref_geo: Geometry,
-    records: Mapping[int, Record],
-    names: Mapping[int, str],
-    ignore_label: int | None,
-) -> Path:
-    """``qc/<case>.png``: three slices of the image with each class's reference and prediction contours."""
-    image, geo = read_image(image_path)
-    diffs = geo.differences(ref_geo, names=("image", "reference"))
-    if diffs:
-        raise DataError(
-            f"case {case}: the image {image_path} is not on the voxel grid of its reference ({'; '.join(diffs)})",
-            hint="give the images the references were drawn on (qc_image_dir)",
-        )
-    fig = _qc_figure(case, image[0], ref, pred, ref_geo.spacing, records, names, ignore_label)
-    return _save(fig, path, f"segpipe QC {case}")
-
-
-def _qc_figure(
-    case: str,
-    volume: np.ndarray,
-    ref: np.ndarray,
-    pred: np.ndarray,
-    spacing: Sequence[float],
-    records: Mapping[int, Record],
-    names: Mapping[int, str],
-    ignore_label: int | None,
-) -> Any:
-    """The QC figure of one case (see the module's docstring); ``records`` are its scores per class."""
-    from matplotlib.lines import Line2D
-
-    foreground = [c for c in sorted(records) if c not in (BACKGROUND, ignore_label)]
-    ref_fg = np.isin(ref, foreground)
-    slices = _qc_slices(ref_fg if ref_fg.any() else np.isin(pred, foreground))
-    shown = volume[slices].astype(np.float32)
-    lo, hi = (float(v) for v in np.percentile(shown, [0.5, 99.5]))
-    fig = _figure(12.0, 4.9)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.84, bottom=0.15, wspace=0.04)
-    aspect = spacing[1] / spacing[2]
-    ny, nx = volume.shape[1:]
-    ys, xs = np.arange(-1, ny + 1), np.arange(-1, nx + 1)
-    for ax, z, plane in zip(fig.subplots(1, 3), slices, shown):
-        ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, aspect=aspect, interpolation="nearest")
-        # each class in its colour: the reference wide and translucent, so it shows beside the dashed
-        # prediction where the two coincide; masks padded with background so a structure touching the
-        # image's edge gets a closed contour
-        for labels, style in (
-            (ref, {"linewidths": REF_WIDTH, "alpha": REF_ALPHA}),
-            (pred, {"linewidths": PRED_WIDTH, "linestyles": "--"}),
-        ):
-            for c in foreground:
-                mask = np.pad(labels[z] == c, 1).astype(np.float32)
-                if mask.any():
-                    ax.contour(xs, ys, mask, levels=[0.5], colors=[_class_colour(c)], **style)
-        ax.set_xlim(-0.5, nx - 0.5)
-        ax.set_ylim(ny - 0.5, -0.5)
-        ax.set_title(f"axis 0 (z), slice {z} of {volume.shape[0]}", fontsize=9)
-        ax.set_axis_off()
-    handles = [
-        Line2D([], [], color=_class_colour(c), linewidth=REF_WIDTH, label=_class_name(c, names)) for c in foreground
-    ]
-    handles += [
-        Line2D([], [], color="0.55", linewidth=REF_WIDTH, alpha=REF_ALPHA, label="reference"),
-        Line2D([], [], color="0.55", linewidth=PRED_WIDTH, linestyle="--", label="prediction"),
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False, fontsize=9)
-    fig.text(
-        0.99,
-        0.005,
-        "slices of array axis 0 (z), indices from 0; rows y, columns x",
-        ha="right",
-        va="bottom",
-        fontsize=7,
-        color="0.4",
-    )
-    dice = ", ".join(_dice_text(c, records.get(c), names) for c in foreground)
-    foreground_dice = [records[c]["Dice"] for c in foreground if not math.isnan(records[c]["Dice"])]
-    mean = f" (mean {sum(foreground_dice) / len(foreground_dice):.3f})" if len(foreground_dice) > 1 else ""
-    fig.suptitle(f"{case}\nDice {dice}{mean}" if foreground else case, fontsize=11)
-    return fig

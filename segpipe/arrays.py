@@ -1,4 +1,5 @@
-"""Crop to the nonzero bounding box (shared with the fingerprint)."""
+"""Array helpers below every stage: the nonzero bounding box that the fingerprint measures and
+preprocessing crops to."""
 
 from __future__ import annotations
 

@@ -30,8 +30,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import StateError
+from ..evaluation.metrics import confusion_counts, dice_from_counts
 from ..io.jsonio import write_json
-from .metrics import confusion_counts, dice_from_counts
+from ..splits import N_FOLDS
+from ..workspace import RunFolder
 
 __all__ = ["find_best"]
 
@@ -42,8 +44,8 @@ MIN_GAIN = 1e-6
 def _predictions(run_root: Path, configuration: str) -> dict[str, Path]:
     """case → saved softmax of every trained fold's validation of ``configuration``."""
     out: dict[str, Path] = {}
-    for fold_dir in sorted((run_root / configuration).glob("fold_[0-4]")):
-        for npy in sorted((fold_dir / "validation").glob("*.npy")):
+    for fold in range(N_FOLDS):
+        for npy in sorted(RunFolder(run_root / configuration / f"fold_{fold}").validation_dir.glob("*.npy")):
             out.setdefault(npy.stem, npy)
     return out
 

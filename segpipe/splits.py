@@ -1,4 +1,5 @@
-"""Cross-validation splits: nnU-Net v2's five folds and ``splits_final.json``."""
+"""Cross-validation splits: nnU-Net v2's five folds and ``splits_final.json`` (the fold count, :data:`N_FOLDS`, is
+defined here once)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, StateError, UsageError
-from ..io.jsonio import write_json
+from .errors import DataError, StateError, UsageError
+from .io.jsonio import write_json
+from .workspace import SPLITS_FILE
 
-SPLITS_FILE = "splits_final.json"
 SPLIT_SEED = 12345
 N_FOLDS = 5  # nnU-Net's cross-validation: five folds, each needing at least one validation case
 

@@ -24,10 +24,10 @@ from typing import IO, Any, cast
 import numpy as np
 import torch
 
-from ..errors import StateError
-from ..io.atomic import atomic_path
+from .errors import StateError
+from .io.atomic import atomic_path
 
-CHECKPOINT_FORMAT = "segpipe.training.checkpoint"
+CHECKPOINT_FORMAT = "segpipe.training.checkpoint"  # the name files carry (the module's first home)
 CHECKPOINT_VERSION = 1
 
 

@@ -19,6 +19,7 @@ from conftest import REPO, make_msd
 
 import segpipe
 from segpipe import api, cli
+from segpipe.cli.text import table
 from segpipe.config import COMMAND_SETTINGS, accepts, compose_config, settings_config
 from segpipe.settings import all_settings
 
@@ -414,10 +415,10 @@ def test_info_on_a_dataset_folder_says_what_it_is(tmp_path, capsys):
 
 def test_tables_fit_the_terminal_width():
     rows = [{"uid": "1.2.3", "description": "x" * 80, "folder": "/very/long/" + "y" * 60}]
-    text = cli._table(rows, width=60)
+    text = table(rows, width=60)
     assert max(len(line) for line in text.splitlines()) <= 60
     assert "…" in text
-    assert "y" * 60 in cli._table(rows, width=None)  # piped output keeps every character
+    assert "y" * 60 in table(rows, width=None)  # piped output keeps every character
 
 
 def test_info_exits_3_when_no_volume_is_read_and_still_lists(tmp_path, capsys):

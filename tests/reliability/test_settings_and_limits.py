@@ -16,6 +16,7 @@ import pytest
 
 import segpipe
 from segpipe import cli
+from segpipe.cli.parser import build_parser, flag_overrides
 from segpipe.config import COMMAND_SETTINGS, DEMO_SCHEDULE, expand_key, settings_config
 from segpipe.demo_data import generate_demo_dataset
 from segpipe.settings import selectable_groups
@@ -102,7 +103,8 @@ def test_out_of_memory_is_exit_4_with_what_was_asked_for_and_a_fix(
         )
 
     monkeypatch.setattr(fingerprint, "fingerprint_dataset", no_memory)  # plan's first big step
-    monkeypatch.setattr(api, "_planned_dataset", no_memory)  # preprocess's and train's
+    monkeypatch.setattr(api.data, "planned_dataset", no_memory)  # preprocess's
+    monkeypatch.setattr(api.training, "planned_dataset", no_memory)  # train's
     runs = [
         (["plan", str(data), f"work_dir={work.parent / 'other'}", "force=true"], "num_workers"),
         (["preprocess", f"work_dir={work}"], "num_workers"),
@@ -152,12 +154,12 @@ def test_every_fix_hint_names_settings_the_command_line_takes(capsys: pytest.Cap
     assert not unknown, unknown
     # `overwrite=true` works wherever --overwrite does
     for command in ("train", "infer", "export"):
-        ns = cli._parser().parse_args([command])
+        ns = build_parser().parse_args([command])
         ns.overwrite = False
-        assert cli._flag_overrides(ns, command, ["overwrite=true", "fold=0"]) == ["fold=0"] and ns.overwrite
-    ns = cli._parser().parse_args(["train"])
+        assert flag_overrides(ns, command, ["overwrite=true", "fold=0"]) == ["fold=0"] and ns.overwrite
+    ns = build_parser().parse_args(["train"])
     with pytest.raises(segpipe.SegpipeError):
-        cli._flag_overrides(ns, "train", ["overwrite=maybe"])
+        flag_overrides(ns, "train", ["overwrite=maybe"])
 
 
 def _takes(command: str, key: str) -> bool:

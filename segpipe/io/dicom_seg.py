@@ -412,14 +412,33 @@ def write_dicom_seg(
     cannot be made from (an empty SOPClassUID, no StudyInstanceUID, a value highdicom refuses) are a
     :class:`~segpipe.errors.DicomError` naming the series and the attribute. Written atomically.
     """
-    import highdicom as hd
-    import pydicom
+    target = Path(path)
+    frames, geometry = _single_frame_series(source, dicom_options)
+    lab = np.asarray(label)
+    values = _segment_values(lab, geometry, labels)
+    sources = _source_headers(source, frames)
+    _check_sources(source, sources, frames, float(geometry.spacing[0]))
+    seg = _segmentation(
+        source,
+        sources,
+        lab,
+        labels,
+        values=values,
+        software_version=software_version,
+        series_description=series_description,
+        series_number=series_number,
+    )
+    _save_seg(source, seg, target)
+    return target
 
-    from .._version import __version__
-    from .atomic import atomic_path
+
+def _single_frame_series(
+    source: str | os.PathLike[str], dicom_options: dict[str, Any] | None
+) -> tuple[list[Any], Geometry]:
+    """The frames and grid of the DICOM series ``source`` as the reader gives it, refusing a series it
+    resampled or a multi-frame one (its slices do not match the source frames one to one)."""
     from .dicom import dicom_source_frames
 
-    target = Path(path)
     frames, geometry, resampled = dicom_source_frames(source, **(dicom_options or {}))
     if resampled:
         raise SegNotSupported(
@@ -432,7 +451,12 @@ def write_dicom_seg(
             f"{source}: a multi-frame source series; DICOM-SEG output is written for single-frame series only",
             hint="use the label map",
         )
-    lab = np.asarray(label)
+    return frames, geometry
+
+
+def _segment_values(lab: np.ndarray, geometry: Geometry, labels: dict[int, str]) -> list[int]:
+    """The segment numbers of the named foreground labels (1..N), refusing a label map off the series'
+    grid, gaps in the numbering and values beyond the named segments."""
     if tuple(lab.shape) != tuple(geometry.shape):
         raise UsageError(f"label shape {lab.shape} does not match the DICOM series' grid {geometry.shape}")
     values = sorted(int(v) for v in labels if int(v) > 0)
@@ -440,6 +464,13 @@ def write_dicom_seg(
         raise UsageError(f"segment values must be 1..N without gaps, got {values}")
     if lab.size and int(lab.max()) > len(values):
         raise UsageError(f"the label map holds value {int(lab.max())}, beyond the {len(values)} named segments")
+    return values
+
+
+def _source_headers(source: str | os.PathLike[str], frames: list[Any]) -> list[Any]:
+    """The header of each source slice, read again (pixels left out) for the DICOM-SEG to reference."""
+    import pydicom
+
     sources = []
     with quiet_pydicom():
         for f in frames:
@@ -450,7 +481,26 @@ def write_dicom_seg(
                     f"{source}: cannot read the header of {f.path} again to write the DICOM-SEG ({short_error(exc)})",
                     hint="leave the series' files unchanged while segpipe runs, and run the same command again",
                 ) from None
-    _check_sources(source, sources, frames, float(geometry.spacing[0]))
+    return sources
+
+
+def _segmentation(
+    source: str | os.PathLike[str],
+    sources: list[Any],
+    lab: np.ndarray,
+    labels: dict[int, str],
+    *,
+    values: list[int],
+    software_version: str,
+    series_description: str,
+    series_number: int,
+) -> Any:
+    """The binary DICOM-SEG (highdicom) of the label map ``lab`` on the source slices, one segment per
+    value, refusing header values highdicom cannot make one from."""
+    import highdicom as hd
+
+    from .._version import __version__
+
     try:
         with quiet_pydicom(), _quiet_highdicom():
             algorithm = hd.AlgorithmIdentificationSequence(
@@ -471,7 +521,7 @@ def write_dicom_seg(
                 for v in values
             ]
             dtype = np.uint8 if len(values) < 256 else np.uint16
-            seg = hd.seg.Segmentation(
+            return hd.seg.Segmentation(
                 source_images=sources,
                 pixel_array=lab.astype(dtype, copy=False),
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -492,6 +542,12 @@ def write_dicom_seg(
             f"{source}: cannot make a DICOM-SEG from the series' headers ({short_error(exc)})",
             hint=f"correct that value in the series' files, {_NIFTI_INSTEAD}",
         ) from None
+
+
+def _save_seg(source: str | os.PathLike[str], seg: Any, target: Path) -> None:
+    """Write the DICOM-SEG ``seg`` to ``target`` atomically."""
+    from .atomic import atomic_path
+
     with atomic_path(target, ext=".dcm") as tmp:
         try:
             with quiet_pydicom():
@@ -503,4 +559,3 @@ def write_dicom_seg(
                 f"{source}: cannot write the DICOM-SEG of this series ({short_error(exc)})",
                 hint=f"correct that value in the series' files, {_NIFTI_INSTEAD}",
             ) from None
-    return target

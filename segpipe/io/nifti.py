@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -129,8 +129,41 @@ def inspect_nifti(p: Path, ext: str) -> NiftiInfo:
         ) from None
 
 
+class _Layout(NamedTuple):
+    """The size a NIfTI header declares and how its voxels are laid out as channels."""
+
+    shape: tuple[int, ...]  # the header's dims, (x, y, z, ...)
+    layout: tuple[int, ...]  # the voxel array's shape once read
+    vector: bool  # a NIfTI vector image, (x, y, z, 1, c)
+    channels: int
+
+
 def _inspect_nifti_header(p: Path, ext: str) -> NiftiInfo:
     hdr = nifti_raw_header(p)
+    vox_offset = _voxel_offset(p, hdr)
+    shape, layout, vector, channels = _voxel_layout(p, hdr)
+    dtype = _voxel_dtype(p, hdr)
+    _check_spacing_and_orientation(p, hdr, shape)
+    slope, inter, scaled = _intensity_scaling(p, hdr)
+
+    n_vox = int(np.prod(shape, dtype=np.int64))
+    stored = n_vox * dtype.itemsize
+    memory = stored + (n_vox * max(dtype.itemsize, 4) if scaled and (slope, inter) != (1.0, 0.0) else 0)
+    file_size = p.stat().st_size
+    if ext == ".nii.gz":
+        stream = ("deflate", max(0, DEFLATE_MAX_RATIO * file_size - int(vox_offset)))
+    else:
+        stream = ("raw", max(0, file_size - int(vox_offset)))
+    affine, oriented = _nifti_affine(p, hdr)
+    geometry = nifti_geometry(p, affine, shape[:3])
+    if not oriented:
+        geometry = geometry.replace(oriented=False)
+    return NiftiInfo(shape, layout, channels, vector, dtype, geometry, memory, stream)
+
+
+def _voxel_offset(p: Path, hdr: Any) -> float:
+    """Where the voxels start in a single-file NIfTI (vox_offset), refusing a separate .img file or an
+    offset inside the header."""
     magic = bytes(hdr["magic"]).rstrip(b"\0")
     if magic not in (b"n+1", b"n+2"):
         detail = (
@@ -147,6 +180,11 @@ def _inspect_nifti_header(p: Path, ext: str) -> NiftiInfo:
             f"{p}: the header's data offset (vox_offset {vox_offset:g}) is invalid (at least {minimum})",
             hint="the header is damaged; re-export the image from its source",
         )
+    return vox_offset
+
+
+def _voxel_layout(p: Path, hdr: Any) -> _Layout:
+    """The declared size and its channel layout, refusing empty axes and images beyond 4-D (or 5-D vectors)."""
     dims = [int(d) for d in hdr["dim"]]
     ndim = dims[0]
     if not 1 <= ndim <= 7:
@@ -170,7 +208,11 @@ def _inspect_nifti_header(p: Path, ext: str) -> NiftiInfo:
             hint="segpipe reads 2-D, 3-D and 4-D images (one channel per volume); split the file",
         )
     channels = layout[4] if vector else (layout[3] if len(layout) == 4 else 1)
+    return _Layout(shape, layout, vector, channels)
 
+
+def _voxel_dtype(p: Path, hdr: Any) -> np.dtype:
+    """The voxel type the header declares, refusing unknown codes and types that are not real numbers."""
     try:
         dtype = hdr.get_data_dtype()
     except Exception:  # noqa: BLE001 - nibabel: KeyError/HeaderDataError for unknown codes
@@ -184,7 +226,12 @@ def _inspect_nifti_header(p: Path, ext: str) -> NiftiInfo:
             f"{p}: voxel type {label} (datatype code {int(hdr['datatype'])}) is not supported",
             hint="store real-valued grey levels (one file per channel; RGB as three channels)",
         )
+    return dtype
 
+
+def _check_spacing_and_orientation(p: Path, hdr: Any, shape: tuple[int, ...]) -> None:
+    """Refuse a voxel spacing (pixdim) that is not a positive number, and a qform or sform holding NaN
+    or infinite values."""
     pixdim = [float(v) for v in hdr["pixdim"][1:4]]
     for axis, (n, v) in enumerate(zip(shape[:3], pixdim)):
         if np.isfinite(v) and (v > 0 or (v == 0 and n == 1)):
@@ -210,6 +257,11 @@ def _inspect_nifti_header(p: Path, ext: str) -> NiftiInfo:
                 f"{p}: the header's sform affine holds NaN or infinite values",
                 hint="correct the sform (or set sform_code to 0), or re-export the image",
             )
+
+
+def _intensity_scaling(p: Path, hdr: Any) -> tuple[float, float, bool]:
+    """The header's intensity scaling (scl_slope, scl_inter) and whether it applies, refusing
+    infinite values."""
     slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
     scaled = bool(np.isfinite(slope) and slope != 0)  # NIfTI: a slope of 0 or NaN means "no scaling"
     if np.isinf(slope) or (scaled and not np.isfinite(inter)):
@@ -217,20 +269,7 @@ def _inspect_nifti_header(p: Path, ext: str) -> NiftiInfo:
             f"{p}: the header's intensity scaling (scl_slope {slope:g}, scl_inter {inter:g}) is not finite",
             hint="set scl_slope to 1 and scl_inter to 0 (or to the true scaling), or re-export the image",
         )
-
-    n_vox = int(np.prod(shape, dtype=np.int64))
-    stored = n_vox * dtype.itemsize
-    memory = stored + (n_vox * max(dtype.itemsize, 4) if scaled and (slope, inter) != (1.0, 0.0) else 0)
-    file_size = p.stat().st_size
-    if ext == ".nii.gz":
-        stream = ("deflate", max(0, DEFLATE_MAX_RATIO * file_size - int(vox_offset)))
-    else:
-        stream = ("raw", max(0, file_size - int(vox_offset)))
-    affine, oriented = _nifti_affine(p, hdr)
-    geometry = nifti_geometry(p, affine, shape[:3])
-    if not oriented:
-        geometry = geometry.replace(oriented=False)
-    return NiftiInfo(shape, layout, channels, vector, dtype, geometry, memory, stream)
+    return slope, inter, scaled
 
 
 def _nifti_affine(p: Path, hdr: Any) -> tuple[np.ndarray, bool]:

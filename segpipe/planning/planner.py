@@ -32,7 +32,7 @@ from .settings import (
 
 
 # ============================================================================ planning
-def _median_int(values: Sequence[float]) -> list[int]:
+def _median_int(values: Sequence[float] | np.ndarray) -> list[int]:
     return [int(round(float(v))) for v in values]
 
 
@@ -87,13 +87,169 @@ def _features(n: int, base: int, cap: int) -> list[int]:
     return [min(cap, base * 2**i) for i in range(n)]
 
 
+@dataclass(frozen=True)
+class _ConfigSpec:
+    """What one configuration is before its patch is chosen: network, grid and pooling ratio."""
+
+    name: str
+    architecture: str
+    dims: int
+    spacing: np.ndarray  # all three axes, network order
+    median_shape: Sequence[float] | np.ndarray  # all three axes, network order
+    resample_slices: bool
+    context_slices: int
+    attention: bool
+    ratio: float
+
+    @property
+    def net_spacing(self) -> np.ndarray:
+        """Spacing of the axes the network convolves (the last ``dims``)."""
+        return self.spacing[-self.dims :]
+
+    @property
+    def net_median(self) -> np.ndarray:
+        """Median image shape along the axes the network convolves."""
+        return np.asarray(self.median_shape, dtype=np.float64)[-self.dims :]
+
+
+def _initial_patch(spec: _ConfigSpec) -> list[float]:
+    """nnU-Net's starting patch: a fixed volume shaped by the spacing, clipped to the median shape."""
+    net_sp, med, dims = spec.net_spacing, spec.net_median, spec.dims
+    aspect = 1.0 / net_sp
+    volume = INITIAL_PATCH_VOLUME_3D if dims == 3 else INITIAL_PATCH_VOLUME_2D
+    initial = [round(float(v)) for v in aspect * (volume / np.prod(aspect)) ** (1.0 / dims)]
+    return [max(1.0, float(min(i, m))) for i, m in zip(initial, med)]  # floats, as nnU-Net (padded up later)
+
+
+def _staged_topology(
+    net_sp: np.ndarray, patch: Sequence[float], ratio: float
+) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
+    """Pooling topology of a patch; tiny patches are padded so the network has ≥ ``MIN_STAGES`` stages."""
+    p = list(patch)
+    strides, kernels, padded, divisor = topology(net_sp, p, ratio=ratio)
+    grow = 2 * 2 * FEATURE_MAP_MIN_EDGE  # 16: room for two poolings
+    while len(strides) < MIN_STAGES:  # tiny images: pad the patch so the network has ≥ 3 stages
+        finest = min(net_sp)
+        p = [max(v, grow) if net_sp[i] / finest < ratio else v for i, v in enumerate(p)]
+        strides, kernels, padded, divisor = topology(net_sp, p, ratio=ratio)
+        grow += 8
+    return strides, kernels, padded, divisor
+
+
+def _network_layers(
+    spec: _ConfigSpec, s: PlanSettings, kernels: list[list[int]], n: int
+) -> tuple[list[int], list[list[int]], list[int], list[int]]:
+    """Features, kernel sizes and convolutions per stage of the U-Net or V-Net: ``(features, kernels, enc, dec)``."""
+    if spec.architecture == "vnet":
+        feats = _features(n, s.vnet_base_features, s.vnet_max_features)
+        kernels = [[5 if k == 3 else 1 for k in ks] for ks in kernels]
+        enc = [min(i + 1, 3) for i in range(n)]
+        dec = [min(i + 1, 3) for i in range(n - 1)]
+    else:
+        feats = _features(n, s.base_features, s.max_features_3d if spec.dims == 3 else s.max_features_2d)
+        enc, dec = [2] * n, [2] * (n - 1)
+    return feats, kernels, enc, dec
+
+
+def _build_config(spec: _ConfigSpec, s: PlanSettings, patch: Sequence[float]) -> tuple[PlanConfig, list[int]]:
+    """The configuration for a patch at the minimum batch size, and the patch's pooling divisor per axis."""
+    strides, kernels, padded, divisor = _staged_topology(spec.net_spacing, patch, spec.ratio)
+    feats, kernels, enc, dec = _network_layers(spec, s, kernels, len(strides))
+    cfg = PlanConfig(
+        name=spec.name,
+        architecture=spec.architecture,
+        dims=spec.dims,
+        spacing=[float(v) for v in spec.spacing],
+        median_shape=_median_int(spec.median_shape),
+        patch_size=[int(v) for v in padded],
+        batch_size=s.min_batch_size,
+        strides=strides,
+        kernel_sizes=kernels,
+        features=feats,
+        n_conv_encoder=enc,
+        n_conv_decoder=dec,
+        resample_slices=spec.resample_slices,
+        context_slices=spec.context_slices,
+        attention=spec.attention,
+    )
+    return cfg, divisor
+
+
+def _gpu_bytes(ctx: _Context, cfg: PlanConfig, batch: int) -> int:
+    """Predicted GPU memory of training ``cfg`` at this batch size."""
+    return estimate_gpu_bytes(cfg, ctx.in_channels, ctx.num_classes, batch, amp=ctx.settings.amp)
+
+
+def _smaller_patch(ctx: _Context, spec: _ConfigSpec, cfg: PlanConfig, divisor: Sequence[int]) -> list[int]:
+    """One shrink step of the patch: the axis largest relative to the median shape loses one pooling divisor."""
+    s = ctx.settings
+    net_sp = spec.net_spacing
+    cur = list(cfg.patch_size)
+    # the axis largest relative to the median shape first; ties → the last axis, as nnU-Net's argsort()[-1]
+    order = np.argsort([p / m for p, m in zip(cur, spec.net_median)], kind="stable")[::-1]
+    for axis in order:
+        tmp = list(cur)
+        tmp[axis] -= divisor[axis]
+        if tmp[axis] < 1:
+            continue
+        _, _, _, div2 = topology(net_sp, tmp, ratio=spec.ratio)
+        new = list(cur)
+        new[axis] -= div2[axis]
+        if new[axis] >= FEATURE_MAP_MIN_EDGE:
+            return new
+    raise ConfigError(
+        f"{spec.name}: gpu_memory_gb={s.gpu_memory_gb:g} is too small for even the smallest patch "
+        f"({'×'.join(map(str, cur))} needs ~{_gpu_bytes(ctx, cfg, s.min_batch_size) / 2**30:.2f} GB at batch "
+        f"{s.min_batch_size})",
+        hint="raise gpu_memory_gb or leave this configuration out",
+    )
+
+
+def _fit_patch(ctx: _Context, spec: _ConfigSpec, patch: Sequence[float]) -> tuple[PlanConfig, bool]:
+    """Shrink the patch until the minimum batch fits the GPU memory budget; also says whether it shrank."""
+    s = ctx.settings
+    cfg, divisor = _build_config(spec, s, patch)
+    shrunk = False
+    seen = {tuple(cfg.patch_size)}
+    while _gpu_bytes(ctx, cfg, s.min_batch_size) > ctx.budget:
+        shrunk = True
+        new = _smaller_patch(ctx, spec, cfg, divisor)
+        before = cfg.patch_size
+        cfg, divisor = _build_config(spec, s, new)
+        if tuple(cfg.patch_size) in seen:  # the ≥ 3-stage padding undid the shrink: nothing smaller exists
+            raise ConfigError(
+                f"{spec.name}: gpu_memory_gb={s.gpu_memory_gb:g} is too small for the smallest patch "
+                f"{'×'.join(map(str, before))}",
+                hint="raise gpu_memory_gb",
+            )
+        seen.add(tuple(cfg.patch_size))
+    return cfg, shrunk
+
+
+def _batch_size(ctx: _Context, cfg: PlanConfig) -> tuple[int, str]:
+    """The batch size (largest that fits memory, capped by the dataset fraction) and the note saying why."""
+    s = ctx.settings
+    per_sample = _gpu_bytes(ctx, cfg, 1) - _gpu_bytes(ctx, cfg, 0)
+    fits = int((ctx.budget - _gpu_bytes(ctx, cfg, 0)) // max(per_sample, 1))
+    cap = round(ctx.n_voxels_dataset * s.max_dataset_fraction / np.prod(cfg.patch_size, dtype=np.float64))
+    batch = max(min(fits, cap), s.min_batch_size)
+    if batch < fits:
+        note = (
+            f"batch {batch}: capped so one batch covers ≤ {s.max_dataset_fraction:.0%} of the dataset's "
+            f"voxels (memory would allow {fits})"
+        )
+    else:
+        note = f"batch {batch}: largest that fits {s.gpu_memory_gb:g} GB"
+    return batch, note
+
+
 def _shape_config(
     ctx: _Context,
     *,
     name: str,
     architecture: str,
-    spacing: Sequence[float],
-    median_shape: Sequence[float],
+    spacing: Sequence[float] | np.ndarray,
+    median_shape: Sequence[float] | np.ndarray,
     dims: int,
     resample_slices: bool = True,
     context_slices: int = 0,
@@ -102,106 +258,26 @@ def _shape_config(
 ) -> PlanConfig:
     """Patch, topology and batch for one configuration under the memory budget (nnU-Net's loop)."""
     s = ctx.settings
-    sp = np.asarray(spacing, dtype=np.float64)
-    net_sp = sp[-dims:]
-    med = np.asarray(median_shape, dtype=np.float64)[-dims:]
-    aspect = 1.0 / net_sp
-    volume = INITIAL_PATCH_VOLUME_3D if dims == 3 else INITIAL_PATCH_VOLUME_2D
-    initial = [round(float(v)) for v in aspect * (volume / np.prod(aspect)) ** (1.0 / dims)]
-    patch = [max(1.0, float(min(i, m))) for i, m in zip(initial, med)]  # floats, as nnU-Net (padded up later)
+    spec = _ConfigSpec(
+        name=name,
+        architecture=architecture,
+        dims=dims,
+        spacing=np.asarray(spacing, dtype=np.float64),
+        median_shape=median_shape,
+        resample_slices=resample_slices,
+        context_slices=context_slices,
+        attention=attention,
+        ratio=ratio,
+    )
     notes: list[str] = []
-
-    def build(p: Sequence[float]) -> tuple[PlanConfig, list[int]]:
-        p = list(p)
-        strides, kernels, padded, divisor = topology(net_sp, p, ratio=ratio)
-        grow = 2 * 2 * FEATURE_MAP_MIN_EDGE  # 16: room for two poolings
-        while len(strides) < MIN_STAGES:  # tiny images: pad the patch so the network has ≥ 3 stages
-            finest = min(net_sp)
-            p = [max(v, grow) if net_sp[i] / finest < ratio else v for i, v in enumerate(p)]
-            strides, kernels, padded, divisor = topology(net_sp, p, ratio=ratio)
-            grow += 8
-        n = len(strides)
-        if architecture == "vnet":
-            feats = _features(n, s.vnet_base_features, s.vnet_max_features)
-            kernels = [[5 if k == 3 else 1 for k in ks] for ks in kernels]
-            enc = [min(i + 1, 3) for i in range(n)]
-            dec = [min(i + 1, 3) for i in range(n - 1)]
-        else:
-            feats = _features(n, s.base_features, s.max_features_3d if dims == 3 else s.max_features_2d)
-            enc, dec = [2] * n, [2] * (n - 1)
-        cfg = PlanConfig(
-            name=name,
-            architecture=architecture,
-            dims=dims,
-            spacing=[float(v) for v in sp],
-            median_shape=_median_int(median_shape),
-            patch_size=[int(v) for v in padded],
-            batch_size=s.min_batch_size,
-            strides=strides,
-            kernel_sizes=kernels,
-            features=feats,
-            n_conv_encoder=enc,
-            n_conv_decoder=dec,
-            resample_slices=resample_slices,
-            context_slices=context_slices,
-            attention=attention,
-        )
-        return cfg, divisor
-
-    def gpu(cfg: PlanConfig, b: int) -> int:
-        return estimate_gpu_bytes(cfg, ctx.in_channels, ctx.num_classes, b, amp=s.amp)
-
-    cfg, divisor = build(patch)
-    shrunk = False
-    seen = {tuple(cfg.patch_size)}
-    while gpu(cfg, s.min_batch_size) > ctx.budget:
-        shrunk = True
-        cur = list(cfg.patch_size)
-        # the axis largest relative to the median shape first; ties → the last axis, as nnU-Net's argsort()[-1]
-        order = np.argsort([p / m for p, m in zip(cur, med)], kind="stable")[::-1]
-        for axis in order:
-            tmp = list(cur)
-            tmp[axis] -= divisor[axis]
-            if tmp[axis] < 1:
-                continue
-            _, _, _, div2 = topology(net_sp, tmp, ratio=ratio)
-            new = list(cur)
-            new[axis] -= div2[axis]
-            if new[axis] >= FEATURE_MAP_MIN_EDGE:
-                break
-        else:
-            raise ConfigError(
-                f"{name}: gpu_memory_gb={s.gpu_memory_gb:g} is too small for even the smallest patch "
-                f"({'×'.join(map(str, cur))} needs ~{gpu(cfg, s.min_batch_size) / 2**30:.2f} GB at batch "
-                f"{s.min_batch_size})",
-                hint="raise gpu_memory_gb or leave this configuration out",
-            )
-        before = cfg.patch_size
-        cfg, divisor = build(new)
-        if tuple(cfg.patch_size) in seen:  # the ≥ 3-stage padding undid the shrink: nothing smaller exists
-            raise ConfigError(
-                f"{name}: gpu_memory_gb={s.gpu_memory_gb:g} is too small for the smallest patch "
-                f"{'×'.join(map(str, before))}",
-                hint="raise gpu_memory_gb",
-            )
-        seen.add(tuple(cfg.patch_size))
+    cfg, shrunk = _fit_patch(ctx, spec, _initial_patch(spec))
     if shrunk:
         notes.append(f"patch shrunk to fit {s.gpu_memory_gb:g} GB at batch {s.min_batch_size}")
-
-    per_sample = gpu(cfg, 1) - gpu(cfg, 0)
-    fits = int((ctx.budget - gpu(cfg, 0)) // max(per_sample, 1))
-    cap = round(ctx.n_voxels_dataset * s.max_dataset_fraction / np.prod(cfg.patch_size, dtype=np.float64))
-    batch = max(min(fits, cap), s.min_batch_size)
-    if batch < fits:
-        notes.append(
-            f"batch {batch}: capped so one batch covers ≤ {s.max_dataset_fraction:.0%} of the dataset's "
-            f"voxels (memory would allow {fits})"
-        )
-    else:
-        notes.append(f"batch {batch}: largest that fits {s.gpu_memory_gb:g} GB")
+    batch, batch_note = _batch_size(ctx, cfg)
+    notes.append(batch_note)
     cfg.batch_size = int(batch)
     cfg.estimated_training_bytes = estimate_training_bytes(cfg, ctx.in_channels, ctx.num_classes, batch)
-    cfg.estimated_gpu_bytes = gpu(cfg, batch)
+    cfg.estimated_gpu_bytes = _gpu_bytes(ctx, cfg, batch)
     cfg.notes = notes
     return cfg
 
@@ -256,17 +332,41 @@ def fingerprint_digest(fp: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = None) -> Plan:
-    """Plan every requested (or applicable) configuration for a fingerprint. Pure: no I/O."""
-    settings = settings or PlanSettings()
-    settings.validate()
-    spacings, shapes = _case_arrays(fingerprint)
-    labels = {str(k): str(v) for k, v in sorted(fingerprint["labels"].items(), key=lambda kv: int(kv[0]))}
-    channel_names = {str(k): str(v) for k, v in sorted(fingerprint["channel_names"].items(), key=lambda kv: int(kv[0]))}
-    num_classes = len(labels) - any(v.lower() == "ignore" for v in labels.values())  # outputs
-    in_channels = len(channel_names)
-    n_cases = len(spacings)
+@dataclass(frozen=True)
+class _Grid:
+    """The dataset's spacings and shapes, its fullres target spacing and the network axis order."""
 
+    spacings: np.ndarray  # per case, array order
+    shapes: np.ndarray  # per case after cropping, array order
+    median_spacing: np.ndarray
+    fullres: np.ndarray  # target spacing, array order
+    aniso_axis: int | None  # the anisotropy rule's axis (None when it did not apply)
+    transpose: list[int]  # coarsest axis first
+    fr_sp: np.ndarray  # fullres spacing, network order
+    fr_shape: np.ndarray  # median shape at fullres spacing, network order
+
+    @property
+    def coarse(self) -> int:
+        """The array axis with the coarsest target spacing."""
+        return self.transpose[0]
+
+    @property
+    def backward(self) -> list[int]:
+        """The axis order that undoes ``transpose``."""
+        return [self.transpose.index(i) for i in range(3)]
+
+    @property
+    def n_cases(self) -> int:
+        return len(self.spacings)
+
+
+def _by_index(names: Mapping[Any, Any]) -> dict[str, str]:
+    """Labels or channel names keyed by their index as text, in index order."""
+    return {str(k): str(v) for k, v in sorted(names.items(), key=lambda kv: int(kv[0]))}
+
+
+def _fullres_grid(spacings: np.ndarray, shapes: np.ndarray, settings: PlanSettings) -> _Grid:
+    """Fullres target spacing (from the data unless set) and the axis order that puts its coarsest axis first."""
     auto_target, aniso_axis = target_spacing(spacings, shapes, settings.anisotropy_threshold)
     if settings.target_spacing is not None:
         fullres = np.asarray(settings.target_spacing, dtype=np.float64)
@@ -275,28 +375,36 @@ def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = No
     median_spacing = np.median(spacings, axis=0)
     coarse = int(np.argmax(fullres))
     transpose = [coarse] + [i for i in range(3) if i != coarse]
-    backward = [transpose.index(i) for i in range(3)]
     t = np.asarray(transpose)
-
     fullres_shape = _resampled_median_shape(spacings, shapes, fullres)
-    fr_sp, fr_shape = fullres[t], fullres_shape[t]
-    n_vox = float(np.prod(fr_shape, dtype=np.float64) * n_cases)
-    ctx = _Context(in_channels, num_classes, n_vox, settings)
-    is_2d_data = fr_shape[0] <= 1
+    return _Grid(
+        spacings=spacings,
+        shapes=shapes,
+        median_spacing=median_spacing,
+        fullres=fullres,
+        aniso_axis=aniso_axis,
+        transpose=transpose,
+        fr_sp=fullres[t],
+        fr_shape=fullres_shape[t],
+    )
 
+
+def _fullres_and_skips(ctx: _Context, grid: _Grid) -> tuple[PlanConfig | None, dict[str, str]]:
+    """3d_fullres (None for 2-D images) and why each configuration does not apply, from cheap checks."""
+    settings = ctx.settings
+    median_spacing = grid.median_spacing
     others = [median_spacing[i] for i in range(3) if i != int(np.argmax(median_spacing))]
     spacing_ratio = float(np.max(median_spacing) / max(others))
-    wanted = list(settings.configurations) if settings.configurations is not None else list(CONFIGURATIONS)
     # why each configuration does not apply (cheap checks for all, so errors can list the applicable ones)
     why_not: dict[str, str] = {}
     fullres_cfg = None
-    if is_2d_data:
+    if grid.fr_shape[0] <= 1:
         why_not.update({c: "the images are 2-D" for c in CONFIGURATIONS if c != "2d"})
     else:
         fullres_cfg = _shape_config(
-            ctx, name="3d_fullres", architecture="unet", spacing=fr_sp, median_shape=fr_shape, dims=3
+            ctx, name="3d_fullres", architecture="unet", spacing=grid.fr_sp, median_shape=grid.fr_shape, dims=3
         )
-        coverage = float(np.prod(fullres_cfg.patch_size, dtype=np.float64) / np.prod(fr_shape, dtype=np.float64))
+        coverage = float(np.prod(fullres_cfg.patch_size, dtype=np.float64) / np.prod(grid.fr_shape, dtype=np.float64))
         if coverage >= settings.lowres_threshold:
             why_not["3d_lowres"] = (
                 f"the 3d_fullres patch already covers {coverage:.0%} of the median image "
@@ -307,48 +415,65 @@ def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = No
                 f"it is for anisotropic data; the coarsest median spacing is only "
                 f"{spacing_ratio:.2f}× the others (needs > {settings.anisotropy_threshold:g}×)"
             )
+    return fullres_cfg, why_not
 
+
+def _plan_configurations(
+    ctx: _Context, grid: _Grid, wanted: Sequence[str], *, fullres: PlanConfig | None, why_not: dict[str, str]
+) -> dict[str, PlanConfig]:
+    """Plan each wanted configuration that applies; a 3d_lowres found not to is added to ``why_not``."""
+    fr_sp, fr_shape = grid.fr_sp, grid.fr_shape
     configs: dict[str, PlanConfig] = {}
     if "2d" in wanted:
         configs["2d"] = _shape_config(
             ctx, name="2d", architecture="unet", spacing=fr_sp, median_shape=fr_shape, dims=2, resample_slices=False
         )
         configs["2d"].batch_dice = True
-    if "3d_fullres" in wanted and fullres_cfg is not None:
-        configs["3d_fullres"] = fullres_cfg
-    if "3d_lowres" in wanted and "3d_lowres" not in why_not and fullres_cfg is not None:
-        lowres, why = _lowres(ctx, fullres_cfg, fr_sp, fr_shape, n_cases)
+    if "3d_fullres" in wanted and fullres is not None:
+        configs["3d_fullres"] = fullres
+    if "3d_lowres" in wanted and "3d_lowres" not in why_not and fullres is not None:
+        lowres, why = _lowres(ctx, fullres, fr_sp, fr_shape, grid.n_cases)
         if lowres is None:
             why_not["3d_lowres"] = why
         else:
             configs["3d_lowres"] = lowres
     if "2.5d" in wanted and "2.5d" not in why_not:
-        configs["2.5d"] = _plan_25d(ctx, spacings, shapes, median_spacing, t)
+        configs["2.5d"] = _plan_25d(ctx, grid.spacings, grid.shapes, grid.median_spacing, np.asarray(grid.transpose))
     if "vnet" in wanted and "vnet" not in why_not:
         configs["vnet"] = _shape_config(
             ctx, name="vnet", architecture="vnet", spacing=fr_sp, median_shape=fr_shape, dims=3
         )
+    return configs
+
+
+def _refuse_inapplicable(settings: PlanSettings, wanted: Sequence[str], why_not: Mapping[str, str]) -> None:
+    """An explicitly requested configuration that does not apply is an error naming the applicable ones."""
     refused = [c for c in wanted if c in why_not]
     if settings.configurations is not None and refused:
         raise ConfigError(
             f"configuration {refused[0]} does not apply to this dataset: {why_not[refused[0]]}",
             hint=f"applicable: {', '.join(c for c in CONFIGURATIONS if c not in why_not)}",
         )
+
+
+def _set_data_identifiers(configs: Mapping[str, PlanConfig], grid: _Grid) -> None:
+    """Name each configuration's preprocessed data; 2d shares 3d_fullres's when resampling changes no case."""
     for cfg in configs.values():
         cfg.data_identifier = _data_identifier(cfg.spacing, cfg.resample_slices)
+    coarse, spacings, shapes = grid.coarse, grid.spacings, grid.shapes
     if (
         "2d" in configs
         and "3d_fullres" in configs
         and np.all(  # resampling slices changes no case: one grid, one cache
-            np.maximum(1, np.rint(shapes[:, coarse] * spacings[:, coarse] / fr_sp[0])) == shapes[:, coarse]
+            np.maximum(1, np.rint(shapes[:, coarse] * spacings[:, coarse] / grid.fr_sp[0])) == shapes[:, coarse]
         )
     ):
         configs["2d"].data_identifier = configs["3d_fullres"].data_identifier
-    if "3d_fullres" in configs:
-        configs["3d_fullres"].batch_dice = False  # no cascade: nnU-Net uses sample Dice for 3d_fullres then
 
-    ordered = {name: configs[name] for name in CONFIGURATIONS if name in configs}
-    memory_model = {
+
+def _memory_model(settings: PlanSettings) -> dict[str, Any]:
+    """The GPU memory model the batch sizes were planned with, recorded in the plan."""
+    return {
         "gpu_memory_gb": settings.gpu_memory_gb,
         "fixed_bytes": GPU_FIXED_BYTES,
         "slack": GPU_SLACK,
@@ -356,21 +481,45 @@ def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = No
         "amp_activation_factor": AMP_ACTIVATION_FACTOR,
         "formula": "fixed_bytes + weight_state + slack * amp_activation_factor * activations",
     }
+
+
+def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = None) -> Plan:
+    """Plan every requested (or applicable) configuration for a fingerprint. Pure: no I/O."""
+    settings = settings or PlanSettings()
+    settings.validate()
+    spacings, shapes = _case_arrays(fingerprint)
+    labels = _by_index(fingerprint["labels"])
+    channel_names = _by_index(fingerprint["channel_names"])
+    num_classes = len(labels) - any(v.lower() == "ignore" for v in labels.values())  # outputs
+    in_channels = len(channel_names)
+
+    grid = _fullres_grid(spacings, shapes, settings)
+    n_vox = float(np.prod(grid.fr_shape, dtype=np.float64) * grid.n_cases)
+    ctx = _Context(in_channels, num_classes, n_vox, settings)
+    wanted = list(settings.configurations) if settings.configurations is not None else list(CONFIGURATIONS)
+    fullres_cfg, why_not = _fullres_and_skips(ctx, grid)
+    configs = _plan_configurations(ctx, grid, wanted, fullres=fullres_cfg, why_not=why_not)
+    _refuse_inapplicable(settings, wanted, why_not)
+    _set_data_identifiers(configs, grid)
+    if "3d_fullres" in configs:
+        configs["3d_fullres"].batch_dice = False  # no cascade: nnU-Net uses sample Dice for 3d_fullres then
+
+    ordered = {name: configs[name] for name in CONFIGURATIONS if name in configs}
     return Plan(
         dataset=str(fingerprint.get("dataset", "")),
         channel_names=channel_names,
         labels=labels,
-        transpose_forward=[int(v) for v in transpose],
-        transpose_backward=[int(v) for v in backward],
-        median_spacing=[float(v) for v in median_spacing],
+        transpose_forward=[int(v) for v in grid.transpose],
+        transpose_backward=[int(v) for v in grid.backward],
+        median_spacing=[float(v) for v in grid.median_spacing],
         median_shape=_median_int(np.median(shapes, axis=0)),
-        target_spacing=[float(v) for v in fullres],
-        anisotropic=aniso_axis is not None and settings.target_spacing is None,
-        anisotropic_axis=aniso_axis if settings.target_spacing is None else None,
+        target_spacing=[float(v) for v in grid.fullres],
+        anisotropic=grid.aniso_axis is not None and settings.target_spacing is None,
+        anisotropic_axis=grid.aniso_axis if settings.target_spacing is None else None,
         normalization=_normalization(fingerprint, settings),
         configurations=ordered,
         settings=settings.to_dict(),
-        memory_model=memory_model,
+        memory_model=_memory_model(settings),
         fingerprint_sha256=fingerprint_digest(fingerprint),
         skipped={name: why_not[name] for name in CONFIGURATIONS if name in why_not},
     )

@@ -7,7 +7,7 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -120,105 +120,170 @@ REPORTED: set[str] = set()  # series warnings already shown to the user (logged 
 SYNTHETIC_PREFIX = "synthetic-"
 
 
-def scan_folder(path: str | os.PathLike[str]) -> FolderScan:
-    root = Path(path)
-    if not root.exists():
-        raise DicomError(f"{root}: no such file or folder", hint="check the path")
-    files = (
-        [root]
-        if root.is_file()
-        else sorted(
-            p
-            for p in root.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
-    )
-    skipped: Counter[str] = Counter()
-    examples: dict[str, list[str]] = defaultdict(list)
+@dataclass
+class _Skipped:
+    """Files a scan skipped, counted by category, with the first few (file: why) of each as examples."""
 
-    def skip(category: str, f: Path, why: str = "") -> None:
-        skipped[category] += 1
-        if len(examples[category]) < MAX_SKIP_EXAMPLES:
-            name = f.name if f == root else str(f.relative_to(root))
-            examples[category].append(f"{name}: {why}" if why else name)
+    root: Path
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: defaultdict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
-    groups: dict[str, DicomSeries] = {}
-    anonymous: dict[tuple[Any, ...], DicomSeries] = {}
-    for f in files:
-        name = f.name.lower()
-        if name.startswith("dicomdir"):
-            skip(SKIP_DICOMDIR, f)
-            continue
-        if f != root and (name.endswith(SKIP_SUFFIXES) or name.startswith(("license", "readme"))):
-            skip(SKIP_BY_NAME, f)
-            continue
-        try:
-            ds = dcmread(f, stop_before_pixels=True)
-        except Exception as exc:  # anything pydicom raises means "not a readable DICOM file"
-            invalid = type(exc).__name__ == "InvalidDicomError"
-            skip(SKIP_UNREADABLE, f, "no DICOM header" if invalid else short_error(exc))
-            continue
-        try:
-            meta = getattr(ds, "file_meta", None)
-            sop = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
-            if sop == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
-                skip(SKIP_DICOMDIR, f)
-                continue
-            frames, no_geometry = frames_of(ds, f)
-            uid = str(ds.get("SeriesInstanceUID") or "").strip()
-            sop_name = str(getattr(ds.get("SOPClassUID"), "name", sop) if ds.get("SOPClassUID") else sop)
-            number = as_number(ds.get("SeriesNumber"), float("nan"))
-            modality = str(ds.get("Modality") or "")
-            description = str(ds.get("SeriesDescription") or "").strip()
-            frame_of_reference = str(ds.get("FrameOfReferenceUID") or "")
-            sop_instance = str(ds.get("SOPInstanceUID") or f)
-            study = str(ds.get("StudyInstanceUID") or "")
-        except Exception as exc:  # malformed values in a parsed header
-            skip(SKIP_BAD_HEADER, f, short_error(exc))
-            continue
-        series_number = int(number) if np.isfinite(number) else None
+    def add(self, category: str, f: Path, why: str = "") -> None:
+        """Count ``f`` as skipped in ``category``, keeping it as an example while there are few."""
+        self.counts[category] += 1
+        if len(self.examples[category]) < MAX_SKIP_EXAMPLES:
+            name = f.name if f == self.root else str(f.relative_to(self.root))
+            self.examples[category].append(f"{name}: {why}" if why else name)
+
+
+class _FileHeader(NamedTuple):
+    """What a scan keeps of one DICOM file's header: its frames and the tags that group it into a series."""
+
+    frames: list[Frame]
+    no_geometry: bool
+    uid: str
+    sop: str
+    sop_name: str
+    series_number: int | None
+    modality: str
+    description: str
+    frame_of_reference: str
+    sop_instance: str
+    study: str
+
+
+@dataclass
+class _SeriesGroups:
+    """Series gathered by a scan: by SeriesInstanceUID, and anonymised files by the tags that remain."""
+
+    by_uid: dict[str, DicomSeries] = field(default_factory=dict)
+    anonymous: dict[tuple[Any, ...], DicomSeries] = field(default_factory=dict)
+
+    def add(self, f: Path, header: _FileHeader) -> None:
+        """Add the file ``f`` and its frames to its series, starting the series when it is the first file."""
+        frames, uid = header.frames, header.uid
         key: tuple[Any, ...] | None = None
         if uid:
-            series = groups.get(uid)
+            series = self.by_uid.get(uid)
         else:  # anonymised: group by what remains
             iop = frames[0].orientation if frames else None
             key = (
                 str(f.parent),
-                study,
-                series_number,
-                description,
-                modality,
-                sop,
-                frame_of_reference,
+                header.study,
+                header.series_number,
+                header.description,
+                header.modality,
+                header.sop,
+                header.frame_of_reference,
                 frames[0].rows if frames else None,
                 frames[0].cols if frames else None,
                 None if iop is None else tuple(np.round(iop, 3).tolist()),
             )
-            series = anonymous.get(key)
+            series = self.anonymous.get(key)
             if series is None:
                 uid = SYNTHETIC_PREFIX + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
         if series is None:
             series = DicomSeries(
                 uid,
-                modality,
-                description,
-                series_number,
-                sop,
-                sop_name,
+                header.modality,
+                header.description,
+                header.series_number,
+                header.sop,
+                header.sop_name,
                 f.parent,
-                frame_of_reference=frame_of_reference,
+                frame_of_reference=header.frame_of_reference,
                 synthetic=key is not None,
             )
             if key is not None:
-                anonymous[key] = series
+                self.anonymous[key] = series
             else:
-                groups[uid] = series
+                self.by_uid[uid] = series
         series.files.append(f)
         series.frames.extend(frames)
-        series.sop_instances.append(sop_instance)
-        series.multiframe_without_geometry |= no_geometry
+        series.sop_instances.append(header.sop_instance)
+        series.multiframe_without_geometry |= header.no_geometry
+
+
+def scan_folder(path: str | os.PathLike[str]) -> FolderScan:
+    root = Path(path)
+    if not root.exists():
+        raise DicomError(f"{root}: no such file or folder", hint="check the path")
+    skipped = _Skipped(root)
+    groups = _SeriesGroups()
+    for f in _files_to_scan(root):
+        header = _read_header(f, root, skipped)
+        if header is not None:
+            groups.add(f, header)
+    found = _finished_series(groups)
+    return FolderScan(found, skipped.counts, dict(skipped.examples))
+
+
+def _files_to_scan(root: Path) -> list[Path]:
+    """``root`` itself when it is a file, else every file under it outside hidden folders, sorted."""
+    if root.is_file():
+        return [root]
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def _read_header(f: Path, root: Path, skipped: _Skipped) -> _FileHeader | None:
+    """The header of the DICOM file ``f`` (pixels not read), or None when ``f`` is skipped: a DICOMDIR,
+    not DICOM by name, unreadable, or with unusable values."""
+    name = f.name.lower()
+    if name.startswith("dicomdir"):
+        skipped.add(SKIP_DICOMDIR, f)
+        return None
+    if f != root and (name.endswith(SKIP_SUFFIXES) or name.startswith(("license", "readme"))):
+        skipped.add(SKIP_BY_NAME, f)
+        return None
+    try:
+        ds = dcmread(f, stop_before_pixels=True)
+    except Exception as exc:  # anything pydicom raises means "not a readable DICOM file"
+        invalid = type(exc).__name__ == "InvalidDicomError"
+        skipped.add(SKIP_UNREADABLE, f, "no DICOM header" if invalid else short_error(exc))
+        return None
+    try:
+        meta = getattr(ds, "file_meta", None)
+        sop = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
+        if sop == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+            skipped.add(SKIP_DICOMDIR, f)
+            return None
+        frames, no_geometry = frames_of(ds, f)
+        uid = str(ds.get("SeriesInstanceUID") or "").strip()
+        sop_name = str(getattr(ds.get("SOPClassUID"), "name", sop) if ds.get("SOPClassUID") else sop)
+        number = as_number(ds.get("SeriesNumber"), float("nan"))
+        modality = str(ds.get("Modality") or "")
+        description = str(ds.get("SeriesDescription") or "").strip()
+        frame_of_reference = str(ds.get("FrameOfReferenceUID") or "")
+        sop_instance = str(ds.get("SOPInstanceUID") or f)
+        study = str(ds.get("StudyInstanceUID") or "")
+    except Exception as exc:  # malformed values in a parsed header
+        skipped.add(SKIP_BAD_HEADER, f, short_error(exc))
+        return None
+    series_number = int(number) if np.isfinite(number) else None
+    return _FileHeader(
+        frames,
+        no_geometry,
+        uid,
+        sop,
+        sop_name,
+        series_number,
+        modality,
+        description,
+        frame_of_reference,
+        sop_instance,
+        study,
+    )
+
+
+def _finished_series(groups: _SeriesGroups) -> list[DicomSeries]:
+    """The series a scan found, copies in several folders split apart, each with its common folder and
+    warnings, image series first."""
     found: list[DicomSeries] = []
-    for series in [*groups.values(), *anonymous.values()]:
+    for series in [*groups.by_uid.values(), *groups.anonymous.values()]:
         found.extend(_split_copies(series))
     for s in found:
         if len(s.files) > 1:
@@ -230,7 +295,7 @@ def scan_folder(path: str | os.PathLike[str]) -> FolderScan:
                 "check that they form one series"
             )
     found.sort(key=lambda s: (s.kind != "image", str(s.folder), s.series_number or 0, s.uid))
-    return FolderScan(found, skipped, dict(examples))
+    return found
 
 
 def list_series(path: str | os.PathLike[str]) -> tuple[list[DicomSeries], Counter[str]]:

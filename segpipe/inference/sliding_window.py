@@ -6,7 +6,7 @@
 
 What it does, as nnU-Net v2 does it:
 
-* **Windows.** Per axis, the step is at most ``(1 - overlap) × patch`` and the positions are
+* **Windows** (:mod:`segpipe.inference.windows`). Per axis, the step is at most ``(1 - overlap) × patch`` and the positions are
   spread evenly so that the first window starts at 0 and the last ends at the image's edge
   (:func:`window_starts`). A step under one voxel (``overlap`` near 1) gives every start once:
   rounded starts that coincide are one window. An image smaller than the patch along an axis
@@ -38,19 +38,33 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..errors import ConfigError, DataError
 from ..planning import PlanConfig
 from ..progress import Progress
 from ..settings import configured
+from .windows import (
+    FLOAT16_WEIGHT_FLOOR,
+    GAUSSIAN_SIGMA_SCALE,
+    GAUSSIAN_VALUE_SCALE,
+    MAX_WINDOWS,
+    RowSums,
+    Sink,
+    check_overlap,
+    check_sum_settings,
+    gaussian_importance_map,
+    padded_image,
+    window_crops,
+    window_layout,
+    window_starts,
+    window_weights,
+)
 
 __all__ = [
     "GAUSSIAN_SIGMA_SCALE",
@@ -66,126 +80,14 @@ __all__ = [
 
 log = logging.getLogger("segpipe")
 
-GAUSSIAN_SIGMA_SCALE = 1.0 / 8  # σ = patch / 8 per axis (nnU-Net)
-GAUSSIAN_VALUE_SCALE = 10.0  # the map's maximum (nnU-Net): keeps its tails representable in float16
-GAUSSIAN_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default: zero beyond 4σ
-# Float16 sums: nnU-Net's map reaches ~4e-10 in a 3-D window's corners, below float16's smallest
-# subnormal (6e-8), and logits × weight there keep almost no bits, so whatever only corners cover (the
-# image's own corners) came out wrong by up to tens of percent. Flooring the map at 2^-10 (1e-4 of its
-# maximum) keeps those products normal; where windows overlap, the blend is unchanged in practice.
-FLOAT16_WEIGHT_FLOOR = 2.0**-10
-# The most windows one case may take. A 512 × 512 × 1000-voxel CT with a 128³ patch needs 31 × 31 × 70 ≈ 67 000
-# at overlap 0.9 (735 at the default 0.5), so this is far beyond any useful overlap; a million windows of that
-# patch take hours even on a GPU. Above it the case is refused before any window runs, with the count and a
-# lower overlap=, instead of running for days. Windows are generated as they run, so none of this costs memory.
-MAX_WINDOWS = 1_000_000
 WINDOW_PROGRESS_DELAY = 3.0  # seconds a case runs before its bar appears on a terminal (short cases stay quiet)
 WINDOW_BAR_REFRESH = 1.0  # seconds between redraws of that bar
 
 Predictor = Callable[[torch.Tensor], Any]
-Sink = Callable[[int, torch.Tensor], None]
 ProgressArg = Callable[[int, int], None] | bool | str | None
 
 
-# ---------------------------------------------------------------------------- window geometry
-def window_starts(
-    image_size: Sequence[int], patch_size: Sequence[int], overlap: float | None = None
-) -> list[list[int]]:
-    """Start index of every window, per axis (nnU-Net's ``compute_steps_for_sliding_window``).
-
-    ``overlap`` is the fraction of the patch shared by neighbouring windows at most (0.5: step
-    half a patch). Windows are spread evenly: the first starts at 0, the last ends at the edge.
-    E.g. image 110, patch 64, overlap 0.5 → ``[0, 23, 46]``. Each image size must be ≥ the patch.
-    Each start is listed once: where the step falls under one voxel (overlap 0.99 on a 64-voxel
-    patch, say), the starts are every voxel, ``range(size - patch + 1)`` — the distinct values of
-    nnU-Net's rounded positions, computed without listing their duplicates.
-    """
-    overlap = configured(overlap, "infer.overlap")
-    _check_overlap(overlap)
-    if len(image_size) != len(patch_size):
-        raise ConfigError(f"image size {tuple(image_size)} and patch size {tuple(patch_size)} differ in length")
-    starts: list[list[int]] = []
-    for size, patch in zip(image_size, patch_size):
-        size, patch = int(size), int(patch)
-        if size < patch:
-            raise ConfigError(f"image size {size} is smaller than the patch {patch}", hint="pad the image first")
-        step = patch * (1.0 - overlap)
-        # at most one window per voxel: n - 1 = size - patch steps of exactly one voxel are every distinct start
-        n = min(int(math.ceil((size - patch) / step)), size - patch) + 1
-        actual = (size - patch) / (n - 1) if n > 1 else 0.0
-        starts.append([int(round(actual * i)) for i in range(n)])  # banker's rounding, as np.round
-    return starts
-
-
-def gaussian_importance_map(
-    patch_size: Sequence[int],
-    *,
-    sigma_scale: float = GAUSSIAN_SIGMA_SCALE,
-    value_scale: float = GAUSSIAN_VALUE_SCALE,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-    floor: float = 0.0,
-) -> torch.Tensor:
-    """nnU-Net's Gaussian importance map of one window, shape ``patch_size``.
-
-    The map is ``scipy.ndimage.gaussian_filter`` of a unit impulse at ``patch // 2`` (σ =
-    ``sigma_scale × patch`` per axis, truncated at 4σ), scaled to a maximum of ``value_scale``,
-    converted to ``dtype``, and its zeros raised to its smallest non-zero value (a voxel of weight 0
-    would divide by 0). ``floor`` raises every value below it to it (see :data:`FLOAT16_WEIGHT_FLOOR`).
-    Computed in float32 by separable products, without scipy.
-    """
-    axes = []
-    for p in patch_size:
-        p = int(p)
-        if p < 1:
-            raise ConfigError(f"patch sizes must be positive, got {tuple(patch_size)}")
-        sigma = p * sigma_scale
-        radius = int(GAUSSIAN_TRUNCATE * sigma + 0.5)
-        x = torch.arange(p, dtype=torch.float32) - (p // 2)
-        g = torch.exp(-0.5 * (x / sigma) ** 2)
-        g[x.abs() > radius] = 0.0
-        axes.append(g)
-    weights = axes[0]
-    for g in axes[1:]:
-        weights = weights[..., None] * g
-    weights = weights * (value_scale / float(weights.max()))
-    if floor > 0:
-        weights = weights.clamp_min(float(floor))
-    weights = weights.to(device=device, dtype=dtype)
-    zero = weights == 0
-    if bool(zero.any()):
-        weights[zero] = weights[~zero].min()
-    return weights
-
-
 # ---------------------------------------------------------------------------- checks
-def _check_overlap(overlap: float) -> None:
-    try:
-        ok = 0.0 <= float(overlap) < 1.0  # False for NaN too
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ConfigError(f"overlap must be in [0, 1), got {overlap}", hint="0.5 (nnU-Net's default) is a good value")
-
-
-def _check_window_count(
-    plane: Sequence[int], patch: Sequence[int], overlap: float, starts: Sequence[Sequence[int]], slices: int
-) -> int:
-    """The number of windows of a case (``slices`` × those of one plane), refused above :data:`MAX_WINDOWS`."""
-    total = slices * math.prod(len(axis) for axis in starts)
-    if total > MAX_WINDOWS:
-        usual = slices * math.prod(len(axis) for axis in window_starts(plane, patch, 0.5))
-        grid = " × ".join(str(s) for s in ((slices,) if slices > 1 else ()) + tuple(plane))
-        if usual <= MAX_WINDOWS:
-            hint = f"a lower overlap=, e.g. the default overlap=0.5: {usual:,} windows here"
-        else:
-            hint = f"crop the image to the region to segment (even overlap=0.5 needs {usual:,} windows)"
-        raise ConfigError(
-            f"overlap={overlap} needs {total:,} windows of {' × '.join(map(str, patch))} voxels to cover this case "
-            f"({grid} voxels on the network's grid); segpipe slides at most {MAX_WINDOWS:,} per case",
-            hint=hint,
-        )
-    return total
 
 
 def _as_image(image: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -212,10 +114,6 @@ def _output_tensor(out: Any) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise ConfigError(f"the predictor must return a tensor (or a list of them), got {type(out).__name__}")
     return out
-
-
-def _box(lower: Sequence[int], size: Sequence[int]) -> tuple[slice, ...]:
-    return tuple(slice(int(lo), int(lo) + int(n)) for lo, n in zip(lower, size))
 
 
 def _default_device(predictor: Predictor, image: torch.Tensor) -> torch.device:
@@ -304,6 +202,38 @@ def sliding_window_inference(
             module.train(was_training)
 
 
+def _window_bar(progress: ProgressArg, total: int) -> Progress | None:
+    """segpipe's progress of the windows when ``progress`` is True or a case name, else None."""
+    if progress is True or isinstance(progress, str):
+        desc = progress if isinstance(progress, str) else "sliding window"
+        return Progress(desc, total, unit="window", refresh=WINDOW_BAR_REFRESH, delay=WINDOW_PROGRESS_DELAY)
+    return None
+
+
+def _predict(predictor: Predictor, batch: torch.Tensor, amp: torch.autocast | None) -> torch.Tensor:
+    """The predictor's full-resolution logits of a batch of windows, under autocast when given."""
+    if amp is not None:
+        with amp:
+            return _output_tensor(predictor(batch))
+    return _output_tensor(predictor(batch))
+
+
+def _checked_classes(
+    out: torch.Tensor, batch: torch.Tensor, windows: int, patch: tuple[int, ...], classes: int | None
+) -> int:
+    """The number of classes of a batch's logits, refused when their shape does not match the batch."""
+    if out.ndim != batch.ndim or out.shape[0] != windows or tuple(out.shape[2:]) != patch:
+        raise ConfigError(
+            f"the predictor returned shape {tuple(out.shape)} for a batch of shape {tuple(batch.shape)}",
+            hint="the network must keep the patch size (use a patch the planner chose)",
+        )
+    if classes is None:
+        return int(out.shape[1])
+    if out.shape[1] != classes:
+        raise ConfigError(f"the predictor returned {out.shape[1]} classes, expected {classes}")
+    return classes
+
+
 @torch.inference_mode()
 def _slide(
     image: torch.Tensor,
@@ -322,154 +252,41 @@ def _slide(
     progress: ProgressArg,
     sink: Sink | None,
 ) -> torch.Tensor | None:
-    _check_overlap(overlap)
-    if accumulate_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ConfigError(f"accumulate_dtype must be float32, float16 or bfloat16, got {accumulate_dtype}")
-    if int(batch_size) < 1:
-        raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
-    patch = tuple(int(p) for p in patch_size)
-    spatial = tuple(int(s) for s in image.shape[1:])
-    slice_mode = len(patch) == 2 and len(spatial) == 3
-    if len(patch) != len(spatial) and not slice_mode:
-        raise ConfigError(
-            f"patch size {patch} does not fit an image of spatial shape {spatial}",
-            hint="give one patch size per spatial axis (or 2 on a 3-D image for slice-by-slice prediction)",
-        )
-    if min(patch) < 1:
-        raise ConfigError(f"patch sizes must be positive, got {patch}")
-    k = int(context_slices)
-    if k < 0:
-        raise ConfigError(f"context_slices must be ≥ 0, got {context_slices}")
-    if k and not slice_mode:
-        raise ConfigError("context_slices needs a 2-D patch on a 3-D image (2.5-D slabs are 2-D windows)")
-
-    # pad what is smaller than the patch (half on each side, zeros); in slab mode also k slices above and below
-    window_axes = spatial[1:] if slice_mode else spatial
-    lower = [max(p - s, 0) // 2 for p, s in zip(patch, window_axes)]
-    upper = [max(p - s, 0) - lo for p, s, lo in zip(patch, window_axes, lower)]
-    if slice_mode:
-        lower, upper = [k, *lower], [k, *upper]
-    padded = tuple(s + lo + up for s, lo, up in zip(spatial, lower, upper))
-    out_shape = (spatial[0], *padded[1:]) if slice_mode else padded  # slab padding is input only
-    plane = padded[1:] if slice_mode else padded
-    starts = window_starts(plane, patch, overlap)
-    total = _check_window_count(plane, patch, overlap, starts, spatial[0] if slice_mode else 1)
-    pad: list[int] = []
-    for lo, up in zip(reversed(lower), reversed(upper)):
-        pad.extend((lo, up))
-    image = image.to(output_device)
-    if any(pad):
-        image = F.pad(image, pad, mode="constant", value=0.0)
-    # (slice, start) of every window, in order of their first row, generated as they are needed
-    windows = itertools.product(range(spatial[0]) if slice_mode else (0,), itertools.product(*starts))
-
-    if weight_floor is None:
-        floor = FLOAT16_WEIGHT_FLOOR if accumulate_dtype == torch.float16 else 0.0
-    else:
-        floor = float(weight_floor)
-    gauss = gaussian_importance_map(patch, dtype=accumulate_dtype, device=output_device, floor=floor)
+    check_overlap(overlap)
+    check_sum_settings(accumulate_dtype, batch_size)
+    layout = window_layout(tuple(int(s) for s in image.shape[1:]), patch_size, overlap, context_slices)
+    image = padded_image(image, layout, output_device)
+    windows = layout.windows()
+    gauss = window_weights(layout.patch, accumulate_dtype, weight_floor, output_device)
     gauss32 = gauss.float()
-
-    # The sums live in a rolling buffer of `depth` rows along the first output axis: windows come in
-    # order of their first row, so when a window starting at row r arrives no later window reaches
-    # the rows before r; those are divided by their weights, handed to the sink and dropped.
-    depth = 1 if slice_mode else patch[0]
-    rows_total = out_shape[0]
-    first_kept = 0 if slice_mode else lower[0]  # the unpadded rows [first_kept, first_kept + spatial[0])
-    rest_crop = _box(lower[1:], spatial[1:])
-    rest_shape = tuple(out_shape[1:])
-    state: dict[str, Any] = {"base": 0, "buf": None}
-    out_full: list[torch.Tensor] = []
-
-    def deliver(row0: int, block: torch.Tensor) -> None:
-        if sink is not None:
-            sink(row0, block)
-            return
-        if not out_full:
-            out_full.append(torch.empty((block.shape[0], *spatial), dtype=torch.float32, device=output_device))
-        out_full[0][:, row0 : row0 + block.shape[1]] = block
-
-    def flush(upto: int) -> None:
-        """Finalise rows [base, upto) of the buffer and shift it so that it starts at ``upto``."""
-        buf, base = state["buf"], state["base"]
-        upto = min(upto, rows_total)
-        if buf is None or upto <= base:
-            return
-        lo, hi = max(base, first_kept), min(upto, first_kept + spatial[0])
-        if hi > lo:
-            rows = slice(lo - base, hi - base)
-            block = buf[(slice(None, -1), rows) + rest_crop].float()
-            block /= buf[(slice(-1, None), rows) + rest_crop].float()
-            deliver(lo - first_kept, block)
-        shift = upto - base
-        keep = depth - shift
-        for i in range(max(keep, 0)):  # rows move down in order: a source row is read before it is overwritten
-            buf[:, i].copy_(buf[:, i + shift])
-        buf[:, max(keep, 0) :].zero_()
-        state["base"] = upto
-
-    bar = None
-    if progress is True or isinstance(progress, str):
-        desc = progress if isinstance(progress, str) else "sliding window"
-        bar = Progress(desc, total, unit="window", refresh=WINDOW_BAR_REFRESH, delay=WINDOW_PROGRESS_DELAY)
+    sums = RowSums(layout, dtype=accumulate_dtype, device=output_device, sink=sink)
+    total = layout.total
+    bar = _window_bar(progress, total)
     report = progress if callable(progress) else None
     classes = None if num_classes is None else int(num_classes)
-    slab = 2 * k + 1
-    channels = image.shape[0]
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else None
-    weight_block = gauss[None] if slice_mode else gauss
+    weight_block = gauss[None] if layout.slice_mode else gauss
     try:
         for first in range(0, total, int(batch_size)):
             chunk = list(itertools.islice(windows, int(batch_size)))
-            crops = []
-            for z, pos in chunk:
-                box = _box(pos, patch)
-                if slice_mode:  # padded slices z .. z + 2k are the slab around slice z
-                    crops.append(image[(slice(None), slice(z, z + slab)) + box].reshape((channels * slab,) + patch))
-                else:
-                    crops.append(image[(slice(None),) + box])
+            crops = window_crops(image, chunk, layout)
             batch = torch.stack(crops).to(device, non_blocking=True)
-            if amp is not None:
-                with amp:
-                    out = _output_tensor(predictor(batch))
-            else:
-                out = _output_tensor(predictor(batch))
-            if out.ndim != batch.ndim or out.shape[0] != len(chunk) or tuple(out.shape[2:]) != patch:
-                raise ConfigError(
-                    f"the predictor returned shape {tuple(out.shape)} for a batch of shape {tuple(batch.shape)}",
-                    hint="the network must keep the patch size (use a patch the planner chose)",
-                )
-            if classes is None:
-                classes = int(out.shape[1])
-            elif out.shape[1] != classes:
-                raise ConfigError(f"the predictor returned {out.shape[1]} classes, expected {classes}")
-            if state["buf"] is None:  # K class sums and, last, the sum of weights
-                state["buf"] = torch.zeros(
-                    (classes + 1, depth, *rest_shape), dtype=accumulate_dtype, device=output_device
-                )
-            buf = state["buf"]
+            out = _predict(predictor, batch, amp)
+            classes = _checked_classes(out, batch, len(chunk), layout.patch, classes)
+            sums.allocate(classes)
             out = out.to(output_device).float() * gauss32
             if accumulate_dtype != torch.float32:
                 out = out.to(accumulate_dtype)
-            for (z, pos), pred in zip(chunk, out):
-                row = z if slice_mode else pos[0]
-                flush(row)
-                rows = slice(row - state["base"], row - state["base"] + depth)
-                rest = _box(pos, patch) if slice_mode else _box(pos[1:], patch[1:])
-                if slice_mode:
-                    buf[(slice(None, -1), rows) + rest] += pred[:, None]
-                else:
-                    buf[(slice(None, -1), rows) + rest] += pred
-                buf[(slice(-1, None), rows) + rest] += weight_block
+            sums.add(chunk, out, weight_block)
             if bar is not None:
                 bar.update(len(chunk))
             if report is not None:
                 report(min(first + len(chunk), total), total)
-        flush(rows_total)
+        sums.flush(layout.out_shape[0])
     finally:
         if bar is not None:
             bar.close()
-    return out_full[0] if sink is None else None
+    return sums.result()
 
 
 # ---------------------------------------------------------------------------- thin class and plan glue
@@ -497,7 +314,7 @@ class SlidingWindowPredictor:
         progress: ProgressArg = None,
     ):
         overlap = configured(overlap, "infer.overlap")
-        _check_overlap(overlap)
+        check_overlap(overlap)
         self.network = network
         self.patch_size = tuple(int(p) for p in patch_size)
         self.overlap = float(overlap)

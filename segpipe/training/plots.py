@@ -34,6 +34,7 @@ import csv
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,24 +224,28 @@ def write_progress_png(
     return target
 
 
-def progress_figure(history: History, *, class_names: Sequence[str] | None = None, title: str | None = None) -> Any:
-    """The :class:`matplotlib.figure.Figure` that :func:`write_progress_png` writes (same arguments)."""
-    try:
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        raise StateError(
-            "matplotlib is not installed, so progress.png cannot be drawn",
-            hint="install it (`pip install matplotlib`, a segpipe dependency)",
-        ) from None
+@dataclass(frozen=True)
+class _Epochs:
+    """The history's rows with the epoch axis they are drawn on (numbered from 1, as the training log numbers them)."""
 
-    rows = history_rows(history)
-    x = [row["epoch"] + 1 for row in rows]  # numbered from 1, as the training log numbers them
+    rows: list[Row]
+    x: list[int]
 
-    def col(key: str) -> list[float]:
-        return [row[key] for row in rows]
+    def column(self, key: str) -> list[float]:
+        """The values of ``key`` over the epochs."""
+        return [row[key] for row in self.rows]
 
-    fig = Figure(figsize=(FIG_WIDTH, FIG_HEIGHT), dpi=PROGRESS_DPI)
+
+def _keep(legend: list[Any], line: Any) -> bool:
+    """Add a drawn line to the legend's handles; False when nothing was drawn."""
+    if line is None:
+        return False
+    legend.append(line)
+    return True
+
+
+def _progress_axes(fig: Any) -> tuple[Any, Any, Any, Any]:
+    """The loss, epoch-time and learning-rate panels, sharing the epoch axis, and the Dice axis over the loss panel."""
     # fixed margins in inches: a layout engine costs more than the drawing
     fig.subplots_adjust(
         left=LEFT_IN / FIG_WIDTH,
@@ -250,35 +255,61 @@ def progress_figure(history: History, *, class_names: Sequence[str] | None = Non
         hspace=0.28,
     )
     ax_loss, ax_time, ax_lr = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [2.2, 1, 1]})
-    ax_dice = ax_loss.twinx()
+    return ax_loss, ax_time, ax_lr, ax_loss.twinx()
 
-    legend: list[Any] = []  # the handles the legend lists, in its order
 
-    def keep(line: Any) -> bool:
-        if line is None:
-            return False
-        legend.append(line)
-        return True
-
-    drawn_loss = keep(_plot(ax_loss, x, col("train_loss"), color="tab:blue", linewidth=2, label="train loss"))
-    drawn_loss |= keep(_plot(ax_loss, x, col("val_loss"), color="tab:red", linewidth=2, label="validation loss"))
+def _draw_losses(ax_loss: Any, epochs: _Epochs, legend: list[Any]) -> bool:
+    """The train and validation loss; whether either was drawn."""
+    x = epochs.x
+    drawn = _keep(
+        legend, _plot(ax_loss, x, epochs.column("train_loss"), color="tab:blue", linewidth=2, label="train loss")
+    )
+    drawn |= _keep(
+        legend, _plot(ax_loss, x, epochs.column("val_loss"), color="tab:red", linewidth=2, label="validation loss")
+    )
     ax_loss.set_ylabel("loss")
-    drawn_dice = False
+    return drawn
+
+
+def _draw_pseudo_dice(
+    ax_dice: Any, epochs: _Epochs, class_names: Sequence[str] | None, legend: list[Any]
+) -> tuple[bool, dict[str, Any]]:
+    """The pseudo-Dice of each class (thin), their mean and its EMA; whether any was drawn, and each class's colour."""
+    x = epochs.x
+    drawn = False
     colours: dict[str, Any] = {}
-    for label, values in _class_series(rows, class_names):
+    for label, values in _class_series(epochs.rows, class_names):
         line = _plot(ax_dice, x, values, linewidth=0.8, alpha=0.6, label=f"pseudo-Dice {label}")
-        if keep(line):
-            drawn_dice, colours[label] = True, line.get_color()
-    drawn_dice |= keep(
-        _plot(ax_dice, x, col("mean_fg_dice"), color="tab:green", linestyle=":", linewidth=2, label="pseudo-Dice")
+        if _keep(legend, line):
+            drawn, colours[label] = True, line.get_color()
+    drawn |= _keep(
+        legend,
+        _plot(
+            ax_dice,
+            x,
+            epochs.column("mean_fg_dice"),
+            color="tab:green",
+            linestyle=":",
+            linewidth=2,
+            label="pseudo-Dice",
+        ),
     )
-    drawn_dice |= keep(
-        _plot(ax_dice, x, col("ema_fg_dice"), color="tab:green", linewidth=2.5, label="pseudo-Dice (EMA)")
+    drawn |= _keep(
+        legend,
+        _plot(ax_dice, x, epochs.column("ema_fg_dice"), color="tab:green", linewidth=2.5, label="pseudo-Dice (EMA)"),
     )
-    # the full-case validation: points at the epochs that ran one; each class in its pseudo-Dice colour
-    # (one legend entry says so), the foreground mean as black diamonds
+    return drawn, colours
+
+
+def _draw_full_case_dice(
+    ax_dice: Any, epochs: _Epochs, class_names: Sequence[str] | None, colours: dict[str, Any], legend: list[Any]
+) -> bool:
+    """The full-case validation: points at the epochs that ran one; each class in its pseudo-Dice colour
+    (one legend entry says so), the foreground mean as black diamonds. Whether any was drawn."""
+    x = epochs.x
+    drawn = False
     per_class = []
-    for label, values in _class_series(rows, class_names, "val_class_dice"):
+    for label, values in _class_series(epochs.rows, class_names, "val_class_dice"):
         colour = colours.get(label)
         style = {"color": colour} if colour is not None else {}
         line = _points(
@@ -298,7 +329,7 @@ def progress_figure(history: History, *, class_names: Sequence[str] | None = Non
     if per_class:
         from matplotlib.lines import Line2D
 
-        drawn_dice = True
+        drawn = True
         legend.append(
             Line2D(
                 [],
@@ -312,22 +343,29 @@ def progress_figure(history: History, *, class_names: Sequence[str] | None = Non
                 label="full-case Dice per class",
             )
         )
-    drawn_dice |= keep(
+    drawn |= _keep(
+        legend,
         _points(
             ax_dice,
             x,
-            col("val_dice"),
+            epochs.column("val_dice"),
             color="black",
             linewidth=1,
             marker="D",
             markersize=6,
             label="full-case validation Dice",
             zorder=5,
-        )
+        ),
     )
+    return drawn
+
+
+def _finish_loss_panel(ax_loss: Any, ax_dice: Any, legend: list[Any], drawn: bool) -> None:
+    """The Dice axis's range, the legend to the right of the panels (or a note that nothing was recorded),
+    the panel's title and grid."""
     ax_dice.set_ylabel("Dice")
     ax_dice.set_ylim(0.0, 1.0)
-    if drawn_loss or drawn_dice:
+    if drawn:
         # to the right of the panels, beyond the Dice axis's labels: never over a curve
         ax_loss.legend(
             legend,
@@ -342,14 +380,23 @@ def progress_figure(history: History, *, class_names: Sequence[str] | None = Non
     ax_loss.set_title("losses and Dice")
     ax_loss.grid(alpha=0.3)
 
-    if not _plot(ax_time, x, col("epoch_seconds"), color="tab:purple", linewidth=2):
+
+def _draw_epoch_time(ax_time: Any, epochs: _Epochs) -> None:
+    """The wall time of each epoch."""
+    if not _plot(ax_time, epochs.x, epochs.column("epoch_seconds"), color="tab:purple", linewidth=2):
         _empty(ax_time, "no epoch time recorded")
     ax_time.set_ylabel("seconds")
     ax_time.set_title("epoch duration")
     ax_time.set_ylim(bottom=0.0)
     ax_time.grid(alpha=0.3)
 
-    if not _plot(ax_lr, x, col("lr"), color="tab:orange", linewidth=2):
+
+def _draw_learning_rate(ax_lr: Any, epochs: _Epochs) -> None:
+    """The learning rate, with the epoch axis all panels share: whole epochs only."""
+    from matplotlib.ticker import MaxNLocator
+
+    x = epochs.x
+    if not _plot(ax_lr, x, epochs.column("lr"), color="tab:orange", linewidth=2):
         _empty(ax_lr, "no learning rate recorded")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_title("learning rate")
@@ -359,6 +406,10 @@ def progress_figure(history: History, *, class_names: Sequence[str] | None = Non
     ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax_lr.set_xlim(min(x, default=1) - 0.5, max(x, default=1) + 0.5)
 
+
+def _heading(epochs: _Epochs, title: str | None) -> str:
+    """The figure's heading: the title, the epochs run, the last pseudo-Dice EMA and full-case validation Dice."""
+    rows = epochs.rows
     heading = f"{title}: " if title else ""
     last = rows[-1] if rows else None
     if last is None:
@@ -368,8 +419,32 @@ def progress_figure(history: History, *, class_names: Sequence[str] | None = Non
         ema = last["ema_fg_dice"]
         if math.isfinite(ema):
             heading += f", pseudo-Dice EMA {ema:.4f}"
-        validated = [(e, v) for e, v in zip(x, col("val_dice")) if math.isfinite(v)]
+        validated = [(e, v) for e, v in zip(epochs.x, epochs.column("val_dice")) if math.isfinite(v)]
         if validated:
             heading += f", full-case validation Dice {validated[-1][1]:.4f} (epoch {validated[-1][0]})"
-    fig.suptitle(heading, fontsize=12, y=1 - 0.2 / FIG_HEIGHT)
+    return heading
+
+
+def progress_figure(history: History, *, class_names: Sequence[str] | None = None, title: str | None = None) -> Any:
+    """The :class:`matplotlib.figure.Figure` that :func:`write_progress_png` writes (same arguments)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise StateError(
+            "matplotlib is not installed, so progress.png cannot be drawn",
+            hint="install it (`pip install matplotlib`, a segpipe dependency)",
+        ) from None
+
+    rows = history_rows(history)
+    epochs = _Epochs(rows, [row["epoch"] + 1 for row in rows])
+    fig = Figure(figsize=(FIG_WIDTH, FIG_HEIGHT), dpi=PROGRESS_DPI)
+    ax_loss, ax_time, ax_lr, ax_dice = _progress_axes(fig)
+    legend: list[Any] = []  # the handles the legend lists, in its order
+    drawn_loss = _draw_losses(ax_loss, epochs, legend)
+    drawn_dice, colours = _draw_pseudo_dice(ax_dice, epochs, class_names, legend)
+    drawn_dice |= _draw_full_case_dice(ax_dice, epochs, class_names, colours, legend)
+    _finish_loss_panel(ax_loss, ax_dice, legend, drawn_loss or drawn_dice)
+    _draw_epoch_time(ax_time, epochs)
+    _draw_learning_rate(ax_lr, epochs)
+    fig.suptitle(_heading(epochs, title), fontsize=12, y=1 - 0.2 / FIG_HEIGHT)
     return fig

@@ -32,6 +32,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,119 @@ def _resolve_cache(cache: Cache | str | os.PathLike[str]) -> Cache:
     raise ConfigError(f"cache must be a Cache or the path of a cache folder, got {type(cache).__name__}")
 
 
+@dataclass(frozen=True)
+class _CaseValidation:
+    """What predicting and scoring one validation case needs: the network, the cache, the sliding
+    window's settings, the classes to score and where the softmax goes (None: not kept)."""
+
+    network: Any
+    cache: Cache
+    config: PlanConfig
+    window_kwargs: dict[str, Any]
+    class_list: list[int]
+    ignore: int | None
+    probabilities_dir: Path | None
+
+
+def _validation_ids(case_ids: Sequence[str]) -> list[str]:
+    """The validation cases as strings, refused when there are none or one is listed twice."""
+    ids = [str(c) for c in case_ids]
+    if not ids:
+        raise ConfigError(
+            "no validation cases to predict",
+            hint="validate a cross-validation fold (0-4); fold=all trains on every case",
+        )
+    if len(set(ids)) != len(ids):
+        dupes = sorted({c for c in ids if ids.count(c) > 1})
+        raise ConfigError(f"validation cases listed twice: {', '.join(dupes)}")
+    return ids
+
+
+def _window_kwargs(
+    overlap: float,
+    num_classes: int,
+    *,
+    device: torch.device | str | None,
+    batch_size: int | None,
+    autocast_dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """The sliding window's keyword arguments: the overlap and class count, and whichever of the others are given."""
+    window_kwargs: dict[str, Any] = {"overlap": overlap, "num_classes": num_classes}
+    if device is not None:
+        window_kwargs["device"] = device
+    if batch_size is not None:
+        window_kwargs["batch_size"] = int(batch_size)
+    if autocast_dtype is not None:
+        window_kwargs["autocast_dtype"] = autocast_dtype
+    return window_kwargs
+
+
+def _validate_case(setup: _CaseValidation, cid: str) -> tuple[CaseMetrics, str | None]:
+    """Predict case ``cid`` whole, score its argmax against the cached label and keep its softmax
+    when asked: its metrics and the softmax's path (None when not kept)."""
+    image, label, _props = setup.cache.load(cid, mmap=False)
+    if label is None:
+        raise DataError(
+            f"{setup.cache.case_dir(cid)}: case {cid} is cached without a label, so it cannot be validated",
+            hint="validate labelled cases only (the fold's validation cases are labelled)",
+        )
+    if tuple(image.shape[1:]) != tuple(label.shape):
+        raise StateError(
+            f"{setup.cache.case_dir(cid)}: cached image {tuple(image.shape)} and label {tuple(label.shape)} "
+            "differ in size",
+            hint="run `segpipe preprocess force=true`",
+        )
+    logits = predict_case_logits(setup.network, image, setup.config, **setup.window_kwargs)
+    assert logits is not None  # no sink: the whole case's logits
+    del image
+    pred = logits.argmax(dim=0)
+    reference = torch.from_numpy(np.asarray(label)).to(pred.device)
+    metrics = evaluate_case(pred, reference, setup.class_list, case=cid, ignore_index=setup.ignore)
+    del pred, reference
+    saved = None
+    if setup.probabilities_dir is not None:
+        path = probabilities_path(setup.probabilities_dir, cid)
+        save_npy(path, softmax_float16(logits))
+        saved = str(path)
+    return metrics, saved
+
+
+def _validation_summary(
+    results: list[CaseMetrics],
+    classes: dict[int, str],
+    *,
+    out: Path,
+    configuration: str,
+    started: float,
+    saved: dict[str, str],
+) -> dict[str, Any]:
+    """Write ``summary.json`` and ``dice_per_case.csv`` of the scored cases and return the validation's figures."""
+    class_list = list(classes)
+    summary_path = write_summary(out / SUMMARY_FILE, results)
+    csv_path = write_case_metrics(out / CASE_METRICS_FILE, results, labels=classes)
+    means = class_mean_dice(results)
+    mean_fg = mean_foreground_dice(results)
+    seconds = time.perf_counter() - started
+    log.debug(
+        "validation %s: %d cases, mean foreground Dice %s (%s)",
+        configuration,
+        len(results),
+        "nan" if math.isnan(mean_fg) else f"{mean_fg:.4f}",
+        ", ".join(f"{classes[c]} {means.get(c, math.nan):.4f}" for c in class_list),
+    )
+    return {
+        "mean_fg_dice": float(mean_fg),
+        "class_dice": {c: float(means.get(c, math.nan)) for c in class_list},
+        "class_names": dict(classes),
+        "case_dice": {r.case: dict(r.dice) for r in results},
+        "num_cases": len(results),
+        "seconds": seconds,
+        "summary_path": str(summary_path),
+        "case_metrics_path": str(csv_path),
+        "probabilities": saved,
+    }
+
+
 # ---------------------------------------------------------------------------- validation
 def validate_cases(
     network: Any,
@@ -198,27 +312,21 @@ def validate_cases(
     the_plan = _resolve_plan(plan)
     cfg: PlanConfig = the_plan.config(configuration)
     the_cache = _resolve_cache(cache)
-    ids = [str(c) for c in case_ids]
-    if not ids:
-        raise ConfigError(
-            "no validation cases to predict",
-            hint="validate a cross-validation fold (0-4); fold=all trains on every case",
-        )
-    if len(set(ids)) != len(ids):
-        dupes = sorted({c for c in ids if ids.count(c) > 1})
-        raise ConfigError(f"validation cases listed twice: {', '.join(dupes)}")
+    ids = _validation_ids(case_ids)
     classes, ignore = plan_classes(the_plan, ignore_index=ignore_index)
-    class_list = list(classes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    window_kwargs: dict[str, Any] = {"overlap": overlap, "num_classes": the_plan.num_classes}
-    if device is not None:
-        window_kwargs["device"] = device
-    if batch_size is not None:
-        window_kwargs["batch_size"] = int(batch_size)
-    if autocast_dtype is not None:
-        window_kwargs["autocast_dtype"] = autocast_dtype
+    setup = _CaseValidation(
+        network=network,
+        cache=the_cache,
+        config=cfg,
+        window_kwargs=_window_kwargs(
+            overlap, the_plan.num_classes, device=device, batch_size=batch_size, autocast_dtype=autocast_dtype
+        ),
+        class_list=list(classes),
+        ignore=ignore,
+        probabilities_dir=out if save_probabilities else None,
+    )
 
     bar = Progress(f"validation {configuration}", len(ids), unit="case") if progress is True else None
     report = progress if callable(progress) else None
@@ -226,30 +334,10 @@ def validate_cases(
     saved: dict[str, str] = {}
     try:
         for i, cid in enumerate(ids):
-            image, label, _props = the_cache.load(cid, mmap=False)
-            if label is None:
-                raise DataError(
-                    f"{the_cache.case_dir(cid)}: case {cid} is cached without a label, so it cannot be validated",
-                    hint="validate labelled cases only (the fold's validation cases are labelled)",
-                )
-            if tuple(image.shape[1:]) != tuple(label.shape):
-                raise StateError(
-                    f"{the_cache.case_dir(cid)}: cached image {tuple(image.shape)} and label {tuple(label.shape)} "
-                    "differ in size",
-                    hint="run `segpipe preprocess force=true`",
-                )
-            logits = predict_case_logits(network, image, cfg, **window_kwargs)
-            assert logits is not None  # no sink: the whole case's logits
-            del image
-            pred = logits.argmax(dim=0)
-            reference = torch.from_numpy(np.asarray(label)).to(pred.device)
-            results.append(evaluate_case(pred, reference, class_list, case=cid, ignore_index=ignore))
-            del pred, reference
-            if save_probabilities:
-                path = probabilities_path(out, cid)
-                save_npy(path, softmax_float16(logits))
-                saved[cid] = str(path)
-            del logits
+            metrics, path = _validate_case(setup, cid)
+            results.append(metrics)
+            if path is not None:
+                saved[cid] = path
             if bar is not None:
                 bar.update(1)
             if report is not None:
@@ -257,30 +345,7 @@ def validate_cases(
     finally:
         if bar is not None:
             bar.close()
-
-    summary_path = write_summary(out / SUMMARY_FILE, results)
-    csv_path = write_case_metrics(out / CASE_METRICS_FILE, results, labels=classes)
-    means = class_mean_dice(results)
-    mean_fg = mean_foreground_dice(results)
-    seconds = time.perf_counter() - t0
-    log.debug(
-        "validation %s: %d cases, mean foreground Dice %s (%s)",
-        configuration,
-        len(results),
-        "nan" if math.isnan(mean_fg) else f"{mean_fg:.4f}",
-        ", ".join(f"{classes[c]} {means.get(c, math.nan):.4f}" for c in class_list),
-    )
-    return {
-        "mean_fg_dice": float(mean_fg),
-        "class_dice": {c: float(means.get(c, math.nan)) for c in class_list},
-        "class_names": dict(classes),
-        "case_dice": {r.case: dict(r.dice) for r in results},
-        "num_cases": len(results),
-        "seconds": seconds,
-        "summary_path": str(summary_path),
-        "case_metrics_path": str(csv_path),
-        "probabilities": saved,
-    }
+    return _validation_summary(results, classes, out=out, configuration=configuration, started=t0, saved=saved)
 
 
 def format_validation(result: Mapping[str, Any]) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,78 @@ def _score(
     return _mean_fg(rows)
 
 
+def _candidates(available: dict[str, dict[str, Path]], grids: dict[str, str], ensembles: bool) -> list[tuple[str, ...]]:
+    """Each configuration alone and, with ``ensembles``, each combination of two or more on the same grid."""
+    candidates: list[tuple[str, ...]] = [(c,) for c in available]
+    if ensembles:
+        for r in range(2, len(available) + 1):
+            for combo in itertools.combinations(available, r):
+                if len({grids[c] for c in combo}) == 1:
+                    candidates.append(combo)
+    return candidates
+
+
+def _ensemble_prediction(
+    cache: Any, case: str, combo: tuple[str, ...], available: dict[str, dict[str, Path]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax of the summed softmax of ``combo``'s configurations, a copy of the cached label) of ``case``."""
+    _image, label, _props = cache.load(case, mmap=True)
+    if label is None:
+        raise StateError(f"{cache.case_dir(case)}: no cached label", hint="run `segpipe preprocess` again")
+    total_probs: np.ndarray | None = None
+    for c in combo:
+        probs = np.load(available[c][case], mmap_mode="r")
+        if tuple(probs.shape[1:]) != tuple(label.shape):
+            raise StateError(
+                f"{available[c][case]}: prediction grid {probs.shape[1:]} differs from the cached label {label.shape}",
+                hint=f"the cache changed after training: train {c} again (--overwrite)",
+            )
+        total_probs = probs.astype(np.float32) if total_probs is None else total_probs + probs
+    assert total_probs is not None
+    pred = total_probs.argmax(0).astype(np.uint8)
+    return pred, np.array(label)  # a copy: the cache is memory-mapped read-only
+
+
+def _score_candidates(
+    candidates: list[tuple[str, ...]],
+    cases: list[str],
+    available: dict[str, dict[str, Path]],
+    *,
+    root: Path,
+    plan: Any,
+    classes_map: dict[int, str],
+    ignore: int | None,
+    say: Callable[[str], Any],
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Score each candidate on ``cases``: every candidate's entry, the best one (the first of a tie), and its
+    predictions and the reference labels per case."""
+    from ..preprocessing import Cache
+
+    classes = list(classes_map)
+    results = []
+    best: dict[str, Any] | None = None
+    best_preds: dict[str, np.ndarray] = {}
+    best_labels: dict[str, np.ndarray] = {}
+    for combo in candidates:
+        cache = Cache.for_configuration(root.parent, plan, combo[0], dataset=root.name)
+        labels: dict[str, np.ndarray] = {}
+        preds: dict[str, np.ndarray] = {}
+        for case in cases:
+            preds[case], labels[case] = _ensemble_prediction(cache, case, combo, available)
+        dice, per_class = _score(labels, preds, classes, ignore)
+        entry = {
+            "configurations": list(combo),
+            "mean_fg_dice": dice,
+            "class_dice": {str(classes_map[c]): d for c, d in zip(classes, per_class)},
+        }
+        results.append(entry)
+        say(f"  {' + '.join(combo)}: mean foreground Dice {dice:.4f}")
+        if best is None or (not math.isnan(dice) and (math.isnan(best["mean_fg_dice"]) or dice > best["mean_fg_dice"])):
+            best, best_preds, best_labels = entry, preds, labels
+    assert best is not None
+    return results, best, best_preds, best_labels
+
+
 def find_best(
     dws: Any,
     plan: Any,
@@ -103,55 +175,16 @@ def find_best(
     classes_map, ignore = plan_classes(plan)
     classes = list(classes_map)
     grids = {c: plan.config(c).data_identifier for c in available}
-    candidates: list[tuple[str, ...]] = [(c,) for c in available]
-    if ensembles:
-        for r in range(2, len(available) + 1):
-            for combo in itertools.combinations(available, r):
-                if len({grids[c] for c in combo}) == 1:
-                    candidates.append(combo)
+    candidates = _candidates(available, grids, ensembles)
     common = set.intersection(*(set(p) for p in available.values()))
     cases = sorted(common)
     if not cases:
         raise StateError(f"{root}: the configurations' validation predictions share no case", hint="train every fold")
     total = len(Cache.for_configuration(root.parent, plan, next(iter(available)), dataset=root.name).cases())
     say(f"scoring {len(candidates)} candidate(s) on {len(cases)} cross-validation case(s)")
-
-    results = []
-    best: dict[str, Any] | None = None
-    best_preds: dict[str, np.ndarray] = {}
-    best_labels: dict[str, np.ndarray] = {}
-    for combo in candidates:
-        cache = Cache.for_configuration(root.parent, plan, combo[0], dataset=root.name)
-        labels: dict[str, np.ndarray] = {}
-        preds: dict[str, np.ndarray] = {}
-        for case in cases:
-            _image, label, _props = cache.load(case, mmap=True)
-            if label is None:
-                raise StateError(f"{cache.case_dir(case)}: no cached label", hint="run `segpipe preprocess` again")
-            total_probs: np.ndarray | None = None
-            for c in combo:
-                probs = np.load(available[c][case], mmap_mode="r")
-                if tuple(probs.shape[1:]) != tuple(label.shape):
-                    raise StateError(
-                        f"{available[c][case]}: prediction grid {probs.shape[1:]} differs from the cached label "
-                        f"{label.shape}",
-                        hint=f"the cache changed after training: train {c} again (--overwrite)",
-                    )
-                total_probs = probs.astype(np.float32) if total_probs is None else total_probs + probs
-            assert total_probs is not None
-            preds[case] = total_probs.argmax(0).astype(np.uint8)
-            labels[case] = np.array(label)  # a copy: the cache is memory-mapped read-only
-        dice, per_class = _score(labels, preds, classes, ignore)
-        entry = {
-            "configurations": list(combo),
-            "mean_fg_dice": dice,
-            "class_dice": {str(classes_map[c]): d for c, d in zip(classes, per_class)},
-        }
-        results.append(entry)
-        say(f"  {' + '.join(combo)}: mean foreground Dice {dice:.4f}")
-        if best is None or (not math.isnan(dice) and (math.isnan(best["mean_fg_dice"]) or dice > best["mean_fg_dice"])):
-            best, best_preds, best_labels = entry, preds, labels
-    assert best is not None
+    results, best, best_preds, best_labels = _score_candidates(
+        candidates, cases, available, root=root, plan=plan, classes_map=classes_map, ignore=ignore, say=say
+    )
 
     # post-processing: per class, the largest connected component where it helps
     chosen: list[int] = []

@@ -154,3 +154,25 @@ def test_an_edited_default_reaches_the_command_line_and_the_python_api(edited_co
     assert train_settings()["epochs"] == 300
     assert DicomOptions.from_conf().spacing_tolerance == 0.05
     assert optim_defaults()["momentum"] == 0.95
+
+
+def test_each_group_names_the_same_settings_in_conf_its_schema_and_its_record() -> None:
+    """A setting is written in ``conf/`` (value and comment), typed once in the schema of
+    ``segpipe.config`` and, where a record takes the group, a field of that record: the three lists
+    of names agree, so a setting added to one and not the others fails here, not at a user's run."""
+    import dataclasses
+
+    from segpipe import config
+    from segpipe.planning import PlanSettings
+    from segpipe.settings import DicomOptions, InferSettings, group_defaults
+    from segpipe.training.run_settings import default_settings
+
+    def names(cls: type) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    assert names(config.DicomSchema) == set(group_defaults("dicom")) == names(DicomOptions)
+    assert names(config.InferSchema) == set(group_defaults("infer")) == names(InferSettings)
+    assert names(config.EvaluateSchema) == set(group_defaults("evaluate"))
+    assert names(config.TrainSchema) == set(group_defaults("train"))
+    assert set(group_defaults("train")) - {"fold"} <= set(default_settings())
+    assert set(group_defaults("planner")) == set(PlanSettings.fields())

@@ -1,7 +1,8 @@
-"""The package's shape and its settings: no import circle, no import of the package root or of a
-private name from another module, every settings record built from ``conf/``, no default that
-``conf/`` holds written again in a function's signature, and a ``conf/`` default edited reaching
-the command line and the Python API alike."""
+"""The package's shape and its settings: no module over 600 lines or function over 100 lines, no
+import circle, no import of the package root or of a private name from another module, every
+settings record built from ``conf/``, no default that ``conf/`` holds written again in a
+function's signature, and a ``conf/`` default edited reaching the command line and the Python API
+alike."""
 
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ def test_no_import_circles_root_imports_or_private_imports(shape: dict) -> None:
 
 def test_no_function_takes_more_than_five_positional_parameters(shape: dict) -> None:
     assert shape["functions_over_5_positional"] == []
+
+
+def test_no_module_over_600_lines_and_no_function_over_100(shape: dict) -> None:
+    """A module that outgrows 600 lines is split by responsibility, a function over 100 lines into named steps."""
+    assert shape["modules_over_600"] == []
+    assert shape["functions_over_100_lines"] == []
 
 
 def _conf_leaves() -> dict[str, set[str]]:

@@ -117,6 +117,7 @@ class InferSchema:
     overlap: float = MISSING
     batch_size: Optional[int] = MISSING  # noqa: UP045
     device: str = MISSING
+    runtime: str = MISSING
     format: str = MISSING
     probabilities: bool = MISSING
 

@@ -211,6 +211,11 @@ class DatasetWorkspace:
         return self.root / "best_configuration.json"
 
     @property
+    def openvino_dir(self) -> Path:
+        """The networks ``infer`` converted for OpenVINO, one folder per weights, shape and version."""
+        return self.root / "openvino"
+
+    @property
     def exports_dir(self) -> Path:
         return self.root / "exports"
 

@@ -9,12 +9,16 @@ overlap 0.5, Gaussian weighting, all 8 flips, 2 threads each, on the CPU, in the
 1. setup (not timed): ``segpipe plan`` of the dataset; the network built and saved as a model
    folder (``segpipe export``'s format) and as TorchScript; nnU-Net's fingerprint and plan of the
    same data (``nnUNetv2_extract_fingerprint``, ``nnUNetv2_plan_experiment``);
-2. segpipe: ``Predictor.from_model`` then ``infer_cases`` over the images, in its own process;
+2. segpipe, once per runtime (``--runtimes openvino,torch``): ``Predictor.from_model(...,
+   runtime=...).prepare()`` (OpenVINO's conversion is part of loading, not timed) then
+   ``infer_cases`` over the images, in its own process;
 3. nnU-Net: ``nnUNetPredictor(...).manual_initialization(...)`` then ``predict_from_files`` over the
    same images (``nnUNet_def_n_proc=2``), in its own process with nnU-Net's Python.
 
-Each side reports the seconds of prediction (model loaded, imports done) per case and its peak
-RSS (process tree, sampled every 20 ms); the label maps of both are compared voxel by voxel.
+The sides run interleaved, ``--rounds`` times (A, B, C, A, B, C: the machine's speed drifts between
+runs), and each side's median counts. Each reports the seconds of prediction (model loaded,
+imports done) per case and its peak RSS (process tree, sampled every 20 ms); the label maps of
+every pair of sides are compared voxel by voxel.
 
 With ``--memory`` it measures memory instead: one synthetic CT-like volume of 512×512×600 voxels
 (int16, 0.8×0.8×1 mm), a small real network of 10 classes (3 stages of width 8, 16, 32 — segpipe's
@@ -71,14 +75,14 @@ from pathlib import Path
 from segpipe.inference import Predictor, discover_inputs, infer_cases
 model, images, out = sys.argv[1], sys.argv[2], sys.argv[3]
 t0 = time.perf_counter()
-predictor = Predictor.from_model(model, device="cpu", tta=True, overlap=0.5)
+predictor = Predictor.from_model(model, device="cpu", tta=True, overlap=0.5, runtime=sys.argv[5]).prepare()
 load = time.perf_counter() - t0
 cases = discover_inputs(images)
 t1 = time.perf_counter()
 res = infer_cases(predictor, cases, out, overwrite=True)
 wall = time.perf_counter() - t1
 assert not res["failed"], res["failed"]
-print("RESULT " + json.dumps({"load_s": load, "predict_s": wall, "cases": len(cases)}))
+print("RESULT " + json.dumps({"load_s": load, "predict_s": wall, "cases": len(cases), "runtime": predictor.runtime}))
 """
 
 NNUNET_SNIPPET = r"""
@@ -219,8 +223,8 @@ def setup_segpipe(data: Path, work: Path, n_cases: int) -> tuple[Path, Path, Pat
     return model, ts, images, [int(p) for p in cfg.patch_size]
 
 
-def bench_segpipe(model: Path, images: Path, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-c", SEGPIPE_SNIPPET, str(model), str(images), str(out), str(THREADS)]
+def bench_segpipe(model: Path, images: Path, out: Path, runtime: str = "torch") -> dict[str, Any]:
+    cmd = [sys.executable, "-c", SEGPIPE_SNIPPET, str(model), str(images), str(out), str(THREADS), runtime]
     return _result(run_measured(cmd, env=_segpipe_env(), cwd=REPO), "segpipe")
 
 
@@ -543,6 +547,15 @@ def main() -> int:
         "--memory-overlap", type=float, default=0.0, help="window overlap of --memory (default 0: windows side by side)"
     )
     ap.add_argument("--soak", action="store_true", help=f"RSS over {SOAK_CASES} cases in one run (segpipe only)")
+    ap.add_argument(
+        "--runtimes",
+        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        default=["openvino", "torch"],
+        help="segpipe runtimes to time, comma-separated (default: openvino,torch)",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="interleaved rounds of every side (default 2; the median counts)"
+    )
     a = ap.parse_args()
     tmp_ctx = tempfile.TemporaryDirectory(prefix="segpipe-bench-infer-") if a.work is None else None
     work = Path(tmp_ctx.name) if tmp_ctx is not None else a.work
@@ -560,33 +573,45 @@ def main() -> int:
         _say(f"setup (not timed): plan, network, model folder, TorchScript; {a.cases} images of {a.data / 'imagesTs'}")
         model, ts, images, patch = setup_segpipe(a.data, work, a.cases)
         result["patch_size"] = patch
-        _say("segpipe: Predictor.from_model + infer_cases, TTA 8 flips, overlap 0.5 (timed) ...")
-        seg = bench_segpipe(model, images, work / "out_segpipe")
-        result["segpipe"] = seg
-        _say(
-            f"segpipe: {seg['seconds_per_case']:.2f} s per case ({seg['predict_s']:.1f} s for {seg['cases']}), "
-            f"peak RSS {seg['peak_rss_mb']:.0f} MB"
-        )
+        sides = [f"segpipe-{rt}" for rt in a.runtimes] + (["nnunet"] if a.nnunet_python is not None else [])
         if a.nnunet_python is None:
             _say("nnU-Net: skipped (no --nnunet-python)")
-        else:
-            _say(
-                "nnU-Net: nnUNetPredictor.predict_from_files with the same network, TTA 8 flips, overlap 0.5 (timed) ..."
-            )
-            nn = bench_nnunet(a.nnunet_python, a.data, work, ts, images, work / "out_nnunet")
-            result["nnunet"] = nn
-            if nn["patch_size"] != patch:
-                _say(f"warning: nnU-Net's plan has patch {nn['patch_size']}, segpipe's {patch}")
-            _say(
-                f"nnU-Net: {nn['seconds_per_case']:.2f} s per case ({nn['predict_s']:.1f} s for {nn['cases']}), "
-                f"peak RSS {nn['peak_rss_mb']:.0f} MB"
-            )
-            result["speedup"] = nn["seconds_per_case"] / seg["seconds_per_case"]
-            result["label_agreement"] = agreement(work / "out_segpipe", work / "out_nnunet")
-            _say(
-                f"segpipe is {result['speedup']:.2f}x nnU-Net's speed per case (target ≥ 1.5x); "
-                f"label maps agree on {100 * result['label_agreement']:.3f} % of voxels"
-            )
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+        for round_ in range(1, a.rounds + 1):  # interleaved: the machine's speed drifts between runs
+            for side in sides:
+                out = work / f"out_{side}"
+                if side == "nnunet":
+                    _say(
+                        f"round {round_}: nnU-Net nnUNetPredictor.predict_from_files, same network, TTA 8 flips (timed) ..."
+                    )
+                    run = bench_nnunet(a.nnunet_python, a.data, work, ts, images, out)
+                    if run["patch_size"] != patch:
+                        _say(f"warning: nnU-Net's plan has patch {run['patch_size']}, segpipe's {patch}")
+                else:
+                    runtime = side.split("-", 1)[1]
+                    _say(
+                        f"round {round_}: segpipe runtime={runtime}, Predictor.from_model + infer_cases, TTA 8 flips (timed) ..."
+                    )
+                    run = bench_segpipe(model, images, out, runtime)
+                runs[side].append(run)
+                _say(
+                    f"  {side}: {run['seconds_per_case']:.2f} s per case ({run['predict_s']:.1f} s for {run['cases']}), "
+                    f"peak RSS {run['peak_rss_mb']:.0f} MB"
+                )
+        for side, side_runs in runs.items():
+            per_case = sorted(r["seconds_per_case"] for r in side_runs)
+            result[side] = {**side_runs[-1], "seconds_per_case": per_case[len(per_case) // 2], "rounds": side_runs}
+        result["label_agreement"] = {}
+        for i, x in enumerate(sides):
+            for y in sides[i + 1 :]:
+                result["label_agreement"][f"{x} vs {y}"] = agreement(work / f"out_{x}", work / f"out_{y}")
+        _say("median seconds per case: " + ", ".join(f"{s} {result[s]['seconds_per_case']:.2f}" for s in sides))
+        if "nnunet" in result:
+            for side in sides[:-1]:
+                result[f"speedup {side}"] = result["nnunet"]["seconds_per_case"] / result[side]["seconds_per_case"]
+                _say(f"{side} is {result[f'speedup {side}']:.2f}x nnU-Net's speed per case")
+        for pair, value in result["label_agreement"].items():
+            _say(f"label maps {pair}: {100 * value:.3f} % of voxels agree")
     finally:
         if a.json:
             a.json.write_text(json.dumps(result, indent=1))

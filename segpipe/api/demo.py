@@ -114,6 +114,7 @@ def demo(*, force: bool | None = None, log: Any = None, **settings: Any) -> dict
         "output": str(predictions),
         "cases": [c for r in inferred for c in r["cases"]],
         "dicom_seg": sorted(p.name for p in predictions.glob("*_seg.dcm")),
+        "runtime": inferred[0]["model"].get("runtime"),
     }
     # the held-out cases' reference labels side by side, named by case id
     if references.exists():

@@ -22,6 +22,7 @@ def _predictor(model: PathLike | None, cfg: Any, config_value: Any, dataset: Pat
         "overlap": float(cfg.infer.overlap),
         "batch_size": cfg.infer.batch_size,
         "device": str(cfg.infer.device),
+        "runtime": str(cfg.infer.runtime),
         "dicom": to_container(cfg.dicom),
     }
     folds = to_container(cfg.infer)["folds"]

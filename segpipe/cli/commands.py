@@ -164,7 +164,8 @@ def cmd_demo(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) ->
     if res.get("infer"):
         i = res["infer"]
         seg = f" and {', '.join(i['dicom_seg'])} (DICOM-SEG)" if i["dicom_seg"] else ""
-        lines.append(f"segmented the held-out cases {', '.join(i['cases'])} into {i['output']}{seg}")
+        runtime = f" (networks run by {i['runtime']})" if i.get("runtime") else ""
+        lines.append(f"segmented the held-out cases {', '.join(i['cases'])} into {i['output']}{seg}{runtime}")
     if res.get("evaluate"):
         e = res["evaluate"]
         dice = e["foreground_dice"]

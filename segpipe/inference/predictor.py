@@ -38,8 +38,10 @@ from ..io.formats import case_id_of
 from ..settings import configured
 from .model import CHECKPOINTS, Model, file_sha256, load_model_folder, parse_configs, parse_folds, workspace_model
 from .postprocess import apply_postprocessing
+from .runtimes import choose_runtime, compile_openvino, openvino_version
 from .sliding_window import predict_case_logits
 from .tta import FlipTTA
+from .windows import window_layout
 
 __all__ = ["Prediction", "Predictor", "resolve_device"]
 
@@ -88,7 +90,10 @@ class Predictor:
 
     Options: ``tta`` (flip test-time augmentation, default on), ``overlap`` of the sliding windows
     (0.5), ``batch_size`` (windows per forward pass; default the plan's batch), ``device``
-    (``auto``: CUDA when present), ``dicom`` (options of the DICOM reader: ``series=``, ...).
+    (``auto``: CUDA when present), ``runtime`` (``auto``: OpenVINO on a CPU when installed, see
+    :mod:`segpipe.inference.runtimes`), ``dicom`` (options of the DICOM reader: ``series=``, ...).
+    ``network_cache``: a folder for the networks converted for OpenVINO (the workspace's; a model
+    folder's networks are converted in memory, since a model folder is only read).
     """
 
     def __init__(
@@ -99,9 +104,12 @@ class Predictor:
         overlap: float | None = None,
         batch_size: int | None = None,
         device: str | torch.device | None = None,
+        runtime: str | None = None,
         dicom: Mapping[str, Any] | None = None,
+        network_cache: str | os.PathLike[str] | None = None,
     ):
         device = configured(device, "infer.device")
+        runtime = configured(runtime, "infer.runtime")
         tta = configured(tta, "infer.tta")
         overlap = configured(overlap, "infer.overlap")
         from ..checkpoint import load_checkpoint
@@ -118,6 +126,9 @@ class Predictor:
         self.tta, self.overlap = bool(tta), float(overlap)
         self.batch_size = None if batch_size is None else int(batch_size)
         self.device = resolve_device(device)
+        self.runtime, why_not = choose_runtime(str(runtime), self.device)
+        if why_not:
+            log.info(why_not)
         self.dicom = {k: v for k, v in dict(dicom or {}).items() if v is not None}
         self.labels = {int(k): str(v) for k, v in self.plan.labels.items() if int(k) < self.plan.num_classes}
         self.networks: dict[str, list[torch.nn.Module]] = {}
@@ -138,6 +149,51 @@ class Predictor:
                 ) from None
             net.eval().to(self.device)
             self.networks.setdefault(member.configuration, []).append(net)
+        # converted on first use: a batch whose cases are all done, or a case refused before its
+        # first window, costs no conversion
+        self._openvino_pending = self.runtime == "openvino"
+        self._openvino_fallback = str(runtime).strip().lower() == "auto"
+        self._network_cache = None if network_cache is None else Path(network_cache)
+
+    def prepare(self) -> Predictor:
+        """Convert and compile the networks for the runtime now (they are otherwise prepared on first
+        use, so that a batch of finished cases costs nothing); returns the predictor."""
+        self._to_openvino()
+        return self
+
+    def _to_openvino(self) -> None:
+        """Every network compiled by OpenVINO (read from the network cache when converted before); with
+        ``runtime=auto``, a network OpenVINO cannot convert keeps them all in PyTorch."""
+        if not self._openvino_pending:
+            return
+        self._openvino_pending = False
+        fallback, cache = self._openvino_fallback, self._network_cache
+        compiled: dict[str, list[torch.nn.Module]] = {}
+        shas = iter(self.member_sha256)
+        start, converted = time.perf_counter(), 0
+        try:
+            for configuration, nets in self.networks.items():
+                cfg = self.plan.config(configuration)
+                for net in nets:
+                    ov_net = compile_openvino(
+                        net,
+                        in_channels=self.plan.in_channels * max(1, cfg.input_slices),
+                        patch=cfg.patch_size,
+                        weights_sha256=next(shas),
+                        cache_dir=cache,
+                    )
+                    converted += ov_net.source == "converted"
+                    compiled.setdefault(configuration, []).append(ov_net)
+        except ConfigError as exc:
+            if not fallback:
+                raise
+            log.warning(f"{exc.message}: the networks run in PyTorch")
+            self.runtime = "torch"
+            return
+        self.networks = compiled
+        n = sum(len(v) for v in compiled.values())
+        how = f"{converted} converted" + ("" if cache is None else f", {n - converted} from {cache}")
+        log.info(f"OpenVINO {openvino_version()}: {n} network(s) ready in {time.perf_counter() - start:.1f} s ({how})")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -177,7 +233,8 @@ class Predictor:
         model = workspace_model(
             dws, plan, configs=parse_configs(configs), folds=parse_folds(folds), checkpoint=checkpoint
         )
-        return cls(model, **options)
+        cache = dws.openvino_dir if _writable(dws.root) else None  # a read-only workspace is only read
+        return cls(model, network_cache=cache, **options)
 
     # ------------------------------------------------------------------ reading
     def read(
@@ -234,6 +291,7 @@ class Predictor:
     def _window_network(self, configuration: str) -> torch.nn.Module:
         """The sliding window's predictor of one configuration: its folds' mean logits per window
         (the same as averaging whole-image logits: the window blend is linear), each under flip TTA."""
+        self._to_openvino()
         nets = [FlipTTA(net).eval() if self.tta else net for net in self.networks[configuration]]
         return nets[0] if len(nets) == 1 else _MeanOf(nets).eval()
 
@@ -242,6 +300,8 @@ class Predictor:
         finished rows of logits [K, n, Y', X'] to ``sink(row, block)``; the progress of its
         windows is shown under ``name``."""
         cfg = self.plan.config(configuration)
+        # the windows first: a case refused for their number costs no conversion of the networks
+        window_layout(tuple(int(s) for s in image.shape[1:]), cfg.patch_size, self.overlap, cfg.context_slices)
         kwargs: dict[str, Any] = {"overlap": self.overlap, "num_classes": self.plan.num_classes, "device": self.device}
         if self.batch_size is not None:
             kwargs["batch_size"] = self.batch_size
@@ -355,6 +415,7 @@ class Predictor:
             "tta": self.tta,
             "overlap": self.overlap,
             "device": str(self.device),
+            "runtime": self.runtime if self.runtime == "torch" else f"openvino {openvino_version()}",
         }
 
 
@@ -373,6 +434,15 @@ class _MeanOf(torch.nn.Module):
             total = out if total is None else total.add_(out)
         assert total is not None
         return total.div_(len(self.members))
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` may be written: permitted, and not marked read-only (no write bit at all,
+    as a shared copy is, which root could still write)."""
+    try:
+        return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+    except OSError:
+        return False
 
 
 def _source_name(source: ImageInput) -> str:

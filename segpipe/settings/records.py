@@ -42,8 +42,8 @@ class DicomOptions:
 @dataclass(frozen=True)
 class InferSettings:
     """How ``infer`` segments (``conf/infer/default.yaml``): the folds and checkpoint of the model,
-    flip test-time augmentation, the sliding window's overlap and batch, the device, the output
-    format and whether class probabilities are written too."""
+    flip test-time augmentation, the sliding window's overlap and batch, the device, the networks'
+    runtime, the output format and whether class probabilities are written too."""
 
     folds: Any
     checkpoint: str
@@ -51,6 +51,7 @@ class InferSettings:
     overlap: float
     batch_size: int | None
     device: str
+    runtime: str
     format: str
     probabilities: bool
 

@@ -1,0 +1,206 @@
+"""The engine that runs a trained network on the windows of a case: PyTorch, or OpenVINO on a CPU.
+
+``runtime=`` (an ``infer`` setting): ``torch`` runs the network as trained; ``openvino`` converts it
+once into an OpenVINO model compiled for this CPU (several times faster than PyTorch's eager CPU
+kernels for segpipe's U-Nets, logits within ~1e-4: README, "Prediction speed"); ``auto`` takes OpenVINO on a CPU when the ``openvino``
+package is installed (``pip install 'segpipe[cpu]'``) and PyTorch otherwise, always PyTorch on CUDA.
+
+:class:`OpenVINONetwork` is called like the torch module it replaces (``[B, C, *patch]`` in, the
+full-resolution logits out), so flip TTA, fold and configuration ensembles and the sliding window
+use it unchanged. The batch axis is dynamic, the patch static (the plan's). A converted network is
+stored in a cache folder when one is given, under a key made of the weights' SHA-256, the patch,
+the channels and the OpenVINO version, written atomically (a folder with ``network.xml`` and
+``network.bin``), so the next run compiles it without converting; an entry that cannot be read is
+converted again and replaced. Threads: as many as PyTorch would use in this process
+(``OMP_NUM_THREADS``, ``torch.set_num_threads``), at most the CPUs its affinity mask allows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..io.atomic import atomic_folder
+
+__all__ = [
+    "RUNTIMES",
+    "OpenVINONetwork",
+    "choose_runtime",
+    "compile_openvino",
+    "openvino_version",
+]
+
+log = logging.getLogger("segpipe")
+
+RUNTIMES = ("auto", "torch", "openvino")
+INSTALL_HINT = "pip install 'segpipe[cpu]' (or pip install openvino)"
+NETWORK_XML, NETWORK_BIN = "network.xml", "network.bin"
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version, or None when the package is not installed (read from its
+    metadata: importing OpenVINO loads its libraries, which a run that converts nothing does not need)."""
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    try:
+        return importlib.metadata.version("openvino")
+    except importlib.metadata.PackageNotFoundError:  # importable without metadata (a source build)
+        import openvino
+
+        return str(openvino.__version__).split("-")[0]
+
+
+def choose_runtime(requested: str, device: torch.device) -> tuple[str, str | None]:
+    """The runtime to use for ``runtime=requested`` on ``device``, and a line saying why when ``auto``
+    could not take OpenVINO on a CPU (None otherwise). ``openvino`` asked for where it cannot run is
+    a :class:`~segpipe.errors.ConfigError` with the fix."""
+    name = str(requested).strip().lower()
+    if name not in RUNTIMES:
+        raise ConfigError(f"runtime={requested} is not a runtime", hint=f"runtime={', '.join(RUNTIMES)}")
+    if name == "torch":
+        return "torch", None
+    if device.type != "cpu":
+        if name == "openvino":
+            raise ConfigError(
+                f"runtime=openvino runs on the CPU, and this prediction runs on {device}",
+                hint="device=cpu runtime=openvino, or runtime=torch (or auto) on the GPU",
+            )
+        return "torch", None
+    if openvino_version() is None:
+        if name == "openvino":
+            raise ConfigError("runtime=openvino: the openvino package is not installed", hint=INSTALL_HINT)
+        return (
+            "torch",
+            f"OpenVINO is not installed, so the networks run in PyTorch ({INSTALL_HINT} for faster CPU prediction)",
+        )
+    return "openvino", None
+
+
+def cpu_threads() -> int:
+    """The threads PyTorch would use here (``torch.set_num_threads``, ``OMP_NUM_THREADS``; a process of
+    a distributed batch gets its share), at most the CPUs this process may run on (its affinity mask)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = os.cpu_count() or 1
+    return max(1, min(int(torch.get_num_threads()), allowed))
+
+
+class OpenVINONetwork(nn.Module):
+    """A network compiled by OpenVINO for the CPU, called like the torch module it was converted from."""
+
+    def __init__(self, compiled: Any, *, key: str, seconds: float, source: str) -> None:
+        super().__init__()
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.output = compiled.output(0)
+        self.key = key
+        self.seconds = seconds  # converting (or reading) and compiling it
+        self.source = source  # "converted" or "cache"
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
+        result = self.request.infer({0: array})[self.output]
+        return torch.from_numpy(np.array(result, dtype=np.float32, copy=True))  # the request reuses its buffer
+
+
+def network_key(weights_sha256: str, *, in_channels: int, patch: Sequence[int], version: str) -> str:
+    """The cache key of a converted network: its weights, input shape and the OpenVINO version."""
+    text = f"{weights_sha256}|{int(in_channels)}|{'x'.join(str(int(p)) for p in patch)}|{version}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def compile_openvino(
+    network: nn.Module,
+    *,
+    in_channels: int,
+    patch: Sequence[int],
+    weights_sha256: str,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+) -> OpenVINONetwork:
+    """``network`` (a torch module in eval mode) as an :class:`OpenVINONetwork` for the CPU: read from
+    ``cache_dir`` when converted before, else converted (and stored there when ``cache_dir`` is given).
+
+    A network OpenVINO cannot convert raises a :class:`~segpipe.errors.ConfigError` naming what failed.
+    """
+    import openvino as ov
+
+    version = openvino_version() or "unknown"
+    patch = [int(p) for p in patch]
+    key = network_key(weights_sha256, in_channels=in_channels, patch=patch, version=version)
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": int(threads or cpu_threads()), "INFERENCE_PRECISION_HINT": "f32"}
+    start = time.perf_counter()
+    entry = None if cache_dir is None else Path(cache_dir) / key
+    model, source = (_read_cached(core, entry), "cache") if entry is not None else (None, "converted")
+    if model is None:
+        model, source = _convert(ov, network, in_channels=in_channels, patch=patch), "converted"
+        if entry is not None:
+            _store(ov, model, entry)
+    compiled = core.compile_model(model, "CPU", config)
+    return OpenVINONetwork(compiled, key=key, seconds=time.perf_counter() - start, source=source)
+
+
+def _read_cached(core: Any, entry: Path) -> Any:
+    """The converted network stored in ``entry``, or None when there is none or it cannot be read
+    (a damaged entry is removed, to be converted again)."""
+    xml, weights = entry / NETWORK_XML, entry / NETWORK_BIN
+    if not (xml.is_file() and weights.is_file()):
+        return None
+    try:
+        return core.read_model(str(xml), str(weights))
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
+        log.warning(f"{entry}: the stored OpenVINO network cannot be read ({_first_line(exc)}); converting it again")
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+
+def _convert(ov: Any, network: nn.Module, *, in_channels: int, patch: list[int]) -> Any:
+    """The OpenVINO model of ``network`` with a dynamic batch axis and the plan's patch."""
+    example = torch.zeros((1, int(in_channels), *patch), dtype=torch.float32)
+    shape = ov.PartialShape([-1, int(in_channels), *patch])
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracing notes shapes taken as constants: the patch is fixed
+            return ov.convert_model(network, example_input=example, input=[shape])
+    except Exception as exc:  # noqa: BLE001 - the converter raises its own errors, naming the operation
+        raise ConfigError(
+            f"OpenVINO cannot convert this network ({_first_line(exc)})",
+            hint="predict with runtime=torch",
+        ) from None
+    finally:
+        network.train(was_training)
+
+
+def _store(ov: Any, model: Any, entry: Path) -> None:
+    """Write the converted network to ``entry`` atomically; a cache that cannot be written is only a
+    slower next run, said in one line."""
+    try:
+        with atomic_folder(entry) as tmp:
+            ov.save_model(model, str(tmp / NETWORK_XML), compress_to_fp16=False)
+    except OSError as exc:
+        log.warning(
+            f"{entry}: the converted network was not stored ({exc.strerror or exc}); it is converted again next time"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

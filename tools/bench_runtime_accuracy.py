@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Check that the networks' runtime does not change accuracy: a model trained on real data, its
+fold's validation cases segmented with ``runtime=torch`` and with ``runtime=openvino``, each scored.
+
+1. ``segpipe plan`` and ``segpipe train fold=0 config=3d_fullres max_time=…`` on the dataset (the
+   shared hippocampus data by default; a short budget is enough: the question is whether two
+   runtimes give the same answer, not how good the answer is); an existing ``--work`` is reused;
+2. the fold's validation cases (``splits_final.json``), never seen in training, segmented by
+   ``segpipe infer`` once per runtime (flip TTA, overlap 0.5, the model's own settings);
+3. ``segpipe evaluate`` of each against the reference labels: mean foreground Dice per runtime, their
+   difference, and the share of voxels where the two label maps agree.
+
+    python tools/bench_runtime_accuracy.py --max-time 10m --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="labelled dataset (default: shared hippocampus)")
+    ap.add_argument("--work", type=Path, default=None, help="workspace to use or reuse (default: a temp folder)")
+    ap.add_argument("--max-time", default="10m", help="training budget (default 10m)")
+    ap.add_argument("--runtimes", default="torch,openvino", help="runtimes to compare (default torch,openvino)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    a = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+
+    import segpipe
+    from segpipe.io.image import read_image
+    from segpipe.workspace import Workspace
+
+    tmp = tempfile.TemporaryDirectory(prefix="segpipe-runtime-accuracy-") if a.work is None else None
+    work = Path(tmp.name) if tmp is not None else a.work
+    result: dict[str, Any] = {"data": str(a.data), "max_time": a.max_time}
+    try:
+        planned = segpipe.plan(a.data, work_dir=work, configurations=["3d_fullres"])
+        dws = Workspace.at(work).dataset(planned["dataset"])
+        t0 = time.perf_counter()
+        trained = segpipe.train(work_dir=str(work), config="3d_fullres", fold=0, max_time=a.max_time)
+        result["training"] = {"seconds": time.perf_counter() - t0, "epochs": trained["epochs"]}
+        print(f"trained fold 0: {trained['epochs']} epochs; {trained.get('validation')}", flush=True)
+        val = json.loads(dws.splits_path.read_text(encoding="utf-8"))[0]["val"]
+        cases = work / "validation_cases"
+        refs = work / "validation_refs"
+        cases.mkdir(exist_ok=True)
+        refs.mkdir(exist_ok=True)
+        for case in val:
+            for src, dst in (
+                (a.data / "imagesTr" / f"{case}.nii.gz", cases / f"{case}_0000.nii.gz"),
+                (a.data / "labelsTr" / f"{case}.nii.gz", refs / f"{case}.nii.gz"),
+            ):
+                if not dst.exists():
+                    os.symlink(src.resolve(), dst)
+        runtimes = [r.strip() for r in a.runtimes.split(",") if r.strip()]
+        for runtime in runtimes:
+            out = work / f"pred_{runtime}"
+            t1 = time.perf_counter()
+            res = segpipe.infer(cases, output=out, work_dir=str(work), runtime=runtime, overwrite=True)
+            seconds = time.perf_counter() - t1
+            assert not res["failed"], res["failed"]
+            ev = segpipe.evaluate(out, refs, output=work / f"eval_{runtime}")
+            dice = ev["foreground_mean"]["Dice"]
+            result[runtime] = {
+                "dice": dice,
+                "cases": ev["n_cases"],
+                "seconds": seconds,
+                "runtime": res["model"]["runtime"],
+            }
+            print(
+                f"{res['model']['runtime']}: mean foreground Dice {dice:.5f} over {ev['n_cases']} validation cases ({seconds:.0f} s)",
+                flush=True,
+            )
+        if len(runtimes) == 2:
+            x, y = runtimes
+            result["dice_difference"] = result[y]["dice"] - result[x]["dice"]
+            same = total = 0
+            for label in sorted((work / f"pred_{x}").glob("*.nii.gz")):
+                la, _ = read_image(label)
+                lb, _ = read_image(work / f"pred_{y}" / label.name)
+                same += int(np.count_nonzero(la == lb))
+                total += la.size
+            result["label_agreement"] = same / total
+            print(
+                f"Dice {y} − {x}: {result['dice_difference']:+.5f}; label maps agree on "
+                f"{100 * result['label_agreement']:.4f} % of voxels",
+                flush=True,
+            )
+    finally:
+        if a.json:
+            a.json.write_text(json.dumps(result, indent=1))
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

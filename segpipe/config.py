@@ -37,7 +37,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "infer": ("work_dir", "dataset", "config", "dicom", "infer", "trainer"),
     "evaluate": ("evaluate",),
     "find-best": ("work_dir", "dataset"),
-    "export": ("work_dir", "dataset", "config", "infer.folds", "infer.checkpoint"),
+    "export": ("work_dir", "dataset", "config", "infer.folds", "infer.checkpoint", "infer.runtime"),
     "demo": ("work_dir", "train.epochs", "train.iterations_per_epoch"),
     "config": ("*",),
 }

@@ -192,3 +192,63 @@ def test_without_openvino_auto_predicts_with_pytorch_and_says_why(
     assert predictor.runtime == "torch" and "OpenVINO is not installed" in caplog.text
     assert predictor.describe()["runtime"] == "torch"
     shutil.rmtree(model / "openvino", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def openvino_export(tmp_path_factory: pytest.TempPathFactory, tiny_model: tuple[Path, Path]) -> Path:
+    """The tiny model exported again with its networks converted for OpenVINO."""
+    from segpipe.inference.model import export_model, load_model_folder
+
+    out = tmp_path_factory.mktemp("ov_export") / "model"
+    return export_model(load_model_folder(tiny_model[0]), out, openvino=True)
+
+
+@needs_openvino
+def test_export_with_openvino_stores_checksummed_networks_that_infer_only_reads(
+    openvino_export: Path, tiny_model: tuple[Path, Path]
+) -> None:
+    import json
+
+    from segpipe.inference import Predictor
+
+    info = json.loads((openvino_export / "model.json").read_text(encoding="utf-8"))
+    entry = info["openvino"]
+    assert entry["version"] == openvino_version()
+    (files,) = entry["networks"].values()
+    assert sorted(Path(rel).name for rel in files) == ["network.bin", "network.xml"]
+    for rel, digest in files.items():
+        assert (openvino_export / rel).is_file() and len(digest) == 64
+    assert "converted for OpenVINO" in (openvino_export / "README.md").read_text(encoding="utf-8")
+    before = {p: p.stat().st_mtime_ns for p in openvino_export.rglob("*")}
+    predictor = Predictor.from_model(openvino_export, runtime="openvino", tta=False).prepare()
+    (network,) = predictor.networks["3d_fullres"]
+    assert network.source == "cache"  # loaded as stored, not converted
+    assert predictor.predict(tiny_model[1]).label.any()
+    assert {p: p.stat().st_mtime_ns for p in openvino_export.rglob("*")} == before  # nothing written
+
+
+@needs_openvino
+def test_a_changed_openvino_network_in_a_model_folder_is_refused(openvino_export: Path, tmp_path: Path) -> None:
+    from segpipe.errors import StateError
+    from segpipe.inference.model import load_model_folder
+
+    copy = tmp_path / "model"
+    shutil.copytree(openvino_export, copy)
+    (xml,) = copy.glob("openvino/*/network.xml")
+    xml.write_text(xml.read_text(encoding="utf-8").replace("</net>", "</net>\n"), encoding="utf-8")
+    with pytest.raises(StateError, match="network.xml: checksum differs"):
+        load_model_folder(copy)
+
+
+def test_export_with_openvino_missing_is_exit_2_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import segpipe
+    from segpipe.cli import main
+    from segpipe.demo_data import generate_demo_dataset
+
+    data = generate_demo_dataset(tmp_path / "Demo", num_cases=3, num_test=0)
+    segpipe.plan(data, work_dir=tmp_path / "work", configurations=["3d_fullres"], base_features=4, max_features_3d=16)
+    monkeypatch.setattr(runtimes, "openvino_version", lambda: None)
+    code = main(["export", "-o", str(tmp_path / "model"), f"work_dir={tmp_path / 'work'}", "runtime=openvino", "-q"])
+    assert code == 2 and not (tmp_path / "model").exists()

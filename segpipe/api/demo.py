@@ -47,7 +47,6 @@ def demo(*, force: bool | None = None, log: Any = None, **settings: Any) -> dict
     ``iterations_per_epoch`` for another schedule than :data:`DEMO_SCHEDULE`. Returns one entry per step.
     """
     force = configured(force, "force")
-    import shutil
 
     from ..errors import DataError
     from ..io.datasets import load_dataset
@@ -116,14 +115,7 @@ def demo(*, force: bool | None = None, log: Any = None, **settings: Any) -> dict
         "dicom_seg": sorted(p.name for p in predictions.glob("*_seg.dcm")),
         "runtime": inferred[0]["model"].get("runtime"),
     }
-    # the held-out cases' reference labels side by side, named by case id
-    if references.exists():
-        shutil.rmtree(references)
-    references.mkdir(parents=True)
-    for ref in sorted((data / "labelsTs").glob("*.nii.gz")):
-        shutil.copy(ref, references / ref.name)
-    for case_dir in sorted(p for p in dicom_data.iterdir() if (p / "reference.nii.gz").is_file()):
-        shutil.copy(case_dir / "reference.nii.gz", references / f"{case_dir.name}.nii.gz")
+    _held_out_references(data, dicom_data, references)
     say("evaluating the held-out cases against their reference labels")
     labels = {int(k): str(v) for k, v in load_dataset(data).labels.items()}
     evaluated = evaluate(predictions, references, output=demo_dir / "evaluation", labels=labels)
@@ -136,3 +128,16 @@ def demo(*, force: bool | None = None, log: Any = None, **settings: Any) -> dict
         "cases": evaluated["n_cases"],
     }
     return steps
+
+
+def _held_out_references(data: Path, dicom_data: Path, references: Path) -> None:
+    """The held-out cases' reference labels side by side in ``references``, named by case id."""
+    import shutil
+
+    if references.exists():
+        shutil.rmtree(references)
+    references.mkdir(parents=True)
+    for ref in sorted((data / "labelsTs").glob("*.nii.gz")):
+        shutil.copy(ref, references / ref.name)
+    for case_dir in sorted(p for p in dicom_data.iterdir() if (p / "reference.nii.gz").is_file()):
+        shutil.copy(case_dir / "reference.nii.gz", references / f"{case_dir.name}.nii.gz")

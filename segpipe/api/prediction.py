@@ -121,8 +121,10 @@ def export(
 
     ``dataset``: the planned dataset (folder or workspace name; default the workspace's only one).
     Settings: ``work_dir``, ``config`` (default ``find-best``'s choice, else ``3d_fullres``),
-    ``folds`` (default every trained fold) and ``checkpoint`` (``final`` or ``best``). Returns
-    ``{"model", "members", "postprocessing"}``.
+    ``folds`` (default every trained fold), ``checkpoint`` (``final`` or ``best``) and ``runtime``
+    (``openvino`` also stores the networks converted for OpenVINO, so that a CPU predicting with the
+    same OpenVINO version loads them without converting). Returns ``{"model", "members",
+    "postprocessing"}``.
     """
     from ..inference import export_model, workspace_model
     from ..inference.model import export_warnings, parse_configs, parse_folds
@@ -132,6 +134,13 @@ def export(
     dataset = dataset_once(dataset, settings)
     config_value = settings.pop("config", settings.pop("configuration", None))
     cfg = composed("export", settings)
+    runtime = str(cfg.infer.runtime).strip().lower()
+    if runtime != "auto":  # a setting is checked before the workspace: unknown, or OpenVINO not installed
+        import torch
+
+        from ..inference.runtimes import choose_runtime
+
+        choose_runtime(runtime, torch.device("cpu"))
     _ws, dws = find_dataset(cfg.work_dir, dataset, "export")
     the_plan = load_plan(dws.plans_path)
     model = workspace_model(
@@ -141,7 +150,7 @@ def export(
         folds=parse_folds(to_container(cfg.infer)["folds"]),
         checkpoint=str(cfg.infer.checkpoint),
     )
-    out = export_model(model, output, overwrite=overwrite)
+    out = export_model(model, output, overwrite=overwrite, openvino=runtime == "openvino")
     warnings = export_warnings(model)
     for warning in warnings:  # also in the model card, under "Before use"
         logging.getLogger("segpipe").warning(f"{out}: {warning}")

@@ -10,6 +10,8 @@ of the trained folds) or from a **model folder** written by :func:`export_model`
       plans.json          the plan (spacing, patch, normalisation, networks)
       postprocessing.json the classes that keep only their largest connected component
       weights/<config>/fold_<k>.pt   network weights only (``torch.load(weights_only=True)``)
+      openvino/<key>/     with ``runtime=openvino``: each network converted for OpenVINO
+                          (network.xml, network.bin; checksummed in model.json)
       README.md           the model card: what it segments, from which data, how well
 
 A model folder needs nothing of the training workspace. Loading one checks the format, that every
@@ -40,7 +42,9 @@ from ..planning import Plan, load_plan, save_plan
 from ..settings import configured
 from ..splits import N_FOLDS
 from ..workspace import RunFolder
+from .model_card import model_card
 from .postprocess import check_postprocessing
+from .runtimes import export_openvino
 
 log = logging.getLogger("segpipe")
 
@@ -313,70 +317,15 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
-
-
-def _model_card(info: Mapping[str, Any]) -> str:
-    labels = ", ".join(f"{k} {v}" for k, v in info["labels"].items())
-    channels = ", ".join(f"{k} {v}" for k, v in info["channel_names"].items())
-    lines = [
-        f"# segpipe model: {info['dataset']}",
-        "",
-        f"Segments {labels} from {channels} images.",
-        "",
-        "Use it with `segpipe infer INPUT -m THIS_FOLDER` or, in Python,",
-        "`segpipe.Predictor.from_model('THIS_FOLDER').predict('image.nii.gz')`.",
-        "",
-        "| configuration | fold | validation Dice (foreground mean) | epochs | training / validation cases "
-        "| spacing (mm) | training time |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for m in info["members"]:
-        dice = "n/a" if m.get("validation_dice") is None else f"{m['validation_dice']:.4f}"
-        t = m.get("training") or {}
-        epochs = "n/a"
-        if t.get("epochs_done") is not None:
-            epochs = f"{t['epochs_done']} of {t.get('epochs_planned', '?')}" + (
-                f" × {t['iterations_per_epoch']} iterations" if t.get("iterations_per_epoch") else ""
-            )
-            if t.get("max_time"):
-                epochs += f" (budget {t['max_time']})"
-            if not t.get("finished", True):
-                epochs += ", unfinished"
-        cases = f"{t['training_cases']} / {t['validation_cases']}" if t.get("training_cases") is not None else "n/a"
-        spacing = " × ".join(f"{v:g}" for v in t["spacing_mm"]) if t.get("spacing_mm") else "n/a"
-        took = _duration(t["training_seconds"]) if t.get("training_seconds") else "n/a"
-        lines.append(f"| {m['configuration']} | {m['fold']} | {dice} | {epochs} | {cases} | {spacing} | {took} |")
-    warnings = info.get("warnings") or []
-    if warnings:
-        lines += ["", "**Before use:**", "", *(f"- {w}" for w in warnings)]
-    post = info["postprocessing"]["largest_component"]
-    lines += [
-        "",
-        "Post-processing: "
-        + (
-            "keep the largest connected component of class " + ", ".join(str(c) for c in post)
-            if post
-            else "none (the argmax of the ensemble)"
-        )
-        + ".",
-        "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool = False, openvino: bool = False) -> Path:
     """Write ``model`` as a self-contained folder ``out`` (see the module docstring); returns it.
+    With ``openvino`` the networks are also stored converted for OpenVINO (``openvino/``, checksummed
+    in ``model.json`` like the weights), so that a CPU predicting with the same OpenVINO version
+    loads them without converting.
 
     The folder is built beside ``out`` under a temporary name and renamed into place at the end, so
     ``out`` is either complete or absent. An existing ``out`` is refused unless ``overwrite``.
     """
-    from ..checkpoint import load_checkpoint, save_checkpoint
 
     target = Path(out).expanduser().resolve()
     if target.exists() and not overwrite:
@@ -404,32 +353,7 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
         ) from None
     try:
         save_plan(model.plan, tmp / "plans.json")
-        members = []
-        for m in model.members:
-            state = load_checkpoint(m.path)
-            if "model" not in state:
-                raise StateError(f"{m.path}: holds no network weights", hint="pass a run's final.pt or best.pt")
-            rel = Path("weights") / m.configuration / f"fold_{m.fold}.pt"
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(
-                tmp / rel,
-                {
-                    "model": state["model"],
-                    "configuration": m.configuration,
-                    "fold": m.fold,
-                    "plan_config": model.plan.config(m.configuration).to_dict(),
-                },
-            )
-            members.append(
-                {
-                    "configuration": m.configuration,
-                    "fold": m.fold,
-                    "file": rel.as_posix(),
-                    "sha256": file_sha256(tmp / rel),
-                    "validation_dice": m.validation_dice,
-                    **({"training": m.training} if m.training else {}),
-                }
-            )
+        members = _write_members(model, tmp)
         post = check_postprocessing(model.postprocessing, model.plan.num_classes)
         write_json(tmp / POSTPROCESSING_FILE, post)
         info = {
@@ -445,8 +369,17 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
             "warnings": export_warnings(model),
             "versions": versions(),
         }
+        if openvino:
+            converted = export_openvino(model.plan, members, tmp)
+            info["openvino"] = {
+                "version": converted["version"],
+                "networks": {
+                    weights: {rel: file_sha256(tmp / rel) for rel in files}
+                    for weights, files in converted["networks"].items()
+                },
+            }
         write_json(tmp / MODEL_FILE, info)
-        write_text(tmp / "README.md", _model_card(info))
+        write_text(tmp / "README.md", model_card(info))
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
@@ -458,6 +391,40 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _write_members(model: Model, tmp: Path) -> list[dict[str, Any]]:
+    """Each member's weights (network weights only) into ``tmp/weights/<config>/fold_<k>.pt``, and its
+    ``model.json`` entry with the file's checksum and how the network was trained."""
+    from ..checkpoint import load_checkpoint, save_checkpoint
+
+    members = []
+    for m in model.members:
+        state = load_checkpoint(m.path)
+        if "model" not in state:
+            raise StateError(f"{m.path}: holds no network weights", hint="pass a run's final.pt or best.pt")
+        rel = Path("weights") / m.configuration / f"fold_{m.fold}.pt"
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(
+            tmp / rel,
+            {
+                "model": state["model"],
+                "configuration": m.configuration,
+                "fold": m.fold,
+                "plan_config": model.plan.config(m.configuration).to_dict(),
+            },
+        )
+        members.append(
+            {
+                "configuration": m.configuration,
+                "fold": m.fold,
+                "file": rel.as_posix(),
+                "sha256": file_sha256(tmp / rel),
+                "validation_dice": m.validation_dice,
+                **({"training": m.training} if m.training else {}),
+            }
+        )
+    return members
 
 
 def _is_model_folder(path: Path) -> bool:
@@ -517,6 +484,26 @@ def _checked_files(root: Path, info_path: Path, info: Mapping[str, Any]) -> dict
     return found
 
 
+def _checked_openvino(root: Path, info_path: Path, info: Mapping[str, Any]) -> None:
+    """The converted networks a model folder records: inside it and unchanged (checked like the weights)."""
+    entry = info.get("openvino")
+    if entry is None:
+        return
+    networks = entry.get("networks") if isinstance(entry, dict) else None
+    if not isinstance(networks, dict):
+        raise StateError(f"{info_path}: 'openvino' lists no networks", hint="export the model again")
+    for files in networks.values():
+        for rel, expected in dict(files).items():
+            path = _inside(root, rel, "OpenVINO network file")
+            if not path.is_file():
+                raise StateError(f"{path}: OpenVINO network file missing", hint="copy the whole model folder")
+            if file_sha256(path) != expected:
+                raise StateError(
+                    f"{path}: checksum differs from {MODEL_FILE} (damaged or replaced)",
+                    hint="copy the model folder again from its source, or export it again",
+                )
+
+
 def load_model_folder(path: str | os.PathLike[str]) -> Model:
     """Read a model folder written by :func:`export_model` (checked: format, paths, checksums)."""
     root = Path(path).expanduser()
@@ -536,6 +523,7 @@ def load_model_folder(path: str | os.PathLike[str]) -> Model:
             f"{info_path}: written by a newer segpipe (format {info.get('format_version')})", hint="upgrade segpipe"
         )
     files = _checked_files(root, info_path, info)
+    _checked_openvino(root, info_path, info)
     plan = load_plan(files["plans.json"])
     raw_members = info.get("members")
     if not isinstance(raw_members, list) or not raw_members:

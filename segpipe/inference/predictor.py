@@ -38,7 +38,7 @@ from ..io.formats import case_id_of
 from ..settings import configured
 from .model import CHECKPOINTS, Model, file_sha256, load_model_folder, parse_configs, parse_folds, workspace_model
 from .postprocess import apply_postprocessing
-from .runtimes import choose_runtime, compile_openvino, openvino_version
+from .runtimes import OPENVINO_DIR, choose_runtime, compile_openvino, openvino_version
 from .sliding_window import predict_case_logits
 from .tta import FlipTTA
 from .windows import window_layout
@@ -92,8 +92,9 @@ class Predictor:
     (0.5), ``batch_size`` (windows per forward pass; default the plan's batch), ``device``
     (``auto``: CUDA when present), ``runtime`` (``auto``: OpenVINO on a CPU when installed, see
     :mod:`segpipe.inference.runtimes`), ``dicom`` (options of the DICOM reader: ``series=``, ...).
-    ``network_cache``: a folder for the networks converted for OpenVINO (the workspace's; a model
-    folder's networks are converted in memory, since a model folder is only read).
+    ``network_cache``: a folder for the networks converted for OpenVINO (the workspace's), written
+    unless ``store_networks`` is false (a model folder's ``openvino/``, stored there by
+    ``segpipe export runtime=openvino``, is only read; without it they are converted in memory).
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class Predictor:
         runtime: str | None = None,
         dicom: Mapping[str, Any] | None = None,
         network_cache: str | os.PathLike[str] | None = None,
+        store_networks: bool = True,
     ):
         device = configured(device, "infer.device")
         runtime = configured(runtime, "infer.runtime")
@@ -154,6 +156,7 @@ class Predictor:
         self._openvino_pending = self.runtime == "openvino"
         self._openvino_fallback = str(runtime).strip().lower() == "auto"
         self._network_cache = None if network_cache is None else Path(network_cache)
+        self._store_networks = bool(store_networks)
 
     def prepare(self) -> Predictor:
         """Convert and compile the networks for the runtime now (they are otherwise prepared on first
@@ -181,6 +184,7 @@ class Predictor:
                         patch=cfg.patch_size,
                         weights_sha256=next(shas),
                         cache_dir=cache,
+                        store=self._store_networks,
                     )
                     converted += ov_net.source == "converted"
                     compiled.setdefault(configuration, []).append(ov_net)
@@ -207,6 +211,8 @@ class Predictor:
     ) -> Predictor:
         """The predictor of a model folder written by ``segpipe export`` (every member by default)."""
         model = load_model_folder(path)
+        if model.info.get("openvino"):  # networks converted at export, checked with the folder; never written
+            options = {"network_cache": Path(model.origin) / OPENVINO_DIR, "store_networks": False, **options}
         return cls(model.select(parse_configs(configs), parse_folds(folds)), **options)
 
     @classmethod

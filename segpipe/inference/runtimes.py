@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ __all__ = [
     "OpenVINONetwork",
     "choose_runtime",
     "compile_openvino",
+    "export_openvino",
     "openvino_version",
 ]
 
@@ -49,6 +50,7 @@ log = logging.getLogger("segpipe")
 RUNTIMES = ("auto", "torch", "openvino")
 INSTALL_HINT = "pip install 'segpipe[cpu]' (or pip install openvino)"
 NETWORK_XML, NETWORK_BIN = "network.xml", "network.bin"
+OPENVINO_DIR = "openvino"  # in a workspace's dataset folder and in a model folder
 
 
 def openvino_version() -> str | None:
@@ -131,10 +133,12 @@ def compile_openvino(
     patch: Sequence[int],
     weights_sha256: str,
     cache_dir: Path | None = None,
+    store: bool = True,
     threads: int | None = None,
 ) -> OpenVINONetwork:
     """``network`` (a torch module in eval mode) as an :class:`OpenVINONetwork` for the CPU: read from
-    ``cache_dir`` when converted before, else converted (and stored there when ``cache_dir`` is given).
+    ``cache_dir`` when converted before, else converted (and stored there when ``cache_dir`` is given
+    and ``store``; a model folder's networks are read, never written).
 
     A network OpenVINO cannot convert raises a :class:`~segpipe.errors.ConfigError` naming what failed.
     """
@@ -147,18 +151,18 @@ def compile_openvino(
     config = {"INFERENCE_NUM_THREADS": int(threads or cpu_threads()), "INFERENCE_PRECISION_HINT": "f32"}
     start = time.perf_counter()
     entry = None if cache_dir is None else Path(cache_dir) / key
-    model, source = (_read_cached(core, entry), "cache") if entry is not None else (None, "converted")
+    model, source = (_read_cached(core, entry, remove=store), "cache") if entry is not None else (None, "converted")
     if model is None:
         model, source = _convert(ov, network, in_channels=in_channels, patch=patch), "converted"
-        if entry is not None:
+        if entry is not None and store:
             _store(ov, model, entry)
     compiled = core.compile_model(model, "CPU", config)
     return OpenVINONetwork(compiled, key=key, seconds=time.perf_counter() - start, source=source)
 
 
-def _read_cached(core: Any, entry: Path) -> Any:
+def _read_cached(core: Any, entry: Path, *, remove: bool) -> Any:
     """The converted network stored in ``entry``, or None when there is none or it cannot be read
-    (a damaged entry is removed, to be converted again)."""
+    (a damaged entry is removed with ``remove``, to be converted again)."""
     xml, weights = entry / NETWORK_XML, entry / NETWORK_BIN
     if not (xml.is_file() and weights.is_file()):
         return None
@@ -166,7 +170,8 @@ def _read_cached(core: Any, entry: Path) -> Any:
         return core.read_model(str(xml), str(weights))
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
         log.warning(f"{entry}: the stored OpenVINO network cannot be read ({_first_line(exc)}); converting it again")
-        shutil.rmtree(entry, ignore_errors=True)
+        if remove:
+            shutil.rmtree(entry, ignore_errors=True)
         return None
 
 
@@ -204,3 +209,29 @@ def _store(ov: Any, model: Any, entry: Path) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
+
+
+def export_openvino(plan: Any, members: Sequence[Mapping[str, Any]], folder: Path) -> dict[str, Any]:
+    """Convert the networks of a model folder being written (``folder``, whose ``members`` entries
+    name their weight files) into ``folder/openvino/<key>/``; returns the OpenVINO version and, per
+    weight file, the files of its converted network (relative to ``folder``)."""
+    from ..checkpoint import load_checkpoint
+    from ..networks import build_network
+
+    version = openvino_version()
+    if version is None:
+        raise ConfigError("runtime=openvino: the openvino package is not installed", hint=INSTALL_HINT)
+    networks: dict[str, Any] = {}
+    for member in members:
+        cfg = plan.config(member["configuration"])
+        net = build_network(cfg, plan.in_channels, plan.num_classes, deep_supervision=True)
+        net.load_state_dict(load_checkpoint(folder / member["file"], map_location="cpu")["model"])
+        compiled = compile_openvino(
+            net.eval(),
+            in_channels=plan.in_channels * max(1, cfg.input_slices),
+            patch=cfg.patch_size,
+            weights_sha256=member["sha256"],
+            cache_dir=folder / OPENVINO_DIR,
+        )
+        networks[member["file"]] = [f"{OPENVINO_DIR}/{compiled.key}/{name}" for name in (NETWORK_XML, NETWORK_BIN)]
+    return {"version": version, "networks": networks}

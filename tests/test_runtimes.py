@@ -3,6 +3,7 @@ converted-network cache (reused, rebuilt when damaged, keyed by the weights), an
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -143,8 +144,11 @@ def test_infer_with_openvino_writes_the_labels_of_pytorch_and_caches_in_the_work
         out = tmp_path / runtime
         assert main(["infer", str(image), "-o", str(out), "-m", str(model), f"runtime={runtime}", "-q"]) == 0
         outs[runtime] = np.asarray(nib.load(next(out.glob("*.nii.gz"))).dataobj)
-        report = (next(out.glob("*.json"))).read_text(encoding="utf-8")
-        assert ('"runtime": "torch"' in report) == (runtime == "torch")
+        report = json.loads(next(out.glob("*.json")).read_text(encoding="utf-8"))
+        compute = report["compute"]  # how the networks ran: runtime, precision, threads, device
+        assert compute["runtime"] == report["identity"]["runtime"]
+        assert compute["runtime"].startswith(runtime) and compute["precision"] == "fp32"
+        assert compute["device"] == "cpu" and compute["threads"] >= 1
     agreement = float(np.mean(outs["torch"] == outs["openvino"]))
     # random weights leave near-ties between classes, where 1e-5 of logit decides: agreement, not identity
     assert agreement >= 0.999, agreement
@@ -207,8 +211,6 @@ def openvino_export(tmp_path_factory: pytest.TempPathFactory, tiny_model: tuple[
 def test_export_with_openvino_stores_checksummed_networks_that_infer_only_reads(
     openvino_export: Path, tiny_model: tuple[Path, Path]
 ) -> None:
-    import json
-
     from segpipe.inference import Predictor
 
     info = json.loads((openvino_export / "model.json").read_text(encoding="utf-8"))

@@ -229,9 +229,11 @@ def cmd_infer(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -
         code = EXIT_STATE  # out of memory: the machine, not the data
     if res.get("rank"):  # another process of a distributed batch: process 0 speaks for the whole batch
         return code, QUIET, ""
+    per_case = f"; {res['seconds'] / len(res['written']):.1f} s per case" if res["written"] else ""
+    runtime = (res.get("model") or {}).get("runtime")
     lines = [
         f"{len(res['written'])} case(s) segmented, {len(res['skipped'])} already done, {len(res['failed'])} failed "
-        f"({res['seconds']:.1f} s)",
+        f"({res['seconds']:.1f} s{per_case}" + (f", networks run by {runtime})" if runtime else ")"),
     ]
     for f in res["failed"]:
         lines.append(f"  failed: {f['case']}: {f['error']}" + (f" (fix: {f['hint']})" if f.get("hint") else ""))

@@ -295,7 +295,7 @@ def segment_case(
     try:
         pred = predictor.predict(list(case.sources), case_id=case.id, probabilities=probabilities)
         write_image(label_path, pred.label, pred.geometry)
-        extra: dict[str, Any] = dict(report_extra or {})
+        extra: dict[str, Any] = {**dict(report_extra or {}), "compute": predictor.compute()}
         if _is_dicom_case(case):
             extra.update(_write_seg(out / f"{case.id}_seg.dcm", pred, case, predictor))
         if probabilities and pred.probabilities is not None:

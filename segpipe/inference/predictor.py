@@ -38,7 +38,7 @@ from ..io.formats import case_id_of
 from ..settings import configured
 from .model import CHECKPOINTS, Model, file_sha256, load_model_folder, parse_configs, parse_folds, workspace_model
 from .postprocess import apply_postprocessing
-from .runtimes import OPENVINO_DIR, choose_runtime, compile_openvino, openvino_version
+from .runtimes import OPENVINO_DIR, choose_runtime, compile_openvino, cpu_threads, openvino_version
 from .sliding_window import predict_case_logits
 from .tta import FlipTTA
 from .windows import window_layout
@@ -406,6 +406,16 @@ class Predictor:
         if tuple(label.shape) != tuple(geo.shape):  # the restore's contract; never write a wrong grid
             raise RuntimeError(f"restored label shape {label.shape} differs from the input's {geo.shape}")
         return Prediction(label, geo, self.labels, prob_out, time.perf_counter() - t0, timings)
+
+    def compute(self) -> dict[str, Any]:
+        """Where and how the networks ran, for each case's report: device, runtime, precision, threads."""
+        threads = cpu_threads() if self.runtime == "openvino" else torch.get_num_threads()
+        return {
+            "device": str(self.device),
+            "runtime": self.runtime if self.runtime == "torch" else f"openvino {openvino_version()}",
+            "precision": "fp32",
+            "threads": int(threads) if self.device.type == "cpu" else None,
+        }
 
     def describe(self) -> dict[str, Any]:
         """What this predictor runs (for reports): dataset, members, options."""

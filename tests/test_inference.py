@@ -203,7 +203,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _predictor(trained: dict[str, Path], **options) -> Predictor:
-    return Predictor.from_workspace(trained["work"], **{"overlap": 0.5, "device": "cpu", **options})
+    # PyTorch: these tests look inside the predictor (its networks, the window sums) as PyTorch runs them
+    return Predictor.from_workspace(trained["work"], **{"overlap": 0.5, "device": "cpu", "runtime": "torch", **options})
 
 
 class ThresholdNet(torch.nn.Module):
@@ -562,3 +563,22 @@ def test_infer_then_evaluate_on_the_command_line(trained: dict[str, Path], tmp_p
     assert r.returncode == 0 and "foreground mean over 2 cases" in r.stdout, r.stderr
     r = _cli("evaluate", str(tmp_path / "pred"))
     assert r.returncode == 2 and "takes the predictions' folder and the references' folder" in r.stderr
+
+
+@pytest.mark.slow
+def test_openvino_runs_the_fold_ensemble_with_flips_as_pytorch_does(trained: dict[str, Path]) -> None:
+    """Two trained folds, 8 flips each, averaged inside every window: OpenVINO's label map is PyTorch's
+    (up to near-tie voxels), and its report says which runtime ran."""
+    from segpipe.inference.runtimes import openvino_version
+
+    if openvino_version() is None:
+        pytest.skip("the openvino package is not installed")
+    image_path = trained["data"] / "imagesTs" / "demo_012.nii.gz"
+    torch_label = _predictor(trained).predict(image_path).label
+    ov = _predictor(trained, runtime="openvino")
+    ov_label = ov.predict(image_path).label
+    assert len(ov.networks[CONFIG]) == 2 and all(n.source in ("converted", "cache") for n in ov.networks[CONFIG])
+    assert ov.compute()["runtime"] == f"openvino {openvino_version()}" and ov.describe()["runtime"].startswith(
+        "openvino"
+    )
+    assert float(np.mean(ov_label == torch_label)) >= 0.999

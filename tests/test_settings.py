@@ -52,6 +52,7 @@ def _value_for(key: str) -> tuple[str, Any]:
         "infer.folds": ("[0,2]", [0, 2]),
         "infer.checkpoint": ("best", "best"),
         "infer.device": ("cpu", "cpu"),
+        "infer.runtime": ("torch", "torch"),
         "infer.format": ("nrrd", "nrrd"),
         "evaluate.images": ("/tmp/images", "/tmp/images"),
         "evaluate.ignore_label": ("5", 5),

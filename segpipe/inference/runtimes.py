@@ -1,8 +1,9 @@
 """The engine that runs a trained network on the windows of a case: PyTorch, or OpenVINO on a CPU.
 
 ``runtime=`` (an ``infer`` setting): ``torch`` runs the network as trained; ``openvino`` converts it
-once into an OpenVINO model compiled for this CPU (several times faster than PyTorch's eager CPU
-kernels for segpipe's U-Nets, logits within ~1e-4: README, "Prediction speed"); ``auto`` takes OpenVINO on a CPU when the ``openvino``
+once into an OpenVINO model compiled for this CPU (faster than PyTorch's eager CPU kernels for
+segpipe's U-Nets by a factor that depends on the CPU, logits within ~1e-4: README, "Prediction
+speed"); ``auto`` takes OpenVINO on a CPU when the ``openvino``
 package is installed (``pip install 'segpipe[cpu]'``) and PyTorch otherwise, always PyTorch on CUDA.
 
 :class:`OpenVINONetwork` is called like the torch module it replaces (``[B, C, *patch]`` in, the

@@ -118,6 +118,7 @@ class InferSchema:
     batch_size: Optional[int] = MISSING  # noqa: UP045
     device: str = MISSING
     runtime: str = MISSING
+    precision: str = MISSING
     format: str = MISSING
     probabilities: bool = MISSING
 

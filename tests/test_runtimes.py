@@ -254,3 +254,38 @@ def test_export_with_openvino_missing_is_exit_2_before_anything_is_written(
     monkeypatch.setattr(runtimes, "openvino_version", lambda: None)
     code = main(["export", "-o", str(tmp_path / "model"), f"work_dir={tmp_path / 'work'}", "runtime=openvino", "-q"])
     assert code == 2 and not (tmp_path / "model").exists()
+
+
+def test_bf16_is_taken_only_with_openvino_on_a_cpu_that_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from segpipe.inference.runtimes import check_precision
+
+    assert check_precision("fp32", "torch") == "fp32" and check_precision("FP32", "openvino") == "fp32"
+    with pytest.raises(ConfigError, match="precision=fp16 is not a precision"):
+        check_precision("fp16", "openvino")
+    with pytest.raises(ConfigError, match="needs the OpenVINO runtime") as err:
+        check_precision("bf16", "torch")
+    assert "runtime=openvino" in (err.value.hint or "")
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="no native bf16"):
+        check_precision("bf16", "openvino")
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: True)
+    assert check_precision("bf16", "openvino") == "bf16"
+
+
+@needs_openvino
+def test_bf16_predicts_close_to_fp32_and_says_so_in_the_report(tiny_model: tuple[Path, Path]) -> None:
+    from segpipe.inference import Predictor
+
+    if not runtimes.cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16")
+    net, cfg = _network()
+    x = torch.randn(2, 1, *cfg.patch_size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = net(x)
+    got = compile_openvino(net, in_channels=1, patch=cfg.patch_size, weights_sha256="3" * 64, precision="bf16")(x)
+    scale = float(expected.abs().max())
+    assert float((got - expected).abs().max()) <= 0.05 * scale  # bf16 keeps 8 bits of mantissa
+    model, image = tiny_model
+    predictor = Predictor.from_model(model, runtime="openvino", precision="bf16", tta=False)
+    assert predictor.predict(image).label.shape
+    assert predictor.compute()["precision"] == "bf16" and predictor.describe()["precision"] == "bf16"

@@ -75,7 +75,10 @@ from pathlib import Path
 from segpipe.inference import Predictor, discover_inputs, infer_cases
 model, images, out = sys.argv[1], sys.argv[2], sys.argv[3]
 t0 = time.perf_counter()
-predictor = Predictor.from_model(model, device="cpu", tta=True, overlap=0.5, runtime=sys.argv[5]).prepare()
+runtime, _, precision = sys.argv[5].partition(":")
+predictor = Predictor.from_model(
+    model, device="cpu", tta=True, overlap=0.5, runtime=runtime, precision=precision or "fp32"
+).prepare()
 load = time.perf_counter() - t0
 cases = discover_inputs(images)
 t1 = time.perf_counter()
@@ -551,7 +554,8 @@ def main() -> int:
         "--runtimes",
         type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
         default=["openvino", "torch"],
-        help="segpipe runtimes to time, comma-separated (default: openvino,torch)",
+        help="segpipe runtimes to time, comma-separated, each with an optional :precision "
+        "(default: openvino,torch; e.g. openvino,openvino:bf16,torch)",
     )
     ap.add_argument(
         "--rounds", type=int, default=2, help="interleaved rounds of every side (default 2; the median counts)"
@@ -579,7 +583,7 @@ def main() -> int:
         runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
         for round_ in range(1, a.rounds + 1):  # interleaved: the machine's speed drifts between runs
             for side in sides:
-                out = work / f"out_{side}"
+                out = work / f"out_{side.replace(':', '-')}"
                 if side == "nnunet":
                     _say(
                         f"round {round_}: nnU-Net nnUNetPredictor.predict_from_files, same network, TTA 8 flips (timed) ..."
@@ -588,7 +592,7 @@ def main() -> int:
                     if run["patch_size"] != patch:
                         _say(f"warning: nnU-Net's plan has patch {run['patch_size']}, segpipe's {patch}")
                 else:
-                    runtime = side.split("-", 1)[1]
+                    runtime = side.split("-", 1)[1]  # openvino, torch, or openvino:bf16
                     _say(
                         f"round {round_}: segpipe runtime={runtime}, Predictor.from_model + infer_cases, TTA 8 flips (timed) ..."
                     )
@@ -604,7 +608,9 @@ def main() -> int:
         result["label_agreement"] = {}
         for i, x in enumerate(sides):
             for y in sides[i + 1 :]:
-                result["label_agreement"][f"{x} vs {y}"] = agreement(work / f"out_{x}", work / f"out_{y}")
+                result["label_agreement"][f"{x} vs {y}"] = agreement(
+                    work / f"out_{x.replace(':', '-')}", work / f"out_{y.replace(':', '-')}"
+                )
         _say("median seconds per case: " + ", ".join(f"{s} {result[s]['seconds_per_case']:.2f}" for s in sides))
         if "nnunet" in result:
             for side in sides[:-1]:

@@ -35,7 +35,11 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="labelled dataset (default: shared hippocampus)")
     ap.add_argument("--work", type=Path, default=None, help="workspace to use or reuse (default: a temp folder)")
     ap.add_argument("--max-time", default="10m", help="training budget (default 10m)")
-    ap.add_argument("--runtimes", default="torch,openvino", help="runtimes to compare (default torch,openvino)")
+    ap.add_argument(
+        "--runtimes",
+        default="torch,openvino",
+        help="runtimes to compare, each with an optional :precision (default torch,openvino; e.g. openvino,openvino:bf16)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     ap.add_argument("--retrain", action="store_true", help="train again when --work holds a finished run")
     a = ap.parse_args()
@@ -73,30 +77,33 @@ def main() -> int:
                     os.symlink(src.resolve(), dst)
         runtimes = [r.strip() for r in a.runtimes.split(",") if r.strip()]
         for runtime in runtimes:
-            out = work / f"pred_{runtime}"
+            out = work / f"pred_{runtime.replace(':', '-')}"
             t1 = time.perf_counter()
-            res = segpipe.infer(cases, output=out, work_dir=str(work), runtime=runtime, overwrite=True)
+            name, _, precision = runtime.partition(":")
+            res = segpipe.infer(
+                cases, output=out, work_dir=str(work), runtime=name, precision=precision or "fp32", overwrite=True
+            )
             seconds = time.perf_counter() - t1
             assert not res["failed"], res["failed"]
-            ev = segpipe.evaluate(out, refs, output=work / f"eval_{runtime}")
+            ev = segpipe.evaluate(out, refs, output=work / f"eval_{runtime.replace(':', '-')}")
             dice = ev["foreground_mean"]["Dice"]
             result[runtime] = {
                 "dice": dice,
                 "cases": ev["n_cases"],
                 "seconds": seconds,
-                "runtime": res["model"]["runtime"],
+                "runtime": f"{res['model']['runtime']} {res['model']['precision']}",
             }
             print(
-                f"{res['model']['runtime']}: mean foreground Dice {dice:.5f} over {ev['n_cases']} validation cases ({seconds:.0f} s)",
+                f"{result[runtime]['runtime']}: mean foreground Dice {dice:.5f} over {ev['n_cases']} validation cases ({seconds:.0f} s)",
                 flush=True,
             )
         if len(runtimes) == 2:
             x, y = runtimes
             result["dice_difference"] = result[y]["dice"] - result[x]["dice"]
             same = total = 0
-            for label in sorted((work / f"pred_{x}").glob("*.nii.gz")):
+            for label in sorted((work / f"pred_{x.replace(':', '-')}").glob("*.nii.gz")):
                 la, _ = read_image(label)
-                lb, _ = read_image(work / f"pred_{y}" / label.name)
+                lb, _ = read_image(work / f"pred_{y.replace(':', '-')}" / label.name)
                 same += int(np.count_nonzero(la == lb))
                 total += la.size
             result["label_agreement"] = same / total

@@ -23,6 +23,7 @@ def _predictor(model: PathLike | None, cfg: Any, config_value: Any, dataset: Pat
         "batch_size": cfg.infer.batch_size,
         "device": str(cfg.infer.device),
         "runtime": str(cfg.infer.runtime),
+        "precision": str(cfg.infer.precision),
         "dicom": to_container(cfg.dicom),
     }
     folds = to_container(cfg.infer)["folds"]

@@ -38,7 +38,14 @@ from ..io.formats import case_id_of
 from ..settings import configured
 from .model import CHECKPOINTS, Model, file_sha256, load_model_folder, parse_configs, parse_folds, workspace_model
 from .postprocess import apply_postprocessing
-from .runtimes import OPENVINO_DIR, choose_runtime, compile_openvino, cpu_threads, openvino_version
+from .runtimes import (
+    OPENVINO_DIR,
+    check_precision,
+    choose_runtime,
+    compile_openvino,
+    cpu_threads,
+    openvino_version,
+)
 from .sliding_window import predict_case_logits
 from .tta import FlipTTA
 from .windows import window_layout
@@ -91,7 +98,7 @@ class Predictor:
     Options: ``tta`` (flip test-time augmentation, default on), ``overlap`` of the sliding windows
     (0.5), ``batch_size`` (windows per forward pass; default the plan's batch), ``device``
     (``auto``: CUDA when present), ``runtime`` (``auto``: OpenVINO on a CPU when installed, see
-    :mod:`segpipe.inference.runtimes`), ``dicom`` (options of the DICOM reader: ``series=``, ...).
+    :mod:`segpipe.inference.runtimes`), ``precision`` (``fp32``; ``bf16`` with OpenVINO), ``dicom`` (options of the DICOM reader: ``series=``, ...).
     ``network_cache``: a folder for the networks converted for OpenVINO (the workspace's), written
     unless ``store_networks`` is false (a model folder's ``openvino/``, stored there by
     ``segpipe export runtime=openvino``, is only read; without it they are converted in memory).
@@ -106,12 +113,14 @@ class Predictor:
         batch_size: int | None = None,
         device: str | torch.device | None = None,
         runtime: str | None = None,
+        precision: str | None = None,
         dicom: Mapping[str, Any] | None = None,
         network_cache: str | os.PathLike[str] | None = None,
         store_networks: bool = True,
     ):
         device = configured(device, "infer.device")
         runtime = configured(runtime, "infer.runtime")
+        precision = configured(precision, "infer.precision")
         tta = configured(tta, "infer.tta")
         overlap = configured(overlap, "infer.overlap")
         from ..checkpoint import load_checkpoint
@@ -131,6 +140,7 @@ class Predictor:
         self.runtime, why_not = choose_runtime(str(runtime), self.device)
         if why_not:
             log.info(why_not)
+        self.precision = check_precision(str(precision), self.runtime)
         self.dicom = {k: v for k, v in dict(dicom or {}).items() if v is not None}
         self.labels = {int(k): str(v) for k, v in self.plan.labels.items() if int(k) < self.plan.num_classes}
         self.networks: dict[str, list[torch.nn.Module]] = {}
@@ -185,6 +195,7 @@ class Predictor:
                         weights_sha256=next(shas),
                         cache_dir=cache,
                         store=self._store_networks,
+                        precision=self.precision,
                     )
                     converted += ov_net.source == "converted"
                     compiled.setdefault(configuration, []).append(ov_net)
@@ -413,7 +424,7 @@ class Predictor:
         return {
             "device": str(self.device),
             "runtime": self.runtime if self.runtime == "torch" else f"openvino {openvino_version()}",
-            "precision": "fp32",
+            "precision": self.precision,
             "threads": int(threads) if self.device.type == "cpu" else None,
         }
 
@@ -432,6 +443,7 @@ class Predictor:
             "overlap": self.overlap,
             "device": str(self.device),
             "runtime": self.runtime if self.runtime == "torch" else f"openvino {openvino_version()}",
+            "precision": self.precision,
         }
 
 

@@ -36,10 +36,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..io.atomic import atomic_folder
+from ..settings import configured
 
 __all__ = [
     "RUNTIMES",
     "OpenVINONetwork",
+    "check_precision",
     "choose_runtime",
     "compile_openvino",
     "export_openvino",
@@ -93,6 +95,35 @@ def choose_runtime(requested: str, device: torch.device) -> tuple[str, str | Non
     return "openvino", None
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str, runtime: str) -> str:
+    """``precision`` checked against the runtime and this CPU: ``fp32`` always; ``bf16`` only with
+    OpenVINO on a CPU with native bf16 arithmetic (AVX-512 BF16 or AMX), else a
+    :class:`~segpipe.errors.ConfigError` with the fix."""
+    name = str(precision).strip().lower()
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision={precision} is not a precision of prediction", hint="precision=fp32 or bf16")
+    if name == "fp32":
+        return name
+    if runtime != "openvino":
+        raise ConfigError(
+            f"precision=bf16 needs the OpenVINO runtime, and this prediction runs in {runtime}",
+            hint="runtime=openvino device=cpu precision=bf16, or precision=fp32",
+        )
+    if not cpu_has_bf16():
+        raise ConfigError("precision=bf16: this CPU has no native bf16 arithmetic", hint="precision=fp32")
+    return name
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO reports native bf16 arithmetic on this CPU."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def cpu_threads() -> int:
     """The threads PyTorch would use here (``torch.set_num_threads``, ``OMP_NUM_THREADS``; a process of
     a distributed batch gets its share), at most the CPUs this process may run on (its affinity mask)."""
@@ -136,6 +167,7 @@ def compile_openvino(
     cache_dir: Path | None = None,
     store: bool = True,
     threads: int | None = None,
+    precision: str | None = None,
 ) -> OpenVINONetwork:
     """``network`` (a torch module in eval mode) as an :class:`OpenVINONetwork` for the CPU: read from
     ``cache_dir`` when converted before, else converted (and stored there when ``cache_dir`` is given
@@ -149,7 +181,9 @@ def compile_openvino(
     patch = [int(p) for p in patch]
     key = network_key(weights_sha256, in_channels=in_channels, patch=patch, version=version)
     core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": int(threads or cpu_threads()), "INFERENCE_PRECISION_HINT": "f32"}
+    # the converted network is fp32 either way: the precision is how the CPU plugin computes it
+    hint = {"fp32": "f32", "bf16": "bf16"}[configured(precision, "infer.precision")]
+    config = {"INFERENCE_NUM_THREADS": int(threads or cpu_threads()), "INFERENCE_PRECISION_HINT": hint}
     start = time.perf_counter()
     entry = None if cache_dir is None else Path(cache_dir) / key
     model, source = (_read_cached(core, entry, remove=store), "cache") if entry is not None else (None, "converted")

@@ -43,7 +43,7 @@ class DicomOptions:
 class InferSettings:
     """How ``infer`` segments (``conf/infer/default.yaml``): the folds and checkpoint of the model,
     flip test-time augmentation, the sliding window's overlap and batch, the device, the networks'
-    runtime, the output format and whether class probabilities are written too."""
+    runtime and precision, the output format and whether class probabilities are written too."""
 
     folds: Any
     checkpoint: str
@@ -52,6 +52,7 @@ class InferSettings:
     batch_size: int | None
     device: str
     runtime: str
+    precision: str
     format: str
     probabilities: bool
 

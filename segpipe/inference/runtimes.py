@@ -24,9 +24,12 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,22 @@ RUNTIMES = ("auto", "torch", "openvino")
 INSTALL_HINT = "pip install 'segpipe[cpu]' (or pip install openvino)"
 NETWORK_XML, NETWORK_BIN = "network.xml", "network.bin"
 OPENVINO_DIR = "openvino"  # in a workspace's dataset folder and in a model folder
+
+
+@contextmanager
+def _signals_kept_for_python() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in this thread while OpenVINO runs: the threads its CPU plugin starts
+    inherit the mask, so Ctrl-C and a termination reach Python's main thread, never one of OpenVINO's
+    (a signal handled there crashed the process once worker processes were forked). A signal that
+    arrives meanwhile is delivered when the call returns."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def openvino_version() -> str | None:
@@ -121,7 +140,8 @@ def cpu_has_bf16() -> bool:
     """Whether OpenVINO reports native bf16 arithmetic on this CPU."""
     import openvino as ov
 
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    with _signals_kept_for_python():
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def cpu_threads() -> int:
@@ -148,7 +168,8 @@ class OpenVINONetwork(nn.Module):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
-        result = self.request.infer({0: array})[self.output]
+        with _signals_kept_for_python():
+            result = self.request.infer({0: array})[self.output]
         return torch.from_numpy(np.array(result, dtype=np.float32, copy=True))  # the request reuses its buffer
 
 
@@ -180,12 +201,37 @@ def compile_openvino(
     version = openvino_version() or "unknown"
     patch = [int(p) for p in patch]
     key = network_key(weights_sha256, in_channels=in_channels, patch=patch, version=version)
-    core = ov.Core()
     # the converted network is fp32 either way: the precision is how the CPU plugin computes it
     hint = {"fp32": "f32", "bf16": "bf16"}[configured(precision, "infer.precision")]
     config = {"INFERENCE_NUM_THREADS": int(threads or cpu_threads()), "INFERENCE_PRECISION_HINT": hint}
+    with _signals_kept_for_python():
+        return _compile(
+            network,
+            ov.Core(),
+            key=key,
+            config=config,
+            entry=None if cache_dir is None else Path(cache_dir) / key,
+            in_channels=in_channels,
+            patch=patch,
+            store=store,
+        )
+
+
+def _compile(
+    network: nn.Module,
+    core: Any,
+    *,
+    key: str,
+    config: dict[str, Any],
+    entry: Path | None,
+    in_channels: int,
+    patch: list[int],
+    store: bool,
+) -> OpenVINONetwork:
+    """Read, or convert (and store), then compile ``network`` (see :func:`compile_openvino`)."""
+    import openvino as ov
+
     start = time.perf_counter()
-    entry = None if cache_dir is None else Path(cache_dir) / key
     model, source = (_read_cached(core, entry, remove=store), "cache") if entry is not None else (None, "converted")
     if model is None:
         model, source = _convert(ov, network, in_channels=in_channels, patch=patch), "converted"

@@ -18,6 +18,7 @@ converted again and replaced. Threads: as many as PyTorch would use in this proc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -73,6 +74,15 @@ def _signals_kept_for_python() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@functools.lru_cache(maxsize=1)
+def _core() -> Any:
+    """The process's one OpenVINO ``Core``: its CPU plugin and thread pool serve every network."""
+    import openvino as ov
+
+    with _signals_kept_for_python():
+        return ov.Core()
 
 
 def openvino_version() -> str | None:
@@ -138,10 +148,9 @@ def check_precision(precision: str, runtime: str) -> str:
 
 def cpu_has_bf16() -> bool:
     """Whether OpenVINO reports native bf16 arithmetic on this CPU."""
-    import openvino as ov
 
     with _signals_kept_for_python():
-        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        return "BF16" in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def cpu_threads() -> int:
@@ -196,7 +205,6 @@ def compile_openvino(
 
     A network OpenVINO cannot convert raises a :class:`~segpipe.errors.ConfigError` naming what failed.
     """
-    import openvino as ov
 
     version = openvino_version() or "unknown"
     patch = [int(p) for p in patch]
@@ -207,7 +215,7 @@ def compile_openvino(
     with _signals_kept_for_python():
         return _compile(
             network,
-            ov.Core(),
+            _core(),
             key=key,
             config=config,
             entry=None if cache_dir is None else Path(cache_dir) / key,

@@ -44,10 +44,10 @@ def main() -> int:
     ap.add_argument("--retrain", action="store_true", help="train again when --work holds a finished run")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    import numpy as np
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_infer import agreement
 
     import segpipe
-    from segpipe.io.image import read_image
     from segpipe.workspace import Workspace
 
     tmp = tempfile.TemporaryDirectory(prefix="segpipe-runtime-accuracy-") if a.work is None else None
@@ -100,13 +100,9 @@ def main() -> int:
         if len(runtimes) == 2:
             x, y = runtimes
             result["dice_difference"] = result[y]["dice"] - result[x]["dice"]
-            same = total = 0
-            for label in sorted((work / f"pred_{x.replace(':', '-')}").glob("*.nii.gz")):
-                la, _ = read_image(label)
-                lb, _ = read_image(work / f"pred_{y.replace(':', '-')}" / label.name)
-                same += int(np.count_nonzero(la == lb))
-                total += la.size
-            result["label_agreement"] = same / total
+            result["label_agreement"] = agreement(
+                work / f"pred_{x.replace(':', '-')}", work / f"pred_{y.replace(':', '-')}"
+            )
             print(
                 f"Dice {y} − {x}: {result['dice_difference']:+.5f}; label maps agree on "
                 f"{100 * result['label_agreement']:.4f} % of voxels",

@@ -115,6 +115,7 @@ class InferSchema:
     checkpoint: str = MISSING
     tta: bool = MISSING
     overlap: float = MISSING
+    window: str = MISSING
     batch_size: Optional[int] = MISSING  # noqa: UP045
     device: str = MISSING
     runtime: str = MISSING

@@ -78,13 +78,15 @@ def _network(configuration: str = "3d_fullres", context_slices: int = 0):
 
 @needs_openvino
 @pytest.mark.parametrize("configuration,context", [("3d_fullres", 0), ("2d", 0), ("2.5d", 2)])
-def test_openvino_gives_the_logits_of_pytorch_at_any_batch_size(configuration: str, context: int) -> None:
+def test_openvino_gives_the_logits_of_pytorch_at_any_batch_size_and_window(configuration: str, context: int) -> None:
     net, cfg = _network("2d" if configuration == "2.5d" else configuration, context)
     channels = max(1, cfg.input_slices)
     ov_net = compile_openvino(net, in_channels=channels, patch=cfg.patch_size, weights_sha256="0" * 64)
     assert ov_net.source == "converted"
-    for batch in (1, 3):
-        x = torch.randn(batch, channels, *cfg.patch_size, generator=torch.Generator().manual_seed(batch))
+    # window=fit sends windows smaller and larger than the patch (multiples of the divisor, 4 here)
+    fitted = [max(4, p - 4) for p in cfg.patch_size], [p + 8 for p in cfg.patch_size]
+    for batch, window in ((1, cfg.patch_size), (3, cfg.patch_size), (2, fitted[0]), (1, fitted[1])):
+        x = torch.randn(batch, channels, *window, generator=torch.Generator().manual_seed(batch))
         with torch.inference_mode():
             expected = net(x)
         got = ov_net(x)
@@ -140,15 +142,18 @@ def test_infer_with_openvino_writes_the_labels_of_pytorch_and_caches_in_the_work
 
     model, image = tiny_model
     outs = {}
-    for runtime in ("torch", "openvino"):
-        out = tmp_path / runtime
-        assert main(["infer", str(image), "-o", str(out), "-m", str(model), f"runtime={runtime}", "-q"]) == 0
-        outs[runtime] = np.asarray(nib.load(next(out.glob("*.nii.gz"))).dataobj)
+    for runtime, window in (("torch", "pad"), ("openvino", "pad"), ("openvino", "fit")):
+        out = tmp_path / f"{runtime}-{window}"
+        args = ["infer", str(image), "-o", str(out), "-m", str(model), f"runtime={runtime}", f"window={window}", "-q"]
+        assert main(args) == 0
+        outs[runtime if window == "pad" else window] = np.asarray(nib.load(next(out.glob("*.nii.gz"))).dataobj)
         report = json.loads(next(out.glob("*.json")).read_text(encoding="utf-8"))
         compute = report["compute"]  # how the networks ran: runtime, precision, threads, device
-        assert compute["runtime"] == report["identity"]["runtime"]
+        assert compute["runtime"] == report["identity"]["runtime"] and report["identity"]["window"] == window
         assert compute["runtime"].startswith(runtime) and compute["precision"] == "fp32"
         assert compute["device"] == "cpu" and compute["threads"] >= 1
+    # windows fitted to the image (another context for the network): the same grid, labels of the same network
+    assert outs["fit"].shape == outs["torch"].shape and float(np.mean(outs["fit"] == outs["torch"])) > 0.5
     agreement = float(np.mean(outs["torch"] == outs["openvino"]))
     # random weights leave near-ties between classes, where 1e-5 of logit decides: agreement, not identity
     assert agreement >= 0.999, agreement

@@ -53,6 +53,7 @@ def _value_for(key: str) -> tuple[str, Any]:
         "infer.checkpoint": ("best", "best"),
         "infer.device": ("cpu", "cpu"),
         "infer.runtime": ("torch", "torch"),
+        "infer.window": ("fit", "fit"),
         "infer.precision": ("bf16", "bf16"),
         "infer.format": ("nrrd", "nrrd"),
         "evaluate.images": ("/tmp/images", "/tmp/images"),

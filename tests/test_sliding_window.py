@@ -18,6 +18,7 @@ from segpipe.inference import (
     sliding_window_inference,
     window_starts,
 )
+from segpipe.inference.windows import FIT_MAX_VOXELS, case_window, fitted_window, network_divisor
 from segpipe.planning import PlanConfig
 
 torch.set_num_threads(1)
@@ -295,6 +296,89 @@ def test_errors_name_the_problem():
         sliding_window_inference(image, lambda x: x[:, :, ::2], (8, 8, 8))
     with pytest.raises(DataError, match="Z, Y, X"):
         predict_case_logits(lambda x: x, torch.zeros(1, 8, 8), {"name": "2d", "patch_size": [8, 8]})
+
+
+# ---------------------------------------------------------------------------- window=fit
+def test_network_divisor_is_the_product_of_the_strides_per_axis():
+    assert network_divisor([[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 1]]) == (4, 8, 4)
+    assert network_divisor([[1, 1], [2, 2]]) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "size,expected",
+    [
+        ((35, 51, 34), (40, 56, 40)),  # rounded up to the divisor: the patch itself
+        ((30, 44, 28), (32, 48, 32)),  # smaller on every axis
+        ((44, 58, 33), (48, 64, 40)),  # a few voxels longer on two axes: one grown window, not four
+        ((51, 56, 40), (40, 56, 40)),  # 51 > 40 × 1.25: the patch slides
+        ((80, 200, 7), (40, 56, 8)),  # far larger axes slide the patch; a thin one is 8, not 40
+        ((40, 56, 40), (40, 56, 40)),
+    ],
+)
+def test_fitted_window_by_hand(size, expected):
+    assert fitted_window(size, (40, 56, 40), (8, 8, 8)) == expected
+
+
+def test_fitted_window_grows_the_least_grown_axes_first_within_the_voxel_bound():
+    patch, divisor = (40, 40, 40), (8, 8, 8)
+    # every axis 48 (1.2 patches each, 1.73 in all): only two may grow within 1.5 patches of voxels
+    window = fitted_window((48, 48, 48), patch, divisor)
+    assert sorted(window) == [40, 48, 48] and np.prod(window) <= FIT_MAX_VOXELS * np.prod(patch)
+    # 41 on axis 2 rounds to 48 as well, 45 on axis 0 too: equal growth, the lower axis wins the tie
+    assert fitted_window((45, 47, 41), patch, divisor) == (48, 48, 40)
+    assert fitted_window((48, 48, 48), patch, divisor, max_voxels=1.0) == patch
+
+
+def test_case_window_fits_the_in_plane_axes_of_2d_patches_and_pads_by_default():
+    assert case_window((120, 30, 70), (32, 64), (4, 4), "fit") == (32, 72)
+    assert case_window((120, 30, 70), (32, 64), (4, 4), "pad") == (32, 64)
+    with pytest.raises(ConfigError, match="window=fit or window=pad"):
+        case_window((8, 8, 8), (8, 8, 8), (2, 2, 2), "shrink")
+    with pytest.raises(ConfigError, match="divisor"):
+        SlidingWindowPredictor(lambda x: x, (8, 8, 8), window="fit")
+
+
+def test_fit_gives_a_pointwise_network_the_same_logits_with_fewer_voxels():
+    net = conv(3, 2, 3, 1)
+    seen: list[tuple[int, ...]] = []
+    net.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    image = torch.randn(2, 19, 29, 35, generator=torch.Generator().manual_seed(3))
+    pad = SlidingWindowPredictor(net, (16, 32, 32), batch_size=1)
+    fit = SlidingWindowPredictor(net, (16, 32, 32), batch_size=1, window="fit", divisor=(4, 4, 4))
+    expected = pad(image)
+    pad_windows, seen[:] = list(seen), []
+    got = fit(image)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert pad_windows == [(1, 2, 16, 32, 32)] * 4  # 19 > 16 and 35 > 32: four patches
+    assert seen == [(1, 2, 20, 32, 36)]  # one window of the image rounded up to 4
+    assert fit.window_size((19, 29, 35)) == (20, 32, 36)
+
+
+def test_fit_with_a_segpipe_network_answers_on_the_image_grid():
+    from segpipe.networks import build_network
+
+    cfg = PlanConfig(
+        name="3d_fullres",
+        architecture="unet",
+        dims=3,
+        spacing=[1.0, 1.0, 1.0],
+        median_shape=[10, 12, 9],
+        patch_size=[16, 16, 16],
+        batch_size=2,
+        strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+        kernel_sizes=[[3, 3, 3]] * 3,
+        features=[4, 8, 8],
+        n_conv_encoder=[1, 1, 1],
+        n_conv_decoder=[1, 1],
+    )
+    torch.manual_seed(8)
+    net = build_network(cfg, 1, 3).eval()
+    seen: list[tuple[int, ...]] = []
+    net.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[2:])))
+    image = np.random.default_rng(0).standard_normal((1, 10, 18, 9)).astype(np.float32)
+    out = predict_case_logits(net, image, cfg, window="fit")
+    assert out.shape == (3, 10, 18, 9) and bool(torch.isfinite(out).all())
+    assert seen == [(12, 20, 12)]  # the divisor is 4: 10 → 12, 18 → 20 (grown), 9 → 12
 
 
 # ---------------------------------------------------------------------------- rolling sums and sinks

@@ -20,6 +20,7 @@ def _predictor(model: PathLike | None, cfg: Any, config_value: Any, dataset: Pat
     options = {
         "tta": bool(cfg.infer.tta),
         "overlap": float(cfg.infer.overlap),
+        "window": str(cfg.infer.window),
         "batch_size": cfg.infer.batch_size,
         "device": str(cfg.infer.device),
         "runtime": str(cfg.infer.runtime),

@@ -48,7 +48,7 @@ from .runtimes import (
 )
 from .sliding_window import predict_case_logits
 from .tta import FlipTTA
-from .windows import window_layout
+from .windows import WINDOW_MODES, case_window, network_divisor, window_layout
 
 __all__ = ["Prediction", "Predictor", "resolve_device"]
 
@@ -96,7 +96,8 @@ class Predictor:
     """A trained :class:`~segpipe.inference.model.Model` ready to segment cases (see the module docstring).
 
     Options: ``tta`` (flip test-time augmentation, default on), ``overlap`` of the sliding windows
-    (0.5), ``batch_size`` (windows per forward pass; default the plan's batch), ``device``
+    (0.5), ``window`` (``pad``: the plan's patch; ``fit``: a window fitted to each image, see
+    :func:`~segpipe.inference.windows.fitted_window`), ``batch_size`` (windows per forward pass; default the plan's batch), ``device``
     (``auto``: CUDA when present), ``runtime`` (``auto``: OpenVINO on a CPU when installed, see
     :mod:`segpipe.inference.runtimes`), ``precision`` (``fp32``; ``bf16`` with OpenVINO), ``dicom`` (options of the DICOM reader: ``series=``, ...).
     ``network_cache``: a folder for the networks converted for OpenVINO (the workspace's), written
@@ -110,6 +111,7 @@ class Predictor:
         *,
         tta: bool | None = None,
         overlap: float | None = None,
+        window: str | None = None,
         batch_size: int | None = None,
         device: str | torch.device | None = None,
         runtime: str | None = None,
@@ -123,6 +125,7 @@ class Predictor:
         precision = configured(precision, "infer.precision")
         tta = configured(tta, "infer.tta")
         overlap = configured(overlap, "infer.overlap")
+        window = str(configured(window, "infer.window")).strip().lower()
         from ..checkpoint import load_checkpoint
         from ..networks import build_network
 
@@ -130,11 +133,13 @@ class Predictor:
             raise ConfigError("the model has no trained network")
         if not 0.0 <= float(overlap) < 1.0:
             raise ConfigError(f"overlap={overlap} must be in [0, 1)", hint="overlap=0.5 (the default)")
+        if window not in WINDOW_MODES:
+            raise ConfigError(f"window={window} is not a window mode", hint="window=fit or window=pad")
         if batch_size is not None and int(batch_size) < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1 (or null for the plan's)")
         self.model = model
         self.plan = model.plan
-        self.tta, self.overlap = bool(tta), float(overlap)
+        self.tta, self.overlap, self.window = bool(tta), float(overlap), window
         self.batch_size = None if batch_size is None else int(batch_size)
         self.device = resolve_device(device)
         self.runtime, why_not = choose_runtime(str(runtime), self.device)
@@ -318,8 +323,15 @@ class Predictor:
         windows is shown under ``name``."""
         cfg = self.plan.config(configuration)
         # the windows first: a case refused for their number costs no conversion of the networks
-        window_layout(tuple(int(s) for s in image.shape[1:]), cfg.patch_size, self.overlap, cfg.context_slices)
-        kwargs: dict[str, Any] = {"overlap": self.overlap, "num_classes": self.plan.num_classes, "device": self.device}
+        spatial = tuple(int(s) for s in image.shape[1:])
+        size = case_window(spatial, cfg.patch_size, network_divisor(cfg.strides), self.window)
+        window_layout(spatial, size, self.overlap, cfg.context_slices)
+        kwargs: dict[str, Any] = {
+            "overlap": self.overlap,
+            "window": self.window,
+            "num_classes": self.plan.num_classes,
+            "device": self.device,
+        }
         if self.batch_size is not None:
             kwargs["batch_size"] = self.batch_size
         predict_case_logits(
@@ -441,6 +453,7 @@ class Predictor:
             "postprocessing": self.model.postprocessing,
             "tta": self.tta,
             "overlap": self.overlap,
+            "window": self.window,
             "device": str(self.device),
             "runtime": self.runtime if self.runtime == "torch" else f"openvino {openvino_version()}",
             "precision": self.precision,

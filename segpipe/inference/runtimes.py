@@ -8,9 +8,10 @@ package is installed (``pip install 'segpipe[cpu]'``) and PyTorch otherwise, alw
 
 :class:`OpenVINONetwork` is called like the torch module it replaces (``[B, C, *patch]`` in, the
 full-resolution logits out), so flip TTA, fold and configuration ensembles and the sliding window
-use it unchanged. The batch axis is dynamic, the patch static (the plan's). A converted network is
-stored in a cache folder when one is given, under a key made of the weights' SHA-256, the patch,
-the channels and the OpenVINO version, written atomically (a folder with ``network.xml`` and
+use it unchanged. The batch and spatial axes are dynamic (``window=fit`` sends windows of each
+image's own size; a dynamic shape ran as fast as the static patch on OpenVINO's CPU plugin). A
+converted network is stored in a cache folder when one is given, under a key made of the weights'
+SHA-256, the patch it was traced with, the channels and the OpenVINO version, written atomically (a folder with ``network.xml`` and
 ``network.bin``), so the next run compiles it without converting; an entry that cannot be read is
 converted again and replaced. Threads: as many as PyTorch would use in this process
 (``OMP_NUM_THREADS``, ``torch.set_num_threads``), at most the CPUs its affinity mask allows.
@@ -184,7 +185,7 @@ class OpenVINONetwork(nn.Module):
 
 def network_key(weights_sha256: str, *, in_channels: int, patch: Sequence[int], version: str) -> str:
     """The cache key of a converted network: its weights, input shape and the OpenVINO version."""
-    text = f"{weights_sha256}|{int(in_channels)}|{'x'.join(str(int(p)) for p in patch)}|{version}"
+    text = f"{weights_sha256}|{int(in_channels)}|{'x'.join(str(int(p)) for p in patch)}|{version}|dynamic"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
 
@@ -265,14 +266,16 @@ def _read_cached(core: Any, entry: Path, *, remove: bool) -> Any:
 
 
 def _convert(ov: Any, network: nn.Module, *, in_channels: int, patch: list[int]) -> Any:
-    """The OpenVINO model of ``network`` with a dynamic batch axis and the plan's patch."""
+    """The OpenVINO model of ``network``, traced on the plan's patch, with dynamic batch and spatial axes."""
     example = torch.zeros((1, int(in_channels), *patch), dtype=torch.float32)
-    shape = ov.PartialShape([-1, int(in_channels), *patch])
+    shape = ov.PartialShape([-1, int(in_channels), *([-1] * len(patch))])
     was_training = network.training
     network.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracing notes shapes taken as constants: the patch is fixed
+            warnings.simplefilter(
+                "ignore"
+            )  # tracing notes on shapes: segpipe's networks take any multiple of their divisor
             return ov.convert_model(network, example_input=example, input=[shape])
     except Exception as exc:  # noqa: BLE001 - the converter raises its own errors, naming the operation
         raise ConfigError(

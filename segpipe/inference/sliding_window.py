@@ -54,11 +54,14 @@ from .windows import (
     GAUSSIAN_SIGMA_SCALE,
     GAUSSIAN_VALUE_SCALE,
     MAX_WINDOWS,
+    WINDOW_MODES,
     RowSums,
     Sink,
+    case_window,
     check_overlap,
     check_sum_settings,
     gaussian_importance_map,
+    network_divisor,
     padded_image,
     window_crops,
     window_layout,
@@ -293,9 +296,13 @@ def _slide(
 class SlidingWindowPredictor:
     """A network with its window settings: ``SlidingWindowPredictor(net, patch_size)(image) -> logits``.
 
-    The keyword arguments are those of :func:`sliding_window_inference`. With ``device`` the network
-    is moved there once, at construction. :meth:`from_plan` reads the patch and the slab from a plan
-    configuration.
+    The keyword arguments are those of :func:`sliding_window_inference`, and ``window``: ``"pad"``
+    slides the patch (an image axis smaller than it is padded with zeros, as nnU-Net does); ``"fit"``
+    slides a window fitted to each image (:func:`~segpipe.inference.windows.fitted_window`: an axis
+    smaller than the patch is covered by its extent rounded up to ``divisor``, one a little longer by
+    one grown window), which needs the network's ``divisor`` per axis. With ``device`` the network
+    is moved there once, at construction. :meth:`from_plan` reads the patch, the divisor and the
+    slab from a plan configuration.
     """
 
     def __init__(
@@ -312,9 +319,17 @@ class SlidingWindowPredictor:
         accumulate_dtype: torch.dtype = torch.float32,
         autocast_dtype: torch.dtype | None = None,
         progress: ProgressArg = None,
+        window: str = "pad",
+        divisor: Sequence[int] | None = None,
     ):
         overlap = configured(overlap, "infer.overlap")
         check_overlap(overlap)
+        if window not in WINDOW_MODES:
+            raise ConfigError(f"window={window} is not a window mode", hint="window=fit or window=pad")
+        if window == "fit" and divisor is None:
+            raise ConfigError("window=fit needs the network's divisor (the product of its strides per axis)")
+        self.window = window
+        self.divisor = None if divisor is None else tuple(int(d) for d in divisor)
         self.network = network
         self.patch_size = tuple(int(p) for p in patch_size)
         self.overlap = float(overlap)
@@ -333,10 +348,12 @@ class SlidingWindowPredictor:
     def from_plan(
         cls, network: Predictor, plan_config: PlanConfig | Mapping[str, Any], **kwargs: Any
     ) -> SlidingWindowPredictor:
-        """The predictor of a plan configuration: its ``patch_size``, ``context_slices`` and, unless
-        given, its training ``batch_size`` as the window batch (inference stores no activations)."""
+        """The predictor of a plan configuration: its ``patch_size``, ``context_slices``, its network's
+        divisor and, unless given, its training ``batch_size`` as the window batch (inference stores no
+        activations)."""
         cfg = plan_config if isinstance(plan_config, PlanConfig) else PlanConfig.from_dict(plan_config)
         kwargs.setdefault("batch_size", max(1, int(cfg.batch_size)))
+        kwargs.setdefault("divisor", network_divisor(cfg.strides))
         context = int(cfg.context_slices) if cfg.dims == 2 else 0
         return cls(network, cfg.patch_size, context_slices=context, **kwargs)
 
@@ -346,7 +363,7 @@ class SlidingWindowPredictor:
         return sliding_window_inference(
             image,
             self.network,
-            self.patch_size,
+            self.window_size(tuple(int(s) for s in image.shape[1:])),
             overlap=self.overlap,
             batch_size=self.batch_size,
             num_classes=self.num_classes,
@@ -359,9 +376,13 @@ class SlidingWindowPredictor:
             sink=sink,
         )
 
+    def window_size(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """The window that slides over an image of ``spatial`` shape (the patch with ``window="pad"``)."""
+        return case_window(spatial, self.patch_size, self.divisor, self.window)
+
     def __repr__(self) -> str:
         return (
-            f"SlidingWindowPredictor(patch_size={self.patch_size}, overlap={self.overlap}, "
+            f"SlidingWindowPredictor(patch_size={self.patch_size}, window={self.window!r}, overlap={self.overlap}, "
             f"batch_size={self.batch_size}, context_slices={self.context_slices})"
         )
 

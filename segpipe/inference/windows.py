@@ -44,6 +44,15 @@ MAX_WINDOWS = 1_000_000
 
 Sink = Callable[[int, torch.Tensor], None]
 
+# window=fit: how far an image axis may exceed the patch and still be covered by one grown window
+# (instead of two overlapping ones), and the most voxels such a window may have, as multiples of the
+# patch's. A window in prediction stores no activations for a backward pass, so 1.5 patches of voxels
+# stay well inside the memory that training the patch took.
+FIT_GROW_FRACTION = 0.25
+FIT_MAX_VOXELS = 1.5
+
+WINDOW_MODES = ("fit", "pad")
+
 
 Window = tuple[int, tuple[int, ...]]  # (slice, start per axis) of one window
 
@@ -116,6 +125,77 @@ def gaussian_importance_map(
     if bool(zero.any()):
         weights[zero] = weights[~zero].min()
     return weights
+
+
+def network_divisor(strides: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """What every input size of a network must be a multiple of, per axis: the product of its stages'
+    strides along that axis (a 5-stage U-Net pooling every axis 4 times: 16)."""
+    if not strides:
+        raise ConfigError("a network needs at least one stage to know its divisor")
+    return tuple(math.prod(int(s[axis]) for s in strides) for axis in range(len(strides[0])))
+
+
+def fitted_window(
+    size: Sequence[int],
+    patch: Sequence[int],
+    divisor: Sequence[int],
+    *,
+    grow_fraction: float = FIT_GROW_FRACTION,
+    max_voxels: float = FIT_MAX_VOXELS,
+) -> tuple[int, ...]:
+    """The window of ``window=fit`` on an image of ``size`` (the windowed axes), per axis.
+
+    An axis smaller than the patch gets the image's extent rounded up to the network's ``divisor``
+    (less zero padding, fewer voxels to compute). An axis longer than the patch by at most
+    ``grow_fraction`` of it is covered by one window of its extent rounded up, instead of two
+    overlapping patches, while the window stays within ``max_voxels`` patches of voxels (the axes that
+    grow least come first). Other axes keep the patch and slide as usual. E.g. patch 40 × 56 × 40,
+    divisor 8: an image of 35 × 51 × 34 gets 40 × 56 × 40, one of 30 × 44 × 28 gets 32 × 48 × 32, and
+    one of 44 × 58 × 33 gets 48 × 64 × 40 (one window where the patch needs four).
+    """
+    if not len(size) == len(patch) == len(divisor):
+        raise ConfigError(
+            f"image size {tuple(size)}, patch {tuple(patch)} and divisor {tuple(divisor)} differ in length"
+        )
+    window: list[int] = []
+    growable: list[tuple[float, int, int]] = []
+    for axis, (s, p, d) in enumerate(zip(size, patch, divisor)):
+        s, p, d = int(s), int(p), max(1, int(d))
+        extent = -(-s // d) * d
+        if extent <= p:
+            window.append(extent)
+        else:
+            window.append(p)
+            if p % d == 0 and extent <= p * (1.0 + grow_fraction):
+                growable.append((extent / p, axis, extent))
+    budget = float(max_voxels) * math.prod(int(p) for p in patch)
+    for _ratio, axis, extent in sorted(growable):
+        trial = window.copy()
+        trial[axis] = extent
+        if math.prod(trial) <= budget:
+            window = trial
+    return tuple(window)
+
+
+def case_window(
+    spatial: Sequence[int], patch: Sequence[int], divisor: Sequence[int] | None, mode: str
+) -> tuple[int, ...]:
+    """The window that slides over an image of ``spatial`` shape: the patch (``mode="pad"``, nnU-Net's
+    way) or :func:`fitted_window` (``"fit"``, which needs the network's ``divisor``). A 2-D patch on a
+    3-D image fits the in-plane axes."""
+    if mode not in WINDOW_MODES:
+        raise ConfigError(f"window={mode} is not a window mode", hint="window=fit or window=pad")
+    patch = tuple(int(p) for p in patch)
+    if mode == "pad":
+        return patch
+    if divisor is None:
+        raise ConfigError("window=fit needs the network's divisor (the product of its strides per axis)")
+    axes = tuple(int(s) for s in spatial)
+    if len(patch) == 2 and len(axes) == 3:
+        axes = axes[1:]
+    if len(axes) != len(patch):
+        return patch  # window_layout refuses the mismatch with the full message
+    return fitted_window(axes, patch, divisor)
 
 
 def check_overlap(overlap: float) -> None:

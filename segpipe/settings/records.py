@@ -42,13 +42,14 @@ class DicomOptions:
 @dataclass(frozen=True)
 class InferSettings:
     """How ``infer`` segments (``conf/infer/default.yaml``): the folds and checkpoint of the model,
-    flip test-time augmentation, the sliding window's overlap and batch, the device, the networks'
+    flip test-time augmentation, the sliding window's overlap, window mode and batch, the device, the networks'
     runtime and precision, the output format and whether class probabilities are written too."""
 
     folds: Any
     checkpoint: str
     tta: bool
     overlap: float
+    window: str
     batch_size: int | None
     device: str
     runtime: str

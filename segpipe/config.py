@@ -37,7 +37,16 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "infer": ("work_dir", "dataset", "config", "dicom", "infer", "trainer"),
     "evaluate": ("evaluate",),
     "find-best": ("work_dir", "dataset"),
-    "export": ("work_dir", "dataset", "config", "infer.folds", "infer.checkpoint", "infer.runtime"),
+    "export": (
+        "work_dir",
+        "dataset",
+        "config",
+        "infer.folds",
+        "infer.checkpoint",
+        "infer.runtime",
+        "infer.quantize",
+        "infer.quantize_tolerance",
+    ),
     "demo": ("work_dir", "train.epochs", "train.iterations_per_epoch"),
     "config": ("*",),
 }
@@ -120,6 +129,8 @@ class InferSchema:
     device: str = MISSING
     runtime: str = MISSING
     precision: str = MISSING
+    quantize: Optional[str] = MISSING  # noqa: UP045
+    quantize_tolerance: float = MISSING
     format: str = MISSING
     probabilities: bool = MISSING
 
@@ -271,8 +282,14 @@ def _group_of(full_key: str) -> str:
     return full_key.split(".", 1)[0]
 
 
+# settings of a group that a command taking the group still does not use: what only an export does
+COMMAND_EXCLUDES = {"infer": ("infer.quantize", "infer.quantize_tolerance")}
+
+
 def accepts(command: str, full_key: str) -> bool:
     allowed = COMMAND_SETTINGS.get(command, ())
+    if full_key in COMMAND_EXCLUDES.get(command, ()):
+        return False
     return "*" in allowed or full_key in allowed or _group_of(full_key) in allowed
 
 

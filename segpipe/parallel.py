@@ -64,6 +64,7 @@ __all__ = [
     "RemoteTraceback",
     "cap_num_workers",
     "default_num_workers",
+    "signals_blocked",
     "parallel_list",
     "parallel_map",
     "resolve_num_workers",
@@ -279,9 +280,12 @@ def _context() -> Any:
 
 
 @contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
-    """Block SIGINT and SIGTERM while forking one worker (a child must not get them before it has
-    set its own handling, see :func:`worker_signals`) and while killing the pool."""
+def signals_blocked() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in this thread meanwhile; one that arrives is delivered at the end.
+
+    Used while forking one worker (a child must not get them before it has set its own handling, see
+    :func:`worker_signals`), while killing the pool, and while OpenVINO starts its threads (they
+    inherit the mask, so the signals reach Python's main thread, never one of them)."""
     if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
         yield
         return
@@ -358,7 +362,7 @@ def _run_pool(
     pool: list[_Worker] = []
     try:
         for _ in range(workers):  # a signal between two forks stops the spawning (the finally kills the rest)
-            with _signals_blocked():
+            with signals_blocked():
                 pool.append(_Worker(ctx, fn, initializer, initargs))
         queue = iter(zip(indices, items, strict=True))
 
@@ -405,7 +409,7 @@ def _run_pool(
         for worker in pool:
             worker.reap(max(0.0, deadline - time.monotonic()))
     finally:  # interrupt, error, dead worker or an abandoned generator: kill, never wait on a worker
-        with _signals_blocked():  # a second Ctrl-C or SIGTERM must not cut the cleanup short (delivered after)
+        with signals_blocked():  # a second Ctrl-C or SIGTERM must not cut the cleanup short (delivered after)
             for worker in pool:
                 worker.kill()
             for worker in pool:

@@ -54,6 +54,8 @@ def _value_for(key: str) -> tuple[str, Any]:
         "infer.device": ("cpu", "cpu"),
         "infer.runtime": ("torch", "torch"),
         "infer.window": ("fit", "fit"),
+        "infer.quantize": ("int8", "int8"),
+        "infer.quantize_tolerance": ("0.01", 0.01),
         "infer.precision": ("bf16", "bf16"),
         "infer.format": ("nrrd", "nrrd"),
         "evaluate.images": ("/tmp/images", "/tmp/images"),

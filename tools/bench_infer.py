@@ -9,8 +9,8 @@ overlap 0.5, Gaussian weighting, all 8 flips, 2 threads each, on the CPU, in the
 1. setup (not timed): ``segpipe plan`` of the dataset; the network built and saved as a model
    folder (``segpipe export``'s format) and as TorchScript; nnU-Net's fingerprint and plan of the
    same data (``nnUNetv2_extract_fingerprint``, ``nnUNetv2_plan_experiment``);
-2. segpipe, once per runtime (``--runtimes openvino,torch``): ``Predictor.from_model(...,
-   runtime=...).prepare()`` (OpenVINO's conversion is part of loading, not timed) then
+2. segpipe, once per side (``--runtimes openvino,torch``; a side may add a precision and a window
+   mode: ``openvino:bf16:fit``): ``Predictor.from_model(..., runtime=...).prepare()`` (OpenVINO's conversion is part of loading, not timed) then
    ``infer_cases`` over the images, in its own process;
 3. nnU-Net: ``nnUNetPredictor(...).manual_initialization(...)`` then ``predict_from_files`` over the
    same images (``nnUNet_def_n_proc=2``), in its own process with nnU-Net's Python.
@@ -75,10 +75,8 @@ from pathlib import Path
 from segpipe.inference import Predictor, discover_inputs, infer_cases
 model, images, out = sys.argv[1], sys.argv[2], sys.argv[3]
 t0 = time.perf_counter()
-runtime, _, precision = sys.argv[5].partition(":")
-predictor = Predictor.from_model(
-    model, device="cpu", tta=True, overlap=0.5, runtime=runtime, precision=precision or "fp32"
-).prepare()
+side = json.loads(sys.argv[5])
+predictor = Predictor.from_model(model, device="cpu", tta=True, overlap=0.5, **side).prepare()
 load = time.perf_counter() - t0
 cases = discover_inputs(images)
 t1 = time.perf_counter()
@@ -226,8 +224,24 @@ def setup_segpipe(data: Path, work: Path, n_cases: int) -> tuple[Path, Path, Pat
     return model, ts, images, [int(p) for p in cfg.patch_size]
 
 
+def side_settings(spec: str) -> dict[str, str]:
+    """The settings of a segpipe side named ``runtime[:precision][:window]``: ``openvino``,
+    ``openvino:bf16``, ``openvino:fit``, ``torch:pad`` (precision fp32 and window pad unless named)."""
+    runtime, *rest = [part.strip().lower() for part in spec.split(":")]
+    settings = {"runtime": runtime, "precision": "fp32", "window": "pad"}
+    for part in rest:
+        if part in ("fp32", "bf16"):
+            settings["precision"] = part
+        elif part in ("fit", "pad"):
+            settings["window"] = part
+        else:
+            raise SystemExit(f"{spec}: {part} is neither a precision (fp32, bf16) nor a window (fit, pad)")
+    return settings
+
+
 def bench_segpipe(model: Path, images: Path, out: Path, runtime: str = "torch") -> dict[str, Any]:
-    cmd = [sys.executable, "-c", SEGPIPE_SNIPPET, str(model), str(images), str(out), str(THREADS), runtime]
+    side = json.dumps(side_settings(runtime))
+    cmd = [sys.executable, "-c", SEGPIPE_SNIPPET, str(model), str(images), str(out), str(THREADS), side]
     return _result(run_measured(cmd, env=_segpipe_env(), cwd=REPO), "segpipe")
 
 
@@ -554,8 +568,8 @@ def main() -> int:
         "--runtimes",
         type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
         default=["openvino", "torch"],
-        help="segpipe runtimes to time, comma-separated, each with an optional :precision "
-        "(default: openvino,torch; e.g. openvino,openvino:bf16,torch)",
+        help="segpipe sides to time, comma-separated, each a runtime with an optional :precision and :window "
+        "(default: openvino,torch; e.g. openvino:fit,openvino:pad,openvino:bf16:fit,torch)",
     )
     ap.add_argument(
         "--rounds", type=int, default=2, help="interleaved rounds of every side (default 2; the median counts)"
@@ -592,7 +606,7 @@ def main() -> int:
                     if run["patch_size"] != patch:
                         _say(f"warning: nnU-Net's plan has patch {run['patch_size']}, segpipe's {patch}")
                 else:
-                    runtime = side.split("-", 1)[1]  # openvino, torch, or openvino:bf16
+                    runtime = side.split("-", 1)[1]  # openvino, torch, openvino:bf16:fit, ...
                     _say(
                         f"round {round_}: segpipe runtime={runtime}, Predictor.from_model + infer_cases, TTA 8 flips (timed) ..."
                     )

@@ -8,11 +8,13 @@ fold's validation cases segmented with ``runtime=torch`` and with ``runtime=open
    runtimes give the same answer, not how good the answer is); an existing ``--work`` and its
    trained run are reused (``--retrain`` trains again);
 2. the fold's validation cases (``splits_final.json``), never seen in training, segmented by
-   ``segpipe infer`` once per runtime (flip TTA, overlap 0.5, the model's own settings);
-3. ``segpipe evaluate`` of each against the reference labels: mean foreground Dice per runtime, their
-   difference, and the share of voxels where the two label maps agree.
+   ``segpipe infer`` once per side (``--runtimes``: a runtime, optionally with a precision and a
+   window mode, e.g. ``openvino:bf16:fit``; flip TTA, overlap 0.5, the model's own settings);
+3. ``segpipe evaluate`` of each against the reference labels: mean foreground Dice per side, and
+   against the first side the difference and the share of voxels where the label maps agree.
 
     python tools/bench_runtime_accuracy.py --max-time 10m --json out.json
+    python tools/bench_runtime_accuracy.py --max-time 15m --runtimes torch,openvino,openvino:fit,openvino:bf16:fit
 """
 
 from __future__ import annotations
@@ -38,14 +40,15 @@ def main() -> int:
     ap.add_argument(
         "--runtimes",
         default="torch,openvino",
-        help="runtimes to compare, each with an optional :precision (default torch,openvino; e.g. openvino,openvino:bf16)",
+        help="sides to compare with the first, each a runtime with an optional :precision and :window "
+        "(default torch,openvino; e.g. torch,openvino,openvino:fit,openvino:bf16:fit)",
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     ap.add_argument("--retrain", action="store_true", help="train again when --work holds a finished run")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "tools"))
-    from bench_infer import agreement
+    from bench_infer import agreement, side_settings
 
     import segpipe
     from segpipe.workspace import Workspace
@@ -79,10 +82,7 @@ def main() -> int:
         for runtime in runtimes:
             out = work / f"pred_{runtime.replace(':', '-')}"
             t1 = time.perf_counter()
-            name, _, precision = runtime.partition(":")
-            res = segpipe.infer(
-                cases, output=out, work_dir=str(work), runtime=name, precision=precision or "fp32", overwrite=True
-            )
+            res = segpipe.infer(cases, output=out, work_dir=str(work), overwrite=True, **side_settings(runtime))
             seconds = time.perf_counter() - t1
             assert not res["failed"], res["failed"]
             ev = segpipe.evaluate(out, refs, output=work / f"eval_{runtime.replace(':', '-')}")
@@ -91,21 +91,24 @@ def main() -> int:
                 "dice": dice,
                 "cases": ev["n_cases"],
                 "seconds": seconds,
-                "runtime": f"{res['model']['runtime']} {res['model']['precision']}",
+                "runtime": f"{res['model']['runtime']} {res['model']['precision']} window={res['model']['window']}",
             }
             print(
                 f"{result[runtime]['runtime']}: mean foreground Dice {dice:.5f} over {ev['n_cases']} validation cases ({seconds:.0f} s)",
                 flush=True,
             )
-        if len(runtimes) == 2:
-            x, y = runtimes
-            result["dice_difference"] = result[y]["dice"] - result[x]["dice"]
-            result["label_agreement"] = agreement(
-                work / f"pred_{x.replace(':', '-')}", work / f"pred_{y.replace(':', '-')}"
-            )
+        x = runtimes[0]
+        for y in runtimes[1:]:
+            pair = f"{y} vs {x}"
+            result[pair] = {
+                "dice_difference": result[y]["dice"] - result[x]["dice"],
+                "label_agreement": agreement(
+                    work / f"pred_{x.replace(':', '-')}", work / f"pred_{y.replace(':', '-')}"
+                ),
+            }
             print(
-                f"Dice {y} − {x}: {result['dice_difference']:+.5f}; label maps agree on "
-                f"{100 * result['label_agreement']:.4f} % of voxels",
+                f"Dice {y} − {x}: {result[pair]['dice_difference']:+.6f}; label maps agree on "
+                f"{100 * result[pair]['label_agreement']:.4f} % of voxels",
                 flush=True,
             )
     finally:

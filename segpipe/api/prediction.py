@@ -41,6 +41,42 @@ def _predictor(model: PathLike | None, cfg: Any, config_value: Any, dataset: Pat
     )
 
 
+def _checked_quantize(cfg: Any, runtime: str) -> str | None:
+    """The export's ``quantize`` setting, checked with its tolerance and the runtime."""
+    from ..inference.quantize import check_quantize
+
+    quantize = check_quantize(cfg.infer.quantize, cfg.infer.quantize_tolerance)
+    if quantize and runtime == "torch":
+        raise UsageError(
+            "quantize=int8 stores networks for OpenVINO, and runtime=torch asks for none",
+            hint="runtime=openvino quantize=int8 (or leave runtime out)",
+        )
+    return quantize
+
+
+def _calibration(cfg: Any, dws: Any, plan: Any, model: Any) -> Any:
+    """Where the int8 networks' calibration patches and validation cases come from: the workspace's
+    preprocessing caches and its folds."""
+    import json
+
+    from ..errors import StateError
+    from ..inference.quantize import Calibration
+    from ..preprocessing import Cache
+
+    try:
+        splits = json.loads(dws.splits_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise StateError(
+            f"{dws.splits_path}: the folds cannot be read, so int8 networks cannot be checked on validation cases",
+            hint="train a fold first (it writes the folds), then export again",
+        ) from None
+    caches = {
+        c: Cache.for_configuration(cfg.work_dir, plan, c, dataset=dws.name)
+        for c in {m.configuration for m in model.members}
+    }
+    return Calibration(caches=caches, splits=splits, tolerance=float(cfg.infer.quantize_tolerance))
+
+
 @paths_checked
 def infer(
     input: PathLike,  # noqa: A002 - the command's own word for what it segments
@@ -123,9 +159,12 @@ def export(
 
     ``dataset``: the planned dataset (folder or workspace name; default the workspace's only one).
     Settings: ``work_dir``, ``config`` (default ``find-best``'s choice, else ``3d_fullres``),
-    ``folds`` (default every trained fold), ``checkpoint`` (``final`` or ``best``) and ``runtime``
+    ``folds`` (default every trained fold), ``checkpoint`` (``final`` or ``best``), ``runtime``
     (``openvino`` also stores the networks converted for OpenVINO, so that a CPU predicting with the
-    same OpenVINO version loads them without converting). Returns ``{"model", "members",
+    same OpenVINO version loads them without converting) and ``quantize`` (``int8`` also stores
+    each network quantised to int8, calibrated on its fold's training patches and refused when its
+    fold's validation Dice falls more than ``quantize_tolerance`` below fp32's: see
+    :mod:`segpipe.inference.quantize`). Returns ``{"model", "members",
     "postprocessing"}``.
     """
     from ..inference import export_model, workspace_model
@@ -137,6 +176,9 @@ def export(
     config_value = settings.pop("config", settings.pop("configuration", None))
     cfg = composed("export", settings)
     runtime = str(cfg.infer.runtime).strip().lower()
+    quantize = _checked_quantize(cfg, runtime)
+    if quantize:
+        runtime = "openvino"  # an int8 network is an OpenVINO one, stored beside its fp32 model
     if runtime != "auto":  # a setting is checked before the workspace: unknown, or OpenVINO not installed
         import torch
 
@@ -152,7 +194,8 @@ def export(
         folds=parse_folds(to_container(cfg.infer)["folds"]),
         checkpoint=str(cfg.infer.checkpoint),
     )
-    out = export_model(model, output, overwrite=overwrite, openvino=runtime == "openvino")
+    calibration = _calibration(cfg, dws, the_plan, model) if quantize else None
+    out = export_model(model, output, overwrite=overwrite, openvino=runtime == "openvino", quantize=calibration)
     warnings = export_warnings(model)
     for warning in warnings:  # also in the model card, under "Before use"
         logging.getLogger("segpipe").warning(f"{out}: {warning}")

@@ -317,11 +317,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool = False, openvino: bool = False) -> Path:
+def export_model(
+    model: Model,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    openvino: bool = False,
+    quantize: Any = None,
+) -> Path:
     """Write ``model`` as a self-contained folder ``out`` (see the module docstring); returns it.
     With ``openvino`` the networks are also stored converted for OpenVINO (``openvino/``, checksummed
     in ``model.json`` like the weights), so that a CPU predicting with the same OpenVINO version
-    loads them without converting.
+    loads them without converting. With ``quantize`` (a :class:`~segpipe.inference.quantize.Calibration`)
+    each is also stored quantised to int8, after the check on its fold's validation cases.
 
     The folder is built beside ``out`` under a temporary name and renamed into place at the end, so
     ``out`` is either complete or absent. An existing ``out`` is refused unless ``overwrite``.
@@ -369,7 +377,7 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
             "warnings": export_warnings(model),
             "versions": versions(),
         }
-        if openvino:
+        if openvino or quantize is not None:
             converted = export_openvino(model.plan, members, tmp)
             info["openvino"] = {
                 "version": converted["version"],
@@ -378,6 +386,13 @@ def export_model(model: Model, out: str | os.PathLike[str], *, overwrite: bool =
                     for weights, files in converted["networks"].items()
                 },
             }
+            if quantize is not None:
+                from .quantize import quantize_members
+
+                info["openvino"]["int8"] = {
+                    weights: {"files": {rel: file_sha256(tmp / rel) for rel in q["files"]}, **q["validation"]}
+                    for weights, q in quantize_members(model.plan, members, tmp, quantize).items()
+                }
         write_json(tmp / MODEL_FILE, info)
         write_text(tmp / "README.md", model_card(info))
         if target.exists():
@@ -492,7 +507,11 @@ def _checked_openvino(root: Path, info_path: Path, info: Mapping[str, Any]) -> N
     networks = entry.get("networks") if isinstance(entry, dict) else None
     if not isinstance(networks, dict):
         raise StateError(f"{info_path}: 'openvino' lists no networks", hint="export the model again")
-    for files in networks.values():
+    int8 = entry.get("int8") or {}
+    if not isinstance(int8, dict):
+        raise StateError(f"{info_path}: 'openvino' lists its int8 networks wrongly", hint="export the model again")
+    listed = [*networks.values(), *(dict(q).get("files") or {} for q in int8.values())]
+    for files in listed:
         for rel, expected in dict(files).items():
             path = _inside(root, rel, "OpenVINO network file")
             if not path.is_file():

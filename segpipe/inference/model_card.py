@@ -13,6 +13,26 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
+def _int8_lines(members: list[Mapping[str, Any]], int8: Mapping[str, Any]) -> list[str]:
+    """The int8 networks' check: validation Dice of each network in fp32 and in int8."""
+    lines = [
+        "Each network is also stored quantised to int8 (`segpipe infer -m THIS_FOLDER precision=int8`), "
+        "calibrated on its fold's training patches and checked on its fold's validation cases "
+        "(sliding window, no flips):",
+        "",
+        "| configuration | fold | validation cases | Dice fp32 | Dice int8 | tolerance |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for m in members:
+        q = int8.get(m["file"])
+        if q:
+            lines.append(
+                f"| {m['configuration']} | {m['fold']} | {q['cases']} | {q['dice_fp32']:.4f} | "
+                f"{q['dice_int8']:.4f} | {q['tolerance']:g} |"
+            )
+    return [*lines, ""]
+
+
 def model_card(info: Mapping[str, Any]) -> str:
     labels = ", ".join(f"{k} {v}" for k, v in info["labels"].items())
     channels = ", ".join(f"{k} {v}" for k, v in info["channel_names"].items())
@@ -34,6 +54,9 @@ def model_card(info: Mapping[str, Any]) -> str:
             "on a CPU with that version `segpipe infer` loads them without converting.",
             "",
         ]
+    int8 = (info.get("openvino") or {}).get("int8") or {}
+    if int8:
+        lines[6:6] = _int8_lines(info["members"], int8)
     for m in info["members"]:
         dice = "n/a" if m.get("validation_dice") is None else f"{m['validation_dice']:.4f}"
         t = m.get("training") or {}

@@ -146,6 +146,8 @@ class Predictor:
         if why_not:
             log.info(why_not)
         self.precision = check_precision(str(precision), self.runtime)
+        if self.precision == "int8":
+            _check_int8(model)
         self.dicom = {k: v for k, v in dict(dicom or {}).items() if v is not None}
         self.labels = {int(k): str(v) for k, v in self.plan.labels.items() if int(k) < self.plan.num_classes}
         self.networks: dict[str, list[torch.nn.Module]] = {}
@@ -205,7 +207,7 @@ class Predictor:
                     converted += ov_net.source == "converted"
                     compiled.setdefault(configuration, []).append(ov_net)
         except ConfigError as exc:
-            if not fallback:
+            if not fallback or self.precision != "fp32":  # PyTorch computes neither bf16 nor int8 here
                 raise
             log.warning(f"{exc.message}: the networks run in PyTorch")
             self.runtime = "torch"
@@ -475,6 +477,23 @@ class _MeanOf(torch.nn.Module):
             total = out if total is None else total.add_(out)
         assert total is not None
         return total.div_(len(self.members))
+
+
+def _check_int8(model: Model) -> None:
+    """Refuse ``precision=int8`` for a model without an int8 network for every member."""
+    stored = ((model.info or {}).get("openvino") or {}).get("int8") or {}
+    root = Path(model.origin).resolve() if model.origin else None
+    for m in model.members:
+        try:
+            rel = Path(m.path).resolve().relative_to(root).as_posix() if root is not None else None
+        except ValueError:
+            rel = None
+        if rel not in stored:
+            raise ConfigError(
+                f"precision=int8: {m.configuration} fold {m.fold} has no int8 network in {model.origin or 'this model'}",
+                hint="export a model folder with `segpipe export -o DIR quantize=int8` and predict with -m DIR, "
+                "or use precision=fp32",
+            )
 
 
 def _writable(folder: Path) -> bool:

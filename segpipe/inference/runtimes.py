@@ -26,12 +26,9 @@ import importlib.util
 import logging
 import os
 import shutil
-import signal
-import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +38,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..io.atomic import atomic_folder
+from ..parallel import signals_blocked
 from ..settings import configured
 
 __all__ = [
@@ -48,7 +46,9 @@ __all__ = [
     "OpenVINONetwork",
     "check_precision",
     "choose_runtime",
+    "compile_model",
     "compile_openvino",
+    "convert_openvino",
     "export_openvino",
     "openvino_version",
 ]
@@ -61,28 +61,12 @@ NETWORK_XML, NETWORK_BIN = "network.xml", "network.bin"
 OPENVINO_DIR = "openvino"  # in a workspace's dataset folder and in a model folder
 
 
-@contextmanager
-def _signals_kept_for_python() -> Iterator[None]:
-    """Block SIGINT and SIGTERM in this thread while OpenVINO runs: the threads its CPU plugin starts
-    inherit the mask, so Ctrl-C and a termination reach Python's main thread, never one of OpenVINO's
-    (a signal handled there crashed the process once worker processes were forked). A signal that
-    arrives meanwhile is delivered when the call returns."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 @functools.lru_cache(maxsize=1)
 def _core() -> Any:
     """The process's one OpenVINO ``Core``: its CPU plugin and thread pool serve every network."""
     import openvino as ov
 
-    with _signals_kept_for_python():
+    with signals_blocked():
         return ov.Core()
 
 
@@ -125,23 +109,28 @@ def choose_runtime(requested: str, device: torch.device) -> tuple[str, str | Non
     return "openvino", None
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def check_precision(precision: str, runtime: str) -> str:
     """``precision`` checked against the runtime and this CPU: ``fp32`` always; ``bf16`` only with
-    OpenVINO on a CPU with native bf16 arithmetic (AVX-512 BF16 or AMX), else a
+    OpenVINO on a CPU with native bf16 arithmetic (AVX-512 BF16 or AMX); ``int8`` only with OpenVINO
+    (the int8 networks come from a model folder exported with ``quantize=int8``); else a
     :class:`~segpipe.errors.ConfigError` with the fix."""
     name = str(precision).strip().lower()
     if name not in PRECISIONS:
-        raise ConfigError(f"precision={precision} is not a precision of prediction", hint="precision=fp32 or bf16")
+        raise ConfigError(
+            f"precision={precision} is not a precision of prediction", hint="precision=fp32, bf16 or int8"
+        )
     if name == "fp32":
         return name
     if runtime != "openvino":
         raise ConfigError(
-            f"precision=bf16 needs the OpenVINO runtime, and this prediction runs in {runtime}",
-            hint="runtime=openvino device=cpu precision=bf16, or precision=fp32",
+            f"precision={name} needs the OpenVINO runtime, and this prediction runs in {runtime}",
+            hint=f"runtime=openvino device=cpu precision={name}, or precision=fp32",
         )
+    if name == "int8":
+        return name
     if not cpu_has_bf16():
         raise ConfigError("precision=bf16: this CPU has no native bf16 arithmetic", hint="precision=fp32")
     return name
@@ -150,7 +139,7 @@ def check_precision(precision: str, runtime: str) -> str:
 def cpu_has_bf16() -> bool:
     """Whether OpenVINO reports native bf16 arithmetic on this CPU."""
 
-    with _signals_kept_for_python():
+    with signals_blocked():
         return "BF16" in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
@@ -178,7 +167,7 @@ class OpenVINONetwork(nn.Module):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
-        with _signals_kept_for_python():
+        with signals_blocked():
             result = self.request.infer({0: array})[self.output]
         return torch.from_numpy(np.array(result, dtype=np.float32, copy=True))  # the request reuses its buffer
 
@@ -187,6 +176,25 @@ def network_key(weights_sha256: str, *, in_channels: int, patch: Sequence[int], 
     """The cache key of a converted network: its weights, input shape and the OpenVINO version."""
     text = f"{weights_sha256}|{int(in_channels)}|{'x'.join(str(int(p)) for p in patch)}|{version}|dynamic"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def _plugin_config(precision: str, threads: int | None) -> dict[str, Any]:
+    """The CPU plugin's settings: threads, and the arithmetic of what is not int8 (fp32 or bf16)."""
+    hint = "bf16" if precision == "bf16" else "f32"
+    return {"INFERENCE_NUM_THREADS": int(threads or cpu_threads()), "INFERENCE_PRECISION_HINT": hint}
+
+
+def compile_model(model: Any, precision: str = "fp32", *, threads: int | None = None) -> OpenVINONetwork:
+    """An OpenVINO model (converted or read) compiled for this CPU as an :class:`OpenVINONetwork`."""
+    start = time.perf_counter()
+    with signals_blocked():
+        compiled = _core().compile_model(model, "CPU", _plugin_config(precision, threads))
+    return OpenVINONetwork(compiled, key="", seconds=time.perf_counter() - start, source="converted")
+
+
+def int8_network_key(weights_sha256: str, *, in_channels: int, patch: Sequence[int], version: str) -> str:
+    """The key of a network's int8 model (``segpipe export ... quantize=int8``) in a model folder."""
+    return network_key(weights_sha256, in_channels=in_channels, patch=patch, version=f"{version}|int8")
 
 
 def compile_openvino(
@@ -202,18 +210,22 @@ def compile_openvino(
 ) -> OpenVINONetwork:
     """``network`` (a torch module in eval mode) as an :class:`OpenVINONetwork` for the CPU: read from
     ``cache_dir`` when converted before, else converted (and stored there when ``cache_dir`` is given
-    and ``store``; a model folder's networks are read, never written).
+    and ``store``; a model folder's networks are read, never written). ``precision=int8`` reads the
+    network's int8 model from ``cache_dir`` (a model folder exported with ``quantize=int8``); there is
+    no converting one on the fly.
 
     A network OpenVINO cannot convert raises a :class:`~segpipe.errors.ConfigError` naming what failed.
     """
 
     version = openvino_version() or "unknown"
     patch = [int(p) for p in patch]
+    precision = str(configured(precision, "infer.precision"))
+    if precision == "int8":
+        return _int8_network(in_channels, patch, weights_sha256, cache_dir, version, threads)
     key = network_key(weights_sha256, in_channels=in_channels, patch=patch, version=version)
     # the converted network is fp32 either way: the precision is how the CPU plugin computes it
-    hint = {"fp32": "f32", "bf16": "bf16"}[configured(precision, "infer.precision")]
-    config = {"INFERENCE_NUM_THREADS": int(threads or cpu_threads()), "INFERENCE_PRECISION_HINT": hint}
-    with _signals_kept_for_python():
+    config = _plugin_config(precision, threads)
+    with signals_blocked():
         return _compile(
             network,
             _core(),
@@ -250,6 +262,25 @@ def _compile(
     return OpenVINONetwork(compiled, key=key, seconds=time.perf_counter() - start, source=source)
 
 
+def _int8_network(
+    in_channels: int, patch: list[int], weights_sha256: str, cache_dir: Path | None, version: str, threads: int | None
+) -> OpenVINONetwork:
+    """The int8 model of a network, read from a model folder's ``openvino/`` and compiled."""
+    key = int8_network_key(weights_sha256, in_channels=in_channels, patch=patch, version=version)
+    entry = None if cache_dir is None else Path(cache_dir) / key
+    start = time.perf_counter()
+    with signals_blocked():
+        model = None if entry is None else _read_cached(_core(), entry, remove=False)
+        if model is None:
+            raise ConfigError(
+                f"precision=int8: the model has no int8 network for OpenVINO {version}",
+                hint="export it with `segpipe export -o DIR runtime=openvino quantize=int8` (with this OpenVINO "
+                "version) and predict with -m DIR, or use precision=fp32",
+            )
+        compiled = _core().compile_model(model, "CPU", _plugin_config("int8", threads))
+    return OpenVINONetwork(compiled, key=key, seconds=time.perf_counter() - start, source="cache")
+
+
 def _read_cached(core: Any, entry: Path, *, remove: bool) -> Any:
     """The converted network stored in ``entry``, or None when there is none or it cannot be read
     (a damaged entry is removed with ``remove``, to be converted again)."""
@@ -263,6 +294,14 @@ def _read_cached(core: Any, entry: Path, *, remove: bool) -> Any:
         if remove:
             shutil.rmtree(entry, ignore_errors=True)
         return None
+
+
+def convert_openvino(network: nn.Module, *, in_channels: int, patch: Sequence[int]) -> Any:
+    """``network`` converted to an OpenVINO model (dynamic batch and spatial axes), not compiled."""
+    import openvino as ov
+
+    with signals_blocked():
+        return _convert(ov, network, in_channels=in_channels, patch=[int(p) for p in patch])
 
 
 def _convert(ov: Any, network: nn.Module, *, in_channels: int, patch: list[int]) -> Any:

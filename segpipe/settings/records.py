@@ -43,7 +43,8 @@ class DicomOptions:
 class InferSettings:
     """How ``infer`` segments (``conf/infer/default.yaml``): the folds and checkpoint of the model,
     flip test-time augmentation, the sliding window's overlap, window mode and batch, the device, the networks'
-    runtime and precision, the output format and whether class probabilities are written too."""
+    runtime and precision, the int8 quantisation an export adds, the output format and whether class
+    probabilities are written too."""
 
     folds: Any
     checkpoint: str
@@ -54,6 +55,8 @@ class InferSettings:
     device: str
     runtime: str
     precision: str
+    quantize: str | None
+    quantize_tolerance: float
     format: str
     probabilities: bool
 

@@ -379,17 +379,18 @@ def export_model(
         }
         if openvino or quantize is not None:
             converted = export_openvino(model.plan, members, tmp)
-            info["openvino"] = {
+            stored: dict[str, Any] = {
                 "version": converted["version"],
                 "networks": {
                     weights: {rel: file_sha256(tmp / rel) for rel in files}
                     for weights, files in converted["networks"].items()
                 },
             }
+            info["openvino"] = stored
             if quantize is not None:
                 from .quantize import quantize_members
 
-                info["openvino"]["int8"] = {
+                stored["int8"] = {
                     weights: {"files": {rel: file_sha256(tmp / rel) for rel in q["files"]}, **q["validation"]}
                     for weights, q in quantize_members(model.plan, members, tmp, quantize).items()
                 }

@@ -59,7 +59,7 @@ class Calibration:
     of each configuration, and the folds' training and validation cases (``splits_final.json``)."""
 
     caches: Mapping[str, Any]  # configuration -> segpipe.preprocessing.Cache
-    splits: Sequence[Mapping[str, Sequence[str]]]
+    splits: Sequence[dict[str, list[str]]]
     tolerance: float = 0.005
     patches: int = CALIBRATION_PATCHES
 
@@ -85,7 +85,7 @@ def check_quantize(mode: Any, tolerance: Any) -> str | None:
     return name
 
 
-def _fold_cases(splits: Sequence[Mapping[str, Sequence[str]]], fold: str) -> tuple[list[str], list[str]]:
+def _fold_cases(splits: Sequence[dict[str, list[str]]], fold: str) -> tuple[list[str], list[str]]:
     from ..splits import fold_cases
 
     return fold_cases(splits, fold)
@@ -97,7 +97,7 @@ def _calibration_patches(cache: Any, cases: Sequence[str], cfg: Any, count: int)
 
     sampler = PatchSampler(cache, cases, cfg.patch_size, context_slices=int(cfg.context_slices) if cfg.dims == 2 else 0)
     rng = np.random.default_rng(CALIBRATION_SEED)
-    patches = []
+    patches: list[np.ndarray] = []
     while len(patches) < count:
         batch = sampler.sample(rng, min(count - len(patches), 8))["image"]
         patches.extend(np.ascontiguousarray(x[None].numpy(), dtype=np.float32) for x in batch)

@@ -184,7 +184,7 @@ def _plugin_config(precision: str, threads: int | None) -> dict[str, Any]:
     return {"INFERENCE_NUM_THREADS": int(threads or cpu_threads()), "INFERENCE_PRECISION_HINT": hint}
 
 
-def compile_model(model: Any, precision: str = "fp32", *, threads: int | None = None) -> OpenVINONetwork:
+def compile_model(model: Any, precision: str, *, threads: int | None = None) -> OpenVINONetwork:
     """An OpenVINO model (converted or read) compiled for this CPU as an :class:`OpenVINONetwork`."""
     start = time.perf_counter()
     with signals_blocked():
@@ -221,7 +221,7 @@ def compile_openvino(
     patch = [int(p) for p in patch]
     precision = str(configured(precision, "infer.precision"))
     if precision == "int8":
-        return _int8_network(in_channels, patch, weights_sha256, cache_dir, version, threads)
+        return _int8_network(in_channels, patch, weights_sha256, cache_dir=cache_dir, version=version, threads=threads)
     key = network_key(weights_sha256, in_channels=in_channels, patch=patch, version=version)
     # the converted network is fp32 either way: the precision is how the CPU plugin computes it
     config = _plugin_config(precision, threads)
@@ -263,7 +263,13 @@ def _compile(
 
 
 def _int8_network(
-    in_channels: int, patch: list[int], weights_sha256: str, cache_dir: Path | None, version: str, threads: int | None
+    in_channels: int,
+    patch: list[int],
+    weights_sha256: str,
+    *,
+    cache_dir: Path | None,
+    version: str,
+    threads: int | None,
 ) -> OpenVINONetwork:
     """The int8 model of a network, read from a model folder's ``openvino/`` and compiled."""
     key = int8_network_key(weights_sha256, in_channels=in_channels, patch=patch, version=version)

@@ -296,8 +296,8 @@ def _slide(
 class SlidingWindowPredictor:
     """A network with its window settings: ``SlidingWindowPredictor(net, patch_size)(image) -> logits``.
 
-    The keyword arguments are those of :func:`sliding_window_inference`, and ``window``: ``"pad"``
-    slides the patch (an image axis smaller than it is padded with zeros, as nnU-Net does); ``"fit"``
+    The keyword arguments are those of :func:`sliding_window_inference`, and ``window`` (default the
+    ``infer.window`` setting, ``pad``): ``"pad"`` slides the patch (an image axis smaller than it is padded with zeros, as nnU-Net does); ``"fit"``
     slides a window fitted to each image (:func:`~segpipe.inference.windows.fitted_window`: an axis
     smaller than the patch is covered by its extent rounded up to ``divisor``, one a little longer by
     one grown window), which needs the network's ``divisor`` per axis. With ``device`` the network
@@ -319,10 +319,11 @@ class SlidingWindowPredictor:
         accumulate_dtype: torch.dtype = torch.float32,
         autocast_dtype: torch.dtype | None = None,
         progress: ProgressArg = None,
-        window: str = "pad",
+        window: str | None = None,
         divisor: Sequence[int] | None = None,
     ):
         overlap = configured(overlap, "infer.overlap")
+        window = str(configured(window, "infer.window"))
         check_overlap(overlap)
         if window not in WINDOW_MODES:
             raise ConfigError(f"window={window} is not a window mode", hint="window=fit or window=pad")

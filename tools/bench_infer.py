@@ -230,12 +230,12 @@ def side_settings(spec: str) -> dict[str, str]:
     runtime, *rest = [part.strip().lower() for part in spec.split(":")]
     settings = {"runtime": runtime, "precision": "fp32", "window": "pad"}
     for part in rest:
-        if part in ("fp32", "bf16"):
+        if part in ("fp32", "bf16", "int8"):
             settings["precision"] = part
         elif part in ("fit", "pad"):
             settings["window"] = part
         else:
-            raise SystemExit(f"{spec}: {part} is neither a precision (fp32, bf16) nor a window (fit, pad)")
+            raise SystemExit(f"{spec}: {part} is neither a precision (fp32, bf16, int8) nor a window (fit, pad)")
     return settings
 
 

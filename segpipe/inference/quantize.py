@@ -104,8 +104,9 @@ def _calibration_patches(cache: Any, cases: Sequence[str], cfg: Any, count: int)
     return patches
 
 
-def _validation_dice(network: Any, cache: Any, cases: Sequence[str], cfg: Any, num_classes: int) -> float:
-    """Mean foreground Dice of ``network`` over the cached ``cases`` (sliding window, no flips)."""
+def _validation_dice(network: Any, cache: Any, cases: Sequence[str], cfg: Any, plan: Any) -> float:
+    """Mean foreground Dice of ``network`` over the cached ``cases`` (sliding window, no flips; the
+    plan's ignore label counts nowhere)."""
     from ..evaluation.metrics import evaluate_case, mean_foreground_dice
     from .sliding_window import predict_case_logits
 
@@ -114,10 +115,11 @@ def _validation_dice(network: Any, cache: Any, cases: Sequence[str], cfg: Any, n
         image, label, _ = cache.load(case)
         if label is None:
             raise StateError(f"{cache.root}: validation case {case} has no label in the cache")
-        logits = predict_case_logits(network, np.asarray(image), cfg, num_classes=num_classes, overlap=0.5)
+        logits = predict_case_logits(network, np.asarray(image), cfg, num_classes=plan.num_classes, overlap=0.5)
         assert logits is not None
         pred = logits.argmax(0).numpy()
-        results.append(evaluate_case(pred, np.asarray(label), range(num_classes), case=case, ignore_index=None))
+        classes = range(plan.num_classes)
+        results.append(evaluate_case(pred, np.asarray(label), classes, case=case, ignore_index=plan.ignore_label))
     return mean_foreground_dice(results)
 
 
@@ -173,7 +175,7 @@ def quantize_members(
         int8_model = _quantized(fp32_model, patches)
         dice = {}
         for name, model in (("fp32", fp32_model), ("int8", int8_model)):
-            dice[name] = _validation_dice(compile_model(model, "fp32"), cache, val, cfg, plan.num_classes)
+            dice[name] = _validation_dice(compile_model(model, "fp32"), cache, val, cfg, plan)
         drop = dice["fp32"] - dice["int8"]
         if math.isnan(drop) or drop > calibration.tolerance:
             raise ConfigError(

@@ -5,7 +5,8 @@ OpenVINO model, an int8 one that ``segpipe infer -m model/ precision=int8`` runs
 (a configuration's fold):
 
 1. **Calibration**: NNCF's post-training quantisation (``nncf.quantize``: activation ranges from
-   the network's own activations, fast bias correction) on patches of the plan's size drawn from
+   the network's own activations, asymmetric activations, fast bias correction; the first and the
+   last convolution stay fp32) on patches of the plan's size drawn from
    the fold's training cases in the preprocessing cache, as training draws them (a third centred
    on foreground), with a fixed seed: the same export gives the same network.
 2. **Check**: the fold's validation cases (never seen in training) segmented from the cache with
@@ -112,7 +113,7 @@ def _validation_dice(network: Any, cache: Any, cases: Sequence[str], cfg: Any, p
 
     results = []
     for case in cases:
-        image, label, _ = cache.load(case)
+        image, label, _ = cache.load(case, mmap=False)
         if label is None:
             raise StateError(f"{cache.root}: validation case {case} has no label in the cache")
         logits = predict_case_logits(network, np.asarray(image), cfg, num_classes=plan.num_classes, overlap=0.5)
@@ -124,16 +125,26 @@ def _validation_dice(network: Any, cache: Any, cases: Sequence[str], cfg: Any, p
 
 
 def _quantized(model: Any, patches: list[np.ndarray]) -> Any:
-    """``model`` (an OpenVINO model) quantised to int8 by NNCF on ``patches``, its progress bars kept quiet."""
+    """``model`` (an OpenVINO model) quantised to int8 by NNCF on ``patches``, its progress bars kept quiet.
+
+    Activations are quantised asymmetrically (NNCF's ``MIXED`` preset: LeakyReLU and instance norm
+    give activations of both signs), and the first and the last convolution (the image in, the class
+    logits out) stay in fp32: on a hippocampus model this kept the validation Dice within 1e-4 of
+    fp32's, where quantising every convolution symmetrically lost 0.005 (README, Benchmarks).
+    """
     import nncf
 
+    convolutions = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    ignored = nncf.IgnoredScope(names=[convolutions[0], convolutions[-1]]) if len(convolutions) > 2 else None
     logging.getLogger("nncf").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()):
         return nncf.quantize(
             model,
             nncf.Dataset(patches),
+            preset=nncf.QuantizationPreset.MIXED,
             subset_size=len(patches),
             fast_bias_correction=True,
+            **({"ignored_scope": ignored} if ignored is not None else {}),
         )
 
 

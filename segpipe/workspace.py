@@ -40,6 +40,7 @@ ENV_WORK_DIR = "SEGPIPE_WORK"
 SOURCE_FILE = "source.json"
 FINGERPRINT_FILE = "fingerprint.json"
 PLANS_FILE = "plans.json"
+MODEL_FILE = "model.json"  # a model folder (segpipe export) holds a plans.json too
 PLAN_SUMMARY_FILE = "plan_summary.md"
 DATASET_REPORT_FILE = "dataset_report.png"
 SPLITS_FILE = "splits_final.json"
@@ -123,7 +124,8 @@ class Workspace:
         return DatasetWorkspace(self, check_dataset_name(name))
 
     def datasets(self) -> list[str]:
-        """Names of the datasets this workspace holds (those with a source record or a plan)."""
+        """Names of the datasets this workspace holds (those with a source record or a plan; a model
+        folder exported into the workspace also holds a plan, beside its ``model.json``, and is none)."""
         if not self.root.is_dir():
             return []
         out = []
@@ -132,6 +134,7 @@ class Workspace:
                 p.is_dir()
                 and p.name not in RESERVED_NAMES
                 and ((p / SOURCE_FILE).is_file() or (p / PLANS_FILE).is_file())
+                and not ((p / MODEL_FILE).is_file() and not (p / SOURCE_FILE).is_file())
             ):
                 out.append(p.name)
         return out

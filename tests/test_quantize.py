@@ -49,7 +49,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def int8_model(workspace: dict[str, Path]) -> Path:
-    out = workspace["root"] / "model_int8"
+    out = workspace["work"] / "model_int8"  # inside the workspace: a model folder there is not a dataset
     # a 2-iteration network is near chance: a tolerance of 1 lets any int8 network pass the check
     args = ["export", "-o", str(out), f"work_dir={workspace['work']}", "quantize=int8", "quantize_tolerance=1", "-q"]
     assert main(args) == 0
@@ -113,8 +113,9 @@ def test_a_changed_int8_network_is_refused(
 
 
 def test_int8_on_a_model_without_one_is_a_one_line_error(
-    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    workspace: dict[str, Path], int8_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # the workspace's own runs (no int8 networks), found although a model folder was exported into it
     image = next((workspace["data"] / "imagesTs").glob("*.nii.gz"))
     out = tmp_path / "out"
     code = main(["infer", str(image), "-o", str(out), f"work_dir={workspace['work']}", "precision=int8"])

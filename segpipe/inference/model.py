@@ -41,7 +41,7 @@ from ..io.jsonio import read_json, write_json
 from ..planning import Plan, load_plan, save_plan
 from ..settings import configured
 from ..splits import N_FOLDS
-from ..workspace import RunFolder
+from ..workspace import MODEL_FILE, RunFolder
 from .model_card import model_card
 from .postprocess import check_postprocessing
 from .runtimes import export_openvino
@@ -62,7 +62,7 @@ __all__ = [
 
 MODEL_FORMAT = "segpipe.model"
 MODEL_VERSION = 2  # 2: model.json checksums plans.json and postprocessing.json too
-MODEL_FILE = "model.json"
+
 POSTPROCESSING_FILE = "postprocessing.json"
 #: the files besides the weights that a model folder's ``model.json`` checksums
 CHECKSUMMED_FILES = ("plans.json", POSTPROCESSING_FILE)

@@ -97,7 +97,7 @@ class Predictor:
 
     Options: ``tta`` (flip test-time augmentation, default on), ``overlap`` of the sliding windows
     (0.5), ``window`` (``pad``: the plan's patch; ``fit``: a window fitted to each image, see
-    :func:`~segpipe.inference.windows.fitted_window`), ``batch_size`` (windows per forward pass; default the plan's batch), ``device``
+    :func:`~segpipe.inference.windows.fitted_window`), ``batch_size`` (windows per forward pass; default 1 on a CPU, the plan's batch on a GPU), ``device``
     (``auto``: CUDA when present), ``runtime`` (``auto``: OpenVINO on a CPU when installed, see
     :mod:`segpipe.inference.runtimes`), ``precision`` (``fp32``; ``bf16`` with OpenVINO), ``dicom`` (options of the DICOM reader: ``series=``, ...).
     ``network_cache``: a folder for the networks converted for OpenVINO (the workspace's), written
@@ -336,6 +336,8 @@ class Predictor:
         }
         if self.batch_size is not None:
             kwargs["batch_size"] = self.batch_size
+        elif self.device.type == "cpu":  # one window per pass: as fast on a CPU, and less memory than the plan's batch
+            kwargs["batch_size"] = 1
         predict_case_logits(
             self._window_network(configuration), image, cfg, output_device="cpu", sink=sink, progress=name, **kwargs
         )

@@ -42,6 +42,7 @@ from .runtimes import (
     convert_openvino,
     int8_network_key,
     openvino_version,
+    telemetry_declined,
 )
 
 __all__ = ["QUANTIZE_MODES", "Calibration", "check_quantize", "quantize_members"]
@@ -132,12 +133,13 @@ def _quantized(model: Any, patches: list[np.ndarray]) -> Any:
     logits out) stay in fp32: on a hippocampus model this kept the validation Dice within 1e-4 of
     fp32's, where quantising every convolution symmetrically lost 0.005 (README, Benchmarks).
     """
-    import nncf
+    with telemetry_declined():
+        import nncf
 
     convolutions = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
     ignored = nncf.IgnoredScope(names=[convolutions[0], convolutions[-1]]) if len(convolutions) > 2 else None
     logging.getLogger("nncf").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), telemetry_declined():
         return nncf.quantize(
             model,
             nncf.Dataset(patches),
@@ -155,7 +157,8 @@ def quantize_members(
     ``folder/openvino/<key>/`` after the check against the fold's validation cases; returns per
     weight file its files (relative to ``folder``) and the check's figures. A network whose int8
     Dice falls more than the tolerance below fp32's is a :class:`~segpipe.errors.ConfigError`."""
-    import openvino as ov
+    with telemetry_declined():
+        import openvino as ov
 
     from ..checkpoint import load_checkpoint
     from ..networks import build_network

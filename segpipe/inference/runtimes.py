@@ -19,6 +19,7 @@ converted again and replaced. Threads: as many as PyTorch would use in this proc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -28,7 +29,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,31 @@ NETWORK_XML, NETWORK_BIN = "network.xml", "network.bin"
 OPENVINO_DIR = "openvino"  # in a workspace's dataset folder and in a model folder
 
 
+@contextlib.contextmanager
+def telemetry_declined() -> Iterator[None]:
+    """Meanwhile, OpenVINO's converter and NNCF send no usage statistics.
+
+    Both report usage to Google Analytics by default (from processes they fork, keeping a client id
+    in ``~/intel``) unless the user opted out or the process runs as a CI job; segpipe runs where
+    patient data lives and sends nothing anywhere, so it runs their entry points (the first import,
+    each conversion, each quantisation) as such a job: ``CI=true`` in the environment, only meanwhile.
+    """
+    saved = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = saved
+
+
 @functools.lru_cache(maxsize=1)
 def _core() -> Any:
     """The process's one OpenVINO ``Core``: its CPU plugin and thread pool serve every network."""
-    import openvino as ov
+    with telemetry_declined():
+        import openvino as ov
 
     with signals_blocked():
         return ov.Core()
@@ -250,7 +272,8 @@ def _compile(
     store: bool,
 ) -> OpenVINONetwork:
     """Read, or convert (and store), then compile ``network`` (see :func:`compile_openvino`)."""
-    import openvino as ov
+    with telemetry_declined():
+        import openvino as ov
 
     start = time.perf_counter()
     model, source = (_read_cached(core, entry, remove=store), "cache") if entry is not None else (None, "converted")
@@ -304,7 +327,8 @@ def _read_cached(core: Any, entry: Path, *, remove: bool) -> Any:
 
 def convert_openvino(network: nn.Module, *, in_channels: int, patch: Sequence[int]) -> Any:
     """``network`` converted to an OpenVINO model (dynamic batch and spatial axes), not compiled."""
-    import openvino as ov
+    with telemetry_declined():
+        import openvino as ov
 
     with signals_blocked():
         return _convert(ov, network, in_channels=in_channels, patch=[int(p) for p in patch])
@@ -321,7 +345,8 @@ def _convert(ov: Any, network: nn.Module, *, in_channels: int, patch: list[int])
             warnings.simplefilter(
                 "ignore"
             )  # tracing notes on shapes: segpipe's networks take any multiple of their divisor
-            return ov.convert_model(network, example_input=example, input=[shape])
+            with telemetry_declined():
+                return ov.convert_model(network, example_input=example, input=[shape])
     except Exception as exc:  # noqa: BLE001 - the converter raises its own errors, naming the operation
         raise ConfigError(
             f"OpenVINO cannot convert this network ({_first_line(exc)})",

@@ -15,6 +15,9 @@ overlap 0.5, Gaussian weighting, all 8 flips, 2 threads each, on the CPU, in the
 3. nnU-Net: ``nnUNetPredictor(...).manual_initialization(...)`` then ``predict_from_files`` over the
    same images (``nnUNet_def_n_proc=2``), in its own process with nnU-Net's Python.
 
+With ``--model DIR`` a trained model folder (one 3d_fullres fold) replaces the random network on
+every side: int8 sides (``openvino:int8``) need one exported with ``quantize=int8``.
+
 The sides run interleaved, ``--rounds`` times (A, B, C, A, B, C: the machine's speed drifts between
 runs), and each side's median counts. Each reports the seconds of prediction (model loaded,
 imports done) per case and its peak RSS (process tree, sampled every 20 ms); the label maps of
@@ -33,6 +36,7 @@ sampled every 20 ms.
 
     python tools/bench_infer.py --nnunet-python ../nnunet-venv/bin/python --json out.json
     python tools/bench_infer.py --cases 5          # segpipe only (nnU-Net skipped without its Python)
+    python tools/bench_infer.py --model model_int8/ --runtimes openvino,openvino:int8 --nnunet-python ...
     python tools/bench_infer.py --memory --nnunet-python ../nnunet-venv/bin/python --json mem.json
     python tools/bench_infer.py --soak             # RSS over 200 cases in one run (segpipe only)
 
@@ -188,25 +192,36 @@ def _segpipe_env() -> dict[str, str]:
     }
 
 
-def setup_segpipe(data: Path, work: Path, n_cases: int) -> tuple[Path, Path, Path, list[int]]:
-    """Plan, build the network (random weights), write the model folder and TorchScript; link the images."""
+def setup_segpipe(
+    data: Path, work: Path, n_cases: int, trained: Path | None = None
+) -> tuple[Path, Path, Path, list[int]]:
+    """Plan, build the network (random weights), write the model folder and TorchScript; link the images.
+    With ``trained`` (a model folder of one 3d_fullres fold) its plan and weights are used instead."""
     sys.path.insert(0, str(REPO))
     import torch
 
     import segpipe
-    from segpipe.checkpoint import save_checkpoint
-    from segpipe.inference.model import Member, Model, export_model
+    from segpipe.checkpoint import load_checkpoint, save_checkpoint
+    from segpipe.inference.model import Member, Model, export_model, load_model_folder
     from segpipe.networks import build_network
     from segpipe.planning import load_plan
 
-    planned = segpipe.plan(data, work_dir=work / "ws", configurations=["3d_fullres"])
-    plan = load_plan(planned["plans_path"])
-    cfg = plan.config("3d_fullres")
-    torch.manual_seed(0)
-    net = build_network(cfg, plan.in_channels, plan.num_classes, deep_supervision=True).eval()
-    weights = work / "fold_0.pt"
-    save_checkpoint(weights, {"model": net.state_dict()})
-    model = export_model(Model(plan, [Member("3d_fullres", "0", weights)]), work / "model", overwrite=True)
+    if trained is not None:
+        folder = load_model_folder(trained)
+        plan, member = folder.plan, folder.members[0]
+        cfg = plan.config(member.configuration)
+        net = build_network(cfg, plan.in_channels, plan.num_classes, deep_supervision=True).eval()
+        net.load_state_dict(load_checkpoint(member.path, map_location="cpu")["model"])
+        model = trained
+    else:
+        planned = segpipe.plan(data, work_dir=work / "ws", configurations=["3d_fullres"])
+        plan = load_plan(planned["plans_path"])
+        cfg = plan.config("3d_fullres")
+        torch.manual_seed(0)
+        net = build_network(cfg, plan.in_channels, plan.num_classes, deep_supervision=True).eval()
+        weights = work / "fold_0.pt"
+        save_checkpoint(weights, {"model": net.state_dict()})
+        model = export_model(Model(plan, [Member("3d_fullres", "0", weights)]), work / "model", overwrite=True)
     example = torch.zeros((1, plan.in_channels, *cfg.patch_size))
     with torch.no_grad():
         scripted = torch.jit.trace(net, example, check_trace=False)
@@ -555,6 +570,12 @@ def main() -> int:
     )
     ap.add_argument("--nnunet-python", type=Path, default=None, help="a Python with nnunetv2 installed")
     ap.add_argument("--cases", type=int, default=20, help="test images to predict (default 20)")
+    ap.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a trained model folder (segpipe export; with quantize=int8 for int8 sides) instead of random weights",
+    )
     ap.add_argument("--work", type=Path, default=None, help="keep the work folder here (default: a temp folder)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     ap.add_argument(
@@ -589,7 +610,7 @@ def main() -> int:
             bench_soak(a, work, result)
             return 0 if result["soak"]["held"] else 1
         _say(f"setup (not timed): plan, network, model folder, TorchScript; {a.cases} images of {a.data / 'imagesTs'}")
-        model, ts, images, patch = setup_segpipe(a.data, work, a.cases)
+        model, ts, images, patch = setup_segpipe(a.data, work, a.cases, a.model)
         result["patch_size"] = patch
         sides = [f"segpipe-{rt}" for rt in a.runtimes] + (["nnunet"] if a.nnunet_python is not None else [])
         if a.nnunet_python is None:

@@ -61,6 +61,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_infer import nnunet_ct_plans  # noqa: E402
 from bench_plan import run_measured  # noqa: E402
 
 THREADS = 2
@@ -338,57 +339,14 @@ def setup(
     del net
     # nnU-Net's plan: the same spacing, patch and CT normalisation (its clip and statistics are ours)
     lo, hi = CT_NORM["clip"]
-    nn_plans = {
-        "dataset_name": "Dataset997_ct3mm",
-        "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": spacing_zyx,
-        "original_median_shape_after_transp": shape_zyx,
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
-        "configurations": {
-            "3d_fullres": {
-                "data_identifier": "nnUNetPlans_3d_fullres",
-                "preprocessor_name": "DefaultPreprocessor",
-                "batch_size": BATCH_SIZE,
-                "patch_size": list(patch),
-                "median_image_size_in_voxels": grid,
-                "spacing": spacing,
-                "normalization_schemes": ["CTNormalization"],
-                "use_mask_for_norm": [False],
-                "resampling_fn_data": "resample_data_or_seg_to_shape",
-                "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": {
-                    "is_seg": False,
-                    "order": 1,
-                    "order_z": 0,
-                    "force_separate_z": None,
-                },
-                "architecture": {
-                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                    "arch_kwargs": {},
-                    "_kw_requires_import": [],
-                },
-                "batch_dice": False,
-            }
-        },
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {
-            "0": {
-                "max": hi,
-                "mean": CT_NORM["mean"],
-                "median": CT_NORM["mean"],
-                "min": lo,
-                "percentile_00_5": lo,
-                "percentile_99_5": hi,
-                "std": CT_NORM["std"],
-            }
-        },
-    }
+    nn_plans = nnunet_ct_plans(
+        "Dataset997_ct3mm",
+        spacing=spacing,
+        shape=grid,
+        patch=list(patch),
+        intensity={"min": lo, "max": hi, "mean": CT_NORM["mean"], "median": CT_NORM["mean"], "std": CT_NORM["std"]},
+        original=(spacing_zyx, shape_zyx),
+    )
     paths["nn_plans"].write_text(json.dumps(nn_plans, indent=1))
     paths["dataset_json"].write_text(
         json.dumps(

@@ -298,6 +298,73 @@ def bench_nnunet(python: Path, data: Path, work: Path, ts: Path, images: Path, o
     return _result(run_measured(cmd, env=env), "nnU-Net")
 
 
+def nnunet_ct_plans(
+    dataset: str,
+    *,
+    spacing: list[float],
+    shape: list[int],
+    patch: list[int],
+    intensity: dict[str, float],
+    original: tuple[list[float], list[int]] | None = None,
+) -> dict[str, Any]:
+    """A hand-made nnU-Net plan of one 3d_fullres configuration: ``spacing`` (the images' median
+    ``shape`` there), ``patch`` and CT normalisation clipped to ``intensity``'s min and max (its 0.5
+    and 99.5 percentiles), z-scored by its mean and std; nnU-Net's default resampling; batch 2.
+    ``original``: the images' own (spacing, shape), when they are not already at ``spacing``."""
+    original_spacing, original_shape = original if original is not None else (spacing, shape)
+    return {
+        "dataset_name": dataset,
+        "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": original_spacing,
+        "original_median_shape_after_transp": original_shape,
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {
+            "3d_fullres": {
+                "data_identifier": "nnUNetPlans_3d_fullres",
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": 2,
+                "patch_size": list(patch),
+                "median_image_size_in_voxels": shape,
+                "spacing": spacing,
+                "normalization_schemes": ["CTNormalization"],
+                "use_mask_for_norm": [False],
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities_kwargs": {
+                    "is_seg": False,
+                    "order": 1,
+                    "order_z": 0,
+                    "force_separate_z": None,
+                },
+                "architecture": {
+                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                    "arch_kwargs": {},
+                    "_kw_requires_import": [],
+                },
+                "batch_dice": False,
+            }
+        },
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {
+                "max": intensity["max"],
+                "mean": intensity["mean"],
+                "median": intensity["median"],
+                "min": intensity["min"],
+                "percentile_00_5": intensity["min"],
+                "percentile_99_5": intensity["max"],
+                "std": intensity["std"],
+            }
+        },
+    }
+
+
 def setup_memory(work: Path) -> dict[str, Path]:
     """The CT-like volume, segpipe's 10-class plan and model folder, the TorchScript network, and
     nnU-Net's plan and dataset.json for it (not timed)."""
@@ -386,57 +453,13 @@ def setup_memory(work: Path) -> dict[str, Path]:
     ts = work / "memory_network.ts"
     scripted.save(str(ts))
     # nnU-Net's plan: the same patch, spacing and CT normalisation (its own clip and statistics)
-    nn_plans = {
-        "dataset_name": "Dataset998_ctmemory",
-        "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": spacing,
-        "original_median_shape_after_transp": list(MEMORY_SHAPE),
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
-        "configurations": {
-            "3d_fullres": {
-                "data_identifier": "nnUNetPlans_3d_fullres",
-                "preprocessor_name": "DefaultPreprocessor",
-                "batch_size": 2,
-                "patch_size": list(MEMORY_PATCH),
-                "median_image_size_in_voxels": list(MEMORY_SHAPE),
-                "spacing": spacing,
-                "normalization_schemes": ["CTNormalization"],
-                "use_mask_for_norm": [False],
-                "resampling_fn_data": "resample_data_or_seg_to_shape",
-                "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": {
-                    "is_seg": False,
-                    "order": 1,
-                    "order_z": 0,
-                    "force_separate_z": None,
-                },
-                "architecture": {
-                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                    "arch_kwargs": {},
-                    "_kw_requires_import": [],
-                },
-                "batch_dice": False,
-            }
-        },
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {
-            "0": {
-                "max": 400.0,
-                "mean": 60.0,
-                "median": 40.0,
-                "min": -200.0,
-                "percentile_00_5": -200.0,
-                "percentile_99_5": 400.0,
-                "std": 80.0,
-            }
-        },
-    }
+    nn_plans = nnunet_ct_plans(
+        "Dataset998_ctmemory",
+        spacing=spacing,
+        shape=list(MEMORY_SHAPE),
+        patch=list(MEMORY_PATCH),
+        intensity={"min": -200.0, "max": 400.0, "mean": 60.0, "median": 40.0, "std": 80.0},
+    )
     nn_plans_path = work / "memory_nnUNetPlans.json"
     nn_plans_path.write_text(json.dumps(nn_plans, indent=1))
     dataset_json = work / "memory_dataset.json"

@@ -458,6 +458,7 @@ def main() -> int:
         "--sides", type=_sides, default=list(SIDES), help="comma-separated: openvino,torch,nnunet (default all)"
     )
     ap.add_argument("--flips", action="store_true", help="also run every side with all 8 flips (TTA)")
+    ap.add_argument("--flips-only", action="store_true", help="run every side with all 8 flips only")
     ap.add_argument(
         "--rounds", type=int, default=1, help="interleaved rounds of every side; the median counts (default 1)"
     )
@@ -498,7 +499,9 @@ def main() -> int:
         sides.remove("nnunet")
     if not sides:
         ap.error("no side left to run")
-    runs_of = [(side, False) for side in sides] + ([(side, True) for side in sides] if a.flips else [])
+    runs_of = ([] if a.flips_only else [(side, False) for side in sides]) + (
+        [(side, True) for side in sides] if a.flips or a.flips_only else []
+    )
     names = [f"{side}{'+flips' if flips else ''}" for side, flips in runs_of]
 
     tmp_ctx = tempfile.TemporaryDirectory(prefix="segpipe-bench-ct-") if a.work is None else None
@@ -594,7 +597,7 @@ def main() -> int:
         result["targets"] = targets
         for key, t in targets.items():
             _say(f"target {key}: {t['value']:.1f} < {t['target']:.0f}: {'met' if t['met'] else 'NOT met'}")
-        if "nnunet" in result["sides"]:
+        if "nnunet" in result["sides"] or "nnunet+flips" in result["sides"]:
             for name in names:
                 base = "nnunet+flips" if name.endswith("+flips") else "nnunet"
                 if not name.startswith("nnunet") and base in result["sides"]:

@@ -48,7 +48,7 @@ from .runtimes import (
 )
 from .sliding_window import predict_case_logits
 from .tta import FlipTTA
-from .windows import WINDOW_MODES, case_window, network_divisor, window_layout
+from .windows import case_window, check_window_mode, network_divisor, window_layout
 
 __all__ = ["Prediction", "Predictor", "resolve_device"]
 
@@ -99,7 +99,7 @@ class Predictor:
     (0.5), ``window`` (``pad``: the plan's patch; ``fit``: a window fitted to each image, see
     :func:`~segpipe.inference.windows.fitted_window`), ``batch_size`` (windows per forward pass; default 1 on a CPU, the plan's batch on a GPU), ``device``
     (``auto``: CUDA when present), ``runtime`` (``auto``: OpenVINO on a CPU when installed, see
-    :mod:`segpipe.inference.runtimes`), ``precision`` (``fp32``; ``bf16`` with OpenVINO), ``dicom`` (options of the DICOM reader: ``series=``, ...).
+    :mod:`segpipe.inference.runtimes`), ``precision`` (``fp32``; ``bf16`` or ``int8`` with OpenVINO, int8 from a model folder exported with ``quantize=int8``), ``dicom`` (options of the DICOM reader: ``series=``, ...).
     ``network_cache``: a folder for the networks converted for OpenVINO (the workspace's), written
     unless ``store_networks`` is false (a model folder's ``openvino/``, stored there by
     ``segpipe export runtime=openvino``, is only read; without it they are converted in memory).
@@ -133,8 +133,7 @@ class Predictor:
             raise ConfigError("the model has no trained network")
         if not 0.0 <= float(overlap) < 1.0:
             raise ConfigError(f"overlap={overlap} must be in [0, 1)", hint="overlap=0.5 (the default)")
-        if window not in WINDOW_MODES:
-            raise ConfigError(f"window={window} is not a window mode", hint="window=fit or window=pad")
+        check_window_mode(window)
         if batch_size is not None and int(batch_size) < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1 (or null for the plan's)")
         self.model = model

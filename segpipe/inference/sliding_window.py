@@ -54,12 +54,12 @@ from .windows import (
     GAUSSIAN_SIGMA_SCALE,
     GAUSSIAN_VALUE_SCALE,
     MAX_WINDOWS,
-    WINDOW_MODES,
     RowSums,
     Sink,
     case_window,
     check_overlap,
     check_sum_settings,
+    check_window_mode,
     gaussian_importance_map,
     network_divisor,
     padded_image,
@@ -325,8 +325,7 @@ class SlidingWindowPredictor:
         overlap = configured(overlap, "infer.overlap")
         window = str(configured(window, "infer.window"))
         check_overlap(overlap)
-        if window not in WINDOW_MODES:
-            raise ConfigError(f"window={window} is not a window mode", hint="window=fit or window=pad")
+        check_window_mode(window)
         if window == "fit" and divisor is None:
             raise ConfigError("window=fit needs the network's divisor (the product of its strides per axis)")
         self.window = window

@@ -183,8 +183,7 @@ def case_window(
     """The window that slides over an image of ``spatial`` shape: the patch (``mode="pad"``, nnU-Net's
     way) or :func:`fitted_window` (``"fit"``, which needs the network's ``divisor``). A 2-D patch on a
     3-D image fits the in-plane axes."""
-    if mode not in WINDOW_MODES:
-        raise ConfigError(f"window={mode} is not a window mode", hint="window=fit or window=pad")
+    check_window_mode(mode)
     patch = tuple(int(p) for p in patch)
     if mode == "pad":
         return patch
@@ -196,6 +195,13 @@ def case_window(
     if len(axes) != len(patch):
         return patch  # window_layout refuses the mismatch with the full message
     return fitted_window(axes, patch, divisor)
+
+
+def check_window_mode(mode: str) -> str:
+    """``mode`` when it is a window mode (:data:`WINDOW_MODES`), else a :class:`~segpipe.errors.ConfigError`."""
+    if mode not in WINDOW_MODES:
+        raise ConfigError(f"window={mode} is not a window mode", hint="window=fit or window=pad")
+    return mode
 
 
 def check_overlap(overlap: float) -> None:

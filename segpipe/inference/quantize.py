@@ -41,7 +41,9 @@ from .runtimes import (
     compile_model,
     convert_openvino,
     int8_network_key,
+    network_key,
     openvino_version,
+    read_openvino,
     telemetry_declined,
 )
 
@@ -181,10 +183,14 @@ def quantize_members(
         if str(fold).lower() == "all":
             log.warning(f"{what}: trained on every case, so its int8 check reads cases it was trained on")
         start = time.perf_counter()
-        net = build_network(cfg, plan.in_channels, plan.num_classes, deep_supervision=True)
-        net.load_state_dict(load_checkpoint(folder / member["file"], map_location="cpu")["model"])
         channels = plan.in_channels * max(1, cfg.input_slices)
-        fp32_model = convert_openvino(net.eval(), in_channels=channels, patch=cfg.patch_size)
+        # the fp32 network the export has just converted and stored, else converted here
+        key = network_key(member["sha256"], in_channels=channels, patch=cfg.patch_size, version=version)
+        fp32_model = read_openvino(folder / OPENVINO_DIR / key)
+        if fp32_model is None:
+            net = build_network(cfg, plan.in_channels, plan.num_classes, deep_supervision=True)
+            net.load_state_dict(load_checkpoint(folder / member["file"], map_location="cpu")["model"])
+            fp32_model = convert_openvino(net.eval(), in_channels=channels, patch=cfg.patch_size)
         patches = _calibration_patches(cache, train, cfg, calibration.patches)
         int8_model = _quantized(fp32_model, patches)
         dice = {}

@@ -310,6 +310,12 @@ def _int8_network(
     return OpenVINONetwork(compiled, key=key, seconds=time.perf_counter() - start, source="cache")
 
 
+def read_openvino(entry: Path) -> Any:
+    """The converted network stored in ``entry`` (a folder of ``network.xml`` and ``.bin``), or None."""
+    with signals_blocked():
+        return _read_cached(_core(), entry, remove=False)
+
+
 def _read_cached(core: Any, entry: Path, *, remove: bool) -> Any:
     """The converted network stored in ``entry``, or None when there is none or it cannot be read
     (a damaged entry is removed with ``remove``, to be converted again)."""

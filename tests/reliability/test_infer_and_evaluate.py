@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -95,9 +95,21 @@ def test_bad_images_in_a_batch_infer_are_each_reported_and_skipped_and_the_good_
     assert not single.exists() or not any(single.iterdir())
 
 
+@pytest.fixture
+def threads_of_env() -> Iterator[None]:
+    """This process computes with the threads a subprocess given ``ENV`` gets: OpenVINO's sums, and so
+    the labels of near-tie voxels of random weights, depend on the number of threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(ENV["OMP_NUM_THREADS"]))
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 def test_kill_9_during_a_batch_infer_then_the_same_command_writes_the_rest_once(
-    tiny_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], threads_of_env: None
 ) -> None:
     """`kill -9` of `infer` halfway through 12 cases, then the same command: finished cases are kept, the rest written
     once, every output complete and equal to an uninterrupted run's, no temporary left."""

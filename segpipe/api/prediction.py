@@ -35,7 +35,9 @@ def _predictor(model: PathLike | None, cfg: Any, config_value: Any, dataset: Pat
     if model is not None:
         if dataset is not None:
             raise UsageError("give either a model folder (-m) or dataset=NAME of the workspace, not both")
-        return Predictor.from_model(model, configs=config_value, folds=folds, **options)
+        return Predictor.from_model(
+            model, configs=config_value, folds=folds, checkpoint=str(cfg.infer.checkpoint), **options
+        )
     return Predictor.from_workspace(
         cfg.work_dir, dataset, configs=config_value, folds=folds, checkpoint=str(cfg.infer.checkpoint), **options
     )

@@ -82,6 +82,8 @@ class Member:
     sha256: str | None = None
     #: how the network was trained (see :func:`training_record`), when known
     training: dict[str, Any] | None = field(default=None, compare=False)
+    #: the network weights already read (an nnU-Net checkpoint's), else read from ``path`` when needed
+    weights: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -416,7 +418,7 @@ def _write_members(model: Model, tmp: Path) -> list[dict[str, Any]]:
 
     members = []
     for m in model.members:
-        state = load_checkpoint(m.path)
+        state = {"model": m.weights} if m.weights is not None else load_checkpoint(m.path)
         if "model" not in state:
             raise StateError(f"{m.path}: holds no network weights", hint="pass a run's final.pt or best.pt")
         rel = Path("weights") / m.configuration / f"fold_{m.fold}.pt"

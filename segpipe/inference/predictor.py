@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..arrays import regions_to_labels
 from ..errors import ConfigError, DataError, UsageError
 from ..geometry import Geometry
 from ..io.formats import case_id_of
@@ -127,7 +128,7 @@ class Predictor:
         overlap = configured(overlap, "infer.overlap")
         window = str(configured(window, "infer.window")).strip().lower()
         from ..checkpoint import load_checkpoint
-        from ..networks import build_network
+        from ..networks import network_outputs, plan_network
 
         if not model.members:
             raise ConfigError("the model has no trained network")
@@ -153,12 +154,14 @@ class Predictor:
         # what the networks are, for reports: a retrained fold or an edited plan is another model
         self.member_sha256 = [m.sha256 or file_sha256(m.path) for m in model.members]
         self.plan_sha256 = model.plan_sha256()
+        # a model nnU-Net trained: its resampling, mirroring axes and (for regions) sigmoid outputs
+        self.nnunet: dict[str, Any] | None = (self.plan.settings or {}).get("nnunet") or None
+        self.outputs = network_outputs(self.plan)
         for member in model.members:
-            state = load_checkpoint(member.path, map_location="cpu")
-            cfg = self.plan.config(member.configuration)
-            net = build_network(cfg, self.plan.in_channels, self.plan.num_classes, deep_supervision=True)
+            net = plan_network(self.plan, member.configuration)
             try:
-                net.load_state_dict(state["model"])
+                weights = member.weights if member.weights is not None else load_checkpoint(member.path)["model"]
+                net.load_state_dict(weights)
             except (KeyError, RuntimeError) as exc:
                 raise ConfigError(
                     f"{member.path}: the weights do not fit the {member.configuration} network of the plan "
@@ -224,9 +227,21 @@ class Predictor:
         *,
         configs: Sequence[str] | str | None = None,
         folds: Any = None,
+        checkpoint: str | None = None,
         **options: Any,
     ) -> Predictor:
-        """The predictor of a model folder written by ``segpipe export`` (every member by default)."""
+        """The predictor of a model folder written by ``segpipe export`` (every member by default), or
+        of an nnU-Net v2 trained model folder (``<Trainer>__<Plans>__<configuration>/`` with
+        ``dataset.json``, ``plans.json`` and ``fold_<k>/checkpoint_final.pth``; ``checkpoint=best``
+        takes ``checkpoint_best.pth``; see :mod:`segpipe.inference.nnunet_folder`)."""
+        from .nnunet_folder import is_nnunet_folder, load_nnunet_folder
+
+        if is_nnunet_folder(path):
+            checkpoint = str(configured(checkpoint, "infer.checkpoint"))
+            if checkpoint not in CHECKPOINTS:
+                raise UsageError(f"checkpoint={checkpoint} is not one of {', '.join(CHECKPOINTS)}")
+            nn_model = load_nnunet_folder(path, folds=parse_folds(folds), checkpoint=checkpoint)
+            return cls(nn_model.select(parse_configs(configs), None), **options)
         model = load_model_folder(path)
         if model.info.get("openvino"):  # networks converted at export, checked with the folder; never written
             options = {"network_cache": Path(model.origin) / OPENVINO_DIR, "store_networks": False, **options}
@@ -315,7 +330,9 @@ class Predictor:
         """The sliding window's predictor of one configuration: its folds' mean logits per window
         (the same as averaging whole-image logits: the window blend is linear), each under flip TTA."""
         self._to_openvino()
-        nets = [FlipTTA(net).eval() if self.tta else net for net in self.networks[configuration]]
+        axes = None if self.nnunet is None else self.nnunet.get("mirror_axes")
+        mirror = self.tta and (self.nnunet is None or bool(axes))  # nnU-Net models mirror their trained axes only
+        nets = [FlipTTA(net, axes=axes).eval() if mirror else net for net in self.networks[configuration]]
         return nets[0] if len(nets) == 1 else _MeanOf(nets).eval()
 
     def _slide(self, image: np.ndarray, configuration: str, sink: Any, name: str = "sliding window") -> None:
@@ -330,7 +347,7 @@ class Predictor:
         kwargs: dict[str, Any] = {
             "overlap": self.overlap,
             "window": self.window,
-            "num_classes": self.plan.num_classes,
+            "num_classes": self.outputs,
             "device": self.device,
         }
         if self.batch_size is not None:
@@ -341,23 +358,39 @@ class Predictor:
             self._window_network(configuration), image, cfg, output_device="cpu", sink=sink, progress=name, **kwargs
         )
 
+    def _regions(self) -> list[int] | None:
+        """The label values of an nnU-Net region model's outputs, in order (None for class outputs)."""
+        regions = (self.nnunet or {}).get("regions")
+        return [int(v) for v in regions["class_order"]] if regions else None
+
+    def _decode(self, scores: np.ndarray) -> np.ndarray:
+        """The label map of class scores [K, ...] (argmax), or of region logits (nnU-Net's sigmoid > 0.5)."""
+        regions = self._regions()
+        dtype = np.uint8 if self.plan.num_classes <= 256 else np.int16
+        if regions is None:
+            return scores.argmax(axis=0).astype(dtype, copy=False)
+        sig = torch.sigmoid(torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))).numpy()
+        return regions_to_labels(sig, regions, dtype=dtype)
+
     def _label_grid(self, image: np.ndarray, configuration: str, name: str) -> np.ndarray:
-        """The argmax label map [Z', Y', X'] on the preprocessed grid, row block by row block."""
+        """The label map [Z', Y', X'] on the preprocessed grid, row block by row block."""
         dtype = np.uint8 if self.plan.num_classes <= 256 else np.int16
         label = np.zeros(image.shape[1:], dtype=dtype)
 
         def sink(row: int, block: torch.Tensor) -> None:
-            label[row : row + block.shape[1]] = block.argmax(dim=0).numpy().astype(dtype, copy=False)
+            label[row : row + block.shape[1]] = self._decode(block.numpy())
 
         self._slide(image, configuration, sink, name)
         return label
 
     def _probabilities(self, image: np.ndarray, configuration: str, name: str) -> np.ndarray:
-        """Softmax [K, Z', Y', X'] float32 of the configuration's fold ensemble on its preprocessed grid."""
-        probs = np.zeros((self.plan.num_classes, *image.shape[1:]), dtype=np.float32)
+        """Softmax [K, Z', Y', X'] float32 of the configuration's fold ensemble on its preprocessed grid
+        (the logits for a model nnU-Net trained: it resamples logits, then applies its nonlinearity)."""
+        probs = np.zeros((self.outputs, *image.shape[1:]), dtype=np.float32)
+        raw = self.nnunet is not None
 
         def sink(row: int, block: torch.Tensor) -> None:
-            probs[:, row : row + block.shape[1]] = torch.softmax(block, dim=0).numpy()
+            probs[:, row : row + block.shape[1]] = (block if raw else torch.softmax(block, dim=0)).numpy()
 
         self._slide(image, configuration, sink, name)
         return probs
@@ -388,6 +421,8 @@ class Predictor:
             t = time.perf_counter()
             spec = spec_from_plan(self.plan, configuration)
             grid, _, props = preprocess_arrays(image, None, geo, spec, self.plan.num_classes)
+            if self._regions() is not None:
+                props["regions"] = self._regions()
             if i == len(configs) - 1:
                 del image  # the preprocessed grid is all the last configuration needs
             timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - t
@@ -421,7 +456,11 @@ class Predictor:
         prob_out: np.ndarray | None = None
         if mean is not None:
             mean /= len(configs)
-            label = mean.argmax(axis=0).astype(np.uint8 if mean.shape[0] <= 256 else np.int16)
+            regions = self._regions()
+            if regions is None:
+                label = mean.argmax(axis=0).astype(np.uint8 if mean.shape[0] <= 256 else np.int16)
+            else:  # the regions' probabilities: each above 0.5 writes its value
+                label = regions_to_labels(mean, regions)
             if probabilities:
                 prob_out = mean.astype(np.float16)
             del mean
@@ -454,6 +493,7 @@ class Predictor:
             ],
             "plan_sha256": self.plan_sha256,
             "postprocessing": self.model.postprocessing,
+            **({"nnunet": _nnunet_identity(self.nnunet)} if self.nnunet else {}),
             "tta": self.tta,
             "overlap": self.overlap,
             "window": self.window,
@@ -513,3 +553,16 @@ def _source_name(source: ImageInput) -> str:
     if isinstance(source, (np.ndarray, torch.Tensor)) or not source:
         return "case"
     return case_id_of(Path(source[0]))
+
+
+def _nnunet_identity(nnunet: Mapping[str, Any]) -> dict[str, Any]:
+    """What a report says of a model nnU-Net trained: its trainer, plans, mirroring axes, regions and
+    where its post-processing came from (or why there is none)."""
+    regions = nnunet.get("regions")
+    return {
+        "trainer": nnunet.get("trainer"),
+        "plans": nnunet.get("plans_name"),
+        "mirror_axes": nnunet.get("mirror_axes"),
+        "regions": None if not regions else dict(zip(regions["names"], regions["regions"], strict=True)),
+        "postprocessing": nnunet.get("postprocessing_source"),
+    }

@@ -163,7 +163,7 @@ def quantize_members(
         import openvino as ov
 
     from ..checkpoint import load_checkpoint
-    from ..networks import build_network
+    from ..networks import plan_network
 
     version = openvino_version() or "unknown"
     out: dict[str, Any] = {}
@@ -188,7 +188,7 @@ def quantize_members(
         key = network_key(member["sha256"], in_channels=channels, patch=cfg.patch_size, version=version)
         fp32_model = read_openvino(folder / OPENVINO_DIR / key)
         if fp32_model is None:
-            net = build_network(cfg, plan.in_channels, plan.num_classes, deep_supervision=True)
+            net = plan_network(plan, member["configuration"])
             net.load_state_dict(load_checkpoint(folder / member["file"], map_location="cpu")["model"])
             fp32_model = convert_openvino(net.eval(), in_channels=channels, patch=cfg.patch_size)
         patches = _calibration_patches(cache, train, cfg, calibration.patches)

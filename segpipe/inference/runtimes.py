@@ -384,7 +384,7 @@ def export_openvino(plan: Any, members: Sequence[Mapping[str, Any]], folder: Pat
     name their weight files) into ``folder/openvino/<key>/``; returns the OpenVINO version and, per
     weight file, the files of its converted network (relative to ``folder``)."""
     from ..checkpoint import load_checkpoint
-    from ..networks import build_network
+    from ..networks import plan_network
 
     version = openvino_version()
     if version is None:
@@ -392,7 +392,7 @@ def export_openvino(plan: Any, members: Sequence[Mapping[str, Any]], folder: Pat
     networks: dict[str, Any] = {}
     for member in members:
         cfg = plan.config(member["configuration"])
-        net = build_network(cfg, plan.in_channels, plan.num_classes, deep_supervision=True)
+        net = plan_network(plan, member["configuration"])
         net.load_state_dict(load_checkpoint(folder / member["file"], map_location="cpu")["model"])
         compiled = compile_openvino(
             net.eval(),

@@ -105,9 +105,18 @@ def get_normalizer(name: str) -> Normalizer:
     return fn
 
 
-def normalize(image: np.ndarray, norms: Sequence[ChannelNorm]) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Normalise each channel of ``image`` [C, Z, Y, X] (float32, in place where possible)."""
+def normalize(
+    image: np.ndarray, norms: Sequence[ChannelNorm], *, fill_holes: bool = False
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Normalise each channel of ``image`` [C, Z, Y, X] (float32, in place where possible).
+
+    ``fill_holes``: the nonzero mask with its enclosed holes filled, as nnU-Net's (its z-score then
+    counts and normalises the zero voxels inside the object too)."""
     fns = [get_normalizer(n.scheme) for n in norms]  # refuse an unknown scheme before any work
     out = image.astype(np.float32, copy=True)
     mask = np.any(image != 0, axis=0) if any(n.use_mask for n in norms) else None
+    if mask is not None and fill_holes:
+        from scipy.ndimage import binary_fill_holes
+
+        mask = binary_fill_holes(mask)
     return out, [fn(out[c], n, mask) for c, (fn, n) in enumerate(zip(fns, norms))]

@@ -45,6 +45,9 @@ class PreprocessSpec:
     transpose: tuple[int, int, int] = (0, 1, 2)
     separate_z_ratio: float = ANISOTROPY_THRESHOLD  # the planner's rule: "separate z" above this spacing ratio
     resample_slices: bool = True  # False (2d): axis 0 keeps each case's own spacing, as nnU-Net's 2D
+    #: a model nnU-Net trained: its resampling settings ({"data": ..., "probabilities": ...}, see
+    #: :func:`~segpipe.preprocessing.nnunet_resampling.resampling_settings`), and its nonzero mask with holes filled
+    nnunet: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -78,12 +81,14 @@ def spec_from_plan(plan: Any, configuration: str) -> PreprocessSpec:
     threshold = float((plan.settings or {}).get("anisotropy_threshold", ANISOTROPY_THRESHOLD))
     sz, sy, sx = (float(v) for v in cfg.spacing)
     t0, t1, t2 = (int(a) for a in plan.transpose_forward)
+    nnunet = ((plan.settings or {}).get("nnunet") or {}).get("resampling", {}).get(configuration)
     return PreprocessSpec(
         spacing=(sz, sy, sx),
         normalization=norms,
         transpose=(t0, t1, t2),
         separate_z_ratio=threshold,
         resample_slices=bool(cfg.resample_slices),
+        nnunet=dict(nnunet) if nnunet else None,
     )
 
 

@@ -8,6 +8,8 @@ import numpy as np
 
 from ..arrays import crop_box
 from ..geometry import Geometry
+from .nnunet_resampling import new_shape as nnunet_shape
+from .nnunet_resampling import resample_like_nnunet, separate_axis
 from .normalization import normalize
 from .resampling import resample, resample_label, separate_z_axis
 from .spec import LOCATIONS_SEED, MAX_LOCATIONS_PER_CLASS, PREPROCESS_VERSION, PreprocessSpec
@@ -43,14 +45,19 @@ def preprocess_arrays(
     index = (slice(None), *sl)
     img = img[index]
     lab = lab[sl] if lab is not None else None
-    img, used = normalize(img, spec.normalization)
+    img, used = normalize(img, spec.normalization, fill_holes=spec.nnunet is not None)
     cropped_shape = list(img.shape[1:])
     target = [float(s) for s in spec.spacing]
     if not spec.resample_slices:
         target[0] = float(spacing[0])
-    new_shape = [max(1, int(round(n * s / t))) for n, s, t in zip(cropped_shape, spacing, target)]
-    sep = separate_z_axis(spacing, spec.separate_z_ratio) if new_shape != cropped_shape else None
-    img = resample(img, new_shape, kind="cubic", separate_axis=sep)
+    if spec.nnunet is not None:  # a model nnU-Net trained sees its resampling (images only: it predicts)
+        new_shape = nnunet_shape(cropped_shape, spacing, target)
+        sep = separate_axis(spacing, target, spec.nnunet["data"].get("force_separate_z"))
+        img = resample_like_nnunet(img, new_shape, spacing, target, spec.nnunet["data"])
+    else:
+        new_shape = [max(1, int(round(n * s / t))) for n, s, t in zip(cropped_shape, spacing, target)]
+        sep = separate_z_axis(spacing, spec.separate_z_ratio) if new_shape != cropped_shape else None
+        img = resample(img, new_shape, kind="cubic", separate_axis=sep)
     if lab is not None:
         lab = resample_label(lab, new_shape, num_classes, separate_axis=sep)
     props = {
@@ -68,6 +75,8 @@ def preprocess_arrays(
         "num_classes": num_classes,
         "class_locations": sample_locations(lab, num_classes) if lab is not None else {},
     }
+    if spec.nnunet is not None:
+        props["nnunet"] = dict(spec.nnunet["probabilities"])
     return img, lab, props
 
 
@@ -92,9 +101,15 @@ def restore(prediction: np.ndarray, properties: dict[str, Any], *, is_label: boo
         out = np.zeros(full, dtype=lab.dtype)
         out[sl] = lab
         return np.ascontiguousarray(np.transpose(out, inverse))
-    probs = resample(prediction, crop_shape, kind="linear", separate_axis=sep)
+    regions = properties.get("regions")
+    if "nnunet" in properties:  # logits, resampled nnU-Net's way, then its softmax (or sigmoid for regions)
+        probs = _nnunet_logits(prediction, properties)
+        probs = _nonlinearity(probs, regions is not None)
+    else:
+        probs = resample(prediction, crop_shape, kind="linear", separate_axis=sep)
     out = np.zeros((probs.shape[0], *full), dtype=np.float32)
-    out[0] = 1.0  # outside the crop box: background
+    if regions is None:
+        out[0] = 1.0  # outside the crop box: background
     index = (slice(None), *sl)
     out[index] = probs
     return np.ascontiguousarray(np.transpose(out, [0] + [a + 1 for a in inverse]))
@@ -108,18 +123,29 @@ def restore_argmax(probabilities: Any, properties: dict[str, Any]) -> np.ndarray
     the running maximum, so the memory is two float32 maps of the crop box and the label map, not
     K of them. Outside the crop box the label is 0 (background), as in :func:`restore`. Ties go to
     the lower class, as with ``argmax``. Returns uint8 labels (int16 beyond 255 classes).
+
+    Properties of a model nnU-Net trained (``"nnunet"``: its resampling settings) take logits,
+    resampled its way; with ``"regions"`` (their label values in order) each region's sigmoid
+    above 0.5 writes its value, later regions over earlier ones.
     """
     scores = probabilities
     crop_shape = [int(n) for n in properties["shape_after_crop"]]
     sep = properties.get("separate_axis")
     num = int(scores.shape[0])
-    dtype = np.uint8 if num <= 256 else np.int16
+    regions = properties.get("regions")
+    dtype = np.uint8 if num <= 256 and max(regions or [0]) < 256 else np.int16
     best = None
     labels = np.zeros(crop_shape, dtype=dtype)
     for c in range(num):
         channel = np.asarray(scores[c : c + 1], dtype=np.float32)
-        score = resample(channel, crop_shape, kind="linear", separate_axis=sep)[0]
+        if "nnunet" in properties:
+            score = _nnunet_logits(channel, properties)[0]
+        else:
+            score = resample(channel, crop_shape, kind="linear", separate_axis=sep)[0]
         del channel
+        if regions is not None:  # region c's value where its sigmoid passes 0.5, later regions on top
+            labels[_nonlinearity(score[None], True)[0] > 0.5] = regions[c]
+            continue
         if best is None:
             best = np.array(score, dtype=np.float32, copy=True)  # never a view of the input
             continue
@@ -133,3 +159,22 @@ def restore_argmax(probabilities: Any, properties: dict[str, Any]) -> np.ndarray
     del labels, best
     inverse = np.argsort(properties["transpose"]).tolist()
     return np.ascontiguousarray(np.transpose(out, inverse))
+
+
+def _nnunet_logits(logits: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
+    """Logits [K, Z', Y', X'] back on the crop box's grid with nnU-Net's resampling of its model."""
+    return resample_like_nnunet(
+        logits,
+        properties["shape_after_crop"],
+        properties["spacing"],
+        properties["spacing_before_resample"],
+        properties["nnunet"],
+    )
+
+
+def _nonlinearity(logits: np.ndarray, sigmoid: bool) -> np.ndarray:
+    """Softmax over the classes, or each region's sigmoid, in float32 (torch's, as nnU-Net computes them)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    return (torch.sigmoid(t) if sigmoid else torch.softmax(t, dim=0)).numpy()

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import ConfigError
-from .losses import DeepSupervision, build_loss
-from .planning import PlanConfig, attention_hidden, estimate_training_bytes, memory_breakdown
+from ..errors import ConfigError
+from ..losses import DeepSupervision, build_loss
+from ..planning import PlanConfig, attention_hidden, estimate_training_bytes, memory_breakdown
 
 __all__ = [
     "NETWORKS",
@@ -46,6 +46,8 @@ __all__ = [
     "estimate_training_bytes",
     "measure_training_bytes",
     "memory_breakdown",
+    "network_outputs",
+    "plan_network",
     "register_network",
 ]
 
@@ -261,6 +263,31 @@ def build_network(
     cfg = _as_config(plan_config)
     builder = get_network_builder(cfg.architecture, configuration=cfg.name)
     return builder(cfg, in_channels, num_classes, deep_supervision=deep_supervision)
+
+
+def network_outputs(plan: Any) -> int:
+    """The output channels of a plan's networks: one per class (background included), or one per
+    region for an nnU-Net region model (``plan.settings["nnunet"]["regions"]``)."""
+    regions = ((plan.settings or {}).get("nnunet") or {}).get("regions")
+    return len(regions["regions"]) if regions else int(plan.num_classes)
+
+
+def plan_network(plan: Any, configuration: str, *, deep_supervision: bool = True) -> nn.Module:
+    """The network of one configuration of a :class:`~segpipe.planning.Plan`: segpipe's own
+    (:func:`build_network`), or for a plan read from an nnU-Net model folder the architecture its
+    ``settings["nnunet"]`` names (:func:`segpipe.networks.nnunet.build_nnunet_network`, one output)."""
+    cfg = plan.config(configuration)
+    nnunet = (plan.settings or {}).get("nnunet")
+    if nnunet:
+        from .nnunet import build_nnunet_network
+
+        arch = (nnunet.get("architectures") or {}).get(configuration)
+        if not arch:
+            raise ConfigError(f"the plan names no nnU-Net network for {configuration}")
+        return build_nnunet_network(
+            arch, plan.in_channels, network_outputs(plan), where=f"plans.json ({configuration})"
+        )
+    return build_network(cfg, plan.in_channels, plan.num_classes, deep_supervision=deep_supervision)
 
 
 # ---------------------------------------------------------------------------- measurement

@@ -79,6 +79,30 @@ def _calibration(cfg: Any, dws: Any, plan: Any, model: Any) -> Any:
     return Calibration(caches=caches, splits=splits, tolerance=float(cfg.infer.quantize_tolerance))
 
 
+def _export_nnunet(folder: PathLike, output: PathLike, cfg: Any, *, runtime: str, overwrite: bool) -> dict[str, Any]:
+    """``segpipe export <nnU-Net trained model folder> -o OUT``: the same networks as a segpipe model folder."""
+    from ..inference import export_model
+    from ..inference.model import parse_folds
+    from ..inference.nnunet_folder import load_nnunet_folder
+
+    if str(cfg.infer.quantize or "").lower() not in ("", "none", "false"):
+        raise UsageError(
+            f"{folder}: quantize=int8 needs the folds' training and validation cases of a segpipe workspace",
+            hint="export the nnU-Net model without quantize",
+        )
+    model = load_nnunet_folder(
+        folder, folds=parse_folds(to_container(cfg.infer)["folds"]), checkpoint=str(cfg.infer.checkpoint)
+    )
+    out = export_model(model, output, overwrite=overwrite, openvino=runtime == "openvino")
+    return {
+        "warnings": [],
+        "model": str(out),
+        "dataset": model.plan.dataset,
+        "members": [{"configuration": m.configuration, "fold": m.fold, "validation_dice": None} for m in model.members],
+        "postprocessing": model.postprocessing,
+    }
+
+
 @paths_checked
 def infer(
     input: PathLike,  # noqa: A002 - the command's own word for what it segments
@@ -171,6 +195,7 @@ def export(
     """
     from ..inference import export_model, workspace_model
     from ..inference.model import export_warnings, parse_configs, parse_folds
+    from ..inference.nnunet_folder import is_nnunet_folder
     from ..planning import load_plan
     from ..workspace import find_dataset
 
@@ -187,6 +212,8 @@ def export(
         from ..inference.runtimes import choose_runtime
 
         choose_runtime(runtime, torch.device("cpu"))
+    if dataset is not None and is_nnunet_folder(dataset):
+        return _export_nnunet(dataset, output, cfg, runtime=runtime, overwrite=overwrite)
     _ws, dws = find_dataset(cfg.work_dir, dataset, "export")
     the_plan = load_plan(dws.plans_path)
     model = workspace_model(

@@ -18,7 +18,7 @@ COMMANDS: dict[str, str] = {
     "infer": "segment new cases (sliding window, TTA, fold ensemble)",
     "evaluate": "compare predictions with reference labels (Dice, HD95, ...)",
     "find-best": "choose the best configuration / ensemble from cross-validation",
-    "export": "export a trained model as a self-contained folder",
+    "export": "export a trained model (a dataset's runs, or an nnU-Net v2 model folder) as a self-contained folder",
     "config": "print the composed configuration (all settings and overrides)",
     "demo": "run the main job on the embedded synthetic dataset",
 }
@@ -31,7 +31,7 @@ USAGE = {
     "infer": "segpipe infer INPUT [-o OUT] [-m MODEL] [--overwrite] [key=value ...]",
     "evaluate": "segpipe evaluate PRED GT [-o OUT] [key=value ...]",
     "find-best": "segpipe find-best [DATASET] [key=value ...]",
-    "export": "segpipe export [DATASET] -o OUT [--overwrite] [key=value ...]",
+    "export": "segpipe export [DATASET | NNUNET_MODEL] -o OUT [--overwrite] [key=value ...]",
     "config": "segpipe config [key=value ...]",
     "demo": "segpipe demo [work_dir=PATH] [--force]",
 }
@@ -115,7 +115,8 @@ def build_parser(help_for: str | None = None) -> argparse.ArgumentParser:
                 "-m",
                 "--model",
                 metavar="MODEL",
-                help="a model folder from `segpipe export` (default: the workspace's trained runs)",
+                help="a model folder from `segpipe export`, or an nnU-Net v2 trained model folder "
+                "(<Trainer>__<Plans>__<configuration>/; default: the workspace's trained runs)",
             )
             p.add_argument("--overwrite", action="store_true", help="segment finished cases again")
         if name == "export":

@@ -68,13 +68,15 @@ def is_nnunet_folder(path: str | os.PathLike[str]) -> bool:
 
 def _allowed_globals(names: Sequence[str]) -> list[Any]:
     """The objects of the numpy globals a checkpoint names, or a refusal naming the first other one."""
-    allowed = []
+    allowed: list[Any] = []
     for name in names:
         module, _, attr = name.rpartition(".")
         if not module.startswith("numpy") or (attr not in _NUMPY_GLOBALS and not attr.endswith("DType")):
             raise ValueError(name)
         obj: Any = __import__(module, fromlist=[attr])
-        allowed.append(getattr(obj, attr))
+        allowed.append((getattr(obj, attr), name))  # under the name the file uses (numpy moved them)
+    # the dtypes of numpy scalars are found only while loading
+    allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
     return allowed
 
 

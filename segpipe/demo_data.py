@@ -16,6 +16,7 @@ multiplicative bias field (intensity inhomogeneity) and Gaussian noise. Everythi
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -219,4 +220,66 @@ def generate_dicom_demo_dataset(
             "dicom": {"modality": "MR"},
         }
         (tmp / "dataset.json").write_text(jsonio.dumps(desc), encoding="utf-8")
+    return target
+
+
+#: the region dataset's nested regions (BraTS' convention): label 1 oedema, 2 necrotic core, 3 enhancing rim
+REGIONS = {"whole tumour": [1, 2, 3], "tumour core": [2, 3], "enhancing tumour": [3]}
+REGION_CHANNELS = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
+
+
+def make_region_case(seed: int, shape: tuple[int, int, int] = (32, 40, 40)) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """One BraTS-like case: 4 MR-like channels [4, Z, Y, X] and nested labels (oedema ⊃ enhancing rim ⊃
+    necrosis) in a brain-like ellipsoid on a zero background, 1 mm isotropic."""
+    rng = np.random.default_rng(seed)
+    z, y, x = (np.arange(n, dtype=np.float32) for n in shape)
+    zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
+    centre = np.array(shape, dtype=np.float32) / 2
+    brain = ((zz - centre[0]) / (shape[0] * 0.45)) ** 2 + ((yy - centre[1]) / (shape[1] * 0.45)) ** 2
+    brain = brain + ((xx - centre[2]) / (shape[2] * 0.45)) ** 2 <= 1.0
+    c = centre + rng.uniform(-0.15, 0.15, 3).astype(np.float32) * np.array(shape, dtype=np.float32)
+    r = float(rng.uniform(5.0, 7.0))
+    dist = np.sqrt(((zz - c[0]) * 1.1) ** 2 + (yy - c[1]) ** 2 + ((xx - c[2]) * 0.9) ** 2)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[(dist <= r * 1.9) & brain] = 1  # oedema
+    label[dist <= r] = 3  # enhancing rim
+    label[dist <= r * 0.55] = 2  # necrotic core
+    # channel contrasts (T1, T1ce, T2, FLAIR) of tissue, oedema, necrosis, enhancing rim
+    contrast = np.array([[100, 80, 60, 90], [100, 85, 70, 250], [80, 150, 180, 130], [90, 160, 120, 120]], np.float32)
+    image = np.zeros((4, *shape), dtype=np.float32)
+    for ch in range(4):
+        means = contrast[ch][[0, 1, 2, 3]]
+        tissue = np.choose(label, means)
+        image[ch] = np.where(brain | (label > 0), tissue + rng.normal(0, 8, shape).astype(np.float32), 0.0)
+    return image, label, Geometry(shape=shape, spacing=(1.0, 1.0, 1.0))
+
+
+def generate_regions_dataset(
+    out: str | os.PathLike[str], *, num_cases: int = 8, num_test: int = 2, seed: int = 0, overwrite: bool = False
+) -> Path:
+    """A BraTS-like region dataset in nnU-Net's layout: 4 channels per case, labels 1 oedema, 2 necrotic
+    core, 3 enhancing rim, declared as nested regions (:data:`REGIONS`, ``regions_class_order`` [1, 2, 3]);
+    ``labelsTs`` holds the test cases' references. Built beside ``out`` and renamed into place."""
+    target = Path(out).expanduser().resolve()
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise UsageError(f"{target}: folder exists and is not empty", hint="choose a new folder or pass --force")
+    with atomic_folder(target) as tmp:
+        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+            (tmp / sub).mkdir(parents=True)
+        for i in range(num_cases + num_test):
+            image, label, geo = make_region_case(seed * 1000 + i)
+            cid, split = f"brats_{i:03d}", ("Tr" if i < num_cases else "Ts")
+            for ch in range(image.shape[0]):
+                write_image(tmp / f"images{split}" / f"{cid}_{ch:04d}.nii.gz", image[ch], geo)
+            write_image(tmp / f"labels{split}" / f"{cid}.nii.gz", label, geo)
+        desc = {
+            "name": target.name,
+            "channel_names": REGION_CHANNELS,
+            "labels": {"background": 0, **REGIONS},
+            "regions_class_order": [1, 2, 3],
+            "numTraining": num_cases,
+            "file_ending": ".nii.gz",
+        }
+        # written in its own key order: regions_class_order pairs with the order of the regions in "labels"
+        (tmp / "dataset.json").write_text(json.dumps(desc, indent=1), encoding="utf-8")
     return target

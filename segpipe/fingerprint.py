@@ -256,6 +256,7 @@ def _aggregate(dataset: Any, summaries: list[dict[str, Any]], samples: list[np.n
     return {
         "channel_names": channels,
         "labels": {str(k): str(v) for k, v in sorted(dataset.labels.items())},
+        **({"regions": dataset.regions} if dataset.regions else {}),
         "num_cases": len(summaries),
         "foreground_intensity_per_channel": intensity,
         "spacing": _axis_stats(spacings) if len(summaries) else {},
@@ -331,6 +332,7 @@ def dataset_signature(dataset: Any) -> dict[str, Any]:
         "samples_per_case": MAX_SAMPLES_PER_CASE,
         "channel_names": {str(k): str(v) for k, v in sorted(dataset.channel_names.items())},
         "labels": {str(k): str(v) for k, v in sorted(dataset.labels.items())},
+        **({"regions": dataset.regions} if dataset.regions else {}),
         "files": entries,
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

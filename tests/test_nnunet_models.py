@@ -108,3 +108,152 @@ def test_same_labels_as_nnunet(name, tta):
     agree = float((pred.label == expected).mean())
     assert agree >= 0.999, f"{name}: {agree:.5f} of voxels agree with nnU-Net"
     assert set(np.unique(expected).tolist()) == set(np.unique(pred.label).tolist())
+
+
+# ---------------------------------------------------------------------------- bad folders
+@pytest.fixture
+def nnunet_copy(tmp_path):
+    """A writable copy of the plain 3-D fixture's model folder, named as nnU-Net names it, and its input."""
+    src = FIXTURES / "plain3d_zscore"
+    if not src.is_dir():
+        pytest.skip("tests/data/nnunet/plain3d_zscore is missing")
+    model = tmp_path / "Dataset901_X" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    shutil.copytree(src / "model", model)
+    shutil.copytree(src / "input", tmp_path / "input")
+    return model
+
+
+def _edit(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_recognised_by_its_files(nnunet_copy, tmp_path):
+    assert is_nnunet_folder(nnunet_copy)
+    assert not is_nnunet_folder(tmp_path / "input")
+    model = load_nnunet_folder(nnunet_copy, folds=["0"])
+    assert [m.fold for m in model.members] == ["0"]
+    assert model.plan.settings["nnunet"]["mirror_axes"] == [0, 1, 2]
+    assert model.members[0].weights is not None
+
+
+def test_missing_plans_json(nnunet_copy):
+    (nnunet_copy / "plans.json").unlink()
+    with pytest.raises(StateError, match=r"plans\.json: missing") as exc:
+        load_nnunet_folder(nnunet_copy)
+    assert "copy plans.json" in exc.value.hint
+
+
+def test_unknown_architecture_class(nnunet_copy):
+    def change(plans):
+        plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "my_package.nets.MyUNet"
+
+    _edit(nnunet_copy / "plans.json", change)
+    with pytest.raises(
+        ConfigError, match=r"network class 'my_package.nets.MyUNet' is not one segpipe can build"
+    ) as exc:
+        load_nnunet_folder(nnunet_copy)
+    assert "PlainConvUNet" in exc.value.hint
+
+
+def test_unknown_operator_is_refused(nnunet_copy):
+    def change(plans):
+        plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["nonlin"] = "os.system"
+
+    _edit(nnunet_copy / "plans.json", change)
+    with pytest.raises(ConfigError, match=r"nonlin 'os.system' is not an operator segpipe builds"):
+        load_nnunet_folder(nnunet_copy)
+
+
+def test_unknown_normalisation(nnunet_copy):
+    def change(plans):
+        plans["configurations"]["3d_fullres"]["normalization_schemes"] = ["MyNormalization"]
+
+    _edit(nnunet_copy / "plans.json", change)
+    with pytest.raises(
+        ConfigError, match=r"normalisation 'MyNormalization' of channel 0 is not one segpipe reproduces"
+    ):
+        load_nnunet_folder(nnunet_copy)
+
+
+def test_checkpoint_that_needs_unpickling_is_refused(nnunet_copy):
+    import argparse
+
+    path = nnunet_copy / "fold_0" / "checkpoint_final.pth"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["init_args"] = argparse.Namespace(evil=True)  # any class: loading it would import and call code
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match=r"checkpoint needs Python code to load \(argparse.Namespace\)"):
+        load_nnunet_folder(nnunet_copy)
+
+
+def test_missing_fold(nnunet_copy):
+    with pytest.raises(StateError, match=r"no checkpoint at .*fold_7.checkpoint_final\.pth"):
+        load_nnunet_folder(nnunet_copy, folds=["7"])
+    shutil.rmtree(nnunet_copy / "fold_0")
+    shutil.rmtree(nnunet_copy / "fold_1", ignore_errors=True)
+    (nnunet_copy / "fold_0").mkdir()
+    with pytest.raises(StateError, match=r"no fold_<k>/checkpoint_final\.pth"):
+        load_nnunet_folder(nnunet_copy)
+
+
+def test_cascade_stage_is_refused(nnunet_copy):
+    def change(plans):
+        plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+
+    _edit(nnunet_copy / "plans.json", change)
+    cascade = nnunet_copy.parent / "nnUNetTrainer__nnUNetPlans__3d_cascade_fullres"
+    nnunet_copy.rename(cascade)
+    with pytest.raises(ConfigError, match=r"3d_cascade_fullres is a cascade stage"):
+        load_nnunet_folder(cascade)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "segpipe", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_bad_folder_one_line_nothing_written(nnunet_copy, tmp_path):
+    (nnunet_copy / "plans.json").unlink()
+    out = tmp_path / "out"
+    res = _cli("infer", str(tmp_path / "input"), "-m", str(nnunet_copy), "-o", str(out))
+    assert res.returncode == 4, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.strip()]
+    assert "plans.json: missing" in errors[0] and len(errors) <= 2, res.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_channels_that_do_not_match(nnunet_copy, tmp_path):
+    """The model reads one channel; a case given with two is refused with the channels named."""
+    image = next((tmp_path / "input").glob("*_0000.nii.gz"))
+    shutil.copy(image, image.with_name(image.name.replace("_0000", "_0001")))
+    out = tmp_path / "out"
+    res = _cli("infer", str(tmp_path / "input"), "-m", str(nnunet_copy), "-o", str(out))
+    assert res.returncode in (2, 3), res.stderr
+    assert "channel" in res.stderr
+    assert not any(out.glob("*.nii.gz")) if out.exists() else True
+
+
+@pytest.mark.slow
+def test_cli_infer_and_export(nnunet_copy, tmp_path):
+    """`segpipe infer -m <nnU-Net folder>` writes nnU-Net's labels with a report that names the model;
+    `segpipe export` turns the folder into a segpipe model folder that predicts the same."""
+    out = tmp_path / "out"
+    res = _cli("infer", str(tmp_path / "input"), "-m", str(nnunet_copy), "-o", str(out), "runtime=torch", "-q")
+    assert res.returncode == 0, res.stderr
+    label = _read(next(out.glob("*.nii.gz")))
+    expected = _read(FIXTURES / "plain3d_zscore" / "expected_tta.nii.gz")
+    assert float((label == expected).mean()) >= 0.999
+    report = json.loads(next(out.glob("*.json")).read_text())
+    text = json.dumps(report)
+    assert "nnUNetTrainer" in text and "mirror_axes" in text
+    exported = tmp_path / "exported"
+    res = _cli("export", str(nnunet_copy), "-o", str(exported))
+    assert res.returncode == 0, res.stderr
+    assert (exported / "model.json").is_file() and (exported / "README.md").is_file()
+    out2 = tmp_path / "out2"
+    res = _cli("infer", str(tmp_path / "input"), "-m", str(exported), "-o", str(out2), "runtime=torch", "-q")
+    assert res.returncode == 0, res.stderr
+    np.testing.assert_array_equal(_read(next(out2.glob("*.nii.gz"))), label)

@@ -87,17 +87,9 @@ def say(text: str) -> None:
 
 
 def nnunet_env(work: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "nnUNet_raw": str(work / "raw"),
-        "nnUNet_preprocessed": str(work / "preprocessed"),
-        "nnUNet_results": str(work / "results"),
-        "nnUNet_compile": "False",
-        "nnUNet_n_proc_DA": str(THREADS),
-        "nnUNet_def_n_proc": str(THREADS),
-        "OMP_NUM_THREADS": str(THREADS),
-        "MKL_NUM_THREADS": str(THREADS),
-    }
+    env = {f"nnUNet_{k}": str(work / k) for k in ("raw", "preprocessed", "results")}
+    env.update(nnUNet_compile="False", nnUNet_n_proc_DA=str(THREADS), nnUNet_def_n_proc=str(THREADS))
+    return {**os.environ, **env, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
 
 
 def cpu_pin() -> list[str]:
@@ -116,12 +108,8 @@ def nnunet_missing(python: Path | None) -> str | None:
 
 
 def write_dataset_json(root: Path, channel: str, labels: list[str], n_train: int) -> None:
-    desc = {
-        "channel_names": {"0": channel},
-        "labels": {name: i for i, name in enumerate(labels)},
-        "numTraining": n_train,
-        "file_ending": ".nii.gz",
-    }
+    desc = {"channel_names": {"0": channel}, "labels": {name: i for i, name in enumerate(labels)}}
+    desc.update(numTraining=n_train, file_ending=".nii.gz")
     (root / "dataset.json").write_text(json.dumps(desc, indent=1))
 
 
@@ -159,11 +147,8 @@ def ct_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     organs = []
     for side, radii_mm, hu in ((-1, (10, 15), 100.0), (1, (6, 10), 170.0)):
         r = np.array([rng.uniform(12, 24), *rng.uniform(*radii_mm, 2)])
-        c = body_c + [
-            rng.uniform(-0.2, 0.2) * extent[0],
-            rng.uniform(-6, 6),
-            side * rng.uniform(0.45, 0.55) * body_r[2],
-        ]
+        shift = [rng.uniform(-0.2, 0.2) * extent[0], rng.uniform(-6, 6), side * rng.uniform(0.45, 0.55) * body_r[2]]
+        c = body_c + shift
         organs.append((_ellipsoid(grid, c, r) & inner, hu + rng.normal(0, 8)))
     bone_c = body_c + [0, body_r[1] * rng.uniform(0.5, 0.65), rng.uniform(-3, 3)]
     bone = _ellipsoid(grid, bone_c, np.array([1e6, *rng.uniform(6, 9, 2)]))
@@ -185,40 +170,29 @@ def make_ct(root: Path, seed: int = 0) -> None:
         split, case = ("Tr" if i < n_train else "Ts"), f"ct_{i:03d}"
         img, lab = ct_case(rng)
         origin = (float(rng.uniform(-200, -150)), float(rng.uniform(-200, -150)), float(rng.uniform(-400, 0)))
-        for arr, path in (
-            (img, root / f"images{split}" / f"{case}_0000.nii.gz"),
-            (lab, root / f"labels{split}" / f"{case}.nii.gz"),
-        ):
+        for arr, path in ((img, f"images{split}/{case}_0000.nii.gz"), (lab, f"labels{split}/{case}.nii.gz")):
             im = sitk.GetImageFromArray(arr)
             im.SetSpacing(CT_SPACING)
             im.SetOrigin(origin)
-            sitk.WriteImage(im, str(path), useCompression=True)
+            sitk.WriteImage(im, str(root / path), useCompression=True)
     write_dataset_json(root, "CT", ["background", "organ_a", "organ_b"], n_train)
 
 
-def prepare(python: Path, work: Path, dataset: str, plans: str, config: str) -> dict[str, Any] | None:
-    """Raw dataset (once) and ``nnUNetv2_plan_and_preprocess`` for ``plans`` (once); its figures."""
+def prepare(python: Path, work: Path, spec: tuple[str, str, str]) -> dict[str, Any] | None:
+    """Raw dataset (once) and ``nnUNetv2_plan_and_preprocess`` for the plans (once); its figures."""
+    dataset, plans, config = spec
     did, name = DATASETS[dataset]
     root = work / "raw" / name
     if not (root / "dataset.json").is_file():
         shutil.rmtree(root, ignore_errors=True)
         make_hippocampus(root) if dataset == "hippocampus" else make_ct(root)
-    pre = work / "preprocessed" / name
-    if (pre / f"{plans}.json").is_file() and (pre / f"{plans}_{config}").is_dir():
-        return None
-    cmd = [
-        str(python.parent / "nnUNetv2_plan_and_preprocess"),
-        "-d",
-        str(did),
-        "-c",
-        config,
-        "-np",
-        str(THREADS),
-        "-npfp",
-        str(THREADS),
-        "-pl",
-        PLANNERS[plans],
-    ]
+    plans_file = work / "preprocessed" / name / f"{plans}.json"
+    if plans_file.is_file():  # ResEnc's 3d_fullres reuses nnUNetPlans' data_identifier (nnUNetPlans_3d_fullres)
+        ident = json.loads(plans_file.read_text())["configurations"][config]["data_identifier"]
+        if (plans_file.parent / ident).is_dir():
+            return None
+    cmd = [str(python.parent / "nnUNetv2_plan_and_preprocess"), "-d", str(did), "-c", config, "-pl", PLANNERS[plans]]
+    cmd += ["-np", str(THREADS), "-npfp", str(THREADS)]
     say("$ " + " ".join(cmd))
     r = run_measured(cmd, env=nnunet_env(work), interval=INTERVAL)
     if r["returncode"] != 0:
@@ -227,10 +201,12 @@ def prepare(python: Path, work: Path, dataset: str, plans: str, config: str) -> 
     return {"wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"]}
 
 
-def train(python: Path, work: Path, name: str, plans: str, config: str, iterations: int) -> dict[str, Any]:
+def train(python: Path, work: Path, spec: tuple[str, str, str], iterations: int) -> dict[str, Any]:
+    """Fold 0 of the real nnUNetTrainer, one epoch of ``iterations`` iterations, on the CPU."""
     with tempfile.NamedTemporaryFile("w", suffix="_train_nnunet.py", dir=work, delete=False) as fh:
         fh.write(TRAIN_DRIVER)
-    cmd = [*cpu_pin(), str(python), fh.name, name, plans, config, str(iterations), str(VAL_ITERATIONS), str(THREADS)]
+    args = [DATASETS[spec[0]][1], *spec[1:], str(iterations), str(VAL_ITERATIONS), str(THREADS)]
+    cmd = [*cpu_pin(), str(python), fh.name, *args]
     say("$ " + " ".join(cmd))
     r = run_measured(cmd, env=nnunet_env(work), interval=INTERVAL)
     os.unlink(fh.name)
@@ -239,46 +215,25 @@ def train(python: Path, work: Path, name: str, plans: str, config: str, iteratio
     line = next(ln for ln in r["output_tail"].splitlines() if ln.startswith("RESULT "))
     out = {**json.loads(line[len("RESULT ") :]), "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"]}
     say(
-        f"  trained {name} {plans} {config}: {out['train_s']} s training ({out['wall_s']:.0f} s wall, "
-        f"peak RSS {out['peak_rss_mb']:.0f} MB), patch {out['patch_size']} batch {out['batch_size']}, "
+        f"  trained {'/'.join(spec)}: {out['train_s']} s training ({out['wall_s']:.0f} s wall, peak RSS "
+        f"{out['peak_rss_mb']:.0f} MB), patch {out['patch_size']} batch {out['batch_size']}, "
         f"EMA pseudo-Dice {out['ema_fg_dice']:.3f}"
     )
     return out
 
 
-def predict(side: str, python: Path, work: Path, spec: tuple[str, str, str], tta: bool) -> dict[str, Any]:
+def predict(side: str, python: Path, work: Path, spec: tuple[str, str, str], *, tta: bool, extra: list[str]) -> dict:
     """One timed prediction of imagesTs by ``side`` ("nnunet" or "segpipe") into a fresh folder."""
     dataset, plans, config = spec
     did, name = DATASETS[dataset]
-    model = work / "results" / name / f"nnUNetTrainer__{plans}__{config}"
     images = work / "raw" / name / "imagesTs"
     out = work / "pred" / f"{name}__{plans}__{config}__tta{int(tta)}" / side
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if side == "nnunet":
-        cmd = [
-            str(python.parent / "nnUNetv2_predict"),
-            "-i",
-            str(images),
-            "-o",
-            str(out),
-            "-d",
-            str(did),
-            "-c",
-            config,
-            "-p",
-            plans,
-            "-f",
-            "0",
-            "-device",
-            "cpu",
-            "-npp",
-            "1",
-            "-nps",
-            "1",
-            "--disable_progress_bar",
-            *(["--disable_tta"] if not tta else []),
-        ]
+        cmd = [str(python.parent / "nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d", str(did)]
+        cmd += ["-c", config, "-p", plans, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"]
+        cmd += ["--disable_progress_bar"] + ([] if tta else ["--disable_tta"])
         env, cwd = nnunet_env(work), None
     else:
         cmd = [
@@ -288,20 +243,14 @@ def predict(side: str, python: Path, work: Path, spec: tuple[str, str, str], tta
             "infer",
             str(images),
             "-m",
-            str(model),
+            str(model_folder(work, spec)),
             "-o",
             str(out),
-            "folds=0",
-            f"tta={str(tta).lower()}",
-            "-q",
         ]
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "OMP_NUM_THREADS": str(THREADS),
-            "MKL_NUM_THREADS": str(THREADS),
-            "SEGPIPE_WORK": str(work / "segpipe_work"),
-        }
+        cmd += ["folds=0", f"tta={str(tta).lower()}", *extra, "-q"]
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, "SEGPIPE_WORK": str(work / "segpipe_work")}
+        env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
         cwd = work
     say("$ " + " ".join(cmd))
     r = run_measured([*cpu_pin(), *cmd], env=env, cwd=cwd, interval=INTERVAL)
@@ -320,12 +269,8 @@ def fg_dice(pred: np.ndarray, ref: np.ndarray, n_labels: int) -> float:
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
-    )
+    pairs = ((a.GetSpacing(), b.GetSpacing()), (a.GetOrigin(), b.GetOrigin()), (a.GetDirection(), b.GetDirection()))
+    return a.GetSize() == b.GetSize() and all(np.allclose(x, y, rtol=0, atol=1e-5) for x, y in pairs)
 
 
 def compare(raw: Path, outs: dict[str, Path | None], n_labels: int) -> list[dict[str, Any]]:
@@ -345,6 +290,7 @@ def compare(raw: Path, outs: dict[str, Path | None], n_labels: int) -> list[dict
             pred = sitk.ReadImage(str(path))
             row[f"{side}_geometry_ok"] = same_geometry(pred, image)
             arrays[side] = sitk.GetArrayFromImage(pred).astype(np.int64)
+            row[f"{side}_fg_voxels"] = int(np.count_nonzero(arrays[side]))
             row[f"dice_{side}"] = fg_dice(arrays[side], ref, n_labels) if arrays[side].shape == ref.shape else None
         if len(arrays) == 2 and arrays["nnunet"].shape == arrays["segpipe"].shape:
             row["agreement_pct"] = 100.0 * float(np.mean(arrays["nnunet"] == arrays["segpipe"]))
@@ -363,19 +309,14 @@ def summarize(cases: list[dict[str, Any]], runs: dict[str, dict[str, Any]]) -> d
         s[side] = {k: r[k] for k in ("wall_s", "peak_rss_mb", "returncode")}
         s[side]["geometry_ok"] = sum(bool(c.get(f"{side}_geometry_ok")) for c in cases)
         s[side]["missing"] = sum(bool(c.get(f"{side}_missing")) for c in cases)
+        s[side]["cases_with_foreground"] = sum(bool(c.get(f"{side}_fg_voxels")) for c in cases)
         s[side]["dice_mean"] = float(np.mean(vals(f"dice_{side}"))) if vals(f"dice_{side}") else None
     agree, dd = vals("agreement_pct"), vals("abs_ddice")
     s["agreement_min"] = min(agree) if agree else None
     s["agreement_mean"] = float(np.mean(agree)) if agree else None
     s["max_abs_ddice"] = max(dd) if dd else None
-    s["passed"] = bool(
-        agree
-        and len(agree) == len(cases)
-        and min(agree) >= AGREE_TARGET
-        and len(dd) == len(cases)
-        and max(dd) <= DDICE_TARGET
-        and s["segpipe"]["geometry_ok"] == len(cases)
-    )
+    complete = len(agree) == len(dd) == s["segpipe"]["geometry_ok"] == len(cases) > 0
+    s["passed"] = bool(complete and min(agree) >= AGREE_TARGET and max(dd) <= DDICE_TARGET)
     return s
 
 
@@ -399,6 +340,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
             return f"{side['wall_s']:.1f} / {side['peak_rss_mb']:.0f}" if ok else f"FAILED (exit {side['returncode']})"
 
         verdict = "pass" if s["passed"] else "FAIL"
+        if s["passed"] and nn["cases_with_foreground"] < s["cases"]:  # agreement on empty maps proves little
+            verdict += f" (nnU-Net found foreground in {nn['cases_with_foreground']}/{s['cases']} cases only)"
         say(
             f"| {res['dataset']} | {res['plans']} | {res['config']} | {'on' if res['tta'] else 'off'} | {s['cases']} "
             f"| {_f(s['agreement_min'], '.3f')} / {_f(s['agreement_mean'], '.3f')} | {_f(nn['dice_mean'], '.4f')} "
@@ -414,44 +357,37 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 )
 
 
-def bench_model(python: Path, work: Path, spec: tuple[str, str, str], order: int) -> list[dict[str, Any]]:
-    """Both sides, TTA on then off, interleaved (the side that goes first alternates)."""
+def model_folder(work: Path, spec: tuple[str, str, str]) -> Path:
     dataset, plans, config = spec
-    raw = work / "raw" / DATASETS[dataset][1]
+    return work / "results" / DATASETS[dataset][1] / f"nnUNetTrainer__{plans}__{config}"
+
+
+def bench_model(python: Path, work: Path, spec: tuple[str, str, str], *, order: int, extra: list[str]) -> list[dict]:
+    """Both sides, TTA on then off, interleaved (the side that goes first alternates)."""
+    raw = work / "raw" / DATASETS[spec[0]][1]
     n_labels = len(json.loads((raw / "dataset.json").read_text())["labels"])
     results = []
     for i, tta in enumerate((True, False)):
         sides = ("nnunet", "segpipe") if (order + i) % 2 == 0 else ("segpipe", "nnunet")
-        runs = {side: predict(side, python, work, spec, tta) for side in sides}
+        runs = {side: predict(side, python, work, spec, tta=tta, extra=extra) for side in sides}
         outs = {s: (Path(r["out"]) if r["returncode"] == 0 else None) for s, r in runs.items()}
         cases = compare(raw, {"nnunet": outs["nnunet"], "segpipe": outs["segpipe"]}, n_labels)
-        results.append(
-            {
-                "dataset": dataset,
-                "plans": plans,
-                "config": config,
-                "tta": tta,
-                "model_folder": str(work / "results" / DATASETS[dataset][1] / f"nnUNetTrainer__{plans}__{config}"),
-                "summary": summarize(cases, runs),
-                "per_case": cases,
-                "commands": {s: r["command"] for s, r in runs.items()},
-                "tails": {s: r["output_tail"] for s, r in runs.items()},
-            }
-        )
+        res = dict(zip(("dataset", "plans", "config"), spec), tta=tta, model_folder=str(model_folder(work, spec)))
+        res.update(summary=summarize(cases, runs), per_case=cases, commands={s: r["command"] for s, r in runs.items()})
+        results.append({**res, "tails": {s: r["output_tail"] for s, r in runs.items()}})
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nnunet-python", type=Path, default=None, help="a Python with nnunetv2 installed")
-    ap.add_argument(
-        "--work", type=Path, default=Path("/tmp/nnbench"), help="scratch folder (raw, preprocessed, results)"
-    )
+    ap.add_argument("--work", type=Path, default=Path("/tmp/nnbench"), help="scratch: raw, preprocessed, results")
     ap.add_argument("--iterations", type=int, default=250, help="training iterations (one epoch) per model")
     ap.add_argument("--datasets", default="hippocampus,ct", help="comma-separated: hippocampus, ct")
     ap.add_argument("--plans", default="nnUNetPlans,nnUNetResEncUNetMPlans", help="comma-separated plans identifiers")
     ap.add_argument("--configs", default="3d_fullres", help="comma-separated configurations")
     ap.add_argument("--skip-train", action="store_true", help="reuse existing checkpoints (train only missing ones)")
+    ap.add_argument("--segpipe-set", action="append", default=[], metavar="KEY=VALUE", help="extra segpipe setting")
     ap.add_argument("--json", type=Path, default=None, help="write all figures here")
     args = ap.parse_args(argv)
     why = nnunet_missing(args.nnunet_python)
@@ -460,29 +396,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     python, work = args.nnunet_python.absolute(), args.work.absolute()
     work.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {
-        "work": str(work),
-        "iterations": args.iterations,
-        "threads": THREADS,
-        "preprocess": {},
-        "training": {},
-        "results": [],
-    }
-    specs = [
-        (d, p, c) for d in args.datasets.split(",") for p in args.plans.split(",") for c in args.configs.split(",")
-    ]
-    for n, (dataset, plans, config) in enumerate(specs):
-        name, key = DATASETS[dataset][1], f"{dataset}/{plans}/{config}"
-        if plans not in PLANNERS or dataset not in DATASETS:
-            raise SystemExit(f"unknown plans {plans!r} or dataset {dataset!r}")
-        if dataset == "hippocampus" and not (HIPPO / "labelsTr").is_dir():
+    report: dict[str, Any] = {"work": str(work), "iterations": args.iterations, "threads": THREADS}
+    report.update(preprocess={}, training={}, results=[])
+    plans_list, datasets, configs = (getattr(args, k).split(",") for k in ("plans", "datasets", "configs"))
+    if not set(plans_list) <= set(PLANNERS) or not set(datasets) <= set(DATASETS):
+        raise SystemExit(f"plans must be among {sorted(PLANNERS)}, datasets among {sorted(DATASETS)}")
+    for n, spec in enumerate((d, p, c) for p in plans_list for d in datasets for c in configs):
+        key = "/".join(spec)
+        if spec[0] == "hippocampus" and not (HIPPO / "labelsTr").is_dir():
             say(f"skipped {key}: no hippocampus data at {HIPPO} (see ../shared/data/README.md)")
             continue
-        report["preprocess"][key] = prepare(python, work, dataset, plans, config)
-        ckpt = work / "results" / name / f"nnUNetTrainer__{plans}__{config}" / "fold_0" / "checkpoint_final.pth"
-        if not (args.skip_train and ckpt.is_file()):
-            report["training"][key] = train(python, work, name, plans, config, args.iterations)
-        report["results"] += bench_model(python, work, (dataset, plans, config), n)
+        report["preprocess"][key] = prepare(python, work, spec)
+        if not (args.skip_train and (model_folder(work, spec) / "fold_0" / "checkpoint_final.pth").is_file()):
+            report["training"][key] = train(python, work, spec, args.iterations)
+        report["results"] += bench_model(python, work, spec, order=n, extra=args.segpipe_set)
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))
     print_table(report["results"])

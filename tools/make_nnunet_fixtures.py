@@ -91,8 +91,8 @@ class Fixture:
     folds: tuple[int, ...] = (0,)
     regions_class_order: list[int] | None = None
     n_train: int = 5
-    epochs: int = 4
-    iterations: int = 20
+    epochs: int = 8
+    iterations: int = 25
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -136,8 +136,8 @@ def mr_case(rng: np.random.Generator, test: bool) -> Case:
     c_org = _jitter(rng, ext)
     organ = _ellipsoid(shape, sp, c_org, ext * rng.uniform(0.2, 0.26, size=3)) & body
     c_les = c_org + rng.uniform(-2.5, 2.5, size=3)
-    lesion = _ellipsoid(shape, sp, c_les, np.full(3, rng.uniform(4.0, 5.5))) & organ
-    hole = _ellipsoid(shape, sp, c_les + np.array([0.0, 0.0, 6.5]), np.full(3, 2.0)) & organ & ~lesion
+    lesion = _ellipsoid(shape, sp, c_les, np.full(3, rng.uniform(5.0, 6.5))) & organ
+    hole = _ellipsoid(shape, sp, c_les + np.array([0.0, 0.0, 8.0]), np.full(3, 2.0)) & organ & ~lesion
     img = np.where(body, 100.0, 0.0) + np.where(organ, 200.0, 0.0) + np.where(lesion, 200.0, 0.0)
     img = np.where(body, img + rng.normal(0.0, 12.0, size=shape), 0.0)
     img[hole] = 0.0
@@ -159,8 +159,8 @@ def ct_case(rng: np.random.Generator, test: bool) -> Case:
     ext = np.array(shape) * np.array(sp)
     body = _ellipsoid(shape, sp, ext / 2, ext * np.array([0.38, 0.36, 0.45]))
     c_org = _jitter(rng, ext)
-    organ = _ellipsoid(shape, sp, c_org, np.array([8.0, 7.0, 12.0]) * rng.uniform(0.9, 1.1, size=3)) & body
-    lesion = _ellipsoid(shape, sp, c_org + rng.uniform(-1.5, 1.5, size=3), np.array([3.5, 3.5, 5.0])) & organ
+    organ = _ellipsoid(shape, sp, c_org, np.array([10.0, 9.0, 14.0]) * rng.uniform(0.9, 1.1, size=3)) & body
+    lesion = _ellipsoid(shape, sp, c_org + rng.uniform(-1.5, 1.5, size=3), np.array([4.5, 4.5, 6.0])) & organ
     img = np.full(shape, -1000.0) + np.where(body, 1040.0, 0.0) + np.where(organ, 50.0, 0.0) - np.where(lesion, 80, 0)
     img = img + rng.normal(0.0, 8.0, size=shape)
     pad = 2

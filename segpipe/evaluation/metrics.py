@@ -40,6 +40,7 @@ __all__ = [
     "dice_from_counts",
     "dice_per_class",
     "evaluate_case",
+    "evaluate_regions",
     "mean_foreground_dice",
     "summarize",
     "write_case_metrics",
@@ -154,6 +155,23 @@ def evaluate_case(
     """The :class:`CaseMetrics` of one case (its counts per class)."""
     counts = confusion_counts(pred_labels, ref_labels, classes, ignore_index=ignore_index)
     return CaseMetrics(str(case), tuple(int(c) for c in classes), counts)
+
+
+def evaluate_regions(
+    pred_labels: LabelArray, ref_labels: LabelArray, regions: Sequence[Sequence[int]], *, case: str
+) -> CaseMetrics:
+    """The :class:`CaseMetrics` of one case scored by regions (nnU-Net's region-based evaluation):
+    "class" ``r + 1`` is region r, the union of its label values in prediction and reference alike."""
+    pred = _as_labels(pred_labels, "prediction")
+    ref = _as_labels(ref_labels, "reference").to(pred.device)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and reference {tuple(ref.shape)} differ in shape")
+    rows = []
+    for values in regions:
+        wanted = torch.as_tensor([int(v) for v in values], dtype=torch.long, device=pred.device)
+        p, r = torch.isin(pred, wanted), torch.isin(ref, wanted)
+        rows.append([int((p & r).sum()), int((p & ~r).sum()), int((~p & r).sum())])
+    return CaseMetrics(str(case), tuple(range(1, len(rows) + 1)), np.asarray(rows, dtype=np.int64).reshape(-1, 3))
 
 
 CaseResult = CaseMetrics | Mapping[int, float]

@@ -221,7 +221,14 @@ def _write_seg(path: Path, pred: Prediction, case: InputCase, predictor: Predict
     from ..io.dicom_seg import SegNotSupported, write_dicom_seg
 
     try:
-        write_dicom_seg(path, pred.label, case.sources[0], pred.labels, dicom_options=predictor.dicom)
+        regions = (predictor.plan.settings or {}).get("regions")
+        if regions:  # one segment per region, named after it
+            names = {i: str(n) for i, n in enumerate(regions["names"], start=1)}
+            write_dicom_seg(
+                path, pred.label, case.sources[0], names, dicom_options=predictor.dicom, regions=regions["regions"]
+            )
+        else:
+            write_dicom_seg(path, pred.label, case.sources[0], pred.labels, dicom_options=predictor.dicom)
     except SegNotSupported as exc:
         path.unlink(missing_ok=True)
         log.warning("%s: no DICOM-SEG: %s%s", case.id, exc.message, f" (fix: {exc.hint})" if exc.hint else "")

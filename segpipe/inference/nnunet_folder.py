@@ -281,7 +281,6 @@ def load_nnunet_folder(
         "architectures": {name: cfg.get("architecture") or {}},
         "resampling": {name: {"data": data_kw, "probabilities": prob_kw}},
         "mirror_axes": None if mirror is None else [int(a) for a in mirror],
-        "regions": regions,
         "trainer": str(states[0].get("trainer_name", "")),
         "plans_name": str(plans.get("plans_name", "")),
     }
@@ -301,7 +300,7 @@ def load_nnunet_folder(
         anisotropic_axis=None,
         normalization=_normalization(plans, cfg, channels, plans_path),
         configurations={name: _plan_config(name, cfg, plans, plans_path)},
-        settings={"preprocessing": "nnunet", "nnunet": nnunet},
+        settings={"preprocessing": "nnunet", "nnunet": nnunet, **({"regions": regions} if regions else {})},
         memory_model={},
     )
     from ..networks import plan_network

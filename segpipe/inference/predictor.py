@@ -359,8 +359,8 @@ class Predictor:
         )
 
     def _regions(self) -> list[int] | None:
-        """The label values of an nnU-Net region model's outputs, in order (None for class outputs)."""
-        regions = (self.nnunet or {}).get("regions")
+        """The label values of a region model's outputs, in order (None for class outputs)."""
+        regions = (self.plan.settings or {}).get("regions")
         return [int(v) for v in regions["class_order"]] if regions else None
 
     def _decode(self, scores: np.ndarray) -> np.ndarray:
@@ -385,9 +385,10 @@ class Predictor:
 
     def _probabilities(self, image: np.ndarray, configuration: str, name: str) -> np.ndarray:
         """Softmax [K, Z', Y', X'] float32 of the configuration's fold ensemble on its preprocessed grid
-        (the logits for a model nnU-Net trained: it resamples logits, then applies its nonlinearity)."""
+        (the logits for a model nnU-Net trained, which resamples logits and then applies its
+        nonlinearity, and for a region model, whose regions each take a sigmoid after resampling)."""
         probs = np.zeros((self.outputs, *image.shape[1:]), dtype=np.float32)
-        raw = self.nnunet is not None
+        raw = self.nnunet is not None or self._regions() is not None
 
         def sink(row: int, block: torch.Tensor) -> None:
             probs[:, row : row + block.shape[1]] = (block if raw else torch.softmax(block, dim=0)).numpy()
@@ -494,6 +495,7 @@ class Predictor:
             "plan_sha256": self.plan_sha256,
             "postprocessing": self.model.postprocessing,
             **({"nnunet": _nnunet_identity(self.nnunet)} if self.nnunet else {}),
+            **({"regions": _regions_identity(self.plan.settings["regions"])} if self._regions() else {}),
             "tta": self.tta,
             "overlap": self.overlap,
             "window": self.window,
@@ -558,11 +560,17 @@ def _source_name(source: ImageInput) -> str:
 def _nnunet_identity(nnunet: Mapping[str, Any]) -> dict[str, Any]:
     """What a report says of a model nnU-Net trained: its trainer, plans, mirroring axes, regions and
     where its post-processing came from (or why there is none)."""
-    regions = nnunet.get("regions")
     return {
         "trainer": nnunet.get("trainer"),
         "plans": nnunet.get("plans_name"),
         "mirror_axes": nnunet.get("mirror_axes"),
-        "regions": None if not regions else dict(zip(regions["names"], regions["regions"], strict=True)),
         "postprocessing": nnunet.get("postprocessing_source"),
+    }
+
+
+def _regions_identity(regions: Mapping[str, Any]) -> dict[str, Any]:
+    """A region model's regions for reports: each region's name, label values and output value."""
+    return {
+        str(name): {"labels": list(values), "value": int(value)}
+        for name, values, value in zip(regions["names"], regions["regions"], regions["class_order"], strict=True)
     }

@@ -398,6 +398,7 @@ def write_dicom_seg(
     software_version: str = "",
     series_description: str = "segpipe segmentation",
     series_number: int = 4242,
+    regions: Sequence[Sequence[int]] | None = None,
 ) -> Path:
     """Write ``label`` ([Z, Y, X] on the grid :func:`~segpipe.io.image.read_image` gives the DICOM
     ``source`` with ``dicom_options``) as a binary DICOM-SEG referencing the source series.
@@ -411,11 +412,18 @@ def write_dicom_seg(
     SliceThickness is taken as the step between slices; source headers a DICOM-SEG
     cannot be made from (an empty SOPClassUID, no StudyInstanceUID, a value highdicom refuses) are a
     :class:`~segpipe.errors.DicomError` naming the series and the attribute. Written atomically.
+
+    ``regions`` (a region model's label values per region): one segment per region instead, named
+    by ``labels[1..R]``, each the voxels holding one of its values (segments may overlap).
     """
     target = Path(path)
     frames, geometry = _single_frame_series(source, dicom_options)
     lab = np.asarray(label)
-    values = _segment_values(lab, geometry, labels)
+    values = _segment_values(lab, geometry, labels, any_value=regions is not None)
+    if regions is not None:
+        if len(regions) != len(values):
+            raise UsageError(f"{len(regions)} regions but {len(values)} segment names")
+        lab = np.stack([np.isin(lab, list(r)) for r in regions], axis=-1)  # [Z, Y, X, R]: overlapping segments
     sources = _source_headers(source, frames)
     _check_sources(source, sources, frames, float(geometry.spacing[0]))
     seg = _segmentation(
@@ -454,15 +462,18 @@ def _single_frame_series(
     return frames, geometry
 
 
-def _segment_values(lab: np.ndarray, geometry: Geometry, labels: dict[int, str]) -> list[int]:
+def _segment_values(
+    lab: np.ndarray, geometry: Geometry, labels: dict[int, str], *, any_value: bool = False
+) -> list[int]:
     """The segment numbers of the named foreground labels (1..N), refusing a label map off the series'
-    grid, gaps in the numbering and values beyond the named segments."""
+    grid, gaps in the numbering and (unless ``any_value``: regions name the segments) values beyond
+    the named segments."""
     if tuple(lab.shape) != tuple(geometry.shape):
         raise UsageError(f"label shape {lab.shape} does not match the DICOM series' grid {geometry.shape}")
     values = sorted(int(v) for v in labels if int(v) > 0)
     if values != list(range(1, len(values) + 1)):
         raise UsageError(f"segment values must be 1..N without gaps, got {values}")
-    if lab.size and int(lab.max()) > len(values):
+    if not any_value and lab.size and int(lab.max()) > len(values):
         raise UsageError(f"the label map holds value {int(lab.max())}, beyond the {len(values)} named segments")
     return values
 

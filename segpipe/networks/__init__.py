@@ -267,8 +267,8 @@ def build_network(
 
 def network_outputs(plan: Any) -> int:
     """The output channels of a plan's networks: one per class (background included), or one per
-    region for an nnU-Net region model (``plan.settings["nnunet"]["regions"]``)."""
-    regions = ((plan.settings or {}).get("nnunet") or {}).get("regions")
+    region for a region model (``plan.settings["regions"]``, nnU-Net's region-based training)."""
+    regions = (plan.settings or {}).get("regions")
     return len(regions["regions"]) if regions else int(plan.num_classes)
 
 
@@ -287,7 +287,7 @@ def plan_network(plan: Any, configuration: str, *, deep_supervision: bool = True
         return build_nnunet_network(
             arch, plan.in_channels, network_outputs(plan), where=f"plans.json ({configuration})"
         )
-    return build_network(cfg, plan.in_channels, plan.num_classes, deep_supervision=deep_supervision)
+    return build_network(cfg, plan.in_channels, network_outputs(plan), deep_supervision=deep_supervision)
 
 
 # ---------------------------------------------------------------------------- measurement

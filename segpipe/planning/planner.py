@@ -272,6 +272,9 @@ def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = No
     labels = _by_index(fingerprint["labels"])
     channel_names = _by_index(fingerprint["channel_names"])
     num_classes = len(labels) - any(v.lower() == "ignore" for v in labels.values())  # outputs
+    regions = fingerprint.get("regions")
+    if regions:  # a region model's outputs: one sigmoid per region
+        num_classes = len(regions["regions"])
     in_channels = len(channel_names)
 
     grid = _fullres_grid(spacings, shapes, settings)
@@ -299,7 +302,7 @@ def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = No
         anisotropic_axis=grid.aniso_axis if settings.target_spacing is None else None,
         normalization=_normalization(fingerprint, settings),
         configurations=ordered,
-        settings=settings.to_dict(),
+        settings={**settings.to_dict(), **({"regions": dict(regions)} if regions else {})},
         memory_model=_memory_model(settings),
         fingerprint_sha256=fingerprint_digest(fingerprint),
         skipped={name: why_not[name] for name in CONFIGURATIONS if name in why_not},

@@ -107,6 +107,8 @@ def restore(prediction: np.ndarray, properties: dict[str, Any], *, is_label: boo
         probs = _nonlinearity(probs, regions is not None)
     else:
         probs = resample(prediction, crop_shape, kind="linear", separate_axis=sep)
+        if regions is not None:  # a region model's logits: each region's sigmoid
+            probs = _nonlinearity(probs, True)
     out = np.zeros((probs.shape[0], *full), dtype=np.float32)
     if regions is None:
         out[0] = 1.0  # outside the crop box: background

@@ -101,6 +101,9 @@ class RunContext:
 
     @property
     def class_names(self) -> list[str]:
+        regions = (self.plan.settings or {}).get("regions")
+        if regions:  # a region dataset scores its regions
+            return [str(n) for n in regions["names"]]
         labels = sorted(self.plan.labels.items(), key=lambda kv: int(kv[0]))
         return [name for value, name in labels[1:] if int(value) != self.plan.ignore_label]
 
@@ -315,6 +318,7 @@ def _data_and_module(run: RunContext, resume: dict[str, Any] | None, cache: Any)
         ignore_index=run.plan.ignore_label,
         case_ids=list(dm.train_cases),
         hardness_beta=float(s["hardness_beta"]) if hardness else None,
+        regions=((run.plan.settings or {}).get("regions") or {}).get("regions"),
     )
     module.planned_epochs = int(s["epochs"])
     dm.setup("fit")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -102,6 +102,7 @@ class SegmentationModule(L.LightningModule):
         keep_unused: bool = False,
         case_ids: list[str] | None = None,
         hardness_beta: float | None = None,
+        regions: Sequence[Sequence[int]] | None = None,
     ):
         iterations_per_epoch = configured(iterations_per_epoch, "train.iterations_per_epoch")
         epochs = configured(epochs, "train.epochs")
@@ -112,20 +113,28 @@ class SegmentationModule(L.LightningModule):
         cfg = plan_config if isinstance(plan_config, PlanConfig) else PlanConfig.from_dict(plan_config)
         self.plan_config = cfg
         self.in_channels, self.num_classes = int(in_channels), int(num_classes)
-        self.network = build_network(cfg, self.in_channels, self.num_classes, deep_supervision=True)
+        #: a region dataset: the label values of each region (one sigmoid output each), else None
+        self.regions = [[int(v) for v in r] for r in regions] if regions else None
+        #: the scored outputs: the foreground classes, or the regions
+        self.scored = len(self.regions) if self.regions else self.num_classes - 1
+        outputs = len(self.regions) if self.regions else self.num_classes
+        self.network = build_network(cfg, self.in_channels, outputs, deep_supervision=True)
         context = {"batch_dice": cfg.batch_dice, "ignore_index": ignore_index}
         self.loss_name, self.loss_params = (
             str(default_option("loss") if loss is None else loss),
             dict(loss_params or {}),
         )
-        self.loss = DeepSupervision(
-            build_loss(self.loss_name, context=context, **self.loss_params), keep_unused=keep_unused
-        )
+        base: Any = build_loss(self.loss_name, context=context, **self.loss_params)
+        if self.regions:
+            from .regions import RegionLoss
+
+            base = RegionLoss(base, self.regions)
+        self.loss = DeepSupervision(base, keep_unused=keep_unused)
         optim = dict(optim or {})
         self.optim = optim_settings(optim.pop("name", None), **optim)
         self.epochs, self.iterations_per_epoch = int(epochs), int(iterations_per_epoch)
         self.ignore_index = ignore_index
-        self.class_names = list(class_names) if class_names else [str(c) for c in range(1, self.num_classes)]
+        self.class_names = list(class_names) if class_names else [str(c) for c in range(1, self.scored + 1)]
         self.scheduler: PolyLR | None = None
         self.completed_epochs = 0  # epochs finished over the whole run (resumes included)
         self.planned_epochs = self.epochs  # fewer when a wall-clock budget shortens the run
@@ -247,7 +256,12 @@ class SegmentationModule(L.LightningModule):
         if isinstance(logits, (list, tuple)):
             logits = logits[0]
         self._val_losses.append(float(self.loss(logits, batch["label"]).detach()))
-        counts = confusion_counts(logits, batch["label"], self.num_classes, ignore_index=self.ignore_index)
+        if self.regions:
+            from .regions import region_counts
+
+            counts = region_counts(logits, batch["label"], self.regions)
+        else:
+            counts = confusion_counts(logits, batch["label"], self.num_classes, ignore_index=self.ignore_index)
         self._counts = counts if self._counts is None else self._counts + counts
 
     def _reduce_counts(self) -> torch.Tensor | None:
@@ -272,7 +286,7 @@ class SegmentationModule(L.LightningModule):
         h["lr"].append(lr)
         h["epoch_seconds"].append(time.perf_counter() - self._epoch_start)
         h["val_dice"].append(math.nan)  # filled in by record_validation when the epoch ends with one
-        h["val_class_dice"].append([math.nan] * (self.num_classes - 1))
+        h["val_class_dice"].append([math.nan] * self.scored)
         if counts is not None:
             dice = dice_from_counts(counts)
             mean = _nanmean(dice)
@@ -286,7 +300,7 @@ class SegmentationModule(L.LightningModule):
                 self.log("ema_fg_dice", ema)
                 self.log("lr", lr)
         else:  # no validation patches this epoch (a shortened last epoch): the EMA carries over
-            h["pseudo_dice"].append([math.nan] * (self.num_classes - 1))
+            h["pseudo_dice"].append([math.nan] * self.scored)
             h["mean_fg_dice"].append(math.nan)
             h["ema_fg_dice"].append(self.ema_fg_dice)
         self._counts = None
@@ -324,7 +338,7 @@ class SegmentationModule(L.LightningModule):
         for key in HISTORY_KEYS:  # a history saved before a key existed: NaN for its epochs
             self.history.setdefault(key, [math.nan] * n)
         for key in CLASS_HISTORY_KEYS:
-            self.history.setdefault(key, [[math.nan] * (self.num_classes - 1) for _ in range(n)])
+            self.history.setdefault(key, [[math.nan] * self.scored for _ in range(n)])
         if optimizer is not None and state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:

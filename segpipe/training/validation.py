@@ -39,18 +39,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..arrays import regions_to_labels
 from ..checkpoint import capture_rng, restore_rng
 from ..errors import ConfigError, DataError, StateError
 from ..evaluation import (
     CaseMetrics,
     class_mean_dice,
     evaluate_case,
+    evaluate_regions,
     mean_foreground_dice,
     write_case_metrics,
     write_summary,
 )
 from ..inference import predict_case_logits
 from ..io.atomic import save_npy
+from ..networks import network_outputs
 from ..planning import Plan, PlanConfig, load_plan
 from ..preprocessing import Cache
 from ..progress import Progress
@@ -166,6 +169,8 @@ class _CaseValidation:
     class_list: list[int]
     ignore: int | None
     probabilities_dir: Path | None
+    #: a region plan: each region's label values and the value it writes (scored by region), else None
+    regions: dict[str, Any] | None = None
 
 
 def _validation_ids(case_ids: Sequence[str]) -> list[str]:
@@ -219,14 +224,20 @@ def _validate_case(setup: _CaseValidation, cid: str) -> tuple[CaseMetrics, str |
     logits = predict_case_logits(setup.network, image, setup.config, **setup.window_kwargs)
     assert logits is not None  # no sink: the whole case's logits
     del image
-    pred = logits.argmax(dim=0)
-    reference = torch.from_numpy(np.asarray(label)).to(pred.device)
-    metrics = evaluate_case(pred, reference, setup.class_list, case=cid, ignore_index=setup.ignore)
-    del pred, reference
+    reference = torch.from_numpy(np.asarray(label))
+    if setup.regions:  # each region's sigmoid above 0.5 writes its value; scored region by region
+        probs = torch.sigmoid(logits.float())
+        pred_map = regions_to_labels(probs.cpu().numpy(), setup.regions["class_order"])
+        metrics = evaluate_regions(pred_map, np.asarray(label), setup.regions["regions"], case=cid)
+    else:
+        pred = logits.argmax(dim=0)
+        metrics = evaluate_case(pred, reference.to(pred.device), setup.class_list, case=cid, ignore_index=setup.ignore)
+        del pred
+    del reference
     saved = None
     if setup.probabilities_dir is not None:
         path = probabilities_path(setup.probabilities_dir, cid)
-        save_npy(path, softmax_float16(logits))
+        save_npy(path, probs.half().cpu().numpy() if setup.regions else softmax_float16(logits))
         saved = str(path)
     return metrics, saved
 
@@ -313,7 +324,11 @@ def validate_cases(
     cfg: PlanConfig = the_plan.config(configuration)
     the_cache = _resolve_cache(cache)
     ids = _validation_ids(case_ids)
-    classes, ignore = plan_classes(the_plan, ignore_index=ignore_index)
+    regions = (the_plan.settings or {}).get("regions")
+    if regions:  # a region plan scores its regions, numbered from 1
+        classes, ignore = {i + 1: str(n) for i, n in enumerate(regions["names"])}, None
+    else:
+        classes, ignore = plan_classes(the_plan, ignore_index=ignore_index)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup = _CaseValidation(
@@ -321,11 +336,12 @@ def validate_cases(
         cache=the_cache,
         config=cfg,
         window_kwargs=_window_kwargs(
-            overlap, the_plan.num_classes, device=device, batch_size=batch_size, autocast_dtype=autocast_dtype
+            overlap, network_outputs(the_plan), device=device, batch_size=batch_size, autocast_dtype=autocast_dtype
         ),
         class_list=list(classes),
         ignore=ignore,
         probabilities_dir=out if save_probabilities else None,
+        regions=regions or None,
     )
 
     bar = Progress(f"validation {configuration}", len(ids), unit="case") if progress is True else None

@@ -246,6 +246,45 @@ def _names_beside(ref_folder: Path, pred_folder: Path, cases: Sequence[str]) -> 
     return {}
 
 
+def _regions_beside(ref_folder: Path, pred_folder: Path, cases: Sequence[str]) -> dict[str, Any] | None:
+    """The regions to score by (nnU-Net's region-based evaluation): those of the references' region
+    ``dataset.json`` (in their folder or the one above it), else of a region model's ``segpipe infer``
+    report beside a prediction; None for class labels."""
+    import json
+
+    from ..io.datasets.layouts import region_labels
+
+    for folder in (ref_folder, ref_folder.parent):
+        try:
+            desc = json.loads((folder / DATASET_JSON).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(desc, dict) and "regions_class_order" in desc:
+            return region_labels(desc, folder / DATASET_JSON)[1]
+    for case in cases[:LISTED]:
+        try:
+            report = json.loads((pred_folder / f"{case}.json").read_text(encoding="utf-8"))
+            regions = report["model"]["regions"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(regions, dict) and regions:
+            return {
+                "names": list(regions),
+                "regions": [[int(v) for v in r["labels"]] for r in regions.values()],
+                "class_order": [int(r["value"]) for r in regions.values()],
+            }
+    return None
+
+
+def _score_regions(pred: np.ndarray, ref: np.ndarray, spacing: Any, regions: Mapping[str, Any], tol: float) -> dict:
+    """Each region's metrics ("class" r + 1 = region r), from the masks of its label values."""
+    out = {}
+    for r, values in enumerate(regions["regions"], start=1):
+        pm, rm = (np.isin(a, values).astype(np.uint8) for a in (pred, ref))
+        out[r] = _score_case(pm, rm, spacing, classes=[1], tolerances={1: tol}, ignore_label=None)[1]
+    return out
+
+
 def _names_in(path: Path, key: str) -> dict[int, str]:
     """``{class: name}`` from the ``key`` mapping of a JSON file; ``{}`` when it has none or is unreadable."""
     import json
@@ -411,6 +450,9 @@ def evaluate_folders(
         names.pop(ignore, None)
     overrides, default_tol = _tolerances(tolerance_mm, names)
     cases = sorted(c for c in refs if c in preds)
+    regions = None if names is not None else _regions_beside(ref_folder, pred_folder, cases)
+    if regions:  # scored region by region, "classes" 1..R named after the regions
+        names = {r: str(n) for r, n in enumerate(regions["names"], start=1)}
     shown_names = names if names is not None else _names_beside(ref_folder, pred_folder, cases)
     out = Path(out_dir) if out_dir is not None else pred_folder
     images = _image_files(_folder(qc_image_dir, "image"), cases) if qc_image_dir is not None else {}
@@ -428,6 +470,9 @@ def evaluate_folders(
                 hint="write the prediction on the reference image's grid (the original geometry restored after "
                 "prediction), or resample it there with nearest-neighbour interpolation",
             )
+        if regions:
+            results[case] = _score_regions(pred, ref, ref_geo.spacing, regions, overrides.get(1, default_tol))
+            continue
         if names is not None:
             case_classes = sorted(names)
         else:

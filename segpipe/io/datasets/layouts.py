@@ -104,6 +104,45 @@ def _channels(desc: dict[str, Any], key: str, where: Path) -> dict[int, str]:
     return dict(sorted(out.items()))
 
 
+def region_labels(desc: dict[str, Any], where: Path) -> tuple[dict[int, str], dict[str, Any]]:
+    """The label values of a region dataset (0 and every value a region names, consecutive) and its
+    regions: nnU-Net's ``{"background": 0, "whole": [1, 2, 3], "core": [2, 3], ...}`` with
+    ``regions_class_order`` (the value each region writes into a label map, later regions on top)."""
+    raw = desc.get("labels")
+    if not isinstance(raw, dict) or not raw:
+        raise DatasetError(f'{where}: "labels" must be a non-empty object')
+    names, regions = [], []
+    for name, value in raw.items():
+        values = value if isinstance(value, list) else [value]
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+            raise DatasetError(f'{where}: "labels"[{name!r}] must be a label value or a list of them, got {value!r}')
+        if values == [0]:
+            continue  # the background
+        if 0 in values:
+            raise DatasetError(f"{where}: region {name!r} includes the background (0)", hint="list foreground values")
+        names.append(str(name))
+        regions.append(sorted(set(values)))
+    order = desc.get("regions_class_order")
+    if not isinstance(order, list) or len(order) != len(regions):
+        raise DatasetError(
+            f'{where}: "regions_class_order" must list one label value per region ({len(regions)})',
+            hint='e.g. "regions_class_order": [1, 2, 3] for whole tumour, core, enhancing',
+        )
+    used = sorted({v for r in regions for v in r})
+    if used != list(range(1, len(used) + 1)):
+        raise DatasetError(f"{where}: the regions' label values must be 1, 2, … without gaps, got {used}")
+    if any(isinstance(c, bool) or not isinstance(c, int) or c not in used for c in order):
+        raise DatasetError(f'{where}: "regions_class_order" values must be label values the regions use ({used})')
+    for name, values, value in zip(names, regions, order):
+        if value not in values:  # the value a region writes must be one of its labels (order pairs with "labels")
+            raise DatasetError(
+                f"{where}: region {name!r} ({values}) writes value {value} (regions_class_order), not one of its labels",
+                hint='list regions_class_order in the order of the regions in "labels"',
+            )
+    labels = {0: "background", **{v: f"label {v}" for v in used}}
+    return labels, {"names": names, "regions": regions, "class_order": [int(c) for c in order]}
+
+
 def _labels(desc: dict[str, Any], where: Path) -> dict[int, str]:
     raw = desc.get("labels")
     if not isinstance(raw, dict) or not raw:
@@ -214,7 +253,14 @@ def _load_msd(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
 
 def _load_nnunet(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
     channels = _channels(desc, "channel_names", where)
-    labels = _labels(desc, where)
+    raw_labels = desc.get("labels")
+    regions = None
+    if "regions_class_order" in desc or (
+        isinstance(raw_labels, dict) and any(isinstance(v, list) for v in raw_labels.values())
+    ):
+        labels, regions = region_labels(desc, where)
+    else:
+        labels = _labels(desc, where)
     ending = desc.get("file_ending")
     if not isinstance(ending, str) or not ending.startswith("."):
         raise DatasetError(f'{where}: "file_ending" must be a string like ".nii.gz", got {ending!r}')
@@ -275,7 +321,7 @@ def _load_nnunet(root: Path, desc: dict[str, Any], where: Path) -> Dataset:
         )
     tests = scan(root / "imagesTs", False)
     _check_file_ending(root / "imagesTs", ending, len(tests), where)
-    return Dataset(root.name, root, "nnunet", channels, labels, cases, tests)
+    return Dataset(root.name, root, "nnunet", channels, labels, cases, tests, regions=regions)
 
 
 def _check_file_ending(folder: Path, ending: str, found: int, where: Path) -> None:

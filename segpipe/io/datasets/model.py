@@ -46,6 +46,9 @@ class Dataset:
     dicom_options: dict[str, Any] = field(default_factory=dict)
     seg_mapping: dict[str, int] | None = None
     seg_priority: list[Any] | None = None
+    #: nnU-Net's region-based training (dataset.json labels whose values are lists, and
+    #: ``regions_class_order``): ``{"names": [...], "regions": [[label values], ...], "class_order": [...]}``
+    regions: dict[str, Any] | None = None
 
     @property
     def num_channels(self) -> int:
@@ -77,6 +80,7 @@ class Dataset:
             "layout": self.layout,
             "channels": {str(k): v for k, v in self.channel_names.items()},
             "labels": {str(k): v for k, v in self.labels.items()},
+            **({"regions": self.regions} if self.regions else {}),
             "num_training": len(self.cases),
             "num_test": len(self.test_cases),
         }

@@ -198,12 +198,23 @@ def _report(
         "label_map": label_path.name,
         "labels": {str(k): v for k, v in pred.labels.items()},
         "volume_ml": pred.volumes_ml(),
+        **({"region_volume_ml": _region_volumes(pred, identity["regions"])} if identity.get("regions") else {}),
         "geometry": pred.geometry.to_dict(),
         "identity": identity,
         "seconds": round(pred.seconds, 3),
         "timings": {k: round(v, 3) for k, v in pred.timings.items()},
         "versions": versions(),
         **extra,
+    }
+
+
+def _region_volumes(pred: Prediction, regions: dict[str, Any]) -> dict[str, float]:
+    """Each region's volume in millilitres: the voxels holding one of its label values."""
+    voxel_ml = float(np.prod(pred.geometry.spacing)) / 1000.0
+    counts = np.bincount(pred.label.ravel())
+    return {
+        name: float(sum(int(counts[v]) for v in r["labels"] if v < counts.size)) * voxel_ml
+        for name, r in regions.items()
     }
 
 

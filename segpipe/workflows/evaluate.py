@@ -264,7 +264,7 @@ def _regions_beside(ref_folder: Path, pred_folder: Path, cases: Sequence[str]) -
     for case in cases[:LISTED]:
         try:
             report = json.loads((pred_folder / f"{case}.json").read_text(encoding="utf-8"))
-            regions = report["model"]["regions"]
+            regions = report["identity"]["regions"]
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
             continue
         if isinstance(regions, dict) and regions:

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from ..arrays import regions_to_labels
 from ..errors import StateError
-from ..evaluation.metrics import confusion_counts, dice_from_counts
+from ..evaluation.metrics import confusion_counts, dice_from_counts, evaluate_regions
 from ..io.jsonio import write_json
 from ..splits import N_FOLDS
 from ..workspace import RunFolder
@@ -65,11 +66,19 @@ def _mean_fg(per_case: list[np.ndarray]) -> tuple[float, list[float]]:
 
 
 def _score(
-    labels_by_case: dict[str, np.ndarray], preds: dict[str, np.ndarray], classes: list[int], ignore: int | None
+    labels_by_case: dict[str, np.ndarray],
+    preds: dict[str, np.ndarray],
+    classes: list[int],
+    ignore: int | None,
+    regions: Sequence[Sequence[int]] | None = None,
 ) -> tuple[float, list[float]]:
+    """The foreground mean and per-class means of the Dice of ``preds`` (by region with ``regions``)."""
     rows = []
     for case, ref in labels_by_case.items():
-        counts = confusion_counts(preds[case], ref, classes, ignore_index=ignore)
+        if regions:
+            counts = evaluate_regions(preds[case], ref, regions, case=case).counts
+        else:
+            counts = confusion_counts(preds[case], ref, classes, ignore_index=ignore)
         rows.append(dice_from_counts(counts))
     return _mean_fg(rows)
 
@@ -86,9 +95,14 @@ def _candidates(available: dict[str, dict[str, Path]], grids: dict[str, str], en
 
 
 def _ensemble_prediction(
-    cache: Any, case: str, combo: tuple[str, ...], available: dict[str, dict[str, Path]]
+    cache: Any,
+    case: str,
+    combo: tuple[str, ...],
+    available: dict[str, dict[str, Path]],
+    class_order: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(argmax of the summed softmax of ``combo``'s configurations, a copy of the cached label) of ``case``."""
+    """(argmax of the summed softmax of ``combo``'s configurations, a copy of the cached label) of ``case``;
+    for a region plan (``class_order``) the label map of their mean region probabilities."""
     _image, label, _props = cache.load(case, mmap=True)
     if label is None:
         raise StateError(f"{cache.case_dir(case)}: no cached label", hint="run `segpipe preprocess` again")
@@ -102,7 +116,10 @@ def _ensemble_prediction(
             )
         total_probs = probs.astype(np.float32) if total_probs is None else total_probs + probs
     assert total_probs is not None
-    pred = total_probs.argmax(0).astype(np.uint8)
+    if class_order:
+        pred = regions_to_labels(total_probs / len(combo), class_order)
+    else:
+        pred = total_probs.argmax(0).astype(np.uint8)
     return pred, np.array(label)  # a copy: the cache is memory-mapped read-only
 
 
@@ -122,6 +139,7 @@ def _score_candidates(
     from ..preprocessing import Cache
 
     classes = list(classes_map)
+    regions = (plan.settings or {}).get("regions") or {}
     results = []
     best: dict[str, Any] | None = None
     best_preds: dict[str, np.ndarray] = {}
@@ -131,8 +149,8 @@ def _score_candidates(
         labels: dict[str, np.ndarray] = {}
         preds: dict[str, np.ndarray] = {}
         for case in cases:
-            preds[case], labels[case] = _ensemble_prediction(cache, case, combo, available)
-        dice, per_class = _score(labels, preds, classes, ignore)
+            preds[case], labels[case] = _ensemble_prediction(cache, case, combo, available, regions.get("class_order"))
+        dice, per_class = _score(labels, preds, classes, ignore, regions.get("regions"))
         entry = {
             "configurations": list(combo),
             "mean_fg_dice": dice,
@@ -172,7 +190,11 @@ def find_best(
             f"{root}: no cross-validation predictions (runs/<config>/fold_<k>/validation/*.npy)",
             hint="train the folds first (segpipe train fold=0 … fold=4); each saves its validation predictions",
         )
-    classes_map, ignore = plan_classes(plan)
+    regions = (plan.settings or {}).get("regions")
+    if regions:  # a region plan: scored by region ("classes" 1..R)
+        classes_map, ignore = {i + 1: str(n) for i, n in enumerate(regions["names"])}, None
+    else:
+        classes_map, ignore = plan_classes(plan)
     classes = list(classes_map)
     grids = {c: plan.config(c).data_identifier for c in available}
     candidates = _candidates(available, grids, ensembles)
@@ -186,11 +208,13 @@ def find_best(
         candidates, cases, available, root=root, plan=plan, classes_map=classes_map, ignore=ignore, say=say
     )
 
-    # post-processing: per class, the largest connected component where it helps
+    # post-processing: per class, the largest connected component where it helps (not for regions: their
+    # label values are nested regions, not classes of their own)
     chosen: list[int] = []
     post_scores = {}
-    _base, base_per_class = _score(best_labels, best_preds, classes, ignore)
-    for i, cls in enumerate(classes):
+    region_values = regions["regions"] if regions else None
+    _base, base_per_class = _score(best_labels, best_preds, classes, ignore, region_values)
+    for i, cls in enumerate([] if regions else classes):
         trial = {}
         for case, pred in best_preds.items():
             mask = pred == cls
@@ -208,7 +232,7 @@ def find_best(
             chosen.append(cls)
             best_preds = trial
             _base, base_per_class = _score(best_labels, best_preds, classes, ignore)
-    final_dice, final_per_class = _score(best_labels, best_preds, classes, ignore)
+    final_dice, final_per_class = _score(best_labels, best_preds, classes, ignore, region_values)
     decision = {
         "configurations": best["configurations"],
         "mean_fg_dice": best["mean_fg_dice"],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import count
 from typing import Any
 
@@ -163,6 +163,8 @@ class SegDataModule(_LightningDataModule):
         rank: int = 0,
         world_size: int = 1,
         fresh_workers: bool = False,
+        previous: Mapping[str, str | os.PathLike[str]] | None = None,
+        previous_channels: Sequence[Sequence[int]] | None = None,
     ):
         seed = configured(seed, "train.seed")
         super().__init__()
@@ -177,6 +179,8 @@ class SegDataModule(_LightningDataModule):
         self.augment_on_device, self.image_pad, self.label_pad = augment_on_device, image_pad, label_pad
         self.rank, self.world_size = int(rank), max(1, int(world_size))
         self.fresh_workers = bool(fresh_workers)
+        #: a cascade stage: the previous stage's prediction of each case and its channels (see PatchSampler)
+        self.previous, self.previous_channels = previous, previous_channels
         self.augmenter = Augmenter(self.patch_size, self.augment_config)
         self._train: TrainStream | None = None
         self._val: ValidationPatches | None = None
@@ -248,6 +252,8 @@ class SegDataModule(_LightningDataModule):
             context_slices=self.context_slices,
             image_pad=self.image_pad,
             label_pad=self.label_pad,
+            previous=self.previous,
+            previous_channels=self.previous_channels,
         )
 
     @property

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,8 +54,14 @@ class PatchSampler:
         image_pad: float = 0.0,
         label_pad: int = 0,
         mmap: bool = True,
+        previous: Mapping[str, str | os.PathLike[str]] | None = None,
+        previous_channels: Sequence[Sequence[int]] | None = None,
     ):
         self.cache = cache if isinstance(cache, Cache) else Cache(cache)
+        #: a cascade stage: each case's previous-stage label map (``.npy`` on the cache's grid) and the
+        #: label values of each channel it becomes (:mod:`segpipe.data.cascade`)
+        self.previous = {str(k): str(v) for k, v in previous.items()} if previous else None
+        self.previous_channels = [[int(v) for v in c] for c in previous_channels or []]
         self.cache_dir = self.cache.root
         self.case_ids = list(case_ids)
         if not self.case_ids:
@@ -69,6 +75,12 @@ class PatchSampler:
         if context_slices < 0:
             raise UsageError(f"context_slices must be ≥ 0, got {context_slices}")
         self.context_slices = int(context_slices)
+        if self.previous is not None:
+            if self.is_2d:
+                raise UsageError("a previous stage's prediction is an input of 3-D (cascade) patches only")
+            missing = [c for c in case_ids if str(c) not in self.previous]
+            if missing or not self.previous_channels:
+                raise StateError(f"no previous-stage prediction for case(s) {', '.join(missing[:5])}")
         self.patch3 = (2 * self.context_slices + 1, *self.patch_size) if self.is_2d else self.patch_size
         self.oversample_foreground = float(oversample_foreground)
         self.image_pad, self.label_pad, self.mmap = float(image_pad), int(label_pad), mmap
@@ -91,7 +103,7 @@ class PatchSampler:
         # worker -> main process boundary through shared memory, and int64 labels were 2/3 of it
         fits = max_classes <= 256 and 0 <= self.label_pad <= 255
         self.label_dtype = np.uint8 if fits else np.int16
-        self._arrays: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
         #: the probability of drawing each case (None: uniform), e.g. hardness-weighted sampling's
         self.case_probabilities: np.ndarray | None = None
 
@@ -106,11 +118,21 @@ class PatchSampler:
         c = self._case(0)[0].shape[0]
         return c * (2 * self.context_slices + 1) if self.is_2d else c
 
-    def _case(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def _case(self, i: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         arr = self._arrays.get(i)
         if arr is None:
             image, label, _ = self.cache.load(self.case_ids[i], mmap=self.mmap)
-            arr = self._arrays[i] = (image, label)
+            prev = None
+            if self.previous is not None:
+                path = self.previous[self.case_ids[i]]
+                prev = np.load(path, mmap_mode="r" if self.mmap else None)
+                if tuple(prev.shape) != tuple(image.shape[1:]):
+                    raise StateError(
+                        f"{path}: previous-stage prediction {tuple(prev.shape)} is not on the case's grid "
+                        f"{tuple(image.shape[1:])}",
+                        hint="train the previous stage's folds again (their final validation writes it)",
+                    )
+            arr = self._arrays[i] = (image, label, prev)
         return arr
 
     def forced(self, batch_size: int) -> np.ndarray:
@@ -148,8 +170,9 @@ class PatchSampler:
         return cases, centres
 
     def crop(self, case: int, centre: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Image [C, *size] float32 and label [*size] (:attr:`label_dtype`) around ``centre`` (3-D sizes)."""
-        image, label = self._case(case)
+        """Image [C, *size] float32 and label [*size] (:attr:`label_dtype`) around ``centre`` (3-D sizes);
+        for a cascade stage the label is [2, *size], the previous stage's prediction second."""
+        image, label, prev = self._case(case)
         size = tuple(int(s) for s in size)
         lower = [int(c) - s // 2 for c, s in zip(centre, size)]
         img = np.empty((image.shape[0], *size), dtype=np.float32)
@@ -159,12 +182,16 @@ class PatchSampler:
             lab[...] = self.label_pad
         else:
             _crop(label, lower, size, self.label_pad, lab)
+        if prev is not None:
+            pre = np.empty(size, dtype=self.label_dtype)
+            _crop(prev, lower, size, 0, pre)
+            lab = np.stack([lab, pre])
         return img, lab
 
     def _to_sample(self, img: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """3-D crops [C, S, Y, X] → the sample layout (2-D: slices to channels, label's centre slice)."""
         if not self.is_2d:
-            return img, lab[None]
+            return img, (lab if lab.ndim == img.ndim else lab[None])
         c, s = img.shape[:2]
         return img.reshape(c * s, *img.shape[2:]), lab[self.context_slices][None]
 
@@ -181,13 +208,14 @@ class PatchSampler:
         c_img = self.channels
         nd = len(self.patch_size)
         image = np.zeros((batch_size, c_img, *self.patch_size), dtype=np.float32)
-        label = np.zeros((batch_size, 1, *self.patch_size), dtype=self.label_dtype)
+        n_lab = 1 if self.previous is None else 2  # a cascade's previous-stage prediction travels as a label
+        label = np.zeros((batch_size, n_lab, *self.patch_size), dtype=self.label_dtype)
         region = (
             tuple(int(r) for r in draw.region[sidx].max(axis=0)) if draw is not None and sidx.size else self.patch_size
         )
         region3 = (self.patch3[0], *region) if self.is_2d else region
         r_img = np.zeros((sidx.size, c_img, *region), dtype=np.float32)
-        r_lab = np.zeros((sidx.size, 1, *region), dtype=self.label_dtype)
+        r_lab = np.zeros((sidx.size, n_lab, *region), dtype=self.label_dtype)
         slot = {int(b): j for j, b in enumerate(sidx)}
         for b in range(batch_size):
             if b in slot:
@@ -209,6 +237,7 @@ class PatchSampler:
             "case": [self.case_ids[i] for i in cases],
             "centre": torch.from_numpy(centres),
             "seed": int(rng.integers(2**62)),
+            **({"previous_channels": self.previous_channels} if self.previous is not None else {}),
         }
 
 
@@ -217,10 +246,15 @@ def finish_batch(batch: dict[str, Any], augmenter: Augmenter | None) -> dict[str
     (uint8, or int16 beyond 255 classes / with negative padding: call ``.long()`` on the device),
     ``case``, ``centre`` and, after augmentation, ``flags``."""
     if augmenter is not None:
-        return augmenter(batch)
-    out = {
-        k: v
-        for k, v in batch.items()
-        if k not in ("region_image", "region_label", "matrix", "spatial_index", "rotated", "scaled", "seed")
-    }
+        out = augmenter(batch)
+    else:
+        out = {
+            k: v
+            for k, v in batch.items()
+            if k not in ("region_image", "region_label", "matrix", "spatial_index", "rotated", "scaled", "seed")
+        }
+    if "previous_channels" in out:  # a cascade stage: the previous stage's prediction joins the image
+        from .cascade import attach_previous
+
+        out = attach_previous(out, perturb=augmenter is not None)
     return out

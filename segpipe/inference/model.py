@@ -42,6 +42,7 @@ from ..planning import Plan, load_plan, save_plan
 from ..settings import configured
 from ..splits import N_FOLDS
 from ..workspace import MODEL_FILE, RunFolder
+from .cascade import stage_only, with_previous_stages
 from .model_card import model_card
 from .postprocess import check_postprocessing
 from .runtimes import export_openvino
@@ -118,7 +119,8 @@ class Model:
                     f"{self.origin}: no trained {', '.join(missing)}",
                     hint=f"available: {', '.join(self.configurations)} (config=NAME)",
                 )
-            members = [m for m in members if m.configuration in configs]
+            stages = {self.plan.previous_stage(c) for c in configs} - {None}  # a cascade's first stage comes along
+            members = [m for m in members if m.configuration in configs or m.configuration in stages]
         if folds is not None:
             wanted = [str(f) for f in folds]
             for c in dict.fromkeys(m.configuration for m in members):
@@ -129,7 +131,7 @@ class Model:
                         f"{self.origin}: {c} has no trained fold {', '.join(missing)}",
                         hint=f"trained folds of {c}: {', '.join(have)} (folds=[...])",
                     )
-            members = [m for m in members if m.fold in wanted]
+            members = [m for m in members if m.fold in wanted or stage_only(self.plan, m.configuration, configs or [])]
         return Model(self.plan, members, self.postprocessing, self.origin, self.info)
 
 
@@ -296,6 +298,7 @@ def workspace_model(
                     hint=f"trained folds of {c}: {', '.join(names)}; train the others or choose folds=[...]",
                 )
             members.extend(m for m in have if m.fold in folds)
+    members.extend(with_previous_stages(plan, configs, found, dws.root))  # the 3-D cascade's first stage
     decision = read_best(dws) or {}
     post = check_postprocessing(decision.get("postprocessing"), plan.num_classes)
     return Model(plan, members, post, origin=str(dws.root))

@@ -37,6 +37,7 @@ from ..errors import ConfigError, DataError, UsageError
 from ..geometry import Geometry
 from ..io.formats import case_id_of
 from ..settings import configured
+from .cascade import stage_only, with_previous_stage
 from .model import CHECKPOINTS, Model, file_sha256, load_model_folder, parse_configs, parse_folds, workspace_model
 from .postprocess import apply_postprocessing
 from .runtimes import (
@@ -199,7 +200,7 @@ class Predictor:
                 for net in nets:
                     ov_net = compile_openvino(
                         net,
-                        in_channels=self.plan.in_channels * max(1, cfg.input_slices),
+                        in_channels=self.plan.network_channels(configuration) * max(1, cfg.input_slices),
                         patch=cfg.patch_size,
                         weights_sha256=next(shas),
                         cache_dir=cache,
@@ -414,7 +415,7 @@ class Predictor:
         t0 = time.perf_counter()
         image, geo = self.read(source, geometry, case_id=case_id)
         timings = {"read": time.perf_counter() - t0}
-        configs = list(self.networks)
+        configs = [c for c in self.networks if not stage_only(self.plan, c, list(self.networks))]
         name = case_id or _source_name(source)
         mean: np.ndarray | None = None
         label: np.ndarray | None = None
@@ -422,6 +423,8 @@ class Predictor:
             t = time.perf_counter()
             spec = spec_from_plan(self.plan, configuration)
             grid, _, props = preprocess_arrays(image, None, geo, spec, self.plan.num_classes)
+            if self.plan.previous_stage(configuration):  # the 3-D cascade: the first stage's answer joins
+                grid = with_previous_stage(self, image, geo, configuration, grid, name)
             if self._regions() is not None:
                 props["regions"] = self._regions()
             if i == len(configs) - 1:

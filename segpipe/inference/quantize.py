@@ -183,6 +183,11 @@ def quantize_members(
         if str(fold).lower() == "all":
             log.warning(f"{what}: trained on every case, so its int8 check reads cases it was trained on")
         start = time.perf_counter()
+        if plan.previous_stage(configuration):
+            raise ConfigError(
+                f"{configuration}: int8 networks of a cascade stage are not made",
+                hint="export the cascade without quantize",
+            )
         channels = plan.in_channels * max(1, cfg.input_slices)
         # the fp32 network the export has just converted and stored, else converted here
         key = network_key(member["sha256"], in_channels=channels, patch=cfg.patch_size, version=version)

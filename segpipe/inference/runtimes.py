@@ -396,7 +396,7 @@ def export_openvino(plan: Any, members: Sequence[Mapping[str, Any]], folder: Pat
         net.load_state_dict(load_checkpoint(folder / member["file"], map_location="cpu")["model"])
         compiled = compile_openvino(
             net.eval(),
-            in_channels=plan.in_channels * max(1, cfg.input_slices),
+            in_channels=plan.network_channels(member["configuration"]) * max(1, cfg.input_slices),
             patch=cfg.patch_size,
             weights_sha256=member["sha256"],
             cache_dir=folder / OPENVINO_DIR,

@@ -287,7 +287,8 @@ def plan_network(plan: Any, configuration: str, *, deep_supervision: bool = True
         return build_nnunet_network(
             arch, plan.in_channels, network_outputs(plan), where=f"plans.json ({configuration})"
         )
-    return build_network(cfg, plan.in_channels, network_outputs(plan), deep_supervision=deep_supervision)
+    channels = plan.network_channels(configuration)  # a cascade stage: the previous stage's channels too
+    return build_network(cfg, channels, network_outputs(plan), deep_supervision=deep_supervision)
 
 
 # ---------------------------------------------------------------------------- measurement

@@ -127,6 +127,26 @@ class Plan:
         """Output channels, background included (the ignore label has none)."""
         return len(self.labels) - (self.ignore_label is not None)
 
+    def previous_stage(self, name: str) -> str | None:
+        """The configuration whose prediction ``name`` takes as extra input (the 3-D cascade's
+        ``3d_cascade_fullres`` takes ``3d_lowres``'s), else None."""
+        return (self.settings.get("cascade") or {}).get(name)
+
+    def previous_channels(self, name: str) -> list[list[int]]:
+        """The label values of each extra input channel of ``name`` (a cascade stage): one per
+        foreground class, or one per region of a region dataset; empty for other configurations."""
+        if not self.previous_stage(name):
+            return []
+        regions = self.settings.get("regions")
+        if regions:
+            return [[int(v) for v in r] for r in regions["regions"]]
+        return [[c] for c in range(1, self.num_classes)]
+
+    def network_channels(self, name: str) -> int:
+        """Input channels of ``name``'s network per slice: the image's, plus the previous stage's one-hot
+        prediction for a cascade stage."""
+        return self.in_channels + len(self.previous_channels(name))
+
     def config(self, name: str) -> PlanConfig:
         if name not in self.configurations:
             raise ConfigError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -191,6 +192,7 @@ def _fullres_and_skips(ctx: PlanContext, grid: _Grid) -> tuple[PlanConfig | None
                 f"the 3d_fullres patch already covers {coverage:.0%} of the median image "
                 f"(3d_lowres needs < {settings.lowres_threshold:.0%})"
             )
+            why_not["3d_cascade_fullres"] = "it follows 3d_lowres, which does not apply"
         if spacing_ratio <= settings.anisotropy_threshold:
             why_not["2.5d"] = (
                 f"it is for anisotropic data; the coarsest median spacing is only "
@@ -216,8 +218,16 @@ def _plan_configurations(
         lowres, why = _lowres(ctx, fullres, fr_sp, fr_shape, grid.n_cases)
         if lowres is None:
             why_not["3d_lowres"] = why
+            why_not["3d_cascade_fullres"] = "it follows 3d_lowres, which does not apply"
         else:
             configs["3d_lowres"] = lowres
+    if "3d_cascade_fullres" in wanted and "3d_lowres" in configs and fullres is not None:
+        # nnU-Net's cascade: 3d_fullres's data and network, with 3d_lowres's prediction as extra input
+        configs["3d_cascade_fullres"] = dataclasses.replace(
+            fullres, name="3d_cascade_fullres", notes=[*fullres.notes, "runs after 3d_lowres (the 3-D cascade)"]
+        )
+    elif "3d_cascade_fullres" in wanted and "3d_cascade_fullres" not in why_not:
+        why_not["3d_cascade_fullres"] = "it follows 3d_lowres, which is not planned"
     if "2.5d" in wanted and "2.5d" not in why_not:
         configs["2.5d"] = _plan_25d(ctx, grid.spacings, grid.shapes, grid.median_spacing, np.asarray(grid.transpose))
     if "vnet" in wanted and "vnet" not in why_not:
@@ -241,6 +251,8 @@ def _set_data_identifiers(configs: Mapping[str, PlanConfig], grid: _Grid) -> Non
     """Name each configuration's preprocessed data; 2d shares 3d_fullres's when resampling changes no case."""
     for cfg in configs.values():
         cfg.data_identifier = _data_identifier(cfg.spacing, cfg.resample_slices)
+    if "3d_cascade_fullres" in configs and "3d_fullres" in configs:  # one grid, one cache
+        configs["3d_cascade_fullres"].data_identifier = configs["3d_fullres"].data_identifier
     coarse, spacings, shapes = grid.coarse, grid.spacings, grid.shapes
     if (
         "2d" in configs
@@ -302,7 +314,11 @@ def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = No
         anisotropic_axis=grid.aniso_axis if settings.target_spacing is None else None,
         normalization=_normalization(fingerprint, settings),
         configurations=ordered,
-        settings={**settings.to_dict(), **({"regions": dict(regions)} if regions else {})},
+        settings={
+            **settings.to_dict(),
+            **({"regions": dict(regions)} if regions else {}),
+            **({"cascade": {"3d_cascade_fullres": "3d_lowres"}} if "3d_cascade_fullres" in ordered else {}),
+        },
         memory_model=_memory_model(settings),
         fingerprint_sha256=fingerprint_digest(fingerprint),
         skipped={name: why_not[name] for name in CONFIGURATIONS if name in why_not},

@@ -15,7 +15,7 @@ from ..settings import group_defaults
 from ..workspace import PLANS_FILE as PLANS_FILE  # re-exported: the name lives in workspace.py
 
 SCHEMA_VERSION = 1
-CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "2.5d", "vnet")
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres", "2.5d", "vnet")
 ARCHITECTURES = ("unet", "unet25d", "vnet")
 NORMALIZATION_SCHEMES = ("ct", "zscore", "none", "rescale_to_0_1", "rgb_to_0_1")
 

@@ -48,7 +48,7 @@ from .spec import (
     shared_configuration,
     spec_from_plan,
 )
-from .steps import preprocess_arrays, restore, restore_argmax, sample_locations
+from .steps import preprocess_arrays, resampled_shape, restore, restore_argmax, sample_locations
 
 __all__ = [
     "LOCATIONS_SEED",
@@ -73,6 +73,7 @@ __all__ = [
     "register_normalization",
     "resample_label",
     "restore",
+    "resampled_shape",
     "restore_argmax",
     "sample_locations",
     "sampled_crc32",

@@ -31,6 +31,15 @@ def sample_locations(
     return out
 
 
+def resampled_shape(cropped_shape: Any, spacing: Any, spec: PreprocessSpec) -> list[int]:
+    """The grid size a cropped image of ``spacing`` (transposed) gets at the spec's spacing (segpipe's
+    rule; the first axis keeps its spacing when the spec does not resample slices)."""
+    target = [float(s) for s in spec.spacing]
+    if not spec.resample_slices:
+        target[0] = float(spacing[0])
+    return [max(1, int(round(int(n) * float(s) / t))) for n, s, t in zip(cropped_shape, spacing, target)]
+
+
 def preprocess_arrays(
     image: np.ndarray, label: np.ndarray | None, geometry: Geometry, spec: PreprocessSpec, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
@@ -55,7 +64,7 @@ def preprocess_arrays(
         sep = separate_axis(spacing, target, spec.nnunet["data"].get("force_separate_z"))
         img = resample_like_nnunet(img, new_shape, spacing, target, spec.nnunet["data"])
     else:
-        new_shape = [max(1, int(round(n * s / t))) for n, s, t in zip(cropped_shape, spacing, target)]
+        new_shape = resampled_shape(cropped_shape, spacing, spec)
         sep = separate_z_axis(spacing, spec.separate_z_ratio) if new_shape != cropped_shape else None
         img = resample(img, new_shape, kind="cubic", separate_axis=sep)
     if lab is not None:

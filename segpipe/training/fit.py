@@ -285,6 +285,12 @@ def _data_and_module(run: RunContext, resume: dict[str, Any] | None, cache: Any)
     accelerator = runtime.accelerator(str(s["device"]))
     world = int(run.trainer.world_size)
     hardness = s["case_sampling"] == "hardness"
+    cascade: dict[str, Any] = {}
+    if run.plan.previous_stage(run.configuration):  # the 3-D cascade: the low-resolution stage's predictions
+        from .cascade import previous_predictions
+
+        previous = previous_predictions(run.run_dir.parent.parent, run.plan, run.configuration, cache.cases())
+        cascade = {"previous": previous, "previous_channels": run.plan.previous_channels(run.configuration)}
     dm = SegDataModule.for_fold(
         cache,
         run.dataset.splits_path,
@@ -298,6 +304,7 @@ def _data_and_module(run: RunContext, resume: dict[str, Any] | None, cache: Any)
         augment_on_device=accelerator == "gpu",
         rank=int(run.trainer.global_rank),
         world_size=world,
+        **cascade,
         fresh_workers=hardness,  # each epoch's workers get the current case probabilities
     )
     optim = named_option(s["optim"], s["optim_params"])
@@ -306,7 +313,7 @@ def _data_and_module(run: RunContext, resume: dict[str, Any] | None, cache: Any)
     loss = named_option(s["loss"], s["loss_params"])
     module = SegmentationModule(
         cfg,
-        run.plan.in_channels,
+        run.plan.network_channels(run.configuration),
         run.plan.num_classes,
         loss=str(loss.pop("name")),
         loss_params=loss,
@@ -344,6 +351,7 @@ def _callback(run: RunContext, resume: dict[str, Any] | None, dm: Any, cache: An
             list(dm.val_cases),
             run.run_dir / VALIDATION_DIR,
             autocast_dtype=runtime.autocast_dtype(precision),
+            previous=getattr(dm, "previous", None),
         )
     elif resume is None:
         run.say(f"fold {run.fold} trains on every case: no full-case validation (folds 0-4 keep validation cases)")

@@ -171,6 +171,22 @@ class _CaseValidation:
     probabilities_dir: Path | None
     #: a region plan: each region's label values and the value it writes (scored by region), else None
     regions: dict[str, Any] | None = None
+    #: the 3-D cascade: the cascade stage's files of this stage's predictions (written when they are
+    #: kept), and this stage's inputs from the previous one (see :mod:`segpipe.training.cascade`)
+    cascade: CascadeIO | None = None
+
+
+@dataclass
+class CascadeIO:
+    """A validation's part in the 3-D cascade: ``plan``; ``next_stage`` (the stage that takes this
+    one's predictions) and ``next_dir`` (where they go); ``previous`` (``{case: .npy}``, this stage's
+    extra input) and the label values of each of its channels."""
+
+    plan: Any
+    next_stage: str | None = None
+    next_dir: Path | None = None
+    previous: Mapping[str, Path] | None = None
+    previous_channels: list[list[int]] | None = None
 
 
 def _validation_ids(case_ids: Sequence[str]) -> list[str]:
@@ -209,7 +225,13 @@ def _window_kwargs(
 def _validate_case(setup: _CaseValidation, cid: str) -> tuple[CaseMetrics, str | None]:
     """Predict case ``cid`` whole, score its argmax against the cached label and keep its softmax
     when asked: its metrics and the softmax's path (None when not kept)."""
-    image, label, _props = setup.cache.load(cid, mmap=False)
+    image, label, props = setup.cache.load(cid, mmap=False)
+    io = setup.cascade
+    if io is not None and io.previous is not None:  # a cascade stage: the previous stage's prediction joins
+        from ..data.cascade import previous_channels
+
+        prev = np.load(io.previous[cid])
+        image = np.concatenate([image, previous_channels(prev[None], io.previous_channels or [])[0]])
     if label is None:
         raise DataError(
             f"{setup.cache.case_dir(cid)}: case {cid} is cached without a label, so it cannot be validated",
@@ -235,11 +257,33 @@ def _validate_case(setup: _CaseValidation, cid: str) -> tuple[CaseMetrics, str |
         del pred
     del reference
     saved = None
+    if setup.probabilities_dir is not None and io is not None and io.next_stage and io.next_dir is not None:
+        from .cascade import save_next_stage
+
+        save_next_stage(io.plan, io.next_stage, logits, props, io.next_dir / f"{cid}.npy")
     if setup.probabilities_dir is not None:
         path = probabilities_path(setup.probabilities_dir, cid)
         save_npy(path, probs.half().cpu().numpy() if setup.regions else softmax_float16(logits))
         saved = str(path)
     return metrics, saved
+
+
+def _cascade_io(plan: Any, configuration: str, out: Path, previous: Mapping[str, Path] | None) -> CascadeIO | None:
+    """The validation's part in the 3-D cascade (None outside it)."""
+    from .cascade import NEXT_STAGE_DIR, next_stage_of
+
+    nxt = next_stage_of(plan, configuration)
+    if nxt is None and not plan.previous_stage(configuration):
+        return None
+    if plan.previous_stage(configuration) and previous is None:
+        raise StateError(f"{configuration}: a cascade stage is validated with the previous stage's predictions")
+    return CascadeIO(
+        plan,
+        next_stage=nxt,
+        next_dir=out.parent / NEXT_STAGE_DIR if nxt else None,
+        previous=previous,
+        previous_channels=plan.previous_channels(configuration),
+    )
 
 
 def _validation_summary(
@@ -294,8 +338,14 @@ def validate_cases(
     overlap: float | None = None,
     batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    previous: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Predict every case of ``case_ids`` in full, score it, write the fold's validation folder.
+
+    The 3-D cascade: a cascade stage takes ``previous`` (``{case: .npy}``, the previous stage's
+    predictions on the cache's grid) as extra channels; a stage that a cascade stage follows also
+    writes, with ``save_probabilities``, each case's prediction on that stage's grid to
+    ``<out_dir>/../next_stage/<case>.npy`` (:mod:`segpipe.training.cascade`).
 
     ``network``: the configuration's network (a ``torch.nn.Module`` or any callable mapping a batch
     [B, C, *patch] to logits [B, K, *patch]; put in eval mode for the call). ``cache``: the
@@ -342,6 +392,7 @@ def validate_cases(
         ignore=ignore,
         probabilities_dir=out if save_probabilities else None,
         regions=regions or None,
+        cascade=_cascade_io(the_plan, configuration, out, previous),
     )
 
     bar = Progress(f"validation {configuration}", len(ids), unit="case") if progress is True else None
@@ -392,8 +443,10 @@ class FoldValidation:
         out_dir: Path,
         *,
         autocast_dtype: torch.dtype | None = None,
+        previous: Mapping[str, Path] | None = None,
     ):
         self.plan, self.configuration, self.cache = plan, configuration, cache
+        self.previous = previous
         self.case_ids, self.out_dir, self.autocast_dtype = list(case_ids), Path(out_dir), autocast_dtype
         self.config = plan.config(configuration)
 
@@ -414,6 +467,7 @@ class FoldValidation:
                 device=device,
                 save_probabilities=final,
                 autocast_dtype=self.autocast_dtype,
+                previous=self.previous,
             )
         finally:
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)

@@ -157,8 +157,8 @@ def test_cascade_inference_runs_both_stages(cascade_work, tmp_path):
     seen = {}
     original = stage.with_previous_stage
 
-    def spy(pred, image, geo, configuration, grid, name):
-        out = original(pred, image, geo, configuration, grid, name)
+    def spy(pred, image, geo, configuration, grid, *, name):
+        out = original(pred, image, geo, configuration, grid, name=name)
         seen["grid"], seen["out"] = grid, out
         return out
 

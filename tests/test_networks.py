@@ -50,7 +50,8 @@ def _plans():
 
 
 PLANS = _plans()
-CASES = [(p, c) for p, plan in PLANS.items() for c in plan.configurations]
+# 3d_cascade_fullres is 3d_fullres's network with more input channels (checked below), not a case of its own
+CASES = [(p, c) for p, plan in PLANS.items() for c in plan.configurations if c != "3d_cascade_fullres"]
 
 
 def divisor(cfg: PlanConfig) -> list[int]:
@@ -76,6 +77,13 @@ def with_patch(cfg: PlanConfig, patch, *, narrow: bool = False) -> PlanConfig:
 def test_every_applicable_configuration_is_covered():
     planned = {c for _, c in CASES}
     assert planned == {"2d", "3d_fullres", "3d_lowres", "2.5d", "vnet"}
+    for plan in PLANS.values():
+        if "3d_cascade_fullres" in plan.configurations:
+            cascade, fullres = plan.config("3d_cascade_fullres").to_dict(), plan.config("3d_fullres").to_dict()
+            assert {k: v for k, v in cascade.items() if k not in ("name", "notes")} == {
+                k: v for k, v in fullres.items() if k not in ("name", "notes")
+            }
+            assert plan.network_channels("3d_cascade_fullres") == plan.in_channels + plan.num_classes - 1
 
 
 @pytest.mark.parametrize(("plan", "name"), CASES, ids=[f"{p}-{c}" for p, c in CASES])

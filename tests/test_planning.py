@@ -76,7 +76,7 @@ def test_isotropic_matches_nnunet_rules():
     assert two.patch_size == [56, 40] and two.batch_size == 292 and two.dims == 2
     assert not two.resample_slices
     assert "3d_lowres" not in plan.configurations and "2.5d" not in plan.configurations
-    assert set(plan.skipped) == {"3d_lowres", "2.5d"}
+    assert set(plan.skipped) == {"3d_lowres", "3d_cascade_fullres", "2.5d"}
     assert plan.normalization[0].scheme == "zscore" and not plan.normalization[0].use_mask
 
 

@@ -48,7 +48,7 @@ def stage_only(plan: Any, configuration: str, configurations: Sequence[str]) -> 
 
 
 def with_previous_stage(
-    predictor: Any, image: np.ndarray, geometry: Any, configuration: str, grid: np.ndarray, name: str
+    predictor: Any, image: np.ndarray, geometry: Any, configuration: str, grid: np.ndarray, *, name: str
 ) -> np.ndarray:
     """``grid`` (the cascade stage's preprocessed image [C, *S]) with the previous stage's prediction of
     the case appended as binary channels (see the module docstring)."""

@@ -37,6 +37,7 @@ from ..errors import ConfigError, StateError
 from ..io.jsonio import read_json
 from ..planning import ChannelNormalization, Plan, PlanConfig
 from ..preprocessing.nnunet_resampling import resampling_settings
+from ..settings import configured
 from .model import Member, Model, file_sha256
 
 __all__ = ["NNUNET_CHECKPOINTS", "NORMALIZATIONS", "is_nnunet_folder", "load_nnunet_folder"]
@@ -246,13 +247,16 @@ def _postprocessing(root: Path, labels: Mapping[str, str], regions: Any) -> tupl
 
 
 def load_nnunet_folder(
-    path: str | os.PathLike[str], *, folds: Sequence[str] | None = None, checkpoint: str = "final"
+    path: str | os.PathLike[str], *, folds: Sequence[str] | None = None, checkpoint: str | None = None
 ) -> Model:
     """The :class:`Model` of an nnU-Net v2 trained model folder (see the module docstring).
 
     ``folds``: the folds to use (default every ``fold_<k>`` with the checkpoint); ``checkpoint``:
     ``final`` (``checkpoint_final.pth``, nnU-Net's default) or ``best``.
     """
+    checkpoint = str(configured(checkpoint, "infer.checkpoint"))
+    if checkpoint not in NNUNET_CHECKPOINTS:
+        raise ConfigError(f"checkpoint={checkpoint} is not one of {', '.join(NNUNET_CHECKPOINTS)}")
     root = Path(path).expanduser().resolve()
     dataset, plans = _read(root, "dataset.json"), _read(root, "plans.json")
     parts = root.name.split("__")

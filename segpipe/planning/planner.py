@@ -297,8 +297,13 @@ def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = No
     configs = _plan_configurations(ctx, grid, wanted, fullres=fullres_cfg, why_not=why_not)
     _refuse_inapplicable(settings, wanted, why_not)
     _set_data_identifiers(configs, grid)
-    if "3d_fullres" in configs:
-        configs["3d_fullres"].batch_dice = False  # no cascade: nnU-Net uses sample Dice for 3d_fullres then
+    # nnU-Net's rule: with a 3d_lowres stage, batch Dice for the full-resolution networks (3d_fullres and the
+    # cascade) and sample Dice for 3d_lowres; without one, sample Dice for 3d_fullres
+    for name, cfg in configs.items():
+        if name in ("3d_fullres", "3d_cascade_fullres"):
+            cfg.batch_dice = "3d_lowres" in configs
+        elif name == "3d_lowres":
+            cfg.batch_dice = False
 
     ordered = {name: configs[name] for name in CONFIGURATIONS if name in configs}
     return Plan(

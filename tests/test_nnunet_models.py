@@ -198,15 +198,18 @@ def test_missing_fold(nnunet_copy):
         load_nnunet_folder(nnunet_copy)
 
 
-def test_cascade_stage_is_refused(nnunet_copy):
+def test_cascade_stage_without_its_first_stage_is_refused(nnunet_copy):
     def change(plans):
         plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
 
     _edit(nnunet_copy / "plans.json", change)
     cascade = nnunet_copy.parent / "nnUNetTrainer__nnUNetPlans__3d_cascade_fullres"
     nnunet_copy.rename(cascade)
-    with pytest.raises(ConfigError, match=r"3d_cascade_fullres is a cascade stage"):
+    with pytest.raises(
+        StateError, match=r"3d_cascade_fullres runs after 3d_lowres, but .*__3d_lowres is missing"
+    ) as exc:
         load_nnunet_folder(cascade)
+    assert "put the 3d_lowres model folder" in exc.value.hint
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

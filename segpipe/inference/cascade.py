@@ -48,19 +48,32 @@ def stage_only(plan: Any, configuration: str, configurations: Sequence[str]) -> 
 
 
 def with_previous_stage(
-    predictor: Any, image: np.ndarray, geometry: Any, configuration: str, grid: np.ndarray, *, name: str
+    predictor: Any,
+    image: np.ndarray,
+    geometry: Any,
+    configuration: str,
+    grid: np.ndarray,
+    *,
+    name: str,
+    props: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """``grid`` (the cascade stage's preprocessed image [C, *S]) with the previous stage's prediction of
-    the case appended as binary channels (see the module docstring)."""
+    """``grid`` (the cascade stage's preprocessed image [C, *S]; ``props``: its properties) with the
+    previous stage's prediction of the case appended as binary channels (see the module docstring)."""
     from ..data.cascade import previous_channels
     from ..preprocessing import preprocess_arrays, spec_from_plan
     from ..preprocessing.resampling import resample, separate_z_axis
 
     plan = predictor.plan
     previous = plan.previous_stage(configuration)
-    first, _, props = preprocess_arrays(image, None, geometry, spec_from_plan(plan, previous), plan.num_classes)
+    first, _, first_props = preprocess_arrays(image, None, geometry, spec_from_plan(plan, previous), plan.num_classes)
     scores = predictor._probabilities(first, previous, f"{name} ({previous})")
     del first
+    if predictor.nnunet is not None:  # nnU-Net's cascade: its first stage's label map, as its preprocessing sees it
+        assert props is not None
+        labels = _nnunet_previous(predictor, image, scores, first_props, props, configuration)
+        channels = previous_channels(labels[None], plan.previous_channels(configuration))[0]
+        return np.concatenate([grid, channels.astype(grid.dtype, copy=False)])
+    props = first_props
     regions = (plan.settings or {}).get("regions")
     if regions:  # the region model's logits: each region's sigmoid
         scores = torch.sigmoid(torch.from_numpy(scores)).numpy()
@@ -71,3 +84,35 @@ def with_previous_stage(
     labels = regions_to_labels(probs, regions["class_order"]) if regions else probs.argmax(0).astype(np.uint8)
     channels = previous_channels(labels[None], plan.previous_channels(configuration))[0]
     return np.concatenate([grid, channels.astype(grid.dtype, copy=False)])
+
+
+def _nnunet_previous(
+    predictor: Any,
+    image: np.ndarray,
+    scores: np.ndarray,
+    first_props: dict[str, Any],
+    props: dict[str, Any],
+    configuration: str,
+) -> np.ndarray:
+    """An nnU-Net cascade's input labels on the cascade stage's grid: the first stage's label map on the
+    image's grid (its logits resampled back, as ``nnUNetv2_predict`` writes it), then taken through the
+    cascade stage's preprocessing of label maps: transpose, crop, -1 outside the nonzero region (holes
+    filled), nnU-Net's label resampling (:func:`~segpipe.preprocessing.nnunet_resampling.resize_labels`)."""
+    from scipy.ndimage import binary_fill_holes
+
+    from ..preprocessing import restore_argmax
+    from ..preprocessing.nnunet_resampling import resample_like_nnunet
+
+    regions = (predictor.plan.settings or {}).get("regions")
+    if regions:
+        first_props = {**first_props, "regions": [int(v) for v in regions["class_order"]]}
+    label = restore_argmax(scores, first_props).astype(np.int16)
+    transpose = [int(a) for a in props["transpose"]]
+    box = tuple(slice(lo, hi) for lo, hi in props["crop_box"])
+    seg = np.transpose(label, transpose)[box]
+    nonzero = np.any(np.transpose(image, [0, *[a + 1 for a in transpose]]) != 0, axis=0)[box]
+    seg[(seg == 0) & ~binary_fill_holes(nonzero)] = -1
+    settings = predictor.nnunet["resampling"][configuration]["seg"]
+    shape = props["shape_after_resample"]
+    current, target = props["spacing_before_resample"], props["spacing"]
+    return resample_like_nnunet(seg[None], shape, current, target, settings, seg=True)[0]

@@ -136,11 +136,6 @@ def _configuration(plans: Mapping[str, Any], name: str, where: Path) -> dict[str
             raise ConfigError(f"{where}: configuration {name!r} inherits from unknown or circular {parent!r}")
         seen.add(parent)
         entry = {**configs[parent], **entry}
-    if entry.get("previous_stage"):
-        raise ConfigError(
-            f"{where}: {name} is a cascade stage; it needs the predictions of {entry['previous_stage']} as input",
-            hint="run the 3d_lowres or 3d_fullres model folder instead",
-        )
     return entry
 
 
@@ -246,13 +241,62 @@ def _postprocessing(root: Path, labels: Mapping[str, str], regions: Any) -> tupl
     return {"largest_component": sorted(set(classes))}, str(path)
 
 
+def _fold_checkpoints(root: Path, folds: Sequence[str] | None, file: str) -> tuple[list[Path], list[dict[str, Any]]]:
+    """The checkpoint files of a model folder's folds (every ``fold_<k>`` holding one by default), read."""
+    fold_dirs = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("fold_"))
+    chosen = [f"fold_{f}" for f in folds] if folds is not None else [d.name for d in fold_dirs]
+    paths = [root / d / file for d in chosen]
+    if folds is None:
+        paths = [p for p in paths if p.is_file()]
+    if not paths:
+        raise StateError(f"{root}: no fold_<k>/{file}", hint="train a fold with nnU-Net first, or pass checkpoint=best")
+    return paths, [load_nnunet_checkpoint(p) for p in paths]
+
+
+def _resampling(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The resampling settings of one configuration: images, logits, and label maps (a cascade's input)."""
+    out = {
+        "data": resampling_settings(cfg.get("resampling_fn_data"), cfg.get("resampling_fn_data_kwargs"), where),
+        "probabilities": resampling_settings(
+            cfg.get("resampling_fn_probabilities"), cfg.get("resampling_fn_probabilities_kwargs"), where
+        ),
+    }
+    if cfg.get("previous_stage"):
+        out["seg"] = resampling_settings(
+            cfg.get("resampling_fn_seg"), cfg.get("resampling_fn_seg_kwargs"), where, seg=True
+        )
+    return out
+
+
+def _stages(root: Path, plans: Mapping[str, Any], name: str, cfg: Mapping[str, Any], file: str) -> dict[str, Any]:
+    """A cascade stage's first stage: the sibling folder ``<Trainer>__<Plans>__<previous stage>`` nnU-Net
+    trained, its configuration and every fold's checkpoint (empty for other configurations)."""
+    previous = cfg.get("previous_stage")
+    if not previous:
+        return {}
+    sibling = root.parent / root.name.replace(f"__{name}", f"__{previous}")
+    if sibling == root or not sibling.is_dir():
+        raise StateError(
+            f"{root}: the cascade stage {name} runs after {previous}, but {sibling} is missing",
+            hint=f"put the {previous} model folder nnU-Net trained beside it",
+        )
+    paths, states = _fold_checkpoints(sibling, None, file)
+    return {
+        "name": str(previous),
+        "cfg": _configuration(plans, previous, root / "plans.json"),
+        "paths": paths,
+        "states": states,
+    }
+
+
 def load_nnunet_folder(
     path: str | os.PathLike[str], *, folds: Sequence[str] | None = None, checkpoint: str | None = None
 ) -> Model:
     """The :class:`Model` of an nnU-Net v2 trained model folder (see the module docstring).
 
     ``folds``: the folds to use (default every ``fold_<k>`` with the checkpoint); ``checkpoint``:
-    ``final`` (``checkpoint_final.pth``, nnU-Net's default) or ``best``.
+    ``final`` (``checkpoint_final.pth``, nnU-Net's default) or ``best``. A cascade stage
+    (``3d_cascade_fullres``) also reads every fold of its first stage from the sibling folder.
     """
     checkpoint = str(configured(checkpoint, "infer.checkpoint"))
     if checkpoint not in NNUNET_CHECKPOINTS:
@@ -260,36 +304,23 @@ def load_nnunet_folder(
     root = Path(path).expanduser().resolve()
     dataset, plans = _read(root, "dataset.json"), _read(root, "plans.json")
     parts = root.name.split("__")
-    name = parts[2] if len(parts) == 3 else ""
-    fold_dirs = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("fold_"))
-    chosen = [f"fold_{f}" for f in folds] if folds is not None else [d.name for d in fold_dirs]
-    file = NNUNET_CHECKPOINTS[checkpoint]
-    paths = [root / d / file for d in chosen]
-    if folds is None:
-        paths = [p for p in paths if p.is_file()]
-    if not paths:
-        raise StateError(f"{root}: no fold_<k>/{file}", hint="train a fold with nnU-Net first, or pass checkpoint=best")
-    states = [load_nnunet_checkpoint(p) for p in paths]
-    if not name:
-        name = str((states[0].get("init_args") or {}).get("configuration", ""))
+    paths, states = _fold_checkpoints(root, folds, NNUNET_CHECKPOINTS[checkpoint])
+    name = parts[2] if len(parts) == 3 else str((states[0].get("init_args") or {}).get("configuration", ""))
     plans_path = root / "plans.json"
     cfg = _configuration(plans, name, plans_path)
+    first = _stages(root, plans, name, cfg, NNUNET_CHECKPOINTS[checkpoint])
+    stages = {name: cfg, **({first["name"]: first["cfg"]} if first else {})}
     channels = {str(k): str(v) for k, v in (dataset.get("channel_names") or dataset.get("modality") or {}).items()}
     labels, regions = _labels(dataset, root / "dataset.json")
-    data_kw = resampling_settings(cfg.get("resampling_fn_data"), cfg.get("resampling_fn_data_kwargs"), str(plans_path))
-    prob_kw = resampling_settings(
-        cfg.get("resampling_fn_probabilities"), cfg.get("resampling_fn_probabilities_kwargs"), str(plans_path)
-    )
     mirror = states[0].get("inference_allowed_mirroring_axes")
     nnunet = {
-        "architectures": {name: cfg.get("architecture") or {}},
-        "resampling": {name: {"data": data_kw, "probabilities": prob_kw}},
+        "architectures": {c: entry.get("architecture") or {} for c, entry in stages.items()},
+        "resampling": {c: _resampling(entry, str(plans_path)) for c, entry in stages.items()},
         "mirror_axes": None if mirror is None else [int(a) for a in mirror],
         "trainer": str(states[0].get("trainer_name", "")),
         "plans_name": str(plans.get("plans_name", "")),
     }
-    post, post_source = _postprocessing(root, labels, regions)
-    nnunet["postprocessing_source"] = post_source
+    post, nnunet["postprocessing_source"] = _postprocessing(root, labels, regions)
     transpose = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
     plan = Plan(
         dataset=str(plans.get("dataset_name") or dataset.get("name") or root.parent.name),
@@ -303,18 +334,27 @@ def load_nnunet_folder(
         anisotropic=False,
         anisotropic_axis=None,
         normalization=_normalization(plans, cfg, channels, plans_path),
-        configurations={name: _plan_config(name, cfg, plans, plans_path)},
-        settings={"preprocessing": "nnunet", "nnunet": nnunet, **({"regions": regions} if regions else {})},
+        configurations={c: _plan_config(c, entry, plans, plans_path) for c, entry in stages.items()},
+        settings={
+            "preprocessing": "nnunet",
+            "nnunet": nnunet,
+            **({"regions": regions} if regions else {}),
+            **({"cascade": {name: first["name"]}} if first else {}),
+        },
         memory_model={},
     )
     from ..networks import plan_network
 
     members = []
-    for p, state in zip(paths, states):
-        fold = p.parent.name.removeprefix("fold_")
-        _check_weights(plan_network(plan, name), state["network_weights"], p)
-        members.append(Member(name, fold, p, sha256=file_sha256(p), weights=dict(state["network_weights"])))
-    info = {"format": "nnunet", "trainer": nnunet["trainer"], "postprocessing_source": post_source}
+    for c, c_paths, c_states in [
+        (name, paths, states),
+        *([(first["name"], first["paths"], first["states"])] if first else []),
+    ]:
+        for p, state in zip(c_paths, c_states):
+            _check_weights(plan_network(plan, c), state["network_weights"], p)
+            fold = p.parent.name.removeprefix("fold_")
+            members.append(Member(c, fold, p, sha256=file_sha256(p), weights=dict(state["network_weights"])))
+    info = {"format": "nnunet", "trainer": nnunet["trainer"], "postprocessing_source": nnunet["postprocessing_source"]}
     return Model(plan=plan, members=members, postprocessing=post, origin=str(root), info=info)
 
 

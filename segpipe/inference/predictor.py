@@ -424,7 +424,7 @@ class Predictor:
             spec = spec_from_plan(self.plan, configuration)
             grid, _, props = preprocess_arrays(image, None, geo, spec, self.plan.num_classes)
             if self.plan.previous_stage(configuration):  # the 3-D cascade: the first stage's answer joins
-                grid = with_previous_stage(self, image, geo, configuration, grid, name=name)
+                grid = with_previous_stage(self, image, geo, configuration, grid, name=name, props=props)
             if self._regions() is not None:
                 props["regions"] = self._regions()
             if i == len(configs) - 1:

@@ -284,9 +284,8 @@ def plan_network(plan: Any, configuration: str, *, deep_supervision: bool = True
         arch = (nnunet.get("architectures") or {}).get(configuration)
         if not arch:
             raise ConfigError(f"the plan names no nnU-Net network for {configuration}")
-        return build_nnunet_network(
-            arch, plan.in_channels, network_outputs(plan), where=f"plans.json ({configuration})"
-        )
+        channels = plan.network_channels(configuration)  # a cascade stage: the previous stage's labels too
+        return build_nnunet_network(arch, channels, network_outputs(plan), where=f"plans.json ({configuration})")
     channels = plan.network_channels(configuration)  # a cascade stage: the previous stage's channels too
     return build_network(cfg, channels, network_outputs(plan), deep_supervision=deep_supervision)
 

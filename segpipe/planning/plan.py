@@ -138,6 +138,9 @@ class Plan:
         if not self.previous_stage(name):
             return []
         regions = self.settings.get("regions")
+        if self.settings.get("nnunet"):  # nnU-Net's cascade: one channel per foreground label value, regions too
+            values = sorted({int(v) for r in regions["regions"] for v in r}) if regions else range(1, self.num_classes)
+            return [[int(v)] for v in values]
         if regions:
             return [[int(v) for v in r] for r in regions["regions"]]
         return [[c] for c in range(1, self.num_classes)]

@@ -29,7 +29,14 @@ from scipy import ndimage
 
 from ..errors import ConfigError
 
-__all__ = ["NNUNET_RESAMPLING", "new_shape", "resample_like_nnunet", "resampling_settings", "separate_axis"]
+__all__ = [
+    "NNUNET_RESAMPLING",
+    "new_shape",
+    "resample_like_nnunet",
+    "resampling_settings",
+    "resize_labels",
+    "separate_axis",
+]
 
 #: the resampling function of nnU-Net's default planners, the one segpipe reproduces
 NNUNET_RESAMPLING = "resample_data_or_seg_to_shape"
@@ -37,16 +44,21 @@ NNUNET_RESAMPLING = "resample_data_or_seg_to_shape"
 ANISO_THRESHOLD = 3.0
 
 
-def resampling_settings(name: Any, kwargs: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
-    """``order``, ``order_z`` and ``force_separate_z`` of one plan entry; another function is refused."""
+def resampling_settings(
+    name: Any, kwargs: Mapping[str, Any] | None, where: str, *, seg: bool = False
+) -> dict[str, Any]:
+    """``order``, ``order_z`` and ``force_separate_z`` of one plan entry (``seg``: the label maps' entry,
+    which a cascade stage uses for the previous stage's prediction); another function is refused."""
     if str(name) != NNUNET_RESAMPLING:
         raise ConfigError(
             f"{where}: resampling function {name!r} is not one segpipe reproduces",
             hint=f"re-plan with nnU-Net's default resampling ({NNUNET_RESAMPLING})",
         )
     kw = dict(kwargs or {})
-    if kw.get("is_seg"):
-        raise ConfigError(f"{where}: image or logit resampling with is_seg=true is not supported")
+    if bool(kw.get("is_seg")) != seg:
+        raise ConfigError(f"{where}: resampling with is_seg={kw.get('is_seg')} is not supported there")
+    if seg and int(kw.get("order_z", 0)) != 0:
+        raise ConfigError(f"{where}: label maps resampled with order_z={kw.get('order_z')} are not supported (0 is)")
     force = kw.get("force_separate_z")
     return {
         "order": int(kw.get("order", 3)),
@@ -92,31 +104,64 @@ def _resize(image: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     return out
 
 
+def resize_labels(seg: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """A label map resized as nnU-Net's ``resize_segmentation`` (batchgenerators 0.25): each label's
+    indicator resized with ``order`` (clipped), the label with the highest score wins; an exact tie goes
+    to the nearest-neighbour label when it is one of the tied ones, else to the smallest tied label."""
+    labels = np.unique(seg)
+    shape = [int(s) for s in shape]
+    if labels.size <= 1:
+        return np.full(shape, labels[0] if labels.size else 0, dtype=seg.dtype)
+    nearest = _resize(seg.astype(np.float64), shape, 0)
+    best = _resize((seg == labels[0]).astype(np.float64), shape, order)
+    win = np.zeros(shape, dtype=np.int32)
+    nn_top = (nearest == labels[0]) & (best > 0)
+    for i, value in enumerate(labels[1:], start=1):
+        score = _resize((seg == value).astype(np.float64), shape, order)
+        is_nn = nearest == value
+        better = score > best
+        level = (score == best) & (score > 0)
+        win[better] = i
+        nn_top = np.where(better, is_nn, nn_top | (level & is_nn))
+        np.maximum(best, score, out=best)
+    out = labels[win].astype(seg.dtype)
+    out[nn_top] = nearest[nn_top].astype(seg.dtype)
+    return out
+
+
 def resample_like_nnunet(
     data: np.ndarray,
     shape: Sequence[int],
     current: Sequence[float],
     target: Sequence[float],
     settings: Mapping[str, Any],
+    *,
+    seg: bool = False,
 ) -> np.ndarray:
-    """``data`` [C, Z, Y, X] resampled to ``shape`` as nnU-Net does (see the module docstring), float32.
+    """``data`` [C, Z, Y, X] resampled to ``shape`` as nnU-Net does (see the module docstring), float32
+    (``seg``: label maps, each label resized by :func:`resize_labels`, nearest along a separate axis;
+    the result keeps the labels' dtype).
 
     ``current``/``target``: the spacings that decide the separate axis; ``settings`` from
     :func:`resampling_settings`. Channels are resampled one at a time (one float64 channel in memory).
     """
     shape = [int(s) for s in shape]
     if list(data.shape[1:]) == shape:
-        return np.asarray(data, dtype=np.float32)
+        return np.asarray(data, dtype=data.dtype if seg else np.float32)
     order, order_z = int(settings["order"]), int(settings["order_z"])
     axis = separate_axis(current, target, settings.get("force_separate_z"))
-    out = np.empty((data.shape[0], *shape), dtype=np.float32)
+    out = np.empty((data.shape[0], *shape), dtype=data.dtype if seg else np.float32)
+
+    def resize(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
+        return resize_labels(array, size, order) if seg else _resize(array, size, order)
+
     for c in range(data.shape[0]):
-        channel = np.asarray(data[c], dtype=np.float64)
+        channel = np.asarray(data[c]) if seg else np.asarray(data[c], dtype=np.float64)
         if axis is None:
-            out[c] = _resize(channel, shape, order)
+            out[c] = resize(channel, shape)
             continue
         plane = [s for a, s in enumerate(shape) if a != axis]
-        slices = [_resize(np.take(channel, i, axis=axis), plane, order) for i in range(channel.shape[axis])]
+        slices = [resize(np.take(channel, i, axis=axis), plane) for i in range(channel.shape[axis])]
         stacked = np.stack(slices, axis=axis)
         del slices, channel
         if stacked.shape[axis] != shape[axis]:

@@ -260,3 +260,17 @@ def test_cli_infer_and_export(nnunet_copy, tmp_path):
     res = _cli("infer", str(tmp_path / "input"), "-m", str(exported), "-o", str(out2), "runtime=torch", "-q")
     assert res.returncode == 0, res.stderr
     np.testing.assert_array_equal(_read(next(out2.glob("*.nii.gz"))), label)
+
+
+def test_label_resampling_equals_nnunets_own():
+    """resize_labels and the label path of resample_like_nnunet against nnU-Net's resize_segmentation."""
+    from segpipe.preprocessing.nnunet_resampling import resize_labels
+
+    stored = np.load(DATA / "nnunet_resampling.npz")
+    for i in range(2):
+        ref = stored[f"labels_out_{i}"]
+        np.testing.assert_array_equal(resize_labels(stored[f"labels_in_{i}"], ref.shape, 1), ref)
+    seg = stored["labels_in_0"][None]
+    settings = {"order": 1, "order_z": 0, "force_separate_z": None}
+    out = resample_like_nnunet(seg, (9, 10, 9), (3.0, 0.7, 0.7), (2.0, 0.6, 0.6), settings, seg=True)[0]
+    np.testing.assert_array_equal(out, stored["labels_sepz"].astype(out.dtype))

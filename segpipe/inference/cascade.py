@@ -70,7 +70,7 @@ def with_previous_stage(
     del first
     if predictor.nnunet is not None:  # nnU-Net's cascade: its first stage's label map, as its preprocessing sees it
         assert props is not None
-        labels = _nnunet_previous(predictor, image, scores, first_props, props, configuration)
+        labels = _nnunet_previous(predictor, image, scores, first_props, props=props, configuration=configuration)
         channels = previous_channels(labels[None], plan.previous_channels(configuration))[0]
         return np.concatenate([grid, channels.astype(grid.dtype, copy=False)])
     props = first_props
@@ -91,6 +91,7 @@ def _nnunet_previous(
     image: np.ndarray,
     scores: np.ndarray,
     first_props: dict[str, Any],
+    *,
     props: dict[str, Any],
     configuration: str,
 ) -> np.ndarray:

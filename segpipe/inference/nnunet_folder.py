@@ -74,7 +74,10 @@ def _allowed_globals(names: Sequence[str]) -> list[Any]:
         module, _, attr = name.rpartition(".")
         if not module.startswith("numpy") or (attr not in _NUMPY_GLOBALS and not attr.endswith("DType")):
             raise ValueError(name)
-        obj: Any = __import__(module, fromlist=[attr])
+        try:
+            obj: Any = __import__(module, fromlist=[attr])
+        except ImportError:  # written under numpy 2 (numpy._core), read under numpy 1 (numpy.core)
+            obj = __import__(module.replace("numpy._core", "numpy.core"), fromlist=[attr])
         allowed.append((getattr(obj, attr), name))  # under the name the file uses (numpy moved them)
     # the dtypes of numpy scalars are found only while loading
     allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]

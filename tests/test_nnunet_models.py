@@ -274,3 +274,26 @@ def test_label_resampling_equals_nnunets_own():
     settings = {"order": 1, "order_z": 0, "force_separate_z": None}
     out = resample_like_nnunet(seg, (9, 10, 9), (3.0, 0.7, 0.7), (2.0, 0.6, 0.6), settings, seg=True)[0]
     np.testing.assert_array_equal(out, stored["labels_sepz"].astype(out.dtype))
+
+
+@pytest.mark.parametrize("tta", [True, False])
+def test_nnunet_cascade_same_labels_as_nnunet(tta):
+    """An nnU-Net 3d_cascade_fullres folder runs its 3d_lowres sibling first, as nnUNetv2_predict
+    -prev_stage_predictions does (tools/make_nnunet_cascade_fixture.py wrote the folders and the answers)."""
+    from segpipe import Predictor
+
+    root = FIXTURES / "cascade"
+    if not root.is_dir():
+        pytest.skip("tests/data/nnunet/cascade is missing")
+    models = next(root.glob("Dataset*"))
+    inputs = [str(p) for p in sorted((root / "input").glob("*.nii.gz"))]
+    suffix = "_tta" if tta else ""
+    lowres = Predictor.from_model(models / "nnUNetTrainer__nnUNetPlans__3d_lowres", tta=tta, runtime="torch")
+    expected = _read(root / f"expected_lowres{suffix}.nii.gz")
+    assert float((lowres.predict(inputs).label == expected).mean()) >= 0.999
+    cascade = Predictor.from_model(models / "nnUNetTrainer__nnUNetPlans__3d_cascade_fullres", tta=tta, runtime="torch")
+    assert sorted({m.configuration for m in cascade.model.members}) == ["3d_cascade_fullres", "3d_lowres"]
+    expected = _read(root / ("expected_tta.nii.gz" if tta else "expected_notta.nii.gz"))
+    label = cascade.predict(inputs).label
+    assert float((label == expected).mean()) >= 0.999
+    assert set(np.unique(label).tolist()) == set(np.unique(expected).tolist())

@@ -70,7 +70,12 @@ def with_previous_stage(
     del first
     if predictor.nnunet is not None:  # nnU-Net's cascade: its first stage's label map, as its preprocessing sees it
         assert props is not None
-        labels = _nnunet_previous(predictor, image, scores, first_props, props=props, configuration=configuration)
+        first_label = _nnunet_first_label(predictor, scores, first_props)
+        # nnU-Net's z-score mask is "seg >= 0": the previous stage's foreground counts as inside the image
+        grid, _, props = preprocess_arrays(
+            image, None, geometry, spec_from_plan(plan, configuration), plan.num_classes, norm_also=first_label > 0
+        )
+        labels = _nnunet_previous(predictor, image, first_label, props=props, configuration=configuration)
         channels = previous_channels(labels[None], plan.previous_channels(configuration))[0]
         return np.concatenate([grid, channels.astype(grid.dtype, copy=False)])
     props = first_props
@@ -86,31 +91,29 @@ def with_previous_stage(
     return np.concatenate([grid, channels.astype(grid.dtype, copy=False)])
 
 
-def _nnunet_previous(
-    predictor: Any,
-    image: np.ndarray,
-    scores: np.ndarray,
-    first_props: dict[str, Any],
-    *,
-    props: dict[str, Any],
-    configuration: str,
-) -> np.ndarray:
-    """An nnU-Net cascade's input labels on the cascade stage's grid: the first stage's label map on the
-    image's grid (its logits resampled back, as ``nnUNetv2_predict`` writes it), then taken through the
-    cascade stage's preprocessing of label maps: transpose, crop, -1 outside the nonzero region (holes
-    filled), nnU-Net's label resampling (:func:`~segpipe.preprocessing.nnunet_resampling.resize_labels`)."""
-    from scipy.ndimage import binary_fill_holes
-
+def _nnunet_first_label(predictor: Any, scores: np.ndarray, first_props: dict[str, Any]) -> np.ndarray:
+    """The first stage's label map on the image's grid, from its logits: what ``nnUNetv2_predict`` writes."""
     from ..preprocessing import restore_argmax
-    from ..preprocessing.nnunet_resampling import resample_like_nnunet
 
     regions = (predictor.plan.settings or {}).get("regions")
     if regions:
         first_props = {**first_props, "regions": [int(v) for v in regions["class_order"]]}
-    label = restore_argmax(scores, first_props).astype(np.int16)
+    return restore_argmax(scores, first_props).astype(np.int16)
+
+
+def _nnunet_previous(
+    predictor: Any, image: np.ndarray, label: np.ndarray, *, props: dict[str, Any], configuration: str
+) -> np.ndarray:
+    """An nnU-Net cascade's input labels on the cascade stage's grid: the first stage's label map taken
+    through the cascade stage's preprocessing of label maps: transpose, crop, -1 outside the nonzero
+    region (holes filled), nnU-Net's label resampling (:func:`~segpipe.preprocessing.nnunet_resampling.resize_labels`)."""
+    from scipy.ndimage import binary_fill_holes
+
+    from ..preprocessing.nnunet_resampling import resample_like_nnunet
+
     transpose = [int(a) for a in props["transpose"]]
     box = tuple(slice(lo, hi) for lo, hi in props["crop_box"])
-    seg = np.transpose(label, transpose)[box]
+    seg = np.transpose(label, transpose)[box].copy()
     nonzero = np.any(np.transpose(image, [0, *[a + 1 for a in transpose]]) != 0, axis=0)[box]
     seg[(seg == 0) & ~binary_fill_holes(nonzero)] = -1
     settings = predictor.nnunet["resampling"][configuration]["seg"]

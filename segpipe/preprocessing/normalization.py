@@ -106,12 +106,13 @@ def get_normalizer(name: str) -> Normalizer:
 
 
 def normalize(
-    image: np.ndarray, norms: Sequence[ChannelNorm], *, fill_holes: bool = False
+    image: np.ndarray, norms: Sequence[ChannelNorm], *, fill_holes: bool = False, also: np.ndarray | None = None
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Normalise each channel of ``image`` [C, Z, Y, X] (float32, in place where possible).
 
     ``fill_holes``: the nonzero mask with its enclosed holes filled, as nnU-Net's (its z-score then
-    counts and normalises the zero voxels inside the object too)."""
+    counts and normalises the zero voxels inside the object too). ``also``: voxels added to the mask
+    (an nnU-Net cascade's previous-stage foreground, which its z-score counts too)."""
     fns = [get_normalizer(n.scheme) for n in norms]  # refuse an unknown scheme before any work
     out = image.astype(np.float32, copy=True)
     mask = np.any(image != 0, axis=0) if any(n.use_mask for n in norms) else None
@@ -119,4 +120,6 @@ def normalize(
         from scipy.ndimage import binary_fill_holes
 
         mask = binary_fill_holes(mask)
+    if mask is not None and also is not None:
+        mask = mask | also
     return out, [fn(out[c], n, mask) for c, (fn, n) in enumerate(zip(fns, norms))]

@@ -41,9 +41,16 @@ def resampled_shape(cropped_shape: Any, spacing: Any, spec: PreprocessSpec) -> l
 
 
 def preprocess_arrays(
-    image: np.ndarray, label: np.ndarray | None, geometry: Geometry, spec: PreprocessSpec, num_classes: int
+    image: np.ndarray,
+    label: np.ndarray | None,
+    geometry: Geometry,
+    spec: PreprocessSpec,
+    num_classes: int,
+    *,
+    norm_also: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """Apply the forward steps to one case; returns (image, label, properties)."""
+    """Apply the forward steps to one case; returns (image, label, properties). ``norm_also`` (a mask
+    on the image's grid): voxels the normalisation's nonzero mask also counts (see :func:`normalize`)."""
     tr = list(spec.transpose)
     img = np.transpose(image, [0] + [a + 1 for a in tr])
     lab = np.transpose(label, tr) if label is not None else None
@@ -54,7 +61,8 @@ def preprocess_arrays(
     index = (slice(None), *sl)
     img = img[index]
     lab = lab[sl] if lab is not None else None
-    img, used = normalize(img, spec.normalization, fill_holes=spec.nnunet is not None)
+    also = np.transpose(norm_also, tr)[sl] if norm_also is not None else None
+    img, used = normalize(img, spec.normalization, fill_holes=spec.nnunet is not None, also=also)
     cropped_shape = list(img.shape[1:])
     target = [float(s) for s in spec.spacing]
     if not spec.resample_slices:

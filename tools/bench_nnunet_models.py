@@ -4,18 +4,22 @@
 Proves that segpipe, handed an nnU-Net results folder (``Dataset…/<Trainer>__<Plans>__<configuration>/``
 with dataset.json, plans.json and fold_0/checkpoint_final.pth), gives nnU-Net's answer:
 
-1. two datasets in nnU-Net raw format under ``--work/raw``: ``hippocampus`` (Dataset901, 60 training
-   + 15 held-out labelled MSD cases from ../shared/data/hippocampus, linked, not copied) and ``ct``
-   (Dataset902, 30 + 8 synthetic CT-like cases, 0.8×0.8×3 mm, two labelled organs, seed 0);
-2. ``nnUNetv2_plan_and_preprocess`` per plans (``nnUNetPlans``; ``nnUNetResEncUNetMPlans`` with
-   ``-pl nnUNetPlannerResEncM``);
-3. a short fold-0 training of the real ``nnUNetTrainer`` (1 epoch of ``--iterations`` iterations, CPU);
-4. per model folder and TTA on/off, interleaved: ``nnUNetv2_predict … -device cpu -npp 1 -nps 1`` and
-   ``python -m segpipe infer imagesTs -m <model folder> folds=0 tta=… -q``, each in its own process
-   tree (wall time and peak RSS sampled every 0.1 s), OMP_NUM_THREADS=2 (nnUNetv2_predict sets torch's
-   threads to the machine's core count: on more than 2 cores both run under ``taskset -c 0,1``);
-5. per case: voxel agreement of the two label maps, each side's foreground Dice (mean over labels
-   1..K) against labelsTs, both outputs' geometry against the input's.
+1. two datasets in nnU-Net raw format under ``--work/raw``: ``hippocampus`` (Dataset901: the first 60
+   labelled MSD cases of ../shared/data/hippocampus train, the next 15 are imagesTs/labelsTs; linked, not
+   copied) and ``ct`` (Dataset902: 30 + 8 synthetic CT-like cases, seed 0, two labelled organs; spacing
+   ±15 % around 0.8×0.8×3 mm so nnU-Net resamples each case, every other case with flipped x/y directions);
+2. ``nnUNetv2_plan_and_preprocess -c 3d_fullres`` per plans (``nnUNetPlans``; ``nnUNetResEncUNetMPlans``
+   with ``-pl nnUNetPlannerResEncM``), once;
+3. fold 0 of the real ``nnUNetTrainer``, 1 epoch of ``--iterations`` iterations on the CPU (``--skip-train``
+   keeps existing checkpoint_final.pth files and trains only missing ones);
+4. per model folder, TTA on then off, the two sides interleaved (who goes first alternates):
+   ``nnUNetv2_predict … -f 0 -device cpu -npp 1 -nps 1`` and ``python -m segpipe infer imagesTs -m <model
+   folder> folds=0 tta=… -q`` (plus any ``--segpipe-set key=value``), each timed as a process tree (wall,
+   peak RSS sampled every 0.1 s), OMP_NUM_THREADS=2; nnUNetv2_predict sets torch's threads to the core
+   count, so on more than 2 cores both sides run under ``taskset -c 0,1``;
+5. per case: voxel agreement of the two label maps (target ≥ 99.9 %), each side's foreground Dice (mean
+   over labels 1..K) against labelsTs (target: |ΔDice| ≤ 0.002), both outputs' geometry against the input's.
+   A side that fails is reported with its output tail; the other side's figures are still computed.
 
     python tools/bench_nnunet_models.py --nnunet-python ../nnunet-venv/bin/python --json out.json
     python tools/bench_nnunet_models.py --nnunet-python ../nnunet-venv/bin/python --skip-train --datasets ct
@@ -55,7 +59,7 @@ VAL_ITERATIONS = 5
 AGREE_TARGET = 99.9  # % of voxels per case
 DDICE_TARGET = 0.002  # |Dice difference| per case
 HIPPO_SPLIT = (60, 15)
-CT_SPLIT, CT_SPACING = (30, 8), (0.8, 0.8, 3.0)  # x, y, z mm
+CT_SPLIT, CT_SPACING = (30, 8), (0.8, 0.8, 3.0)  # x, y, z mm (the median; each case varies)
 
 TRAIN_DRIVER = r"""
 import json, sys, time
@@ -104,7 +108,7 @@ def nnunet_missing(python: Path | None) -> str | None:
     if not python.exists():
         return f"{python} does not exist"
     r = subprocess.run([str(python), "-c", "import nnunetv2"], capture_output=True, text=True)
-    return f"{python} cannot import nnunetv2: {r.stderr.strip()[-300:]}" if r.returncode else None
+    return f"{python} cannot import nnunetv2 ({(r.stderr.strip().splitlines() or ['?'])[-1]})" if r.returncode else None
 
 
 def write_dataset_json(root: Path, channel: str, labels: list[str], n_train: int) -> None:
@@ -132,11 +136,11 @@ def _ellipsoid(grid: tuple[np.ndarray, ...], center: np.ndarray, radii: np.ndarr
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii)) <= 1.0
 
 
-def ct_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One CT-like (z, y, x) volume in HU (int16) and its labels: 1 a ~100 HU organ, 2 a ~170 HU organ
-    (opposite sides of a ~40 HU body ellipse with a fat rim), an unlabelled ~650 HU bone, air elsewhere."""
-    shape = (int(rng.integers(24, 33)), int(rng.integers(88, 105)), int(rng.integers(88, 105)))
-    sp = np.array(CT_SPACING[::-1])  # z, y, x
+def ct_case(rng: np.random.Generator, sp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One CT-like (z, y, x) volume in HU (int16) at spacing ``sp`` (z, y, x), ~84×77×77 mm, and its labels:
+    1 a ~100 HU organ, 2 a ~170 HU organ (opposite sides of a ~40 HU body ellipse with a fat rim), an
+    unlabelled ~650 HU bone, air elsewhere."""
+    shape = tuple(int(n) for n in np.round(np.array([84.0, 77.0, 77.0]) * rng.uniform(0.9, 1.1, 3) / sp))
     grid = tuple(np.arange(n)[(slice(None),) + (None,) * (2 - a)] * s for a, (n, s) in enumerate(zip(shape, sp)))
     extent = np.array(shape) * sp
     body_c = extent / 2 + rng.uniform(-4, 4, 3) * [0, 1, 1]
@@ -166,14 +170,16 @@ def make_ct(root: Path, seed: int = 0) -> None:
     n_train, n_test = CT_SPLIT
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    for i in range(n_train + n_test):
+    for i in range(n_train + n_test):  # spacing ±15 % around CT_SPACING: nnU-Net resamples every case
         split, case = ("Tr" if i < n_train else "Ts"), f"ct_{i:03d}"
-        img, lab = ct_case(rng)
+        spacing = [float(v) for v in np.round(np.array(CT_SPACING) * rng.uniform(0.85, 1.15, 3)[[0, 0, 1]], 3)]
+        img, lab = ct_case(rng, np.array(spacing[::-1]))
         origin = (float(rng.uniform(-200, -150)), float(rng.uniform(-200, -150)), float(rng.uniform(-400, 0)))
         for arr, path in ((img, f"images{split}/{case}_0000.nii.gz"), (lab, f"labels{split}/{case}.nii.gz")):
             im = sitk.GetImageFromArray(arr)
-            im.SetSpacing(CT_SPACING)
+            im.SetSpacing(spacing)
             im.SetOrigin(origin)
+            im.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1) if i % 2 else (1, 0, 0, 0, 1, 0, 0, 0, 1))
             sitk.WriteImage(im, str(root / path), useCompression=True)
     write_dataset_json(root, "CT", ["background", "organ_a", "organ_b"], n_train)
 
@@ -395,20 +401,25 @@ def main(argv: list[str] | None = None) -> int:
         say(f"skipped: {why}")
         return 0
     python, work = args.nnunet_python.absolute(), args.work.absolute()
-    work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"work": str(work), "iterations": args.iterations, "threads": THREADS}
     report.update(preprocess={}, training={}, results=[])
     plans_list, datasets, configs = (getattr(args, k).split(",") for k in ("plans", "datasets", "configs"))
     if not set(plans_list) <= set(PLANNERS) or not set(datasets) <= set(DATASETS):
         raise SystemExit(f"plans must be among {sorted(PLANNERS)}, datasets among {sorted(DATASETS)}")
+    work.mkdir(parents=True, exist_ok=True)
     for n, spec in enumerate((d, p, c) for p in plans_list for d in datasets for c in configs):
         key = "/".join(spec)
         if spec[0] == "hippocampus" and not (HIPPO / "labelsTr").is_dir():
             say(f"skipped {key}: no hippocampus data at {HIPPO} (see ../shared/data/README.md)")
             continue
-        report["preprocess"][key] = prepare(python, work, spec)
-        if not (args.skip_train and (model_folder(work, spec) / "fold_0" / "checkpoint_final.pth").is_file()):
-            report["training"][key] = train(python, work, spec, args.iterations)
+        try:
+            report["preprocess"][key] = prepare(python, work, spec)
+            if not (args.skip_train and (model_folder(work, spec) / "fold_0" / "checkpoint_final.pth").is_file()):
+                report["training"][key] = train(python, work, spec, args.iterations)
+        except RuntimeError as exc:  # nnU-Net's planning or training failed: no model to compare on
+            say(f"skipped {key}: {exc}")
+            report.setdefault("errors", {})[key] = str(exc)
+            continue
         report["results"] += bench_model(python, work, spec, order=n, extra=args.segpipe_set)
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))

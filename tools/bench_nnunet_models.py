@@ -6,8 +6,9 @@ with dataset.json, plans.json and fold_0/checkpoint_final.pth), gives nnU-Net's 
 
 1. two datasets in nnU-Net raw format under ``--work/raw``: ``hippocampus`` (Dataset901: the first 60
    labelled MSD cases of ../shared/data/hippocampus train, the next 15 are imagesTs/labelsTs; linked, not
-   copied) and ``ct`` (Dataset902: 30 + 8 synthetic CT-like cases, seed 0, two labelled organs; spacing
-   ±15 % around 0.8×0.8×3 mm so nnU-Net resamples each case, every other case with flipped x/y directions);
+   copied) and ``ct`` (Dataset902: 30 + 8 synthetic CT-like cases of ~64×64×20 voxels, small because CPU
+   training is the cost; seed 0; two labelled organs, an unlabelled bone; spacing ±15 % around 0.8×0.8×3 mm
+   so nnU-Net resamples every case, separately along z; every other case with flipped x/y directions);
 2. ``nnUNetv2_plan_and_preprocess -c 3d_fullres`` per plans (``nnUNetPlans``; ``nnUNetResEncUNetMPlans``
    with ``-pl nnUNetPlannerResEncM``), once;
 3. fold 0 of the real ``nnUNetTrainer``, 1 epoch of ``--iterations`` iterations on the CPU (``--skip-train``
@@ -137,25 +138,25 @@ def _ellipsoid(grid: tuple[np.ndarray, ...], center: np.ndarray, radii: np.ndarr
 
 
 def ct_case(rng: np.random.Generator, sp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One CT-like (z, y, x) volume in HU (int16) at spacing ``sp`` (z, y, x), ~84×77×77 mm, and its labels:
+    """One CT-like (z, y, x) volume in HU (int16) at spacing ``sp`` (z, y, x), ~60×51×51 mm, and its labels:
     1 a ~100 HU organ, 2 a ~170 HU organ (opposite sides of a ~40 HU body ellipse with a fat rim), an
     unlabelled ~650 HU bone, air elsewhere."""
-    shape = tuple(int(n) for n in np.round(np.array([84.0, 77.0, 77.0]) * rng.uniform(0.9, 1.1, 3) / sp))
+    shape = tuple(int(n) for n in np.round(np.array([60.0, 51.0, 51.0]) * rng.uniform(0.9, 1.1, 3) / sp))
     grid = tuple(np.arange(n)[(slice(None),) + (None,) * (2 - a)] * s for a, (n, s) in enumerate(zip(shape, sp)))
     extent = np.array(shape) * sp
-    body_c = extent / 2 + rng.uniform(-4, 4, 3) * [0, 1, 1]
+    body_c = extent / 2 + rng.uniform(-3, 3, 3) * [0, 1, 1]
     body_r = np.array([1e6, extent[1] * rng.uniform(0.32, 0.4), extent[2] * rng.uniform(0.38, 0.46)])
     body = _ellipsoid(grid, body_c, body_r)
-    inner = _ellipsoid(grid, body_c, body_r - [0, 4, 4])
+    inner = _ellipsoid(grid, body_c, body_r - [0, 3, 3])
     img = np.where(body, np.where(inner, 40.0, -90.0), -1000.0)
     organs = []
-    for side, radii_mm, hu in ((-1, (10, 15), 100.0), (1, (6, 10), 170.0)):
-        r = np.array([rng.uniform(12, 24), *rng.uniform(*radii_mm, 2)])
-        shift = [rng.uniform(-0.2, 0.2) * extent[0], rng.uniform(-6, 6), side * rng.uniform(0.45, 0.55) * body_r[2]]
+    for side, radii_mm, hu in ((-1, (7, 10), 100.0), (1, (4, 7), 170.0)):
+        r = np.array([rng.uniform(8, 16), *rng.uniform(*radii_mm, 2)])
+        shift = [rng.uniform(-0.2, 0.2) * extent[0], rng.uniform(-4, 4), side * rng.uniform(0.45, 0.55) * body_r[2]]
         c = body_c + shift
         organs.append((_ellipsoid(grid, c, r) & inner, hu + rng.normal(0, 8)))
-    bone_c = body_c + [0, body_r[1] * rng.uniform(0.5, 0.65), rng.uniform(-3, 3)]
-    bone = _ellipsoid(grid, bone_c, np.array([1e6, *rng.uniform(6, 9, 2)]))
+    bone_c = body_c + [0, body_r[1] * rng.uniform(0.55, 0.7), rng.uniform(-2, 2)]
+    bone = _ellipsoid(grid, bone_c, np.array([1e6, *rng.uniform(4, 6, 2)]))
     img[bone] = 650.0 + rng.normal(0, 40)
     lab = np.zeros(shape, np.uint8)
     for k, (mask, hu) in enumerate(organs, start=1):

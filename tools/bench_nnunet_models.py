@@ -11,8 +11,10 @@ with dataset.json, plans.json and fold_0/checkpoint_final.pth), gives nnU-Net's 
    so nnU-Net resamples every case, separately along z; every other case with flipped x/y directions);
 2. ``nnUNetv2_plan_and_preprocess -c 3d_fullres`` per plans (``nnUNetPlans``; ``nnUNetResEncUNetMPlans``
    with ``-pl nnUNetPlannerResEncM``), once;
-3. fold 0 of the real ``nnUNetTrainer``, 1 epoch of ``--iterations`` iterations on the CPU (``--skip-train``
-   keeps existing checkpoint_final.pth files and trains only missing ones);
+3. fold 0 of the real ``nnUNetTrainer``, 1 epoch of ``--iterations`` iterations on the CPU, the plans' batch
+   size capped to ``--max-batch`` (2; ResEnc M plans 45 for hippocampus, and inference ignores it; the model
+   folder's plans.json shows the cap); ``--skip-train`` keeps existing checkpoint_final.pth files and trains
+   only missing ones;
 4. per model folder, TTA on then off, the two sides interleaved (who goes first alternates):
    ``nnUNetv2_predict … -f 0 -device cpu -npp 1 -nps 1`` and ``python -m segpipe infer imagesTs -m <model
    folder> folds=0 tta=… -q`` (plus any ``--segpipe-set key=value``), each timed as a process tree (wall,
@@ -36,7 +38,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ CT_SPLIT, CT_SPACING = (30, 8), (0.8, 0.8, 3.0)  # x, y, z mm (the median; each 
 TRAIN_DRIVER = r"""
 import json, sys, time
 import torch
-name, plans_id, config, iters, val_iters, threads = sys.argv[1:7]
+name, plans_id, config, iters, val_iters, threads, max_batch = sys.argv[1:8]
 torch.set_num_threads(int(threads))
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from nnunetv2.paths import nnUNet_preprocessed
@@ -73,6 +74,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 base = join(nnUNet_preprocessed, name)
 plans = load_json(join(base, plans_id + ".json"))
 plans["continue_training"] = False  # nnUNetTrainer.__init__ pops it (run_training.py sets it)
+conf = plans["configurations"][config]
+if int(max_batch) > 0 and conf.get("batch_size", 0) > int(max_batch):  # inference ignores the batch size
+    print(f"batch size {conf['batch_size']} of the plans capped to {max_batch} for CPU training")
+    conf["batch_size"] = int(max_batch)
 trainer = nnUNetTrainer(plans=plans, configuration=config, fold=0, dataset_json=load_json(join(base, "dataset.json")),
                         device=torch.device("cpu"))
 trainer.num_epochs = 1
@@ -208,15 +213,14 @@ def prepare(python: Path, work: Path, spec: tuple[str, str, str]) -> dict[str, A
     return {"wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"]}
 
 
-def train(python: Path, work: Path, spec: tuple[str, str, str], iterations: int) -> dict[str, Any]:
-    """Fold 0 of the real nnUNetTrainer, one epoch of ``iterations`` iterations, on the CPU."""
-    with tempfile.NamedTemporaryFile("w", suffix="_train_nnunet.py", dir=work, delete=False) as fh:
-        fh.write(TRAIN_DRIVER)
-    args = [DATASETS[spec[0]][1], *spec[1:], str(iterations), str(VAL_ITERATIONS), str(THREADS)]
-    cmd = [*cpu_pin(), str(python), fh.name, *args]
+def train(python: Path, work: Path, spec: tuple[str, str, str], *, iterations: int, max_batch: int) -> dict[str, Any]:
+    """Fold 0 of the real nnUNetTrainer, one epoch of ``iterations`` iterations of at most ``max_batch``, CPU."""
+    driver = work / "train_nnunet_driver.py"
+    driver.write_text(TRAIN_DRIVER)
+    args = [DATASETS[spec[0]][1], *spec[1:], str(iterations), str(VAL_ITERATIONS), str(THREADS), str(max_batch)]
+    cmd = [*cpu_pin(), str(python), str(driver), *args]
     say("$ " + " ".join(cmd))
     r = run_measured(cmd, env=nnunet_env(work), interval=INTERVAL)
-    os.unlink(fh.name)
     if r["returncode"] != 0:
         raise RuntimeError(f"training failed (exit {r['returncode']}):\n{r['output_tail']}")
     line = next(ln for ln in r["output_tail"].splitlines() if ln.startswith("RESULT "))
@@ -390,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nnunet-python", type=Path, default=None, help="a Python with nnunetv2 installed")
     ap.add_argument("--work", type=Path, default=Path("/tmp/nnbench"), help="scratch: raw, preprocessed, results")
     ap.add_argument("--iterations", type=int, default=250, help="training iterations (one epoch) per model")
+    ap.add_argument("--max-batch", type=int, default=2, help="cap the plans' batch size for training (0: keep)")
     ap.add_argument("--datasets", default="hippocampus,ct", help="comma-separated: hippocampus, ct")
     ap.add_argument("--plans", default="nnUNetPlans,nnUNetResEncUNetMPlans", help="comma-separated plans identifiers")
     ap.add_argument("--configs", default="3d_fullres", help="comma-separated configurations")
@@ -402,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"skipped: {why}")
         return 0
     python, work = args.nnunet_python.absolute(), args.work.absolute()
-    report: dict[str, Any] = {"work": str(work), "iterations": args.iterations, "threads": THREADS}
+    report: dict[str, Any] = {"work": str(work), "iterations": args.iterations, "max_batch": args.max_batch}
     report.update(preprocess={}, training={}, results=[])
     plans_list, datasets, configs = (getattr(args, k).split(",") for k in ("plans", "datasets", "configs"))
     if not set(plans_list) <= set(PLANNERS) or not set(datasets) <= set(DATASETS):
@@ -416,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report["preprocess"][key] = prepare(python, work, spec)
             if not (args.skip_train and (model_folder(work, spec) / "fold_0" / "checkpoint_final.pth").is_file()):
-                report["training"][key] = train(python, work, spec, args.iterations)
+                report["training"][key] = train(
+                    python, work, spec, iterations=args.iterations, max_batch=args.max_batch
+                )
         except RuntimeError as exc:  # nnU-Net's planning or training failed: no model to compare on
             say(f"skipped {key}: {exc}")
             report.setdefault("errors", {})[key] = str(exc)

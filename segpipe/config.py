@@ -133,6 +133,8 @@ class InferSchema:
     quantize_tolerance: float = MISSING
     format: str = MISSING
     probabilities: bool = MISSING
+    report: bool = MISSING
+    strict: bool = MISSING
 
 
 @dataclass

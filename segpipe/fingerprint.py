@@ -41,7 +41,9 @@ from .arrays import crop_box
 from .parallel import default_num_workers  # noqa: F401  (re-exported from its old home)
 from .settings import configured
 
-FINGERPRINT_VERSION = 2  # 2: per-channel foreground intensity histogram
+FINGERPRINT_VERSION = 3  # 2: per-channel foreground intensity histogram; 3: whole-image percentiles, class volumes
+#: voxels of a case's whole image that its image percentiles are computed on (an even stride over it)
+IMAGE_SAMPLE_VOXELS = 1_000_000
 SAMPLE_SEED = 1234
 NNUNET_TOTAL_SAMPLES = 10**8
 MAX_SAMPLES_PER_CASE = 10_000
@@ -55,6 +57,7 @@ __all__ = [
     "FINGERPRINT_VERSION",
     "MAX_SAMPLES_PER_CASE",
     "compute_fingerprint",
+    "data_profile",
     "dataset_signature",
     "source_change",
     "default_num_workers",
@@ -86,6 +89,30 @@ def _intensity_stats(values: np.ndarray) -> dict[str, float]:
     }
 
 
+def _image_percentiles(channel: np.ndarray) -> dict[str, float]:
+    """1st, 50th and 99th percentile of a whole channel (every voxel, background too), on an even
+    stride of at most :data:`IMAGE_SAMPLE_VOXELS` voxels; NaNs left out."""
+    flat = channel.reshape(-1)
+    step = max(1, -(-flat.size // IMAGE_SAMPLE_VOXELS))
+    v = flat[::step].astype(np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {}
+    p01, p50, p99 = np.percentile(v, [1.0, 50.0, 99.0])
+    return {"p01": float(p01), "p50": float(p50), "p99": float(p99)}
+
+
+def _border_classes(label: np.ndarray) -> list[str]:
+    """The label values (as strings) with a voxel on a face of the image (a structure maybe cut off)."""
+    if label.ndim != 3 or min(label.shape) == 0:
+        return []
+    faces = [label[0], label[-1], label[:, 0], label[:, -1], label[:, :, 0], label[:, :, -1]]
+    values: set[int] = set()
+    for face in faces:
+        values.update(int(v) for v in np.unique(face))
+    return [str(v) for v in sorted(values) if v > 0]
+
+
 def summarize_case(
     image: np.ndarray,
     label: np.ndarray | None,
@@ -113,9 +140,11 @@ def summarize_case(
         "relative_size_after_crop": float(np.prod(cropped_shape, dtype=np.float64) / np.prod(shape, dtype=np.float64)),
     }
     channels = image.shape[0]
+    summary["image_intensity"] = [_image_percentiles(image[c]) for c in range(channels)]
     if label is None:
         summary.update(
             class_voxels={},
+            class_border=[],
             class_components={},
             foreground_voxels=0,
             foreground_intensity=[{"n": 0} for _ in range(channels)],
@@ -132,6 +161,7 @@ def summarize_case(
         if where is not None:
             components[str(value)] = int(ndimage.label(lab[where] == value, structure=structure)[1])
     summary["class_components"] = components
+    summary["class_border"] = _border_classes(lab)
     foreground = lab > 0
     n_fg = int(np.count_nonzero(foreground))
     summary["foreground_voxels"] = n_fg
@@ -216,6 +246,69 @@ def _histogram(values: np.ndarray, lo: float, hi: float, bins: int = HISTOGRAM_B
     }
 
 
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"min": float(min(values)), "median": float(np.median(values)), "max": float(max(values))}
+
+
+def _class_volumes(summaries: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Class ``key``'s volume in mL over the cases that have it (min, median, max) and the fraction
+    of those cases in which it touches the image's border."""
+    present = [s for s in summaries if s.get("class_voxels", {}).get(key)]
+    if not present:
+        return {}
+    volumes = [s["class_voxels"][key] * float(np.prod(s["spacing"])) / 1000.0 for s in present]
+    border = sum(1 for s in present if key in s.get("class_border", []))
+    return {"volume_ml": _spread(volumes), "border_case_fraction": border / len(present)}
+
+
+def _image_intensity(summaries: list[dict[str, Any]], channels: int) -> dict[str, Any]:
+    """Per channel, the spread over cases of each case's whole-image 1st/50th/99th percentiles."""
+    out: dict[str, Any] = {}
+    for c in range(channels):
+        rows = [s["image_intensity"][c] for s in summaries if len(s.get("image_intensity", [])) > c]
+        rows = [r for r in rows if r]
+        if rows:
+            out[str(c)] = {k: _spread([r[k] for r in rows]) for k in ("p01", "p50", "p99")}
+    return out
+
+
+def data_profile(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What a model keeps of its training data to tell when an input does not look like it
+    (see :mod:`segpipe.inference.flags`): channel names, the foreground intensity percentiles and
+    the spread of whole-image percentiles per channel, the spacing range (array order), and per
+    class the volume range in mL and how often it touched the image border."""
+    fg = fingerprint.get("foreground_intensity_per_channel") or {}
+    image = fingerprint.get("image_intensity_per_channel") or {}
+    channels = {}
+    for c, name in (fingerprint.get("channel_names") or {}).items():
+        f = fg.get(c) or {}
+        channels[c] = {
+            "name": name,
+            **({"image": image[c]} if c in image else {}),
+            **(
+                {"foreground": {k: f[k] for k in ("percentile_00_5", "median", "percentile_99_5")}}
+                if "median" in f
+                else {}
+            ),
+        }
+    spacing = fingerprint.get("spacing") or {}
+    classes = {
+        k: {
+            "name": v.get("name", k),
+            "case_fraction": v.get("case_fraction", 0.0),
+            **{f: v[f] for f in ("volume_ml", "border_case_fraction") if f in v},
+        }
+        for k, v in (fingerprint.get("classes") or {}).items()
+    }
+    return {
+        "fingerprint_version": fingerprint.get("fingerprint_version"),
+        "num_cases": fingerprint.get("num_cases", 0),
+        "channels": channels,
+        **({"spacing": {k: spacing[k] for k in ("min", "median", "max")}} if "min" in spacing else {}),
+        "classes": classes,
+    }
+
+
 def _aggregate(dataset: Any, summaries: list[dict[str, Any]], samples: list[np.ndarray]) -> dict[str, Any]:
     channels = {str(k): str(v) for k, v in sorted(dataset.channel_names.items())}
     n_ch = len(channels)
@@ -252,6 +345,7 @@ def _aggregate(dataset: Any, summaries: list[dict[str, Any]], samples: list[np.n
             "median_voxels_when_present": float(np.median([v for v in voxels if v])) if any(voxels) else 0.0,
             "median_components_when_present": float(np.median(comps)) if comps else 0.0,
             "max_components": int(max(comps)) if comps else 0,
+            **_class_volumes(summaries, key),
         }
     return {
         "channel_names": channels,
@@ -259,6 +353,7 @@ def _aggregate(dataset: Any, summaries: list[dict[str, Any]], samples: list[np.n
         **({"regions": dataset.regions} if dataset.regions else {}),
         "num_cases": len(summaries),
         "foreground_intensity_per_channel": intensity,
+        "image_intensity_per_channel": _image_intensity(summaries, n_ch),
         "spacing": _axis_stats(spacings) if len(summaries) else {},
         "shape_after_crop": _axis_stats(shapes) if len(summaries) else {},
         "median_relative_size_after_crop": float(np.median([s["relative_size_after_crop"] for s in summaries]))

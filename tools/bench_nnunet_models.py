@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plans", default="nnUNetPlans,nnUNetResEncUNetMPlans", help="comma-separated plans identifiers")
     ap.add_argument("--configs", default="3d_fullres", help="comma-separated configurations")
     ap.add_argument("--skip-train", action="store_true", help="reuse existing checkpoints (train only missing ones)")
+    ap.add_argument("--train-only", action="store_true", help="plan and train the models, predict nothing")
     ap.add_argument("--segpipe-set", action="append", default=[], metavar="KEY=VALUE", help="extra segpipe setting")
     ap.add_argument("--json", type=Path, default=None, help="write all figures here")
     args = ap.parse_args(argv)
@@ -428,9 +429,13 @@ def main(argv: list[str] | None = None) -> int:
             say(f"skipped {key}: {exc}")
             report.setdefault("errors", {})[key] = str(exc)
             continue
+        if args.train_only:
+            continue
         report["results"] += bench_model(python, work, spec, order=n, extra=args.segpipe_set)
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))
+    if args.json and args.train_only:
+        args.json.write_text(json.dumps(report, indent=1))
     print_table(report["results"])
     return 0
 

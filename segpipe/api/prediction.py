@@ -25,6 +25,7 @@ def _predictor(model: PathLike | None, cfg: Any, config_value: Any, dataset: Pat
         "device": str(cfg.infer.device),
         "runtime": str(cfg.infer.runtime),
         "precision": str(cfg.infer.precision),
+        "strict": bool(cfg.infer.strict),
         "dicom": to_container(cfg.dicom),
     }
     folds = to_container(cfg.infer)["folds"]
@@ -120,7 +121,7 @@ def infer(
     ``model``: a model folder from :func:`export` (default: the workspace's trained runs, chosen
     with ``work_dir``/``dataset``/``config``). Settings: the ``infer`` group (``folds``,
     ``checkpoint``, ``tta``, ``overlap``, ``batch_size``, ``device``, ``format``,
-    ``probabilities``), the ``dicom`` reading options and ``trainer`` (``trainer="ddp"``,
+    ``probabilities``, ``report``, ``strict``), the ``dicom`` reading options and ``trainer`` (``trainer="ddp"``,
     ``devices``, ``num_nodes``: the cases shared out among one process per device, see
     :mod:`segpipe.inference.distributed`; a script using it is run again in each process, so its
     top level belongs under ``if __name__ == "__main__":``). Finished cases are skipped unless
@@ -161,14 +162,29 @@ def infer(
             else f"[{done}/{total}, process 0 of {trainer.world_size}] {what}"
         )
 
-    fmt, probabilities = str(cfg.infer.format), bool(cfg.infer.probabilities)
+    fmt, probabilities, report = str(cfg.infer.format), bool(cfg.infer.probabilities), bool(cfg.infer.report)
     if trainer is None:
         result = infer_cases(
-            predictor, cases, out, fmt=fmt, probabilities=probabilities, overwrite=overwrite, progress=progress
+            predictor,
+            cases,
+            out,
+            fmt=fmt,
+            probabilities=probabilities,
+            overwrite=overwrite,
+            progress=progress,
+            report=report,
         )
     else:
         result = infer_cases_ddp(
-            trainer, predictor, cases, out, fmt=fmt, probabilities=probabilities, overwrite=overwrite, progress=progress
+            trainer,
+            predictor,
+            cases,
+            out,
+            fmt=fmt,
+            probabilities=probabilities,
+            overwrite=overwrite,
+            progress=progress,
+            report=report,
         )
     return {**result, "cases": [c.id for c in cases]}
 

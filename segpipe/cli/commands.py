@@ -237,7 +237,11 @@ def cmd_infer(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) -
     ]
     for f in res["failed"]:
         lines.append(f"  failed: {f['case']}: {f['error']}" + (f" (fix: {f['hint']})" if f.get("hint") else ""))
+    for f in res.get("flagged", []):
+        lines.append(f"  flagged: {f['case']}: " + "; ".join(flag["message"] for flag in f["flags"]))
     lines.append(f"results: {res['output']} (<case>.{res['format']} label maps, <case>.json reports)")
+    if res.get("report"):
+        lines.append(f"report: {res['report']}")
     return code, res, "\n".join(lines)
 
 

@@ -41,6 +41,8 @@ from ..io.formats import CHANNEL_NAME, IMAGE_EXTENSIONS, case_id_of, image_exten
 from ..io.image import write_image
 from ..io.jsonio import read_json, write_json
 from ..settings import configured
+from .batch_report import BatchReport, case_figures, load_case_report, remove_figures
+from .flags import class_intensities, output_flags
 from .predictor import Prediction, Predictor
 
 __all__ = [
@@ -58,7 +60,7 @@ __all__ = [
 log = logging.getLogger("segpipe")
 
 #: ``format=`` of the label maps and the extension it writes
-OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha"}
+OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha", "seg.nrrd": ".seg.nrrd"}
 REPORT_FORMAT = "segpipe.prediction"
 
 
@@ -182,7 +184,7 @@ def _report_matches(report_path: Path, label_path: Path, identity: dict[str, Any
         return False
     if not (isinstance(report, dict) and report.get("format") == REPORT_FORMAT and report.get("identity") == identity):
         return False
-    named = [report.get(key) for key in ("label_map", "dicom_seg", "probabilities")]
+    named = [report.get(key) for key in ("label_map", "dicom_seg", "probabilities", "labels_file")]
     return all((report_path.parent / name).is_file() for name in named if isinstance(name, str) and name)
 
 
@@ -216,6 +218,39 @@ def _region_volumes(pred: Prediction, regions: dict[str, Any]) -> dict[str, floa
         name: float(sum(int(counts[v]) for v in r["labels"] if v < counts.size)) * voxel_ml
         for name, r in regions.items()
     }
+
+
+#: the label names beside a label map (``<case>_labels.json``); a ``seg.nrrd`` carries them itself
+LABELS_SUFFIX = "_labels.json"
+
+
+def _write_label_map(path: Path, pred: Prediction, case_id: str, fmt: str) -> dict[str, Any]:
+    """The label map in ``fmt``: a Slicer ``seg.nrrd`` with named, coloured segments, or an image
+    file with ``<case>_labels.json`` naming its labels; returns what the report names."""
+    from ..io.seg_nrrd import write_label_sidecar, write_seg_nrrd
+
+    if fmt == "seg.nrrd":
+        write_seg_nrrd(path, pred.label, pred.geometry, pred.labels)
+        return {}
+    write_image(path, pred.label, pred.geometry)
+    sidecar = path.with_name(f"{case_id}{LABELS_SUFFIX}")
+    write_label_sidecar(sidecar, pred.labels, label_map=path.name)
+    return {"labels_file": sidecar.name}
+
+
+def _review(pred: Prediction, plan: Any) -> dict[str, Any]:
+    """What a reviewer needs of a case: the flags (input and output), the mean intensity per class,
+    the input's percentiles, and why the input was not compared (see :mod:`.flags`)."""
+    check = pred.check
+    flags = list(check.flags) if check is not None else []
+    flags += output_flags(pred.label, pred.volumes_ml(), pred.labels, plan.profile)
+    out: dict[str, Any] = {"flags": flags}
+    if check is not None:
+        out["mean_intensity"] = class_intensities(check, pred.label, pred.labels)
+        out["input_percentiles"] = check.percentiles
+        if check.notes:
+            out["input_notes"] = check.notes
+    return out
 
 
 def _is_dicom_case(case: InputCase) -> bool:
@@ -256,6 +291,7 @@ class CaseOutcome:
     status: str
     note: str
     failure: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
 
 
 def prepare_output(out_dir: str | os.PathLike[str], fmt: str) -> Path:
@@ -288,6 +324,7 @@ def segment_case(
     overwrite: bool = False,
     report_extra: dict[str, Any] | None = None,
     stop_on: frozenset[int] | None = None,
+    figures: bool = False,
 ) -> CaseOutcome:
     """Segment one case into ``out`` (a :func:`prepare_output` folder): skip it when its report
     already names ``identity`` (and the files it names are there); otherwise write its files
@@ -295,31 +332,38 @@ def segment_case(
     while reading, segmenting or writing it fails this case alone (reported with a fix) and leaves
     none of its files, and so does an interruption (then raised); a write error whose errno is in
     ``stop_on`` (default :data:`STOP_ERRNOS`: a full or read-only disk) is raised, naming the file,
-    instead of failing this case alone."""
+    instead of failing this case alone. With ``figures`` the case's overlays for the batch report
+    are written too (:func:`~.batch_report.case_figures`)."""
     probabilities = configured(probabilities, "infer.probabilities")
     ext = OUTPUT_FORMATS[fmt]
     label_path = out / f"{case.id}{ext}"
     report_path = out / f"{case.id}.json"
     prob_path = out / f"{case.id}_probabilities.npy"
     if not overwrite and _report_matches(report_path, label_path, identity):
-        return CaseOutcome(case.id, "skipped", "already done")
+        return CaseOutcome(case.id, "skipped", "already done", report=load_case_report(out, case.id))
     report_path.unlink(missing_ok=True)  # the case is unfinished until its new report exists
     failure: dict[str, Any]
 
     def remove_partial() -> None:  # nothing of a failed case is left to be taken as its result
-        for stale in (label_path, prob_path, out / f"{case.id}_seg.dcm"):
+        for stale in (label_path, prob_path, out / f"{case.id}_seg.dcm", out / f"{case.id}{LABELS_SUFFIX}"):
             stale.unlink(missing_ok=True)
+        remove_figures(out, case.id)
 
     try:
         pred = predictor.predict(list(case.sources), case_id=case.id, probabilities=probabilities)
-        write_image(label_path, pred.label, pred.geometry)
         extra: dict[str, Any] = {**dict(report_extra or {}), "compute": predictor.compute()}
+        extra.update(_write_label_map(label_path, pred, case.id, fmt))
+        extra.update(_review(pred, predictor.plan))
+        if figures:
+            remove_figures(out, case.id)
+            extra["figures"] = case_figures(out, case.id, pred, predictor.plan)
         if _is_dicom_case(case):
             extra.update(_write_seg(out / f"{case.id}_seg.dcm", pred, case, predictor))
         if probabilities and pred.probabilities is not None:
             save_npy(prob_path, np.ascontiguousarray(pred.probabilities))
             extra["probabilities"] = prob_path.name
-        write_json(report_path, _report(case, pred, label_path, identity, extra))
+        written = _report(case, pred, label_path, identity, extra)
+        write_json(report_path, written)
     except SegpipeError as exc:
         message = exc.message.removeprefix(f"case {case.id}: ")  # the failure names its case already
         failure = {"case": case.id, "error": message, "hint": exc.hint}
@@ -337,7 +381,7 @@ def segment_case(
         remove_partial()
         raise
     else:
-        return CaseOutcome(case.id, "written", f"{pred.seconds:.1f} s")
+        return CaseOutcome(case.id, "written", f"{pred.seconds:.1f} s", report=written)
     remove_partial()
     log.error("%s: %s%s", case.id, failure["error"], f" (fix: {failure['hint']})" if failure["hint"] else "")
     return CaseOutcome(case.id, "failed", "failed", failure)
@@ -371,20 +415,37 @@ def infer_cases(
     probabilities: bool | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    report: bool | None = None,
 ) -> dict[str, Any]:
     """Segment ``cases`` into ``out_dir`` (see the module docstring); returns what was written,
-    skipped and what failed (``{"output", "written", "skipped", "failed": [{case, error, hint}], ...}``)."""
+    skipped and what failed (``{"output", "written", "skipped", "failed": [{case, error, hint}],
+    "flagged": [{case, flags}], "report", ...}``). With ``report`` (``infer.report``) the batch's
+    ``report.html`` is written before the first case and after each one (:mod:`.batch_report`)."""
     probabilities = configured(probabilities, "infer.probabilities")
+    report = bool(configured(report, "infer.report"))
     out = prepare_output(out_dir, fmt)
     identity = prediction_identity(predictor, fmt, probabilities)
+    page = BatchReport(out, [c.id for c in cases], identity, predictor.plan)
+    if report:
+        page.write()
     written: list[str] = []
     skipped: list[str] = []
     failed: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for i, case in enumerate(cases):
         outcome = segment_case(
-            predictor, case, out, fmt=fmt, identity=identity, probabilities=probabilities, overwrite=overwrite
+            predictor,
+            case,
+            out,
+            fmt=fmt,
+            identity=identity,
+            probabilities=probabilities,
+            overwrite=overwrite,
+            figures=report,
         )
+        page.add(case.id, outcome.status, outcome.report, outcome.failure)
+        if report:
+            page.write()
         if outcome.status == "written":
             written.append(case.id)
         elif outcome.status == "skipped":
@@ -398,6 +459,8 @@ def infer_cases(
         "written": written,
         "skipped": skipped,
         "failed": failed,
+        "flagged": page.flagged(),
+        "report": str(out / "report.html") if report else None,
         "format": fmt,
         "seconds": round(time.perf_counter() - t0, 3),
         "model": predictor.describe(),

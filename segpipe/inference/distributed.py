@@ -30,6 +30,7 @@ from .. import runtime
 from ..errors import ConfigError
 from ..settings import configured
 from .batch import CaseOutcome, InputCase, prediction_identity, prepare_output, segment_case
+from .batch_report import REPORT_FILE, BatchReport, load_case_report
 from .predictor import Predictor
 
 __all__ = ["RankSampler", "infer_cases_ddp", "predict_trainer", "process_settings", "rank_device"]
@@ -141,12 +142,14 @@ def infer_cases_ddp(
     probabilities: bool | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    report: bool | None = None,
 ) -> dict[str, Any]:
     """:func:`~.batch.infer_cases` with the cases shared out among the processes of ``trainer``
     (:func:`predict_trainer`; see the module docstring). ``progress`` is called by the first process
     for its own cases (``done`` and ``total`` count its share). Returns the same summary on every
     process, with ``rank`` (this process) and ``processes`` (how many shared the batch) added."""
     probabilities = configured(probabilities, "infer.probabilities")
+    report = bool(configured(report, "infer.report"))
     out = prepare_output(out_dir, fmt)
     identity = prediction_identity(predictor, fmt, probabilities)
     rank, world = int(trainer.global_rank), int(trainer.world_size)
@@ -167,6 +170,7 @@ def infer_cases_ddp(
             overwrite=overwrite,
             report_extra={"rank": rank},
             stop_on=frozenset(),  # one process stopping alone would leave the others waiting: report the case
+            figures=report,
         )
         outcomes.append((index, outcome))
         if progress and rank == 0:
@@ -185,11 +189,18 @@ def infer_cases_ddp(
     merged = sorted((item for part in parts for item in part["outcomes"]), key=lambda item: item[0])
     if [i for i, _, _ in merged] != list(range(len(cases))):  # the sampler's promise, checked
         raise RuntimeError(f"the processes reported {len(merged)} outcomes for {len(cases)} cases")
+    page = BatchReport(out, [c.id for c in cases], identity, predictor.plan)
+    for i, status, failure in merged:
+        page.add(cases[i].id, status, load_case_report(out, cases[i].id) if status != "failed" else None, failure)
+    if report and rank == 0:  # every case is written by now: the first process writes the batch's report
+        page.write()
     return {
         "output": str(out),
         "written": [cases[i].id for i, status, _ in merged if status == "written"],
         "skipped": [cases[i].id for i, status, _ in merged if status == "skipped"],
         "failed": [failure for _, status, failure in merged if status == "failed"],
+        "flagged": page.flagged(),
+        "report": str(out / REPORT_FILE) if report else None,
         "format": fmt,
         "seconds": round(max(part["seconds"] for part in parts), 3),
         "model": parts[0]["model"],

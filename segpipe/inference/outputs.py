@@ -29,6 +29,7 @@ def case_output_files(out: Path, case_id: str, label_ext: str) -> list[Path]:
         out / f"{case_id}.json",
         out / f"{case_id}_probabilities.npy",
         out / f"{case_id}_seg.dcm",
+        out / f"{case_id}_labels.json",
     ]
 
 

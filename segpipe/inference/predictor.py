@@ -38,6 +38,7 @@ from ..geometry import Geometry
 from ..io.formats import case_id_of
 from ..settings import configured
 from .cascade import stage_only, with_previous_stage
+from .flags import InputCheck, inspect_input
 from .model import CHECKPOINTS, Model, file_sha256, load_model_folder, parse_configs, parse_folds, workspace_model
 from .postprocess import apply_postprocessing
 from .runtimes import (
@@ -86,6 +87,7 @@ class Prediction:
     probabilities: np.ndarray | None = None
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    check: InputCheck | None = None  # the input's flags and a strided copy of it (segpipe.inference.flags)
 
     def volumes_ml(self) -> dict[str, float]:
         """Volume of each foreground class in millilitres (voxel count × voxel volume)."""
@@ -100,7 +102,7 @@ class Predictor:
     Options: ``tta`` (flip test-time augmentation, default on), ``overlap`` of the sliding windows
     (0.5), ``window`` (``pad``: the plan's patch; ``fit``: a window fitted to each image, see
     :func:`~segpipe.inference.windows.fitted_window`), ``batch_size`` (windows per forward pass; default 1 on a CPU, the plan's batch on a GPU), ``device``
-    (``auto``: CUDA when present), ``runtime`` (``auto``: OpenVINO on a CPU when installed, see
+    (``auto``: CUDA when present), ``strict`` (an input unlike the training data fails), ``runtime`` (``auto``: OpenVINO on a CPU when installed, see
     :mod:`segpipe.inference.runtimes`), ``precision`` (``fp32``; ``bf16`` or ``int8`` with OpenVINO, int8 from a model folder exported with ``quantize=int8``), ``dicom`` (options of the DICOM reader: ``series=``, ...).
     ``network_cache``: a folder for the networks converted for OpenVINO (the workspace's), written
     unless ``store_networks`` is false (a model folder's ``openvino/``, stored there by
@@ -121,6 +123,7 @@ class Predictor:
         dicom: Mapping[str, Any] | None = None,
         network_cache: str | os.PathLike[str] | None = None,
         store_networks: bool = True,
+        strict: bool | None = None,
     ):
         device = configured(device, "infer.device")
         runtime = configured(runtime, "infer.runtime")
@@ -141,6 +144,7 @@ class Predictor:
         self.model = model
         self.plan = model.plan
         self.tta, self.overlap, self.window = bool(tta), float(overlap), window
+        self.strict = bool(configured(strict, "infer.strict"))  # an input unlike the training data fails
         self.batch_size = None if batch_size is None else int(batch_size)
         self.device = resolve_device(device)
         self.runtime, why_not = choose_runtime(str(runtime), self.device)
@@ -414,6 +418,7 @@ class Predictor:
 
         t0 = time.perf_counter()
         image, geo = self.read(source, geometry, case_id=case_id)
+        check = inspect_input(image, geo, self.plan, source=source, strict=self.strict)
         timings = {"read": time.perf_counter() - t0}
         configs = [c for c in self.networks if not stage_only(self.plan, c, list(self.networks))]
         name = case_id or _source_name(source)
@@ -474,7 +479,7 @@ class Predictor:
         timings["postprocess"] = time.perf_counter() - t
         if tuple(label.shape) != tuple(geo.shape):  # the restore's contract; never write a wrong grid
             raise RuntimeError(f"restored label shape {label.shape} differs from the input's {geo.shape}")
-        return Prediction(label, geo, self.labels, prob_out, time.perf_counter() - t0, timings)
+        return Prediction(label, geo, self.labels, prob_out, time.perf_counter() - t0, timings, check)
 
     def compute(self) -> dict[str, Any]:
         """Where and how the networks ran, for each case's report: device, runtime, precision, threads."""

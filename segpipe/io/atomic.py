@@ -81,6 +81,13 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     return Path(path)
 
 
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
 def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
     """``np.save`` to ``path`` atomically."""
     with atomic_path(path, ext=".npy") as tmp:

@@ -111,6 +111,8 @@ class Plan:
     memory_model: dict[str, Any]
     fingerprint_sha256: str = ""
     skipped: dict[str, str] = field(default_factory=dict)  # configuration -> why it does not apply
+    #: the training data's profile (segpipe.fingerprint.data_profile): what inputs are checked against
+    profile: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -178,6 +180,7 @@ class Plan:
             "memory_model": dict(self.memory_model),
             "fingerprint_sha256": self.fingerprint_sha256,
             "skipped": dict(self.skipped),
+            **({"profile": self.profile} if self.profile else {}),
         }
 
     @classmethod
@@ -205,6 +208,7 @@ class Plan:
             memory_model=dict(d.get("memory_model", {})),
             fingerprint_sha256=d.get("fingerprint_sha256", ""),
             skipped=dict(d.get("skipped", {})),
+            profile=dict(d.get("profile") or {}),
             schema_version=version,
         )
 

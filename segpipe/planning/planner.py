@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..fingerprint import data_profile
 from .plan import ChannelNormalization, Plan, PlanConfig
 from .settings import (
     AMP_ACTIVATION_FACTOR,
@@ -327,6 +328,7 @@ def make_plan(fingerprint: Mapping[str, Any], settings: PlanSettings | None = No
         memory_model=_memory_model(settings),
         fingerprint_sha256=fingerprint_digest(fingerprint),
         skipped={name: why_not[name] for name in CONFIGURATIONS if name in why_not},
+        profile=data_profile(dict(fingerprint)),
     )
 
 

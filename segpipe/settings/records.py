@@ -43,8 +43,8 @@ class DicomOptions:
 class InferSettings:
     """How ``infer`` segments (``conf/infer/default.yaml``): the folds and checkpoint of the model,
     flip test-time augmentation, the sliding window's overlap, window mode and batch, the device, the networks'
-    runtime and precision, the int8 quantisation an export adds, the output format and whether class
-    probabilities are written too."""
+    runtime and precision, the int8 quantisation an export adds, the output format, whether class
+    probabilities and the batch's report are written too, and whether an input unlike the training data fails."""
 
     folds: Any
     checkpoint: str
@@ -59,6 +59,8 @@ class InferSettings:
     quantize_tolerance: float
     format: str
     probabilities: bool
+    report: bool
+    strict: bool
 
     @classmethod
     def from_conf(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> InferSettings:

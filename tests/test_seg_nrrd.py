@@ -1,0 +1,267 @@
+"""Tests of segpipe.io.seg_nrrd: Slicer .seg.nrrd label maps and the label-names sidecar.
+
+Every expectation is worked out by hand (boxes placed at known voxel indices, colours from the
+palette) and read back through SimpleITK, the reader Slicer's own NRRD reading is built on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from segpipe.colors import label_color, label_hex
+from segpipe.errors import UsageError
+from segpipe.geometry import Geometry
+from segpipe.io import seg_nrrd
+from segpipe.io.image import read_image
+from segpipe.io.seg_nrrd import read_seg_nrrd_segments, write_label_sidecar, write_seg_nrrd
+
+
+def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+SHAPE = (5, 7, 9)  # (z, y, x)
+OBLIQUE = Geometry(
+    shape=SHAPE,
+    spacing=(3.0, 0.8, 0.55),
+    origin=(-12.5, 30.25, 7.125),
+    direction=tuple(_rotation(0.3, -0.2, 0.5).ravel()),
+)
+# left-handed (a flipped axis) and oblique, as a RAS-stored scan read into LPS
+FLIPPED = Geometry(
+    shape=SHAPE,
+    spacing=(2.5, 1.25, 0.7),
+    origin=(101.0, -4.5, -60.0),
+    direction=tuple((_rotation(0.1, 0.4, -0.7) @ np.diag([-1.0, 1.0, 1.0])).ravel()),
+)
+SEGMENTS = {1: "liver", 2: "spleen", 3: "kidney"}
+
+
+def _boxes() -> np.ndarray:
+    """Label 1 at z 1..2, y 2..4, x 3..6; label 2 at z 3, y 0..1, x 0..1; label 3 at z 4, y 6, x 8."""
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[1:3, 2:5, 3:7] = 1
+    label[3, 0:2, 0:2] = 2
+    label[4, 6, 8] = 3
+    return label
+
+
+# the box of all labelled voxels, (xmin, xmax, ymin, ymax, zmin, zmax): x 0..8, y 0..6, z 1..4
+UNION_EXTENT = (0, 8, 0, 6, 1, 4)
+
+
+def _header_lines(path: Path) -> list[str]:
+    head = path.read_bytes().split(b"\n\n", 1)[0]
+    return head.decode("utf-8").split("\n")
+
+
+@pytest.mark.parametrize("geometry", [OBLIQUE, FLIPPED], ids=["oblique", "flipped"])
+def test_round_trip_through_simpleitk(tmp_path: Path, geometry: Geometry) -> None:
+    label = _boxes()
+    out = write_seg_nrrd(tmp_path / "case.seg.nrrd", label, geometry, SEGMENTS)
+    assert out == tmp_path / "case.seg.nrrd"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.seg.nrrd"]
+
+    image = sitk.ReadImage(str(out))
+    assert image.GetDimension() == 3 and image.GetNumberOfComponentsPerPixel() == 1
+    array = sitk.GetArrayFromImage(image)
+    assert array.dtype == np.uint8
+    np.testing.assert_array_equal(array, label)
+    back = Geometry.from_sitk(image)
+    assert back.shape == geometry.shape
+    np.testing.assert_allclose(back.spacing, geometry.spacing, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(back.origin, geometry.origin, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(back.direction, geometry.direction, rtol=0, atol=1e-12)
+    # the world position of a voxel agrees too (index order (z, y, x) against ITK's (x, y, z))
+    idx = (4, 6, 8)
+    world = image.TransformIndexToPhysicalPoint(tuple(reversed(idx)))
+    np.testing.assert_allclose(world, geometry.index_to_world(np.array(idx)), atol=1e-9)
+
+    assert image.GetMetaData("NRRD_space") == "left-posterior-superior"
+    assert [image.GetMetaData(f"NRRD_kinds[{i}]") for i in range(3)] == ["domain"] * 3
+    assert image.GetMetaData("Segmentation_MasterRepresentation") == "Binary labelmap"
+    assert image.GetMetaData("Segmentation_ContainedRepresentationNames") == "Binary labelmap|"
+    assert image.GetMetaData("Segmentation_ReferenceImageExtentOffset") == "0 0 0"
+
+    # segpipe's own reader gives the same voxels on the same grid
+    arr, geo = read_image(out)
+    np.testing.assert_array_equal(arr[0], label)
+    assert geo.same_grid(geometry)
+
+
+def test_segment_fields(tmp_path: Path) -> None:
+    out = write_seg_nrrd(tmp_path / "case.seg.nrrd", _boxes(), OBLIQUE, {3: "kidney", 1: "liver", 2: "spleen"})
+    image = sitk.ReadImage(str(out))
+    extent = " ".join(map(str, UNION_EXTENT))
+    for i, (value, name) in enumerate([(1, "liver"), (2, "spleen"), (3, "kidney")]):  # label-value order
+        assert image.GetMetaData(f"Segment{i}_ID") == f"Segment_{value}"
+        assert image.GetMetaData(f"Segment{i}_Name") == name
+        assert int(image.GetMetaData(f"Segment{i}_LabelValue")) == value
+        assert image.GetMetaData(f"Segment{i}_Layer") == "0"
+        color = [float(c) for c in image.GetMetaData(f"Segment{i}_Color").split()]
+        np.testing.assert_allclose(color, np.array(label_color(value)) / 255, atol=1e-6)
+        assert image.GetMetaData(f"Segment{i}_Extent") == extent  # the shared layer's box, for every segment
+        assert image.GetMetaData(f"Segment{i}_ColorAutoGenerated") == "0"
+        assert image.GetMetaData(f"Segment{i}_NameAutoGenerated") == "0"
+        assert image.GetMetaData(f"Segment{i}_Tags") == "|"
+    assert not image.HasMetaDataKey("Segment3_ID")
+
+    lines = _header_lines(out)
+    assert lines[0] == "NRRD0004"
+    assert "encoding: gzip" in lines and "kinds: domain domain domain" in lines
+    assert "type: unsigned char" in lines and "sizes: 9 7 5" in lines
+
+    segments = read_seg_nrrd_segments(out)
+    assert [(s["index"], s["value"], s["name"], s["layer"]) for s in segments] == [
+        (0, 1, "liver", 0),
+        (1, 2, "spleen", 0),
+        (2, 3, "kidney", 0),
+    ]
+    assert [s["id"] for s in segments] == ["Segment_1", "Segment_2", "Segment_3"]
+    assert all(s["extent"] == UNION_EXTENT for s in segments)
+    assert [tuple(round(c * 255) for c in s["color"]) for s in segments] == [label_color(v) for v in (1, 2, 3)]
+
+
+def test_extent_of_a_single_box(tmp_path: Path) -> None:
+    label = np.zeros(SHAPE, dtype=np.int64)
+    label[2:4, 1:6, 5:8] = 7  # z 2..3, y 1..5, x 5..7
+    out = write_seg_nrrd(tmp_path / "box.seg.nrrd", label, OBLIQUE, {7: "box"})
+    (segment,) = read_seg_nrrd_segments(out)
+    assert segment["value"] == 7 and segment["extent"] == (5, 7, 1, 5, 2, 3)
+
+
+def test_empty_labels(tmp_path: Path) -> None:
+    # nothing labelled at all: every segment has the empty extent
+    out = write_seg_nrrd(tmp_path / "empty.seg.nrrd", np.zeros(SHAPE, np.uint8), OBLIQUE, {1: "a", 2: "b"})
+    segments = read_seg_nrrd_segments(out)
+    assert [s["extent"] for s in segments] == [(0, -1, 0, -1, 0, -1)] * 2
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), 0)
+
+    # a named value absent from the label map is a segment too; it shares the layer's extent
+    label = _boxes()
+    label[label == 2] = 0
+    out = write_seg_nrrd(tmp_path / "absent.seg.nrrd", label, OBLIQUE, SEGMENTS)
+    segments = read_seg_nrrd_segments(out)
+    assert [s["value"] for s in segments] == [1, 2, 3]
+    assert all(s["extent"] == (3, 8, 2, 6, 1, 4) for s in segments)
+
+
+def test_background_entry_is_not_a_segment(tmp_path: Path) -> None:
+    out = write_seg_nrrd(tmp_path / "bg.seg.nrrd", _boxes(), OBLIQUE, {0: "background", **SEGMENTS})
+    assert [s["value"] for s in read_seg_nrrd_segments(out)] == [1, 2, 3]
+
+
+def test_names_are_sanitised(tmp_path: Path) -> None:
+    names = {1: "left\nkidney\r\n(upper)\tpole", 2: "  ", 3: "C:\\new\\tumour Läsion ж"}
+    out = write_seg_nrrd(tmp_path / "names.seg.nrrd", _boxes(), OBLIQUE, names)
+    lines = _header_lines(out)
+    assert not any(line.startswith("(upper)") or line.startswith("kidney") for line in lines)
+    image = sitk.ReadImage(str(out))
+    assert image.GetMetaData("Segment0_Name") == "left kidney  (upper) pole"
+    assert image.GetMetaData("Segment1_Name") == "Segment_2"
+    assert image.GetMetaData("Segment2_Name") == "C:\\new\\tumour Läsion ж"  # backslashes survive NRRD's escaping
+    assert image.GetMetaData("Segment2_LabelValue") == "3"
+    assert [s["name"] for s in read_seg_nrrd_segments(out)] == [
+        "left kidney  (upper) pole",
+        "Segment_2",
+        "C:\\new\\tumour Läsion ж",
+    ]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), _boxes())
+
+
+def test_values_above_255_get_a_wider_type(tmp_path: Path) -> None:
+    label = _boxes().astype(np.int32)
+    label[label == 2] = 300
+    label[label == 3] = 65535
+    segments = {1: "one", 300: "three hundred", 65535: "top"}
+    out = write_seg_nrrd(tmp_path / "wide.seg.nrrd", label, FLIPPED, segments)
+    assert "type: unsigned short" in _header_lines(out)
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert array.dtype == np.uint16
+    np.testing.assert_array_equal(array, label)
+    assert [s["value"] for s in read_seg_nrrd_segments(out)] == [1, 300, 65535]
+
+    # a named value above 255 widens the type even when it labels no voxel
+    out = write_seg_nrrd(tmp_path / "named.seg.nrrd", _boxes(), FLIPPED, {**SEGMENTS, 256: "later"})
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(out))).dtype == np.uint16
+
+
+def test_bool_label(tmp_path: Path) -> None:
+    out = write_seg_nrrd(tmp_path / "mask.seg.nrrd", _boxes() == 1, OBLIQUE, {1: "mask"})
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), _boxes() == 1)
+
+
+@pytest.mark.parametrize(
+    "label, segments, message",
+    [
+        (np.zeros((5, 7, 8), np.uint8), SEGMENTS, "does not match geometry shape"),
+        (_boxes().astype(np.float32), SEGMENTS, "integer label values"),
+        (_boxes().astype(np.int16) - 1, SEGMENTS, "label value -1"),
+        (_boxes().astype(np.int32) * 30000, {30000: "a", 60000: "b", 90000: "c"}, "out of range"),
+        (_boxes().astype(np.int32) * 30000, {1: "a"}, "label value 90000"),
+        (_boxes(), {1: "liver", 3: "kidney"}, "[2] in the label map have no segment name"),
+        (_boxes(), {"1": "liver", 2: "spleen", 3: "kidney"}, "is not an integer"),
+    ],
+    ids=["shape", "float", "negative", "too-large-name", "too-large-voxel", "unnamed", "string-key"],
+)
+def test_refusals_leave_no_file(tmp_path: Path, label: np.ndarray, segments: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        write_seg_nrrd(tmp_path / "bad.seg.nrrd", label, OBLIQUE, segments)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_extension_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="seg.nrrd"):
+        write_seg_nrrd(tmp_path / "case.nii.gz", _boxes(), OBLIQUE, SEGMENTS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(stream, voxels) -> None:
+        stream.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(seg_nrrd, "_write_voxels", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_seg_nrrd(tmp_path / "case.seg.nrrd", _boxes(), OBLIQUE, SEGMENTS)
+    assert list(tmp_path.iterdir()) == []
+
+    # an existing file is left as it was
+    (tmp_path / "case.seg.nrrd").write_bytes(b"previous")
+    with pytest.raises(OSError, match="disk full"):
+        write_seg_nrrd(tmp_path / "case.seg.nrrd", _boxes(), OBLIQUE, SEGMENTS)
+    assert [p.name for p in tmp_path.iterdir()] == ["case.seg.nrrd"]
+    assert (tmp_path / "case.seg.nrrd").read_bytes() == b"previous"
+
+
+def test_label_sidecar(tmp_path: Path) -> None:
+    out = write_label_sidecar(
+        tmp_path / "case.labels.json",
+        {0: "background", 3: "kidney\nleft", 1: "liver"},
+        label_map=str(tmp_path / "case.nii.gz"),
+    )
+    assert out == tmp_path / "case.labels.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.labels.json"]
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data == {
+        "format": "segpipe.labels",
+        "label_map": "case.nii.gz",
+        "labels": [
+            {"value": 1, "name": "liver", "color": label_hex(1)},
+            {"value": 3, "name": "kidney\nleft", "color": label_hex(3)},
+        ],
+    }
+    assert label_hex(1) == "#e6194b"
+
+    with pytest.raises(UsageError, match="out of range"):
+        write_label_sidecar(tmp_path / "bad.labels.json", {-1: "x"}, label_map="bad.nii.gz")
+    assert not (tmp_path / "bad.labels.json").exists()

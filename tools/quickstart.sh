@@ -33,5 +33,21 @@ echo "[quickstart] ruff format --check, ruff check, mypy, lint-imports" >&2
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy"
 "$VENV/bin/lint-imports"
+# The report tests open segpipe's HTML in a headless Chromium (tests/browser.py); without one they
+# skip with the reason. Try to install it (apt-get update only when the plain install fails); a
+# failure does not stop the run.
+if [ -z "${SEGPIPE_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 \
+  && ! command -v chromium-browser >/dev/null 2>&1 && ! command -v google-chrome >/dev/null 2>&1; then
+  apt_get() {
+    if [ "$(id -u)" -eq 0 ]; then env DEBIAN_FRONTEND=noninteractive apt-get "$@"
+    else sudo -n env DEBIAN_FRONTEND=noninteractive apt-get "$@"; fi
+  }
+  if apt_log="$(apt_get install -y -q chromium 2>&1)" \
+    || { apt_get update -q >/dev/null 2>&1 && apt_log="$(apt_get install -y -q chromium 2>&1)"; }; then
+    echo "[quickstart] installed chromium (apt-get install chromium) for the browser tests" >&2
+  else
+    echo "[quickstart] no chromium and apt-get install chromium failed (${apt_log##*$'\n'}): the browser tests will skip" >&2
+  fi
+fi
 echo "[quickstart] pytest" >&2
 exec "$VENV/bin/python" -m pytest "$@"

@@ -51,6 +51,7 @@ LAST, BEST, FINAL = "last.pt", "best.pt", "final.pt"
 SETTINGS_FILE, METRICS_FILE, PROGRESS_FILE = "settings.json", "metrics.csv", "progress.png"
 VALIDATION_DIR, TENSORBOARD_DIR = "validation", "tensorboard"
 VALIDATION_SUMMARY_FILE = "summary.json"
+REPORT_FILE, REPORT_FILES_DIR = "report.html", "report_files"  # a run's page for people and its images
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -212,6 +213,11 @@ class DatasetWorkspace:
     def best_configuration_path(self) -> Path:
         """``segpipe find-best``'s decision: the configuration(s) and post-processing ``infer`` uses."""
         return self.root / "best_configuration.json"
+
+    @property
+    def best_configuration_report_path(self) -> Path:
+        """The page for people of ``segpipe find-best``'s decision, beside it."""
+        return self.root / "best_configuration.html"
 
     @property
     def openvino_dir(self) -> Path:
@@ -376,6 +382,7 @@ class RunFolder:
     metrics.csv     one row per epoch; progress.png: the same history drawn
     tensorboard/    TensorBoard event files, when asked for
     validation/     the full-case validation: summary.json, dice_per_case.csv, <case>.npy
+    report.html     the run for people (curves, validation, worst cases, settings); its images in report_files/
     """
 
     root: Path
@@ -411,3 +418,11 @@ class RunFolder:
     @property
     def validation_summary(self) -> Path:
         return self.root / VALIDATION_DIR / VALIDATION_SUMMARY_FILE
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT_FILE
+
+    @property
+    def report_files(self) -> Path:
+        return self.root / REPORT_FILES_DIR

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -62,6 +63,31 @@ def test_ct_intensities_given_to_an_mr_model_are_flagged_with_the_numbers():
     with pytest.raises(DataError, match="does not look like the model's training data: channel 0") as err:
         inspect_input(_uniform(-1000, 1000), Geometry(shape=(20, 20, 20), spacing=(1, 1, 1)), PLAN, strict=True)
     assert "strict=false" in err.value.hint
+
+
+def _spread(lo: float, mid: float, hi: float) -> dict[str, float]:
+    return {"min": lo, "median": mid, "max": hi}
+
+
+def _reasons(image: np.ndarray, image_profile: dict) -> list[str]:
+    plan = SimpleNamespace(profile={"channels": {"0": {"name": "x", "image": image_profile}}}, channel_names={"0": "x"})
+    found = inspect_input(image, Geometry(shape=image.shape[1:], spacing=(1, 1, 1)), plan, strict=False).flags
+    return found[0]["reasons"] if found else []
+
+
+def test_sign_and_scale_rules_catch_what_a_wide_training_range_hides():
+    # MR scaled very differently by scanner (the hippocampus cases' spread): the range rule alone lets CT in
+    mr = {"p01": _spread(4, 37, 26085), "p50": _spread(49, 502, 291441), "p99": _spread(89, 874, 501104)}
+    assert _reasons(_uniform(-1000, 1000), mr) == ["negative intensities, which no training image had"]
+    assert _reasons(_uniform(0, 1), mr) == ["a 99th percentile over 4× away from the training images'"]  # 0.99 < 89 / 4
+    assert _reasons(_uniform(0, 600), mr) == [] and _reasons(_uniform(0, 30), mr) == []  # 29.7 ≥ 22.25
+    assert _reasons(_uniform(-20, 600), mr) == []  # noise around 0 (-14 ≥ -0.05 × 874) is not a negative image
+    ct = {"p01": _spread(-1024, -1000, -900), "p50": _spread(-500, -100, 40), "p99": _spread(200, 800, 1500)}
+    assert _reasons(_uniform(0, 600), ct) == [  # p01 6 > -900 + 0.25 × (1500 + 1024)
+        "p01 outside the training range",
+        "no negative intensities, which every training image had",
+    ]
+    assert _reasons(_uniform(-1024, 1000), ct) == []
 
 
 def test_spacing_far_from_the_training_range_is_flagged_per_axis():
@@ -285,3 +311,14 @@ def test_the_batch_report_works_offline_in_a_browser(batch):
         first = browser.evaluate(order)
         browser.click("#cases th:first-child")
         assert browser.evaluate(order) == list(reversed(first)) and sorted(first) == first
+
+
+@pytest.mark.slow
+def test_the_report_covers_every_case_of_its_folder_across_batches(batch):
+    from segpipe.api import infer
+
+    out = batch.tmp / "two_batches"
+    infer(batch.inputs / "good.nii.gz", output=out, model=batch.model, runtime="torch", tta=False)
+    res = infer(batch.inputs / "ct_like.nii.gz", output=out, model=batch.model, runtime="torch", tta=False)
+    html = Path(res["report"]).read_text()
+    assert 'id="case-good"' in html and 'id="case-ct_like"' in html and "1 done earlier" in html

@@ -114,6 +114,8 @@ def demo(*, force: bool | None = None, log: Any = None, **settings: Any) -> dict
         "cases": [c for r in inferred for c in r["cases"]],
         "dicom_seg": sorted(p.name for p in predictions.glob("*_seg.dcm")),
         "runtime": inferred[0]["model"].get("runtime"),
+        "report": inferred[-1].get("report"),
+        "flagged": [f for r in inferred for f in r.get("flagged", [])],
     }
     _held_out_references(data, dicom_data, references)
     say("evaluating the held-out cases against their reference labels")

@@ -174,7 +174,9 @@ def cmd_demo(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]) ->
             f"held-out Dice: {'n/a' if dice is None else f'{dice:.4f}'} foreground mean ({per_class}) over "
             f"{e['cases']} cases"
         )
-        lines.append(f"open: {e['output']}/dice_boxplot.png, {e['output']}/summary.json")
+        lines.append(f"evaluation: {e['output']}/dice_boxplot.png, {e['output']}/summary.json")
+    if (res.get("infer") or {}).get("report"):
+        lines.append(f"open the report of the segmented cases: {res['infer']['report']}")
     return EXIT_OK, res, "\n".join(lines)
 
 
@@ -297,6 +299,7 @@ def cmd_evaluate(ns: argparse.Namespace, paths: list[str], given: dict[str, Any]
             else ""
         ),
         f"written to {res['output']}: evaluation.csv, summary.json, dice_boxplot.png",
+        *([f"report: {res['report']}"] if res.get("report") else []),
     ]
     return EXIT_OK, res, "\n".join(lines)
 
@@ -326,6 +329,7 @@ def cmd_find_best(ns: argparse.Namespace, paths: list[str], given: dict[str, Any
             else "none (no class gained from keeping its largest component)"
         ),
         f"decision: {res['path']} (used by segpipe infer and segpipe export)",
+        *([f"report: {res['report']}"] if res.get("report") else []),
     ]
     return EXIT_OK, res, "\n".join(lines)
 

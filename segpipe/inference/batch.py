@@ -355,8 +355,10 @@ def segment_case(
         extra.update(_write_label_map(label_path, pred, case.id, fmt))
         extra.update(_review(pred, predictor.plan))
         if figures:
+            t_fig = time.perf_counter()
             remove_figures(out, case.id)
             extra["figures"] = case_figures(out, case.id, pred, predictor.plan)
+            extra["figure_seconds"] = round(time.perf_counter() - t_fig, 4)
         if _is_dicom_case(case):
             extra.update(_write_seg(out / f"{case.id}_seg.dcm", pred, case, predictor))
         if probabilities and pred.probabilities is not None:
@@ -426,8 +428,17 @@ def infer_cases(
     out = prepare_output(out_dir, fmt)
     identity = prediction_identity(predictor, fmt, probabilities)
     page = BatchReport(out, [c.id for c in cases], identity, predictor.plan)
-    if report:
+    page.include_folder()
+    report_s = 0.0  # the report's share of the batch: its overlays and its pages
+
+    def write_page() -> None:
+        nonlocal report_s
+        t = time.perf_counter()
         page.write()
+        report_s += time.perf_counter() - t
+
+    if report:
+        write_page()
     written: list[str] = []
     skipped: list[str] = []
     failed: list[dict[str, Any]] = []
@@ -445,7 +456,8 @@ def infer_cases(
         )
         page.add(case.id, outcome.status, outcome.report, outcome.failure)
         if report:
-            page.write()
+            report_s += float((outcome.report or {}).get("figure_seconds", 0.0)) if outcome.status == "written" else 0.0
+            write_page()
         if outcome.status == "written":
             written.append(case.id)
         elif outcome.status == "skipped":
@@ -461,6 +473,7 @@ def infer_cases(
         "failed": failed,
         "flagged": page.flagged(),
         "report": str(out / "report.html") if report else None,
+        "report_seconds": round(report_s, 3),
         "format": fmt,
         "seconds": round(time.perf_counter() - t0, 3),
         "model": predictor.describe(),

@@ -88,6 +88,16 @@ class BatchReport:
         self.labels = {int(k): str(v) for k, v in plan.labels.items()}
         self.started = time.strftime("%Y-%m-%d %H:%M")
 
+    def include_folder(self) -> None:
+        """Add the cases other batches segmented into the same folder (as ``done earlier``): the
+        report covers the folder, not only this batch."""
+        for path in sorted(self.out.glob("*.json")):
+            case = path.name[: -len(".json")]
+            if case not in self.rows:
+                rep = load_case_report(self.out, case)
+                if rep is not None and rep.get("format") == "segpipe.prediction":
+                    self.rows[case] = {"case": case, "status": "skipped", "report": rep}
+
     def add(
         self, case_id: str, status: str, report: Mapping[str, Any] | None, failure: Mapping[str, Any] | None
     ) -> None:

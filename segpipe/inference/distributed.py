@@ -190,6 +190,7 @@ def infer_cases_ddp(
     if [i for i, _, _ in merged] != list(range(len(cases))):  # the sampler's promise, checked
         raise RuntimeError(f"the processes reported {len(merged)} outcomes for {len(cases)} cases")
     page = BatchReport(out, [c.id for c in cases], identity, predictor.plan)
+    page.include_folder()
     for i, status, failure in merged:
         page.add(cases[i].id, status, load_case_report(out, cases[i].id) if status != "failed" else None, failure)
     if report and rank == 0:  # every case is written by now: the first process writes the batch's report

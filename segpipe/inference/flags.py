@@ -7,7 +7,11 @@ like the data the model was trained on, with the numbers:
   channel names say (``CT``; ``MRI``, ``T1``, ``FLAIR``, …);
 * ``intensity``: a channel whose whole-image 1st, 50th or 99th percentile lies outside the spread
   of the training cases' own percentiles, widened by a quarter of the training intensity span on
-  each side (CT Hounsfield units given to an MR model, an image rescaled to 0-1, …);
+  each side; or with negative intensities where no training image had any (CT Hounsfield units
+  given to an MR model), none where every training image had some (an MR image given to a CT
+  model), or a 99th percentile over 4× under or over the training images' (an image rescaled to 0-1).
+  Scanners scale MR intensities very differently (a public hippocampus dataset spans 89 to 500,000
+  in its cases' 99th percentiles), which is why the sign and scale rules stand beside the range;
 * ``spacing``: a voxel spacing under half or over twice the training cases' range on an axis.
 
 They are warnings: the case is still segmented. With ``strict=true`` a flagged input fails its
@@ -55,6 +59,8 @@ __all__ = [
 #: most voxels (all channels together) of the strided copy of an input kept for the report
 PREVIEW_VOXELS = 16_000_000
 INTENSITY_MARGIN = 0.25  # of the training intensity span, on each side
+NEGATIVE_TOLERANCE = 0.05  # of the training images' median 99th percentile: noise around 0 is not "negative"
+SCALE_FACTOR = 4.0  # a 99th percentile this many times under the smallest or over the largest in training
 SPACING_FACTOR = 2.0
 VOLUME_LOW, VOLUME_HIGH = 2 / 3, 1.5
 BORDER_USUAL = 0.1  # a class touching the border in this fraction of training cases is not flagged for it
@@ -121,18 +127,38 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
-def _intensity_flag(c: int, name: str, mine: Mapping[str, float], train: Mapping[str, Any]) -> dict[str, Any] | None:
+def _intensity_reasons(mine: Mapping[str, float], train: Mapping[str, Any]) -> list[str]:
+    """Why percentiles ``mine`` do not look like the training images' (``train``: per percentile the
+    spread over the training cases), or nothing: see the module docstring."""
+    reasons = []
     span = float(train["p99"]["max"]) - float(train["p01"]["min"])
     margin = INTENSITY_MARGIN * max(span, 1e-6)
     outside = [k for k in ("p01", "p50", "p99") if not train[k]["min"] - margin <= mine[k] <= train[k]["max"] + margin]
-    if not outside:
+    if outside:
+        reasons.append(f"{'/'.join(outside)} outside the training range")
+    scale = max(abs(float(train["p99"]["median"])), 1e-6)
+    if train["p01"]["min"] >= 0 and mine["p01"] < -NEGATIVE_TOLERANCE * scale:
+        reasons.append("negative intensities, which no training image had")
+    if train["p01"]["max"] < 0 and mine["p01"] >= 0:
+        reasons.append("no negative intensities, which every training image had")
+    lo, hi = float(train["p99"]["min"]), float(train["p99"]["max"])
+    if lo > 0 and mine["p99"] > 0 and not lo / SCALE_FACTOR <= mine["p99"] <= hi * SCALE_FACTOR:
+        reasons.append(f"a 99th percentile over {SCALE_FACTOR:g}× away from the training images'")
+    return reasons
+
+
+def _intensity_flag(c: int, name: str, mine: Mapping[str, float], train: Mapping[str, Any]) -> dict[str, Any] | None:
+    reasons = _intensity_reasons(mine, train)
+    if not reasons:
         return None
     have = "/".join(_fmt(mine[k]) for k in ("p01", "p50", "p99"))
     seen = ", ".join(f"{_fmt(train[k]['min'])} to {_fmt(train[k]['max'])}" for k in ("p01", "p50", "p99"))
     return {
         "kind": "intensity",
         "channel": c,
-        "message": f"channel {c} ({name}): intensity 1st/50th/99th percentiles {have}; the training images had {seen}",
+        "message": f"channel {c} ({name}): intensity 1st/50th/99th percentiles {have} ({'; '.join(reasons)}); "
+        f"the training images had {seen}",
+        "reasons": reasons,
         "percentiles": dict(mine),
         "training": {k: dict(train[k]) for k in ("p01", "p50", "p99")},
     }

@@ -176,7 +176,7 @@ def _spacing_flag(
     if not odd:
         return None
     mine = " × ".join(f"{s:.3g}" for s in spacing)
-    seen = " × ".join(f"{lo:.3g}-{hi:.3g}" for lo, hi in zip(train["min"], train["max"]))
+    seen = " × ".join(f"{lo:.3g}" if lo == hi else f"{lo:.3g}-{hi:.3g}" for lo, hi in zip(train["min"], train["max"]))
     return {
         "kind": "spacing",
         "axes": [axes[a] for a in odd],

@@ -215,3 +215,33 @@ def test_no_cases_is_a_dataset_error(tiny):
 
     with pytest.raises(DatasetError, match="no labelled training cases"):
         compute_fingerprint(replace(tiny, cases=[]))
+
+
+def test_whole_image_percentiles_border_classes_and_the_training_profile(tiny):
+    from segpipe.fingerprint import data_profile
+
+    image, label, geo = _case(0)
+    summary, _ = summarize_case(image, label, geo.spacing, n_samples=10)
+    for c in range(2):  # every voxel, background too (the image is small: no stride)
+        p01, p50, p99 = np.percentile(image[c].astype(np.float64), [1, 50, 99])
+        assert summary["image_intensity"][c] == pytest.approx({"p01": p01, "p50": p50, "p99": p99})
+    edge = np.zeros_like(label)
+    edge[0, 3, 3] = 2  # on the first slice
+    edge[3, 3, 3] = 1  # inside
+    assert summarize_case(image, edge, geo.spacing, n_samples=10)[0]["class_border"] == ["2"]
+
+    fp = compute_fingerprint(tiny, num_workers=1)
+    spacings = [(3.0, 0.8, 0.8), (2.0, 0.8, 0.8), (3.0, 0.7, 0.7), (5.0, 0.9, 0.9)]  # the fixture's
+    volumes = [12 * float(np.prod(sp)) / 1000.0 for sp in spacings]  # class 1: 12 voxels in every case
+    assert fp["classes"]["1"]["volume_ml"] == pytest.approx(
+        {"min": min(volumes), "median": float(np.median(volumes)), "max": max(volumes)}
+    )
+    assert fp["classes"]["1"]["border_case_fraction"] == 0.0
+    p99 = [c["image_intensity"][1]["p99"] for c in fp["cases"]]
+    assert fp["image_intensity_per_channel"]["1"]["p99"] == pytest.approx(
+        {"min": min(p99), "median": float(np.median(p99)), "max": max(p99)}
+    )
+    profile = data_profile(fp)
+    assert profile["channels"]["1"]["name"] == "T2" and profile["channels"]["1"]["image"]["p99"]["max"] == max(p99)
+    assert profile["spacing"]["min"] == pytest.approx([2.0, 0.7, 0.7])
+    assert profile["classes"]["1"]["volume_ml"] == fp["classes"]["1"]["volume_ml"]

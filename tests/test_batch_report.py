@@ -322,3 +322,42 @@ def test_the_report_covers_every_case_of_its_folder_across_batches(batch):
     res = infer(batch.inputs / "ct_like.nii.gz", output=out, model=batch.model, runtime="torch", tta=False)
     html = Path(res["report"]).read_text()
     assert 'id="case-good"' in html and 'id="case-ct_like"' in html and "1 done earlier" in html
+
+
+@pytest.mark.slow
+def test_a_200_case_report_opens_with_every_image(tmp_path, record_property):
+    """The figure the README's benchmark gives (open time) is measured here and recorded, not asserted."""
+    from browser import Browser, chromium_or_skip
+
+    from segpipe.inference.batch_report import FIGURE_DIR, BatchReport
+
+    exe = chromium_or_skip()
+    rng = np.random.default_rng(0)
+    image = rng.normal(300, 80, (36, 50, 36)).astype(np.float32)  # hippocampus-sized, noisy like MR
+    label = np.zeros(image.shape, np.uint8)
+    label[10:20, 15:30, 10:20], label[20:28, 20:35, 12:22] = 1, 2
+    pngs = [three_planes(image, label, (1, 1, 1), centre_of(label, v), window=(0, 600), values=[1, 2]) for v in (1, 2)]
+    plan = SimpleNamespace(labels={"0": "background", "1": "Anterior", "2": "Posterior"})
+    ids = [f"case_{i:03d}" for i in range(200)]
+    page = BatchReport(tmp_path, ids, {"dataset": "hippocampus", "members": []}, plan)
+    (tmp_path / FIGURE_DIR).mkdir()
+    for i, case in enumerate(ids):
+        figures = []
+        for k, png in enumerate(pngs):
+            (tmp_path / FIGURE_DIR / f"{case}.{k}.png").write_bytes(png)
+            figures.append({"file": f"{FIGURE_DIR}/{case}.{k}.png", "class": plan.labels[str(k + 1)], "value": k + 1})
+        volumes = {"Anterior": 1.5 + i / 1000, "Posterior": 1.4}
+        flagged = [{"kind": "volume", "message": "Anterior: big"}] if i % 50 == 0 else []
+        page.add(case, "written", {"volume_ml": volumes, "figures": figures, "flags": flagged, "seconds": 2.0}, None)
+    report = page.write()
+    assert max(p.stat().st_size for p in (tmp_path / FIGURE_DIR).iterdir()) < 50_000
+    with Browser(exe, offline=True) as browser:
+        load = browser.open(report)
+        assert load.console_errors == [] and load.external_requests == []
+        images = browser.images(timeout=60.0)
+        assert len(images) == 400 and all(img["natural_width"] > 0 for img in images)
+        browser.click("#cases th:nth-child(3)")  # Anterior mL: numbers sort as numbers
+        col = "Array.from(document.querySelectorAll('#cases tbody tr td:nth-child(3)')).map(td => td.textContent)"
+        assert browser.evaluate(col)[:2] == ["1.50", "1.50"] and browser.evaluate(col)[-1] == "1.70"
+    record_property("report_open_ms", load.load_ms)
+    print(f"200-case report: {report.stat().st_size / 1024:.0f} kB of HTML, opened in {load.load_ms:.0f} ms")

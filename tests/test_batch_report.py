@@ -361,3 +361,15 @@ def test_a_200_case_report_opens_with_every_image(tmp_path, record_property):
         assert browser.evaluate(col)[:2] == ["1.50", "1.50"] and browser.evaluate(col)[-1] == "1.70"
     record_property("report_open_ms", load.load_ms)
     print(f"200-case report: {report.stat().st_size / 1024:.0f} kB of HTML, opened in {load.load_ms:.0f} ms")
+
+
+def test_source_modality_reads_the_series_header(tmp_path):
+    from segpipe.inference.flags import source_modality
+    from segpipe.io.dicom.writer import write_dicom_series
+
+    image = np.arange(2 * 4 * 5, dtype=np.int16).reshape(2, 4, 5)
+    write_dicom_series(tmp_path / "ct", image, Geometry(shape=(2, 4, 5), spacing=(2.0, 1.0, 1.0)), modality="CT")
+    assert source_modality(tmp_path / "ct") == "CT"
+    assert source_modality(next((tmp_path / "ct").iterdir())) == "CT"  # one file of it
+    write_image(tmp_path / "x.nii.gz", image.astype(np.float32), Geometry(shape=(2, 4, 5), spacing=(1, 1, 1)))
+    assert source_modality(tmp_path / "x.nii.gz") is None and source_modality(image) is None

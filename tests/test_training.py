@@ -573,6 +573,8 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_run, monkeypatch) -> 
         "last.pt",
         "metrics.csv",
         "progress.png",
+        "report.html",
+        "report_files",
         "settings.json",
         "validation",
     ]

@@ -1,8 +1,8 @@
 """The HTML of segpipe's reports: one self-contained page, readable from a file share.
 
 A report is a single ``.html`` file with its style and its one small script inline (no server, no
-external script, font or style sheet: it opens offline, from a network drive, attached to a
-ticket), plus the PNG images it names by relative path beside it. Tables sort by any column (click
+external script, font or style sheet: it opens offline, from a network drive, attached to an
+email), plus the PNG images it names by relative path beside it. Tables sort by any column (click
 a header; numbers sort as numbers, empty cells last). Everything written into the page is escaped.
 """
 

@@ -10,6 +10,7 @@ The run lives in the workspace's ``runs/<configuration>/fold_<k>/``::
     metrics.csv     one row per epoch: losses, pseudo-Dice per class and its EMA, the full-case
                     validation Dice (epochs with one), learning rate, time
     progress.png    the same history drawn (see plots.py), redrawn as epochs end
+    report.html     the run for people (run_report.py), written as a call of fit ends; images in report_files/
     tensorboard/    TensorBoard event files (losses, pseudo-Dice, learning rate) when tensorboard is installed
     validation/     the full-case validation of the fold's validation cases (see validation.py):
                     summary.json, dice_per_case.csv and, after the final one, ``<case>.npy``
@@ -58,7 +59,17 @@ from ..errors import ConfigError
 from ..io.atomic import sweep_temporaries
 from ..io.jsonio import write_json
 from ..parallel import cap_num_workers, default_num_workers
-from ..workspace import BEST, FINAL, LAST, METRICS_FILE, PROGRESS_FILE, SETTINGS_FILE, VALIDATION_DIR
+from ..workspace import (
+    BEST,
+    FINAL,
+    LAST,
+    METRICS_FILE,
+    PROGRESS_FILE,
+    REPORT_FILE,
+    REPORT_FILES_DIR,
+    SETTINGS_FILE,
+    VALIDATION_DIR,
+)
 from . import run_settings
 from .callbacks import RunCheckpoint
 from .module import SegmentationModule
@@ -149,9 +160,10 @@ def fit(
     :class:`TrainingInterrupted`, SIGUSR1 saves it and returns with ``preempted`` (:class:`StopSignals`).
     Returns ``{"run_dir", "checkpoint", "epochs", "planned_epochs", "finished", "already_finished",
     "resumed_from", "ema_fg_dice", "pseudo_dice", "val_dice", "val_class_dice", "validation",
-    "validation_dir", "seconds"}``: ``val_dice`` is the last full-case validation's mean foreground
+    "validation_dir", "seconds", "report"}``: ``val_dice`` is the last full-case validation's mean foreground
     Dice (NaN before any), ``val_class_dice`` its ``{class name: Dice}``, ``validation`` its one-line
-    summary (None before any) and ``validation_dir`` where its files are (None without validation cases).
+    summary (None before any), ``validation_dir`` where its files are (None without validation cases) and
+    ``report`` the run's ``report.html`` (:mod:`~segpipe.training.run_report`), rewritten as the call ends.
     """
     from ..workspace import Workspace, run_lock
 
@@ -223,9 +235,10 @@ def _fit(run: RunContext) -> dict[str, Any]:
         if run.writer:
             repair_reports(run.run_dir, resume, run.class_names, run.title)
         run.say(f"{run.run_dir}: this run has finished ({resume['epoch']} epochs); --overwrite trains it again")
-        return run_result(
+        out = run_result(
             run.run_dir, resume, already_finished=True, resumed_from=None, seconds=time.perf_counter() - run.started
         )
+        return {**out, "report": _write_report(run) if run.writer else None}
     s = run.settings
     # the loader's workers as they will run (at most the usable cores): settings.json records them
     workers = default_num_workers() if s["num_workers"] is None else cap_num_workers(max(0, int(s["num_workers"])))
@@ -264,7 +277,9 @@ def _start_or_resume(run: RunContext) -> dict[str, Any] | None:
         if run.writer:
             for name in (LAST, previous_checkpoint(LAST).name, BEST, FINAL, METRICS_FILE, SETTINGS_FILE, PROGRESS_FILE):
                 (run.run_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(run.run_dir / VALIDATION_DIR, ignore_errors=True)
+            (run.run_dir / REPORT_FILE).unlink(missing_ok=True)
+            for folder in (VALIDATION_DIR, REPORT_FILES_DIR):
+                shutil.rmtree(run.run_dir / folder, ignore_errors=True)
         return None
     if not (last.is_file() or previous_checkpoint(last).is_file()):
         return None
@@ -398,13 +413,18 @@ def _train(run: RunContext, resume: dict[str, Any] | None) -> dict[str, Any]:
             f"stopped by SIGTERM before training started{'; the same command resumes the run' if resume else ''}",
             signum=signal.SIGTERM,
         ) from None
+    except TrainingInterrupted:  # stopped by SIGTERM or Ctrl-C, saved: the report shows it as it stands
+        if run.writer:
+            _write_report(run, cache)
+        raise
     except TrainingPreempted as stop:
         run.say(str(stop))
         if not run.writer:
             return {"run_dir": str(run.run_dir), "rank": rank, "world_size": world, "preempted": str(stop)}
         state = load_checkpoint(run.run_dir / LAST)
         out = run_result(run.run_dir, state, already_finished=False, resumed_from=resumed_from, seconds=0.0)
-        return {**out, "preempted": str(stop), "seconds": time.perf_counter() - run.started}
+        report = _write_report(run, cache)
+        return {**out, "preempted": str(stop), "seconds": time.perf_counter() - run.started, "report": report}
     if not run.writer:  # rank 0 holds the run's record
         return {"run_dir": str(run.run_dir), "rank": rank, "world_size": world}
     state = load_checkpoint(run.run_dir / LAST)
@@ -412,13 +432,24 @@ def _train(run: RunContext, resume: dict[str, Any] | None) -> dict[str, Any]:
         run.say(
             f"{run.run_dir}: finished after {state['epoch']} epochs (EMA pseudo-Dice {float(state['best_ema']):.4f} best)"
         )
-    return run_result(
+    report = _write_report(run, cache)  # after the final full-case validation, which ends the last epoch
+    out = run_result(
         run.run_dir,
         state,
         already_finished=False,
         resumed_from=resumed_from,
         seconds=time.perf_counter() - run.started,
     )
+    return {**out, "report": report}
+
+
+def _write_report(run: RunContext, cache: Any = None) -> str | None:
+    """(Re)write the run's ``report.html`` (:mod:`.run_report`); its path, None when it was not written
+    (a report never stops a training)."""
+    from .run_report import write_run_report
+
+    path = write_run_report(run.run_dir, plan=run.plan, cache=cache, title=run.title, say=run.say)
+    return str(path) if path is not None else None
 
 
 def _loggers(run_dir: Path, setting: bool | str) -> Any:

@@ -30,6 +30,8 @@ Written into ``out_dir`` (default: the prediction folder), each file atomically:
   the per-class means over the classes but background 0, skipping a class NaN in every case), with
   ``null`` for NaN;
 * ``dice_boxplot.png``: per foreground class, a box plot of the cases' Dice and, below, of HD95;
+* ``report.html``: all of it on one page for people (:mod:`segpipe.workflows.report`); its path is
+  the summary's ``report`` (null when it could not be written);
 * on request (``qc_image_dir``, the cases' images), ``qc/<case>.png``: three slices along the
   slowest array axis (axis 0, z) through the reference's foreground (the prediction's when the
   reference is empty), each titled with its axis and index (from 0), the image in grey, and per
@@ -66,6 +68,7 @@ from ..io.image import read_image
 from ..io.jsonio import write_json
 from ..settings import configured
 from .evaluation_plots import BACKGROUND, QC_FOLDER, CaseLabels, write_boxplot, write_qc
+from .report import write_evaluation_report
 
 __all__ = [
     "BOXPLOT_FILE",
@@ -498,8 +501,10 @@ def evaluate_folders(
     ev = Evaluation(cases, classes, shown_names, results, refs, preds, overrides, default_tol, ignore, missing)
     summary = _summary(ev)
     _write_csv(out / CSV_FILE, ev)
-    write_json(out / SUMMARY_FILE, summary)
     write_boxplot(out / BOXPLOT_FILE, ev)
+    report = write_evaluation_report(out, summary, boxplot=BOXPLOT_FILE)
+    summary["report"] = str(report) if report else None
+    write_json(out / SUMMARY_FILE, summary)
     return summary
 
 

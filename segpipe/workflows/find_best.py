@@ -13,7 +13,8 @@ on the cases every candidate has a prediction for (all labelled cases once the 5
 trained). The best candidate wins (the simpler one on a tie). Then, for the winner, each
 foreground class in turn: keeping only its largest connected component is adopted when it raises
 that class's mean Dice over the cases. The decision goes to ``best_configuration.json`` in the
-dataset's workspace folder, where ``infer`` and ``export`` read it.
+dataset's workspace folder, where ``infer`` and ``export`` read it, and a page for people beside it,
+``best_configuration.html`` (:mod:`segpipe.workflows.report`).
 
 Scores are computed on the cache's grid (the network's), not resampled to each case's own grid as
 nnU-Net's exported predictions are: the ranking is the same in practice, and nothing is resampled.
@@ -35,6 +36,7 @@ from ..evaluation.metrics import confusion_counts, dice_from_counts, evaluate_re
 from ..io.jsonio import write_json
 from ..splits import N_FOLDS
 from ..workspace import RunFolder
+from .report import write_find_best_report
 
 __all__ = ["find_best"]
 
@@ -245,7 +247,8 @@ def find_best(
         "candidates": results,
     }
     write_json(dws.best_configuration_path, _json_safe(decision))
-    return {**decision, "path": str(dws.best_configuration_path)}
+    report = write_find_best_report(dws, decision, labels=classes_map)
+    return {**decision, "path": str(dws.best_configuration_path), "report": str(report) if report else None}
 
 
 def _json_safe(value: Any) -> Any:

@@ -163,29 +163,17 @@ def infer(
         )
 
     fmt, probabilities, report = str(cfg.infer.format), bool(cfg.infer.probabilities), bool(cfg.infer.report)
+    options: dict[str, Any] = {
+        "fmt": fmt,
+        "probabilities": probabilities,
+        "overwrite": overwrite,
+        "progress": progress,
+        "report": report,
+    }
     if trainer is None:
-        result = infer_cases(
-            predictor,
-            cases,
-            out,
-            fmt=fmt,
-            probabilities=probabilities,
-            overwrite=overwrite,
-            progress=progress,
-            report=report,
-        )
+        result = infer_cases(predictor, cases, out, **options)
     else:
-        result = infer_cases_ddp(
-            trainer,
-            predictor,
-            cases,
-            out,
-            fmt=fmt,
-            probabilities=probabilities,
-            overwrite=overwrite,
-            progress=progress,
-            report=report,
-        )
+        result = infer_cases_ddp(trainer, predictor, cases, out, **options)
     return {**result, "cases": [c.id for c in cases]}
 
 

@@ -8,7 +8,7 @@ training run's in :mod:`segpipe.training.run_report`, ``evaluate``'s and ``find-
 """
 
 from .overlay import PLANES, canonical, centre_of, encode_png, three_planes
-from .page import Cell, esc, flag_list, legend, page, section, table, write_html
+from .page import Cell, esc, finite, flag_list, legend, page, section, table, write_html
 
 __all__ = [
     "PLANES",
@@ -17,6 +17,7 @@ __all__ = [
     "centre_of",
     "encode_png",
     "esc",
+    "finite",
     "flag_list",
     "legend",
     "page",

@@ -19,7 +19,7 @@ from typing import Any
 from ..colors import label_hex
 from ..io.atomic import write_text
 
-__all__ = ["Cell", "esc", "flag_list", "legend", "page", "section", "table", "write_html"]
+__all__ = ["Cell", "esc", "finite", "flag_list", "legend", "page", "section", "table", "write_html"]
 
 CSS = """
 :root{--fg:#1d2430;--muted:#5b6678;--line:#d9dee7;--bg:#fff;--head:#f2f4f8;--warn:#a23b00;--bad:#b00020;--ok:#1d7a36}
@@ -56,6 +56,15 @@ document.querySelectorAll('table.sortable').forEach(function(t){
  })});
 });
 """
+
+
+def finite(value: Any) -> float | None:
+    """``value`` as a finite float (from a CSV or JSON field), else None (missing, text, NaN, inf)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
 
 
 def esc(value: Any) -> str:

@@ -44,7 +44,7 @@ import numpy as np
 from .._version import versions
 from ..arrays import regions_to_labels
 from ..io.atomic import write_bytes
-from ..reports import Cell, canonical, centre_of, esc, legend, page, section, table, three_planes, write_html
+from ..reports import Cell, canonical, centre_of, esc, finite, legend, page, section, table, three_planes, write_html
 from ..workspace import FINAL, RunFolder, Workspace
 
 __all__ = ["LAST_EPOCHS", "WORST_CASES", "ValidationTable", "load_validation", "worst_cases", "write_run_report"]
@@ -78,15 +78,6 @@ def _json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _number(value: Any) -> float | None:
-    """A finite float from a CSV or JSON value, else None."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 def _metrics_rows(path: Path) -> list[dict[str, str]]:
@@ -137,12 +128,12 @@ def load_validation(folder: RunFolder, names: Mapping[int, str] | None = None) -
     rows = []
     for entry in summary["metric_per_case"]:
         metrics = entry.get("metrics") or {}
-        dice = {int(c): _number(m.get("Dice")) for c, m in metrics.items()}
+        dice = {int(c): finite(m.get("Dice")) for c, m in metrics.items()}
         classes |= set(dice)
         values = [d for d in dice.values() if d is not None]
         mean = sum(values) / len(values) if values else math.nan
         rows.append((str(entry.get("case")), {c: math.nan if d is None else d for c, d in dice.items()}, mean))
-    fg = _number((summary.get("foreground_mean") or {}).get("Dice"))
+    fg = finite((summary.get("foreground_mean") or {}).get("Dice"))
     return ValidationTable(sorted(classes), known, rows, fg)
 
 
@@ -306,12 +297,12 @@ def _curves(folder: RunFolder, settings: Mapping[str, Any]) -> tuple[str, list[s
     rows = _metrics_rows(folder.metrics)
     if rows:
         planned = (settings.get("settings") or {}).get("epochs")
-        emas = [(v, i) for i, r in enumerate(rows) if (v := _number(r.get("ema_fg_dice"))) is not None]
+        emas = [(v, i) for i, r in enumerate(rows) if (v := finite(r.get("ema_fg_dice"))) is not None]
         line = f"{len(rows)} epoch(s) trained" + (f" of {planned}" if planned else "")
         if emas:
             best, at = max(emas)
             line += f"; best EMA pseudo-Dice {best:.4f} after epoch {_epoch(rows[at])}"
-        vals = [(_epoch(r), v) for r in rows if (v := _number(r.get("val_dice"))) is not None]
+        vals = [(_epoch(r), v) for r in rows if (v := finite(r.get("val_dice"))) is not None]
         if vals:
             line += f"; last full-case validation Dice {vals[-1][1]:.4f} after epoch {vals[-1][0]}"
         parts.append(f"<p>{esc(line)}.</p>")
@@ -323,7 +314,7 @@ def _curves(folder: RunFolder, settings: Mapping[str, Any]) -> tuple[str, list[s
     if rows:
         last = rows[-LAST_EPOCHS:]
         cells = [
-            [Cell.number(_epoch(r) if col == "epoch" else _number(r.get(col)), d) for col, _h, d in EPOCH_COLUMNS]
+            [Cell.number(_epoch(r) if col == "epoch" else finite(r.get(col)), d) for col, _h, d in EPOCH_COLUMNS]
             for r in last
         ]
         parts.append(f"<h3>The last {len(last)} epoch(s) (metrics.csv)</h3>")
@@ -337,7 +328,7 @@ def _curves(folder: RunFolder, settings: Mapping[str, Any]) -> tuple[str, list[s
 
 def _epoch(row: Mapping[str, Any]) -> int | None:
     """The epoch of a metrics.csv row counted from 1 (the file counts from 0)."""
-    number = _number(row.get("epoch"))
+    number = finite(row.get("epoch"))
     return None if number is None else int(number) + 1
 
 

@@ -15,7 +15,6 @@ named by a relative path and nothing is fetched from elsewhere.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -24,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .._version import versions
-from ..reports import Cell, esc, page, section, table, write_html
+from ..reports import Cell, esc, finite, page, section, table, write_html
 from ..splits import N_FOLDS
 from .evaluation_plots import BACKGROUND, QC_FOLDER
 
@@ -37,16 +36,8 @@ METRICS = (("Dice", 4), ("HD95", 2), ("NSD", 4))
 UNITS = {"HD95": " (mm)"}
 
 
-def _number(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
 def _fmt(value: Any, digits: int = 4) -> str:
-    number = _number(value)
+    number = finite(value)
     return "n/a" if number is None else f"{number:.{digits}f}"
 
 
@@ -74,8 +65,8 @@ def _means_section(summary: Mapping[str, Any], classes: Sequence[str], names: Ma
         m = summary["mean"].get(c) or {}
         rows.append(
             [Cell(esc(_class_label(c, names)), int(c))]
-            + [Cell.number(_number(m.get(k)), d) for k, d in METRICS]
-            + [Cell.number(_number(m.get("volume_ref_ml")), 2), Cell.number(_number(m.get("volume_pred_ml")), 2)]
+            + [Cell.number(finite(m.get(k)), d) for k, d in METRICS]
+            + [Cell.number(finite(m.get("volume_ref_ml")), 2), Cell.number(finite(m.get("volume_pred_ml")), 2)]
         )
     fg = summary.get("foreground_mean") or {}
     missing = summary.get("missing_predictions") or []
@@ -112,8 +103,8 @@ def _case_rows(
         dices = []
         for c in classes:
             m = metrics.get(c) or {}
-            cells += [Cell.number(_number(m.get(k)), d) for k, d in METRICS]
-            if _number(m.get("Dice")) is not None:
+            cells += [Cell.number(finite(m.get(k)), d) for k, d in METRICS]
+            if finite(m.get("Dice")) is not None:
                 dices.append(float(m["Dice"]))
         cells.append(Cell.number(sum(dices) / len(dices) if dices else None, 4))
         link = qc.get(case)
@@ -202,8 +193,8 @@ def _postprocessing_section(decision: Mapping[str, Any], labels: Mapping[int, st
     rows = [
         [
             Cell.text(name),
-            Cell.number(_number(s.get("before")), 4),
-            Cell.number(_number(s.get("after")), 4),
+            Cell.number(finite(s.get("before")), 4),
+            Cell.number(finite(s.get("after")), 4),
             Cell.text("adopted" if name in adopted_names else "not adopted"),
         ]
         for name, s in scores.items()
@@ -245,8 +236,8 @@ def write_find_best_report(dws: Any, decision: Mapping[str, Any], *, labels: Map
             shown = Cell(f"<b>{esc(text)}</b> (chosen)", text) if combo == best else Cell.text(text)
             rows.append(
                 [shown, Cell.number(len(combo), 0)]
-                + [Cell.number(_number(c.get("mean_fg_dice")), 4)]
-                + [Cell.number(_number((c.get("class_dice") or {}).get(n)), 4) for n in names]
+                + [Cell.number(finite(c.get("mean_fg_dice")), 4)]
+                + [Cell.number(finite((c.get("class_dice") or {}).get(n)), 4) for n in names]
             )
         chosen = (
             f"<p>Chosen: <b>{esc(' + '.join(best))}</b>, mean foreground Dice {_fmt(decision.get('mean_fg_dice'))} "

@@ -114,7 +114,7 @@ def test_two_processes_write_each_case_once_and_agree_with_one(batch: dict[str, 
     out = tmp_path / "out"
     out.mkdir()
     for case in ("c1", "c3"):
-        for name in (f"{case}.nii.gz", f"{case}.json"):
+        for name in (f"{case}.nii.gz", f"{case}_labels.json", f"{case}.json"):  # every file its report names
             shutil.copy(tmp_path / "single" / name, out / name)
 
     code, ranks, stderr = _ddp_infer(batch, out, tmp_path / "record")

@@ -29,6 +29,7 @@ from ..reports import Cell, canonical, centre_of, esc, flag_list, legend, page, 
 __all__ = ["FIGURE_DIR", "REPORT_FILE", "BatchReport", "case_figures"]
 
 REPORT_FILE = "report.html"
+MEAN_NOTE = '<p class="muted">mL: the class\'s volume; mean: the mean input intensity inside it (first channel).</p>'
 FIGURE_DIR = "report_files"
 
 
@@ -133,7 +134,7 @@ class BatchReport:
         error = row.get("error")
         cells.append(
             Cell(
-                f'<span class="{"bad" if error else "flag"}">{esc(error or kinds)}</span>',
+                f'<span class="{"bad wrap" if error else "flag"}">{esc(error or kinds)}</span>',
                 len(flags) or (99 if error else 0),
             )
         )
@@ -165,7 +166,7 @@ class BatchReport:
         counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("written", "skipped", "failed", "pending")}
         flagged = self.flagged()
         headers = ["case", "status"] + [f"{n} mL" for n in self._classes()]
-        headers += [f"{n} mean intensity" for n in self._classes()] + ["flags", "seconds"]
+        headers += [f"{n} mean" for n in self._classes()] + ["flags", "seconds"]
         status_table = table(
             headers,
             [self._row(r) for r in rows],
@@ -183,7 +184,7 @@ class BatchReport:
         members = ", ".join(f"{m['configuration']} fold {m['fold']}" for m in model.get("members", []))
         about = (
             f'<dl class="kv"><dt>model</dt><dd>{esc(model.get("origin") or model.get("dataset"))}</dd>'
-            f"<dt>networks</dt><dd>{esc(members)}</dd><dt>test-time flips</dt><dd>{esc(model.get('tta'))}</dd>"
+            f"<dt>networks</dt><dd>{esc(members)}</dd><dt>test-time flips</dt><dd>{'on' if model.get('tta') else 'off'}</dd>"
             f"<dt>written</dt><dd>{esc(time.strftime('%Y-%m-%d %H:%M'))} (batch started {esc(self.started)})</dd>"
             f"<dt>versions</dt><dd>{esc(', '.join(f'{k} {v}' for k, v in versions().items()))}</dd></dl>"
         )
@@ -196,6 +197,7 @@ class BatchReport:
                     summary,
                     legend(self.labels),
                     status_table,
+                    MEAN_NOTE,
                     *(f'<p class="muted">{esc(n)}</p>' for n in notes),
                 ),
                 section("Each case", *(self._case_section(r) for r in done)),

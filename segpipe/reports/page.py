@@ -31,7 +31,7 @@ table{border-collapse:collapse;margin:6px 0 12px;font-variant-numeric:tabular-nu
 th,td{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}
 th{background:var(--head);cursor:pointer;user-select:none;white-space:nowrap}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
-td.n{text-align:right}tr.failed td{background:#fff2f2}
+td{white-space:nowrap}td .wrap,td.wrap{white-space:normal}td.n{text-align:right}tr.failed td{background:#fff2f2}
 .flag{color:var(--warn)}.bad{color:var(--bad);font-weight:600}.ok{color:var(--ok)}.muted{color:var(--muted)}
 .swatch{display:inline-block;width:11px;height:11px;border:1px solid #0004;margin-right:4px;vertical-align:-1px}
 .legend span.item{margin-right:14px;white-space:nowrap}figure{display:inline-block;margin:4px 14px 10px 0}

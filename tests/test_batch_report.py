@@ -373,3 +373,13 @@ def test_source_modality_reads_the_series_header(tmp_path):
     assert source_modality(next((tmp_path / "ct").iterdir())) == "CT"  # one file of it
     write_image(tmp_path / "x.nii.gz", image.astype(np.float32), Geometry(shape=(2, 4, 5), spacing=(1, 1, 1)))
     assert source_modality(tmp_path / "x.nii.gz") is None and source_modality(image) is None
+
+
+def test_channel_names_of_an_input_dataset_against_the_model():
+    from segpipe.inference.flags import channel_flags
+
+    plan = SimpleNamespace(channel_names={"0": "MRI", "1": "T2"})
+    assert channel_flags(None, plan) == [] and channel_flags(("mri", "t2 "), plan) == []
+    (flag,) = channel_flags(("CT", "T2"), plan)
+    assert flag["kind"] == "channels" and "channel 0 is 'CT', the model's 'MRI'" in flag["message"]
+    assert channel_flags(("T1", "T2"), plan)[0]["expected"] == ["MRI", "T2"]  # another name, even of MR

@@ -35,14 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SegpipeError, UsageError
+from ..errors import DataError, SegpipeError, UsageError
 from ..io.atomic import save_npy, sweep_temporaries
 from ..io.formats import CHANNEL_NAME, IMAGE_EXTENSIONS, case_id_of, image_extension
 from ..io.image import write_image
 from ..io.jsonio import read_json, write_json
 from ..settings import configured
 from .batch_report import BatchReport, case_figures, load_case_report, remove_figures
-from .flags import class_intensities, output_flags
+from .flags import channel_flags, class_intensities, output_flags
 from .predictor import Prediction, Predictor
 
 __all__ = [
@@ -70,6 +70,7 @@ class InputCase:
 
     id: str
     sources: tuple[Path, ...]
+    channel_names: tuple[str, ...] | None = None  # what the input's own dataset.json calls its channels
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -133,7 +134,8 @@ def discover_inputs(path: str | os.PathLike[str], *, in_channels: int = 1) -> li
                 f"{p}: the dataset lists no test cases (imagesTs)",
                 hint="give the folder of images to segment instead, or add them to imagesTs",
             )
-        return [InputCase(c.id, tuple(c.images)) for c in ds.test_cases]
+        names = tuple(str(v) for _, v in sorted(ds.channel_names.items()))
+        return [InputCase(c.id, tuple(c.images), names) for c in ds.test_cases]
     entries = _visible(p)
     images = [e for e in entries if e.is_file() and image_extension(e)]
     dicom_files = [e for e in entries if e.is_file() and not image_extension(e) and _is_dicom_file(e)]
@@ -238,11 +240,11 @@ def _write_label_map(path: Path, pred: Prediction, case_id: str, fmt: str) -> di
     return {"labels_file": sidecar.name}
 
 
-def _review(pred: Prediction, plan: Any) -> dict[str, Any]:
+def _review(pred: Prediction, plan: Any, named: list[dict[str, Any]]) -> dict[str, Any]:
     """What a reviewer needs of a case: the flags (input and output), the mean intensity per class,
     the input's percentiles, and why the input was not compared (see :mod:`.flags`)."""
     check = pred.check
-    flags = list(check.flags) if check is not None else []
+    flags = [*named, *(check.flags if check is not None else [])]
     flags += output_flags(pred.label, pred.volumes_ml(), pred.labels, plan.profile)
     out: dict[str, Any] = {"flags": flags}
     if check is not None:
@@ -350,10 +352,13 @@ def segment_case(
         remove_figures(out, case.id)
 
     try:
+        named = channel_flags(case.channel_names, predictor.plan)
+        if named and predictor.strict:
+            raise DataError(named[0]["message"], hint="check that this is the right model for these images")
         pred = predictor.predict(list(case.sources), case_id=case.id, probabilities=probabilities)
         extra: dict[str, Any] = {**dict(report_extra or {}), "compute": predictor.compute()}
         extra.update(_write_label_map(label_path, pred, case.id, fmt))
-        extra.update(_review(pred, predictor.plan))
+        extra.update(_review(pred, predictor.plan, named))
         if figures:
             t_fig = time.perf_counter()
             remove_figures(out, case.id)

@@ -3,6 +3,8 @@
 **Input flags** (:func:`inspect_input`, before the networks run) say that an input does not look
 like the data the model was trained on, with the numbers:
 
+* ``channels``: an input dataset (a folder with ``dataset.json``) naming its channels otherwise
+  than the model's (another name, or another modality: ``CT`` for ``MRI``);
 * ``modality``: a DICOM series whose Modality (CT, MR, PT, …) differs from what the model's
   channel names say (``CT``; ``MRI``, ``T1``, ``FLAIR``, …);
 * ``intensity``: a channel whose whole-image 1st, 50th or 99th percentile lies outside the spread
@@ -37,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ from ..errors import DataError
 __all__ = [
     "PREVIEW_VOXELS",
     "InputCheck",
+    "channel_flags",
     "channel_modality",
     "class_intensities",
     "inspect_input",
@@ -184,6 +187,30 @@ def _spacing_flag(
         "spacing": [float(s) for s in spacing],
         "training": {"min": list(train["min"]), "max": list(train["max"])},
     }
+
+
+def channel_flags(names: Sequence[str] | None, plan: Any) -> list[dict[str, Any]]:
+    """A ``channels`` flag when the channel names an input's own ``dataset.json`` gives (``names``,
+    in channel order) differ from the model's, by name or by the modality they stand for."""
+    if not names:
+        return []
+    model = [str(v) for _, v in sorted((int(k), v) for k, v in plan.channel_names.items())]
+    differ = [
+        c
+        for c, (mine, theirs) in enumerate(zip(names, model))
+        if mine.strip().lower() != theirs.strip().lower() or channel_modality(mine) != channel_modality(theirs)
+    ]
+    if not differ:
+        return []
+    said = ", ".join(f"channel {c} is {names[c]!r}, the model's {model[c]!r}" for c in differ)
+    return [
+        {
+            "kind": "channels",
+            "message": f"the input's dataset.json names other channels: {said}",
+            "channels": list(names),
+            "expected": model,
+        }
+    ]
 
 
 def inspect_input(image: np.ndarray, geometry: Any, plan: Any, *, source: Any = None, strict: bool) -> InputCheck:

@@ -292,6 +292,9 @@ def test_seg_nrrd_output_names_its_segments(batch):
     segments = read_seg_nrrd_segments(out / "good.seg.nrrd")
     labels = json.loads((out / "good.json").read_text())["labels"]
     assert [(s["value"], s["name"]) for s in segments] == [(int(k), v) for k, v in labels.items() if k != "0"]
+    from segpipe.io.formats import case_id_of
+
+    assert case_id_of(out / "good.seg.nrrd") == "good"  # so that evaluate pairs it with its reference
     _, geo = read_image(out / "good.seg.nrrd")
     _, src = read_image(batch.inputs / "good.nii.gz")
     assert geo.same_grid(src)

@@ -38,12 +38,14 @@ def channel_suffix(channel: int) -> str:
 
 
 def case_id_of(path: str | os.PathLike[str]) -> str:
-    """A case id from a file or folder name: the image (or DICOM file) extension and a ``_0000``
-    channel suffix removed."""
+    """A case id from a file or folder name: the image (or DICOM file) extension (``.seg.nrrd``
+    whole) and a ``_0000`` channel suffix removed."""
     name = Path(path).name
     ext = image_extension(name)
     if ext:
         name = name[: -len(ext)]
+        if ext == ".nrrd" and name.lower().endswith(".seg"):  # 3D Slicer's segmentation file: <case>.seg.nrrd
+            name = name[: -len(".seg")]
     elif name.lower().endswith((".dcm", ".dicom", ".ima")):
         name = name.rsplit(".", 1)[0]
     m = CHANNEL_NAME.match(name)

@@ -129,8 +129,11 @@ def test_output_flags_by_hand():
     (big,) = output_flags(label, {"a": 4.6, "b": 0.0}, LABELS, PROFILE)  # 4.6 > 3 × 1.5
     assert big["kind"] == "volume" and big["training"] == {"min": 1.0, "median": 2.0, "max": 3.0}
     assert output_flags(label, {"a": 0.67, "b": 0.0}, LABELS, PROFILE) == []  # 0.67 ≥ 1 × 2/3
+    speck = label.copy()
+    speck[19, 19, 19] = 1  # a stray voxel in the corner: noise, not a structure cut off
+    assert output_flags(speck, {"a": 1.0, "b": 0.0}, LABELS, PROFILE) == []
     edge = label.copy()
-    edge[0, 10, 10] = 1  # class a on the first slice: cut off?
+    edge[0:5, 10, 10] = 1  # the structure itself reaches the first slice: cut off?
     edge[19, 0, 0] = 2  # class b touched the border in half of the training cases: usual
     assert [(f["kind"], f["class"]) for f in output_flags(edge, {"a": 1.0, "b": 0.001}, LABELS, PROFILE)] == [
         ("border", "a")

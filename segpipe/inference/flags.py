@@ -25,8 +25,9 @@ compared, and its reports say so.
 **Output flags** (:func:`output_flags`, after segmentation):
 
 * ``empty``: a class predicted nowhere although at least half of the training cases have it;
-* ``border``: a class touching a face of the image (maybe cut off by the field of view), unless
-  it touched the border in at least 10 % of the training cases that have it;
+* ``border``: a class whose largest connected piece touches a face of the image (maybe cut off by
+  the field of view; a stray voxel on the border does not count), unless the class touched the
+  border in at least 10 % of the training cases that have it;
 * ``volume``: a class volume under two thirds of the smallest or over 1.5 × the largest volume
   seen in training.
 
@@ -269,8 +270,23 @@ def class_intensities(check: InputCheck, label: np.ndarray, labels: Mapping[int,
 
 
 def _touches_border(label: np.ndarray, value: int) -> bool:
+    """Whether the largest connected piece of class ``value`` reaches a face of the image (a stray
+    voxel or two on the border is the network's noise, not a structure cut off). Large images are
+    looked at on a grid of at most :data:`PREVIEW_VOXELS` voxels that keeps the faces."""
     faces = (label[0], label[-1], label[:, 0], label[:, -1], label[:, :, 0], label[:, :, -1])
-    return any(bool((face == value).any()) for face in faces)
+    if not any(bool((face == value).any()) for face in faces):
+        return False
+    from scipy import ndimage
+
+    stride = max(1, math.ceil((label.size / PREVIEW_VOXELS) ** (1 / 3)))
+    axes = [np.unique(np.r_[0:n:stride, n - 1]) for n in label.shape]
+    mask = label[np.ix_(*axes)] == value
+    pieces, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return False
+    largest = int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
+    big = pieces == largest
+    return any(bool(f.any()) for f in (big[0], big[-1], big[:, 0], big[:, -1], big[:, :, 0], big[:, :, -1]))
 
 
 def output_flags(

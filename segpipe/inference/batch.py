@@ -436,10 +436,17 @@ def infer_cases(
     page.include_folder()
     report_s = 0.0  # the report's share of the batch: its overlays and its pages
 
-    def write_page() -> None:
+    def write_page() -> None:  # the report serves people: only a full or read-only disk stops the batch for it
         nonlocal report_s
         t = time.perf_counter()
-        page.write()
+        try:
+            page.write()
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno in STOP_ERRNOS:
+                raise
+            if not page.failed:
+                log.warning("%s: report.html not written: %s (the cases are)", out, _one_line(exc))
+            page.failed = True
         report_s += time.perf_counter() - t
 
     if report:

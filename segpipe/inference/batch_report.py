@@ -88,6 +88,7 @@ class BatchReport:
         self.rows: dict[str, dict[str, Any]] = {c: {"case": c, "status": "pending"} for c in case_ids}
         self.labels = {int(k): str(v) for k, v in plan.labels.items()}
         self.started = time.strftime("%Y-%m-%d %H:%M")
+        self.failed = False  # a write failed (said once)
 
     def include_folder(self) -> None:
         """Add the cases other batches segmented into the same folder (as ``done earlier``): the
@@ -232,6 +233,6 @@ def report_from_folder(out: Path, case_ids: Sequence[str], model: Mapping[str, A
 
 
 def is_report_file(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a batch report or one of its images (not a case output)."""
+    """Whether ``path`` is a batch report, its image folder or one of its images (not a case output)."""
     p = Path(path)
-    return p.name == REPORT_FILE or p.parent.name == FIGURE_DIR
+    return p.name in (REPORT_FILE, FIGURE_DIR) or p.parent.name == FIGURE_DIR

@@ -22,6 +22,7 @@ import pytest
 
 from segpipe import cli
 from segpipe.demo_data import generate_dicom_demo_dataset
+from segpipe.inference.batch_report import is_report_file
 
 REPO = Path(__file__).resolve().parents[2]
 DICOM = Path(os.environ.get("SEGPIPE_TEST_DATA") or REPO.parent / "shared" / "data") / "dicom"
@@ -67,7 +68,12 @@ def test_a_batch_reports_and_skips_every_bad_series_and_writes_the_good_case(
     for name, (_, words) in BAD_SERIES.items():
         assert words in failed[name].lower() or words in failed[name], (name, failed[name])
         assert "\n" not in failed[name]
-    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.nii.gz"]
+    assert sorted(p.name for p in out.iterdir() if not is_report_file(p)) == [
+        "good.json",
+        "good.nii.gz",
+        "good_labels.json",
+    ]
+    assert (out / "report.html").is_file()  # the batch's report, failed series included
 
 
 DCMQI = DICOM / "dcmqi_seg"
@@ -219,7 +225,12 @@ def test_a_batch_infer_reports_and_skips_every_synthetic_bad_series_and_writes_t
     for name, (_, words) in SYNTHETIC.items():
         assert words in failed[name].lower() or words in failed[name], (name, failed[name])
     # a DICOM input gets a DICOM-SEG beside its label map
-    assert sorted(p.name for p in out.iterdir()) == ["good_series.json", "good_series.nii.gz", "good_series_seg.dcm"]
+    assert sorted(p.name for p in out.iterdir() if not is_report_file(p)) == [
+        "good_series.json",
+        "good_series.nii.gz",
+        "good_series_labels.json",
+        "good_series_seg.dcm",
+    ]
 
 
 def test_stray_non_dicom_files_among_the_slices_are_skipped_and_the_volume_is_unchanged(

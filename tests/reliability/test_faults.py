@@ -17,6 +17,7 @@ import pytest
 
 from segpipe import cli
 from segpipe.demo_data import generate_demo_dataset
+from segpipe.inference.batch_report import is_report_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -385,24 +386,25 @@ run infer_into {py} -m segpipe infer {image} -m {mounted}/model -o {mounted}/out
         assert "Traceback" not in err
     code, err = said("infer")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{image.name[:-7]}.json", image.name]
+    outputs = sorted(p.name for p in (tmp_path / "out").iterdir() if not is_report_file(p))
+    assert outputs == [f"{image.name[:-7]}.json", image.name, f"{image.name[:-7]}_labels.json"]
     code, err = said("infer_into")
     assert code == 4 and "Read-only file system" in err and "-o OUT" in err and "Traceback" not in err, err
     assert sorted(str(p.relative_to(mounted)) for p in mounted.rglob("*")) == before
 
 
-#: run inside a private mount namespace: a 64 kB tmpfs as the output folder, `infer` into it,
+#: run inside a private mount namespace: a 320 kB tmpfs (a few cases with their overlays and the batch report) as the output folder, `infer` into it,
 #: look at what is there, grow it, `infer` again; then a checkpoint saved onto a full disk
 FULL_DISK_DRIVER = r"""
 import json, subprocess, sys
 from pathlib import Path
 disk, model, images, report = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
-subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(disk)], check=True)
 out = disk / "out"
 infer = [sys.executable, "-m", "segpipe", "infer", images, "-o", str(out), "-m", model, "tta=false"]
 first = subprocess.run(infer, capture_output=True, text=True)
 from segpipe.io.image import read_image
-listing = sorted(p.name for p in out.iterdir())
+listing = sorted(p.name for p in out.iterdir() if p.name not in ("report.html", "report_files"))
 readable = {}
 for p in out.glob("*.nii.gz"):
     try:
@@ -435,7 +437,7 @@ report.write_text(json.dumps({
 def test_a_full_disk_stops_a_batch_infer_and_a_checkpoint_save_with_a_clear_error_and_no_corrupt_file(
     tiny_model: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """On a real full disk (a 64 kB tmpfs) `infer` stops (exit 4, "no space left") keeping only complete cases, and a
+    """On a real full disk (a 320 kB tmpfs) `infer` stops (exit 4, "no space left") keeping only complete cases, and a
     later run finishes; a checkpoint save fails with ENOSPC, leaving the last one intact."""
     import sys
 
@@ -455,10 +457,11 @@ def test_a_full_disk_stops_a_batch_infer_and_a_checkpoint_save_with_a_clear_erro
     code, err = r["first"]
     assert code == 4 and "no space left on the device writing" in err and "Traceback" not in err, err
     assert "finished work is kept" in err
-    written = sorted(n[: -len(".json")] for n in r["listing"] if n.endswith(".json"))
+    written = sorted(n[: -len(".json")] for n in r["listing"] if n.endswith(".json") and not n.endswith("_labels.json"))
     assert 0 < len(written) < 12, r["listing"]
     # every case there is complete (its report and a readable label map on the input's grid), nothing else
-    assert r["listing"] == sorted([*(f"{c}.json" for c in written), *(f"{c}.nii.gz" for c in written)]), r["listing"]
+    expected = [f"{c}{ext}" for c in written for ext in (".json", ".nii.gz", "_labels.json")]
+    assert r["listing"] == sorted(expected), r["listing"]
     assert r["readable"] == {f"{c}.nii.gz": True for c in written}, r["readable"]
     code, out, err = r["second"]
     assert code == 0, err

@@ -23,6 +23,7 @@ import pytest
 from test_bad_datasets import huge_nifti2
 
 from segpipe import cli
+from segpipe.inference.batch_report import is_report_file
 from segpipe.io.image import read_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,13 +87,17 @@ def test_bad_images_in_a_batch_infer_are_each_reported_and_skipped_and_the_good_
     for case, words in expected.items():
         assert words in failed[case].lower() and f"{case}.nii.gz" in failed[case], (case, failed[case])
         assert "\n" not in failed[case]
-    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.nii.gz"]
+    assert sorted(p.name for p in out.iterdir() if not is_report_file(p)) == [
+        "good.json",
+        "good.nii.gz",
+        "good_labels.json",
+    ]
     # one bad image on its own: exit 3, the same reason, no output file
     single = tmp_path / "single"
     code = cli.main(["infer", str(batch / "huge_header.nii.gz"), "-o", str(single), "-m", str(model), "--json"])
     result = json.loads(capsys.readouterr().out)
     assert code == 3 and not result["written"] and "100000, 100000, 100000" in result["failed"][0]["error"], result
-    assert not single.exists() or not any(single.iterdir())
+    assert not single.exists() or all(is_report_file(p) for p in single.iterdir())  # the report names the failure
 
 
 @pytest.fixture
@@ -129,10 +134,10 @@ def test_kill_9_during_a_batch_infer_then_the_same_command_writes_the_rest_once(
     )
     try:
         deadline = time.monotonic() + 300
-        while len(list(out.glob("case_*.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        while len(list(out.glob("case_??.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         proc.send_signal(signal.SIGSTOP)  # freeze it, then look: the kill lands between two cases' outputs
-        done = sorted(p.name[: -len(".json")] for p in out.glob("case_*.json"))
+        done = sorted(p.name[: -len(".json")] for p in out.glob("case_??.json"))
         proc.kill()
         proc.wait(timeout=30)
     finally:
@@ -150,8 +155,12 @@ def test_kill_9_during_a_batch_infer_then_the_same_command_writes_the_rest_once(
     for i in range(12):
         name = f"case_{i:02d}.nii.gz"
         np.testing.assert_array_equal(read_image(out / name)[0], read_image(reference / name)[0])
-    names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"case_{i:02d}{ext}" for i in range(12) for ext in (".json", ".nii.gz")), names
+    names = sorted(p.name for p in out.iterdir() if not is_report_file(p))
+    assert names == sorted(f"case_{i:02d}{ext}" for i in range(12) for ext in (".json", ".nii.gz", "_labels.json")), (
+        names
+    )
+    report = (out / "report.html").read_text()
+    assert "12 segmented" not in report and "0 not yet segmented" in report  # the re-run completed the report
 
 
 def _rewrite(path: Path, fn: Callable[[np.ndarray], np.ndarray], dtype: type | None = None) -> None:

@@ -24,6 +24,7 @@ import pytest
 
 from segpipe import cli
 from segpipe.errors import DicomError
+from segpipe.inference.batch_report import is_report_file
 from segpipe.io.dicom import write_dicom_series
 from segpipe.io.image import read_image
 
@@ -103,8 +104,16 @@ def test_a_series_whose_dicom_seg_cannot_be_written_fails_alone_and_the_batch_go
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(logged) == 1 and logged[0].startswith("a_no_sop_class: ") and "(fix: " in logged[0], logged
     assert "internal error" not in err and "Traceback" not in err, err
-    names = sorted(p.name for p in out.iterdir())
-    assert names == ["b_series.json", "b_series.nii.gz", "b_series_seg.dcm", "c_scan.json", "c_scan.nii.gz"], names
+    names = sorted(p.name for p in out.iterdir() if not is_report_file(p))
+    assert names == [
+        "b_series.json",
+        "b_series.nii.gz",
+        "b_series_labels.json",
+        "b_series_seg.dcm",
+        "c_scan.json",
+        "c_scan.nii.gz",
+        "c_scan_labels.json",
+    ], names
     # the same command again: the finished cases are kept, the failed one is tried again (and fails again)
     code, result, err = _infer(capsys, str(batch), "-o", str(out), "-m", str(model))
     assert code == 3 and result["skipped"] == ["b_series", "c_scan"], result
@@ -164,12 +173,21 @@ def test_a_failure_while_writing_a_case_leaves_none_of_its_files_and_a_rerun_red
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(logged) == 1 and logged[0].startswith("case_a: KeyError") and "(fix: " in logged[0], logged
     assert "internal error" not in err, err
-    assert sorted(p.name for p in out.iterdir()) == ["case_b.json", "case_b.nii.gz"]
+    assert sorted(p.name for p in out.iterdir() if not is_report_file(p)) == [
+        "case_b.json",
+        "case_b.nii.gz",
+        "case_b_labels.json",
+    ]
+    assert not list((out / "report_files").glob("case_a.*"))  # nor its overlays
     # Ctrl-C while the files of a case are written: interrupted (exit 130), none of that case's files left
     monkeypatch.setattr(batch_module, "write_json", failing(KeyboardInterrupt()))
     code, _, err = _infer(capsys, str(inputs), "-o", str(out), "-m", str(model))
     assert code == 130, err[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["case_b.json", "case_b.nii.gz"]
+    assert sorted(p.name for p in out.iterdir() if not is_report_file(p)) == [
+        "case_b.json",
+        "case_b.nii.gz",
+        "case_b_labels.json",
+    ]
     monkeypatch.setattr(batch_module, "write_json", real_write_json)
     code, result, err = _infer(capsys, str(inputs), "-o", str(out), "-m", str(model))
     assert code == 0 and result["written"] == ["case_a"] and result["skipped"] == ["case_b"], result
@@ -247,7 +265,11 @@ def test_a_real_anonymised_series_gets_its_label_map_and_a_dicom_seg_once_it_has
     report = json.loads((out / f"{name}.json").read_text())
     assert report["dicom_seg"] is None and "FrameOfReferenceUID" in report["dicom_seg_skipped"], report
     assert report["dicom_seg_fix"], report
-    assert sorted(p.name for p in out.iterdir()) == [f"{name}.json", f"{name}.nii.gz"]
+    assert sorted(p.name for p in out.iterdir() if not is_report_file(p)) == [
+        f"{name}.json",
+        f"{name}.nii.gz",
+        f"{name}_labels.json",
+    ]
     # the same files given a FrameOfReferenceUID (the other attributes still missing): a DICOM-SEG too
     series = tmp_path / name
     series.mkdir()
@@ -293,7 +315,11 @@ def test_a_series_segpipe_writes_no_dicom_seg_for_says_why_and_the_fix_on_the_te
     assert "resampled" in lines[0] and "(fix: use the label map" in lines[0], lines
     report = json.loads((out / "gap.json").read_text())
     assert report["dicom_seg"] is None and report["dicom_seg_skipped"] and report["dicom_seg_fix"], report
-    assert sorted(p.name for p in out.iterdir()) == ["gap.json", "gap.nii.gz"]
+    assert sorted(p.name for p in out.iterdir() if not is_report_file(p)) == [
+        "gap.json",
+        "gap.nii.gz",
+        "gap_labels.json",
+    ]
 
 
 def test_evaluate_scores_the_predicted_cases_with_a_warning_and_strict_refuses(
@@ -328,7 +354,7 @@ def test_evaluate_scores_the_predicted_cases_with_a_warning_and_strict_refuses(
     assert cli.main(["evaluate", str(pred), str(ref), "-q"]) == 0
     assert "2 reference case(s) without a prediction left out" in capsys.readouterr().out
     # strict=true: refused as before, no tables written
-    for name in ("evaluation.csv", "summary.json", "dice_boxplot.png"):
+    for name in ("evaluation.csv", "summary.json", "dice_boxplot.png", "report.html"):
         (pred / name).unlink()
     code = cli.main(["evaluate", str(pred), str(ref), "strict=true"])
     err = capsys.readouterr().err

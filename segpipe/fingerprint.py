@@ -58,6 +58,7 @@ __all__ = [
     "MAX_SAMPLES_PER_CASE",
     "compute_fingerprint",
     "data_profile",
+    "image_percentiles",
     "dataset_signature",
     "source_change",
     "default_num_workers",
@@ -89,7 +90,7 @@ def _intensity_stats(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def _image_percentiles(channel: np.ndarray) -> dict[str, float]:
+def image_percentiles(channel: np.ndarray) -> dict[str, float]:
     """1st, 50th and 99th percentile of a whole channel (every voxel, background too), on an even
     stride of at most :data:`IMAGE_SAMPLE_VOXELS` voxels; NaNs left out."""
     flat = channel.reshape(-1)
@@ -140,7 +141,7 @@ def summarize_case(
         "relative_size_after_crop": float(np.prod(cropped_shape, dtype=np.float64) / np.prod(shape, dtype=np.float64)),
     }
     channels = image.shape[0]
-    summary["image_intensity"] = [_image_percentiles(image[c]) for c in range(channels)]
+    summary["image_intensity"] = [image_percentiles(image[c]) for c in range(channels)]
     if label is None:
         summary.update(
             class_voxels={},

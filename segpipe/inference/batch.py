@@ -41,7 +41,7 @@ from ..io.formats import CHANNEL_NAME, IMAGE_EXTENSIONS, case_id_of, image_exten
 from ..io.image import write_image
 from ..io.jsonio import read_json, write_json
 from ..settings import configured
-from .batch_report import BatchReport, case_figures, load_case_report, remove_figures
+from .batch_report import BatchReport, case_figures, remove_figures
 from .flags import channel_flags, class_intensities, output_flags
 from .predictor import Prediction, Predictor
 
@@ -176,18 +176,19 @@ def default_output_dir(path: str | os.PathLike[str]) -> Path:
     return p.parent / f"{name}_segpipe"
 
 
-def _report_matches(report_path: Path, label_path: Path, identity: dict[str, Any]) -> bool:
-    """Whether a case is finished: its report names ``identity`` and every file it names is there."""
+def _finished_report(report_path: Path, label_path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The report of a finished case (it names ``identity`` and every file it names is there), else None."""
     if not (report_path.is_file() and label_path.is_file()):
-        return False
+        return None
     try:
         report = read_json(report_path, what="prediction report", hint="segment the case again", expect=None)
     except Exception:  # noqa: BLE001 - an unreadable report means the case is redone
-        return False
+        return None
     if not (isinstance(report, dict) and report.get("format") == REPORT_FORMAT and report.get("identity") == identity):
-        return False
+        return None
     named = [report.get(key) for key in ("label_map", "dicom_seg", "probabilities", "labels_file")]
-    return all((report_path.parent / name).is_file() for name in named if isinstance(name, str) and name)
+    done = all((report_path.parent / name).is_file() for name in named if isinstance(name, str) and name)
+    return report if done else None
 
 
 def _report(
@@ -201,7 +202,6 @@ def _report(
         "sources": [str(s) for s in case.sources],
         "label_map": label_path.name,
         "labels": {str(k): v for k, v in pred.labels.items()},
-        "volume_ml": pred.volumes_ml(),
         **({"region_volume_ml": _region_volumes(pred, identity["regions"])} if identity.get("regions") else {}),
         "geometry": pred.geometry.to_dict(),
         "identity": identity,
@@ -241,12 +241,13 @@ def _write_label_map(path: Path, pred: Prediction, case_id: str, fmt: str) -> di
 
 
 def _review(pred: Prediction, plan: Any, named: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a reviewer needs of a case: the flags (input and output), the mean intensity per class,
+    """What a reviewer needs of a case: the volume per class, the flags (input and output), the mean intensity per class,
     the input's percentiles, and why the input was not compared (see :mod:`.flags`)."""
     check = pred.check
     flags = [*named, *(check.flags if check is not None else [])]
-    flags += output_flags(pred.label, pred.volumes_ml(), pred.labels, plan.profile)
-    out: dict[str, Any] = {"flags": flags}
+    volumes = pred.volumes_ml()
+    flags += output_flags(pred.label, volumes, pred.labels, plan.profile)
+    out: dict[str, Any] = {"volume_ml": volumes, "flags": flags}
     if check is not None:
         out["mean_intensity"] = class_intensities(check, pred.label, pred.labels)
         out["input_percentiles"] = check.percentiles
@@ -341,8 +342,9 @@ def segment_case(
     label_path = out / f"{case.id}{ext}"
     report_path = out / f"{case.id}.json"
     prob_path = out / f"{case.id}_probabilities.npy"
-    if not overwrite and _report_matches(report_path, label_path, identity):
-        return CaseOutcome(case.id, "skipped", "already done", report=load_case_report(out, case.id))
+    finished = None if overwrite else _finished_report(report_path, label_path, identity)
+    if finished is not None:
+        return CaseOutcome(case.id, "skipped", "already done", report=finished)
     report_path.unlink(missing_ok=True)  # the case is unfinished until its new report exists
     failure: dict[str, Any]
 

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
+from ..fingerprint import image_percentiles  # inputs are measured as the training images were
 
 __all__ = [
     "PREVIEW_VOXELS",
@@ -118,13 +119,6 @@ class InputCheck:
     preview: np.ndarray | None = None
     stride: int = 1
     notes: list[str] = field(default_factory=list)
-
-
-def _percentiles(channel: np.ndarray) -> dict[str, float]:
-    flat = channel.reshape(-1)
-    step = max(1, -(-flat.size // 1_000_000))  # the fingerprint's own stride (IMAGE_SAMPLE_VOXELS)
-    p01, p50, p99 = np.percentile(flat[::step].astype(np.float64), [1.0, 50.0, 99.0])
-    return {"p01": float(p01), "p50": float(p50), "p99": float(p99)}
 
 
 def _fmt(v: float) -> str:
@@ -217,7 +211,7 @@ def channel_flags(names: Sequence[str] | None, plan: Any) -> list[dict[str, Any]
 def inspect_input(image: np.ndarray, geometry: Any, plan: Any, *, source: Any = None, strict: bool) -> InputCheck:
     """The input flags of ``image`` ([C, Z, Y, X] on ``geometry``) against ``plan.profile`` (see the
     module docstring); with ``strict`` a flag is raised as a :class:`~segpipe.errors.DataError`."""
-    check = InputCheck(percentiles=[_percentiles(ch) for ch in image])
+    check = InputCheck(percentiles=[image_percentiles(ch) for ch in image])
     stride = max(1, math.ceil((image.size / PREVIEW_VOXELS) ** (1 / 3)))
     check.stride = stride
     check.preview = image if stride == 1 else np.ascontiguousarray(image[:, ::stride, ::stride, ::stride])
